@@ -1,0 +1,10 @@
+"""adapprox_kernels: the Adapprox optimizer (low-rank adaptive second moment) and its kernels."""
+
+from .adapprox import Adapprox
+from .linear_operator import DenseOperator, LinearOperator
+from .srsi import as_rsi, error_ratio, srsi
+from .state_report import StateReport
+
+__version__ = "0.1.0"
+
+__all__ = ["Adapprox", "DenseOperator", "LinearOperator", "StateReport", "as_rsi", "error_ratio", "srsi", "__version__"]

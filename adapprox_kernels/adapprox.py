@@ -1,0 +1,354 @@
+"""The Adapprox optimizer (Algorithm 3): Adam with a low-rank, adaptive-rank second moment.
+
+Per parameter, by shape (after folding ``(d0, d1, …)`` to ``(d0, d1·…)``):
+
+* **factored** (2-D and folded >2-D parameters): ``V ≈ relu(Q Uᵀ)`` with ``Q: (m, k)``,
+  ``U: (n, k)`` recomputed every step by S-RSI on ``V_t = β2·relu(Q Uᵀ) + (1−β2)·G²``; the
+  rank ``k`` adapts per matrix. State: ``4·k·(m+n)`` bytes (fp32 factors) plus the first moment
+  when β1 > 0.
+* **dense** (1-D parameters, and matrices too small to gain from factoring, i.e.
+  ``min(m, n) <= k_max + p`` while ``exact_small_matrices``): an unfactored ``V`` as in
+  Adafactor's vector case. The update rule is the same, so the result is what the factored
+  path gives at full rank.
+
+Same-shaped factored parameters of a param group are stacked and go through S-RSI in one
+batched call. See ``docs/algorithm.md`` for every decision the paper leaves open.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .backends import backend_names, resolve_backend
+from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
+from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration, truncate_columns
+from .state_report import StateReport, report_rows
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def _round_rank(k: float) -> int:
+    """Round half up (Python's round() would round 2.5 to 2)."""
+    return int(math.floor(k + 0.5))
+
+
+def matrix_shape(p: torch.Tensor) -> tuple[int, int] | None:
+    """How a parameter is seen: ``(m, n)`` for ≥2-D (folded), ``None`` for vectors/scalars."""
+    if p.dim() < 2:
+        return None
+    return p.shape[0], p.numel() // p.shape[0]
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+class Adapprox(Optimizer):
+    """Adam whose second moment is a low-rank factorization of adaptive rank.
+
+    Args:
+        params: parameters or param groups (``named_parameters()`` is accepted too).
+        lr: learning rate α.
+        betas: ``(β1, β2, β3)``: momentum of updates (0 keeps no first moment), second-moment
+            decay, rank-moment decay.
+        eps: ε added to ``√V``.
+        clip_threshold: d, the update-RMS clipping threshold.
+        weight_decay: λ, decoupled: ``W ← W − α(M + λW)``.
+        k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
+        k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
+        oversample: p, extra sketch columns. power_iters: l, subspace iterations.
+        xi_thresh: ξ threshold of the rank rules.
+        rank_policy: ``"step"`` (ICLR, every step, with the rank moment) or ``"sigmoid"`` (arXiv,
+            growth only, checked every ``rank_interval`` steps with ``sigmoid``'s
+            ``(η, ω, τ, φ)``).
+        cosine_guidance: scale each step by the cosine similarity of the update and the momentum
+            (only with β1 > 0), bounded by ``cosine_max_scale``.
+        exact_small_matrices: keep a dense (exact) second moment for matrices with
+            ``min(m, n) <= k_max + oversample``.
+        nonfinite: ``"raise"`` (default: a ``FloatingPointError`` naming the parameter, before
+            anything is modified) or ``"skip"`` (that parameter's step is skipped, its state left
+            untouched, and ``state["nonfinite_skips"]`` counts it).
+        backend: ``"auto"``, ``"reference"`` or any registered backend.
+        seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9),
+        eps: float = 1e-8,
+        clip_threshold: float = 1.0,
+        weight_decay: float = 0.1,
+        k_init: int | None = None,
+        k_max: int = 256,
+        k_min: int = 1,
+        oversample: int = 5,
+        power_iters: int = 5,
+        xi_thresh: float = 1e-3,
+        rank_policy: str = "step",
+        rank_interval: int = 10,
+        sigmoid: tuple[float, float, float, float] = (8.0, 10.0, 0.5, 0.0),
+        cosine_guidance: bool = False,
+        cosine_max_scale: float = 2.0,
+        exact_small_matrices: bool = True,
+        nonfinite: str = "raise",
+        backend: str = "auto",
+        seed: int | None = None,
+    ):
+        _check(isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr), f"Invalid learning rate: {lr}")
+        _check(len(betas) == 3, f"betas must be (beta1, beta2, beta3), got {betas}")
+        for i, b in enumerate(betas):
+            _check(0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b} (need 0 <= beta < 1)")
+        _check(eps >= 0.0, f"Invalid epsilon value: {eps}")
+        _check(clip_threshold > 0.0, f"Invalid clip_threshold: {clip_threshold} (need > 0)")
+        _check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
+        _check(isinstance(k_min, int) and k_min >= 1, f"Invalid k_min: {k_min} (need an int >= 1)")
+        _check(isinstance(k_max, int) and k_max >= k_min, f"Invalid k_max: {k_max} (need an int >= k_min={k_min})")
+        if k_init is not None:
+            _check(
+                isinstance(k_init, int) and k_min <= k_init <= k_max,
+                f"Invalid k_init: {k_init} (need an int in [k_min, k_max] = [{k_min}, {k_max}])",
+            )
+        _check(isinstance(oversample, int) and oversample >= 0, f"Invalid oversample: {oversample} (need an int >= 0)")
+        _check(isinstance(power_iters, int) and power_iters >= 1, f"Invalid power_iters: {power_iters} (need an int >= 1)")
+        _check(xi_thresh >= 0.0, f"Invalid xi_thresh: {xi_thresh}")
+        _check(rank_policy in RANK_POLICIES, f"Invalid rank_policy: {rank_policy!r}; choose one of {RANK_POLICIES}")
+        _check(isinstance(rank_interval, int) and rank_interval >= 1, f"Invalid rank_interval: {rank_interval}")
+        _check(len(sigmoid) == 4 and sigmoid[0] >= 0, f"Invalid sigmoid (eta, omega, tau, phi): {sigmoid}")
+        _check(cosine_max_scale >= 1.0, f"Invalid cosine_max_scale: {cosine_max_scale} (need >= 1)")
+        _check(nonfinite in NONFINITE_POLICIES, f"Invalid nonfinite: {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+        _check(backend in backend_names(), f"Invalid backend: {backend!r}; choose one of {backend_names()}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
+            k_init=k_init, k_max=k_max, k_min=k_min, oversample=oversample, power_iters=power_iters,
+            xi_thresh=xi_thresh, rank_policy=rank_policy, rank_interval=rank_interval, sigmoid=tuple(sigmoid),
+            cosine_guidance=cosine_guidance, cosine_max_scale=cosine_max_scale,
+            exact_small_matrices=exact_small_matrices, nonfinite=nonfinite, backend=backend,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+        self._seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Fill options added after a checkpoint was written, as torch.optim does.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # ----------------------------------------------------------------------------- sketch RNG
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus the sketch RNG; plain tensors only."""
+        sd = super().state_dict()
+        sd["sketch_rng"] = {"seed": self._seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("sketch_rng", None)
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating state to each parameter's dtype; the factors and the dense
+        # second moment must keep their own precision (fp32 for a bf16 parameter).
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(idx, {}).items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        if rng is not None:
+            self._seed = int(rng["seed"])
+            self._generators = {}
+            for key, gen_state in rng["states"].items():
+                self._generator(torch.device(key)).set_state(gen_state)
+
+    # ---------------------------------------------------------------------------------- state
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if state:
+            return state
+        beta1 = group["betas"][0]
+        shape = matrix_shape(p)
+        factor_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        state["step"] = 0
+        state["nonfinite_skips"] = 0
+        if shape is not None and not self._is_dense_matrix(shape, group):
+            m, n = shape
+            cap = min(group["k_max"], m, n)
+            k0 = group["k_init"] if group["k_init"] is not None else (
+                group["k_max"] if group["rank_policy"] == "step" else group["k_min"]
+            )
+            state["rank"] = float(min(k0, cap))
+            state["xi"] = float("nan")  # not measured yet
+            # Q0 = U0 = 0: the first V is (1 − β2)·G².
+            state["Q"] = torch.zeros(m, 0, dtype=factor_dtype, device=p.device)
+            state["U"] = torch.zeros(n, 0, dtype=factor_dtype, device=p.device)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=factor_dtype)
+        if beta1 > 0:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @staticmethod
+    def _is_dense_matrix(shape: tuple[int, int], group: dict[str, Any]) -> bool:
+        return group["exact_small_matrices"] and min(shape) <= group["k_max"] + group["oversample"]
+
+    # ----------------------------------------------------------------------------------- step
+    def _grads_to_update(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        params = []
+        for p in group["params"]:
+            if p.grad is None or p.numel() == 0:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Adapprox does not support sparse gradients")
+            if not (p.is_floating_point() and p.grad.is_floating_point()):
+                raise TypeError(f"Adapprox needs floating-point parameters and gradients, got {p.dtype}/{p.grad.dtype}")
+            params.append(p)
+        return params
+
+    def _nonfinite(self, params: list[torch.Tensor]) -> list[bool]:
+        """One flag per parameter: does its gradient hold inf or NaN? (one host sync)."""
+        if not params:
+            return []
+        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            by_device[p.grad.device].append(i)
+        flags = [False] * len(params)
+        for idxs in by_device.values():
+            norms = torch._foreach_norm([params[i].grad for i in idxs])
+            bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).tolist()
+            for i, b in zip(idxs, bad):
+                flags[i] = b
+        return flags
+
+    def _param_name(self, p: torch.Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    return names[pi] if names else f"param_groups[{gi}]['params'][{pi}]"
+        return "<unknown parameter>"
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            params = self._grads_to_update(group)
+            flags = self._nonfinite(params)
+            if group["nonfinite"] == "raise" and any(flags):
+                bad = self._param_name(params[flags.index(True)])
+                raise FloatingPointError(
+                    f"Adapprox: non-finite gradient (inf or NaN) in {bad}; no parameter was updated. "
+                    "Pass nonfinite='skip' to skip such parameters instead."
+                )
+            work.append((group, params, flags))
+        for group, params, flags in work:
+            ok = []
+            for p, bad in zip(params, flags):
+                state = self._init_state(p, group)
+                if bad:
+                    state["nonfinite_skips"] += 1
+                else:
+                    ok.append(p)
+            self._step_group(group, ok)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            factored = "Q" in self.state[p]
+            key = (factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device)
+            buckets[key].append(p)
+        for (factored, _, _, device), bucket in buckets.items():
+            backend = resolve_backend(group["backend"], device)
+            for p in bucket:
+                self.state[p]["step"] += 1
+            if factored:
+                self._factored_step(group, bucket, backend)
+            else:
+                self._dense_step(group, bucket, backend)
+
+    def _step_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1 = group["betas"][0]
+        return dict(
+            eps=group["eps"], clip_threshold=group["clip_threshold"], lr=group["lr"], beta1=beta1,
+            weight_decay=group["weight_decay"],
+            cosine_max_scale=group["cosine_max_scale"] if group["cosine_guidance"] and beta1 > 0 else None,
+        )  # fmt: skip
+
+    def _dense_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
+        """Unfactored V (vectors, small matrices): ``V = β2·V + (1−β2)·G²``, same update rule."""
+        from .reference import apply_updates, clipped_update
+
+        beta2 = group["betas"][1]
+        states = [self.state[p] for p in bucket]
+        v = torch.stack([s["exp_avg_sq"] for s in states])
+        g = torch.stack([p.grad.to(v.dtype) for p in bucket])
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        for s, new in zip(states, v):
+            s["exp_avg_sq"].copy_(new)
+        kw = self._step_kwargs(group)
+        upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"))
+        exp_avgs = [s["exp_avg"] for s in states] if kw["beta1"] > 0 else None
+        apply_updates(bucket, upd, exp_avgs, **kw)
+
+    def _factored_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
+        """S-RSI for every same-shaped matrix of the bucket at once, then the update."""
+        states = [self.state[p] for p in bucket]
+        m, n = matrix_shape(bucket[0])
+        beta1, beta2, beta3 = group["betas"]
+        # Previous factors, zero-padded to a common width (zero columns add nothing to Q Uᵀ).
+        width_prev = max(s["Q"].shape[1] for s in states)
+        q_prev = torch.stack([torch.nn.functional.pad(s["Q"], (0, width_prev - s["Q"].shape[1])) for s in states])
+        u_prev = torch.stack([torch.nn.functional.pad(s["U"], (0, width_prev - s["U"].shape[1])) for s in states])
+        op = backend.second_moment([p.grad.reshape(m, n) for p in bucket], q_prev, u_prev, beta2)
+
+        ranks = [_round_rank(s["rank"]) for s in states]
+        width = sketch_width(max(ranks), group["oversample"], m, n)
+        sketch = gaussian_sketch(op, width, self._generator(op.device))
+        q, u = subspace_iteration(op, sketch, group["power_iters"], backend.orthonormalize)
+        used = [min(k, width) for k in ranks]
+        step = states[0]["step"]
+        measure = group["rank_policy"] == "step" or step % group["rank_interval"] == 0
+        if measure:
+            xis = error_ratio(op, truncate_columns(q, used), truncate_columns(u, used)).tolist()
+        cap = min(group["k_max"], m, n)
+        for b, s in enumerate(states):
+            if measure:
+                s["xi"] = xis[b]
+                if group["rank_policy"] == "step":
+                    k_next = next_rank_step(used[b], xis[b], group["xi_thresh"], group["k_min"], cap)
+                    s["rank"] = rank_moment(s["rank"], k_next, beta3)
+                elif xis[b] > group["xi_thresh"]:
+                    s["rank"] = float(min(s["rank"] + sigmoid_increment(xis[b], *group["sigmoid"]), cap))
+            # Keep round(k_t) columns; growth past this sketch's width waits for the next step.
+            keep = min(_round_rank(s["rank"]), width)
+            s["Q"] = q[b, :, :keep].clone()
+            s["U"] = u[b, :, :keep].clone()
+
+        exp_avgs = [s["exp_avg"] for s in states] if beta1 > 0 else None
+        backend.apply_step(op, bucket, exp_avgs, **self._step_kwargs(group))
+
+    # -------------------------------------------------------------------------- observability
+    def state_report(self) -> StateReport:
+        """Per parameter: kind, rank, last ξ and state bytes, with totals next to AdamW's."""
+        return StateReport(report_rows(self))

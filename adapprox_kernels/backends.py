@@ -1,0 +1,89 @@
+"""Which implementation runs the Adapprox step, and why the others cannot.
+
+A backend supplies three pieces to the optimizer (see :class:`ReferenceBackend`):
+
+* ``second_moment(grads, q, u, beta2)`` -> a :class:`~adapprox_kernels.linear_operator.LinearOperator`
+  for ``V_t`` of a batch of same-shaped matrices, that also computes the clipped update;
+* ``orthonormalize`` -> the batched QR used inside S-RSI;
+* ``apply_step(op, params, exp_avgs, ...)`` -> the momentum / weight-decay / weight write.
+
+``"reference"`` is plain PyTorch and works everywhere. Faster backends register themselves in
+:data:`BACKENDS` with an ``available(device)`` check that returns ``None`` or the reason they
+cannot run; ``"auto"`` takes the first one available for the parameters' device.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import reference
+from .srsi import householder_orthonormalize
+
+
+class ReferenceBackend:
+    """Plain PyTorch; materializes V (the oracle for every other backend)."""
+
+    name = "reference"
+    orthonormalize = staticmethod(householder_orthonormalize)
+
+    @staticmethod
+    def available(device: torch.device) -> str | None:
+        return None
+
+    @staticmethod
+    def second_moment(grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float):
+        """``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``."""
+        g = torch.stack([x.to(q.dtype) for x in grads])
+        return reference.ReferenceSecondMoment(g, q, u, beta2)
+
+    @staticmethod
+    def apply_step(op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale):
+        upd = op.clipped_update(eps, clip_threshold)
+        reference.apply_updates(
+            params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay, cosine_max_scale=cosine_max_scale
+        )
+
+
+# name -> backend, in order of preference for "auto" (fastest first).
+BACKENDS: dict[str, object] = {"reference": ReferenceBackend}
+_PREFERENCE: list[str] = ["reference"]
+
+
+def register_backend(backend, prefer: bool = True) -> None:
+    """Add a backend; ``prefer`` puts it ahead of the others for ``"auto"``."""
+    BACKENDS[backend.name] = backend
+    if backend.name in _PREFERENCE:
+        _PREFERENCE.remove(backend.name)
+    if prefer:
+        _PREFERENCE.insert(0, backend.name)
+    else:
+        _PREFERENCE.append(backend.name)
+
+
+def backend_names() -> tuple[str, ...]:
+    return ("auto", *BACKENDS)
+
+
+def resolve_backend(name: str, device: torch.device):
+    """The backend object for ``name`` on ``device``; raises with the reason if unusable."""
+    if name == "auto":
+        for candidate in _PREFERENCE:
+            if BACKENDS[candidate].available(device) is None:
+                return BACKENDS[candidate]
+        raise RuntimeError("no backend available")  # unreachable: reference is always available
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()}")
+    backend = BACKENDS[name]
+    why = backend.available(device)
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {why}")
+    return backend
+
+
+def availability(device: torch.device) -> dict[str, str | None]:
+    """``{backend name: None if usable on device else the reason}``, for diagnostics."""
+    return {name: b.available(device) for name, b in BACKENDS.items()}
+
+

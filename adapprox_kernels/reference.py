@@ -1,0 +1,91 @@
+"""Plain-PyTorch reference of one Adapprox step on a batch of same-shaped matrices.
+
+This is the oracle that every fast path is tested against, and the CPU path of the optimizer.
+It materializes the second moment V as a ``(B, m, n)`` fp32 tensor, which the fused kernels
+never do.
+
+Shapes: ``B`` matrices of shape ``(m, n)``; previous factors ``Q: (B, m, K)``, ``U: (B, n, K)``
+zero-padded to a common ``K`` (zero columns add nothing to ``Q Uᵀ``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .linear_operator import DenseOperator
+
+
+def second_moment(grad: torch.Tensor, q: torch.Tensor, u: torch.Tensor, beta2: float) -> torch.Tensor:
+    """``V_t = β2·relu(Q Uᵀ) + (1−β2)·G²`` (Algorithm 3, line 341): ``(B, m, n)``."""
+    return torch.bmm(q, u.transpose(1, 2)).clamp_min_(0).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def clipped_update(grad: torch.Tensor, v: torch.Tensor, eps: float, clip_threshold: float) -> torch.Tensor:
+    """``Upd = G / (√V + ε)`` scaled by ``1 / max(1, RMS(Upd)/d)`` per matrix (lines 344–345).
+
+    ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix."""
+    upd = grad / (v.sqrt() + eps)
+    rms = upd.flatten(1).square().mean(dim=1).sqrt()
+    return upd / _per_matrix(rms / clip_threshold, upd).clamp_min(1.0)
+
+
+def _per_matrix(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a ``(B,)`` tensor to broadcast against ``like: (B, ...)``."""
+    return x.view(-1, *([1] * (like.dim() - 1)))
+
+
+def cosine_guidance_factor(upd: torch.Tensor, avg: torch.Tensor, max_scale: float) -> torch.Tensor:
+    """Step scale from the cosine similarity c of this update and the running average of
+    updates, per matrix: ``1 / clamp(1 − c, 1/max_scale, 2·max_scale)``; ``(B, 1, …, 1)``.
+
+    The arXiv paper scales by about ``(1 − c + ε)⁻¹`` (its exact formula was lost); ours is
+    bounded so a step is never scaled by more than ``max_scale`` nor less than
+    ``1/(2·max_scale)``."""
+    a, b = upd.flatten(1), avg.flatten(1)
+    dot = (a * b).sum(dim=1)
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    c = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(dot))
+    return _per_matrix(1.0 / (1.0 - c).clamp(1.0 / max_scale, 2.0 * max_scale), upd)
+
+
+def apply_updates(
+    params: Sequence[torch.Tensor],
+    upd: torch.Tensor,
+    exp_avgs: Sequence[torch.Tensor] | None,
+    *,
+    lr: float,
+    beta1: float,
+    weight_decay: float,
+    cosine_max_scale: float | None,
+) -> None:
+    """Lines 346–349 for each matrix ``b``: momentum of updates, optional cosine guidance,
+    decoupled weight decay. ``upd`` is fp32 ``(B, *param.shape)``; each parameter is written in
+    its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own."""
+    upd = upd.reshape(len(params), *params[0].shape)
+    if exp_avgs is not None:
+        avg = torch.stack([m.to(upd.dtype) for m in exp_avgs]).mul_(beta1).add_(upd, alpha=1 - beta1)
+        for m, new in zip(exp_avgs, avg):
+            m.copy_(new)
+    else:
+        avg = upd
+    if cosine_max_scale is not None and exp_avgs is not None:
+        avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale)
+    for w, step in zip(params, avg):
+        new = w.to(upd.dtype).mul_(1 - lr * weight_decay).add_(step, alpha=-lr)
+        w.copy_(new)
+
+
+class ReferenceSecondMoment(DenseOperator):
+    """The second moment ``V_t`` of a batch as a linear operator, materialized.
+
+    ``grad: (B, m, n)`` fp32; ``q: (B, m, K)``, ``u: (B, n, K)`` the previous factors."""
+
+    def __init__(self, grad: torch.Tensor, q: torch.Tensor, u: torch.Tensor, beta2: float):
+        super().__init__(second_moment(grad, q, u, beta2))
+        self.grad = grad
+
+    def clipped_update(self, eps: float, clip_threshold: float) -> torch.Tensor:
+        """The clipped update ``(B, m, n)`` from the exact ``V_t``, not its compression."""
+        return clipped_update(self.grad, self.a, eps, clip_threshold)

@@ -1,0 +1,132 @@
+"""S-RSI and AS-RSI (Algorithms 1 and 2 of the Adapprox paper), written once.
+
+Both run on any :class:`~adapprox_kernels.linear_operator.LinearOperator`, batched over ``B``
+same-shaped matrices. Shapes: the operator is ``(B, m, n)``; the sketch width is
+``r = min(k + p, m, n)``; factors are ``Q: (B, m, r)`` with orthonormal columns and
+``U: (B, n, r)``, so that ``A ≈ Q Uᵀ``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .linear_operator import LinearOperator
+from .rank_policy import next_rank_step
+
+Orthonormalize = Callable[[torch.Tensor], torch.Tensor]
+
+
+def householder_orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``y`` (``(B, m, r) -> (B, m, r)``).
+
+    Householder QR never breaks down on rank-deficient or all-zero sketches (the basis is then
+    completed with arbitrary orthonormal columns), which is why it is the reference choice:
+    second-moment sketches are numerically close to rank 1.
+    """
+    return torch.linalg.qr(y, mode="reduced").Q
+
+
+def sketch_width(rank: int, oversample: int, m: int, n: int) -> int:
+    """Number of sketch columns: ``k + p``, never more than the matrix can hold."""
+    return max(1, min(rank + oversample, m, n))
+
+
+def gaussian_sketch(op: LinearOperator, width: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The starting ``U ~ N(0, 1)^{n×r}`` of Algorithm 1, for every matrix: ``(B, n, r)``."""
+    b, _, n = op.shape
+    return torch.randn(b, n, width, generator=generator, device=op.device, dtype=op.dtype)
+
+
+def subspace_iteration(
+    op: LinearOperator,
+    sketch: torch.Tensor,
+    iters: int,
+    orthonormalize: Orthonormalize = householder_orthonormalize,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop of Algorithm 1 from a given ``(B, n, r)`` start: ``l`` times
+    ``Q = orth(A U); U = Aᵀ Q``. Returns the full-width ``(Q, U)``."""
+    if iters < 1:
+        raise ValueError(f"subspace iteration needs at least one iteration, got {iters}")
+    u = sketch
+    for _ in range(iters):
+        q = orthonormalize(op.matmul(u))
+        u = op.rmatmul(q)
+    return q, u
+
+
+def srsi(
+    op: LinearOperator,
+    rank: int,
+    oversample: int = 5,
+    iters: int = 5,
+    generator: torch.Generator | None = None,
+    orthonormalize: Orthonormalize = householder_orthonormalize,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1: a rank-``k`` approximation ``A ≈ Q Uᵀ`` of every matrix of ``op``.
+
+    Returns ``Q: (B, m, k')`` with orthonormal columns and ``U: (B, n, k')`` where
+    ``k' = min(k, m, n)``.
+    """
+    _, m, n = op.shape
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    width = sketch_width(rank, oversample, m, n)
+    q, u = subspace_iteration(op, gaussian_sketch(op, width, generator), iters, orthonormalize)
+    k = min(rank, width)
+    return q[..., :k], u[..., :k]
+
+
+def error_ratio(op: LinearOperator, q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """ξ = ‖A − Q Uᵀ‖_F / ‖A‖_F per matrix, ``(B,)``; ξ of an all-zero matrix is 0."""
+    total = op.sq_norm()
+    resid = op.residual_sq_norm(q, u).clamp_min(0)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, (resid / safe_total).sqrt(), torch.zeros_like(total))
+
+
+def truncate_columns(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """Zero the columns of ``x[b]`` beyond ``ranks[b]``: ``(B, d, r) -> (B, d, r)``.
+
+    Zero columns add nothing to ``Q Uᵀ``, so a batch of matrices of different ranks shares one
+    padded tensor."""
+    cols = torch.arange(x.shape[-1], device=x.device)
+    keep = cols.unsqueeze(0) < torch.tensor(list(ranks), device=x.device).unsqueeze(1)
+    return x * keep.unsqueeze(1).to(x.dtype)
+
+
+def as_rsi(
+    op: LinearOperator,
+    ranks: Sequence[int],
+    *,
+    k_min: int,
+    k_max: int,
+    xi_thresh: float,
+    oversample: int = 5,
+    iters: int = 5,
+    generator: torch.Generator | None = None,
+    sketch: torch.Tensor | None = None,
+    orthonormalize: Orthonormalize = householder_orthonormalize,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Algorithm 2 on a batch, each matrix ``b`` at its own rank ``ranks[b]``.
+
+    The batch shares one sketch width ``r = min(max(ranks) + p, m, n)``; a matrix of smaller
+    rank simply gets more oversampling. ξ of matrix ``b`` is measured with its first
+    ``ranks[b]`` columns. ``sketch`` (``(B, n, r)``) replaces the Gaussian start (warm start).
+
+    Returns the full-width ``Q: (B, m, r)``, ``U: (B, n, r)``, ``ξ: (B,)`` and the proposed next
+    ranks (before the rank moment).
+    """
+    b, m, n = op.shape
+    if len(ranks) != b:
+        raise ValueError(f"need one rank per matrix: {len(ranks)} ranks for a batch of {b}")
+    width = sketch_width(max(ranks), oversample, m, n)
+    if sketch is None:
+        sketch = gaussian_sketch(op, width, generator)
+    q, u = subspace_iteration(op, sketch, iters, orthonormalize)
+    used = [min(k, q.shape[-1]) for k in ranks]
+    xi = error_ratio(op, truncate_columns(q, used), truncate_columns(u, used))
+    xi_host = xi.tolist()
+    k_next = [next_rank_step(k, x, xi_thresh, k_min, k_max) for k, x in zip(used, xi_host)]
+    return q, u, xi, k_next

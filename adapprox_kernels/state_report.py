@@ -1,0 +1,95 @@
+"""Observability: per-parameter rank, ξ and optimizer-state bytes, next to AdamW's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def tensor_bytes(state: dict) -> int:
+    """Bytes held by the tensors of one parameter's optimizer state."""
+    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+
+
+def adamw_bytes(p: torch.Tensor) -> int:
+    """What AdamW keeps for ``p``: ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype."""
+    return 2 * p.numel() * p.element_size()
+
+
+@dataclass
+class StateRow:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "factored", "dense" or "-" (no state yet)
+    rank: float | None
+    xi: float | None
+    state_bytes: int
+    adamw_bytes: int
+
+
+class StateReport:
+    """Rows of :class:`StateRow`, their totals, and a printable table (``str(report)``)."""
+
+    def __init__(self, rows: list[StateRow]):
+        self.rows = rows
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(r.state_bytes for r in self.rows)
+
+    @property
+    def adamw_bytes(self) -> int:
+        return sum(r.adamw_bytes for r in self.rows)
+
+    @property
+    def ratio_to_adamw(self) -> float:
+        return self.state_bytes / self.adamw_bytes if self.adamw_bytes else float("nan")
+
+    @property
+    def mean_rank(self) -> float:
+        ranks = [r.rank for r in self.rows if r.rank is not None]
+        return sum(ranks) / len(ranks) if ranks else float("nan")
+
+    def __repr__(self) -> str:
+        return (
+            f"StateReport({len(self.rows)} params, state={self.state_bytes} B, "
+            f"adamw={self.adamw_bytes} B, ratio={self.ratio_to_adamw:.3f}, mean_rank={self.mean_rank:.2f})"
+        )
+
+    def __str__(self) -> str:
+        lines = [f"{'parameter':40s} {'shape':>16s} {'kind':>9s} {'rank':>7s} {'xi':>9s} {'state B':>11s} {'AdamW B':>11s}"]
+        for r in self.rows:
+            rank = "-" if r.rank is None else f"{r.rank:.2f}"
+            xi = "-" if r.xi is None else f"{r.xi:.2e}"
+            lines.append(
+                f"{r.name[:40]:40s} {str(tuple(r.shape)):>16s} {r.kind:>9s} {rank:>7s} {xi:>9s} "
+                f"{r.state_bytes:>11d} {r.adamw_bytes:>11d}"
+            )
+        lines.append(
+            f"{'total':40s} {'':>16s} {'':>9s} {self.mean_rank:>7.2f} {'':>9s} {self.state_bytes:>11d} "
+            f"{self.adamw_bytes:>11d}  ({100 * self.ratio_to_adamw:.1f}% of AdamW)"
+        )
+        return "\n".join(lines)
+
+
+def report_rows(opt: torch.optim.Optimizer) -> list[StateRow]:
+    rows = []
+    for gi, group in enumerate(opt.param_groups):
+        names = group.get("param_names")
+        for pi, p in enumerate(group["params"]):
+            state = opt.state.get(p, {})
+            kind = "factored" if "Q" in state else ("dense" if state else "-")
+            xi = state.get("xi")
+            rows.append(
+                StateRow(
+                    name=names[pi] if names else f"group{gi}.param{pi}",
+                    shape=tuple(p.shape),
+                    kind=kind,
+                    rank=state.get("rank"),
+                    xi=None if xi is None or xi != xi else xi,
+                    state_bytes=tensor_bytes(state),
+                    adamw_bytes=adamw_bytes(p),
+                )
+            )
+    return rows
