@@ -49,6 +49,16 @@ def _check(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_cols: list[int]) -> torch.Tensor:
+    """Warm-start sketch ``(B, n, r)``: matrix ``b``'s first ``prev_cols[b]`` columns are last
+    step's ``U`` (V's dominant row space), the rest stay Gaussian."""
+    width = gaussian.shape[-1]
+    u = torch.nn.functional.pad(u_prev, (0, max(width - u_prev.shape[-1], 0)))[..., :width]
+    cols = torch.arange(width, device=u.device)
+    keep = cols.unsqueeze(0) < torch.tensor(prev_cols, device=u.device).unsqueeze(1)
+    return torch.where(keep.unsqueeze(1), u.to(gaussian.dtype), gaussian)
+
+
 class Adapprox(Optimizer):
     """Adam whose second moment is a low-rank factorization of adaptive rank.
 
@@ -76,6 +86,10 @@ class Adapprox(Optimizer):
             untouched, and ``state["nonfinite_skips"]`` counts it).
         backend: ``"auto"``, ``"reference"`` or any registered backend.
         seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG).
+        warm_start: start S-RSI from last step's ``U`` (its columns, topped up with Gaussian
+            ones) instead of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
+            V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
+            (the paper's algorithm).
     """
 
     def __init__(
@@ -101,6 +115,8 @@ class Adapprox(Optimizer):
         nonfinite: str = "raise",
         backend: str = "auto",
         seed: int | None = None,
+        warm_start: bool = False,
+        warm_power_iters: int = 1,
     ):
         _check(isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr), f"Invalid learning rate: {lr}")
         _check(len(betas) == 3, f"betas must be (beta1, beta2, beta3), got {betas}")
@@ -118,6 +134,10 @@ class Adapprox(Optimizer):
             )
         _check(isinstance(oversample, int) and oversample >= 0, f"Invalid oversample: {oversample} (need an int >= 0)")
         _check(isinstance(power_iters, int) and power_iters >= 1, f"Invalid power_iters: {power_iters} (need an int >= 1)")
+        _check(
+            isinstance(warm_power_iters, int) and warm_power_iters >= 1,
+            f"Invalid warm_power_iters: {warm_power_iters} (need an int >= 1)",
+        )
         _check(xi_thresh >= 0.0, f"Invalid xi_thresh: {xi_thresh}")
         _check(rank_policy in RANK_POLICIES, f"Invalid rank_policy: {rank_policy!r}; choose one of {RANK_POLICIES}")
         _check(isinstance(rank_interval, int) and rank_interval >= 1, f"Invalid rank_interval: {rank_interval}")
@@ -131,6 +151,7 @@ class Adapprox(Optimizer):
             xi_thresh=xi_thresh, rank_policy=rank_policy, rank_interval=rank_interval, sigmoid=tuple(sigmoid),
             cosine_guidance=cosine_guidance, cosine_max_scale=cosine_max_scale,
             exact_small_matrices=exact_small_matrices, nonfinite=nonfinite, backend=backend,
+            warm_start=warm_start, warm_power_iters=warm_power_iters,
         )  # fmt: skip
         super().__init__(params, defaults)
         self._seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
@@ -325,7 +346,12 @@ class Adapprox(Optimizer):
         ranks = [_round_rank(s["rank"]) for s in states]
         width = sketch_width(max(ranks), group["oversample"], m, n)
         sketch = gaussian_sketch(op, width, self._generator(op.device))
-        q, u = subspace_iteration(op, sketch, group["power_iters"], backend.orthonormalize)
+        iters = group["power_iters"]
+        prev_cols = [s["U"].shape[1] for s in states]
+        if group["warm_start"] and min(prev_cols) > 0:
+            sketch = _warm_sketch(u_prev, sketch, prev_cols)
+            iters = group["warm_power_iters"]
+        q, u = subspace_iteration(op, sketch, iters, backend.orthonormalize)
         used = [min(k, width) for k in ranks]
         step = states[0]["step"]
         measure = group["rank_policy"] == "step" or step % group["rank_interval"] == 0
