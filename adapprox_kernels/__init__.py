@@ -1,5 +1,6 @@
 """adapprox_kernels: the Adapprox optimizer (low-rank adaptive second moment) and its kernels."""
 
+from . import triton_backend  # noqa: F401  (registers the "triton" backend; triton itself is imported lazily)
 from .adapprox import Adapprox
 from .linear_operator import DenseOperator, LinearOperator
 from .srsi import as_rsi, error_ratio, srsi

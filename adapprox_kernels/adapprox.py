@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 
 from .backends import backend_names, resolve_backend
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
-from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration, truncate_columns
+from .srsi import gaussian_sketch, ratio_from_sq_norms, sketch_width, subspace_iteration, truncate_columns
 from .state_report import StateReport, report_rows
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -341,7 +341,7 @@ class Adapprox(Optimizer):
         width_prev = max(s["Q"].shape[1] for s in states)
         q_prev = torch.stack([torch.nn.functional.pad(s["Q"], (0, width_prev - s["Q"].shape[1])) for s in states])
         u_prev = torch.stack([torch.nn.functional.pad(s["U"], (0, width_prev - s["U"].shape[1])) for s in states])
-        op = backend.second_moment([p.grad.reshape(m, n) for p in bucket], q_prev, u_prev, beta2)
+        op = backend.second_moment([p.grad.reshape(m, n) for p in bucket], q_prev, u_prev, beta2, eps=group["eps"])
 
         ranks = [_round_rank(s["rank"]) for s in states]
         width = sketch_width(max(ranks), group["oversample"], m, n)
@@ -355,8 +355,13 @@ class Adapprox(Optimizer):
         used = [min(k, width) for k in ranks]
         step = states[0]["step"]
         measure = group["rank_policy"] == "step" or step % group["rank_interval"] == 0
+        # The update needs only V_t, so it runs before the rank decision; a fused backend also
+        # returns ξ's numerator from that pass over G.
+        exp_avgs = [s["exp_avg"] for s in states] if beta1 > 0 else None
+        factors = (truncate_columns(q, used), truncate_columns(u, used)) if measure else None
+        resid = backend.apply_step(op, bucket, exp_avgs, residual_factors=factors, **self._step_kwargs(group))
         if measure:
-            xis = error_ratio(op, truncate_columns(q, used), truncate_columns(u, used)).tolist()
+            xis = ratio_from_sq_norms(op.sq_norm(), resid).tolist()
         cap = min(group["k_max"], m, n)
         for b, s in enumerate(states):
             if measure:
@@ -370,9 +375,6 @@ class Adapprox(Optimizer):
             keep = min(_round_rank(s["rank"]), width)
             s["Q"] = q[b, :, :keep].clone()
             s["U"] = u[b, :, :keep].clone()
-
-        exp_avgs = [s["exp_avg"] for s in states] if beta1 > 0 else None
-        backend.apply_step(op, bucket, exp_avgs, **self._step_kwargs(group))
 
     # -------------------------------------------------------------------------- observability
     def state_report(self) -> StateReport:
