@@ -203,6 +203,14 @@ def test_nonfinite_raise_names_param_and_changes_nothing():
     assert not opt.state
 
 
+def test_large_finite_fp16_gradient_is_not_flagged():
+    w = torch.nn.Parameter(torch.zeros(8, 10, dtype=torch.float16))
+    opt = Adapprox([w], k_max=2, seed=0)
+    w.grad = torch.full((8, 10), 60000.0, dtype=torch.float16)  # its 2-norm overflows fp16
+    opt.step()
+    assert opt.state[w]["nonfinite_skips"] == 0 and torch.isfinite(w).all()
+
+
 def test_nonfinite_skip_counts_and_keeps_state():
     a, b = torch.nn.Parameter(torch.randn(16, 20)), torch.nn.Parameter(torch.randn(16, 20))
     opt = Adapprox([a, b], k_max=4, nonfinite="skip", seed=0)
