@@ -250,7 +250,9 @@ class Adapprox(Optimizer):
             by_device[p.grad.device].append(i)
         flags = [False] * len(params)
         for idxs in by_device.values():
-            norms = torch._foreach_norm([params[i].grad for i in idxs])
+            # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
+            # can overflow); NaN propagates through it.
+            norms = torch._foreach_norm([params[i].grad for i in idxs], float("inf"))
             bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).tolist()
             for i, b in zip(idxs, bad):
                 flags[i] = b
