@@ -178,7 +178,10 @@ class TritonSecondMoment:
 
     ``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)`` fp32 previous
     factors (zero-padded to a common ``K``). The first :meth:`matmul` also reduces ``‖V‖²``
-    and ``Σ (G/(√V+ε))²``, which :meth:`sq_norm` and the update's RMS reuse."""
+    and ``Σ (G/(√V+ε))²``, which :meth:`sq_norm` and the update's RMS reuse.
+
+    ``g_passes`` counts the passes over G made so far (a product with ``r`` columns reads G
+    once per ``Blocks.r``-wide column block), for benchmarks and docs/kernels.md."""
 
     def __init__(self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, eps: float):
         m, n = grads[0].shape
@@ -186,6 +189,12 @@ class TritonSecondMoment:
         self.q, self.u = q, u
         self.beta2, self.eps = float(beta2), float(eps)
         self._sums: Optional[torch.Tensor] = None  # (B, 2): ‖V‖², Σ Upd² (unclipped)
+        self.g_passes = 0
+
+    def _product_passes(self, r: int) -> int:
+        from .kernels._launch import Blocks
+
+        return -(-r // Blocks().r)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -203,15 +212,18 @@ class TritonSecondMoment:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         first = self._sums is None
         y, sums = torch.ops.adapprox_kernels.v_matmul(self.grads, self.q, self.u, x, self.beta2, self.eps, first)
+        self.g_passes += self._product_passes(x.shape[-1])
         if first:
             self._sums = sums
         return y
 
     def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
+        self.g_passes += self._product_passes(y.shape[-1])
         return torch.ops.adapprox_kernels.v_rmatmul(self.grads, self.q, self.u, y, self.beta2)
 
     def _norms(self, q_new: Optional[torch.Tensor] = None, u_new: Optional[torch.Tensor] = None) -> torch.Tensor:
         sums = torch.ops.adapprox_kernels.v_norms(self.grads, self.q, self.u, q_new, u_new, self.beta2, self.eps)
+        self.g_passes += 1
         if self._sums is None:
             self._sums = sums[:, [0, 2]]
         return sums
@@ -289,10 +301,12 @@ class TritonBackend:
                 op.grads, op.q, op.u, moms, clip, op.beta2, op.eps, beta1
             ).unbind(dim=1)
             scale = reference.cosine_scale(dot, upd_sq.sqrt(), avg_sq.sqrt(), cosine_max_scale)
+            op.g_passes += 1
         q_new, u_new = residual_factors if residual_factors is not None else (None, None)
         resid = torch.ops.adapprox_kernels.apply_update(
             op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, lr, beta1, weight_decay
         )
+        op.g_passes += 1
         for original, copy in staged:
             original.copy_(copy.view_as(original))
         return resid if residual_factors is not None else None

@@ -84,3 +84,30 @@ def test_triton_matches_reference(name):
                 assert got == pytest.approx(want, rel=1e-4, abs=1e-6, nan_ok=True), (i, key)
             else:
                 assert got == want, (i, key)
+
+
+@pytest.mark.parametrize(
+    "options,passes",
+    [
+        (dict(power_iters=5), 11),  # 2 per iteration (the first also reduces ‖V‖² and the RMS) + the update
+        (dict(warm_start=True, warm_power_iters=1), 3),
+        (dict(power_iters=2, cosine_guidance=True), 6),  # + the cosine reduction
+    ],
+)
+def test_passes_over_g_per_step(monkeypatch, options, passes):
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    ops = []
+    build = TritonBackend.second_moment
+
+    def recording(*args, **kwargs):
+        ops.append(build(*args, **kwargs))
+        return ops[-1]
+
+    monkeypatch.setattr(TritonBackend, "second_moment", staticmethod(recording))
+    p = torch.nn.Parameter(torch.randn(12, 10, device=DEVICE))
+    opt = Adapprox([p], backend="triton", k_max=2, oversample=1, **options)
+    for _ in range(2):  # the second step is warm when warm_start is on
+        p.grad = torch.randn(12, 10, device=DEVICE)
+        opt.step()
+    assert ops[-1].g_passes == passes

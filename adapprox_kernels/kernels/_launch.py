@@ -159,3 +159,10 @@ def check_vector(x: torch.Tensor, name: str, batch: int, device: torch.device) -
     """``x`` must be an fp32 ``(batch,)`` tensor on ``device``."""
     if x.shape != (batch,) or x.dtype != torch.float32 or x.device != device:
         raise ValueError(f"{name}: expected float32 ({batch},) on {device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+
+
+def pointer_arg(t: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """``t``, or ``fallback`` when ``t`` holds no elements (the first step's ``K = 0`` factors):
+    an empty tensor may have a null data pointer, which the GPU launcher rejects even for an
+    argument the kernel never reads."""
+    return t if t.numel() > 0 else fallback

@@ -13,15 +13,13 @@ grid is as parallel as the matrices are large); residual partial sums are added 
 W and M are read and written in place through matrix tables (see ``_launch.MatrixTable``).
 """
 
-from __future__ import annotations
-
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Blocks, MatrixTable, check_factor, check_vector, dot_precision, pow2_block
+from ._launch import Blocks, MatrixTable, check_factor, check_vector, dot_precision, pointer_arg, pow2_block
 from ._tiles import load_tile, lowrank_tile, round_to, update_and_average, v_tile
 
 
@@ -134,8 +132,9 @@ def apply_update(
     resid = torch.zeros(batch, tiles, dtype=torch.float32, device=table.device)
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
     _apply_update_kernel[(tiles, batch)](
-        table.base, table.offsets, q, u, weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
-        q_new, u_new, resid,
+        table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
+        weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
+        pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid,
         m, n, k, k_new,
         *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
         float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1), float(lr),

@@ -7,15 +7,13 @@ before the update pass writes W (one extra pass over G and M). Grid: one program
 ``BLOCK_M × BLOCK_N`` tile; partial sums are added on the host.
 """
 
-from __future__ import annotations
-
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Blocks, MatrixTable, check_factor, check_vector, dot_precision
+from ._launch import Blocks, MatrixTable, check_factor, check_vector, dot_precision, pointer_arg
 from ._tiles import update_and_average, v_tile
 
 
@@ -82,7 +80,7 @@ def update_cosine_sums(
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.empty(batch, 3, tiles, dtype=torch.float32, device=table.device)
     _update_cosine_kernel[(tiles, batch)](
-        table.base, table.offsets, q, u, moms.base, moms.offsets, clip, out,
+        table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, out,
         m, n, k, *table.stride, *q.stride(), *u.stride(), *moms.stride,
         float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1),
         G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

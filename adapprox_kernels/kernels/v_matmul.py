@@ -13,15 +13,13 @@ result is deterministic. ``Vᵀ @ Y`` is the same kernel on the transposed view 
 per extra r block; G must be fp32, bf16 or fp16; factors and thin matrices fp32.
 """
 
-from __future__ import annotations
-
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Blocks, MatrixTable, check_factor, dot_precision, reduction_split
+from ._launch import Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, reduction_split
 from ._tiles import load_tile, raw_update, v_tile
 
 
@@ -112,7 +110,7 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
     with_norms = eps is not None
     norms = torch.empty(batch, 2, num_r * split * num_m, dtype=torch.float32, device=table.device) if with_norms else out
     _v_matmul_kernel[(num_m * num_r, split, batch)](
-        table.base, table.offsets, q, u, x, out, norms,
+        table.base, table.offsets, pointer_arg(q, x), pointer_arg(u, x), x, out, norms,
         m, n, k, r, n_per_split,
         sg_m, sg_n, *q.stride(), *u.stride(), *x.stride(), *out.stride(),
         float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,

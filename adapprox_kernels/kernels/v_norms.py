@@ -8,15 +8,13 @@ asked for on their own (S-RSI outside the optimizer, tests). Grid: one program p
 them (deterministic, no atomics).
 """
 
-from __future__ import annotations
-
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Blocks, MatrixTable, check_factor, dot_precision, pow2_block
+from ._launch import Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, pow2_block
 from ._tiles import lowrank_tile, raw_update, v_tile
 
 
@@ -95,7 +93,7 @@ def v_norms(
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.zeros(batch, 3, tiles, dtype=torch.float32, device=table.device)
     _v_norms_kernel[(tiles, batch)](
-        table.base, table.offsets, q, u, q_new, u_new, out,
+        table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), pointer_arg(q_new, out), pointer_arg(u_new, out), out,
         m, n, k, k_new, *table.stride, *q.stride(), *u.stride(), *q_new.stride(), *u_new.stride(),
         float(beta2), 1.0 - float(beta2), float(eps),
         G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K_NEW=block_k_new,
