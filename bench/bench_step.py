@@ -259,6 +259,7 @@ def metadata(device) -> dict:
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "cpu_threads": torch.get_num_threads(),
+        "load_average_1_5_15min": list(os.getloadavg()),  # CPU timings on a shared machine are noisy
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
