@@ -40,6 +40,11 @@ SECOND_MOMENT_SOURCES = ("momentum", "gradient")
 
 
 # ------------------------------------------------------------------------------ reference ops
+def _clip(clip_threshold: float | None) -> float:
+    """``None`` (no clipping) as the threshold ``clipped_update`` understands: ∞."""
+    return math.inf if clip_threshold is None else clip_threshold
+
+
 def top_left_subspace(
     g: torch.Tensor,
     rank: int,
@@ -142,7 +147,7 @@ def adamem_directions(
     residual is exactly zero (not rounding noise, which one-sided Adafactor would normalize
     to O(1)).
     """
-    clip = math.inf if clip_threshold is None else clip_threshold
+    clip = _clip(clip_threshold)
     bias1 = 1 - beta1**step if bias_correction else 1.0
     bias2 = 1 - beta2**step if bias_correction else 1.0
     r_proj = proj.mT @ g
@@ -233,7 +238,9 @@ class AdaMeM(SketchOptimizer):
         check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
         check(projection in PROJECTIONS, f"Invalid projection: {projection!r}; choose one of {PROJECTIONS}")
         check(isinstance(oversample, int) and oversample >= 0, f"Invalid oversample: {oversample} (need an int >= 0)")
-        check(isinstance(power_iters, int) and power_iters >= 1, f"Invalid power_iters: {power_iters} (need an int >= 1)")
+        check(
+            isinstance(power_iters, int) and power_iters >= 1, f"Invalid power_iters: {power_iters} (need an int >= 1)"
+        )
         check(
             momentum_transfer in MOMENTUM_TRANSFERS,
             f"Invalid momentum_transfer: {momentum_transfer!r}; choose one of {MOMENTUM_TRANSFERS}",
@@ -246,7 +253,9 @@ class AdaMeM(SketchOptimizer):
             clip_threshold is None or clip_threshold > 0.0,
             f"Invalid clip_threshold: {clip_threshold} (need None or > 0)",
         )
-        check(nonfinite in NONFINITE_POLICIES, f"Invalid nonfinite: {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+        check(
+            nonfinite in NONFINITE_POLICIES, f"Invalid nonfinite: {nonfinite!r}; choose one of {NONFINITE_POLICIES}"
+        )
         defaults = dict(
             lr=lr, betas=tuple(betas), rank=rank, update_proj_gap=update_proj_gap, residual_scale=residual_scale,
             eps=eps, weight_decay=weight_decay, projection=projection, oversample=oversample,
@@ -311,7 +320,7 @@ class AdaMeM(SketchOptimizer):
         beta2 = group["betas"][1]
         upd = one_sided_precondition(
             g, v, beta2=beta2, bias2=1 - beta2**step if group["bias_correction"] else 1.0, eps=group["eps"],
-            clip_threshold=math.inf if group["clip_threshold"] is None else group["clip_threshold"],
+            clip_threshold=_clip(group["clip_threshold"]),
         )  # fmt: skip
         for s, new in zip(states, v):
             s["exp_avg_sq"].copy_(new)

@@ -92,7 +92,7 @@ def _adafactor_momentum_oracle(grads, basis, lr, beta1, beta2, eps):
     ``basisᵀ G`` and mapped back: returns the sequence of parameter displacements. Written
     independently of the package, one matrix, plain loops over the steps."""
     r, n = basis.shape[1], grads[0].shape[1]
-    mom, row, col = torch.zeros(r, n, dtype=basis.dtype), torch.zeros(r, dtype=basis.dtype), torch.zeros(n, dtype=basis.dtype)
+    mom, row, col = (torch.zeros(shape, dtype=basis.dtype) for shape in ((r, n), (r,), (n,)))
     disp, out = torch.zeros(basis.shape[0], n, dtype=basis.dtype), []
     for t, g in enumerate(grads, start=1):
         mom = beta1 * mom + (1 - beta1) * (basis.T @ g)
