@@ -72,7 +72,7 @@ def _galore(model, lr, device, k_max):
 
     groups = _plain(_groups(model, 0.0))
     groups[0].update(rank=_lowrank_rank(model), update_proj_gap=200, scale=0.25, proj_type="std")
-    return GaLoreAdamW(groups, lr=lr)
+    return GaLoreAdamW(groups, lr=lr, no_deprecation_warning=True)
 
 
 OPTIMIZERS: dict[str, Callable] = {
