@@ -2,8 +2,10 @@
 
 On a machine with CUDA the kernels are compiled and the tests use CUDA tensors. Without one
 they run on CPU tensors under the Triton interpreter, which triton only enables for kernels
-decorated while ``TRITON_INTERPRET=1`` is set: the fixture sets it, imports (or re-imports)
-the kernel modules, and restores the variable afterwards, so other test files never see it.
+decorated while ``TRITON_INTERPRET=1`` is set, triton.language's own functions included (those
+are decorated when triton is first imported, which is why conftest.py sets the variable before
+any test imports triton). The fixture makes sure of it for this module, (re-)imports the
+kernel modules if they were decorated otherwise, and restores the variable afterwards.
 """
 
 import importlib
