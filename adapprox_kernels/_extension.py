@@ -13,6 +13,8 @@ Set ``ADAPPROX_DISABLE_EXTENSION=1`` to ignore a built extension (A/B comparison
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 
 import torch
@@ -23,19 +25,16 @@ from .srsi import householder_orthonormalize
 OP_NAME = "adapprox_kernels::cholqr_orthonormalize"
 
 
-def _load():
+def _load(name: str = f"{__package__}._C"):
     """``(module, None)`` or ``(None, "why it is unavailable")``; never raises."""
     if os.environ.get("ADAPPROX_DISABLE_EXTENSION", "").strip().lower() in ("1", "true", "yes", "on"):
         return None, "disabled by ADAPPROX_DISABLE_EXTENSION"
     try:
-        from . import _C
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__package__}._C":
+        if importlib.util.find_spec(name) is None:
             return None, "not built (pure-Python install; see docs/install.md to build it)"
-        return None, f"{type(exc).__name__}: {exc}"
+        return importlib.import_module(name), None
     except Exception as exc:  # noqa: BLE001 - any failure to load (OSError, undefined symbol, ...) is reported
         return None, f"{type(exc).__name__}: {exc}"
-    return _C, None
 
 
 _MODULE, _ERROR = _load()
