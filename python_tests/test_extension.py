@@ -292,7 +292,7 @@ def test_extension_noncontiguous_and_side_stream():
     with torch.cuda.stream(stream):
         got = ext.cholqr_cuda(y)
     torch.cuda.current_stream().wait_stream(stream)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # cuBLAS may pick other kernels per stream
 
 
 @pytest.mark.gpu
