@@ -24,14 +24,15 @@ from typing import Sequence
 import torch
 
 from . import reference
-from .srsi import householder_orthonormalize
+from ._extension import orthonormalize as default_orthonormalize
 
 
 class ReferenceBackend:
     """Plain PyTorch; materializes V (the oracle for every other backend)."""
 
     name = "reference"
-    orthonormalize = staticmethod(householder_orthonormalize)
+    # The CUDA extension's CholeskyQR on fp32 CUDA tensors when it is built, else Householder QR.
+    orthonormalize = staticmethod(default_orthonormalize)
 
     @staticmethod
     def available(device: torch.device) -> str | None:
