@@ -20,7 +20,6 @@ import torch
 
 from . import reference
 from .backends import ReferenceBackend, register_backend
-from .srsi import householder_orthonormalize
 
 _KERNEL_MODULES = ("v_matmul", "v_norms", "update_cosine", "apply_update")
 
@@ -250,7 +249,7 @@ class TritonBackend:
     """Fused Triton kernels; float64 buckets fall back to the reference (see ``docs/kernels.md``)."""
 
     name = "triton"
-    orthonormalize = staticmethod(householder_orthonormalize)
+    orthonormalize = ReferenceBackend.orthonormalize  # the extension's CholeskyQR2 on CUDA when built
     auto_device_types = ("cuda",)  # "auto" never picks the interpreter
 
     @staticmethod
