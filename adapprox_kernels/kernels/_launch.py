@@ -155,6 +155,20 @@ def check_factor(x: torch.Tensor, name: str, batch: int, rows: int, device: torc
         raise ValueError(f"{name} is on {x.device}, the gradients on {device}")
 
 
+def check_new_factors(q_new, u_new, batch: int, m: int, n: int, device: torch.device) -> bool:
+    """Checks the optional ``(q_new: (B, m, k), u_new: (B, n, k))`` whose residual
+    ``‖V − q_new u_newᵀ‖²`` a pass also reduces; returns whether they were given."""
+    if (q_new is None) != (u_new is None):
+        raise ValueError("give both q_new and u_new, or neither")
+    if q_new is None:
+        return False
+    check_factor(q_new, "q_new", batch, m, device)
+    check_factor(u_new, "u_new", batch, n, device)
+    if q_new.shape[2] != u_new.shape[2] or q_new.shape[2] == 0:
+        raise ValueError(f"q_new and u_new need the same, nonzero columns, got {q_new.shape[2]} and {u_new.shape[2]}")
+    return True
+
+
 def check_vector(x: torch.Tensor, name: str, batch: int, device: torch.device) -> None:
     """``x`` must be an fp32 ``(batch,)`` tensor on ``device``."""
     if x.shape != (batch,) or x.dtype != torch.float32 or x.device != device:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Blocks, MatrixTable, check_factor, check_vector, dot_precision, pointer_arg, pow2_block
+from ._launch import Blocks, MatrixTable, check_factor, check_new_factors, check_vector, dot_precision, pointer_arg, pow2_block
 from ._tiles import load_tile, lowrank_tile, round_to, update_and_average, v_tile
 
 
@@ -115,15 +115,8 @@ def apply_update(
     if scale is None:
         scale = torch.ones(batch, dtype=torch.float32, device=table.device)
     check_vector(scale, "scale", batch, table.device)
-    with_residual = q_new is not None
-    if with_residual != (u_new is not None):
-        raise ValueError("give both q_new and u_new, or neither")
-    if with_residual:
-        check_factor(q_new, "q_new", batch, m, table.device)
-        check_factor(u_new, "u_new", batch, n, table.device)
-        if q_new.shape[2] != u_new.shape[2] or q_new.shape[2] == 0:
-            raise ValueError(f"q_new and u_new need the same, nonzero columns, got {q_new.shape[2]} and {u_new.shape[2]}")
-    else:
+    with_residual = check_new_factors(q_new, u_new, batch, m, n, table.device)
+    if not with_residual:
         q_new, u_new = q, u
     k, k_new = q.shape[2], q_new.shape[2]
     block_m, block_n, block_k, _ = blocks.fit(m, n, k, 1)

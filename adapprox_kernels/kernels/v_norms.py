@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, pow2_block
+from ._launch import Blocks, MatrixTable, check_factor, check_new_factors, dot_precision, pointer_arg, pow2_block
 from ._tiles import lowrank_tile, raw_update, v_tile
 
 
@@ -75,15 +75,8 @@ def v_norms(
     batch = len(table)
     check_factor(q, "q", batch, m, table.device)
     check_factor(u, "u", batch, n, table.device)
-    with_residual = q_new is not None
-    if with_residual != (u_new is not None):
-        raise ValueError("give both q_new and u_new, or neither")
-    if with_residual:
-        check_factor(q_new, "q_new", batch, m, table.device)
-        check_factor(u_new, "u_new", batch, n, table.device)
-        if q_new.shape[2] != u_new.shape[2] or q_new.shape[2] == 0:
-            raise ValueError(f"q_new and u_new need the same, nonzero columns, got {q_new.shape[2]} and {u_new.shape[2]}")
-    else:
+    with_residual = check_new_factors(q_new, u_new, batch, m, n, table.device)
+    if not with_residual:
         q_new, u_new = q, u
     if q.shape[2] != u.shape[2]:
         raise ValueError(f"q and u need the same number of columns, got {q.shape[2]} and {u.shape[2]}")
