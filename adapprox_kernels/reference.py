@@ -27,8 +27,12 @@ def clipped_update(grad: torch.Tensor, v: torch.Tensor, eps: float, clip_thresho
 
     ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix."""
     upd = grad / (v.sqrt() + eps)
-    rms = upd.flatten(1).square().mean(dim=1).sqrt()
-    return upd / _per_matrix(rms / clip_threshold, upd).clamp_min(1.0)
+    return upd / _per_matrix(clip_divisor(upd.flatten(1).square().sum(dim=1), upd[0].numel(), clip_threshold), upd)
+
+
+def clip_divisor(sq_sum: torch.Tensor, numel: int, clip_threshold: float) -> torch.Tensor:
+    """``max(1, RMS/d)`` per matrix from ``Σ Upd²`` (``(B,)``) over ``numel`` entries."""
+    return ((sq_sum / numel).sqrt() / clip_threshold).clamp_min(1.0)
 
 
 def _per_matrix(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -44,10 +48,14 @@ def cosine_guidance_factor(upd: torch.Tensor, avg: torch.Tensor, max_scale: floa
     bounded so a step is never scaled by more than ``max_scale`` nor less than
     ``1/(2·max_scale)``."""
     a, b = upd.flatten(1), avg.flatten(1)
-    dot = (a * b).sum(dim=1)
-    norms = a.norm(dim=1) * b.norm(dim=1)
+    return _per_matrix(cosine_scale((a * b).sum(dim=1), a.norm(dim=1), b.norm(dim=1), max_scale), upd)
+
+
+def cosine_scale(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, max_scale: float) -> torch.Tensor:
+    """The factor of :func:`cosine_guidance_factor` from ``⟨a, b⟩``, ``‖a‖``, ``‖b‖`` (``(B,)``)."""
+    norms = norm_a * norm_b
     c = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(dot))
-    return _per_matrix(1.0 / (1.0 - c).clamp(1.0 / max_scale, 2.0 * max_scale), upd)
+    return 1.0 / (1.0 - c).clamp(1.0 / max_scale, 2.0 * max_scale)
 
 
 def apply_updates(
