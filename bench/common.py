@@ -46,6 +46,12 @@ def setup(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def rel(path: Path | str) -> str:
+    """``path`` relative to the repository when it is inside it (result files stay portable)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def device_tag(device: torch.device | str) -> str:
     return torch.device(device).type
 

@@ -83,7 +83,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             errors = [r["error"] for r in rs]
             times = sorted(r["median_s"] for r in rs)
             out.append(dict(method=method, rank=k, matrices=len(rs), mean_error=sum(errors) / len(rs),
-                            min_error=min(errors), max_error=max(errors), median_time_s=times[len(times) // 2]))  # fmt: skip
+                            min_error=min(errors), max_error=max(errors),
+                            median_time_s=times[len(times) // 2]))  # fmt: skip
     return out
 
 
@@ -121,7 +122,8 @@ def markdown(summary: list[dict]) -> str:
          common.fmt_seconds(by[("truncated SVD", k)]["median_time_s"]))
         for k in ranks
     ]  # fmt: skip
-    table = common.markdown_table(["rank k", "truncated SVD error", "S-RSI error", "S-RSI time", "full SVD time"], lines)
+    head = ["rank k", "truncated SVD error", "S-RSI error", "S-RSI time", "full SVD time"]
+    table = common.markdown_table(head, lines)
     return (
         f"{table}\n\nAdafactor rank-1 factorization: mean error {ada['mean_error']:.4f} "
         f"(min {ada['min_error']:.4f}, max {ada['max_error']:.4f}), time of its factors "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from adapprox_kernels.train.__main__ import main as train_main
 from adapprox_kernels.train.model import SIZES
+from adapprox_kernels.train.optimizers import OPTIMIZERS
 from adapprox_kernels.train.plot import plot_runs
 
 from . import common
@@ -55,9 +56,8 @@ def markdown(rows: list[dict], job_meta: dict) -> str:
               f"{r['state_bytes']:,}", f"{100 * r['vs_adamw']:.1f}%" if r["vs_adamw"] else "—",
               common.fmt_seconds(r["step_time_s"]),
               f"{r['final_mean_rank']:.2f}" if r["final_mean_rank"] is not None else "—") for r in rows]  # fmt: skip
-    table = common.markdown_table(
-        ["optimizer", "lr", "final val loss", "best val loss", "state bytes", "vs AdamW", "iteration", "mean rank"], lines
-    )
+    head = ["optimizer", "lr", "final val loss", "best val loss", "state bytes", "vs AdamW", "iteration", "mean rank"]
+    table = common.markdown_table(head, lines)
     a = job_meta.get("args", {})
     seq_len = a.get("seq_len") or (SIZES[a["size"]].seq_len if a.get("size") in SIZES else "?")
     return (f"{table}\n\nMain job: model `{a.get('size')}`, {a.get('steps')} steps of {a.get('batch_size')} × "
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--optimizers", default="adapprox,adamw,adafactor,came")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="default: every optimizer of the main job")
     args = ap.parse_args(argv)
     device = common.setup(args)
     source = args.source if args.source.exists() and not args.rerun else shortened_job(args, device)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(runs)
     # The results are the main job's: name the files by the device it trained on.
     job_device = data["meta"].get("args", {}).get("device", str(device))
-    meta = common.metadata(device, source=str(source), main_job=data["meta"], paper_mean_rank=PAPER_MEAN_RANK)
+    meta = common.metadata(device, source=common.rel(source), main_job=data["meta"], paper_mean_rank=PAPER_MEAN_RANK)
     if common.device_tag(job_device) != device.type:
         meta["device"] = data["meta"].get("device", meta["device"])
     path = common.write_results(NAME, job_device, rows, meta, args.out, runs=runs)

@@ -22,7 +22,7 @@ from torch import nn
 
 from adapprox_kernels import Adapprox
 from adapprox_kernels.train.model import GPT, Block, GPTConfig
-from adapprox_kernels.train.runner import matrix_type
+from adapprox_kernels.train.runner import matrix_type, optimizer_state_bytes
 
 # GPT-2 parameter shapes (vocabulary 50,257, context 1,024) in the main job's model class; its
 # Linear weights are the transposes of GPT-2's Conv1D weights, which changes no count.
@@ -102,7 +102,7 @@ def build(
         rest = [p for n, p in named if not (p.dim() == 2 and matrix_type(n) in GALORE_TYPES)]
         groups = [{"params": rest}] if rest else []
         if low:
-            groups.append({"params": low, "rank": galore_rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"})
+            groups.append(dict(params=low, rank=galore_rank, update_proj_gap=200, scale=0.25, proj_type="std"))
         return GaLoreAdamW(groups, lr=1e-4, betas=(beta1, 0.999), weight_decay=0.1, no_deprecation_warning=True)
     if name == "adapprox":
         if k is None:
@@ -111,31 +111,27 @@ def build(
     raise ValueError(f"unknown optimizer {name!r}; choose one of {PEERS}")
 
 
-def state_tensors(state: dict) -> list[torch.Tensor]:
-    """The tensors one parameter's state holds, including GaLore's projector matrix (kept in a
-    ``GaLoreProjector`` object rather than as a tensor of the state)."""
-    out = []
-    for value in state.values():
+def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """``(held, logical)`` bytes of the optimizer's state.
+
+    ``logical`` is the main job's count (:func:`~adapprox_kernels.train.runner.optimizer_state_bytes`:
+    ``numel × element size`` of every tensor reachable from the state, GaLore's projector
+    included). ``held`` sums the storages those tensors keep alive, which is more when a state
+    tensor is a view of a larger buffer: GaLore's projector is a slice of the full SVD factor."""
+    storages = {}
+
+    def visit(value) -> None:
         if torch.is_tensor(value):
-            out.append(value)
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
         elif hasattr(value, "ortho_matrix"):  # galore_torch.GaLoreProjector
-            ortho = value.ortho_matrix
-            out += [t for t in (ortho if isinstance(ortho, (list, tuple)) else [ortho]) if torch.is_tensor(t)]
-    return out
+            visit(value.ortho_matrix)
 
-
-def state_bytes(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> tuple[int, int]:
-    """``(held, logical)`` bytes of the state of ``params``.
-
-    ``logical`` sums ``numel × element size``; ``held`` sums the storages the state keeps alive,
-    which is more when a state tensor is a view of a larger buffer (GaLore keeps a slice of the
-    full SVD factor as its projector)."""
-    held, logical, seen = 0, 0, set()
-    for p in params:
-        for t in state_tensors(opt.state.get(p, {})):
-            logical += t.numel() * t.element_size()
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                held += storage.nbytes()
-    return held, logical
+    visit(list(opt.state.values()))
+    return sum(storages.values()), optimizer_state_bytes(opt)

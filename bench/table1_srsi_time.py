@@ -118,7 +118,8 @@ def plot(rows: list[dict], device: torch.device, out) -> None:
             rs = sorted((r for r in done if r["variant"] == variant), key=lambda r: r["m"])
             ms = [r["m"] for r in rs]
             med = [r["per_matrix_median_s"] for r in rs]
-            err = [[a - r["per_matrix_p20_s"] for a, r in zip(med, rs)], [r["per_matrix_p80_s"] - a for a, r in zip(med, rs)]]
+            err = [[a - r["per_matrix_p20_s"] for a, r in zip(med, rs)],
+                   [r["per_matrix_p80_s"] - a for a, r in zip(med, rs)]]  # fmt: skip
             ax.errorbar(ms, med, yerr=err, marker="o", ms=3, capsize=2, label=variant)
         ax.plot(SIZES, PAPER_A100[k], "k--", marker="x", label="paper, A100")
         ax.set(xscale="log", yscale="log", xlabel="m = n", title=f"k = {k}")
@@ -151,7 +152,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = common.parser(__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="m values (default: all on GPU, 1024 2048 on CPU)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, choices=SIZES,
+                    help="m values (default: all on GPU; CPU: 1024 2048)")  # fmt: skip
     ap.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     ap.add_argument("--batch", type=int, default=4, help="B of the batched variant")
     ap.add_argument("--seed", type=int, default=0)

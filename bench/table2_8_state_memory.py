@@ -82,7 +82,7 @@ def count_state(size: str, cfg: dict, instantiate: bool = True) -> dict:
             for group in opt.param_groups:
                 group["power_iters"] = 1  # the state's size does not depend on it
         opt.step()
-        h, lg = peers.state_bytes(opt, [p])
+        h, lg = peers.state_bytes(opt)
         held += count * h
         logical += count * lg
         del opt, p
@@ -135,7 +135,7 @@ def markdown(rows: list[dict]) -> str:
         for r0 in (r for r in rows if r["size"] == sizes[0] and r["beta1"] in (beta1, None)):
             cells = []
             for size in sizes:
-                r = next(x for x in rows if x["size"] == size and x["label"] == r0["label"] and x["beta1"] == r0["beta1"])
+                r = next(x for x in rows if (x["size"], x["label"], x["beta1"]) == (size, r0["label"], r0["beta1"]))
                 extra = f" (logical {r['logical_bytes'] / MIB:,.2f})" if r["logical_bytes"] != r["state_bytes"] else ""
                 mark = "†" if r["counted"] == "closed form" else ""
                 cells.append(f"{r['state_bytes'] / MIB:,.2f}{mark}{extra} ({100 * r['vs_adamw']:.1f}%)")
@@ -175,7 +175,8 @@ def plot(rows: list[dict], device, out) -> None:
             if r["size"] == size and r["optimizer"] != "adapprox" and r["beta1"] in (0.9, None):
                 ax.axhline(r["state_bytes"] / MIB, ls=":", lw=1, color=f"C{2 + peers.PEERS.index(r['optimizer'])}",
                            label=r["optimizer"])  # fmt: skip
-        ax.set(xscale="log", yscale="log", xlabel="rank k", title=f"{size} (AdamW {adamw['state_bytes'] / MIB:,.0f} MiB)")
+        title = f"{size} (AdamW {adamw['state_bytes'] / MIB:,.0f} MiB)"
+        ax.set(xscale="log", yscale="log", xlabel="rank k", title=title)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("optimizer state, MiB")
     axes[0].legend(fontsize=7)
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 why = "needs a CUDA device; none in this session" if device.type != "cuda" else "not in the GPU subset"
                 row["gpu_peak_reason"] = why
             size_rows.append(row)
-            print(f"  {size:10s} {row['label']:16s} β1={cfg['beta1']} {row['state_bytes'] / MIB:10,.2f} MiB ({row['counted']})")
+            mib = row["state_bytes"] / MIB
+            print(f"  {size:10s} {row['label']:16s} β1={cfg['beta1']} {mib:10,.2f} MiB ({row['counted']})")
         adamw = next(r for r in size_rows if r["optimizer"] == "adamw" and r["beta1"] == 0.9)["state_bytes"]
         for r in size_rows:
             r["vs_adamw"] = r["state_bytes"] / adamw

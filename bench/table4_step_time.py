@@ -69,7 +69,7 @@ def end_to_end_rows(paths) -> list[dict]:
             size = meta.get("args", {}).get("size", "?")
             return [dict(size=f"main job ({size})", scope="end-to-end iteration", label=r["name"], optimizer=r["name"],
                          median_s=r["step_time_s"], optimizer_step_s=r["opt_time_s"], device=meta.get("device"),
-                         source=str(path), **common.measured()) for r in data["runs"]]  # fmt: skip
+                         source=common.rel(path), **common.measured()) for r in data["runs"]]  # fmt: skip
     why = "no main-job results.json found (run python -m adapprox_kernels.train, or bench.fig3_4_training)"
     return [dict(size="main job", scope="end-to-end iteration", label="-", **common.not_measured(why))]
 
@@ -94,8 +94,9 @@ def markdown(rows: list[dict], scope: str) -> str:
     parts += [f"({i}) {why}" for why, i in reasons.items()]
     e2e = [r for r in rows if r["scope"] == "end-to-end iteration"]
     if e2e[0]["status"] == "measured":
+        paper = {name: f"{t:.2f} s" for name, t in PAPER_ITERATION_S.items()}
         lines = [(r["label"], common.fmt_seconds(r["median_s"]), common.fmt_seconds(r["optimizer_step_s"]),
-                  f"{PAPER_ITERATION_S[r['label']]:.2f} s" if r["label"] in PAPER_ITERATION_S else "—") for r in e2e]  # fmt: skip
+                  paper.get(r["label"], "—")) for r in e2e]  # fmt: skip
         head = [f"{e2e[0]['size']} on {e2e[0]['device']}", "iteration (median)", "of which optimizer step",
                 "paper, GPT-2 117M iteration"]  # fmt: skip
         parts += ["", common.markdown_table(head, lines), f"source: `{e2e[0]['source']}`"]
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {size:10s} {case['label']:26s} {common.fmt_time(rows[-1])}")
     if device.type != "cuda":
         why = "needs a CUDA device (do_bench); none in this session"
-        rows += [dict(size=size, scope="model", label=c["label"], optimizer=c["optimizer"], k=c["k"], backend=c["backend"],
-                      **common.not_measured(why)) for size in args.sizes for c in cases(device, missing)]  # fmt: skip
+        rows += [dict(size=size, scope="model", label=c["label"], optimizer=c["optimizer"], k=c["k"],
+                      backend=c["backend"], **common.not_measured(why))
+                 for size in args.sizes for c in cases(device, missing)]  # fmt: skip
     rows += end_to_end_rows([args.main_results] if args.main_results else MAIN_RESULTS)
     meta = common.metadata(device, scope=scope, paper_iteration_s=PAPER_ITERATION_S)
     path = common.write_results(NAME, device, rows, meta, args.out)

@@ -80,8 +80,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     keys = dict.fromkeys((r["kind"], r["swept"], r[r["swept"]]) for r in rows)
     for kind, swept, x in keys:
         rs = [r for r in rows if r["kind"] == kind and r["swept"] == swept and r[swept] == x]
-        out.append(dict(kind=kind, swept=swept, value=x, matrices=len(rs),
-                        xi=sum(r["xi_mean"] for r in rs) / len(rs), svd=sum(r["svd_optimum"] for r in rs) / len(rs)))  # fmt: skip
+        out.append(dict(kind=kind, swept=swept, value=x, matrices=len(rs), xi=sum(r["xi_mean"] for r in rs) / len(rs),
+                        svd=sum(r["svd_optimum"] for r in rs) / len(rs)))  # fmt: skip
     return out
 
 
@@ -105,7 +105,8 @@ def plot(agg: list[dict], device, out) -> None:
     for ax, (swept, paper) in zip(axes, (("l", PAPER_L), ("p", PAPER_P))):
         for color, kind in zip(colors, dict.fromkeys(r["kind"] for r in agg)):
             rs = sorted((r for r in agg if r["kind"] == kind and r["swept"] == swept), key=lambda r: r["value"])
-            ax.plot([r["value"] for r in rs], [r["xi"] for r in rs], marker="o", ms=3, color=color, label=f"{kind}: S-RSI")
+            xs, ys = [r["value"] for r in rs], [r["xi"] for r in rs]
+            ax.plot(xs, ys, marker="o", ms=3, color=color, label=f"{kind}: S-RSI")
             ax.axhline(rs[0]["svd"], color=color, ls=":", label=f"{kind}: SVD optimum")
         ax.plot(SWEEP, paper, "k--", marker="x", label="paper (\"normal\" 1024²)")
         ax.set(xlabel=swept, yscale="log", title=f"ξ against {swept} ({'p' if swept == 'l' else 'l'} = 5)")

@@ -1,0 +1,88 @@
+"""The plumbing of the paper-table scripts in bench/: counting, timing and result files.
+
+The scripts' numbers are only as good as these pieces, so they are checked on small inputs
+here (fast, default run); the scripts themselves run from bench/README.md."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from bench import common, peers
+from bench.fig2_rank_sweep import adafactor_estimate, adafactor_factors
+from bench.table2_8_state_memory import adapprox_formula
+
+
+def test_time_call_cpu_quantiles_are_ordered():
+    t = common.time_call(lambda: torch.randn(64, 64) @ torch.randn(64, 64), "cpu", warmup=1, reps=7)
+    assert t["reps"] == 7 and t["timer"] == "time.perf_counter"
+    assert 0 < t["p20_s"] <= t["median_s"] <= t["p80_s"]
+
+
+def test_quantile_interpolates_like_numpy():
+    xs = [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert common._quantile(xs, 0.5) == 4.0
+    assert common._quantile(xs, 0.2) == pytest.approx(1.8)  # numpy.quantile(xs, 0.2)
+    assert common._quantile(xs, 0.8) == pytest.approx(9.6)
+
+
+def test_write_results_round_trip(tmp_path):
+    rows = [dict(m=1024, median_s=0.5, **common.measured()), dict(m=8192, **common.not_measured("no GPU"))]
+    meta = common.metadata("cpu", note="test")
+    path = common.write_results("unit", "cpu", rows, meta, tmp_path, extra_key=[1, 2])
+    data = json.loads(path.read_text())
+    assert path.name == "unit_cpu.json" and data["rows"] == rows and data["extra_key"] == [1, 2]
+    assert data["meta"]["torch"] == torch.__version__ and data["meta"]["note"] == "test"
+    lines = list(csv.DictReader((tmp_path / "unit_cpu.csv").open()))
+    assert [r["status"] for r in lines] == ["measured", common.NOT_MEASURED]
+    assert lines[1]["reason"] == "no GPU" and lines[1]["median_s"] == ""  # never filled in
+    assert all(r["device"] == meta["device"] and r["commit"] == meta["commit"] for r in lines)
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+@pytest.mark.parametrize("k", [1, 3])
+def test_adapprox_closed_form_matches_real_state(beta1, k):
+    # factored, dense because min(m, n) <= k + p, a vector, and a folded 3-D parameter
+    shapes = [(40, 30), (7, 50), (30,), (6, 4, 5), (33, 9, 2)]
+    named = []
+    for i, shape in enumerate(shapes):
+        p = torch.nn.Parameter(torch.randn(shape))
+        p.grad = torch.randn(shape)
+        named.append((f"p{i}", p))
+    opt = peers.build("adapprox", named, beta1=beta1, k=k, backend="reference")
+    opt.step()
+    held, logical = peers.state_bytes(opt)
+    assert held == logical == sum(adapprox_formula(s, k, beta1) for s in shapes)
+
+
+def test_galore_projector_keeps_its_full_svd_factor_alive():
+    p = torch.nn.Parameter(torch.randn(64, 32))
+    p.grad = torch.randn(64, 32)
+    opt = peers.build("galore", [("blocks.0.fc.weight", p)], galore_rank=4)
+    opt.step()
+    held, logical = peers.state_bytes(opt)
+    # m >= n: GaLore projects from the right with Vh[:4] (4 × 32), a view of the 32 × 32 Vh.
+    assert logical == 4 * (2 * 64 * 4 + 4 * 32)  # exp_avg, exp_avg_sq (64 × 4) and the projector
+    assert held - logical == 4 * (32 * 32 - 4 * 32)
+
+
+def test_gpt2_shapes_match_the_papers_parameter_counts():
+    # The paper's AdamW memory is 8 bytes per parameter: 949.40, 2,707.09 and 7,089.92 MiB.
+    for size, mib in (("gpt2-124m", 949.40), ("gpt2-345m", 2707.09), ("gpt2-1.1b", 7089.92)):
+        kinds = peers.param_kinds(size)
+        total = sum(count * math.prod(shape) for (_, shape), count in kinds.items())
+        assert total == sum(p.numel() for p in peers.meta_model(size).parameters())
+        assert round(8 * total / 2**20, 2) == mib
+
+
+def test_adafactor_factorization_is_torchs_and_exact_on_rank_one():
+    row, col = torch.rand(20, 1) + 0.1, torch.rand(1, 13) + 0.1
+    v = row @ col
+    row_var, col_var = adafactor_factors(v)
+    torch.testing.assert_close(row_var, v.mean(dim=1, keepdim=True), rtol=1e-5, atol=0)
+    torch.testing.assert_close(col_var, v.mean(dim=0, keepdim=True), rtol=1e-5, atol=0)
+    torch.testing.assert_close(adafactor_estimate(row_var, col_var), v, rtol=1e-4, atol=0)
+    noisy = v + 0.5 * torch.rand(20, 13)
+    assert (noisy - adafactor_estimate(*adafactor_factors(noisy))).norm() > 1e-3 * noisy.norm()
