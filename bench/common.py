@@ -99,9 +99,9 @@ def metadata(device: torch.device | str, **extra) -> dict:
         galore_torch=_version("galore-torch"),
         adapprox_kernels=adapprox_kernels.__version__,
         commit=_git("rev-parse", "HEAD"),
-        # Results are written before they are committed, so "dirty" is the usual case; the
-        # diff against `commit` is then the result files and the script being run.
-        dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # Uncommitted changes to tracked files outside bench/results/ (the results themselves are
+        # rewritten by every run, so they do not count).
+        dirty=bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")),
         python=platform.python_version(),
         # CPU timings on a shared machine are only as good as its load when they were taken.
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
