@@ -25,6 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from .backends import backend_names, resolve_backend
+from .distributed import RowShards, local, shared_seed
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
 from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration, truncate_columns
 from .state_report import StateReport, report_rows
@@ -154,7 +155,8 @@ class Adapprox(Optimizer):
             warm_start=warm_start, warm_power_iters=warm_power_iters,
         )  # fmt: skip
         super().__init__(params, defaults)
-        self._seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used.
+        self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -218,6 +220,10 @@ class Adapprox(Optimizer):
             # Q0 = U0 = 0: the first V is (1 − β2)·G².
             state["Q"] = torch.zeros(m, 0, dtype=factor_dtype, device=p.device)
             state["U"] = torch.zeros(n, 0, dtype=factor_dtype, device=p.device)
+            shards = RowShards.of(p)
+            if shards is not None:  # DTensor (FSDP2): Q by rows like p, U replicated
+                q_rows = torch.zeros(local(p).shape[0], 0, dtype=factor_dtype, device=state["U"].device)
+                state["Q"], state["U"] = shards.rows_of(q_rows), shards.replicated(state["U"])
         else:
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=factor_dtype)
         if beta1 > 0:
@@ -245,13 +251,16 @@ class Adapprox(Optimizer):
         """One flag per parameter: does its gradient hold inf or NaN? (one host sync)."""
         if not params:
             return []
-        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        by_device: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            by_device[p.grad.device].append(i)
+            by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
         flags = [False] * len(params)
         for idxs in by_device.values():
             norms = torch._foreach_norm([params[i].grad for i in idxs])
-            bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).tolist()
+            stacked = torch.stack([n.float() for n in norms])
+            if hasattr(stacked, "full_tensor"):  # DTensor grads: one all-reduce of the partial norms
+                stacked = stacked.full_tensor()
+            bad = (~torch.isfinite(stacked)).tolist()
             for i, b in zip(idxs, bad):
                 flags[i] = b
         return flags
@@ -322,26 +331,33 @@ class Adapprox(Optimizer):
 
         beta2 = group["betas"][1]
         states = [self.state[p] for p in bucket]
-        v = torch.stack([s["exp_avg_sq"] for s in states])
-        g = torch.stack([p.grad.to(v.dtype) for p in bucket])
+        # DTensor parameters: work on this rank's part; the RMS and cosine sums are all-reduced.
+        shards = RowShards.of(bucket[0])
+        reduce = None if shards is None else shards.all_reduce
+        v = torch.stack([local(s["exp_avg_sq"]) for s in states])
+        g = torch.stack([local(p.grad).to(v.dtype) for p in bucket])
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         for s, new in zip(states, v):
-            s["exp_avg_sq"].copy_(new)
+            local(s["exp_avg_sq"]).copy_(new)
         kw = self._step_kwargs(group)
-        upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"))
-        exp_avgs = [s["exp_avg"] for s in states] if kw["beta1"] > 0 else None
-        apply_updates(bucket, upd, exp_avgs, **kw)
+        upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"), reduce)
+        exp_avgs = [local(s["exp_avg"]) for s in states] if kw["beta1"] > 0 else None
+        apply_updates([local(p) for p in bucket], upd, exp_avgs, **kw, reduce=reduce)
 
     def _factored_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
         """S-RSI for every same-shaped matrix of the bucket at once, then the update."""
         states = [self.state[p] for p in bucket]
         m, n = matrix_shape(bucket[0])
         beta1, beta2, beta3 = group["betas"]
+        shards = RowShards.of(bucket[0])
+        if shards is not None:
+            # DTensor (FSDP2) parameters: the same step on this rank's rows; see distributed.py.
+            backend = shards
         # Previous factors, zero-padded to a common width (zero columns add nothing to Q Uᵀ).
         width_prev = max(s["Q"].shape[1] for s in states)
-        q_prev = torch.stack([torch.nn.functional.pad(s["Q"], (0, width_prev - s["Q"].shape[1])) for s in states])
-        u_prev = torch.stack([torch.nn.functional.pad(s["U"], (0, width_prev - s["U"].shape[1])) for s in states])
-        op = backend.second_moment([p.grad.reshape(m, n) for p in bucket], q_prev, u_prev, beta2)
+        q_prev = torch.stack([torch.nn.functional.pad(local(s["Q"]), (0, width_prev - s["Q"].shape[1])) for s in states])
+        u_prev = torch.stack([torch.nn.functional.pad(local(s["U"]), (0, width_prev - s["U"].shape[1])) for s in states])
+        op = backend.second_moment([local(p.grad).reshape(-1, n) for p in bucket], q_prev, u_prev, beta2)
 
         ranks = [_round_rank(s["rank"]) for s in states]
         width = sketch_width(max(ranks), group["oversample"], m, n)
@@ -370,9 +386,11 @@ class Adapprox(Optimizer):
             keep = min(_round_rank(s["rank"]), width)
             s["Q"] = q[b, :, :keep].clone()
             s["U"] = u[b, :, :keep].clone()
+            if shards is not None:
+                s["Q"], s["U"] = shards.rows_of(s["Q"]), shards.replicated(s["U"])
 
-        exp_avgs = [s["exp_avg"] for s in states] if beta1 > 0 else None
-        backend.apply_step(op, bucket, exp_avgs, **self._step_kwargs(group))
+        exp_avgs = [local(s["exp_avg"]) for s in states] if beta1 > 0 else None
+        backend.apply_step(op, [local(p) for p in bucket], exp_avgs, **self._step_kwargs(group))
 
     # -------------------------------------------------------------------------- observability
     def state_report(self) -> StateReport:

@@ -10,11 +10,15 @@ zero-padded to a common ``K`` (zero columns add nothing to ``Q Uᵀ``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .linear_operator import DenseOperator
+
+# Sums a tensor over the ranks that hold the other rows of the same matrices (row-sharded
+# parameters, see adapprox_kernels.distributed); None when each matrix is whole here.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def second_moment(grad: torch.Tensor, q: torch.Tensor, u: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -22,12 +26,21 @@ def second_moment(grad: torch.Tensor, q: torch.Tensor, u: torch.Tensor, beta2: f
     return torch.bmm(q, u.transpose(1, 2)).clamp_min_(0).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
-def clipped_update(grad: torch.Tensor, v: torch.Tensor, eps: float, clip_threshold: float) -> torch.Tensor:
+def clipped_update(
+    grad: torch.Tensor, v: torch.Tensor, eps: float, clip_threshold: float, reduce: Reduce | None = None
+) -> torch.Tensor:
     """``Upd = G / (√V + ε)`` scaled by ``1 / max(1, RMS(Upd)/d)`` per matrix (lines 344–345).
 
-    ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix."""
+    ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix. With ``reduce`` (a sum
+    over the ranks holding the other rows), ``grad`` and ``v`` are this rank's rows and the RMS is
+    still the whole matrix's."""
     upd = grad / (v.sqrt() + eps)
-    rms = upd.flatten(1).square().mean(dim=1).sqrt()
+    if reduce is None:
+        rms = upd.flatten(1).square().mean(dim=1).sqrt()
+    else:
+        flat = upd.flatten(1)
+        sq_sum, count = reduce(torch.stack([flat.square().sum(dim=1), flat.new_full(flat.shape[:1], flat.shape[1])]))
+        rms = (sq_sum / count).sqrt()
     return upd / _per_matrix(rms / clip_threshold, upd).clamp_min(1.0)
 
 
@@ -36,16 +49,22 @@ def _per_matrix(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.view(-1, *([1] * (like.dim() - 1)))
 
 
-def cosine_guidance_factor(upd: torch.Tensor, avg: torch.Tensor, max_scale: float) -> torch.Tensor:
+def cosine_guidance_factor(
+    upd: torch.Tensor, avg: torch.Tensor, max_scale: float, reduce: Reduce | None = None
+) -> torch.Tensor:
     """Step scale from the cosine similarity c of this update and the running average of
     updates, per matrix: ``1 / clamp(1 − c, 1/max_scale, 2·max_scale)``; ``(B, 1, …, 1)``.
 
     The arXiv paper scales by about ``(1 − c + ε)⁻¹`` (its exact formula was lost); ours is
     bounded so a step is never scaled by more than ``max_scale`` nor less than
-    ``1/(2·max_scale)``."""
+    ``1/(2·max_scale)``. ``reduce``: as in :func:`clipped_update` (c of the whole matrix)."""
     a, b = upd.flatten(1), avg.flatten(1)
-    dot = (a * b).sum(dim=1)
-    norms = a.norm(dim=1) * b.norm(dim=1)
+    if reduce is None:
+        dot = (a * b).sum(dim=1)
+        norms = a.norm(dim=1) * b.norm(dim=1)
+    else:
+        dot, a_sq, b_sq = reduce(torch.stack([(a * b).sum(dim=1), a.square().sum(dim=1), b.square().sum(dim=1)]))
+        norms = a_sq.sqrt() * b_sq.sqrt()
     c = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(dot))
     return _per_matrix(1.0 / (1.0 - c).clamp(1.0 / max_scale, 2.0 * max_scale), upd)
 
@@ -59,10 +78,12 @@ def apply_updates(
     beta1: float,
     weight_decay: float,
     cosine_max_scale: float | None,
+    reduce: Reduce | None = None,
 ) -> None:
     """Lines 346–349 for each matrix ``b``: momentum of updates, optional cosine guidance,
     decoupled weight decay. ``upd`` is fp32 ``(B, *param.shape)``; each parameter is written in
-    its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own."""
+    its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own. ``reduce``: see
+    :func:`clipped_update` (only the cosine guidance reduces over the matrix)."""
     upd = upd.reshape(len(params), *params[0].shape)
     if exp_avgs is not None:
         avg = torch.stack([m.to(upd.dtype) for m in exp_avgs]).mul_(beta1).add_(upd, alpha=1 - beta1)
@@ -71,7 +92,7 @@ def apply_updates(
     else:
         avg = upd
     if cosine_max_scale is not None and exp_avgs is not None:
-        avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale)
+        avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale, reduce)
     for w, step in zip(params, avg):
         new = w.to(upd.dtype).mul_(1 - lr * weight_decay).add_(step, alpha=-lr)
         w.copy_(new)
@@ -86,6 +107,6 @@ class ReferenceSecondMoment(DenseOperator):
         super().__init__(second_moment(grad, q, u, beta2))
         self.grad = grad
 
-    def clipped_update(self, eps: float, clip_threshold: float) -> torch.Tensor:
+    def clipped_update(self, eps: float, clip_threshold: float, reduce: Reduce | None = None) -> torch.Tensor:
         """The clipped update ``(B, m, n)`` from the exact ``V_t``, not its compression."""
-        return clipped_update(self.grad, self.a, eps, clip_threshold)
+        return clipped_update(self.grad, self.a, eps, clip_threshold, reduce)
