@@ -355,8 +355,9 @@ class Adapprox(Optimizer):
             backend = shards
         # Previous factors, zero-padded to a common width (zero columns add nothing to Q Uᵀ).
         width_prev = max(s["Q"].shape[1] for s in states)
-        q_prev = torch.stack([torch.nn.functional.pad(local(s["Q"]), (0, width_prev - s["Q"].shape[1])) for s in states])
-        u_prev = torch.stack([torch.nn.functional.pad(local(s["U"]), (0, width_prev - s["U"].shape[1])) for s in states])
+        pad = torch.nn.functional.pad
+        q_prev = torch.stack([pad(local(s["Q"]), (0, width_prev - s["Q"].shape[1])) for s in states])
+        u_prev = torch.stack([pad(local(s["U"]), (0, width_prev - s["U"].shape[1])) for s in states])
         op = backend.second_moment([local(p.grad).reshape(-1, n) for p in bucket], q_prev, u_prev, beta2)
 
         ranks = [_round_rank(s["rank"]) for s in states]

@@ -24,7 +24,6 @@ from adapprox_kernels.distributed import (
     RowShards,
     chunk_rows,
     load_optimizer_state,
-    local,
     log_collectives,
     optimizer_state_dict,
 )
@@ -190,7 +189,7 @@ def _operator_job(rank, world, out) -> None:
     mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(7)
     b, m, n, k = 2, 11, 9, 3
-    g, q, u = torch.randn(b, m, n, generator=gen), torch.randn(b, m, k, generator=gen), torch.randn(b, n, k, generator=gen)
+    g, q, u = (torch.randn(b, rows, cols, generator=gen) for rows, cols in ((m, n), (m, k), (n, k)))
     x, y = torch.randn(b, n, 4, generator=gen), torch.randn(b, m, 4, generator=gen)
     q2, u2 = torch.randn(b, m, 2, generator=gen), torch.randn(b, n, 2, generator=gen)
 
