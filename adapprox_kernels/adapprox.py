@@ -256,9 +256,11 @@ class Adapprox(Optimizer):
             by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
         flags = [False] * len(params)
         for idxs in by_device.values():
-            norms = torch._foreach_norm([params[i].grad for i in idxs])
+            # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
+            # can overflow); NaN propagates through it.
+            norms = torch._foreach_norm([params[i].grad for i in idxs], float("inf"))
             stacked = torch.stack([n.float() for n in norms])
-            if hasattr(stacked, "full_tensor"):  # DTensor grads: one all-reduce of the partial norms
+            if hasattr(stacked, "full_tensor"):  # DTensor grads: one all-reduce (max) of the partial norms
                 stacked = stacked.full_tensor()
             bad = (~torch.isfinite(stacked)).tolist()
             for i, b in zip(idxs, bad):

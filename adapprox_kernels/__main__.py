@@ -1,0 +1,3 @@
+from .diagnostics import report
+
+print(report())

@@ -1,0 +1,1 @@
+"""The main job: train a small GPT with Adapprox and its peers, and compare them."""

@@ -1,0 +1,61 @@
+"""The optimizers the main job compares, each built from its own package at a sensible lr.
+
+Learning rates differ on purpose: Adapprox's clipped update has RMS ≈ 1 (larger than Adam's),
+torch's Adafactor treats ``lr`` as a relative step size, and CAME's README recommends a smaller
+lr than AdamW's. Each default below was chosen for this small-model setting (see SPEC §6);
+override with ``--lr name=value``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..adapprox import Adapprox
+
+
+def _groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on biases, norms), as in GPT-2 practice.
+    Parameters are passed with their names so reports can show them."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [(n, p) for n, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _adamw(model, lr, device, k_max):
+    return torch.optim.AdamW(_groups(model, 0.1), lr=lr, betas=(0.9, 0.999), fused=device.startswith("cuda"))
+
+
+def _adapprox(model, lr, device, k_max):
+    return Adapprox(_groups(model, 0.1), lr=lr, k_init=k_max, k_max=k_max, seed=0)
+
+
+def _adafactor(model, lr, device, k_max):
+    return torch.optim.Adafactor(_groups(model, 0.0), lr=lr)
+
+
+def _came(model, lr, device, k_max):
+    from came_pytorch import CAME  # the came-pytorch package, settings from its README
+
+    groups = [{"params": [p for _, p in g["params"]], "weight_decay": g["weight_decay"] and 0.01} for g in _groups(model, 0.1)]
+    return CAME(groups, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adapprox": _adapprox,
+    "adamw": _adamw,
+    "adafactor": _adafactor,
+    "came": _came,
+}
+
+
+def default_lrs() -> dict[str, float]:
+    return {"adapprox": 2e-3, "adamw": 2e-3, "adafactor": 5e-2, "came": 2e-4}
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, device: str, k_max: int) -> torch.optim.Optimizer:
+    return OPTIMIZERS[name](model, lr, device, k_max)

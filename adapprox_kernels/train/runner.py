@@ -1,0 +1,140 @@
+"""One training run: a fresh model, one optimizer, warmup + cosine schedule, periodic eval."""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..state_report import tensor_bytes
+from .data import ByteBatches
+from .model import GPT, GPTConfig
+from .optimizers import build_optimizer
+
+
+@dataclass
+class RunConfig:
+    optimizer: str
+    lr: float
+    steps: int
+    warmup: int
+    eval_every: int
+    eval_batches: int
+    k_max: int
+    device: str
+    seed: int = 0
+
+
+def warmup_cosine(warmup: int, steps: int, floor: float = 0.1):
+    """Linear warmup, then cosine decay to ``floor`` × peak (a multiplier for LambdaLR)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(steps - warmup, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(tensor_bytes(s) for s in opt.state.values())
+
+
+def matrix_type(name: str) -> str:
+    """'blocks.3.fc.weight' -> 'fc'; 'tok.weight' -> 'tok'."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 2 else name
+
+
+def ranks_by_type(opt: torch.optim.Optimizer) -> dict[str, float]:
+    """Mean current rank per matrix type (Adapprox only; empty for other optimizers)."""
+    if not hasattr(opt, "state_report"):
+        return {}
+    by_type: dict[str, list[float]] = {}
+    for row in opt.state_report().rows:
+        if row.rank is not None:
+            by_type.setdefault(matrix_type(row.name), []).append(row.rank)
+    return {k: sum(v) / len(v) for k, v in by_type.items()}
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches: list[torch.Tensor], device: str) -> float:
+    model.eval()
+    loss = sum(model.loss(b.to(device)).item() for b in batches) / len(batches)
+    model.train()
+    return loss
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_one(cfg: RunConfig, model_cfg: GPTConfig, data: ByteBatches) -> dict:
+    """Train a fresh model; returns the curves, timings, state bytes and ranks as plain data."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(cfg.device)
+    opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.device, cfg.k_max)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
+    val = data.val_batches(cfg.eval_batches)
+    out = dict(name=cfg.optimizer, lr=cfg.lr, config=asdict(cfg), eval_steps=[], val_loss=[], train_loss=[],
+               rank_steps=[], ranks=[], step_times=[], opt_times=[])  # fmt: skip
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.optimizer:>10s}", dynamic_ncols=True)
+    for step in bar:
+        batch = data.train_batch().to(cfg.device)
+        _sync(cfg.device)
+        t0 = time.perf_counter()
+        loss = model.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(cfg.device)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(cfg.device)
+        t2 = time.perf_counter()
+        sched.step()
+        out["step_times"].append(t2 - t0)
+        out["opt_times"].append(t2 - t1)
+        out["train_loss"].append(loss.item())
+        if step % 10 == 0 or step == 1:
+            ranks = ranks_by_type(opt)
+            if ranks:
+                out["rank_steps"].append(step)
+                out["ranks"].append(ranks)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            out["eval_steps"].append(step)
+            out["val_loss"].append(evaluate(model, val, cfg.device))
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{out['val_loss'][-1]:.3f}")
+    warm = out["step_times"][5:] or out["step_times"]
+    out["step_time_s"] = statistics.median(warm)
+    out["opt_time_s"] = statistics.median(out["opt_times"][5:] or out["opt_times"])
+    out["final_val_loss"] = out["val_loss"][-1]
+    out["state_bytes"] = optimizer_state_bytes(opt)
+    out["params"] = sum(p.numel() for p in model.parameters())
+    out["final_mean_rank"] = opt.state_report().mean_rank if hasattr(opt, "state_report") else None
+    if hasattr(opt, "state_report"):
+        out["state_report"] = str(opt.state_report())
+    del out["step_times"], out["opt_times"]
+    return out
+
+
+def environment(device: str) -> dict:
+    """Versions and device, for the results file."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        threads=torch.get_num_threads(),
+        commit=commit,
+    )

@@ -1,0 +1,321 @@
+"""The Adapprox optimizer (reference backend) against the dense formula and torch.optim habits."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from adapprox_kernels import Adapprox
+
+
+def dense_adapprox(w0, grads, lr, betas, eps, d, wd):
+    """Algorithm 3 with an uncompressed V: what Adapprox must equal at full rank."""
+    w, v, m = w0.clone().double(), torch.zeros_like(w0, dtype=torch.float64), torch.zeros_like(w0, dtype=torch.float64)
+    b1, b2 = betas[0], betas[1]
+    for g in grads:
+        g = g.double()
+        v = b2 * v + (1 - b2) * g * g
+        upd = g / (v.sqrt() + eps)
+        upd = upd / max(1.0, (upd.square().mean().sqrt() / d).item())
+        m = b1 * m + (1 - b1) * upd if b1 > 0 else upd
+        w = w - lr * (m + wd * w)
+    return w
+
+
+def simulated_rank(k: float, steps: int, grow: bool, k_min: int, k_max: int, beta3: float = 0.9) -> float:
+    """The rank after ``steps`` steps whose ξ is always above (grow) or below the threshold;
+    with k_max <= 50 the step is Δk = 1."""
+    for _ in range(steps):
+        k_used = math.floor(k + 0.5)
+        k_next = min(max(k_used + (1 if grow else -1), k_min), k_max)
+        k = beta3 * k + (1 - beta3) * k_next
+    return k
+
+
+def run(opt_kwargs, w0, grads, dtype=torch.float32):
+    w = torch.nn.Parameter(w0.clone().to(dtype))
+    opt = Adapprox([w], **opt_kwargs)
+    for g in grads:
+        w.grad = g.to(dtype)
+        opt.step()
+    return w, opt
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+@pytest.mark.parametrize("exact_small", [False, True])
+@pytest.mark.parametrize("shape", [(12, 20), (20, 7), (6, 3, 4)])
+def test_full_rank_matches_dense_formula(beta1, exact_small, shape):
+    """With k_max >= min(m, n) the compression is exact (factored path) or skipped (dense
+    path): either way several steps equal the dense formula."""
+    w0 = torch.randn(shape)
+    grads = [torch.randn(shape) * (1 + i) for i in range(5)]
+    kw = dict(lr=1e-2, betas=(beta1, 0.99, 0.9), eps=1e-8, clip_threshold=1.0, weight_decay=0.1)
+    w, opt = run(dict(kw, k_max=64, exact_small_matrices=exact_small, seed=0), w0, grads, dtype=torch.float64)
+    want = dense_adapprox(w0, grads, kw["lr"], kw["betas"], kw["eps"], kw["clip_threshold"], kw["weight_decay"])
+    torch.testing.assert_close(w.double(), want, rtol=1e-5, atol=1e-8)
+    state = opt.state[w]
+    assert ("Q" in state) == (not exact_small)
+
+
+def test_full_rank_matches_dense_formula_fp32():
+    # Small weights: fp32 rounding of W itself must not dominate the comparison of the updates.
+    w0, grads = 0.01 * torch.randn(16, 24), [torch.randn(16, 24) for _ in range(4)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.999, 0.9), eps=1e-8, clip_threshold=1.0, weight_decay=0.0)
+    w, _ = run(dict(kw, k_max=16, exact_small_matrices=False, seed=0), w0, grads)
+    want = dense_adapprox(w0, grads, kw["lr"], kw["betas"], kw["eps"], 1.0, 0.0)
+    assert (w.double() - want).norm() / (want - w0.double()).norm() < 1e-5
+
+
+def test_rank_falls_on_rank_one_second_moment():
+    g = torch.rand(40, 1) @ torch.rand(1, 60) + 0.1  # G² and hence V are exactly rank 1
+    w, opt = run(dict(k_init=10, k_max=10, k_min=1, seed=0), torch.zeros(40, 60), [g] * 60)
+    state = opt.state[w]
+    assert state["xi"] < 1e-3
+    assert state["rank"] == pytest.approx(simulated_rank(10, 60, False, 1, 10))  # ξ stayed small every step
+    assert state["rank"] < 4.6
+    assert state["Q"].shape == (40, round(state["rank"]))
+
+
+def test_rank_rises_when_error_is_large():
+    grads = [torch.randn(48, 64) for _ in range(20)]  # noise: V is far from low rank
+    w, opt = run(dict(k_init=2, k_max=30, k_min=1, seed=0), torch.zeros(48, 64), grads)
+    state = opt.state[w]
+    assert state["xi"] > 1e-3
+    assert state["rank"] > 2.5
+    assert state["rank"] == pytest.approx(simulated_rank(2, 20, True, 1, 30))  # ξ stayed large every step
+
+
+def test_sigmoid_policy_grows_only_at_checks():
+    grads = [torch.randn(48, 64) for _ in range(9)]
+    w, opt = run(dict(rank_policy="sigmoid", rank_interval=4, k_max=30, seed=0), torch.zeros(48, 64), grads)
+    state = opt.state[w]
+    assert state["rank"] > 1  # grew at steps 4 and 8
+    ranks = []
+    w2 = torch.nn.Parameter(torch.zeros(48, 64))
+    opt2 = Adapprox([w2], rank_policy="sigmoid", rank_interval=4, k_max=30, seed=0)
+    for g in grads:
+        w2.grad = g
+        opt2.step()
+        ranks.append(opt2.state[w2]["rank"])
+    assert ranks[0] == ranks[1] == ranks[2] == 1.0 and ranks[3] > 1.0 and ranks[4] == ranks[3]
+    assert ranks == sorted(ranks)
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+def test_state_bytes(beta1):
+    m, n = 70, 90
+    w, opt = run(dict(betas=(beta1, 0.999, 0.9), k_init=6, k_max=6, seed=0), torch.randn(m, n), [torch.randn(m, n)])
+    state = opt.state[w]
+    k = state["Q"].shape[1]
+    assert k == 6
+    tensors = {key: v for key, v in state.items() if torch.is_tensor(v)}
+    assert set(tensors) == ({"Q", "U", "exp_avg"} if beta1 > 0 else {"Q", "U"})  # β1 = 0: no m×n tensor
+    report = opt.state_report()
+    assert report.state_bytes == 4 * k * (m + n) + (4 * m * n if beta1 > 0 else 0)
+    assert report.adamw_bytes == 8 * m * n
+    assert "factored" in str(report) and "% of AdamW" in str(report)
+
+
+def make_model():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.Tanh(), torch.nn.Linear(40, 20), torch.nn.LayerNorm(20))
+
+
+def train(model, opt, batches):
+    for x in batches:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_state_dict_resume_is_bit_exact(warm):
+    batches = [torch.randn(8, 30) for _ in range(8)]
+    kw = dict(lr=1e-2, k_max=8, warm_start=warm, seed=5)
+    ref = make_model()
+    train(ref, Adapprox(ref.parameters(), **kw), batches)
+
+    model = make_model()
+    opt = Adapprox(model.parameters(), **kw)
+    train(model, opt, batches[:4])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # plain tensors only
+
+    resumed = make_model()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = Adapprox(resumed.parameters(), **dict(kw, seed=123))  # the checkpoint's RNG wins
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, batches[4:])
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bf16_params_keep_fp32_factors_through_checkpoint():
+    w = torch.nn.Parameter(torch.randn(24, 40, dtype=torch.bfloat16))
+    opt = Adapprox([w], k_max=4, seed=0)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert w.dtype == torch.bfloat16 and torch.isfinite(w.float()).all()
+    assert opt.state[w]["Q"].dtype == torch.float32
+    opt2 = Adapprox([w], k_max=4)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[w]["Q"].dtype == torch.float32
+    assert torch.equal(opt2.state[w]["U"], opt.state[w]["U"])
+
+
+def test_vectors_dense_and_conv_folded():
+    conv = torch.nn.Conv2d(3, 8, 3)
+    opt = Adapprox(conv.parameters(), k_max=4, exact_small_matrices=False, seed=0)
+    conv(torch.randn(2, 3, 9, 9)).square().mean().backward()
+    before = conv.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, conv.weight)
+    assert opt.state[conv.weight]["Q"].shape[0] == 8 and opt.state[conv.weight]["U"].shape[0] == 27
+    assert opt.state[conv.bias]["exp_avg_sq"].shape == (8,)
+
+
+def test_zero_gradient_and_empty_and_frozen_params():
+    w = torch.nn.Parameter(torch.randn(10, 12))
+    empty = torch.nn.Parameter(torch.zeros(0, 5))
+    frozen = torch.nn.Parameter(torch.randn(4))
+    opt = Adapprox([w, empty, frozen], k_max=3, exact_small_matrices=False, weight_decay=0.0, seed=0)
+    w.grad, empty.grad = torch.zeros_like(w), torch.zeros_like(empty)
+    before = w.detach().clone()
+    opt.step()
+    assert torch.equal(w, before)  # a zero gradient moves nothing
+    assert opt.state[w]["xi"] == 0.0 and torch.isfinite(opt.state[w]["Q"]).all()
+    assert not opt.state[empty] and not opt.state[frozen]
+
+
+def test_nonfinite_raise_names_param_and_changes_nothing():
+    model = make_model()
+    opt = Adapprox(model.named_parameters(), k_max=4, seed=0)
+    model(torch.randn(4, 30)).square().mean().backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match=r"2\.weight"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state
+
+
+def test_large_finite_fp16_gradient_is_not_flagged():
+    w = torch.nn.Parameter(torch.zeros(8, 10, dtype=torch.float16))
+    opt = Adapprox([w], k_max=2, seed=0)
+    w.grad = torch.full((8, 10), 60000.0, dtype=torch.float16)  # its 2-norm overflows fp16
+    opt.step()
+    assert opt.state[w]["nonfinite_skips"] == 0 and torch.isfinite(w).all()
+
+
+def test_nonfinite_skip_counts_and_keeps_state():
+    a, b = torch.nn.Parameter(torch.randn(16, 20)), torch.nn.Parameter(torch.randn(16, 20))
+    opt = Adapprox([a, b], k_max=4, nonfinite="skip", seed=0)
+    a.grad, b.grad = torch.randn(16, 20), torch.randn(16, 20)
+    opt.step()
+    q_before, a_before, b_before = opt.state[a]["Q"].clone(), a.detach().clone(), b.detach().clone()
+    a.grad, b.grad = torch.full((16, 20), float("inf")), torch.randn(16, 20)
+    opt.step()
+    assert torch.equal(a, a_before) and torch.equal(opt.state[a]["Q"], q_before)
+    assert opt.state[a]["nonfinite_skips"] == 1 and opt.state[a]["step"] == 1
+    assert not torch.equal(b, b_before) and opt.state[b]["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(lr=float("nan")), "learning rate"),
+        (dict(betas=(0.9, 0.999)), "betas"),
+        (dict(betas=(1.0, 0.999, 0.9)), "index 0"),
+        (dict(betas=(0.9, -0.1, 0.9)), "index 1"),
+        (dict(eps=-1e-8), "epsilon"),
+        (dict(clip_threshold=0.0), "clip_threshold"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(k_min=0), "k_min"),
+        (dict(k_max=2, k_min=3), "k_max"),
+        (dict(k_init=300), "k_init"),
+        (dict(oversample=-1), "oversample"),
+        (dict(power_iters=0), "power_iters"),
+        (dict(xi_thresh=-1.0), "xi_thresh"),
+        (dict(rank_policy="linear"), "rank_policy"),
+        (dict(rank_interval=0), "rank_interval"),
+        (dict(cosine_max_scale=0.5), "cosine_max_scale"),
+        (dict(nonfinite="ignore"), "nonfinite"),
+        (dict(backend="cuda"), "backend"),
+        (dict(warm_power_iters=0), "warm_power_iters"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Adapprox([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)
+
+
+def test_integer_params_and_sparse_grads_are_refused():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    w.grad = torch.randn(4, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        Adapprox([w]).step()
+
+
+def test_closure_and_param_names_in_report():
+    model = make_model()
+    opt = Adapprox(model.named_parameters(), k_max=4, seed=0)
+    x = torch.randn(4, 30)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss)
+    names = [r.name for r in opt.state_report().rows]
+    assert names[0] == "0.weight" and "3.bias" in names
+    assert "Adapprox" in repr(opt) and "k_max: 4" in repr(opt)
+
+
+def test_cosine_guidance_bounded_and_changes_the_step():
+    from adapprox_kernels.reference import cosine_guidance_factor
+
+    x = torch.randn(2, 5, 6)
+    assert cosine_guidance_factor(x, x, 2.0).flatten().tolist() == pytest.approx([2.0, 2.0])
+    assert cosine_guidance_factor(x, -x, 2.0).flatten().tolist() == pytest.approx([0.5, 0.5])
+    grads = [torch.randn(20, 30) for _ in range(3)]
+    w_plain, _ = run(dict(k_max=4, seed=0), torch.zeros(20, 30), grads)
+    w_cos, _ = run(dict(k_max=4, seed=0, cosine_guidance=True), torch.zeros(20, 30), grads)
+    assert not torch.equal(w_plain, w_cos)
+
+
+def test_warm_start_keeps_error_close_to_cold():
+    torch.manual_seed(0)
+    base = torch.rand(64, 1) @ torch.rand(1, 96)
+    grads = [base + 0.05 * torch.randn(64, 96) for _ in range(15)]
+    _, cold = run(dict(k_init=6, k_max=6, k_min=6, seed=0), torch.zeros(64, 96), grads)
+    _, warm = run(dict(k_init=6, k_max=6, k_min=6, seed=0, warm_start=True, warm_power_iters=1), torch.zeros(64, 96), grads)
+    xi_cold = next(iter(cold.state.values()))["xi"]
+    xi_warm = next(iter(warm.state.values()))["xi"]
+    assert math.isfinite(xi_warm) and xi_warm <= 1.2 * xi_cold + 1e-6
+
+
+def test_same_shapes_share_one_batched_srsi(monkeypatch):
+    import adapprox_kernels.adapprox as mod
+
+    calls = []
+    real = mod.subspace_iteration
+
+    def spy(op, sketch, iters, orth):
+        calls.append(op.shape)
+        return real(op, sketch, iters, orth)
+
+    monkeypatch.setattr(mod, "subspace_iteration", spy)
+    params = [torch.nn.Parameter(torch.randn(20, 24)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(24, 20))]
+    opt = Adapprox(params, k_max=4, seed=0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(calls) == [(1, 24, 20), (3, 20, 24)]

@@ -1,0 +1,108 @@
+"""S-RSI / AS-RSI against the truncated SVD and on degenerate matrices."""
+
+import pytest
+import torch
+
+from adapprox_kernels import DenseOperator, as_rsi, error_ratio, srsi
+from adapprox_kernels.rank_policy import next_rank_step, rank_moment, sigmoid_increment, step_rank_delta
+from adapprox_kernels.srsi import gaussian_sketch, subspace_iteration, truncate_columns
+
+
+def svd_error(a: torch.Tensor, k: int) -> float:
+    s = torch.linalg.svdvals(a.double())
+    return (s[k:].square().sum().sqrt() / s.square().sum().sqrt()).item()
+
+
+def low_rank_plus_noise(m, n, rank, noise, gen=None):
+    spectrum = torch.logspace(0, -1, rank)
+    a = torch.randn(m, rank, generator=gen) @ torch.diag(spectrum) @ torch.randn(rank, n, generator=gen)
+    return a + noise * torch.randn(m, n, generator=gen) * a.std()
+
+
+@pytest.mark.parametrize("m,n,k", [(96, 80, 8), (64, 150, 4), (200, 40, 16)])
+def test_srsi_near_truncated_svd(m, n, k):
+    a = low_rank_plus_noise(m, n, rank=k, noise=0.02)
+    q, u = srsi(DenseOperator(a), k, oversample=5, iters=5, generator=torch.Generator().manual_seed(1))
+    assert q.shape == (1, m, k) and u.shape == (1, n, k)
+    torch.testing.assert_close(q[0].T @ q[0], torch.eye(k), atol=1e-5, rtol=0)
+    err = error_ratio(DenseOperator(a), q, u).item()
+    best = svd_error(a, k)
+    assert best <= err <= best * 1.03, (err, best)
+
+
+def test_error_ratio_matches_explicit_norms():
+    a = torch.randn(3, 20, 30)
+    q, u = torch.randn(3, 20, 4), torch.randn(3, 30, 4)
+    want = torch.linalg.matrix_norm(a - q @ u.transpose(1, 2)) / torch.linalg.matrix_norm(a)
+    torch.testing.assert_close(error_ratio(DenseOperator(a), q, u), want)
+
+
+def test_zero_matrix_never_nan():
+    op = DenseOperator(torch.zeros(2, 17, 9))
+    q, u, xi, k_next = as_rsi(op, [3, 5], k_min=1, k_max=8, xi_thresh=1e-3, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(q).all() and torch.isfinite(u).all()
+    assert torch.equal(xi, torch.zeros(2))
+    assert k_next == [2, 4]  # ξ = 0 <= threshold: shrink
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (40, 1), (37, 129), (5, 5)])
+def test_rank_one_and_thin_shapes(shape):
+    m, n = shape
+    a = torch.rand(m, 1) @ torch.rand(1, n)  # exactly rank 1, like an idealized second moment
+    q, u = srsi(DenseOperator(a), 4, oversample=5, iters=2, generator=torch.Generator().manual_seed(0))
+    assert q.shape[-1] == min(4, m, n)
+    assert torch.isfinite(q).all() and torch.isfinite(u).all()
+    assert error_ratio(DenseOperator(a), q, u).item() < 1e-5
+
+
+def test_full_width_is_exact():
+    a = torch.randn(12, 30).double()
+    q, u = srsi(DenseOperator(a), 12, oversample=5, iters=1)
+    torch.testing.assert_close(q[0] @ u[0].T, a)
+
+
+def test_batched_equals_one_by_one():
+    a = torch.randn(4, 33, 21)
+    op = DenseOperator(a)
+    sketch = gaussian_sketch(op, 6, torch.Generator().manual_seed(3))
+    q, u = subspace_iteration(op, sketch, 3)
+    for b in range(4):
+        qb, ub = subspace_iteration(DenseOperator(a[b]), sketch[b : b + 1], 3)
+        torch.testing.assert_close(q[b] @ u[b].T, qb[0] @ ub[0].T, atol=1e-4, rtol=1e-4)
+
+
+def test_as_rsi_per_matrix_ranks():
+    """Matrices of one batch keep their own ranks; ξ of each is measured at its own rank."""
+    a = torch.stack([low_rank_plus_noise(40, 50, 2, 0.0), torch.randn(40, 50)])
+    op = DenseOperator(a)
+    q, u, xi, k_next = as_rsi(op, [2, 6], k_min=1, k_max=20, xi_thresh=1e-3, generator=torch.Generator().manual_seed(0))
+    assert q.shape == (2, 40, 11)
+    assert xi[0] < 1e-4 < 0.5 < xi[1]
+    assert k_next == [1, 7]
+    want = error_ratio(DenseOperator(a[1]), q[1:, :, :6], u[1:, :, :6])
+    torch.testing.assert_close(xi[1:], want)
+    assert truncate_columns(q, [2, 6])[0, :, 2:].abs().max() == 0
+
+
+def test_as_rsi_validates():
+    with pytest.raises(ValueError, match="one rank per matrix"):
+        as_rsi(DenseOperator(torch.randn(2, 5, 5)), [1], k_min=1, k_max=4, xi_thresh=0.1)
+    with pytest.raises(ValueError, match="rank must be"):
+        srsi(DenseOperator(torch.randn(5, 5)), 0)
+
+
+def test_step_rule_and_moment():
+    assert step_rank_delta(256) == 6 and step_rank_delta(10) == 1
+    assert next_rank_step(10, 0.5, 1e-3, 1, 256) == 16
+    assert next_rank_step(10, 1e-4, 1e-3, 1, 256) == 4
+    assert next_rank_step(3, 1e-4, 1e-3, 1, 256) == 1  # clamped at k_min
+    assert next_rank_step(255, 0.5, 1e-3, 1, 256) == 256  # clamped at k_max
+    assert rank_moment(100.0, 94, 0.9) == pytest.approx(99.4)
+
+
+def test_sigmoid_increment_bounded_and_monotone():
+    values = [sigmoid_increment(x, 8.0, 10.0, 0.5, 0.0) for x in (0.0, 0.01, 0.3, 0.5, 0.9, 1.0, 5.0)]
+    assert values == sorted(values)
+    assert max(values) <= 8 and min(values) >= 0
+    assert sigmoid_increment(-1e6, 8.0, 10.0, 0.5, 0.0) == 0  # no overflow far below
+    assert sigmoid_increment(1.0, 8.0, 10.0, 0.5, 3.0) == 5  # offset φ
