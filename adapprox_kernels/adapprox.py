@@ -25,7 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from .backends import backend_names, resolve_backend
-from .distributed import RowShards, local, shared_seed
+from .distributed import RowShards, is_dtensor, local, nonfinite_flags, shared_seed
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
 from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration, truncate_columns
 from .state_report import StateReport, report_rows
@@ -256,13 +256,15 @@ class Adapprox(Optimizer):
             by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
         flags = [False] * len(params)
         for idxs in by_device.values():
+            if is_dtensor(params[idxs[0]].grad):  # FSDP2: each rank checks its rows, one all-reduce
+                bad = nonfinite_flags([params[i].grad for i in idxs])
+                for i, b in zip(idxs, bad):
+                    flags[i] = b
+                continue
             # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
             # can overflow); NaN propagates through it.
             norms = torch._foreach_norm([params[i].grad for i in idxs], float("inf"))
-            stacked = torch.stack([n.float() for n in norms])
-            if hasattr(stacked, "full_tensor"):  # DTensor grads: one all-reduce (max) of the partial norms
-                stacked = stacked.full_tensor()
-            bad = (~torch.isfinite(stacked)).tolist()
+            bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).tolist()
             for i, b in zip(idxs, bad):
                 flags[i] = b
         return flags

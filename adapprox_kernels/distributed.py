@@ -71,6 +71,24 @@ def shared_seed(seed: int) -> int:
     return int(box[0])
 
 
+def nonfinite_flags(grads: Sequence[torch.Tensor]) -> list[bool]:
+    """Per DTensor gradient (all on one mesh): does any rank's part hold inf or NaN?
+
+    Each rank checks its own rows (an empty shard has nothing to check, and the max-norm of an
+    empty tensor is undefined); one all-reduce of the flags (not of the norms: a NaN may not
+    survive a max-reduction)."""
+    parts = [local(g) for g in grads]
+    norms = torch.zeros(len(parts), device=parts[0].device)
+    nonempty = [i for i, t in enumerate(parts) if t.numel()]
+    if nonempty:
+        norms[nonempty] = torch.stack(torch._foreach_norm([parts[i] for i in nonempty], float("inf"))).float()
+    bad = (~torch.isfinite(norms)).float()
+    mesh = grads[0].device_mesh
+    for dim in range(mesh.ndim):
+        dist.all_reduce(bad, group=mesh.get_group(dim))
+    return (bad > 0).tolist()
+
+
 # ---------------------------------------------------------------------- communication accounting
 # c10d ops whose first argument is what this rank sends; the other c10d collectives take the
 # output first and the sent tensors second. Functional collectives always take the input first.
@@ -413,6 +431,7 @@ __all__ = [
     "load_optimizer_state_dict",
     "local",
     "log_collectives",
+    "nonfinite_flags",
     "optimizer_state_dict",
     "shared_seed",
 ]
