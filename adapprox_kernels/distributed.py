@@ -90,17 +90,17 @@ def nonfinite_flags(grads: Sequence[torch.Tensor]) -> list[bool]:
 
 
 # ---------------------------------------------------------------------- communication accounting
-# c10d ops whose first argument is what this rank sends; the other c10d collectives take the
-# output first and the sent tensors second. Functional collectives always take the input first.
-_C10D_INPUT_FIRST = ("allreduce_", "allreduce_coalesced_", "broadcast_", "reduce_")
 _COLLECTIVE_WORDS = ("reduce", "gather", "scatter", "broadcast", "all_to_all", "alltoall")
 
 
 class CollectiveLog(TorchDispatchMode):
     """Records every collective issued while active (c10d and functional collectives, including
-    those DTensor issues internally): ``records`` holds ``(op name, bytes sent by this rank)``.
+    those DTensor and FSDP2 issue internally): ``records`` holds ``(op name, payload bytes)``.
 
-    For an all-reduce the bytes are the tensor's; for an all-gather, this rank's contribution."""
+    The payload is the whole tensor being communicated: the reduced tensor of an all-reduce,
+    the gathered output of an all-gather, the unreduced input of a reduce-scatter. (A ring
+    algorithm sends about ``2(P−1)/P`` times the payload per rank for an all-reduce and
+    ``(P−1)/P`` times it for the other two.)"""
 
     def __init__(self):
         super().__init__()
@@ -109,8 +109,7 @@ class CollectiveLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         ns, name = func.namespace, func.__name__.split(".")[0]
         if ns in ("c10d", "_c10d_functional", "c10d_functional") and any(w in name for w in _COLLECTIVE_WORDS):
-            first = ns != "c10d" or name in _C10D_INPUT_FIRST
-            self.records.append((name, _nbytes(args[0 if first else 1])))
+            self.records.append((name, _payload(ns, name, args)))
         return func(*args, **(kwargs or {}))
 
     @property
@@ -120,6 +119,14 @@ class CollectiveLog(TorchDispatchMode):
     @property
     def count(self) -> int:
         return len(self.records)
+
+
+def _payload(ns: str, name: str, args: tuple) -> int:
+    if ns == "c10d":  # (tensors, process group, …) or (outputs, inputs, …): the larger side
+        return max(_nbytes(args[0]), _nbytes(args[1]) if len(args) > 1 else 0)
+    if "gather" in name and len(args) > 1 and isinstance(args[1], int):  # (input, group_size, …)
+        return _nbytes(args[0]) * args[1]
+    return _nbytes(args[0])
 
 
 def _nbytes(x: Any) -> int:

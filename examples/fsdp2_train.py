@@ -84,9 +84,10 @@ def main() -> None:
         with torch.no_grad():
             y = teacher(x)
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
-        loss = nn.functional.mse_loss(model(x[rows]), y[rows])
-        loss.backward()
-        with log_collectives() as log:
+        with log_collectives() as fsdp_log:  # FSDP2's own all-gathers and reduce-scatters
+            loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+            loss.backward()
+        with log_collectives() as log:  # everything the optimizer step communicates
             opt.step()
         opt.zero_grad()
         loss = loss.detach()
@@ -95,8 +96,9 @@ def main() -> None:
             report = opt.state_report()
             print(
                 f"step {step + 1:4d}  loss {loss.item() / world:.4f}  mean rank {report.mean_rank:6.2f}  "
-                f"optimizer collectives {log.count:3d} calls {log.bytes / 1024:8.1f} KiB "
-                f"(the weight matrices are {matrix_bytes / 1024:.0f} KiB)",
+                f"Adapprox step: {log.count:3d} collectives {log.bytes / 2**20:7.3f} MiB  "
+                f"FSDP2 fwd+bwd: {fsdp_log.count:3d} collectives {fsdp_log.bytes / 2**20:7.3f} MiB  "
+                f"(weight matrices: {matrix_bytes / 2**20:.3f} MiB)",
                 flush=True,
             )
 

@@ -224,7 +224,7 @@ def _operator_job(rank, world, out) -> None:
         sh = RowShards(mesh, Shard(0), full.shape[1])
         with log_collectives() as log:
             res[f"orth_{name}"] = sh.orthonormalize(full[:, rows_of(full.shape[1])])
-        res[f"orth_{name}_ops"] = [op_name for op_name, _ in log.records]
+        res[f"orth_{name}_ops"] = log.records
     res["cases"] = cases
     torch.save(res, f"{out}.{rank}")
 
@@ -325,7 +325,7 @@ def test_row_sharded_orthonormalize(two_ranks):
     res = _per_rank(two_ranks / "operator.pt")
     for name, y in res[0]["cases"].items():
         qo = torch.cat([r[f"orth_{name}"] for r in res], dim=1)
-        ops = [set(r[f"orth_{name}_ops"]) for r in res]
+        ops = [{op for op, _ in r[f"orth_{name}_ops"]} for r in res]
         assert qo.shape == y.shape and qo.dtype == y.dtype and torch.isfinite(qo).all(), name
         eye = torch.eye(y.shape[-1]).expand(y.shape[0], -1, -1)
         torch.testing.assert_close(qo.mT @ qo, eye, rtol=0, atol=1e-5, msg=f"{name}: QᵀQ")
@@ -336,8 +336,11 @@ def test_row_sharded_orthonormalize(two_ranks):
             q_ref = torch.linalg.qr(y.double()).Q.float()
             torch.testing.assert_close(qo * torch.sign((qo * q_ref).sum(1, keepdim=True)), q_ref, rtol=0, atol=1e-5)
         else:
-            # Rank-deficient, zero, fewer local rows than columns: Cholesky fails -> TSQR.
+            # Rank-deficient, zero, fewer local rows than columns: Cholesky fails -> TSQR, whose
+            # all-gather collects one r×r R factor per rank.
             assert all("allgather_" in o for o in ops), ops
+            gathered = [b for op, b in res[0][f"orth_{name}_ops"] if op == "allgather_"]
+            assert gathered == [2 * y.shape[0] * y.shape[-1] ** 2 * 4], gathered
 
 
 def test_communication_volume_is_independent_of_rows(two_ranks):
