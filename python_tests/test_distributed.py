@@ -218,7 +218,8 @@ def _operator_job(rank, world, out) -> None:
         "ill": torch.randn(1, 13, 5, generator=gen) @ torch.diag(torch.logspace(0, -5, 5)),
         "deficient": torch.stack([a, a, torch.zeros(13), c, a + c], dim=1)[None],
         "zero": torch.zeros(2, 13, 5),
-        "short": torch.zeros(1, 5, 4),  # 5 rows on 2 ranks: 3 + 2, fewer than the 4 columns
+        "short": torch.randn(1, 5, 4, generator=gen),  # 5 rows on 2 ranks: 3 + 2, fewer than the 4 columns
+        "short_zero": torch.zeros(1, 5, 4),
     }
     for name, full in cases.items():
         sh = RowShards(mesh, Shard(0), full.shape[1])
@@ -230,9 +231,10 @@ def _operator_job(rank, world, out) -> None:
 
 
 def _comm_job(rank, world, out) -> None:
-    """One step on a single tall DTensor weight per size: the collectives of the step."""
+    """One step on a single tall DTensor weight per size: the collectives of the step; and a
+    replicated DTensor weight."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
     logs = {}
@@ -244,8 +246,15 @@ def _comm_job(rank, world, out) -> None:
         with log_collectives() as log:
             opt.step()
         logs[m] = log.records
+    gen = torch.Generator().manual_seed(5)
+    w = nn.Parameter(distribute_tensor(torch.randn(64, 32, generator=gen), mesh, [Replicate()]))
+    w.grad = distribute_tensor(torch.randn(64, 32, generator=gen), mesh, [Replicate()])
+    opt = Adapprox([w], k_init=4, k_max=4, oversample=2, seed=SEED)
+    with log_collectives() as log:
+        opt.step()
+    replicated = {"w": w.to_local(), "Q": opt.state[w]["Q"].to_local(), "records": log.records}
     if rank == 0:
-        torch.save(logs, out)
+        torch.save({"logs": logs, "replicated": replicated}, out)
 
 
 def _ddp_job(rank, world, out) -> None:
@@ -256,8 +265,8 @@ def _ddp_job(rank, world, out) -> None:
     ddp = DistributedDataParallel(model)
     torch.manual_seed(1000 + rank)
     opt = _optimizer(model, seed=None)
-    _train(ddp, opt, range(STEPS), rank, world)
-    torch.save({"snapshot": _snapshot(model, opt), "seed": opt._seed}, f"{out}.{rank}")
+    logs = _train(ddp, opt, range(STEPS), rank, world)
+    torch.save({"snapshot": _snapshot(model, opt), "seed": opt._seed, "logs": logs}, f"{out}.{rank}")
 
 
 def _two_rank_worker(rank, world, port, tmp) -> None:
@@ -330,7 +339,7 @@ def test_row_sharded_orthonormalize(two_ranks):
         eye = torch.eye(y.shape[-1]).expand(y.shape[0], -1, -1)
         torch.testing.assert_close(qo.mT @ qo, eye, rtol=0, atol=1e-5, msg=f"{name}: QᵀQ")
         torch.testing.assert_close(qo @ (qo.mT @ y), y, rtol=1e-4, atol=1e-5, msg=f"{name}: span")  # QQᵀy = y
-        if name in ("random", "ill"):
+        if name in ("random", "ill", "short"):
             # CholeskyQR2: only the Gram all-reduces; Householder's Q (in float64) up to column signs.
             assert ops == [{"allreduce_"}] * 2, ops
             q_ref = torch.linalg.qr(y.double()).Q.float()
@@ -346,7 +355,7 @@ def test_row_sharded_orthonormalize(two_ranks):
 def test_communication_volume_is_independent_of_rows(two_ranks):
     """Per matrix and step: l all-reduces of n×r (Vᵀ Y), 2l of the r×r float64 Gram, scalars;
     the same for 256 and 1024 rows, and far below the m×n a gather would move."""
-    logs = torch.load(two_ranks / "comm.pt", weights_only=False)
+    logs = torch.load(two_ranks / "comm.pt", weights_only=False)["logs"]
     n, r, iters = 32, 6, 5  # r = k + p
     expected = iters * (n * r * 4 + 2 * r * r * 8) + 4 * (1 + 2 + 2)  # + nonfinite, ξ (2), RMS (sum, count)
     for m, records in logs.items():
@@ -379,6 +388,7 @@ def test_checkpoint_from_two_ranks_continues_in_one_process(two_ranks, reference
 def test_ddp_replicas_agree_with_single_process(two_ranks):
     per_rank = _per_rank(two_ranks / "ddp.pt")
     assert per_rank[0]["seed"] == per_rank[1]["seed"], "the default seed must be shared"
+    assert all(records == [] for r in per_rank for records in r["logs"]), "DDP: the step communicates nothing"
     a, b = per_rank[0]["snapshot"], per_rank[1]["snapshot"]
     for name in a["params"]:
         assert torch.equal(a["params"][name], b["params"][name]), name
@@ -392,3 +402,16 @@ def test_fsdp2_four_ranks_and_checkpoint_from_two(two_ranks, reference_run, tmp_
     _spawn(_four_rank_worker, 4, str(tmp_path), str(two_ranks / "ckpt"))
     _assert_same_run(torch.load(tmp_path / "fsdp.pt", weights_only=False)["snapshot"], reference_run)
     _assert_same_run(torch.load(tmp_path / "resumed.pt", weights_only=False)["snapshot"], reference_run)
+
+
+def test_replicated_dtensor_parameter(two_ranks):
+    """A Replicate() DTensor weight steps like a plain one; only the non-finite flag is reduced."""
+    got = torch.load(two_ranks / "comm.pt", weights_only=False)["replicated"]
+    gen = torch.Generator().manual_seed(5)
+    w = nn.Parameter(torch.randn(64, 32, generator=gen))
+    w.grad = torch.randn(64, 32, generator=gen)
+    opt = Adapprox([w], k_init=4, k_max=4, oversample=2, seed=SEED)
+    opt.step()
+    torch.testing.assert_close(got["w"], w.detach())
+    torch.testing.assert_close(got["Q"], opt.state[w]["Q"])
+    assert got["records"] == [("allreduce_", 4)]
