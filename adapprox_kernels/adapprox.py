@@ -86,7 +86,8 @@ class Adapprox(Optimizer):
             anything is modified) or ``"skip"`` (that parameter's step is skipped, its state left
             untouched, and ``state["nonfinite_skips"]`` counts it).
         backend: ``"auto"``, ``"reference"`` or any registered backend.
-        seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG).
+        seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG;
+            under an initialized torch.distributed, rank 0's draw, broadcast to all ranks).
         warm_start: start S-RSI from last step's ``U`` (its columns, topped up with Gaussian
             ones) instead of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default

@@ -352,18 +352,17 @@ def _load_target(model, optimizer, metadata, key: str) -> dict[str, Any]:
     """What ``dcp.load`` fills: :func:`optimizer_state_dict`'s layout with the checkpoint's shapes
     (the factors have the saved rank) and this run's sharding."""
     saved = metadata.state_dict_metadata
+    params = dict(_named_params(model, optimizer))
     target = optimizer_state_dict(model, optimizer)
     target["state"] = {}
-    for fqn, p in _named_params(model, optimizer):
-        prefix = f"{key}.state.{fqn}."
-        entry = {}
-        for name in (k[len(prefix) :] for k in saved if k.startswith(prefix)):
-            if "." in name:
-                continue  # the state of a parameter whose FQN extends this one
-            md = saved[prefix + name]
-            entry[name] = _empty_like_saved(p, name, md) if hasattr(md, "size") else 0
-        if entry:
-            target["state"][fqn] = entry
+    state_prefix = f"{key}.state."
+    for k, md in saved.items():
+        if k.startswith(state_prefix):
+            fqn, name = k[len(state_prefix) :].rsplit(".", 1)  # state names have no dots, FQNs may
+            if fqn not in params:
+                raise ValueError(f"the checkpoint has optimizer state for {fqn!r}, not a parameter of this optimizer")
+            entry = target["state"].setdefault(fqn, {})
+            entry[name] = _empty_like_saved(params[fqn], name, md) if hasattr(md, "size") else 0
     rng_prefix = f"{key}.sketch_rng."
     target["sketch_rng"] = {"seed": 0}
     for k, md in saved.items():

@@ -218,7 +218,7 @@ def _operator_job(rank, world, out) -> None:
         "ill": torch.randn(1, 13, 5, generator=gen) @ torch.diag(torch.logspace(0, -5, 5)),
         "deficient": torch.stack([a, a, torch.zeros(13), c, a + c], dim=1)[None],
         "zero": torch.zeros(2, 13, 5),
-        "short": torch.randn(1, 5, 4, generator=gen),  # 5 rows on 2 ranks: 3 + 2, fewer than the 4 columns
+        "short": torch.randn(1, 5, 4, generator=gen),  # 5 rows: 3,2 on 2 ranks (2,2,1,0 on 4) < 4 columns
         "short_zero": torch.zeros(1, 5, 4),
     }
     for name, full in cases.items():
@@ -287,6 +287,7 @@ def _four_rank_worker(rank, world, port, tmp, ckpt) -> None:
     try:
         _fsdp_job(rank, world, os.path.join(tmp, "fsdp.pt"), 0, STEPS)
         _fsdp_job(rank, world, os.path.join(tmp, "resumed.pt"), SAVE_AT, STEPS, load=ckpt)
+        _operator_job(rank, world, os.path.join(tmp, "operator.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -311,7 +312,10 @@ def test_fsdp2_two_ranks_matches_single_process(two_ranks, reference_run):
 
 
 def test_sharded_operator_matches_dense(two_ranks):
-    res = _per_rank(two_ranks / "operator.pt")
+    _check_operator(_per_rank(two_ranks / "operator.pt"))
+
+
+def _check_operator(res):
     g, q, u, x, y, q2, u2 = (res[0]["inputs"][key] for key in ("g", "q", "u", "x", "y", "q2", "u2"))
     v = second_moment(g, q, u, 0.9)
     dense = DenseOperator(v)
@@ -331,7 +335,10 @@ def test_sharded_operator_matches_dense(two_ranks):
 
 
 def test_row_sharded_orthonormalize(two_ranks):
-    res = _per_rank(two_ranks / "operator.pt")
+    _check_orthonormalize(_per_rank(two_ranks / "operator.pt"))
+
+
+def _check_orthonormalize(res):
     for name, y in res[0]["cases"].items():
         qo = torch.cat([r[f"orth_{name}"] for r in res], dim=1)
         ops = [{op for op, _ in r[f"orth_{name}_ops"]} for r in res]
@@ -341,7 +348,7 @@ def test_row_sharded_orthonormalize(two_ranks):
         torch.testing.assert_close(qo @ (qo.mT @ y), y, rtol=1e-4, atol=1e-5, msg=f"{name}: span")  # QQᵀy = y
         if name in ("random", "ill", "short"):
             # CholeskyQR2: only the Gram all-reduces; Householder's Q (in float64) up to column signs.
-            assert ops == [{"allreduce_"}] * 2, ops
+            assert ops == [{"allreduce_"}] * len(res), ops
             q_ref = torch.linalg.qr(y.double()).Q.float()
             torch.testing.assert_close(qo * torch.sign((qo * q_ref).sum(1, keepdim=True)), q_ref, rtol=0, atol=1e-5)
         else:
@@ -349,7 +356,7 @@ def test_row_sharded_orthonormalize(two_ranks):
             # all-gather collects one r×r R factor per rank.
             assert all("allgather_" in o for o in ops), ops
             gathered = [b for op, b in res[0][f"orth_{name}_ops"] if op == "allgather_"]
-            assert gathered == [2 * y.shape[0] * y.shape[-1] ** 2 * 4], gathered
+            assert gathered == [len(res) * y.shape[0] * y.shape[-1] ** 2 * 4], gathered
 
 
 def test_communication_volume_is_independent_of_rows(two_ranks):
@@ -398,8 +405,11 @@ def test_ddp_replicas_agree_with_single_process(two_ranks):
 @pytest.mark.slow
 def test_fsdp2_four_ranks_and_checkpoint_from_two(two_ranks, reference_run, tmp_path):
     """4 ranks (13 rows: 4,4,4,1; 1 row: 1,0,0,0) == one process; the 2-rank
-    checkpoint resumed on 4 ranks == the uninterrupted run."""
+    checkpoint resumed on 4 ranks == the uninterrupted run; the operator and the orthonormalizer
+    (5 rows: 2,2,1,0, fewer than the 4 columns, an empty shard) on 4 ranks."""
     _spawn(_four_rank_worker, 4, str(tmp_path), str(two_ranks / "ckpt"))
+    _check_operator(_per_rank(tmp_path / "operator.pt", 4))
+    _check_orthonormalize(_per_rank(tmp_path / "operator.pt", 4))
     _assert_same_run(torch.load(tmp_path / "fsdp.pt", weights_only=False)["snapshot"], reference_run)
     _assert_same_run(torch.load(tmp_path / "resumed.pt", weights_only=False)["snapshot"], reference_run)
 
