@@ -22,15 +22,14 @@ from collections import defaultdict
 from typing import Any, Iterable
 
 import torch
-from torch.optim import Optimizer
 
 from .backends import backend_names, resolve_backend
-from .distributed import RowShards, is_dtensor, local, nonfinite_flags, shared_seed
+from .distributed import RowShards, local
+from .optim_base import NONFINITE_POLICIES, SketchOptimizer
+from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
-from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration, truncate_columns
+from .srsi import gaussian_sketch, ratio_from_sq_norms, sketch_width, subspace_iteration, truncate_columns
 from .state_report import StateReport, report_rows
-
-NONFINITE_POLICIES = ("raise", "skip")
 
 
 def _round_rank(k: float) -> int:
@@ -45,11 +44,6 @@ def matrix_shape(p: torch.Tensor) -> tuple[int, int] | None:
     return p.shape[0], p.numel() // p.shape[0]
 
 
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)
-
-
 def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_cols: list[int]) -> torch.Tensor:
     """Warm-start sketch ``(B, n, r)``: matrix ``b``'s first ``prev_cols[b]`` columns are last
     step's ``U`` (V's dominant row space), the rest stay Gaussian."""
@@ -60,7 +54,7 @@ def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_cols: list[i
     return torch.where(keep.unsqueeze(1), u.to(gaussian.dtype), gaussian)
 
 
-class Adapprox(Optimizer):
+class Adapprox(SketchOptimizer):
     """Adam whose second moment is a low-rank factorization of adaptive rank.
 
     Args:
@@ -155,50 +149,7 @@ class Adapprox(Optimizer):
             exact_small_matrices=exact_small_matrices, nonfinite=nonfinite, backend=backend,
             warm_start=warm_start, warm_power_iters=warm_power_iters,
         )  # fmt: skip
-        super().__init__(params, defaults)
-        # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used.
-        self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)
-        self._generators: dict[str, torch.Generator] = {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # Fill options added after a checkpoint was written, as torch.optim does.
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-
-    # ----------------------------------------------------------------------------- sketch RNG
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self._seed)
-            self._generators[key] = gen
-        return self._generators[key]
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus the sketch RNG; plain tensors only."""
-        sd = super().state_dict()
-        sd["sketch_rng"] = {"seed": self._seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        rng = state_dict.pop("sketch_rng", None)
-        super().load_state_dict(state_dict)
-        # torch.optim casts floating state to each parameter's dtype; the factors and the dense
-        # second moment must keep their own precision (fp32 for a bf16 parameter).
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(idx, {}).items():
-                if torch.is_tensor(value):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-        if rng is not None:
-            self._seed = int(rng["seed"])
-            self._generators = {}
-            for key, gen_state in rng["states"].items():
-                self._generator(torch.device(key)).set_state(gen_state)
+        super().__init__(params, defaults, seed)
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -236,77 +187,6 @@ class Adapprox(Optimizer):
         return group["exact_small_matrices"] and min(shape) <= group["k_max"] + group["oversample"]
 
     # ----------------------------------------------------------------------------------- step
-    def _grads_to_update(self, group: dict[str, Any]) -> list[torch.Tensor]:
-        params = []
-        for p in group["params"]:
-            if p.grad is None or p.numel() == 0:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Adapprox does not support sparse gradients")
-            if not (p.is_floating_point() and p.grad.is_floating_point()):
-                raise TypeError(f"Adapprox needs floating-point parameters and gradients, got {p.dtype}/{p.grad.dtype}")
-            params.append(p)
-        return params
-
-    def _nonfinite(self, params: list[torch.Tensor]) -> list[bool]:
-        """One flag per parameter: does its gradient hold inf or NaN? (one host sync)."""
-        if not params:
-            return []
-        by_device: dict[tuple, list[int]] = defaultdict(list)
-        for i, p in enumerate(params):
-            by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
-        flags = [False] * len(params)
-        for idxs in by_device.values():
-            if is_dtensor(params[idxs[0]].grad):  # FSDP2: each rank checks its rows, one all-reduce
-                bad = nonfinite_flags([params[i].grad for i in idxs])
-                for i, b in zip(idxs, bad):
-                    flags[i] = b
-                continue
-            # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
-            # can overflow); NaN propagates through it.
-            norms = torch._foreach_norm([params[i].grad for i in idxs], float("inf"))
-            bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).tolist()
-            for i, b in zip(idxs, bad):
-                flags[i] = b
-        return flags
-
-    def _param_name(self, p: torch.Tensor) -> str:
-        for gi, group in enumerate(self.param_groups):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    names = group.get("param_names")
-                    return names[pi] if names else f"param_groups[{gi}]['params'][{pi}]"
-        return "<unknown parameter>"
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimizer step. ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = []
-        for group in self.param_groups:
-            params = self._grads_to_update(group)
-            flags = self._nonfinite(params)
-            if group["nonfinite"] == "raise" and any(flags):
-                bad = self._param_name(params[flags.index(True)])
-                raise FloatingPointError(
-                    f"Adapprox: non-finite gradient (inf or NaN) in {bad}; no parameter was updated. "
-                    "Pass nonfinite='skip' to skip such parameters instead."
-                )
-            work.append((group, params, flags))
-        for group, params, flags in work:
-            ok = []
-            for p, bad in zip(params, flags):
-                state = self._init_state(p, group)
-                if bad:
-                    state["nonfinite_skips"] += 1
-                else:
-                    ok.append(p)
-            self._step_group(group, ok)
-        return loss
-
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
@@ -363,7 +243,8 @@ class Adapprox(Optimizer):
         pad = torch.nn.functional.pad
         q_prev = torch.stack([pad(local(s["Q"]), (0, width_prev - s["Q"].shape[1])) for s in states])
         u_prev = torch.stack([pad(local(s["U"]), (0, width_prev - s["U"].shape[1])) for s in states])
-        op = backend.second_moment([local(p.grad).reshape(-1, n) for p in bucket], q_prev, u_prev, beta2)
+        grads = [local(p.grad).reshape(-1, n) for p in bucket]
+        op = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
 
         ranks = [_round_rank(s["rank"]) for s in states]
         width = sketch_width(max(ranks), group["oversample"], m, n)
@@ -377,8 +258,14 @@ class Adapprox(Optimizer):
         used = [min(k, width) for k in ranks]
         step = states[0]["step"]
         measure = group["rank_policy"] == "step" or step % group["rank_interval"] == 0
+        # The update needs only V_t, so it runs before the rank decision; a fused backend also
+        # returns ξ's numerator from that pass over G.
+        exp_avgs = [local(s["exp_avg"]) for s in states] if beta1 > 0 else None
+        factors = (truncate_columns(q, used), truncate_columns(u, used)) if measure else None
+        params = [local(p) for p in bucket]
+        resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **self._step_kwargs(group))
         if measure:
-            xis = error_ratio(op, truncate_columns(q, used), truncate_columns(u, used)).tolist()
+            xis = ratio_from_sq_norms(op.sq_norm(), resid).tolist()
         cap = min(group["k_max"], m, n)
         for b, s in enumerate(states):
             if measure:
@@ -394,9 +281,6 @@ class Adapprox(Optimizer):
             s["U"] = u[b, :, :keep].clone()
             if shards is not None:
                 s["Q"], s["U"] = shards.rows_of(s["Q"]), shards.replicated(s["U"])
-
-        exp_avgs = [local(s["exp_avg"]) for s in states] if beta1 > 0 else None
-        backend.apply_step(op, [local(p) for p in bucket], exp_avgs, **self._step_kwargs(group))
 
     # -------------------------------------------------------------------------- observability
     def state_report(self) -> StateReport:

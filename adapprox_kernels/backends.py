@@ -2,14 +2,19 @@
 
 A backend supplies three pieces to the optimizer (see :class:`ReferenceBackend`):
 
-* ``second_moment(grads, q, u, beta2)`` -> a :class:`~adapprox_kernels.linear_operator.LinearOperator`
-  for ``V_t`` of a batch of same-shaped matrices, that also computes the clipped update;
+* ``second_moment(grads, q, u, beta2, *, eps)`` -> a :class:`~adapprox_kernels.linear_operator.LinearOperator`
+  for ``V_t`` of a batch of same-shaped matrices, that also computes the clipped update
+  (``eps`` lets a fused backend reduce the update's RMS in its first pass over G);
 * ``orthonormalize`` -> the batched QR used inside S-RSI;
-* ``apply_step(op, params, exp_avgs, ...)`` -> the momentum / weight-decay / weight write.
+* ``apply_step(op, params, exp_avgs, ..., residual_factors=None)`` -> the momentum /
+  weight-decay / weight write; with ``residual_factors=(q, u)`` it also returns ξ's numerator
+  ``‖V − q uᵀ‖_F²`` per matrix (a fused backend gets it from the same pass).
 
 ``"reference"`` is plain PyTorch and works everywhere. Faster backends register themselves in
 :data:`BACKENDS` with an ``available(device)`` check that returns ``None`` or the reason they
-cannot run; ``"auto"`` takes the first one available for the parameters' device.
+cannot run; ``"auto"`` takes the first one available for the parameters' device, among those
+whose optional ``auto_device_types`` include the device's type (so a backend can run on a
+device when asked by name without ever being picked there automatically).
 """
 
 from __future__ import annotations
@@ -19,31 +24,38 @@ from typing import Sequence
 import torch
 
 from . import reference
-from .srsi import householder_orthonormalize
+from ._extension import orthonormalize as default_orthonormalize
 
 
 class ReferenceBackend:
     """Plain PyTorch; materializes V (the oracle for every other backend)."""
 
     name = "reference"
-    orthonormalize = staticmethod(householder_orthonormalize)
+    # The CUDA extension's CholeskyQR on fp32 CUDA tensors when it is built, else Householder QR.
+    orthonormalize = staticmethod(default_orthonormalize)
 
     @staticmethod
     def available(device: torch.device) -> str | None:
         return None
 
     @staticmethod
-    def second_moment(grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float):
+    def second_moment(
+        grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, *, eps: float | None = None
+    ):
         """``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``."""
         g = torch.stack([x.to(q.dtype) for x in grads])
         return reference.ReferenceSecondMoment(g, q, u, beta2)
 
     @staticmethod
-    def apply_step(op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale):
+    def apply_step(
+        op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None
+    ):
+        resid = op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
         upd = op.clipped_update(eps, clip_threshold)
         reference.apply_updates(
             params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay, cosine_max_scale=cosine_max_scale
         )
+        return resid
 
 
 # name -> backend, in order of preference for "auto" (fastest first).
@@ -70,8 +82,11 @@ def resolve_backend(name: str, device: torch.device):
     """The backend object for ``name`` on ``device``; raises with the reason if unusable."""
     if name == "auto":
         for candidate in _PREFERENCE:
-            if BACKENDS[candidate].available(device) is None:
-                return BACKENDS[candidate]
+            backend = BACKENDS[candidate]
+            if device.type not in getattr(backend, "auto_device_types", (device.type,)):
+                continue
+            if backend.available(device) is None:
+                return backend
         raise RuntimeError("no backend available")  # unreachable: reference is always available
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()}")

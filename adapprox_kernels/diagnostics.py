@@ -25,7 +25,12 @@ def extension_line() -> str:
     except ImportError:
         return "not part of this install"
     loaded, error = extension_status()
-    return "loaded" if loaded else f"not loaded ({error})"
+    if not loaded:
+        return f"not loaded ({error})"
+    from ._extension import extension_module
+
+    devices, why = extension_module().cuda_runtime_status()
+    return f"loaded; {devices} CUDA device(s)" if why is None else f"loaded, but no CUDA runtime here ({why})"
 
 
 def report() -> str:

@@ -9,8 +9,9 @@ replicated. S-RSI then needs only
   rows of ``Q`` and ``G`` and the replicated ``U``;
 * ``Vᵀ @ Y``: a local product and one all-reduce of ``n×r``;
 * ``‖V‖²``, ``‖V − Q Uᵀ‖²``, the update RMS and the cosine-guidance sums: all-reduced scalars;
-* the orthonormalization of the row-sharded sketch: an all-reduce of the ``r×r`` Gram matrix
-  (CholeskyQR2, :class:`RowShards.orthonormalize`).
+* the orthonormalization of the row-sharded sketch: the robust CholeskyQR of
+  :mod:`adapprox_kernels.cholqr` (the single-GPU path's), whose norm and ``r×r`` Gram matrices
+  are all-reduced (:meth:`RowShards.orthonormalize`).
 
 So one step communicates ``O((n + r)·r)`` numbers per matrix and never an ``m×n`` tensor. Every
 rank sees the same all-reduced numbers, so ξ, the rank and the Gaussian sketch (drawn from the
@@ -35,8 +36,9 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import reference
+from ._extension import orthonormalize as default_orthonormalize
+from .cholqr import cholqr_orthonormalize
 from .linear_operator import LinearOperator
-from .srsi import householder_orthonormalize
 
 # Names of the per-parameter state tensors that are split by rows like the parameter itself.
 ROW_SHARDED_STATE = ("Q", "exp_avg", "exp_avg_sq")
@@ -161,6 +163,8 @@ class RowShards:
         self.world = mesh.size(0) if self.sharded else 1
         self.rank = mesh.get_local_rank(0) if self.sharded else 0
         self.row_counts = chunk_rows(rows, self.world)
+        first = sum(self.row_counts[: self.rank])
+        self.local_rows = range(first, first + self.row_counts[self.rank])  # this rank's global rows
 
     @classmethod
     def of(cls, p: torch.Tensor) -> "RowShards | None":
@@ -210,46 +214,27 @@ class RowShards:
         return DTensor.from_local(t, self.mesh, [Replicate()])
 
     # ---- the backend interface on row shards
-    def second_moment(self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float):
+    def second_moment(
+        self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, *, eps: float | None = None
+    ):
         """``V_t`` of a bucket from this rank's rows: ``grads`` ``B × (m_local, n)``, ``q: (B,
         m_local, K)``, ``u: (B, n, K)`` replicated. The local rows are the reference operator's."""
         g = torch.stack([x.to(q.dtype) for x in grads])
         return RowShardedOperator(reference.ReferenceSecondMoment(g, q, u, beta2), self)
 
     def orthonormalize(self, y: torch.Tensor) -> torch.Tensor:
-        """Orthonormal basis of a row-sharded ``y`` (this rank's rows ``(B, m_local, r)``).
-
-        CholeskyQR2 on all-reduced ``r×r`` Gram matrices, in float64 so it holds up to
-        ``cond(y) ~ 1e8`` (second-moment sketches are close to rank 1). When a Cholesky factor
-        fails or the first pass is too far from orthonormal (an exactly rank-deficient or zero
-        sketch), it falls back to TSQR: Householder QR of the stacked local ``R`` factors,
-        which never breaks down, as the single-device Householder path. Every decision comes
-        from all-reduced (identical) numbers, so all ranks take the same branch."""
+        """Orthonormal basis of a row-sharded ``y`` (this rank's rows ``(B, m_local, r)``): the
+        robust CholeskyQR of :mod:`adapprox_kernels.cholqr` with all-reduced norm and Gram
+        matrices (3 passes; a rank-deficient or zero sketch is completed by its fixed basis, as
+        on one GPU). Replicated: the single-device orthonormalizer."""
         if not self.sharded:
-            return householder_orthonormalize(y)
-        y64 = y.to(torch.float64)
-        q1 = self._cholesky_qr(y64)
-        if q1 is not None:
-            q2 = self._cholesky_qr(q1, check_orthonormal=True)
-            if q2 is not None:
-                return q2.to(y.dtype)
-        return self._tsqr(y)
+            return default_orthonormalize(y)
+        return cholqr_orthonormalize(y, shards=self)
 
-    def _cholesky_qr(self, y: torch.Tensor, check_orthonormal: bool = False) -> torch.Tensor | None:
-        """``y R⁻¹`` with ``Rᵀ R = yᵀ y`` (all-reduced); ``None`` if the factorization is unusable."""
-        gram = self.all_reduce(y.mT @ y)
-        chol, info = torch.linalg.cholesky_ex(gram)
-        bad = (info != 0).any() | ~torch.isfinite(chol).all()
-        if check_orthonormal:
-            # y is the first pass: CholeskyQR2 is only accurate if y is already near-orthonormal.
-            eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-            bad = bad | (torch.linalg.matrix_norm(gram - eye) > 0.5).any()
-        if bool(bad):
-            return None
-        return torch.linalg.solve_triangular(chol.mT, y, upper=True, left=False)
-
-    def _tsqr(self, y: torch.Tensor) -> torch.Tensor:
-        """Householder TSQR: local QR, all-gather of the ``r×r`` R factors, QR of their stack."""
+    def tsqr(self, y: torch.Tensor) -> torch.Tensor:
+        """Householder TSQR of a row-sharded ``y``: local QR, all-gather of the ``r×r`` R
+        factors, QR of their stack on every rank. The fallback of :meth:`orthonormalize` (for
+        non-finite input), as Householder QR is on one device."""
         q_loc, r_loc = torch.linalg.qr(y, mode="reduced")  # (B, m_loc, h), (B, h, r); h = min(m_loc, r)
         width = y.shape[-1]
         send = torch.nn.functional.pad(r_loc, (0, 0, 0, width - r_loc.shape[1]))  # fixed size for transport
@@ -260,14 +245,20 @@ class RowShards:
         start = sum(heights[: self.rank])
         return q_loc @ q_top[:, start : start + r_loc.shape[1]]
 
-    def apply_step(self, op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale):
+    def apply_step(
+        self, op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale,
+        residual_factors=None,
+    ):  # fmt: skip
         """The clipped update and the weight write on this rank's rows (``params`` and
-        ``exp_avgs`` are local views); the RMS and cosine sums are all-reduced."""
+        ``exp_avgs`` are local views); the RMS and cosine sums are all-reduced. With
+        ``residual_factors=(q, u)`` (``q``: this rank's rows) returns ``‖V − q uᵀ‖²`` (``(B,)``)."""
+        resid = op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
         upd = op.clipped_update(eps, clip_threshold)
         reference.apply_updates(
             params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay,
             cosine_max_scale=cosine_max_scale, reduce=self.all_reduce,
         )  # fmt: skip
+        return resid
 
 
 def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:

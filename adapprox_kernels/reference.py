@@ -31,17 +31,18 @@ def clipped_update(
 ) -> torch.Tensor:
     """``Upd = G / (√V + ε)`` scaled by ``1 / max(1, RMS(Upd)/d)`` per matrix (lines 344–345).
 
-    ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix. With ``reduce`` (a sum
-    over the ranks holding the other rows), ``grad`` and ``v`` are this rank's rows and the RMS is
-    still the whole matrix's."""
+    ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix. With ``reduce``, they
+    are this rank's rows and the sum of squares and the size are summed over the ranks."""
     upd = grad / (v.sqrt() + eps)
-    if reduce is None:
-        rms = upd.flatten(1).square().mean(dim=1).sqrt()
-    else:
-        flat = upd.flatten(1)
-        sq_sum, count = reduce(torch.stack([flat.square().sum(dim=1), flat.new_full(flat.shape[:1], flat.shape[1])]))
-        rms = (sq_sum / count).sqrt()
-    return upd / _per_matrix(rms / clip_threshold, upd).clamp_min(1.0)
+    sq_sum, numel = upd.flatten(1).square().sum(dim=1), upd[0].numel()
+    if reduce is not None:
+        sq_sum, numel = reduce(torch.stack([sq_sum, torch.full_like(sq_sum, numel)]))
+    return upd / _per_matrix(clip_divisor(sq_sum, numel, clip_threshold), upd)
+
+
+def clip_divisor(sq_sum: torch.Tensor, numel: int | torch.Tensor, clip_threshold: float) -> torch.Tensor:
+    """``max(1, RMS/d)`` per matrix from ``Σ Upd²`` (``(B,)``) over ``numel`` entries."""
+    return ((sq_sum / numel).sqrt() / clip_threshold).clamp_min(1.0)
 
 
 def _per_matrix(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -60,13 +61,16 @@ def cosine_guidance_factor(
     ``1/(2·max_scale)``. ``reduce``: as in :func:`clipped_update` (c of the whole matrix)."""
     a, b = upd.flatten(1), avg.flatten(1)
     if reduce is None:
-        dot = (a * b).sum(dim=1)
-        norms = a.norm(dim=1) * b.norm(dim=1)
-    else:
-        dot, a_sq, b_sq = reduce(torch.stack([(a * b).sum(dim=1), a.square().sum(dim=1), b.square().sum(dim=1)]))
-        norms = a_sq.sqrt() * b_sq.sqrt()
+        return _per_matrix(cosine_scale((a * b).sum(dim=1), a.norm(dim=1), b.norm(dim=1), max_scale), upd)
+    dot, a_sq, b_sq = reduce(torch.stack([(a * b).sum(dim=1), a.square().sum(dim=1), b.square().sum(dim=1)]))
+    return _per_matrix(cosine_scale(dot, a_sq.sqrt(), b_sq.sqrt(), max_scale), upd)
+
+
+def cosine_scale(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, max_scale: float) -> torch.Tensor:
+    """The factor of :func:`cosine_guidance_factor` from ``⟨a, b⟩``, ``‖a‖``, ``‖b‖`` (``(B,)``)."""
+    norms = norm_a * norm_b
     c = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(dot))
-    return _per_matrix(1.0 / (1.0 - c).clamp(1.0 / max_scale, 2.0 * max_scale), upd)
+    return 1.0 / (1.0 - c).clamp(1.0 / max_scale, 2.0 * max_scale)
 
 
 def apply_updates(

@@ -80,8 +80,12 @@ def srsi(
 
 def error_ratio(op: LinearOperator, q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """ξ = ‖A − Q Uᵀ‖_F / ‖A‖_F per matrix, ``(B,)``; ξ of an all-zero matrix is 0."""
-    total = op.sq_norm()
-    resid = op.residual_sq_norm(q, u).clamp_min(0)
+    return ratio_from_sq_norms(op.sq_norm(), op.residual_sq_norm(q, u))
+
+
+def ratio_from_sq_norms(total: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """ξ from ``‖A‖_F²`` and ``‖A − Q Uᵀ‖_F²`` (``(B,)`` each), however they were computed."""
+    resid = resid.clamp_min(0)
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
     return torch.where(total > 0, (resid / safe_total).sqrt(), torch.zeros_like(total))
 

@@ -21,7 +21,7 @@ def adamw_bytes(p: torch.Tensor) -> int:
 class StateRow:
     name: str
     shape: tuple[int, ...]
-    kind: str  # "factored", "dense" or "-" (no state yet)
+    kind: str  # "factored" (Adapprox), "lowrank" (AdaMeM), "dense" or "-" (no state yet)
     rank: float | None
     xi: float | None
     state_bytes: int
@@ -79,7 +79,7 @@ def report_rows(opt: torch.optim.Optimizer) -> list[StateRow]:
         names = group.get("param_names")
         for pi, p in enumerate(group["params"]):
             state = opt.state.get(p, {})
-            kind = "factored" if "Q" in state else ("dense" if state else "-")
+            kind = "factored" if "Q" in state else "lowrank" if "P" in state else ("dense" if state else "-")
             xi = state.get("xi")
             rows.append(
                 StateRow(

@@ -8,6 +8,13 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels run under the interpreter, which triton enables only for
+# functions decorated while TRITON_INTERPRET=1 is set -- including triton.language's own
+# (tl.cdiv, tl.sum, ...), decorated when triton is first imported. So it is set here, before
+# any test module can import triton; with CUDA the kernels are compiled as usual.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

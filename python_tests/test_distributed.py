@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from adapprox_kernels import Adapprox, DenseOperator
+from adapprox_kernels.backends import ReferenceBackend
+from adapprox_kernels.cholqr import cholqr_orthonormalize
 from adapprox_kernels.distributed import (
     RowShards,
     chunk_rows,
@@ -104,12 +107,26 @@ def _plain_run(steps, seed=SEED) -> dict:
     return _snapshot(model, opt)
 
 
+@contextmanager
+def _single_gpu_orthonormalizer():
+    """The single-process optimizer with the orthonormalizer it uses on a GPU (the robust
+    CholeskyQR, which the row-sharded path runs with all-reduced Gram matrices) instead of the
+    CPU's Householder QR."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ReferenceBackend, "orthonormalize", staticmethod(cholqr_orthonormalize))
+        yield
+
+
 @pytest.fixture(scope="module")
 def reference_run() -> dict:
-    return _plain_run(range(STEPS))
+    """The oracle: one process, same algorithm (including the orthonormalizer)."""
+    with _single_gpu_orthonormalizer():
+        return _plain_run(range(STEPS))
 
 
-def _assert_same_run(got: dict, want: dict, rtol=2e-4, atol=2e-6) -> None:
+def _assert_same_run(got: dict, want: dict, rtol=2e-4, atol=2e-6, columns=True) -> None:
+    """Same parameters, moments, steps and ranks (exactly); ξ and the factors: with ``columns``,
+    Q and U column by column (up to signs), else only their product Q Uᵀ."""
     for name, p in want["params"].items():
         torch.testing.assert_close(got["params"][name], p, rtol=rtol, atol=atol, msg=f"parameter {name}")
     for name, s in want["state"].items():
@@ -119,15 +136,20 @@ def _assert_same_run(got: dict, want: dict, rtol=2e-4, atol=2e-6) -> None:
             if key in ("Q", "U"):
                 continue
             if torch.is_tensor(v):
-                torch.testing.assert_close(g[key], v, rtol=rtol, atol=atol, msg=f"{name}.{key}")
+                # Moments of the update (RMS ~1): rounding of the gradient reductions moves small
+                # entries of G/√V by ~1e-5 of the largest, so the tolerance scales with the tensor.
+                scale = atol + 1e-4 * v.abs().max().item()
+                torch.testing.assert_close(g[key], v, rtol=rtol, atol=scale, msg=f"{name}.{key}")
             elif key == "xi":
-                assert g[key] == pytest.approx(v, rel=1e-3, abs=1e-6), f"{name}.xi"
+                assert g[key] == pytest.approx(v, rel=1e-3 if columns else 1e-2, abs=1e-6), f"{name}.xi"
             else:
                 assert g[key] == v, f"{name}.{key}: {g[key]} != {v}"  # step, rank: exactly
         if "Q" in s:
             q, u, q_ref, u_ref = g["Q"], g["U"], s["Q"], s["U"]
             assert q.shape == q_ref.shape and u.shape == u_ref.shape, name
             torch.testing.assert_close(q @ u.T, q_ref @ u_ref.T, rtol=rtol, atol=atol, msg=f"{name}: Q Uᵀ")
+            if not columns:
+                continue
             signs = torch.sign((q * q_ref).sum(0))
             torch.testing.assert_close(q * signs, q_ref, rtol=1e-3, atol=1e-4, msg=f"{name}: Q")
             torch.testing.assert_close(u * signs, u_ref, rtol=1e-3, atol=1e-4, msg=f"{name}: U")
@@ -220,12 +242,15 @@ def _operator_job(rank, world, out) -> None:
         "zero": torch.zeros(2, 13, 5),
         "short": torch.randn(1, 5, 4, generator=gen),  # 5 rows: 3,2 on 2 ranks (2,2,1,0 on 4) < 4 columns
         "short_zero": torch.zeros(1, 5, 4),
+        "nonfinite": torch.stack([torch.randn(13, 5, generator=gen), torch.full((13, 5), float("nan"))]),
     }
     for name, full in cases.items():
         sh = RowShards(mesh, Shard(0), full.shape[1])
+        mine = full[:, rows_of(full.shape[1])]
         with log_collectives() as log:
-            res[f"orth_{name}"] = sh.orthonormalize(full[:, rows_of(full.shape[1])])
+            res[f"orth_{name}"] = sh.orthonormalize(mine)
         res[f"orth_{name}_ops"] = log.records
+        res[f"tsqr_{name}"] = sh.tsqr(mine)
     res["cases"] = cases
     torch.save(res, f"{out}.{rank}")
 
@@ -307,6 +332,9 @@ def _per_rank(path, world=2) -> list:
 def test_fsdp2_two_ranks_matches_single_process(two_ranks, reference_run):
     got = torch.load(two_ranks / "fsdp.pt", weights_only=False)
     _assert_same_run(got["snapshot"], reference_run)
+    # Against the CPU default (Householder QR): columns inside near-equal singular values differ
+    # (warm starts with one iteration do not separate them), everything the step uses agrees.
+    _assert_same_run(got["snapshot"], _plain_run(range(STEPS)), columns=False)
     ranks = {n: s["rank"] for n, s in reference_run["state"].items() if "rank" in s}
     assert ranks["0.weight"] != 2.0 and ranks["2.weight"] != 2.0, "the test should see ranks move"
 
@@ -339,38 +367,51 @@ def test_row_sharded_orthonormalize(two_ranks):
 
 
 def _check_orthonormalize(res):
+    world = len(res)
     for name, y in res[0]["cases"].items():
         qo = torch.cat([r[f"orth_{name}"] for r in res], dim=1)
         ops = [{op for op, _ in r[f"orth_{name}_ops"]} for r in res]
-        assert qo.shape == y.shape and qo.dtype == y.dtype and torch.isfinite(qo).all(), name
+        finite = torch.isfinite(y).flatten(1).all(dim=1)
+        assert qo.shape == y.shape and qo.dtype == y.dtype, name
         eye = torch.eye(y.shape[-1]).expand(y.shape[0], -1, -1)
-        torch.testing.assert_close(qo.mT @ qo, eye, rtol=0, atol=1e-5, msg=f"{name}: QᵀQ")
-        torch.testing.assert_close(qo @ (qo.mT @ y), y, rtol=1e-4, atol=1e-5, msg=f"{name}: span")  # QQᵀy = y
-        if name in ("random", "ill", "short"):
-            # CholeskyQR2: only the Gram all-reduces; Householder's Q (in float64) up to column signs.
-            assert ops == [{"allreduce_"}] * len(res), ops
-            q_ref = torch.linalg.qr(y.double()).Q.float()
-            torch.testing.assert_close(qo * torch.sign((qo * q_ref).sum(1, keepdim=True)), q_ref, rtol=0, atol=1e-5)
-        else:
-            # Rank-deficient, zero, fewer local rows than columns: Cholesky fails -> TSQR, whose
-            # all-gather collects one r×r R factor per rank.
+        if name == "nonfinite":
+            # Cholesky fails for the NaN matrix only: TSQR recomputes it (as Householder QR does
+            # on one device); the all-gather carries one r×r R factor per rank.
             assert all("allgather_" in o for o in ops), ops
             gathered = [b for op, b in res[0][f"orth_{name}_ops"] if op == "allgather_"]
-            assert gathered == [len(res) * y.shape[0] * y.shape[-1] ** 2 * 4], gathered
+            assert gathered == [world * 1 * y.shape[-1] ** 2 * 4], gathered
+            assert not torch.isfinite(qo[~finite]).all()
+        else:
+            # The robust CholeskyQR: only all-reduces (a norm, three Gram matrices).
+            assert ops == [{"allreduce_"}] * world, ops
+        q, y_ok = qo[finite], y[finite]
+        assert torch.isfinite(q).all(), name
+        torch.testing.assert_close(q.mT @ q, eye[finite], rtol=0, atol=1e-5, msg=f"{name}: QᵀQ")
+        torch.testing.assert_close(q @ (q.mT @ y_ok), y_ok, rtol=1e-4, atol=1e-5, msg=f"{name}: QQᵀy = y")
+        # Row-sharded = the single-device robust CholeskyQR, completion directions included.
+        torch.testing.assert_close(q, cholqr_orthonormalize(y_ok), rtol=0, atol=1e-5, msg=f"{name}: vs one device")
+        if name in ("random", "ill", "short"):  # full rank: Householder's Q up to column signs
+            q_ref = torch.linalg.qr(y_ok.double()).Q.float()
+            torch.testing.assert_close(q * torch.sign((q * q_ref).sum(1, keepdim=True)), q_ref, rtol=0, atol=1e-5)
+        # TSQR on its own (the fallback): an orthonormal basis spanning y, whatever y's rank.
+        t = torch.cat([r[f"tsqr_{name}"] for r in res], dim=1)[finite]
+        torch.testing.assert_close(t.mT @ t, eye[finite], rtol=0, atol=1e-5, msg=f"{name}: TSQR QᵀQ")
+        torch.testing.assert_close(t @ (t.mT @ y_ok), y_ok, rtol=1e-4, atol=1e-5, msg=f"{name}: TSQR span")
 
 
 def test_communication_volume_is_independent_of_rows(two_ranks):
-    """Per matrix and step: l all-reduces of n×r (Vᵀ Y), 2l of the r×r float64 Gram, scalars;
-    the same for 256 and 1024 rows, and far below the m×n a gather would move."""
+    """Per matrix and step: l all-reduces of n×r (Vᵀ Y), and per orthonormalization one of a
+    float64 norm and three of the r×r float64 Gram; scalars. The same for 256 and 1024 rows,
+    and below the m×n a gather would move."""
     logs = torch.load(two_ranks / "comm.pt", weights_only=False)["logs"]
     n, r, iters = 32, 6, 5  # r = k + p
-    expected = iters * (n * r * 4 + 2 * r * r * 8) + 4 * (1 + 2 + 2)  # + nonfinite, ξ (2), RMS (sum, count)
+    expected = iters * (n * r * 4 + 8 + 3 * r * r * 8) + 4 * (1 + 2 + 2)  # + nonfinite, ξ (2), RMS (sum, count)
     for m, records in logs.items():
         total = sum(b for _, b in records)
-        assert {name for name, _ in records} <= {"allreduce_", "all_reduce"}, records
+        assert {name for name, _ in records} == {"allreduce_"}, records
         assert total == expected, (m, total, expected)
         assert max(b for _, b in records) == n * r * 4
-        assert total < m * n * 4 / 4
+        assert total < m * n * 4 / 3
     assert logs[256] == logs[1024]
 
 
@@ -388,7 +429,8 @@ def test_checkpoint_from_two_ranks_continues_in_one_process(two_ranks, reference
     load_optimizer_state(model, opt, ckpt)
     assert opt._seed == SEED
     assert all(not hasattr(v, "full_tensor") for s in opt.state.values() for v in s.values())
-    _train(model, opt, range(SAVE_AT, STEPS))
+    with _single_gpu_orthonormalizer():
+        _train(model, opt, range(SAVE_AT, STEPS))
     _assert_same_run(_snapshot(model, opt), reference_run)
 
 

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=None, help="default: the model size's context")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--optimizers", default="adapprox,adamw,adafactor,came", help=f"comma list of {sorted(OPTIMIZERS)}")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {list(OPTIMIZERS)}")
     ap.add_argument("--lr", default="", help="overrides, e.g. 'adamw=1e-3,adapprox=3e-3'")
     ap.add_argument("--k-max", type=int, default=8, help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..adamem import AdaMeM
 from ..adapprox import Adapprox
 
 
@@ -24,6 +25,16 @@ def _groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": [(n, p) for n, p in named if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def _plain(groups: list[dict]) -> list[dict]:
+    """The same groups without parameter names, for optimizers that do not take them."""
+    return [dict(g, params=[p for _, p in g["params"]]) for g in groups]
+
+
+def _lowrank_rank(model: nn.Module) -> int:
+    """Rank of AdaMeM and GaLore: a quarter of the model width (GaLore's README ratio)."""
+    return max(model.cfg.d_model // 4, 1)
 
 
 def _adamw(model, lr, device, k_max):
@@ -41,8 +52,27 @@ def _adafactor(model, lr, device, k_max):
 def _came(model, lr, device, k_max):
     from came_pytorch import CAME  # the came-pytorch package, settings from its README
 
-    groups = [{"params": [p for _, p in g["params"]], "weight_decay": g["weight_decay"] and 0.01} for g in _groups(model, 0.1)]
-    return CAME(groups, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
+    return CAME(_plain(_groups(model, 0.01)), lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
+
+
+def _adamem(model, lr, device, k_max):
+    return AdaMeM(_groups(model, 0.0), lr=lr, rank=_lowrank_rank(model), seed=0)
+
+
+def _adafactor_momentum(model, lr, device, k_max):
+    # torch's Adafactor has no β1; Hugging Face's (transformers, installed with galore-torch)
+    # does. Absolute lr, no parameter scaling; its β2 follows its fixed 1 − t^−0.8 schedule.
+    from transformers.optimization import Adafactor
+
+    return Adafactor(_plain(_groups(model, 0.0)), lr=lr, beta1=0.9, relative_step=False, scale_parameter=False, warmup_init=False)
+
+
+def _galore(model, lr, device, k_max):
+    from galore_torch import GaLoreAdamW  # the galore-torch package, settings from its README
+
+    groups = _plain(_groups(model, 0.0))
+    groups[0].update(rank=_lowrank_rank(model), update_proj_gap=200, scale=0.25, proj_type="std")
+    return GaLoreAdamW(groups, lr=lr, no_deprecation_warning=True)
 
 
 OPTIMIZERS: dict[str, Callable] = {
@@ -50,11 +80,17 @@ OPTIMIZERS: dict[str, Callable] = {
     "adamw": _adamw,
     "adafactor": _adafactor,
     "came": _came,
+    "adamem": _adamem,
+    "adafactor-m": _adafactor_momentum,
+    "galore": _galore,
 }
 
 
 def default_lrs() -> dict[str, float]:
-    return {"adapprox": 2e-3, "adamw": 2e-3, "adafactor": 5e-2, "came": 2e-4}
+    return {
+        "adapprox": 2e-3, "adamw": 2e-3, "adafactor": 5e-2, "came": 2e-4,
+        "adamem": 2e-3, "adafactor-m": 2e-3, "galore": 1e-2,
+    }  # fmt: skip
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, device: str, k_max: int) -> torch.optim.Optimizer:

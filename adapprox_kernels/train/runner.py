@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from ..state_report import tensor_bytes
+from ..adapprox import Adapprox
 from .data import ByteBatches
 from .model import GPT, GPTConfig
 from .optimizers import build_optimizer
@@ -43,8 +43,27 @@ def warmup_cosine(warmup: int, steps: int, floor: float = 0.1):
     return factor
 
 
+def _tensor_bytes(value, seen: set[int]) -> int:
+    """Bytes of every tensor reachable from ``value`` (GaLore keeps its projection matrix in a
+    projector object inside the state, not as a plain tensor); each storage counted once."""
+    if torch.is_tensor(value):
+        key = value.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in value)
+    if hasattr(value, "__dict__"):
+        return _tensor_bytes(vars(value), seen)
+    return 0
+
+
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(tensor_bytes(s) for s in opt.state.values())
+    seen: set[int] = set()
+    return sum(_tensor_bytes(s, seen) for s in opt.state.values())
 
 
 def matrix_type(name: str) -> str:
@@ -54,8 +73,8 @@ def matrix_type(name: str) -> str:
 
 
 def ranks_by_type(opt: torch.optim.Optimizer) -> dict[str, float]:
-    """Mean current rank per matrix type (Adapprox only; empty for other optimizers)."""
-    if not hasattr(opt, "state_report"):
+    """Mean current rank per matrix type (Adapprox only: the others' ranks are fixed)."""
+    if not isinstance(opt, Adapprox):
         return {}
     by_type: dict[str, list[float]] = {}
     for row in opt.state_report().rows:

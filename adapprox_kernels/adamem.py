@@ -1,0 +1,365 @@
+"""AdaMeM (Vyas, Morwani, Kakade): low-rank momentum on top of one-sided Adafactor.
+
+For a matrix parameter seen as ``(m, n)`` with ``m <= n`` (a wider-than-tall matrix is
+transposed, a >2-D one folded to ``(shape[0], rest)`` first), with ``r = min(rank, m)``:
+
+* every ``update_proj_gap`` steps, ``P`` (m×r, orthonormal) = the top-r left singular subspace
+  of the gradient ``G`` (S-RSI with a Rayleigh–Ritz truncation, or an exact SVD);
+* each step: ``R = Pᵀ G`` (r×n), residual ``S = G − P R``, momentum ``M = β1 M + (1−β1) R``;
+  ``N1`` = Adafactor preconditioning of the (bias-corrected) momentum with a row (r) and column
+  (n) second-moment statistic; ``N2 = S`` scaled per column by a one-sided Adafactor statistic
+  (n); ``W ← W(1 − ηλ) − η (P N1 + δ N2)``.
+
+State per matrix: ``P`` (m·r), ``exp_avg`` (r·n), ``row_sq`` (r), ``col_sq`` (n),
+``resid_col_sq`` (n), in fp32 (fp64 for fp64 parameters). Vectors and scalars keep a dense
+second moment (plain Adafactor without momentum: the one-sided rule on a 1×n matrix).
+Same-shaped matrices of a param group go through the projection and the update in one batched
+call. ``docs/adamem.md`` explains every choice the paper leaves open.
+
+The functions below are the plain-PyTorch reference; the optimizer runs them directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+
+from .adapprox import matrix_shape
+from .linear_operator import DenseOperator
+from .optim_base import NONFINITE_POLICIES, SketchOptimizer, check
+from .reference import apply_updates, clipped_update
+from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration
+from .state_report import StateReport, report_rows
+
+PROJECTIONS = ("srsi", "svd")
+MOMENTUM_TRANSFERS = ("keep", "rotate")
+SECOND_MOMENT_SOURCES = ("momentum", "gradient")
+
+
+# ------------------------------------------------------------------------------ reference ops
+def _clip(clip_threshold: float | None) -> float:
+    """``None`` (no clipping) as the threshold ``clipped_update`` understands: ∞."""
+    return math.inf if clip_threshold is None else clip_threshold
+
+
+def top_left_subspace(
+    g: torch.Tensor,
+    rank: int,
+    projection: str = "srsi",
+    oversample: int = 5,
+    iters: int = 5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Orthonormal basis ``(B, m, r)`` of the top-``rank`` left singular subspace of ``g: (B, m, n)``.
+
+    ``"svd"``: exact. ``"srsi"``: S-RSI with ``rank + oversample`` columns, then Rayleigh–Ritz:
+    the sketch's directions are ordered by singular value (a small SVD of ``U``) and the top
+    ``rank`` kept. Taking the first ``rank`` QR columns instead would be a rank-``rank``
+    subspace iteration that ignores the oversampling.
+    """
+    if projection == "svd":
+        return torch.linalg.svd(g, full_matrices=False).U[..., :rank]
+    op = DenseOperator(g)
+    _, m, n = op.shape
+    q, u = subspace_iteration(op, gaussian_sketch(op, sketch_width(rank, oversample, m, n), generator), iters)
+    # G ≈ Q Uᵀ and U = X Σ Yᵀ, so G's left singular vectors are Q Y, already sorted.
+    y = torch.linalg.svd(u, full_matrices=False).Vh.mT
+    return q @ y[..., :rank]
+
+
+def rotate_momentum(p_old: torch.Tensor, p_new: torch.Tensor, exp_avg: torch.Tensor, row_sq: torch.Tensor) -> None:
+    """``momentum_transfer="rotate"``: express the momentum in the new basis, in place.
+
+    ``M ← O M`` with ``O = P_newᵀ P_old`` (r×r), so ``P_new M`` is the projection of the old
+    ``P_old M`` onto the new subspace (equal to it when the subspace did not move). The row
+    statistic follows as the diagonal of ``O diag(row) Oᵀ``; the column statistic (a mean over
+    the r rows) is kept. Shapes: ``P: (B, m, r)``, ``exp_avg: (B, r, n)``, ``row_sq: (B, r)``.
+    """
+    o = p_new.mT @ p_old
+    exp_avg.copy_(o @ exp_avg)
+    row_sq.copy_((o * o @ row_sq.unsqueeze(-1)).squeeze(-1))
+
+
+def adafactor_precondition(
+    x: torch.Tensor,
+    stat: torch.Tensor,
+    row_sq: torch.Tensor,
+    col_sq: torch.Tensor,
+    *,
+    beta2: float,
+    bias2: float,
+    eps: float,
+    clip_threshold: float,
+) -> torch.Tensor:
+    """Algorithm 3 on a batch: update the factored second moment of ``stat`` and precondition ``x``.
+
+    ``row_sq (B, r) ← β2·row_sq + (1−β2)·mean_cols(stat²)``, ``col_sq (B, n)`` likewise over
+    rows; ``V̂ = row_sq col_sqᵀ / mean(row_sq) / bias2`` (Adafactor's rank-1 estimate, with sums
+    or means alike); returns ``x / (√V̂ + ε)`` clipped to RMS ≤ ``clip_threshold``: ``(B, r, n)``.
+    """
+    sq = stat.square()
+    row_sq.mul_(beta2).add_(sq.mean(dim=2), alpha=1 - beta2)
+    col_sq.mul_(beta2).add_(sq.mean(dim=1), alpha=1 - beta2)
+    # An all-zero row statistic (zero gradients so far) gives V̂ = 0, not 0/0.
+    denom = row_sq.mean(dim=1, keepdim=True).clamp_min(torch.finfo(row_sq.dtype).tiny) * bias2
+    v = row_sq.unsqueeze(2) * (col_sq / denom).unsqueeze(1)
+    return clipped_update(x, v, eps, clip_threshold)
+
+
+def one_sided_precondition(
+    s: torch.Tensor, col_sq: torch.Tensor, *, beta2: float, bias2: float, eps: float, clip_threshold: float
+) -> torch.Tensor:
+    """Algorithm 4 on a batch: ``col_sq (B, n) ← β2·col_sq + (1−β2)·mean_rows(s²)``; returns
+    ``s / (√(col_sq/bias2) + ε)`` clipped: ``(B, m, n)``.
+
+    Only a column statistic, so ``N2 = S D`` with ``D`` diagonal on the right: ``Pᵀ N2 = Pᵀ S D
+    = 0`` keeps the residual step orthogonal to the subspace (Claim 3.1). A row statistic would
+    scale on the left and break that.
+    """
+    col_sq.mul_(beta2).add_(s.square().mean(dim=1), alpha=1 - beta2)
+    return clipped_update(s, (col_sq / bias2).unsqueeze(1), eps, clip_threshold)
+
+
+def adamem_directions(
+    g: torch.Tensor,
+    proj: torch.Tensor,
+    exp_avg: torch.Tensor,
+    row_sq: torch.Tensor,
+    col_sq: torch.Tensor,
+    resid_col_sq: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    step: int,
+    eps: float,
+    clip_threshold: float | None = None,
+    second_moment: str = "momentum",
+    bias_correction: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lines 6–10 of Algorithm 1 for a batch with a given projection; updates the state in place.
+
+    ``g: (B, m, n)`` with ``m <= n``, ``proj: (B, m, r)`` orthonormal, ``exp_avg: (B, r, n)``,
+    ``row_sq: (B, r)``, ``col_sq, resid_col_sq: (B, n)``. Returns the two descent directions
+    ``(P N1, N2)``, each ``(B, m, n)``; the step is ``−η (P N1 + δ N2)``. With ``r = m`` the
+    residual is exactly zero (not rounding noise, which one-sided Adafactor would normalize
+    to O(1)).
+    """
+    clip = _clip(clip_threshold)
+    bias1 = 1 - beta1**step if bias_correction else 1.0
+    bias2 = 1 - beta2**step if bias_correction else 1.0
+    r_proj = proj.mT @ g
+    resid = torch.zeros_like(g) if proj.shape[-1] == g.shape[-2] else g - proj @ r_proj
+    exp_avg.mul_(beta1).add_(r_proj, alpha=1 - beta1)
+    m_hat = exp_avg / bias1
+    stat = m_hat if second_moment == "momentum" else r_proj
+    n1 = adafactor_precondition(
+        m_hat, stat, row_sq, col_sq, beta2=beta2, bias2=bias2, eps=eps, clip_threshold=clip
+    )
+    n2 = one_sided_precondition(resid, resid_col_sq, beta2=beta2, bias2=bias2, eps=eps, clip_threshold=clip)
+    return proj @ n1, n2
+
+
+def _oriented_shape(p: torch.Tensor) -> tuple[tuple[int, int], bool]:
+    """``((m', n'), transposed)``: the matrix view with ``m' <= n'``; vectors are ``1×numel``."""
+    shape = matrix_shape(p)
+    if shape is None:
+        return (1, p.numel()), False
+    m, n = shape
+    return ((n, m), True) if m > n else ((m, n), False)
+
+
+# ------------------------------------------------------------------------------- optimizer
+class AdaMeM(SketchOptimizer):
+    """Adafactor with momentum kept only in the top-r gradient subspace (AdaMeM).
+
+    Args:
+        params: parameters or param groups (``named_parameters()`` is accepted too).
+        lr: learning rate η.
+        betas: ``(β1, β2)``: momentum of the projected gradient; decay of every second-moment
+            statistic.
+        rank: r, the momentum rank (capped at ``min(m, n)`` per matrix).
+        update_proj_gap: T, the projection is recomputed on steps 1, T+1, 2T+1, …
+        residual_scale: δ, weight of the residual (momentum-free) direction.
+        eps: ε added to ``√V̂`` (Adam's placement); must be > 0 (a zero residual divides by it).
+        weight_decay: λ, decoupled: ``W ← W(1 − ηλ) − η·update``.
+        projection: ``"srsi"`` (randomized, the package's S-RSI + Rayleigh–Ritz) or ``"svd"``
+            (exact, as in the paper).
+        oversample, power_iters: p and l of S-RSI.
+        momentum_transfer: on a projection change, ``"keep"`` the momentum as it is (the paper,
+            as GaLore) or ``"rotate"`` it into the new basis (see :func:`rotate_momentum`).
+        second_moment: the Adafactor statistics of the low-rank part are taken of the
+            ``"momentum"`` (the paper's Algorithm 3) or of the projected ``"gradient"``
+            (Adam-style, as GaLore's Adafactor).
+        bias_correction: Adam's bias corrections ``1 − β^t`` of the momentum and the statistics.
+        clip_threshold: ``None`` (the paper) or d: each direction is scaled to RMS ≤ d.
+        nonfinite: ``"raise"`` (a ``FloatingPointError`` naming the parameter, before anything is
+            modified) or ``"skip"`` (that parameter's step is skipped, its state untouched and
+            ``state["nonfinite_skips"]`` counts it).
+        seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        rank: int = 128,
+        update_proj_gap: int = 200,
+        residual_scale: float = 1.0,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        projection: str = "srsi",
+        oversample: int = 5,
+        power_iters: int = 5,
+        momentum_transfer: str = "keep",
+        second_moment: str = "momentum",
+        bias_correction: bool = True,
+        clip_threshold: float | None = None,
+        nonfinite: str = "raise",
+        seed: int | None = None,
+    ):
+        check(isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr), f"Invalid learning rate: {lr}")
+        check(len(betas) == 2, f"betas must be (beta1, beta2), got {betas}")
+        for i, b in enumerate(betas):
+            check(0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b} (need 0 <= beta < 1)")
+        check(isinstance(rank, int) and rank >= 1, f"Invalid rank: {rank} (need an int >= 1)")
+        check(
+            isinstance(update_proj_gap, int) and update_proj_gap >= 1,
+            f"Invalid update_proj_gap: {update_proj_gap} (need an int >= 1)",
+        )
+        check(
+            math.isfinite(residual_scale) and residual_scale >= 0.0,
+            f"Invalid residual_scale: {residual_scale} (need a finite value >= 0)",
+        )
+        check(math.isfinite(eps) and eps > 0.0, f"Invalid epsilon value: {eps} (need > 0)")
+        check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
+        check(projection in PROJECTIONS, f"Invalid projection: {projection!r}; choose one of {PROJECTIONS}")
+        check(isinstance(oversample, int) and oversample >= 0, f"Invalid oversample: {oversample} (need an int >= 0)")
+        check(
+            isinstance(power_iters, int) and power_iters >= 1, f"Invalid power_iters: {power_iters} (need an int >= 1)"
+        )
+        check(
+            momentum_transfer in MOMENTUM_TRANSFERS,
+            f"Invalid momentum_transfer: {momentum_transfer!r}; choose one of {MOMENTUM_TRANSFERS}",
+        )
+        check(
+            second_moment in SECOND_MOMENT_SOURCES,
+            f"Invalid second_moment: {second_moment!r}; choose one of {SECOND_MOMENT_SOURCES}",
+        )
+        check(
+            clip_threshold is None or clip_threshold > 0.0,
+            f"Invalid clip_threshold: {clip_threshold} (need None or > 0)",
+        )
+        check(
+            nonfinite in NONFINITE_POLICIES, f"Invalid nonfinite: {nonfinite!r}; choose one of {NONFINITE_POLICIES}"
+        )
+        defaults = dict(
+            lr=lr, betas=tuple(betas), rank=rank, update_proj_gap=update_proj_gap, residual_scale=residual_scale,
+            eps=eps, weight_decay=weight_decay, projection=projection, oversample=oversample,
+            power_iters=power_iters, momentum_transfer=momentum_transfer, second_moment=second_moment,
+            bias_correction=bias_correction, clip_threshold=clip_threshold, nonfinite=nonfinite,
+        )  # fmt: skip
+        super().__init__(params, defaults, seed)
+
+    # ---------------------------------------------------------------------------------- state
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if state:
+            return state
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        kw = dict(dtype=dtype, device=p.device)
+        state["step"] = 0
+        state["nonfinite_skips"] = 0
+        if matrix_shape(p) is None:
+            state["exp_avg_sq"] = torch.zeros(p.numel(), **kw)
+            return state
+        (m, n), _ = _oriented_shape(p)
+        r = min(group["rank"], m)
+        state["rank"] = r
+        state["xi"] = float("nan")  # ‖S‖/‖G‖ on the last projection step
+        state["P"] = torch.zeros(m, r, **kw)  # replaced on the first step
+        state["exp_avg"] = torch.zeros(r, n, **kw)
+        state["row_sq"] = torch.zeros(r, **kw)
+        state["col_sq"] = torch.zeros(n, **kw)
+        state["resid_col_sq"] = torch.zeros(n, **kw)
+        return state
+
+    # ----------------------------------------------------------------------------------- step
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        # One batched call per (kind, shape, orientation, rank, step count, dtype, device): the
+        # members share the projection schedule and the bias corrections (step counts differ
+        # after a skipped non-finite step).
+        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            state = self.state[p]
+            state["step"] += 1
+            shape, transposed = _oriented_shape(p)
+            key = ("P" in state, shape, transposed, state.get("rank"), state["step"], p.dtype, p.device)
+            buckets[key].append(p)
+        for (lowrank, _, _, _, step, _, _), bucket in buckets.items():
+            if lowrank:
+                self._matrix_step(group, bucket, step)
+            else:
+                self._vector_step(group, bucket, step)
+
+    def _apply(self, group: dict[str, Any], bucket: list[torch.Tensor], upd: torch.Tensor) -> None:
+        """``W ← W(1 − ηλ) − η·upd``; ``upd: (B, …)`` holds each parameter's numel."""
+        apply_updates(
+            bucket, upd, None, lr=group["lr"], beta1=0.0, weight_decay=group["weight_decay"], cosine_max_scale=None
+        )
+
+    def _vector_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int) -> None:
+        """Dense Adafactor without momentum: the one-sided rule on a ``1×numel`` view (no δ:
+        there is no momentum part to weigh it against)."""
+        states = [self.state[p] for p in bucket]
+        v = torch.stack([s["exp_avg_sq"] for s in states])
+        g = torch.stack([p.grad.reshape(1, -1).to(v.dtype) for p in bucket])
+        beta2 = group["betas"][1]
+        upd = one_sided_precondition(
+            g, v, beta2=beta2, bias2=1 - beta2**step if group["bias_correction"] else 1.0, eps=group["eps"],
+            clip_threshold=_clip(group["clip_threshold"]),
+        )  # fmt: skip
+        for s, new in zip(states, v):
+            s["exp_avg_sq"].copy_(new)
+        self._apply(group, bucket, upd)
+
+    def _matrix_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int) -> None:
+        states = [self.state[p] for p in bucket]
+        _, transposed = _oriented_shape(bucket[0])
+        keys = ("P", "exp_avg", "row_sq", "col_sq", "resid_col_sq")
+        proj, exp_avg, row_sq, col_sq, resid_col_sq = (torch.stack([s[k] for s in states]) for k in keys)
+        g = torch.stack([p.grad.reshape(matrix_shape(p)).to(proj.dtype) for p in bucket])
+        if transposed:
+            g = g.mT
+
+        if (step - 1) % group["update_proj_gap"] == 0:
+            p_new = top_left_subspace(
+                g, proj.shape[-1], group["projection"], group["oversample"], group["power_iters"],
+                self._generator(g.device),
+            )  # fmt: skip
+            if group["momentum_transfer"] == "rotate":
+                rotate_momentum(proj, p_new, exp_avg, row_sq)
+            proj = p_new
+            for s, xi in zip(states, error_ratio(DenseOperator(g), proj, (proj.mT @ g).mT).tolist()):
+                s["xi"] = xi
+
+        beta1, beta2 = group["betas"]
+        low, resid = adamem_directions(
+            g, proj, exp_avg, row_sq, col_sq, resid_col_sq, beta1=beta1, beta2=beta2, step=step, eps=group["eps"],
+            clip_threshold=group["clip_threshold"], second_moment=group["second_moment"],
+            bias_correction=group["bias_correction"],
+        )  # fmt: skip
+        for b, s in enumerate(states):
+            for k, full in zip(keys, (proj, exp_avg, row_sq, col_sq, resid_col_sq)):
+                s[k].copy_(full[b])
+        upd = low.add_(resid, alpha=group["residual_scale"])
+        self._apply(group, bucket, upd.mT if transposed else upd)
+
+    # -------------------------------------------------------------------------- observability
+    def state_report(self) -> StateReport:
+        """Per parameter: kind (``lowrank`` / ``dense``), rank, last ξ = ‖S‖/‖G‖ and state bytes,
+        with totals next to AdamW's."""
+        return StateReport(report_rows(self))

@@ -1,0 +1,182 @@
+"""Host-side pieces shared by the launchers: the matrix table that lets one launch cover a
+batch of separately allocated matrices, argument checks, block sizes and dot precision.
+
+No device is queried at import time; the few queries (SM count, compute capability) happen at
+the first launch on a device and are cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import OrderedDict
+from typing import NamedTuple, Sequence
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+MIN_DOT = 16  # tl.dot needs every dimension >= 16 on GPUs
+
+
+class Blocks(NamedTuple):
+    """Upper bounds of the tile sizes (powers of two >= 16); a launch uses the smallest power
+    of two that covers the dimension, up to these. 64×64 V tiles keep the rebuilt tile, the
+    Q·Uᵀ accumulator and the product accumulator in registers at 4 warps; ``r`` bounds the
+    thin side one program holds (wider sketches take several r blocks). Tests pass 16s to
+    reach the multi-block paths on small shapes."""
+
+    m: int = 64
+    n: int = 64
+    k: int = 32
+    r: int = 64
+
+    def fit(self, m: int, n: int, k: int, r: int) -> tuple[int, int, int, int]:
+        return pow2_block(m, self.m), pow2_block(n, self.n), pow2_block(k, self.k), pow2_block(r, self.r)
+
+
+def interpreted() -> bool:
+    """True when kernels decorated now run under the Triton interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2_block(size: int, cap: int) -> int:
+    """Smallest power of two >= ``size``, between ``MIN_DOT`` and ``cap``."""
+    return max(MIN_DOT, min(cap, triton.next_power_of_2(max(size, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_props(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major
+
+
+def dot_precision(device: torch.device) -> str:
+    """``tl.dot`` input precision for fp32 operands.
+
+    Plain tf32 (Triton's default on GPUs) keeps ~10 mantissa bits, i.e. relative errors of
+    ~1e-3 in rebuilt V entries and sketch products: as large as the default ξ threshold, so
+    rank decisions would follow rounding noise. ``tf32x3`` (three tf32 products) is close to
+    fp32 and still uses tensor cores; GPUs without tf32 (or ROCm) use ``ieee``."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return "ieee"
+    _, major = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
+    return "tf32x3" if major >= 8 else "ieee"
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs a launch should have to fill the device (the interpreter runs one at a time)."""
+    if device.type != "cuda":
+        return 1
+    sms, _ = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * sms
+
+
+def reduction_split(programs: int, reduction_blocks: int, device: torch.device, split: int | None) -> int:
+    """How many programs share one reduction axis (split-K): enough to fill the device when
+    the grid is otherwise small (e.g. ``Vᵀ Y`` of a tall 50257×768 embedding)."""
+    if split is None:
+        split = triton.cdiv(target_programs(device), max(programs, 1))
+    return max(1, min(split, reduction_blocks))
+
+
+# Offset tables are tiny but built from host data: cache them per (device, pointers) so that a
+# training loop whose gradients keep their storage pays the host-to-device copy once.
+_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_TABLE_CACHE_SIZE = 256
+
+
+class MatrixTable:
+    """``B`` same-shaped ``(m, n)`` matrices, each in its own allocation, as one kernel argument
+    pair: ``base`` (the first matrix, whose pointer fixes the dtype) and ``offsets``, an int64
+    tensor with matrix ``b`` at element ``base + offsets[b] * align``.
+
+    Offsets are stored in units of ``align`` elements (16 bytes when every matrix is 16-byte
+    aligned) so the kernel's address arithmetic proves the alignment and loads vectorize.
+    Matrices whose strides differ from the first one's are staged in contiguous copies;
+    ``writeback()`` copies staged results back after a kernel wrote them."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], name: str, *, writable: bool = False):
+        if len(tensors) == 0:
+            raise ValueError(f"{name}: need at least one matrix")
+        first = tensors[0]
+        if first.dim() != 2:
+            raise ValueError(f"{name}: expected 2-D matrices, got shape {tuple(first.shape)}")
+        if first.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}: dtype {first.dtype} not supported (use one of {SUPPORTED_DTYPES})")
+        for i, t in enumerate(tensors):
+            if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+                raise ValueError(
+                    f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}; "
+                    f"{name}[0] is {tuple(first.shape)} {first.dtype} on {first.device}: a table needs one shape, dtype, device"
+                )
+        self.originals = list(tensors)
+        layout = first.stride() if first.is_contiguous() else None
+        self.tensors = [t if layout is not None and t.stride() == layout else t.contiguous() for t in tensors]
+        self.writable = writable
+        self.base = self.tensors[0]
+        self.shape = tuple(first.shape)
+        self.dtype = first.dtype
+        self.device = first.device
+        self.stride = self.base.stride()
+        size = first.element_size()
+        addrs = [t.data_ptr() for t in self.tensors]
+        aligned = all(a % 16 == 0 for a in addrs)
+        self.align = 16 // size if aligned else 1
+        key = (str(self.device), size * self.align, *addrs)
+        table = _TABLES.get(key)
+        if table is None:
+            offsets = [(a - addrs[0]) // (size * self.align) for a in addrs]
+            table = torch.tensor(offsets, dtype=torch.int64, device=self.device)
+            _TABLES[key] = table
+            if len(_TABLES) > _TABLE_CACHE_SIZE:
+                _TABLES.popitem(last=False)
+        else:
+            _TABLES.move_to_end(key)
+        self.offsets = table
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def writeback(self) -> None:
+        for orig, staged in zip(self.originals, self.tensors):
+            if staged is not orig:
+                orig.copy_(staged)
+
+
+def check_factor(x: torch.Tensor, name: str, batch: int, rows: int, device: torch.device) -> None:
+    """``x`` must be an fp32 ``(batch, rows, cols)`` tensor on ``device``."""
+    if x.dim() != 3 or x.shape[0] != batch or x.shape[1] != rows:
+        raise ValueError(f"{name}: expected shape ({batch}, {rows}, cols), got {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"{name}: expected float32, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the gradients on {device}")
+
+
+def check_new_factors(q_new, u_new, batch: int, m: int, n: int, device: torch.device) -> bool:
+    """Checks the optional ``(q_new: (B, m, k), u_new: (B, n, k))`` whose residual
+    ``‖V − q_new u_newᵀ‖²`` a pass also reduces; returns whether they were given."""
+    if (q_new is None) != (u_new is None):
+        raise ValueError("give both q_new and u_new, or neither")
+    if q_new is None:
+        return False
+    check_factor(q_new, "q_new", batch, m, device)
+    check_factor(u_new, "u_new", batch, n, device)
+    if q_new.shape[2] != u_new.shape[2] or q_new.shape[2] == 0:
+        raise ValueError(f"q_new and u_new need the same, nonzero columns, got {q_new.shape[2]} and {u_new.shape[2]}")
+    return True
+
+
+def check_vector(x: torch.Tensor, name: str, batch: int, device: torch.device) -> None:
+    """``x`` must be an fp32 ``(batch,)`` tensor on ``device``."""
+    if x.shape != (batch,) or x.dtype != torch.float32 or x.device != device:
+        raise ValueError(f"{name}: expected float32 ({batch},) on {device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+
+
+def pointer_arg(t: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """``t``, or ``fallback`` when ``t`` holds no elements (the first step's ``K = 0`` factors):
+    an empty tensor may have a null data pointer, which the GPU launcher rejects even for an
+    argument the kernel never reads."""
+    return t if t.numel() > 0 else fallback

@@ -1,0 +1,95 @@
+"""``@triton.jit`` building blocks shared by the kernels: masked tile loads, the rebuilt tile of
+V, the clipped-update elements and a round-to-nearest-even store conversion.
+
+Every load is cast to fp32 right after it (the Triton interpreter reads bf16 wrongly
+otherwise, and all arithmetic is fp32 anyway). Offsets are int64 so that matrices with more
+than 2³¹ elements index correctly.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    """``base[rows, cols]`` as fp32, zeros outside ``n_rows × n_cols``."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    ptrs = base + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def lowrank_tile(
+    a_base, b_base, rows, cols, n_rows, n_cols, K,
+    stride_ar, stride_ak, stride_br, stride_bk,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``(A Bᵀ)[rows, cols]`` for ``A: (n_rows, K)``, ``B: (n_cols, K)``, in ``BLOCK_K`` chunks."""
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = load_tile(a_base, rows, ks, stride_ar, stride_ak, n_rows, K)
+        # Bᵀ is loaded directly as a (BLOCK_K, BLOCK_C) tile: no transpose in registers.
+        bt = load_tile(b_base, ks, cols, stride_bk, stride_br, K, n_cols)
+        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def v_tile(
+    g_base, q_base, u_base, rows, cols, M, N, K,
+    stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
+    beta2, one_minus_beta2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The gradient tile and ``V = β2·relu(Q Uᵀ) + (1−β2)·G²`` on ``rows × cols`` (fp32).
+
+    Out-of-range entries come back as ``G = V = 0``. ``HAS_LOWRANK=False`` (first step,
+    ``K = 0``) skips the factors entirely."""
+    g = load_tile(g_base, rows, cols, stride_gm, stride_gn, M, N)
+    v = one_minus_beta2 * (g * g)
+    if HAS_LOWRANK:
+        qu = lowrank_tile(
+            q_base, u_base, rows, cols, M, N, K, stride_qm, stride_qk, stride_un, stride_uk,
+            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+        )  # fmt: skip
+        v = beta2 * tl.maximum(qu, 0.0) + v
+    return g, v
+
+
+@triton.jit
+def raw_update(g, v, rows, cols, M, N, eps):
+    """``G / (√V + ε)``, zero outside the matrix (so that ε = 0 gives no 0/0 on padding)."""
+    inside = (rows[:, None] < M) & (cols[None, :] < N)
+    return tl.where(inside, g / (tl.sqrt(v) + eps), 0.0)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """fp32 -> ``DTYPE`` with round-to-nearest-even, also under the interpreter (which
+    truncates fp32 -> bf16); the integer form is what PyTorch does, so results match bitwise."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        # NaN payloads could round to inf in the integer form; keep them NaN.
+        out = tl.where(x != x, x.to(tl.bfloat16), rounded)
+    else:
+        out = x.to(DTYPE)
+    return out
+
+
+@triton.jit
+def update_and_average(
+    g, v, rows, cols, M, N, eps, clip, m_base, stride_mm, stride_mn, beta1, one_minus_beta1,
+    HAS_MOMENTUM: tl.constexpr,
+):  # fmt: skip
+    """The clipped update ``G/(√V+ε) / clip`` and the new momentum of updates
+    ``β1·M + (1−β1)·Upd`` (the update itself when there is no momentum), both fp32."""
+    upd = raw_update(g, v, rows, cols, M, N, eps) / clip
+    if HAS_MOMENTUM:
+        avg = beta1 * load_tile(m_base, rows, cols, stride_mm, stride_mn, M, N) + one_minus_beta1 * upd
+    else:
+        avg = upd
+    return upd, avg

@@ -1,0 +1,143 @@
+"""The update pass: one read of G (and M, W), one write of W (and M), fusing
+
+* ``Upd = G/(√V+ε) / clip`` with V rebuilt in registers (the exact ``V_t``, not its
+  compression) and ``clip = max(1, RMS(Upd)/d)`` from the first ``V @ Ω`` pass;
+* the momentum of updates ``M_t = β1·M_{t−1} + (1−β1)·Upd`` (optional, stored in M's dtype);
+* the step ``W ← W·(1 − α·λ) − α·s·M_t`` (decoupled weight decay; ``s`` the cosine-guidance
+  factor of each matrix, 1 without guidance), written in W's dtype (fp32, bf16, fp16) with
+  round-to-nearest-even; all arithmetic fp32;
+* optionally ξ's numerator ``‖V − Q_t U_tᵀ‖_F²`` for the new factors, from the same V tiles.
+
+Grid: one program per ``BLOCK_M × BLOCK_N`` tile of every matrix (elementwise work, so the
+grid is as parallel as the matrices are large); residual partial sums are added on the host.
+W and M are read and written in place through matrix tables (see ``_launch.MatrixTable``).
+"""
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Blocks, MatrixTable, check_factor, check_new_factors, check_vector, dot_precision, pointer_arg, pow2_block
+from ._tiles import load_tile, lowrank_tile, round_to, update_and_average, v_tile
+
+
+@triton.jit
+def _apply_update_kernel(
+    g_ptr, g_off_ptr, q_ptr, u_ptr, w_ptr, w_off_ptr, mom_ptr, mom_off_ptr, clip_ptr, scale_ptr,
+    qn_ptr, un_ptr, resid_ptr,
+    M, N, K, K_NEW,
+    stride_gm, stride_gn,
+    stride_qb, stride_qm, stride_qk,
+    stride_ub, stride_un, stride_uk,
+    stride_wm, stride_wn,
+    stride_mm, stride_mn,
+    stride_qnb, stride_qnm, stride_qnk,
+    stride_unb, stride_unn, stride_unk,
+    beta2, one_minus_beta2, eps, beta1, one_minus_beta1, lr, decay,
+    G_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_NEW: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, WITH_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    b64 = b.to(tl.int64)
+    rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    g, v = v_tile(
+        g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
+        rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
+        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, BLOCK_K, HAS_LOWRANK, PRECISION,
+    )  # fmt: skip
+    mom_base = mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN
+    _, avg = update_and_average(
+        g, v, rows, cols, M, N, eps, tl.load(clip_ptr + b), mom_base, stride_mm, stride_mn,
+        beta1, one_minus_beta1, HAS_MOMENTUM,
+    )  # fmt: skip
+    offs_r = rows[:, None].to(tl.int64)
+    offs_c = cols[None, :].to(tl.int64)
+    if HAS_MOMENTUM:
+        mom_ptrs = mom_base + offs_r * stride_mm + offs_c * stride_mn
+        tl.store(mom_ptrs, round_to(avg, mom_ptr.dtype.element_ty), mask=mask)
+    w_base = w_ptr + tl.load(w_off_ptr + b) * W_ALIGN
+    w = load_tile(w_base, rows, cols, stride_wm, stride_wn, M, N)
+    new_w = w * decay - lr * (avg * tl.load(scale_ptr + b))
+    tl.store(w_base + offs_r * stride_wm + offs_c * stride_wn, round_to(new_w, w_ptr.dtype.element_ty), mask=mask)
+    if WITH_RESIDUAL:
+        approx = lowrank_tile(
+            qn_ptr + b64 * stride_qnb, un_ptr + b64 * stride_unb, rows, cols, M, N, K_NEW,
+            stride_qnm, stride_qnk, stride_unn, stride_unk, BLOCK_M, BLOCK_N, BLOCK_K_NEW, PRECISION,
+        )  # fmt: skip
+        diff = v - approx
+        tl.store(resid_ptr + b64 * tl.num_programs(0) + tile, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+
+
+def apply_update(
+    grads: Sequence[torch.Tensor] | MatrixTable,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor] | None,
+    clip: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    q_new: torch.Tensor | None = None,
+    u_new: torch.Tensor | None = None,
+    *,
+    beta2: float,
+    eps: float,
+    lr: float,
+    beta1: float,
+    weight_decay: float,
+    blocks: Blocks = Blocks(),
+    precision: str | None = None,
+) -> torch.Tensor | None:
+    """Write ``params`` (and ``exp_avgs`` when given) in place; returns the ``(B,)`` residual
+    sums ``‖V − q_new u_newᵀ‖_F²`` when new factors are given, else ``None``.
+
+    ``grads``, ``params``, ``exp_avgs``: ``B × (m, n)`` (params and exp_avgs each of one
+    dtype: fp32, bf16 or fp16); ``q: (B, m, K)``, ``u: (B, n, K)`` the previous factors;
+    ``clip: (B,)`` the update divisor ``max(1, RMS/d)``; ``scale: (B,)`` the cosine-guidance
+    step factor (default 1); ``q_new: (B, m, k)``, ``u_new: (B, n, k)``."""
+    table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads")
+    m, n = table.shape
+    batch = len(table)
+    weights = MatrixTable(params, "params", writable=True)
+    moms = MatrixTable(exp_avgs, "exp_avgs", writable=True) if exp_avgs is not None else None
+    for name, other in (("params", weights), ("exp_avgs", moms)):
+        if other is not None and (other.shape != table.shape or len(other) != batch or other.device != table.device):
+            raise ValueError(f"{name}: need {batch} matrices {table.shape} on {table.device}")
+    check_factor(q, "q", batch, m, table.device)
+    check_factor(u, "u", batch, n, table.device)
+    check_vector(clip, "clip", batch, table.device)
+    if scale is None:
+        scale = torch.ones(batch, dtype=torch.float32, device=table.device)
+    check_vector(scale, "scale", batch, table.device)
+    with_residual = check_new_factors(q_new, u_new, batch, m, n, table.device)
+    if not with_residual:
+        q_new, u_new = q, u
+    k, k_new = q.shape[2], q_new.shape[2]
+    block_m, block_n, block_k, _ = blocks.fit(m, n, k, 1)
+    block_k_new = pow2_block(k_new, blocks.k)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    resid = torch.zeros(batch, tiles, dtype=torch.float32, device=table.device)
+    mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
+    _apply_update_kernel[(tiles, batch)](
+        table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
+        weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
+        pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid,
+        m, n, k, k_new,
+        *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
+        float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1), float(lr),
+        1.0 - float(lr) * float(weight_decay),
+        G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K_NEW=block_k_new,
+        HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
+        PRECISION=precision or dot_precision(table.device),
+    )  # fmt: skip
+    weights.writeback()
+    if moms is not None:
+        moms.writeback()
+    return resid.sum(dim=-1) if with_residual else None

@@ -1,0 +1,89 @@
+"""The sums cosine guidance needs, as one reduction pass: per matrix ``Σ Upd·M_t``,
+``Σ Upd²`` and ``Σ M_t²``, where ``Upd`` is the clipped update and
+``M_t = β1·M_{t−1} + (1−β1)·Upd`` the new momentum of updates, both rebuilt in registers.
+
+Only run when cosine guidance is on: the cosine scales the weight step, so it must be known
+before the update pass writes W (one extra pass over G and M). Grid: one program per
+``BLOCK_M × BLOCK_N`` tile; partial sums are added on the host.
+"""
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Blocks, MatrixTable, check_factor, check_vector, dot_precision, pointer_arg
+from ._tiles import update_and_average, v_tile
+
+
+@triton.jit
+def _update_cosine_kernel(
+    g_ptr, g_off_ptr, q_ptr, u_ptr, mom_ptr, mom_off_ptr, clip_ptr, out_ptr,
+    M, N, K,
+    stride_gm, stride_gn,
+    stride_qb, stride_qm, stride_qk,
+    stride_ub, stride_un, stride_uk,
+    stride_mm, stride_mn,
+    beta2, one_minus_beta2, eps, beta1, one_minus_beta1,
+    G_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_LOWRANK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    b64 = b.to(tl.int64)
+    rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, v = v_tile(
+        g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
+        rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
+        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, BLOCK_K, HAS_LOWRANK, PRECISION,
+    )  # fmt: skip
+    upd, avg = update_and_average(
+        g, v, rows, cols, M, N, eps, tl.load(clip_ptr + b), mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN,
+        stride_mm, stride_mn, beta1, one_minus_beta1, True,
+    )  # fmt: skip
+    tiles = tl.num_programs(0)
+    tl.store(out_ptr + (b64 * 3) * tiles + tile, tl.sum(tl.sum(upd * avg, axis=1), axis=0))
+    tl.store(out_ptr + (b64 * 3 + 1) * tiles + tile, tl.sum(tl.sum(upd * upd, axis=1), axis=0))
+    tl.store(out_ptr + (b64 * 3 + 2) * tiles + tile, tl.sum(tl.sum(avg * avg, axis=1), axis=0))
+
+
+def update_cosine_sums(
+    grads: Sequence[torch.Tensor] | MatrixTable,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    exp_avgs: Sequence[torch.Tensor] | MatrixTable,
+    clip: torch.Tensor,
+    *,
+    beta2: float,
+    eps: float,
+    beta1: float,
+    blocks: Blocks = Blocks(),
+    precision: str | None = None,
+) -> torch.Tensor:
+    """``(B, 3)`` fp32: ``[Σ Upd·M_t, Σ Upd², Σ M_t²]`` per matrix. ``grads``, ``exp_avgs``:
+    ``B × (m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``; ``clip: (B,)`` the divisor
+    ``max(1, RMS/d)`` of each matrix's update."""
+    table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads")
+    moms = exp_avgs if isinstance(exp_avgs, MatrixTable) else MatrixTable(exp_avgs, "exp_avgs")
+    m, n = table.shape
+    batch = len(table)
+    if moms.shape != table.shape or len(moms) != batch or moms.device != table.device:
+        raise ValueError(f"exp_avgs: need {batch} matrices {table.shape} on {table.device}")
+    check_factor(q, "q", batch, m, table.device)
+    check_factor(u, "u", batch, n, table.device)
+    check_vector(clip, "clip", batch, table.device)
+    k = q.shape[2]
+    block_m, block_n, block_k, _ = blocks.fit(m, n, k, 1)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    out = torch.empty(batch, 3, tiles, dtype=torch.float32, device=table.device)
+    _update_cosine_kernel[(tiles, batch)](
+        table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, out,
+        m, n, k, *table.stride, *q.stride(), *u.stride(), *moms.stride,
+        float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1),
+        G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_LOWRANK=k > 0, PRECISION=precision or dot_precision(table.device),
+    )  # fmt: skip
+    return out.sum(dim=-1)

@@ -1,0 +1,159 @@
+"""What the package's optimizers (Adapprox, AdaMeM) share around their update rules.
+
+:class:`SketchOptimizer` is a ``torch.optim.Optimizer`` with
+
+* its own sketch RNG: one ``torch.Generator`` per device, seeded from ``seed``, saved in
+  ``state_dict()["sketch_rng"]`` so that a resumed run draws the same sketches;
+* a ``load_state_dict`` that keeps each state tensor's own dtype (torch.optim would cast
+  floating state to the parameter's dtype: fp32 factors of a bf16 parameter must stay fp32);
+* the non-finite gradient policy (``"raise"`` before anything is modified, or ``"skip"`` that
+  parameter and count it in ``state["nonfinite_skips"]``), checked with one host sync per device;
+* ``step(closure)`` under ``torch.no_grad()``, which calls the subclass's
+  ``_init_state(p, group)`` (lazy state) and ``_step_group(group, params)`` (the update).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .distributed import is_dtensor, nonfinite_flags, shared_seed
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def check(ok: bool, msg: str) -> None:
+    """``raise ValueError(msg)`` unless ``ok``: the hyperparameter checks of ``__init__``."""
+    if not ok:
+        raise ValueError(msg)
+
+
+class SketchOptimizer(Optimizer):
+    """Base class; subclasses implement ``_init_state`` and ``_step_group``."""
+
+    def __init__(self, params, defaults: dict[str, Any], seed: int | None):
+        super().__init__(params, defaults)
+        # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used.
+        self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Fill options added after a checkpoint was written, as torch.optim does.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # ----------------------------------------------------------------------------- sketch RNG
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus the sketch RNG; plain tensors only."""
+        sd = super().state_dict()
+        sd["sketch_rng"] = {"seed": self._seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("sketch_rng", None)
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating state to each parameter's dtype; the factors and the dense
+        # second moment must keep their own precision (fp32 for a bf16 parameter).
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(idx, {}).items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        if rng is not None:
+            self._seed = int(rng["seed"])
+            self._generators = {}
+            for key, gen_state in rng["states"].items():
+                self._generator(torch.device(key)).set_state(gen_state)
+
+    # ----------------------------------------------------------------------------------- step
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _grads_to_update(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        name = type(self).__name__
+        params = []
+        for p in group["params"]:
+            if p.grad is None or p.numel() == 0:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if not (p.is_floating_point() and p.grad.is_floating_point()):
+                raise TypeError(f"{name} needs floating-point parameters and gradients, got {p.dtype}/{p.grad.dtype}")
+            params.append(p)
+        return params
+
+    def _nonfinite(self, params: list[torch.Tensor]) -> list[bool]:
+        """One flag per parameter: does its gradient hold inf or NaN? (one host sync)."""
+        if not params:
+            return []
+        by_device: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
+        flags = [False] * len(params)
+        for idxs in by_device.values():
+            if is_dtensor(params[idxs[0]].grad):  # FSDP2: each rank checks its rows, one all-reduce
+                for i, b in zip(idxs, nonfinite_flags([params[i].grad for i in idxs])):
+                    flags[i] = b
+                continue
+            # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
+            # can overflow); NaN propagates through it.
+            norms = torch._foreach_norm([params[i].grad for i in idxs], float("inf"))
+            bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).tolist()
+            for i, b in zip(idxs, bad):
+                flags[i] = b
+        return flags
+
+    def _param_name(self, p: torch.Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    return names[pi] if names else f"param_groups[{gi}]['params'][{pi}]"
+        return "<unknown parameter>"
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            params = self._grads_to_update(group)
+            flags = self._nonfinite(params)
+            if group["nonfinite"] == "raise" and any(flags):
+                bad = self._param_name(params[flags.index(True)])
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient (inf or NaN) in {bad}; no parameter was updated. "
+                    "Pass nonfinite='skip' to skip such parameters instead."
+                )
+            work.append((group, params, flags))
+        for group, params, flags in work:
+            ok = []
+            for p, bad in zip(params, flags):
+                state = self._init_state(p, group)
+                if bad:
+                    state["nonfinite_skips"] += 1
+                else:
+                    ok.append(p)
+            self._step_group(group, ok)
+        return loss

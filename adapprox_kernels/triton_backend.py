@@ -1,0 +1,314 @@
+"""The ``"triton"`` backend: the Adapprox step with V never materialized (``docs/kernels.md``).
+
+Layers: the kernels (:mod:`adapprox_kernels.kernels`, imported on first use, so this module
+and the package import without triton) -> ``torch.library`` custom ops with fake
+implementations (``adapprox_kernels::v_matmul`` …, so a compiled training loop sees opaque
+ops with known output shapes instead of a graph break) -> :class:`TritonSecondMoment`, the
+:class:`~adapprox_kernels.linear_operator.LinearOperator` S-RSI runs on -> :class:`TritonBackend`.
+
+Where it runs: CUDA tensors whenever triton imports (``"auto"`` picks it there, and only
+there). CPU tensors run only under the Triton interpreter — ``TRITON_INTERPRET=1`` set before
+the kernels are first imported — and only when asked for by name (``backend="triton"``): the
+interpreter is for testing, orders of magnitude slower than the reference.
+"""
+
+import functools
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+from .backends import ReferenceBackend, register_backend
+
+_KERNEL_MODULES = ("v_matmul", "v_norms", "update_cosine", "apply_update")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken install can raise more than ImportError
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _kernels_interpreted() -> bool:
+    """Whether the kernels run (or, not imported yet, would run) under the interpreter."""
+    module = sys.modules.get("adapprox_kernels.kernels.v_matmul")
+    if module is None:
+        from .kernels._launch import interpreted
+
+        return interpreted()
+    return type(module._v_matmul_kernel).__name__ == "InterpretedFunction"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str):
+    import importlib
+
+    return importlib.import_module(f"adapprox_kernels.kernels.{name}")
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+# ------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("adapprox_kernels::v_matmul", mutates_args=())
+def v_matmul_op(
+    grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, x: torch.Tensor, beta2: float, eps: float, with_sums: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``V @ x`` ``(B, m, r)`` and, with ``with_sums``, ``[‖V‖², Σ (G/(√V+ε))²]`` ``(B, 2)``."""
+    y, sums = _kernel("v_matmul").v_matmul(grads, q, u, x, beta2, eps=eps if with_sums else None)
+    return y, sums if sums is not None else _empty(y)
+
+
+@v_matmul_op.register_fake
+def _(grads, q, u, x, beta2, eps, with_sums):
+    b, m, r = q.shape[0], q.shape[1], x.shape[2]
+    return x.new_empty(b, m, r), x.new_empty(b, 2) if with_sums else x.new_empty(0)
+
+
+@torch.library.custom_op("adapprox_kernels::v_rmatmul", mutates_args=())
+def v_rmatmul_op(grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, y: torch.Tensor, beta2: float) -> torch.Tensor:
+    """``Vᵀ @ y``: ``(B, n, r)``."""
+    return _kernel("v_matmul").v_rmatmul(grads, q, u, y, beta2)
+
+
+@v_rmatmul_op.register_fake
+def _(grads, q, u, y, beta2):
+    return y.new_empty(u.shape[0], u.shape[1], y.shape[2])
+
+
+@torch.library.custom_op("adapprox_kernels::v_norms", mutates_args=())
+def v_norms_op(
+    grads: list[torch.Tensor],
+    q: torch.Tensor,
+    u: torch.Tensor,
+    q_new: Optional[torch.Tensor],
+    u_new: Optional[torch.Tensor],
+    beta2: float,
+    eps: float,
+) -> torch.Tensor:
+    """``[‖V‖², ‖V − q_new u_newᵀ‖², Σ (G/(√V+ε))²]`` per matrix: ``(B, 3)``."""
+    return _kernel("v_norms").v_norms(grads, q, u, beta2, eps, q_new, u_new)
+
+
+@v_norms_op.register_fake
+def _(grads, q, u, q_new, u_new, beta2, eps):
+    return q.new_empty(q.shape[0], 3)
+
+
+@torch.library.custom_op("adapprox_kernels::update_cosine_sums", mutates_args=())
+def update_cosine_sums_op(
+    grads: list[torch.Tensor],
+    q: torch.Tensor,
+    u: torch.Tensor,
+    exp_avgs: list[torch.Tensor],
+    clip: torch.Tensor,
+    beta2: float,
+    eps: float,
+    beta1: float,
+) -> torch.Tensor:
+    """``[Σ Upd·M_t, Σ Upd², Σ M_t²]`` per matrix: ``(B, 3)``."""
+    return _kernel("update_cosine").update_cosine_sums(grads, q, u, exp_avgs, clip, beta2=beta2, eps=eps, beta1=beta1)
+
+
+@update_cosine_sums_op.register_fake
+def _(grads, q, u, exp_avgs, clip, beta2, eps, beta1):
+    return q.new_empty(q.shape[0], 3)
+
+
+@torch.library.custom_op("adapprox_kernels::apply_update", mutates_args=("params", "exp_avgs"))
+def apply_update_op(
+    grads: list[torch.Tensor],
+    q: torch.Tensor,
+    u: torch.Tensor,
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    clip: torch.Tensor,
+    scale: torch.Tensor,
+    q_new: Optional[torch.Tensor],
+    u_new: Optional[torch.Tensor],
+    beta2: float,
+    eps: float,
+    lr: float,
+    beta1: float,
+    weight_decay: float,
+) -> torch.Tensor:
+    """Writes ``params`` (and ``exp_avgs``; an empty list means no momentum) in place;
+    returns ``‖V − q_new u_newᵀ‖²`` ``(B,)`` when new factors are given, else an empty tensor."""
+    resid = _kernel("apply_update").apply_update(
+        grads, q, u, params, exp_avgs or None, clip, scale, q_new, u_new,
+        beta2=beta2, eps=eps, lr=lr, beta1=beta1, weight_decay=weight_decay,
+    )  # fmt: skip
+    return resid if resid is not None else _empty(clip)
+
+
+@apply_update_op.register_fake
+def _(grads, q, u, params, exp_avgs, clip, scale, q_new, u_new, beta2, eps, lr, beta1, weight_decay):
+    return clip.new_empty(clip.shape[0]) if q_new is not None else clip.new_empty(0)
+
+
+# ------------------------------------------------------------------------------ operator
+def _stage(tensors: Sequence[torch.Tensor], m: int, n: int) -> tuple[list[torch.Tensor], list[tuple]]:
+    """2-D ``(m, n)`` views of one dtype for a kernel, and the ``(original, staged copy)`` pairs
+    to copy back afterwards (only for non-contiguous tensors or mixed dtypes, both rare)."""
+    from .kernels._launch import SUPPORTED_DTYPES
+
+    dtype = tensors[0].dtype
+    if dtype not in SUPPORTED_DTYPES or any(t.dtype != dtype for t in tensors):
+        dtype = torch.float32
+    views, staged = [], []
+    for t in tensors:
+        if t.dtype == dtype and t.is_contiguous():
+            views.append(t.view(m, n))
+        else:
+            copy = t.reshape(m, n).to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+            views.append(copy)
+            staged.append((t, copy))
+    return views, staged
+
+
+class TritonSecondMoment:
+    """``V_t = β2·relu(Q Uᵀ) + (1−β2)·G²`` of ``B`` same-shaped matrices, as a
+    :class:`~adapprox_kernels.linear_operator.LinearOperator` that never stores V.
+
+    ``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)`` fp32 previous
+    factors (zero-padded to a common ``K``). The first :meth:`matmul` also reduces ``‖V‖²``
+    and ``Σ (G/(√V+ε))²``, which :meth:`sq_norm` and the update's RMS reuse.
+
+    ``g_passes`` counts the passes over G made so far (a product with ``r`` columns reads G
+    once per ``Blocks.r``-wide column block), for benchmarks and docs/kernels.md."""
+
+    def __init__(self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, eps: float):
+        m, n = grads[0].shape
+        self.grads, _ = _stage(grads, m, n)  # read-only: nothing to copy back
+        self.q, self.u = q, u
+        self.beta2, self.eps = float(beta2), float(eps)
+        self._sums: Optional[torch.Tensor] = None  # (B, 2): ‖V‖², Σ Upd² (unclipped)
+        self.g_passes = 0
+
+    def _product_passes(self, r: int) -> int:
+        from .kernels._launch import Blocks
+
+        return -(-r // Blocks().r)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        m, n = self.grads[0].shape
+        return len(self.grads), m, n
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        first = self._sums is None
+        y, sums = torch.ops.adapprox_kernels.v_matmul(self.grads, self.q, self.u, x, self.beta2, self.eps, first)
+        self.g_passes += self._product_passes(x.shape[-1])
+        if first:
+            self._sums = sums
+        return y
+
+    def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
+        self.g_passes += self._product_passes(y.shape[-1])
+        return torch.ops.adapprox_kernels.v_rmatmul(self.grads, self.q, self.u, y, self.beta2)
+
+    def _norms(self, q_new: Optional[torch.Tensor] = None, u_new: Optional[torch.Tensor] = None) -> torch.Tensor:
+        sums = torch.ops.adapprox_kernels.v_norms(self.grads, self.q, self.u, q_new, u_new, self.beta2, self.eps)
+        self.g_passes += 1
+        if self._sums is None:
+            self._sums = sums[:, [0, 2]]
+        return sums
+
+    def sq_norm(self) -> torch.Tensor:
+        """``‖V‖_F²`` ``(B,)``, from the first product's pass when there was one."""
+        if self._sums is None:
+            self._norms()
+        return self._sums[:, 0]
+
+    def update_sq_norm(self) -> torch.Tensor:
+        """``Σ (G/(√V+ε))²`` ``(B,)`` before clipping (the RMS numerator)."""
+        if self._sums is None:
+            self._norms()
+        return self._sums[:, 1]
+
+    def residual_sq_norm(self, q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``‖V − q uᵀ‖_F²`` ``(B,)`` as a pass of its own (the optimizer fuses it into the update)."""
+        return self._norms(q, u)[:, 1]
+
+
+# ------------------------------------------------------------------------------ backend
+class TritonBackend:
+    """Fused Triton kernels; float64 buckets fall back to the reference (see ``docs/kernels.md``)."""
+
+    name = "triton"
+    orthonormalize = ReferenceBackend.orthonormalize  # the extension's CholeskyQR2 on CUDA when built
+    auto_device_types = ("cuda",)  # "auto" never picks the interpreter
+
+    @staticmethod
+    def available(device: torch.device) -> Optional[str]:
+        error = _triton_import_error()
+        if error is not None:
+            return f"triton cannot be imported ({error})"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if _kernels_interpreted():
+                return None
+            return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before the kernels are first used"
+        return f"no Triton kernels for {device.type} tensors"
+
+    @staticmethod
+    def second_moment(
+        grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, *, eps: Optional[float] = None
+    ):
+        """``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``."""
+        if q.dtype != torch.float32:  # float64 parameters keep float64 factors: no fused path
+            return ReferenceBackend.second_moment(grads, q, u, beta2, eps=eps)
+        return TritonSecondMoment(grads, q, u, beta2, 0.0 if eps is None else eps)
+
+    @staticmethod
+    def apply_step(
+        op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None
+    ):
+        """Clipping, momentum of updates, optional cosine guidance and weight decay in one pass
+        over G (two with cosine guidance); returns ``‖V − q uᵀ‖²`` for ``residual_factors``."""
+        if not isinstance(op, TritonSecondMoment):
+            return ReferenceBackend.apply_step(
+                op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
+                weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
+            )  # fmt: skip
+        if eps != op.eps:
+            raise ValueError(f"apply_step got eps={eps}, the operator was built with eps={op.eps}")
+        _, m, n = op.shape
+        clip = reference.clip_divisor(op.update_sq_norm(), m * n, clip_threshold)
+        weights, staged = _stage(params, m, n)
+        moms: list[torch.Tensor] = []
+        if exp_avgs is not None:
+            moms, staged_moms = _stage(exp_avgs, m, n)
+            staged += staged_moms
+        scale = torch.ones_like(clip)
+        if cosine_max_scale is not None and moms:
+            dot, upd_sq, avg_sq = torch.ops.adapprox_kernels.update_cosine_sums(
+                op.grads, op.q, op.u, moms, clip, op.beta2, op.eps, beta1
+            ).unbind(dim=1)
+            scale = reference.cosine_scale(dot, upd_sq.sqrt(), avg_sq.sqrt(), cosine_max_scale)
+            op.g_passes += 1
+        q_new, u_new = residual_factors if residual_factors is not None else (None, None)
+        resid = torch.ops.adapprox_kernels.apply_update(
+            op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, lr, beta1, weight_decay
+        )
+        op.g_passes += 1
+        for original, copy in staged:
+            original.copy_(copy.view_as(original))
+        return resid if residual_factors is not None else None
+
+
+register_backend(TritonBackend, prefer=True)

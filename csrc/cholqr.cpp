@@ -1,0 +1,204 @@
+// Batched orthonormalization for S-RSI: robust CholeskyQR on a batch of same-shaped sketches.
+//
+// cholqr_orthonormalize(y: (B, m, r) fp32 CUDA, m >= r) -> (B, m, r) fp32 with orthonormal columns
+// spanning those of y (completed with fixed directions where y is rank-deficient or zero). The
+// algorithm and its plain-PyTorch reference are in adapprox_kernels/cholqr.py; this file runs the
+// same steps with batched cuBLAS GEMMs (through at::bmm), cuSOLVER potrfBatched and cuBLAS
+// trsmBatched, on torch's current stream. Limits: one host sync per call (to decide whether any
+// matrix needs the Householder fallback); fp64 work buffers of about 3x the fp32 input.
+//
+// Exposed twice: as the dispatcher op adapprox_kernels::cholqr_orthonormalize (so torch.compile
+// traces it; its fake impl is in adapprox_kernels/_extension.py) and as a pybind11 function.
+
+#include <torch/extension.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+#include <cusolverDn.h>
+
+#include <cfloat>
+#include <climits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+
+#include "cholqr_kernels.cuh"
+
+namespace adapprox {
+namespace {
+
+// Same numbers as adapprox_kernels/cholqr.py (COMPLETION_SCALE = 2**-32, GRAM_TOLERANCE).
+constexpr double kCompletionScale = 1.0 / 4294967296.0;
+constexpr double kGramTolerance = 0.1;
+
+#define ADAPPROX_CUDA_CHECK(expr)                                                                              \
+  do {                                                                                                         \
+    const cudaError_t err_ = (expr);                                                                           \
+    TORCH_CHECK(err_ == cudaSuccess, "adapprox_kernels: ", #expr, " failed: ", cudaGetErrorString(err_),       \
+                (err_ == cudaErrorNoKernelImageForDevice || err_ == cudaErrorInvalidDeviceFunction)            \
+                    ? " (the extension was not compiled for this GPU: rebuild with ADAPPROX_CUDA_ARCHS set)"   \
+                    : "");                                                                                     \
+  } while (0)
+
+#define ADAPPROX_CUBLAS_CHECK(expr)                                                                            \
+  do {                                                                                                         \
+    const cublasStatus_t st_ = (expr);                                                                         \
+    TORCH_CHECK(st_ == CUBLAS_STATUS_SUCCESS, "adapprox_kernels: ", #expr, " failed: ", cublasGetStatusString(st_)); \
+  } while (0)
+
+#define ADAPPROX_CUSOLVER_CHECK(expr)                                                                          \
+  do {                                                                                                         \
+    const cusolverStatus_t st_ = (expr);                                                                       \
+    TORCH_CHECK(st_ == CUSOLVER_STATUS_SUCCESS, "adapprox_kernels: ", #expr, " failed with cusolverStatus ",   \
+                static_cast<int>(st_));                                                                        \
+  } while (0)
+
+// torch does not export its cuSOLVER handle pool to extensions (it lives in libtorch_cuda_linalg),
+// so keep one handle per (thread, device), bound to the current stream at every use. Handles are
+// never destroyed: destroying them at thread exit can run after the CUDA context is gone.
+cusolverDnHandle_t solver_handle(c10::DeviceIndex device, cudaStream_t stream) {
+  thread_local std::unordered_map<int, cusolverDnHandle_t> handles;
+  auto it = handles.find(device);
+  if (it == handles.end()) {
+    cusolverDnHandle_t handle = nullptr;
+    ADAPPROX_CUSOLVER_CHECK(cusolverDnCreate(&handle));
+    it = handles.emplace(device, handle).first;
+  }
+  ADAPPROX_CUSOLVER_CHECK(cusolverDnSetStream(it->second, stream));
+  return it->second;
+}
+
+struct Pass {
+  at::Tensor q;     // x R^{-1}, (B, m, r)
+  at::Tensor gram;  // x^T x before the shift, (B, r, r)
+  at::Tensor info;  // cuSOLVER potrf info per matrix, (B,) int32; 0 = success
+};
+
+// One CholeskyQR pass on x (B, m, r) fp64 contiguous; shift_factor > 0 adds that many traces of
+// the Gram matrix to its diagonal before the factorization.
+Pass cholqr_pass(const at::Tensor& x, double shift_factor) {
+  const int64_t batch = x.size(0);
+  const int r = static_cast<int>(x.size(2));
+  const c10::DeviceIndex device = x.get_device();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device).stream();
+
+  at::Tensor gram = at::bmm(x.transpose(1, 2), x);  // cuBLAS DgemmStridedBatched
+  at::Tensor chol = gram.clone();
+  if (shift_factor > 0.0) {
+    ADAPPROX_CUDA_CHECK(launch_add_relative_shift(chol.data_ptr<double>(), batch, r, shift_factor, stream));
+  }
+  // The right-hand side I of the triangular solve that forms R^{-1}.
+  at::Tensor r_inv = at::eye(r, x.options()).expand({batch, r, r}).contiguous();
+  at::Tensor info = at::zeros({batch}, x.options().dtype(at::kInt));
+  at::Tensor pointers = at::empty({2 * batch}, x.options().dtype(at::kLong));
+  double** chol_ptrs = reinterpret_cast<double**>(pointers.data_ptr<int64_t>());
+  double** inv_ptrs = chol_ptrs + batch;
+  ADAPPROX_CUDA_CHECK(launch_batch_pointers(chol.data_ptr<double>(), int64_t{r} * r, batch, chol_ptrs, stream));
+  ADAPPROX_CUDA_CHECK(launch_batch_pointers(r_inv.data_ptr<double>(), int64_t{r} * r, batch, inv_ptrs, stream));
+
+  // Row-major buffers read as column-major are transposed. The Gram matrix is symmetric, so
+  // potrf(LOWER) gives L with G = L L^T, stored column-major; read row-major that is R = L^T,
+  // upper, with G = R^T R. Solving L Z = I column-major gives Z = L^{-1}, which read row-major is
+  // (L^{-1})^T = R^{-1}. potrf leaves the other triangle untouched and trsm never reads it.
+  ADAPPROX_CUSOLVER_CHECK(cusolverDnDpotrfBatched(solver_handle(device, stream), CUBLAS_FILL_MODE_LOWER, r,
+                                                  chol_ptrs, r, info.data_ptr<int>(), static_cast<int>(batch)));
+  cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
+  cublasPointerMode_t mode;
+  ADAPPROX_CUBLAS_CHECK(cublasGetPointerMode(blas, &mode));
+  ADAPPROX_CUBLAS_CHECK(cublasSetPointerMode(blas, CUBLAS_POINTER_MODE_HOST));
+  const double one = 1.0;
+  const cublasStatus_t status =
+      cublasDtrsmBatched(blas, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, r, r, &one,
+                         chol_ptrs, r, inv_ptrs, r, static_cast<int>(batch));
+  ADAPPROX_CUBLAS_CHECK(cublasSetPointerMode(blas, mode));
+  ADAPPROX_CUBLAS_CHECK(status);
+  return {at::bmm(x, r_inv), gram, info};
+}
+
+}  // namespace
+
+at::Tensor cholqr_orthonormalize(const at::Tensor& y) {
+  TORCH_CHECK(y.is_cuda(), "adapprox_kernels.cholqr_orthonormalize needs a CUDA tensor, got one on ", y.device(),
+              "; on the CPU use adapprox_kernels.cholqr.cholqr_orthonormalize or srsi.householder_orthonormalize");
+  TORCH_CHECK(y.dim() == 3, "cholqr_orthonormalize expects a (B, m, r) tensor, got ", y.dim(), " dimensions");
+  TORCH_CHECK(y.scalar_type() == at::kFloat, "cholqr_orthonormalize expects float32, got ", y.scalar_type());
+  const int64_t batch = y.size(0), m = y.size(1), r = y.size(2);
+  TORCH_CHECK(m >= r, "cholqr_orthonormalize needs m >= r, got m = ", m, ", r = ", r);
+  TORCH_CHECK(r <= INT_MAX && batch <= INT_MAX, "cholqr_orthonormalize: r and B must fit in int (cuSOLVER)");
+  if (y.numel() == 0) return at::empty_like(y);
+
+  c10::cuda::CUDAGuard guard(y.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(y.get_device()).stream();
+  const at::Tensor yc = y.contiguous();
+
+  // Step 1: the completed sketch X = Y + delta * ||Y||_F * D C, in fp64.
+  const at::Tensor norms = at::linalg_vector_norm(yc, 2, at::IntArrayRef{1, 2}, false, at::kDouble);
+  at::Tensor x = at::empty(yc.sizes(), yc.options().dtype(at::kDouble));
+  ADAPPROX_CUDA_CHECK(launch_complete_sketch(yc.data_ptr<float>(), x.data_ptr<double>(), norms.data_ptr<double>(),
+                                             batch, m, r, kCompletionScale, stream));
+
+  // Steps 2-3: shifted CholeskyQR, then CholeskyQR2 (shift = 11 (m r + r (r+1)) u, u = 2^-53).
+  const double shift = 11.0 * static_cast<double>(m * r + r * (r + 1)) * (DBL_EPSILON / 2);
+  Pass pass = cholqr_pass(x, shift);
+  x = at::Tensor();  // free the fp64 sketch early
+  at::Tensor failed = pass.info.ne(0);
+  pass = cholqr_pass(pass.q, 0.0);
+  failed.logical_or_(pass.info.ne(0));
+  pass = cholqr_pass(pass.q, 0.0);
+  failed.logical_or_(pass.info.ne(0));
+
+  // Step 4: the last pass must have started from a nearly orthonormal, finite input; `not (<=)`
+  // also flags NaN. Then its output is finite and orthonormal, so no separate finiteness scan.
+  const at::Tensor gram_err = (pass.gram - at::eye(r, pass.gram.options())).abs().amax(at::IntArrayRef{1, 2});
+  failed.logical_or_(gram_err.le(kGramTolerance).logical_not());
+  at::Tensor q = pass.q.to(at::kFloat);
+  if (failed.any().item<bool>()) {  // the one host sync
+    const at::Tensor idx = failed.nonzero().squeeze(1);
+    const at::Tensor householder = std::get<0>(at::linalg_qr(yc.index_select(0, idx), "reduced"));
+    q.index_copy_(0, idx, householder);
+  }
+  return q;
+}
+
+namespace {
+
+// (number of CUDA devices, None) or (0, the CUDA runtime's error): tells a missing driver apart
+// from a missing GPU without raising, for `python -m adapprox_kernels`.
+std::tuple<int, std::optional<std::string>> cuda_runtime_status() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // reset the runtime's last-error state so later calls do not report it
+    return {0, std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err)};
+  }
+  return {count, std::nullopt};
+}
+
+}  // namespace
+}  // namespace adapprox
+
+TORCH_LIBRARY_FRAGMENT(adapprox_kernels, m) {
+  m.set_python_module("adapprox_kernels._extension");
+  m.def("cholqr_orthonormalize(Tensor y) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(adapprox_kernels, CUDA, m) { m.impl("cholqr_orthonormalize", &adapprox::cholqr_orthonormalize); }
+
+// On CPU tensors the same function stops at its first check with a clear message, rather than the
+// dispatcher's generic "could not run ... with arguments from the 'CPU' backend".
+TORCH_LIBRARY_IMPL(adapprox_kernels, CPU, m) { m.impl("cholqr_orthonormalize", &adapprox::cholqr_orthonormalize); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "adapprox_kernels CUDA extension: batched robust CholeskyQR for S-RSI";
+  m.def("cholqr_orthonormalize", &adapprox::cholqr_orthonormalize, pybind11::arg("y"),
+        "(B, m, r) fp32 CUDA -> (B, m, r) orthonormal columns (see adapprox_kernels/cholqr.py)");
+  m.def("cuda_runtime_status", &adapprox::cuda_runtime_status,
+        "(device count, None) or (0, CUDA runtime error): never raises, works without a driver");
+  m.attr("COMPLETION_SCALE") = adapprox::kCompletionScale;
+  m.attr("GRAM_TOLERANCE") = adapprox::kGramTolerance;
+  m.attr("CUDA_RUNTIME_VERSION") = CUDART_VERSION;
+  m.attr("CUBLAS_VERSION") = CUBLAS_VERSION;
+  m.attr("CUSOLVER_VERSION") = CUSOLVER_VERSION;
+}

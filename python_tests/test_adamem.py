@@ -1,0 +1,422 @@
+"""AdaMeM: the paper's orthogonality claim, the full-rank reduction, memory, resume, validation,
+odd shapes, and the two projections."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from adapprox_kernels import AdaMeM
+from adapprox_kernels.adamem import adamem_directions, rotate_momentum, top_left_subspace
+
+
+def _params(shapes, dtype=torch.float32):
+    return [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+
+
+def _run(opt, params, grads):
+    """One step per entry of ``grads`` (a list of per-parameter gradient lists)."""
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone().to(p.dtype)
+        opt.step()
+
+
+def _grads(shapes, steps, dtype=torch.float32):
+    return [[torch.randn(s, dtype=dtype) for s in shapes] for _ in range(steps)]
+
+
+def _inner_cos(a, b):
+    return (a * b).sum().abs() / (a.norm() * b.norm())
+
+
+# ------------------------------------------------------------------------- Claim 3.1 (orthogonality)
+@pytest.mark.parametrize("second_moment", ["momentum", "gradient"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_claim_3_1_directions_are_orthogonal(second_moment, clip):
+    """⟨P N1, N2⟩ = 0 on every step, across projection changes, for random full-rank gradients."""
+    b, m, n, r = 3, 12, 20, 4
+    proj = torch.zeros(b, m, r, dtype=torch.float64)
+    exp_avg = torch.zeros(b, r, n, dtype=torch.float64)
+    row, col, rcol = torch.zeros(b, r, dtype=torch.float64), *torch.zeros(2, b, n, dtype=torch.float64)
+    for step in range(1, 8):
+        g = torch.randn(b, m, n, dtype=torch.float64) * torch.rand(1, 1, n, dtype=torch.float64)
+        if step % 3 == 1:
+            proj = top_left_subspace(g, r, "srsi", generator=torch.Generator().manual_seed(step))
+        low, resid = adamem_directions(
+            g, proj, exp_avg, row, col, rcol, beta1=0.9, beta2=0.95, step=step, eps=1e-8,
+            clip_threshold=clip, second_moment=second_moment,
+        )  # fmt: skip
+        for i in range(b):
+            assert low[i].norm() > 0 and resid[i].norm() > 0
+            assert _inner_cos(low[i], resid[i]) < 1e-12
+
+
+def test_claim_3_1_fails_for_two_sided_residual():
+    """The control that shows the test can fail: Adafactor's row statistic on S (the paper's
+    "Variant 2", and a literal reading of Algorithm 4's ``(S²)1_n``) is NOT orthogonal."""
+    m, n, r = 12, 20, 4
+    g = torch.randn(1, m, n, dtype=torch.float64) * torch.rand(1, m, 1, dtype=torch.float64)
+    proj = top_left_subspace(g, r, "svd")
+    low, _ = adamem_directions(
+        g, proj, torch.zeros(1, r, n, dtype=torch.float64), torch.zeros(1, r, dtype=torch.float64),
+        *torch.zeros(2, 1, n, dtype=torch.float64), beta1=0.9, beta2=0.95, step=1, eps=1e-8,
+    )  # fmt: skip
+    s = g - proj @ (proj.mT @ g)
+    row_scaled = s / s.square().mean(dim=2, keepdim=True).sqrt()
+    assert _inner_cos(low[0], row_scaled[0]) > 1e-3
+
+
+def test_claim_3_1_through_the_optimizer():
+    """The optimizer's step splits into a low-rank part (δ = 0) and a residual part orthogonal to it."""
+    shape, grads = (16, 10), _grads([(16, 10)], 5)
+    deltas = {}
+    for delta in (0.0, 1.0):
+        torch.manual_seed(1)
+        (w,) = _params([shape])
+        w0 = w.detach().clone()
+        opt = AdaMeM([w], lr=1.0, rank=3, update_proj_gap=2, residual_scale=delta, seed=5)
+        _run(opt, [w], grads[:-1])
+        w_before = w.detach().clone()
+        _run(opt, [w], grads[-1:])
+        deltas[delta] = (w.detach() - w_before, w_before - w0)
+    low, resid = deltas[0.0][0], deltas[1.0][0] - deltas[0.0][0]
+    assert low.norm() > 0 and resid.norm() > 0
+    assert _inner_cos(low, resid) < 1e-5
+
+
+# --------------------------------------------------------------------------- full-rank reduction
+def _adafactor_momentum_oracle(grads, basis, lr, beta1, beta2, eps):
+    """Adafactor with momentum (statistics of the bias-corrected momentum, as Algorithm 3) run on
+    ``basisᵀ G`` and mapped back: returns the sequence of parameter displacements. Written
+    independently of the package, one matrix, plain loops over the steps."""
+    r, n = basis.shape[1], grads[0].shape[1]
+    mom, row, col = (torch.zeros(shape, dtype=basis.dtype) for shape in ((r, n), (r,), (n,)))
+    disp, out = torch.zeros(basis.shape[0], n, dtype=basis.dtype), []
+    for t, g in enumerate(grads, start=1):
+        mom = beta1 * mom + (1 - beta1) * (basis.T @ g)
+        m_hat = mom / (1 - beta1**t)
+        row = beta2 * row + (1 - beta2) * (m_hat**2).mean(dim=1)
+        col = beta2 * col + (1 - beta2) * (m_hat**2).mean(dim=0)
+        v = torch.outer(row, col) / row.mean() / (1 - beta2**t)
+        disp = disp - lr * basis @ (m_hat / (v.sqrt() + eps))
+        out.append(disp.clone())
+    return out
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_full_rank_is_adafactor_momentum_in_the_gradient_basis(shape):
+    """With r = min(m, n) the residual vanishes and AdaMeM is Adafactor-with-momentum run on PᵀG
+    (P: the m×m orthogonal basis of the first gradient's singular vectors), whatever δ is."""
+    steps, lr = 6, 0.01
+    grads = [g[0].double() for g in _grads([shape], steps)]
+    (w,) = _params([shape], torch.float64)
+    w0 = w.detach().clone()
+    opt = AdaMeM([w], lr=lr, rank=64, update_proj_gap=1000, residual_scale=3.0, seed=0)
+    disps = []
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+        disps.append(w.detach() - w0)
+    basis = opt.state[w]["P"]
+    assert basis.shape == (min(shape), min(shape))
+    torch.testing.assert_close(basis.T @ basis, torch.eye(min(shape), dtype=torch.float64))
+    oriented = [g.T if shape[0] > shape[1] else g for g in grads]
+    want = _adafactor_momentum_oracle(oriented, basis, lr, 0.9, 0.95, 1e-8)
+    for got, exp in zip(disps, want):
+        torch.testing.assert_close(got, exp.T if shape[0] > shape[1] else exp, rtol=1e-10, atol=1e-12)
+
+
+def test_row_vector_is_plain_adafactor_momentum():
+    """A 1×n matrix: P = ±1, so AdaMeM is elementwise Adafactor with momentum in the original basis."""
+    steps, lr = 5, 0.1
+    grads = [g[0].double() for g in _grads([(1, 7)], steps)]
+    (w,) = _params([(1, 7)], torch.float64)
+    w0 = w.detach().clone()
+    _run(AdaMeM([w], lr=lr, rank=4, seed=0), [w], [[g] for g in grads])
+    want = _adafactor_momentum_oracle(grads, torch.ones(1, 1, dtype=torch.float64), lr, 0.9, 0.95, 1e-8)[-1]
+    torch.testing.assert_close(w.detach() - w0, want, rtol=1e-10, atol=1e-12)
+
+
+def test_vectors_are_plain_adafactor_without_momentum():
+    steps, lr, beta2, eps, wd = 4, 0.05, 0.95, 1e-8, 0.1
+    grads = [torch.randn(9, dtype=torch.float64) for _ in range(steps)]
+    (w,) = _params([(9,)], torch.float64)
+    want, v = w.detach().clone(), torch.zeros(9, dtype=torch.float64)
+    _run(AdaMeM([w], lr=lr, betas=(0.9, beta2), weight_decay=wd, residual_scale=0.5), [w], [[g] for g in grads])
+    for t, g in enumerate(grads, start=1):
+        v = beta2 * v + (1 - beta2) * g**2
+        want = want * (1 - lr * wd) - lr * g / ((v / (1 - beta2**t)).sqrt() + eps)
+    torch.testing.assert_close(w.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (16, 8, 10), (4, 30)])
+def test_state_bytes_are_low_rank(shape):
+    (w,) = _params([shape])
+    opt = AdaMeM([w], rank=8)
+    _run(opt, [w], _grads([shape], 1))
+    m, n = sorted((shape[0], math.prod(shape[1:])))
+    r = min(8, m)
+    want = 4 * ((m + n) * r + r + 2 * n)  # P, momentum, row and column statistics, residual column statistic
+    report = opt.state_report()
+    assert report.rows[0].kind == "lowrank" and report.rows[0].rank == r
+    assert report.state_bytes == want
+    if r < m:
+        assert report.state_bytes < 0.5 * report.adamw_bytes
+
+
+def test_vector_state_is_one_copy():
+    (w,) = _params([(33,)])
+    opt = AdaMeM([w])
+    _run(opt, [w], _grads([(33,)], 1))
+    assert opt.state_report().rows[0].kind == "dense" and opt.state_report().state_bytes == 4 * 33
+
+
+# ------------------------------------------------------------------------------------- resume
+SHAPES = [(12, 20), (12, 20), (20, 12), (3, 4, 5), (7,), (1, 9)]
+
+
+def _make(seed, dtype_last=torch.bfloat16):
+    torch.manual_seed(seed)
+    params = _params(SHAPES)
+    extra = torch.nn.Parameter(torch.randn(10, 14).to(dtype_last))
+    opt = AdaMeM(
+        [{"params": params}, {"params": [extra], "rank": 2, "momentum_transfer": "rotate"}],
+        lr=0.01, rank=3, update_proj_gap=3, weight_decay=0.1, seed=seed,
+    )  # fmt: skip
+    return params + [extra], opt
+
+
+def test_resume_is_bit_exact():
+    grads = _grads(SHAPES + [(10, 14)], 8)
+    params, opt = _make(seed=11)
+    _run(opt, params, grads)
+
+    params2, opt2 = _make(seed=11)
+    _run(opt2, params2, grads[:4])
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params2], "opt": opt2.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    params3, opt3 = _make(seed=99)  # a different seed: the checkpoint's RNG must win
+    with torch.no_grad():
+        for p, saved in zip(params3, ckpt["params"]):
+            p.copy_(saved)
+    opt3.load_state_dict(ckpt["opt"])
+    assert opt3.state[params3[-1]]["exp_avg"].dtype == torch.float32  # not cast to bf16
+    _run(opt3, params3, grads[4:])
+
+    for a, b in zip(params, params3):
+        assert torch.equal(a, b)
+    for a, b in zip(params, params3):
+        sa, sb = opt.state[a], opt3.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                assert torch.equal(sa[k], sb[k]), k
+            else:
+                assert sa[k] == sb[k] or (sa[k] != sa[k] and sb[k] != sb[k]), k
+
+
+# ------------------------------------------------------------------------ validation, non-finite
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(lr=float("nan")), "learning rate"),
+        (dict(betas=(0.9, 0.95, 0.9)), "betas"),
+        (dict(betas=(1.0, 0.95)), "index 0"),
+        (dict(betas=(0.9, -0.1)), "index 1"),
+        (dict(rank=0), "rank"),
+        (dict(rank=2.5), "rank"),
+        (dict(update_proj_gap=0), "update_proj_gap"),
+        (dict(residual_scale=-1.0), "residual_scale"),
+        (dict(residual_scale=float("inf")), "residual_scale"),
+        (dict(eps=0.0), "epsilon"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(projection="qr"), "projection"),
+        (dict(oversample=-1), "oversample"),
+        (dict(power_iters=0), "power_iters"),
+        (dict(momentum_transfer="reset"), "momentum_transfer"),
+        (dict(second_moment="adam"), "second_moment"),
+        (dict(clip_threshold=0.0), "clip_threshold"),
+        (dict(nonfinite="ignore"), "nonfinite"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaMeM(_params([(3, 4)]), **kwargs)
+
+
+def test_nonfinite_raise_modifies_nothing():
+    params = _params([(6, 9), (6, 9), (5,)])
+    opt = AdaMeM(params, rank=2, seed=0)
+    _run(opt, params, _grads([(6, 9), (6, 9), (5,)], 2))
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() for k, v in opt.state[params[0]].items() if torch.is_tensor(v)}
+    grads = _grads([(6, 9), (6, 9), (5,)], 1)[0]
+    grads[1][2, 3] = float("inf")
+    for p, g in zip(params, grads):
+        p.grad = g
+    with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[1\]"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert all(torch.equal(v, opt.state[params[0]][k]) for k, v in state_before.items())
+    assert opt.state[params[0]]["step"] == 2
+
+
+def test_nonfinite_skip_then_buckets_with_different_steps():
+    params = _params([(6, 9), (6, 9)])
+    opt = AdaMeM(params, rank=2, update_proj_gap=2, nonfinite="skip", seed=0)
+    grads = _grads([(6, 9), (6, 9)], 4)
+    grads[1][0][0, 0] = float("nan")
+    skipped_before = None
+    for t, gs in enumerate(grads):
+        if t == 1:
+            skipped_before = params[0].detach().clone()
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+        if t == 1:
+            assert torch.equal(params[0], skipped_before)
+    assert opt.state[params[0]]["nonfinite_skips"] == 1 and opt.state[params[0]]["step"] == 3
+    assert opt.state[params[1]]["step"] == 4
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+# --------------------------------------------------------------------------------- odd shapes
+@pytest.mark.parametrize("shape", [(1, 13), (13, 1), (20, 7), (3, 4, 5), (1,), ()])
+def test_odd_shapes_run_and_stay_finite(shape):
+    (w,) = _params([shape])
+    w0 = w.detach().clone()
+    opt = AdaMeM([w], lr=0.01, rank=4, update_proj_gap=2, seed=0)
+    _run(opt, [w], _grads([shape], 4))
+    assert torch.isfinite(w).all() and not torch.equal(w.detach(), w0)
+
+
+def test_tall_matrix_equals_its_transpose():
+    grads = _grads([(20, 7)], 5)
+    (w,) = _params([(20, 7)])
+    wt = torch.nn.Parameter(w.detach().T.clone())
+    _run(AdaMeM([w], lr=0.01, rank=3, update_proj_gap=2, seed=4), [w], grads)
+    _run(AdaMeM([wt], lr=0.01, rank=3, update_proj_gap=2, seed=4), [wt], [[g.T] for (g,) in grads])
+    torch.testing.assert_close(w.detach(), wt.detach().T, rtol=1e-6, atol=1e-6)
+
+
+def test_3d_is_folded_to_2d():
+    grads = _grads([(3, 4, 5)], 4)
+    (w,) = _params([(3, 4, 5)])
+    w2 = torch.nn.Parameter(w.detach().reshape(3, 20).clone())
+    _run(AdaMeM([w], lr=0.01, rank=2, update_proj_gap=2, seed=4), [w], grads)
+    _run(AdaMeM([w2], lr=0.01, rank=2, update_proj_gap=2, seed=4), [w2], [[g.reshape(3, 20)] for (g,) in grads])
+    assert torch.equal(w.detach().reshape(3, 20), w2.detach())
+
+
+def test_batched_bucket_equals_one_by_one():
+    shapes = [(8, 12)] * 3
+    grads = _grads(shapes, 4)
+    params = _params(shapes)
+    singles = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    _run(AdaMeM(params, lr=0.01, rank=3, update_proj_gap=2, projection="svd"), params, grads)
+    for i, p in enumerate(singles):
+        _run(AdaMeM([p], lr=0.01, rank=3, update_proj_gap=2, projection="svd"), [p], [[gs[i]] for gs in grads])
+    for a, b in zip(params, singles):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ projection
+def test_srsi_subspace_matches_svd_on_low_rank():
+    m, n, k = 30, 50, 5
+    g = (torch.randn(2, m, k, dtype=torch.float64) @ torch.randn(2, k, n, dtype=torch.float64))
+    p_svd = top_left_subspace(g, k, "svd")
+    p_rsi = top_left_subspace(g, k, "srsi", oversample=2, iters=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(p_rsi.mT @ p_rsi, torch.eye(k, dtype=torch.float64).expand(2, k, k))
+    torch.testing.assert_close(p_rsi @ p_rsi.mT, p_svd @ p_svd.mT, rtol=0, atol=1e-10)
+
+
+def test_srsi_orders_directions_by_singular_value():
+    """Rayleigh–Ritz: with oversampling, the kept columns are the top ones, not the first sketched."""
+    m, n, r = 40, 60, 4
+    u, _ = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, m, dtype=torch.float64))
+    g = (u * 0.5 ** torch.arange(m, dtype=torch.float64)) @ v.T
+    p = top_left_subspace(g.unsqueeze(0), r, "srsi", oversample=6, iters=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(p[0] @ p[0].T, u[:, :r] @ u[:, :r].T, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, noise", [(torch.float64, 0.0), (torch.float32, 1e-2)])
+def test_svd_and_srsi_optimizers_agree_on_low_rank_gradients(dtype, noise):
+    """Exactly rank-k gradients in fp64, or rank k plus a small full-rank part in fp32. (An exactly
+    low-rank fp32 gradient leaves a residual of rounding noise, which one-sided Adafactor scales
+    to O(1): the two projections then differ by their rounding, see docs/adamem.md.)"""
+    m, n, k = 16, 24, 3
+    basis = torch.randn(m, k, dtype=dtype)
+    grads = [[basis @ torch.randn(k, n, dtype=dtype) + noise * torch.randn(m, n, dtype=dtype)] for _ in range(5)]
+    runs = []
+    for projection in ("svd", "srsi"):
+        torch.manual_seed(2)
+        (w,) = _params([(m, n)], dtype)
+        _run(AdaMeM([w], lr=0.01, rank=k, update_proj_gap=1000, projection=projection, seed=3), [w], grads)
+        runs.append(w.detach())
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_rotate_momentum_keeps_the_full_space_momentum():
+    m, r, n = 10, 3, 7
+    p_old, _ = torch.linalg.qr(torch.randn(1, m, r, dtype=torch.float64))
+    o, _ = torch.linalg.qr(torch.randn(1, r, r, dtype=torch.float64))
+    p_new = p_old @ o  # same subspace, another basis
+    mom, row = torch.randn(1, r, n, dtype=torch.float64), torch.rand(1, r, dtype=torch.float64)
+    full = p_old @ mom
+    rotate_momentum(p_old, p_new, mom, row)
+    torch.testing.assert_close(p_new @ mom, full)
+    assert torch.all(row >= 0)
+
+
+def test_transfer_policies_differ_after_a_projection_change():
+    grads = _grads([(8, 12)], 4)
+    out = []
+    for transfer in ("keep", "rotate"):
+        torch.manual_seed(0)
+        (w,) = _params([(8, 12)])
+        _run(AdaMeM([w], lr=0.01, rank=2, update_proj_gap=2, momentum_transfer=transfer, seed=1), [w], grads)
+        out.append(w.detach())
+    assert not torch.allclose(out[0], out[1])
+
+
+# ------------------------------------------------------------------------------------- api
+def test_closure_param_groups_and_report():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 1))
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    opt = AdaMeM(model.named_parameters(), lr=0.02, rank=2, update_proj_gap=5, seed=0)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure).item()
+    for _ in range(30):
+        last = opt.step(closure).item()
+    assert last < first
+    report = opt.state_report()
+    assert [r.kind for r in report.rows] == ["lowrank", "dense", "lowrank", "dense"]
+    assert report.rows[0].name == "0.weight" and 0 <= report.rows[0].xi <= 1
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    shapes = [(16, 24), (24, 16), (5,)]
+    grads = _grads(shapes, 4)
+    outs = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(p.detach().to(device)) for p in _params(shapes)]
+        opt = AdaMeM(params, lr=0.01, rank=3, update_proj_gap=2, projection="svd")
+        _run(opt, params, [[g.to(device) for g in gs] for gs in grads])
+        outs.append([p.detach().cpu() for p in params])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

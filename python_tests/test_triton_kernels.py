@@ -1,0 +1,276 @@
+"""Every Triton kernel against the plain-PyTorch reference (which materializes V).
+
+Runs on CPU tensors under the Triton interpreter when there is no GPU (see triton_env.py);
+shapes are small because the interpreter costs milliseconds per program and loop iteration.
+Small ``Blocks`` reach the multi-tile, multi-K-chunk, multi-r-block and split paths."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from triton_env import DEVICE, triton_kernels  # noqa: F401  (autouse fixture)
+
+from adapprox_kernels import reference
+from adapprox_kernels.backends import resolve_backend
+
+BETA2 = 0.9  # far from 1 so that both terms of V matter
+EPS = 1e-8
+
+
+def _blocks(small: bool):
+    from adapprox_kernels.kernels._launch import Blocks
+
+    return Blocks(16, 16, 16, 16) if small else Blocks()
+
+
+def _inputs(batch, m, n, k, dtype, seed=0):
+    """Gradients (own allocations), previous factors with matrix 1 at a lower rank (its last
+    column zero-padded, as the optimizer pads mixed ranks), and V from the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(m, n, generator=gen).to(dtype).to(DEVICE) for _ in range(batch)]
+    q = torch.randn(batch, m, k, generator=gen).to(DEVICE)
+    u = torch.randn(batch, n, k, generator=gen).to(DEVICE)  # Q Uᵀ has negative entries: relu matters
+    if batch > 1 and k > 1:
+        q[1, :, -1] = 0
+        u[1, :, -1] = 0
+    g32 = torch.stack([g.float() for g in grads])
+    return grads, q, u, g32, reference.second_moment(g32, q, u, BETA2)
+
+
+def _close(actual, expected, rtol=1e-5):
+    """Max error relative to the largest reference entry (entries near 0 carry no weight)."""
+    scale = expected.abs().max().clamp_min(1e-30)
+    assert ((actual - expected).abs().max() / scale).item() <= rtol, (actual, expected)
+
+
+# (B, m, n, K, r, grad dtype, small blocks, split)
+PRODUCT_CASES = [
+    (2, 37, 129, 3, 6, torch.float32, False, None),
+    (2, 37, 129, 3, 6, torch.bfloat16, False, None),
+    (2, 37, 129, 3, 6, torch.float16, False, None),
+    (3, 1, 9, 1, 1, torch.float32, False, None),
+    (3, 9, 1, 1, 2, torch.bfloat16, False, None),
+    (1, 13, 11, 0, 4, torch.float32, False, None),  # first step: no factors yet
+    (2, 18, 33, 17, 17, torch.float32, True, 2),  # 2 K chunks, 2 r blocks (k+p > block), 3×3 tiles, split-K
+]
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES, ids=lambda c: f"B{c[0]}-{c[1]}x{c[2]}-K{c[3]}-r{c[4]}-{c[5]}-{c[6]}")
+def test_products_and_first_pass_sums(case):
+    from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
+
+    batch, m, n, k, r, dtype, small, split = case
+    grads, q, u, g32, v = _inputs(batch, m, n, k, dtype)
+    x = torch.randn(batch, n, r, device=DEVICE)
+    y = torch.randn(batch, m, r, device=DEVICE)
+    blocks = _blocks(small)
+    prod, sums = v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=blocks, split=split)
+    _close(prod, v @ x)
+    _close(v_rmatmul(grads, q, u, y, BETA2, blocks=blocks, split=split), v.transpose(1, 2) @ y)
+    upd = g32 / (v.sqrt() + EPS)
+    torch.testing.assert_close(sums[:, 0], v.square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(sums[:, 1], upd.square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
+    plain, none = v_matmul(grads, q, u, x, BETA2, blocks=blocks, split=split)
+    assert none is None
+    _close(plain, v @ x)
+
+
+@pytest.mark.parametrize("small", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms(dtype, small):
+    from adapprox_kernels.kernels.v_norms import v_norms
+
+    grads, q, u, g32, v = _inputs(2, 37, 29, 3, dtype)
+    q_new = torch.randn(2, 37, 18, device=DEVICE)  # 18 > a 16-wide K chunk with small blocks
+    u_new = torch.randn(2, 29, 18, device=DEVICE)
+    sums = v_norms(grads, q, u, BETA2, EPS, q_new, u_new, blocks=_blocks(small))
+    expected = torch.stack(
+        [
+            v.square().sum(dim=(1, 2)),
+            (v - q_new @ u_new.transpose(1, 2)).square().sum(dim=(1, 2)),
+            (g32 / (v.sqrt() + EPS)).square().sum(dim=(1, 2)),
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(sums, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(v_norms(grads, q, u, BETA2, EPS)[:, [0, 2]], expected[:, [0, 2]], rtol=1e-5, atol=0)
+
+
+def _clip(g32, v, threshold):
+    upd = g32 / (v.sqrt() + EPS)
+    return reference.clip_divisor(upd.flatten(1).square().sum(dim=1), upd[0].numel(), threshold)
+
+
+@pytest.mark.parametrize("shape", [(37, 29), (1, 20), (20, 1)])
+def test_cosine_sums(shape):
+    from adapprox_kernels.kernels.update_cosine import update_cosine_sums
+
+    grads, q, u, g32, v = _inputs(2, *shape, 2, torch.bfloat16)
+    moms = [torch.randn(*shape).to(torch.bfloat16).to(DEVICE) for _ in range(2)]
+    clip = _clip(g32, v, 0.5)
+    sums = update_cosine_sums(grads, q, u, moms, clip, beta2=BETA2, eps=EPS, beta1=0.8, blocks=_blocks(True))
+    upd = reference.clipped_update(g32, v, EPS, 0.5)
+    avg = 0.8 * torch.stack([m.float() for m in moms]) + 0.2 * upd
+    expected = torch.stack([(upd * avg).sum(dim=(1, 2)), upd.square().sum(dim=(1, 2)), avg.square().sum(dim=(1, 2))], 1)
+    torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-6)
+
+
+# Tolerances for the written weights/momentum: fp32 to rounding; bf16/fp16 may differ by one
+# unit in the last place where the fp32 value sits on a rounding boundary.
+WRITE_TOL = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (2**-8, 1e-6), torch.float16: (2**-10, 1e-6)}
+
+
+@pytest.mark.parametrize(
+    "dtype,momentum,cosine,residual,shape",
+    [
+        (torch.float32, True, True, True, (37, 29)),
+        (torch.bfloat16, True, False, True, (37, 29)),
+        (torch.float16, False, False, False, (37, 29)),
+        (torch.bfloat16, False, True, True, (1, 20)),
+        (torch.float32, True, False, True, (20, 1)),
+    ],
+)
+def test_apply_update(dtype, momentum, cosine, residual, shape):
+    from adapprox_kernels.kernels.apply_update import apply_update
+
+    grads, q, u, g32, v = _inputs(2, *shape, 2, dtype)
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.randn(*shape, generator=gen).to(dtype).to(DEVICE) for _ in range(2)]
+    moms = [torch.randn(*shape, generator=gen).to(dtype).to(DEVICE) for _ in range(2)] if momentum else None
+    ref_params = [p.clone() for p in params]
+    ref_moms = [m.clone() for m in moms] if momentum else None
+    clip = _clip(g32, v, 0.5)
+    scale = torch.tensor([1.0, 1.7], device=DEVICE) if cosine else None
+    q_new, u_new = (torch.randn(2, shape[0], 3, device=DEVICE), torch.randn(2, shape[1], 3, device=DEVICE))
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8 if momentum else 0.0, weight_decay=0.1)
+    resid = apply_update(
+        grads, q, u, params, moms, clip, scale, *((q_new, u_new) if residual else ()), blocks=_blocks(True), **kw
+    )
+
+    # Reference: lines 345–349 with the same per-matrix factor in place of the cosine factor.
+    upd = reference.clipped_update(g32, v, EPS, 0.5)
+    avg = torch.stack([m.float() for m in ref_moms]).mul_(0.8).add_(upd, alpha=0.2) if momentum else upd
+    for m, new in zip(ref_moms or [], avg):
+        m.copy_(new)
+    step = avg * scale.view(-1, 1, 1) if cosine else avg
+    for p, s in zip(ref_params, step):
+        p.copy_(p.float().mul_(1 - 0.1 * 0.1).add_(s, alpha=-0.1))
+    rtol, atol = WRITE_TOL[dtype]
+    for got, want in zip(params + (moms or []), ref_params + (ref_moms or [])):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+        if dtype != torch.float32:  # round-to-nearest-even like PyTorch, not truncation
+            assert (got != want).float().mean().item() < 0.01
+    if residual:
+        expected = (v - q_new @ u_new.transpose(1, 2)).square().sum(dim=(1, 2))
+        torch.testing.assert_close(resid, expected, rtol=1e-5, atol=0)
+    else:
+        assert resid is None
+
+
+def test_apply_update_writes_non_contiguous_params():
+    """A transposed-view parameter is staged and copied back, not silently dropped."""
+    from adapprox_kernels.kernels.apply_update import apply_update
+
+    grads, q, u, g32, v = _inputs(2, 9, 5, 1, torch.float32)
+    params = [torch.randn(5, 9, device=DEVICE).t(), torch.randn(9, 5, device=DEVICE)]
+    before = [p.clone() for p in params]
+    clip = torch.ones(2, device=DEVICE)
+    apply_update(grads, q, u, params, None, clip, beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)
+    upd = g32 / (v.sqrt() + EPS)
+    for p, b, d in zip(params, before, upd):
+        torch.testing.assert_close(p, b - 0.1 * d, rtol=1e-6, atol=1e-6)
+
+
+def test_launcher_errors():
+    from adapprox_kernels.kernels.apply_update import apply_update
+    from adapprox_kernels.kernels.v_matmul import v_matmul
+
+    grads, q, u, _, _ = _inputs(2, 6, 5, 2, torch.float32)
+    x = torch.randn(2, 5, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="one shape"):
+        v_matmul([grads[0], torch.randn(5, 6, device=DEVICE)], q, u, x, BETA2)
+    with pytest.raises(ValueError, match="not supported"):
+        v_matmul([g.double() for g in grads], q, u, x, BETA2)
+    with pytest.raises(ValueError, match="float32"):
+        v_matmul(grads, q.double(), u, x, BETA2)
+    with pytest.raises(ValueError, match="expected shape"):
+        v_matmul(grads, q, u, x[:, :4], BETA2)
+    with pytest.raises(ValueError, match="same number of columns"):
+        v_matmul(grads, q, u[..., :1], x, BETA2)
+    with pytest.raises(ValueError, match="at least one matrix"):
+        v_matmul([], q, u, x, BETA2)
+    with pytest.raises(ValueError, match="params"):
+        apply_update(grads, q, u, [torch.randn(6, 5, device=DEVICE)], None, torch.ones(2, device=DEVICE),
+                     beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="both"):
+        apply_update(grads, q, u, [g.clone() for g in grads], None, torch.ones(2, device=DEVICE), q_new=q,
+                     beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)  # fmt: skip
+
+
+def test_operator_matches_reference_operator():
+    """TritonSecondMoment through the LinearOperator protocol, as S-RSI sees it."""
+    from adapprox_kernels.linear_operator import LinearOperator
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    grads, q, u, g32, v = _inputs(2, 21, 17, 2, torch.bfloat16)
+    op = TritonBackend.second_moment(grads, q, u, BETA2, eps=EPS)
+    ref = reference.ReferenceSecondMoment(g32, q, u, BETA2)
+    assert isinstance(op, LinearOperator) and op.shape == ref.shape and op.dtype == torch.float32
+    torch.testing.assert_close(op.sq_norm(), ref.sq_norm(), rtol=1e-5, atol=0)  # reduction pass, no product yet
+    x, y = torch.randn(2, 17, 4, device=DEVICE), torch.randn(2, 21, 4, device=DEVICE)
+    torch.testing.assert_close(op.matmul(x), ref.matmul(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(op.rmatmul(y), ref.rmatmul(y), rtol=1e-5, atol=1e-5)
+    qn, un = torch.randn(2, 21, 3, device=DEVICE), torch.randn(2, 17, 3, device=DEVICE)
+    torch.testing.assert_close(op.residual_sq_norm(qn, un), ref.residual_sq_norm(qn, un), rtol=1e-5, atol=0)
+
+
+def test_opcheck_custom_ops():
+    """Schemas, fake (meta) implementations and mutation declarations of every entry point."""
+    from adapprox_kernels import triton_backend as tb
+
+    grads, q, u, _, _ = _inputs(2, 5, 7, 2, torch.bfloat16)
+    x, y = torch.randn(2, 7, 3, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE)
+    qn, un = torch.randn(2, 5, 2, device=DEVICE), torch.randn(2, 7, 2, device=DEVICE)
+    params = [torch.randn(5, 7, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
+    moms = [torch.randn(5, 7, device=DEVICE) for _ in range(2)]
+    clip, scale = torch.ones(2, device=DEVICE), torch.full((2,), 1.5, device=DEVICE)
+    cases = [
+        (tb.v_matmul_op, (grads, q, u, x, BETA2, EPS, True)),
+        (tb.v_matmul_op, (grads, q, u, x, BETA2, EPS, False)),
+        (tb.v_rmatmul_op, (grads, q, u, y, BETA2)),
+        (tb.v_norms_op, (grads, q, u, qn, un, BETA2, EPS)),
+        (tb.v_norms_op, (grads, q, u, None, None, BETA2, EPS)),
+        (tb.update_cosine_sums_op, (grads, q, u, moms, clip, BETA2, EPS, 0.9)),
+        (tb.apply_update_op, (grads, q, u, params, moms, clip, scale, qn, un, BETA2, EPS, 0.1, 0.9, 0.1)),
+        (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_backend_resolution():
+    """"auto" never picks the interpreter; "triton" by name runs wherever the kernels can."""
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    assert resolve_backend("triton", DEVICE) is TritonBackend
+    expected = TritonBackend if DEVICE.type == "cuda" else resolve_backend("reference", DEVICE)
+    assert resolve_backend("auto", DEVICE) is expected
+    assert TritonBackend.available(torch.device("meta")) is not None
+
+
+def test_package_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, adapprox_kernels\n"
+        "from adapprox_kernels.backends import availability, resolve_backend\n"
+        "why = availability(torch.device('cuda'))['triton']\n"
+        "assert why is not None and 'triton' in why, why\n"
+        "assert resolve_backend('auto', torch.device('cuda')).name == 'reference'\n"
+        "p = torch.nn.Parameter(torch.randn(12, 10)); p.grad = torch.randn(12, 10)\n"
+        "adapprox_kernels.Adapprox([p], k_max=2, oversample=1).step()\n"
+    )
+    env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr

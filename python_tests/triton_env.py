@@ -1,0 +1,55 @@
+"""Where the Triton tests run, and the fixture that gets the kernels ready there.
+
+On a machine with CUDA the kernels are compiled and the tests use CUDA tensors. Without one
+they run on CPU tensors under the Triton interpreter, which triton only enables for kernels
+decorated while ``TRITON_INTERPRET=1`` is set, triton.language's own functions included (those
+are decorated when triton is first imported, which is why conftest.py sets the variable before
+any test imports triton). The fixture makes sure of it for this module, (re-)imports the
+kernel modules if they were decorated otherwise, and restores the variable afterwards.
+"""
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+_MODULES = ("_tiles", "v_matmul", "v_norms", "update_cosine", "apply_update")  # _tiles first: the others import it
+
+
+def _load_kernels() -> None:
+    stale = False  # once one module is re-imported, the ones importing it must be too
+    for name in _MODULES:
+        full = f"adapprox_kernels.kernels.{name}"
+        module = sys.modules.get(full)
+        if module is None:
+            importlib.import_module(full)
+            continue
+        marker = getattr(module, "v_tile" if name == "_tiles" else f"_{name}_kernel")
+        if stale or type(marker).__name__ != "InterpretedFunction":
+            stale = True
+            importlib.reload(module)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_kernels():
+    """Autouse in the Triton test modules (import it there)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if DEVICE.type == "cuda":
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        _load_kernels()
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
