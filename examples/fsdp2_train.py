@@ -103,7 +103,8 @@ def main() -> None:
             )
 
     if args.save:
-        dcp.save({"model": get_model_state_dict(model), "optim": optimizer_state_dict(model, opt)}, checkpoint_id=args.save)
+        state = {"model": get_model_state_dict(model), "optim": optimizer_state_dict(model, opt)}
+        dcp.save(state, checkpoint_id=args.save)
         if rank == 0:
             print(f"saved {args.save} after step {first + args.steps} on {world} ranks")
     dist.destroy_process_group()
