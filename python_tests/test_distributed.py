@@ -415,6 +415,8 @@ def test_communication_volume_is_independent_of_rows(two_ranks):
     assert logs[256] == logs[1024]
 
 
+# torch.distributed.checkpoint warns that it loads in a single process: that is the point here.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_checkpoint_from_two_ranks_continues_in_one_process(two_ranks, reference_run):
     """Saved on 2 FSDP2 ranks after step 3, loaded into a plain model and optimizer (no process
     group): steps 4..6 give the uninterrupted run."""
