@@ -92,7 +92,7 @@ def metadata(device: torch.device | str, **extra) -> dict:
         came_pytorch=_version("came-pytorch"),
         galore_torch=_version("galore-torch"),
         adapprox_kernels=adapprox_kernels.__version__,
-        commit=_git("rev-parse", "HEAD"),
+        commit=os.environ.get("ADAPPROX_COMMIT") or _git("rev-parse", "HEAD"),  # set where no .git travels
         # Results are written before they are committed, so "dirty" is the usual case; the
         # diff against `commit` is then the result files and the script being run.
         dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
