@@ -61,13 +61,24 @@ def top_left_subspace(
     subspace iteration that ignores the oversampling.
     """
     if projection == "svd":
-        return torch.linalg.svd(g, full_matrices=False).U[..., :rank]
+        return canonical_signs(torch.linalg.svd(g, full_matrices=False).U[..., :rank])
     op = DenseOperator(g)
     _, m, n = op.shape
     q, u = subspace_iteration(op, gaussian_sketch(op, sketch_width(rank, oversample, m, n), generator), iters)
     # G ≈ Q Uᵀ and U = X Σ Yᵀ, so G's left singular vectors are Q Y, already sorted.
     y = torch.linalg.svd(u, full_matrices=False).Vh.mT
-    return q @ y[..., :rank]
+    return canonical_signs(q @ y[..., :rank])
+
+
+def canonical_signs(p: torch.Tensor) -> torch.Tensor:
+    """Flip each column of ``p: (B, m, r)`` so that its largest-magnitude entry is positive.
+
+    Singular vectors are defined up to sign, and SVD/QR implementations (CPU vs CUDA) choose
+    differently; with ``momentum_transfer="keep"`` a flipped column would turn the kept
+    momentum against the new gradient. A fixed convention makes P device-independent."""
+    idx = p.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(p.gather(1, idx))
+    return p * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def rotate_momentum(p_old: torch.Tensor, p_new: torch.Tensor, exp_avg: torch.Tensor, row_sq: torch.Tensor) -> None:

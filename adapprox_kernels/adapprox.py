@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from .backends import backend_names, resolve_backend
+from .distributed import RowShards, local
 from .optim_base import NONFINITE_POLICIES, SketchOptimizer
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
@@ -79,7 +80,8 @@ class Adapprox(SketchOptimizer):
             anything is modified) or ``"skip"`` (that parameter's step is skipped, its state left
             untouched, and ``state["nonfinite_skips"]`` counts it).
         backend: ``"auto"``, ``"reference"`` or any registered backend.
-        seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG).
+        seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG;
+            under an initialized torch.distributed, rank 0's draw, broadcast to all ranks).
         warm_start: start S-RSI from last step's ``U`` (its columns, topped up with Gaussian
             ones) instead of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
@@ -170,6 +172,10 @@ class Adapprox(SketchOptimizer):
             # Q0 = U0 = 0: the first V is (1 − β2)·G².
             state["Q"] = torch.zeros(m, 0, dtype=factor_dtype, device=p.device)
             state["U"] = torch.zeros(n, 0, dtype=factor_dtype, device=p.device)
+            shards = RowShards.of(p)
+            if shards is not None:  # DTensor (FSDP2): Q by rows like p, U replicated
+                q_rows = torch.zeros(local(p).shape[0], 0, dtype=factor_dtype, device=state["U"].device)
+                state["Q"], state["U"] = shards.rows_of(q_rows), shards.replicated(state["U"])
         else:
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=factor_dtype)
         if beta1 > 0:
@@ -210,26 +216,35 @@ class Adapprox(SketchOptimizer):
 
         beta2 = group["betas"][1]
         states = [self.state[p] for p in bucket]
-        v = torch.stack([s["exp_avg_sq"] for s in states])
-        g = torch.stack([p.grad.to(v.dtype) for p in bucket])
+        # DTensor parameters: work on this rank's part; the RMS and cosine sums are all-reduced.
+        shards = RowShards.of(bucket[0])
+        reduce = None if shards is None else shards.all_reduce
+        v = torch.stack([local(s["exp_avg_sq"]) for s in states])
+        g = torch.stack([local(p.grad).to(v.dtype) for p in bucket])
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         for s, new in zip(states, v):
-            s["exp_avg_sq"].copy_(new)
+            local(s["exp_avg_sq"]).copy_(new)
         kw = self._step_kwargs(group)
-        upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"))
-        exp_avgs = [s["exp_avg"] for s in states] if kw["beta1"] > 0 else None
-        apply_updates(bucket, upd, exp_avgs, **kw)
+        upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"), reduce)
+        exp_avgs = [local(s["exp_avg"]) for s in states] if kw["beta1"] > 0 else None
+        apply_updates([local(p) for p in bucket], upd, exp_avgs, **kw, reduce=reduce)
 
     def _factored_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
         """S-RSI for every same-shaped matrix of the bucket at once, then the update."""
         states = [self.state[p] for p in bucket]
         m, n = matrix_shape(bucket[0])
         beta1, beta2, beta3 = group["betas"]
+        shards = RowShards.of(bucket[0])
+        if shards is not None:
+            # DTensor (FSDP2) parameters: the same step on this rank's rows; see distributed.py.
+            backend = shards
         # Previous factors, zero-padded to a common width (zero columns add nothing to Q Uᵀ).
         width_prev = max(s["Q"].shape[1] for s in states)
-        q_prev = torch.stack([torch.nn.functional.pad(s["Q"], (0, width_prev - s["Q"].shape[1])) for s in states])
-        u_prev = torch.stack([torch.nn.functional.pad(s["U"], (0, width_prev - s["U"].shape[1])) for s in states])
-        op = backend.second_moment([p.grad.reshape(m, n) for p in bucket], q_prev, u_prev, beta2, eps=group["eps"])
+        pad = torch.nn.functional.pad
+        q_prev = torch.stack([pad(local(s["Q"]), (0, width_prev - s["Q"].shape[1])) for s in states])
+        u_prev = torch.stack([pad(local(s["U"]), (0, width_prev - s["U"].shape[1])) for s in states])
+        grads = [local(p.grad).reshape(-1, n) for p in bucket]
+        op = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
 
         ranks = [_round_rank(s["rank"]) for s in states]
         width = sketch_width(max(ranks), group["oversample"], m, n)
@@ -245,9 +260,10 @@ class Adapprox(SketchOptimizer):
         measure = group["rank_policy"] == "step" or step % group["rank_interval"] == 0
         # The update needs only V_t, so it runs before the rank decision; a fused backend also
         # returns ξ's numerator from that pass over G.
-        exp_avgs = [s["exp_avg"] for s in states] if beta1 > 0 else None
+        exp_avgs = [local(s["exp_avg"]) for s in states] if beta1 > 0 else None
         factors = (truncate_columns(q, used), truncate_columns(u, used)) if measure else None
-        resid = backend.apply_step(op, bucket, exp_avgs, residual_factors=factors, **self._step_kwargs(group))
+        params = [local(p) for p in bucket]
+        resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **self._step_kwargs(group))
         if measure:
             xis = ratio_from_sq_norms(op.sq_norm(), resid).tolist()
         cap = min(group["k_max"], m, n)
@@ -263,6 +279,8 @@ class Adapprox(SketchOptimizer):
             keep = min(_round_rank(s["rank"]), width)
             s["Q"] = q[b, :, :keep].clone()
             s["U"] = u[b, :, :keep].clone()
+            if shards is not None:
+                s["Q"], s["U"] = shards.rows_of(s["Q"]), shards.replicated(s["U"])
 
     # -------------------------------------------------------------------------- observability
     def state_report(self) -> StateReport:

@@ -55,33 +55,39 @@ def check_sketch(y: torch.Tensor) -> None:
         raise ValueError(f"orthonormalize needs m >= r (at most m orthonormal columns), got shape {tuple(y.shape)}")
 
 
-def row_signs(m: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """``D``: ``±1`` per row from a 32-bit integer hash of the row index, ``(m,)`` fp64.
+def row_signs(m: int, device: torch.device | str | None = None, rows: range | None = None) -> torch.Tensor:
+    """``D``: ``±1`` per row from a 32-bit integer hash of the row index, ``(m,)`` fp64 (only
+    ``rows``, e.g. one rank's block of a row-sharded sketch, when given).
 
     ``h = i·2654435761 mod 2³²; h ^= h >> 16; h = h·0x045D9F3B mod 2³²; h ^= h >> 16``; the sign
     is ``-1`` when ``h`` is odd. Every product stays below 2⁶³ (``i < 2³¹``), so int64 gives the
     exact uint32 arithmetic of the CUDA kernel."""
     mask = 0xFFFFFFFF
-    h = (torch.arange(m, dtype=torch.int64, device=device) * 2654435761) & mask
+    rows = range(m) if rows is None else rows
+    h = (torch.arange(rows.start, rows.stop, dtype=torch.int64, device=device) * 2654435761) & mask
     h = h ^ (h >> 16)
     h = (h * 0x045D9F3B) & mask
     h = h ^ (h >> 16)
     return 1.0 - 2.0 * (h & 1).to(torch.float64)
 
 
-def completion_basis(m: int, r: int, device: torch.device | str | None = None) -> torch.Tensor:
+def completion_basis(
+    m: int, r: int, device: torch.device | str | None = None, rows: range | None = None
+) -> torch.Tensor:
     """``D·C``: the first ``r`` orthonormal DCT-II columns of size ``m`` with the rows' signs
-    flipped by :func:`row_signs`, ``(m, r)`` fp64 with orthonormal columns.
+    flipped by :func:`row_signs`, ``(m, r)`` fp64 with orthonormal columns (only ``rows`` when
+    given).
 
     ``C[i, j] = w_j·cos(π·(2i+1)·j / (2m))``, ``w_0 = √(1/m)``, ``w_j = √(2/m)``; the phase
     ``(2i+1)·j`` is reduced modulo ``4m`` in integers first, as the CUDA kernel does."""
-    i = torch.arange(m, dtype=torch.int64, device=device).unsqueeze(1)
+    rows = range(m) if rows is None else rows
+    i = torch.arange(rows.start, rows.stop, dtype=torch.int64, device=device).unsqueeze(1)
     j = torch.arange(r, dtype=torch.int64, device=device).unsqueeze(0)
     phase = ((2 * i + 1) * j) % (4 * m)
     weight = torch.full((r,), math.sqrt(2.0 / m), dtype=torch.float64, device=device)
     weight[:1] = math.sqrt(1.0 / m)
     dct = torch.cos(phase.to(torch.float64) * (math.pi / (2 * m))) * weight
-    return dct * row_signs(m, device).unsqueeze(1)
+    return dct * row_signs(m, device, rows).unsqueeze(1)
 
 
 def cholesky_shift(m: int, r: int) -> float:
@@ -89,10 +95,13 @@ def cholesky_shift(m: int, r: int) -> float:
     return 11.0 * (m * r + r * (r + 1)) * (torch.finfo(torch.float64).eps / 2)
 
 
-def _cholqr_pass(x: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cholqr_pass(x: torch.Tensor, shift: float, reduce=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One CholeskyQR pass on ``x: (B, m, r)`` fp64, ``shift`` times the trace added to the Gram
-    diagonal: returns ``(x R⁻¹, unshifted Gram (B, r, r), Cholesky info (B,))``."""
+    diagonal: returns ``(x R⁻¹, unshifted Gram (B, r, r), Cholesky info (B,))``. ``reduce`` sums
+    the Gram over the ranks holding the other rows of ``x``."""
     gram = torch.bmm(x.transpose(1, 2), x)
+    if reduce is not None:
+        gram = reduce(gram)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     shifted = gram
     if shift:
@@ -103,23 +112,33 @@ def _cholqr_pass(x: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Ten
     return torch.bmm(x, r_inv), gram, info
 
 
-def cholqr_orthonormalize(y: torch.Tensor) -> torch.Tensor:
+def cholqr_orthonormalize(y: torch.Tensor, shards=None) -> torch.Tensor:
     """Orthonormal basis of the columns of every ``y[b]``: ``(B, m, r) -> (B, m, r)``, never NaN
-    for finite input (rank-deficient and all-zero ``y`` included). See the module docstring."""
-    check_sketch(y)
-    _, m, r = y.shape
-    if y.numel() == 0:
-        return torch.empty_like(y)
+    for finite input (rank-deficient and all-zero ``y`` included). See the module docstring.
+
+    ``shards`` (a :class:`~adapprox_kernels.distributed.RowShards`): ``y`` is this rank's block
+    of rows of a sketch split over ranks; the norm and the Gram matrices are summed over the
+    ranks (every rank then takes the same decisions) and the fallback is its TSQR."""
+    if shards is None:
+        check_sketch(y)
+        if y.numel() == 0:
+            return torch.empty_like(y)
+        m, rows, reduce, fallback = y.shape[1], None, None, householder_orthonormalize
+    else:
+        m, rows, reduce, fallback = shards.rows, shards.local_rows, shards.all_reduce, shards.tsqr
+    r = y.shape[2]
     norm = torch.linalg.vector_norm(y, dim=(1, 2), dtype=torch.float64)
+    if reduce is not None:
+        norm = reduce(norm.square()).sqrt()
     scale = torch.where(norm > 0, norm, torch.ones_like(norm))
-    x = y.to(torch.float64) + (COMPLETION_SCALE * scale).view(-1, 1, 1) * completion_basis(m, r, y.device)
-    x, _, info1 = _cholqr_pass(x, cholesky_shift(m, r))
-    x, _, info2 = _cholqr_pass(x, 0.0)
-    x, gram, info3 = _cholqr_pass(x, 0.0)
+    x = y.to(torch.float64) + (COMPLETION_SCALE * scale).view(-1, 1, 1) * completion_basis(m, r, y.device, rows)
+    x, _, info1 = _cholqr_pass(x, cholesky_shift(m, r), reduce)
+    x, _, info2 = _cholqr_pass(x, 0.0, reduce)
+    x, gram, info3 = _cholqr_pass(x, 0.0, reduce)
     gram_err = (gram - torch.eye(r, dtype=gram.dtype, device=gram.device)).abs().amax(dim=(1, 2))
     failed = (info1 != 0) | (info2 != 0) | (info3 != 0) | ~(gram_err <= GRAM_TOLERANCE)  # `~(<=)` catches NaN
     q = x.to(y.dtype)
     if bool(failed.any()):
         idx = failed.nonzero().squeeze(1)
-        q[idx] = householder_orthonormalize(y[idx])
+        q[idx] = fallback(y[idx])
     return q

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .distributed import is_dtensor, nonfinite_flags, shared_seed
+
 NONFINITE_POLICIES = ("raise", "skip")
 
 
@@ -34,7 +36,8 @@ class SketchOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict[str, Any], seed: int | None):
         super().__init__(params, defaults)
-        self._seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used.
+        self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -101,11 +104,15 @@ class SketchOptimizer(Optimizer):
         """One flag per parameter: does its gradient hold inf or NaN? (one host sync)."""
         if not params:
             return []
-        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        by_device: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            by_device[p.grad.device].append(i)
+            by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
         flags = [False] * len(params)
         for idxs in by_device.values():
+            if is_dtensor(params[idxs[0]].grad):  # FSDP2: each rank checks its rows, one all-reduce
+                for i, b in zip(idxs, nonfinite_flags([params[i].grad for i in idxs])):
+                    flags[i] = b
+                continue
             # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
             # can overflow); NaN propagates through it.
             norms = torch._foreach_norm([params[i].grad for i in idxs], float("inf"))

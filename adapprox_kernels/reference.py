@@ -10,11 +10,15 @@ zero-padded to a common ``K`` (zero columns add nothing to ``Q Uᵀ``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .linear_operator import DenseOperator
+
+# Sums a tensor over the ranks that hold the other rows of the same matrices (row-sharded
+# parameters, see adapprox_kernels.distributed); None when each matrix is whole here.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def second_moment(grad: torch.Tensor, q: torch.Tensor, u: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -22,15 +26,21 @@ def second_moment(grad: torch.Tensor, q: torch.Tensor, u: torch.Tensor, beta2: f
     return torch.bmm(q, u.transpose(1, 2)).clamp_min_(0).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
-def clipped_update(grad: torch.Tensor, v: torch.Tensor, eps: float, clip_threshold: float) -> torch.Tensor:
+def clipped_update(
+    grad: torch.Tensor, v: torch.Tensor, eps: float, clip_threshold: float, reduce: Reduce | None = None
+) -> torch.Tensor:
     """``Upd = G / (√V + ε)`` scaled by ``1 / max(1, RMS(Upd)/d)`` per matrix (lines 344–345).
 
-    ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix."""
+    ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix. With ``reduce``, they
+    are this rank's rows and the sum of squares and the size are summed over the ranks."""
     upd = grad / (v.sqrt() + eps)
-    return upd / _per_matrix(clip_divisor(upd.flatten(1).square().sum(dim=1), upd[0].numel(), clip_threshold), upd)
+    sq_sum, numel = upd.flatten(1).square().sum(dim=1), upd[0].numel()
+    if reduce is not None:
+        sq_sum, numel = reduce(torch.stack([sq_sum, torch.full_like(sq_sum, numel)]))
+    return upd / _per_matrix(clip_divisor(sq_sum, numel, clip_threshold), upd)
 
 
-def clip_divisor(sq_sum: torch.Tensor, numel: int, clip_threshold: float) -> torch.Tensor:
+def clip_divisor(sq_sum: torch.Tensor, numel: int | torch.Tensor, clip_threshold: float) -> torch.Tensor:
     """``max(1, RMS/d)`` per matrix from ``Σ Upd²`` (``(B,)``) over ``numel`` entries."""
     return ((sq_sum / numel).sqrt() / clip_threshold).clamp_min(1.0)
 
@@ -40,15 +50,20 @@ def _per_matrix(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.view(-1, *([1] * (like.dim() - 1)))
 
 
-def cosine_guidance_factor(upd: torch.Tensor, avg: torch.Tensor, max_scale: float) -> torch.Tensor:
+def cosine_guidance_factor(
+    upd: torch.Tensor, avg: torch.Tensor, max_scale: float, reduce: Reduce | None = None
+) -> torch.Tensor:
     """Step scale from the cosine similarity c of this update and the running average of
     updates, per matrix: ``1 / clamp(1 − c, 1/max_scale, 2·max_scale)``; ``(B, 1, …, 1)``.
 
     The arXiv paper scales by about ``(1 − c + ε)⁻¹`` (its exact formula was lost); ours is
     bounded so a step is never scaled by more than ``max_scale`` nor less than
-    ``1/(2·max_scale)``."""
+    ``1/(2·max_scale)``. ``reduce``: as in :func:`clipped_update` (c of the whole matrix)."""
     a, b = upd.flatten(1), avg.flatten(1)
-    return _per_matrix(cosine_scale((a * b).sum(dim=1), a.norm(dim=1), b.norm(dim=1), max_scale), upd)
+    if reduce is None:
+        return _per_matrix(cosine_scale((a * b).sum(dim=1), a.norm(dim=1), b.norm(dim=1), max_scale), upd)
+    dot, a_sq, b_sq = reduce(torch.stack([(a * b).sum(dim=1), a.square().sum(dim=1), b.square().sum(dim=1)]))
+    return _per_matrix(cosine_scale(dot, a_sq.sqrt(), b_sq.sqrt(), max_scale), upd)
 
 
 def cosine_scale(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, max_scale: float) -> torch.Tensor:
@@ -67,10 +82,12 @@ def apply_updates(
     beta1: float,
     weight_decay: float,
     cosine_max_scale: float | None,
+    reduce: Reduce | None = None,
 ) -> None:
     """Lines 346–349 for each matrix ``b``: momentum of updates, optional cosine guidance,
     decoupled weight decay. ``upd`` is fp32 ``(B, *param.shape)``; each parameter is written in
-    its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own."""
+    its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own. ``reduce``: see
+    :func:`clipped_update` (only the cosine guidance reduces over the matrix)."""
     upd = upd.reshape(len(params), *params[0].shape)
     if exp_avgs is not None:
         avg = torch.stack([m.to(upd.dtype) for m in exp_avgs]).mul_(beta1).add_(upd, alpha=1 - beta1)
@@ -79,7 +96,7 @@ def apply_updates(
     else:
         avg = upd
     if cosine_max_scale is not None and exp_avgs is not None:
-        avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale)
+        avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale, reduce)
     for w, step in zip(params, avg):
         new = w.to(upd.dtype).mul_(1 - lr * weight_decay).add_(step, alpha=-lr)
         w.copy_(new)
@@ -94,6 +111,6 @@ class ReferenceSecondMoment(DenseOperator):
         super().__init__(second_moment(grad, q, u, beta2))
         self.grad = grad
 
-    def clipped_update(self, eps: float, clip_threshold: float) -> torch.Tensor:
+    def clipped_update(self, eps: float, clip_threshold: float, reduce: Reduce | None = None) -> torch.Tensor:
         """The clipped update ``(B, m, n)`` from the exact ``V_t``, not its compression."""
-        return clipped_update(self.grad, self.a, eps, clip_threshold)
+        return clipped_update(self.grad, self.a, eps, clip_threshold, reduce)

@@ -112,6 +112,7 @@ def environment(device: torch.device) -> dict:
         )  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", None
+    commit = os.environ.get("ADAPPROX_COMMIT") or commit  # set where no .git travels
     loaded, error = ext.extension_status()
     cpu = f"CPU ({platform.processor() or platform.machine()})"
     return {

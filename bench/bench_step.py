@@ -256,7 +256,7 @@ def metadata(device) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "git_commit": git("rev-parse", "HEAD"),
+        "git_commit": os.environ.get("ADAPPROX_COMMIT") or git("rev-parse", "HEAD"),  # set where no .git travels
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "cpu_threads": torch.get_num_threads(),
         "load_average_1_5_15min": list(os.getloadavg()),  # CPU timings on a shared machine are noisy

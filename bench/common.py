@@ -85,6 +85,14 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
+def _dirty() -> bool | None:
+    """Uncommitted changes to tracked files outside bench/results/ (the results themselves are
+    rewritten by every run, so they do not count); ``None`` where there is no git checkout."""
+    if not _git("rev-parse", "HEAD"):
+        return None
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"))
+
+
 def metadata(device: torch.device | str, **extra) -> dict:
     """Where and with what a result was measured."""
     device = torch.device(device)
@@ -98,10 +106,8 @@ def metadata(device: torch.device | str, **extra) -> dict:
         came_pytorch=_version("came-pytorch"),
         galore_torch=_version("galore-torch"),
         adapprox_kernels=adapprox_kernels.__version__,
-        commit=_git("rev-parse", "HEAD"),
-        # Uncommitted changes to tracked files outside bench/results/ (the results themselves are
-        # rewritten by every run, so they do not count).
-        dirty=bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")),
+        commit=os.environ.get("ADAPPROX_COMMIT") or _git("rev-parse", "HEAD"),  # set where no .git travels
+        dirty=_dirty(),
         python=platform.python_version(),
         # CPU timings on a shared machine are only as good as its load when they were taken.
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

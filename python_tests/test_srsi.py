@@ -27,7 +27,7 @@ def test_srsi_near_truncated_svd(m, n, k):
     torch.testing.assert_close(q[0].T @ q[0], torch.eye(k), atol=1e-5, rtol=0)
     err = error_ratio(DenseOperator(a), q, u).item()
     best = svd_error(a, k)
-    assert best <= err <= best * 1.03, (err, best)
+    assert best * (1 - 1e-6) <= err <= best * 1.03, (err, best)  # fp32 ξ may round just below
 
 
 def test_error_ratio_matches_explicit_norms():

@@ -21,12 +21,12 @@ def _params(dtype):
 
 
 def _grads(step, dtype):
-    """Random gradients, except matrix 1: a smooth row×column scale with 5% noise, whose V is
+    """Random gradients, except matrix 1: a smooth row×column scale with 1% noise, whose V is
     nearly rank 1, so ξ is small and its rank shrinks while matrix 0's stays at k_max."""
     gen = torch.Generator().manual_seed(100 + step)
     grads = [torch.randn(*s, generator=gen) for s in SHAPES]
     rows, cols = torch.rand(20, 1, generator=gen) + 0.5, torch.rand(1, 33, generator=gen) + 0.5
-    grads[1] = rows * cols * (1 + 0.05 * torch.randn(20, 33, generator=gen))
+    grads[1] = rows * cols * (1 + 0.01 * torch.randn(20, 33, generator=gen))
     return [g.to(dtype).to(DEVICE) for g in grads]
 
 
@@ -44,7 +44,9 @@ def _run(backend, dtype, options, steps, round_trip_at):
     return params, opt
 
 
-BASE = dict(lr=1e-2, k_max=4, oversample=2, power_iters=2, betas=(0.9, 0.9, 0.0), xi_thresh=0.05)
+# ξ of matrix 0 stays above 0.25 and of matrix 1 below 0.1 whatever the sketch (CPU or CUDA RNG),
+# so the threshold between them drives their ranks apart on every device.
+BASE = dict(lr=1e-2, k_max=4, oversample=2, power_iters=2, betas=(0.9, 0.9, 0.0), xi_thresh=0.15)
 
 CONFIGS = {
     "fp32-cold": (torch.float32, {}),
@@ -78,6 +80,13 @@ def test_triton_matches_reference(name):
             got = tri_state[key]
             if torch.is_tensor(want):
                 assert got.dtype == want.dtype and got.shape == want.shape, (i, key)
+                if key in ("Q", "U") and DEVICE.type == "cuda":
+                    # Compiled tf32x3 products vs cuBLAS fp32 can turn the basis of a cluster of
+                    # near-equal singular values: compare what the factors stand for, Q Uᵀ.
+                    if key == "Q":
+                        rebuilt = tri_state["Q"] @ tri_state["U"].T, ref_state["Q"] @ ref_state["U"].T
+                        torch.testing.assert_close(*rebuilt, rtol=1e-4, atol=1e-5, msg=f"param {i} Q Uᵀ")
+                    continue
                 tol = TOL[dtype] if key == "exp_avg" else 1e-4
                 torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=1e-5, msg=f"param {i} {key}")
             elif isinstance(want, float):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -155,5 +156,5 @@ def environment(device: str) -> dict:
         python=platform.python_version(),
         device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         threads=torch.get_num_threads(),
-        commit=commit,
+        commit=os.environ.get("ADAPPROX_COMMIT") or commit,  # set where no .git travels
     )

@@ -1,0 +1,434 @@
+"""Adapprox on row-sharded parameters (FSDP2, DTensor ``Shard(0)``) without gathering matrices.
+
+Under FSDP2 a weight ``W: (m, n)`` and its gradient are DTensors whose rows are split over the
+ranks of a 1-D device mesh (``torch.chunk`` layout: uneven and empty shards allowed). Adapprox
+keeps its state the same way: ``Q: (m, k)`` and the first moment by rows, ``U: (n, k)``
+replicated. S-RSI then needs only
+
+* ``V @ X``: local. Each rank rebuilds its own rows of ``V = β2·relu(Q Uᵀ) + (1−β2)·G²`` from its
+  rows of ``Q`` and ``G`` and the replicated ``U``;
+* ``Vᵀ @ Y``: a local product and one all-reduce of ``n×r``;
+* ``‖V‖²``, ``‖V − Q Uᵀ‖²``, the update RMS and the cosine-guidance sums: all-reduced scalars;
+* the orthonormalization of the row-sharded sketch: the robust CholeskyQR of
+  :mod:`adapprox_kernels.cholqr` (the single-GPU path's), whose norm and ``r×r`` Gram matrices
+  are all-reduced (:meth:`RowShards.orthonormalize`).
+
+So one step communicates ``O((n + r)·r)`` numbers per matrix and never an ``m×n`` tensor. Every
+rank sees the same all-reduced numbers, so ξ, the rank and the Gaussian sketch (drawn from the
+optimizer's generator, seeded identically on every rank) are the same everywhere.
+
+:class:`RowShards` has the three pieces of a backend (``second_moment``, ``orthonormalize``,
+``apply_step``), so the optimizer runs a sharded bucket through the very code it runs a local
+one through. The S-RSI and ξ code is :mod:`adapprox_kernels.srsi`'s, unchanged.
+
+Checkpoints: :func:`optimizer_state_dict` and :func:`load_optimizer_state` save and load the
+sharded state with ``torch.distributed.checkpoint`` on any number of ranks (resharding).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import reference
+from ._extension import orthonormalize as default_orthonormalize
+from .cholqr import cholqr_orthonormalize
+from .linear_operator import LinearOperator
+
+# Names of the per-parameter state tensors that are split by rows like the parameter itself.
+ROW_SHARDED_STATE = ("Q", "exp_avg", "exp_avg_sq")
+
+
+# ------------------------------------------------------------------------------ DTensor helpers
+def is_dtensor(t: Any) -> bool:
+    """Is ``t`` a DTensor? Without importing DTensor (~1 s): none exists until it is imported."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (a view that writes through); ``t`` itself for plain tensors."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def chunk_rows(rows: int, parts: int) -> list[int]:
+    """Rows per rank in ``torch.chunk`` layout (FSDP2's and DTensor ``Shard(0)``'s): ``ceil(rows /
+    parts)`` each, the last ones shorter or empty."""
+    size = -(-rows // parts)
+    return [max(0, min(size, rows - i * size)) for i in range(parts)]
+
+
+def shared_seed(seed: int) -> int:
+    """Rank 0's ``seed`` on every rank of the default process group (the sketch RNG must draw the
+    same Gaussian sketch everywhere); ``seed`` itself without an initialized process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return seed
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+def nonfinite_flags(grads: Sequence[torch.Tensor]) -> list[bool]:
+    """Per DTensor gradient (all on one mesh): does any rank's part hold inf or NaN?
+
+    Each rank checks its own rows (an empty shard has nothing to check, and the max-norm of an
+    empty tensor is undefined); one all-reduce of the flags (not of the norms: a NaN may not
+    survive a max-reduction)."""
+    parts = [local(g) for g in grads]
+    norms = torch.zeros(len(parts), device=parts[0].device)
+    nonempty = [i for i, t in enumerate(parts) if t.numel()]
+    if nonempty:
+        norms[nonempty] = torch.stack(torch._foreach_norm([parts[i] for i in nonempty], float("inf"))).float()
+    bad = (~torch.isfinite(norms)).float()
+    mesh = grads[0].device_mesh
+    for dim in range(mesh.ndim):
+        dist.all_reduce(bad, group=mesh.get_group(dim))
+    return (bad > 0).tolist()
+
+
+# ---------------------------------------------------------------------- communication accounting
+_COLLECTIVE_WORDS = ("reduce", "gather", "scatter", "broadcast", "all_to_all", "alltoall")
+
+
+class CollectiveLog(TorchDispatchMode):
+    """Records every collective issued while active (c10d and functional collectives, including
+    those DTensor and FSDP2 issue internally): ``records`` holds ``(op name, payload bytes)``.
+
+    The payload is the whole tensor being communicated: the reduced tensor of an all-reduce,
+    the gathered output of an all-gather, the unreduced input of a reduce-scatter. (A ring
+    algorithm sends about ``2(P−1)/P`` times the payload per rank for an all-reduce and
+    ``(P−1)/P`` times it for the other two.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ns, name = func.namespace, func.__name__.split(".")[0]
+        if ns in ("c10d", "_c10d_functional", "c10d_functional") and any(w in name for w in _COLLECTIVE_WORDS):
+            self.records.append((name, _payload(ns, name, args)))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.records)
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
+
+
+def _payload(ns: str, name: str, args: tuple) -> int:
+    if ns == "c10d":  # (tensors, process group, …) or (outputs, inputs, …): the larger side
+        return max(_nbytes(args[0]), _nbytes(args[1]) if len(args) > 1 else 0)
+    if "gather" in name and len(args) > 1 and isinstance(args[1], int):  # (input, group_size, …)
+        return _nbytes(args[0]) * args[1]
+    return _nbytes(args[0])
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(y) for y in x)
+    return 0
+
+
+@contextmanager
+def log_collectives() -> Iterator[CollectiveLog]:
+    """``with log_collectives() as log: opt.step()``; then ``log.count``, ``log.bytes``."""
+    mode = CollectiveLog()
+    with mode:
+        yield mode
+
+
+# ------------------------------------------------------------------------------- row shards
+class RowShards:
+    """The layout of a DTensor parameter on a 1-D mesh: rows split (``Shard(0)``) or replicated.
+
+    Acts as the backend of a sharded bucket: :meth:`second_moment`, :meth:`orthonormalize` and
+    :meth:`apply_step` take and return this rank's rows of every ``(B, m, ·)`` tensor."""
+
+    def __init__(self, mesh, placement, rows: int):
+        self.mesh = mesh
+        self.placement = placement
+        self.rows = rows
+        self.sharded = placement.is_shard()
+        self.group = mesh.get_group(0) if self.sharded else None
+        self.world = mesh.size(0) if self.sharded else 1
+        self.rank = mesh.get_local_rank(0) if self.sharded else 0
+        self.row_counts = chunk_rows(rows, self.world)
+        first = sum(self.row_counts[: self.rank])
+        self.local_rows = range(first, first + self.row_counts[self.rank])  # this rank's global rows
+
+    @classmethod
+    def of(cls, p: torch.Tensor) -> "RowShards | None":
+        """The layout of ``p``; ``None`` for a plain tensor. Raises for layouts we cannot serve."""
+        if not is_dtensor(p):
+            return None
+        from torch.distributed.tensor import Replicate, Shard
+
+        placements = tuple(p.placements)
+        if p.device_mesh.ndim != 1 or placements[0] not in (Shard(0), Replicate()):
+            raise NotImplementedError(
+                f"Adapprox supports DTensor parameters sharded by rows (Shard(0)) or replicated on a 1-D mesh "
+                f"(FSDP2's default), got placements {placements} on a {p.device_mesh.ndim}-D mesh"
+            )
+        layout = cls(p.device_mesh, placements[0], p.shape[0] if p.dim() else 1)
+        if p.dim() and local(p).shape[0] != layout.row_counts[layout.rank]:
+            raise NotImplementedError(
+                f"unexpected row layout: rank {layout.rank} holds {local(p).shape[0]} of {p.shape[0]} rows, "
+                f"torch.chunk would give {layout.row_counts[layout.rank]}"
+            )
+        return layout
+
+    # ---- communication (every collective of the sharded step goes through these two)
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x`` over the ranks holding the rows, in place (nothing to do when replicated)."""
+        if self.sharded:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def _all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(out, x.contiguous(), group=self.group)
+        return out
+
+    # ---- state as DTensors (so torch.distributed.checkpoint can reshard it)
+    def rows_of(self, t: torch.Tensor):
+        """A DTensor laid out like the parameter from this rank's rows ``t: (m_local, k)``."""
+        from torch.distributed.tensor import DTensor
+
+        shape = (self.rows, *t.shape[1:])
+        return DTensor.from_local(t, self.mesh, [self.placement], shape=torch.Size(shape), stride=_contiguous(shape))
+
+    def replicated(self, t: torch.Tensor):
+        """A replicated DTensor holding ``t`` (the same on every rank)."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        return DTensor.from_local(t, self.mesh, [Replicate()])
+
+    # ---- the backend interface on row shards
+    def second_moment(
+        self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, *, eps: float | None = None
+    ):
+        """``V_t`` of a bucket from this rank's rows: ``grads`` ``B × (m_local, n)``, ``q: (B,
+        m_local, K)``, ``u: (B, n, K)`` replicated. The local rows are the reference operator's."""
+        g = torch.stack([x.to(q.dtype) for x in grads])
+        return RowShardedOperator(reference.ReferenceSecondMoment(g, q, u, beta2), self)
+
+    def orthonormalize(self, y: torch.Tensor) -> torch.Tensor:
+        """Orthonormal basis of a row-sharded ``y`` (this rank's rows ``(B, m_local, r)``): the
+        robust CholeskyQR of :mod:`adapprox_kernels.cholqr` with all-reduced norm and Gram
+        matrices (3 passes; a rank-deficient or zero sketch is completed by its fixed basis, as
+        on one GPU). Replicated: the single-device orthonormalizer."""
+        if not self.sharded:
+            return default_orthonormalize(y)
+        return cholqr_orthonormalize(y, shards=self)
+
+    def tsqr(self, y: torch.Tensor) -> torch.Tensor:
+        """Householder TSQR of a row-sharded ``y``: local QR, all-gather of the ``r×r`` R
+        factors, QR of their stack on every rank. The fallback of :meth:`orthonormalize` (for
+        non-finite input), as Householder QR is on one device."""
+        q_loc, r_loc = torch.linalg.qr(y, mode="reduced")  # (B, m_loc, h), (B, h, r); h = min(m_loc, r)
+        width = y.shape[-1]
+        send = torch.nn.functional.pad(r_loc, (0, 0, 0, width - r_loc.shape[1]))  # fixed size for transport
+        heights = [min(rows, width) for rows in self.row_counts]
+        # Strip the transport padding: zero rows would take part in the basis completion.
+        stacked = torch.cat([r[:, :h] for r, h in zip(self._all_gather(send), heights)], dim=1)
+        q_top = torch.linalg.qr(stacked, mode="reduced").Q  # (B, Σh, r); Σh >= r because r <= m
+        start = sum(heights[: self.rank])
+        return q_loc @ q_top[:, start : start + r_loc.shape[1]]
+
+    def apply_step(
+        self, op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale,
+        residual_factors=None,
+    ):  # fmt: skip
+        """The clipped update and the weight write on this rank's rows (``params`` and
+        ``exp_avgs`` are local views); the RMS and cosine sums are all-reduced. With
+        ``residual_factors=(q, u)`` (``q``: this rank's rows) returns ``‖V − q uᵀ‖²`` (``(B,)``)."""
+        resid = op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
+        upd = op.clipped_update(eps, clip_threshold)
+        reference.apply_updates(
+            params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay,
+            cosine_max_scale=cosine_max_scale, reduce=self.all_reduce,
+        )  # fmt: skip
+        return resid
+
+
+def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+class RowShardedOperator:
+    """``V`` of a bucket whose rows are split over ranks: a :class:`LinearOperator` for S-RSI.
+
+    ``shape`` is the global ``(B, m, n)``; every ``(B, m, r)`` tensor it takes or returns is this
+    rank's rows ``(B, m_local, r)``, every ``(B, n, r)`` one is replicated."""
+
+    def __init__(self, local_op: LinearOperator, shards: RowShards):
+        self.local = local_op
+        self.shards = shards
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        b, _, n = self.local.shape
+        return (b, self.shards.rows, n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.local.matmul(x)
+
+    def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
+        return self.shards.all_reduce(self.local.rmatmul(y))
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.shards.all_reduce(self.local.sq_norm())
+
+    def residual_sq_norm(self, q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.shards.all_reduce(self.local.residual_sq_norm(q, u))
+
+    def clipped_update(self, eps: float, clip_threshold: float) -> torch.Tensor:
+        """This rank's rows of the clipped update, scaled by the RMS of the whole matrix."""
+        return self.local.clipped_update(eps, clip_threshold, reduce=self.shards.all_reduce)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def _named_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+    """``(FQN, parameter)`` in the optimizer's order (the index torch.optim's state dict uses)."""
+    names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
+    out = []
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
+        if p not in names:
+            raise ValueError("the optimizer holds a parameter that is not in the model")
+        out.append((names[p], p))
+    return out
+
+
+def optimizer_state_dict(model: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """The Adapprox state keyed by parameter FQN, ready for ``torch.distributed.checkpoint.save``.
+
+    Same layout as ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` (``state``
+    by FQN, ``param_groups`` listing FQNs) plus ``sketch_rng`` (the seed and the generator state
+    per device type; identical on every rank). Factors of sharded parameters are DTensors (``Q``
+    by rows, ``U`` replicated). Unlike ``get_optimizer_state_dict`` it never runs a step to create
+    missing state, and it keeps the sketch RNG."""
+    sd = optimizer.state_dict()
+    names = [n for n, _ in _named_params(model, optimizer)]
+    rng = sd["sketch_rng"]
+    return {
+        "state": {names[i]: dict(s) for i, s in sd["state"].items()},
+        "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]],
+        "sketch_rng": {"seed": rng["seed"], **{torch.device(k).type: v for k, v in rng["states"].items()}},
+    }
+
+
+def _load_target(model, optimizer, metadata, key: str) -> dict[str, Any]:
+    """What ``dcp.load`` fills: :func:`optimizer_state_dict`'s layout with the checkpoint's shapes
+    (the factors have the saved rank) and this run's sharding."""
+    saved = metadata.state_dict_metadata
+    params = dict(_named_params(model, optimizer))
+    target = optimizer_state_dict(model, optimizer)
+    target["state"] = {}
+    state_prefix = f"{key}.state."
+    for k, md in saved.items():
+        if k.startswith(state_prefix):
+            fqn, name = k[len(state_prefix) :].rsplit(".", 1)  # state names have no dots, FQNs may
+            if fqn not in params:
+                raise ValueError(f"the checkpoint has optimizer state for {fqn!r}, not a parameter of this optimizer")
+            entry = target["state"].setdefault(fqn, {})
+            entry[name] = _empty_like_saved(params[fqn], name, md) if hasattr(md, "size") else 0
+    rng_prefix = f"{key}.sketch_rng."
+    target["sketch_rng"] = {"seed": 0}
+    for k, md in saved.items():
+        if k.startswith(rng_prefix) and hasattr(md, "size"):
+            target["sketch_rng"][k[len(rng_prefix) :]] = torch.empty(md.size, dtype=md.properties.dtype)
+    return target
+
+
+def _empty_like_saved(p: torch.Tensor, name: str, md) -> torch.Tensor:
+    """A zero tensor of the saved global size and dtype, laid out for ``p`` in this run."""
+    size, dtype = tuple(md.size), md.properties.dtype
+    shards = RowShards.of(p)
+    if shards is None:
+        return torch.zeros(size, dtype=dtype, device=p.device)
+    device = local(p).device
+    if name in ROW_SHARDED_STATE:
+        rows = shards.row_counts[shards.rank] if shards.sharded else size[0]
+        return shards.rows_of(torch.zeros(rows, *size[1:], dtype=dtype, device=device))
+    return shards.replicated(torch.zeros(size, dtype=dtype, device=device))
+
+
+def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dict[str, Any]) -> None:
+    """Load :func:`optimizer_state_dict`'s layout (FQN keys) into ``optimizer``, matching
+    parameters by FQN; the sketch RNG state goes to this rank's device of the saved type."""
+    named = _named_params(model, optimizer)
+    index = {n: i for i, (n, _) in enumerate(named)}
+    groups = state_dict["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint has {len(groups)} param groups, the optimizer {len(optimizer.param_groups)}")
+    new_groups, offset = [], 0
+    for saved, group in zip(groups, optimizer.param_groups):
+        mine = [n for n, _ in named[offset : offset + len(group["params"])]]
+        if sorted(saved["params"]) != sorted(mine):
+            raise ValueError(f"param group parameters differ: checkpoint {saved['params']}, optimizer {mine}")
+        new_groups.append(dict(saved, params=[index[n] for n in mine]))
+        offset += len(group["params"])
+    rng = dict(state_dict["sketch_rng"])
+    seed = rng.pop("seed")
+    devices = {str(local(p).device) for _, p in named}
+    states = {dev: rng[torch.device(dev).type] for dev in devices if torch.device(dev).type in rng}
+    optimizer.load_state_dict(
+        {
+            "state": {index[n]: s for n, s in state_dict["state"].items()},
+            "param_groups": new_groups,
+            "sketch_rng": {"seed": seed, "states": states},
+        }
+    )
+
+
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer, checkpoint_id=None, *, storage_reader=None, key: str = "optim"
+) -> None:
+    """Load the optimizer part (``key``) of a ``torch.distributed.checkpoint`` written with
+    ``{key: optimizer_state_dict(model, optimizer)}``, on any number of ranks (resharding), or in
+    a single process without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    if storage_reader is None:
+        storage_reader = dcp.FileSystemReader(checkpoint_id)
+    target = {key: _load_target(model, optimizer, storage_reader.read_metadata(), key)}
+    dcp.load(target, checkpoint_id=checkpoint_id, storage_reader=storage_reader)
+    load_optimizer_state_dict(model, optimizer, target[key])
+
+
+__all__ = [
+    "CollectiveLog",
+    "RowShardedOperator",
+    "RowShards",
+    "chunk_rows",
+    "is_dtensor",
+    "load_optimizer_state",
+    "load_optimizer_state_dict",
+    "local",
+    "log_collectives",
+    "nonfinite_flags",
+    "optimizer_state_dict",
+    "shared_seed",
+]

@@ -1,0 +1,471 @@
+"""Adapprox under torch.distributed on CPU (gloo): FSDP2 row shards, DDP, distributed checkpoints.
+
+The workers run in processes spawned on loopback; they only compute and write their results, and
+the checks run here, against the plain single-process optimizer: FSDP2 on any number of ranks
+must reproduce its parameters, its factors (up to column signs, which CholeskyQR and Householder
+QR choose differently) and exactly its ranks, all ranks sharing one Gaussian sketch.
+
+One 2-rank spawn (module fixture) serves the default tests; 4 ranks are ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from adapprox_kernels import Adapprox, DenseOperator
+from adapprox_kernels.backends import ReferenceBackend
+from adapprox_kernels.cholqr import cholqr_orthonormalize
+from adapprox_kernels.distributed import (
+    RowShards,
+    chunk_rows,
+    load_optimizer_state,
+    log_collectives,
+    optimizer_state_dict,
+)
+from adapprox_kernels.reference import clipped_update, second_moment
+from adapprox_kernels.srsi import srsi
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+
+STEPS = 6
+SAVE_AT = 3  # the checkpoint holds the state after this many steps
+BATCH = 8
+SEED = 1234
+
+
+# --------------------------------------------------------------------------- the training run
+def _model() -> nn.Sequential:
+    """Uneven and empty shards: 13 rows on 2 ranks are 7 + 6, on 4 ranks 4,4,4,1; the 1-row head
+    leaves every rank but the first with nothing."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 13), nn.Tanh(), nn.Linear(13, 1))
+
+
+def _optimizer(model: nn.Module, seed: int | None = SEED) -> Adapprox:
+    """Two groups covering both rank policies, momentum with cosine guidance, warm starts, and
+    a factored 1×13 matrix (exact_small_matrices=False)."""
+    named = dict(model.named_parameters())
+    first = [p for n, p in named.items() if not n.startswith("2.")]
+    second = [p for n, p in named.items() if n.startswith("2.")]
+    return Adapprox(
+        [
+            {"params": first, "cosine_guidance": True},
+            {"params": second, "betas": (0.0, 0.999, 0.5), "warm_start": True, "rank_policy": "sigmoid",
+             "rank_interval": 2},
+        ],
+        lr=1e-2, betas=(0.9, 0.999, 0.5), k_init=2, k_max=5, oversample=2, power_iters=3,
+        exact_small_matrices=False, xi_thresh=0.01, seed=seed,
+    )  # fmt: skip
+
+
+def _loss(model: nn.Module, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Step ``step``'s batch, this rank's equal slice of it (FSDP2 and DDP average gradients)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(BATCH, 16, generator=gen), torch.randn(BATCH, 1, generator=gen)
+    rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    return nn.functional.mse_loss(model(x[rows]), y[rows])
+
+
+def _train(model, opt, steps, rank=0, world=1, after_step=None) -> list:
+    """Train; returns the collectives each ``opt.step()`` issued."""
+    logs = []
+    for step in steps:
+        _loss(model, step, rank, world).backward()
+        with log_collectives() as log:
+            opt.step()
+        opt.zero_grad()
+        logs.append(log.records)
+        if after_step is not None:
+            after_step(step)
+    return logs
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _snapshot(model, opt) -> dict:
+    """Whole parameters and state (gathered outside the measured steps)."""
+    snap = {"params": {n: _full(p).detach().clone() for n, p in model.named_parameters()}, "state": {}}
+    for n, p in model.named_parameters():
+        snap["state"][n] = {k: _full(v).clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+    return snap
+
+
+def _plain_run(steps, seed=SEED) -> dict:
+    model = _model()
+    opt = _optimizer(model, seed)
+    _train(model, opt, steps)
+    return _snapshot(model, opt)
+
+
+@contextmanager
+def _single_gpu_orthonormalizer():
+    """The single-process optimizer with the orthonormalizer it uses on a GPU (the robust
+    CholeskyQR, which the row-sharded path runs with all-reduced Gram matrices) instead of the
+    CPU's Householder QR."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ReferenceBackend, "orthonormalize", staticmethod(cholqr_orthonormalize))
+        yield
+
+
+@pytest.fixture(scope="module")
+def reference_run() -> dict:
+    """The oracle: one process, same algorithm (including the orthonormalizer)."""
+    with _single_gpu_orthonormalizer():
+        return _plain_run(range(STEPS))
+
+
+def _assert_same_run(got: dict, want: dict, rtol=2e-4, atol=2e-6, columns=True) -> None:
+    """Same parameters, moments, steps and ranks (exactly); ξ and the factors: with ``columns``,
+    Q and U column by column (up to signs), else only their product Q Uᵀ."""
+    for name, p in want["params"].items():
+        torch.testing.assert_close(got["params"][name], p, rtol=rtol, atol=atol, msg=f"parameter {name}")
+    for name, s in want["state"].items():
+        g = got["state"][name]
+        assert set(g) == set(s), name
+        for key, v in s.items():
+            if key in ("Q", "U"):
+                continue
+            if torch.is_tensor(v):
+                # Moments of the update (RMS ~1): rounding of the gradient reductions moves small
+                # entries of G/√V by ~1e-5 of the largest, so the tolerance scales with the tensor.
+                scale = atol + 1e-4 * v.abs().max().item()
+                torch.testing.assert_close(g[key], v, rtol=rtol, atol=scale, msg=f"{name}.{key}")
+            elif key == "xi":
+                assert g[key] == pytest.approx(v, rel=1e-3 if columns else 1e-2, abs=1e-6), f"{name}.xi"
+            else:
+                assert g[key] == v, f"{name}.{key}: {g[key]} != {v}"  # step, rank: exactly
+        if "Q" in s:
+            q, u, q_ref, u_ref = g["Q"], g["U"], s["Q"], s["U"]
+            assert q.shape == q_ref.shape and u.shape == u_ref.shape, name
+            torch.testing.assert_close(q @ u.T, q_ref @ u_ref.T, rtol=rtol, atol=atol, msg=f"{name}: Q Uᵀ")
+            if not columns:
+                continue
+            signs = torch.sign((q * q_ref).sum(0))
+            torch.testing.assert_close(q * signs, q_ref, rtol=1e-3, atol=1e-4, msg=f"{name}: Q")
+            torch.testing.assert_close(u * signs, u_ref, rtol=1e-3, atol=1e-4, msg=f"{name}: U")
+
+
+# ------------------------------------------------------------------------------ process set-up
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world: int, *args) -> None:
+    mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
+
+
+def _fsdp(world: int) -> tuple[nn.Module, Adapprox]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, _optimizer(model)
+
+
+def _fsdp_job(rank, world, out, first, last, save_at=None, load=None) -> None:
+    """FSDP2 training of steps ``first..last-1`` (after loading checkpoint ``load``); saves a
+    checkpoint after step ``save_at``; rank 0 writes the snapshot and collective logs to ``out``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model, opt = _fsdp(world)
+    if load is not None:
+        sd = {"model": get_model_state_dict(model)}
+        dcp.load(sd, checkpoint_id=load)
+        set_model_state_dict(model, sd["model"])
+        load_optimizer_state(model, opt, load)
+
+    def save(step):
+        if step + 1 == save_at:
+            sd = {"model": get_model_state_dict(model), "optim": optimizer_state_dict(model, opt)}
+            dcp.save(sd, checkpoint_id=os.path.join(os.path.dirname(out), "ckpt"))
+
+    logs = _train(model, opt, range(first, last), rank, world, save)
+    snap = _snapshot(model, opt)
+    if rank == 0:
+        torch.save({"snapshot": snap, "logs": logs}, out)
+
+
+def _operator_job(rank, world, out) -> None:
+    """The sharded operator, S-RSI and the orthonormalizer on fixed inputs (same on every rank);
+    each rank writes its rows of the outputs and the collectives it issued."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(7)
+    b, m, n, k = 2, 11, 9, 3
+    g, q, u = (torch.randn(b, rows, cols, generator=gen) for rows, cols in ((m, n), (m, k), (n, k)))
+    x, y = torch.randn(b, n, 4, generator=gen), torch.randn(b, m, 4, generator=gen)
+    q2, u2 = torch.randn(b, m, 2, generator=gen), torch.randn(b, n, 2, generator=gen)
+
+    def rows_of(total):
+        counts = chunk_rows(total, world)
+        start = sum(counts[:rank])
+        return slice(start, start + counts[rank])
+
+    shards = RowShards(mesh, Shard(0), m)
+    r = rows_of(m)
+    op = shards.second_moment(list(g[:, r]), q[:, r], u, 0.9)
+    res = {
+        "inputs": {"g": g, "q": q, "u": u, "x": x, "y": y, "q2": q2, "u2": u2},
+        "matmul": op.matmul(x),
+        "rmatmul": op.rmatmul(y[:, r]),
+        "sq_norm": op.sq_norm(),
+        "residual": op.residual_sq_norm(q2[:, r], u2),
+        "clipped": op.clipped_update(1e-8, 0.5),
+    }
+    res["srsi_q"], res["srsi_u"] = srsi(op, 3, 2, 3, torch.Generator().manual_seed(3), shards.orthonormalize)
+
+    a, c = torch.randn(13, generator=gen), torch.randn(13, generator=gen)
+    cases = {
+        "random": torch.randn(1, 13, 5, generator=gen),
+        "ill": torch.randn(1, 13, 5, generator=gen) @ torch.diag(torch.logspace(0, -5, 5)),
+        "deficient": torch.stack([a, a, torch.zeros(13), c, a + c], dim=1)[None],
+        "zero": torch.zeros(2, 13, 5),
+        "short": torch.randn(1, 5, 4, generator=gen),  # 5 rows: 3,2 on 2 ranks (2,2,1,0 on 4) < 4 columns
+        "short_zero": torch.zeros(1, 5, 4),
+        "nonfinite": torch.stack([torch.randn(13, 5, generator=gen), torch.full((13, 5), float("nan"))]),
+    }
+    for name, full in cases.items():
+        sh = RowShards(mesh, Shard(0), full.shape[1])
+        mine = full[:, rows_of(full.shape[1])]
+        with log_collectives() as log:
+            res[f"orth_{name}"] = sh.orthonormalize(mine)
+        res[f"orth_{name}_ops"] = log.records
+        res[f"tsqr_{name}"] = sh.tsqr(mine)
+    res["cases"] = cases
+    torch.save(res, f"{out}.{rank}")
+
+
+def _comm_job(rank, world, out) -> None:
+    """One step on a single tall DTensor weight per size: the collectives of the step; and a
+    replicated DTensor weight."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    logs = {}
+    for m in (256, 1024):
+        gen = torch.Generator().manual_seed(m)
+        w = nn.Parameter(distribute_tensor(torch.randn(m, 32, generator=gen), mesh, [Shard(0)]))
+        w.grad = distribute_tensor(torch.randn(m, 32, generator=gen), mesh, [Shard(0)])
+        opt = Adapprox([w], k_init=4, k_max=4, oversample=2, power_iters=5, seed=SEED)
+        with log_collectives() as log:
+            opt.step()
+        logs[m] = log.records
+    gen = torch.Generator().manual_seed(5)
+    w = nn.Parameter(distribute_tensor(torch.randn(64, 32, generator=gen), mesh, [Replicate()]))
+    w.grad = distribute_tensor(torch.randn(64, 32, generator=gen), mesh, [Replicate()])
+    opt = Adapprox([w], k_init=4, k_max=4, oversample=2, seed=SEED)
+    with log_collectives() as log:
+        opt.step()
+    replicated = {"w": w.to_local(), "Q": opt.state[w]["Q"].to_local(), "records": log.records}
+    if rank == 0:
+        torch.save({"logs": logs, "replicated": replicated}, out)
+
+
+def _ddp_job(rank, world, out) -> None:
+    """DDP, untouched optimizer; each rank's global RNG differs, the default seed is shared."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    torch.manual_seed(1000 + rank)
+    opt = _optimizer(model, seed=None)
+    logs = _train(ddp, opt, range(STEPS), rank, world)
+    torch.save({"snapshot": _snapshot(model, opt), "seed": opt._seed, "logs": logs}, f"{out}.{rank}")
+
+
+def _two_rank_worker(rank, world, port, tmp) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        _fsdp_job(rank, world, os.path.join(tmp, "fsdp.pt"), 0, STEPS, save_at=SAVE_AT)
+        _operator_job(rank, world, os.path.join(tmp, "operator.pt"))
+        _comm_job(rank, world, os.path.join(tmp, "comm.pt"))
+        _ddp_job(rank, world, os.path.join(tmp, "ddp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _four_rank_worker(rank, world, port, tmp, ckpt) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        _fsdp_job(rank, world, os.path.join(tmp, "fsdp.pt"), 0, STEPS)
+        _fsdp_job(rank, world, os.path.join(tmp, "resumed.pt"), SAVE_AT, STEPS, load=ckpt)
+        _operator_job(rank, world, os.path.join(tmp, "operator.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    _spawn(_two_rank_worker, 2, str(tmp))
+    return tmp
+
+
+def _per_rank(path, world=2) -> list:
+    return [torch.load(f"{path}.{r}", weights_only=False) for r in range(world)]
+
+
+# ------------------------------------------------------------------------------------ tests
+def test_fsdp2_two_ranks_matches_single_process(two_ranks, reference_run):
+    got = torch.load(two_ranks / "fsdp.pt", weights_only=False)
+    _assert_same_run(got["snapshot"], reference_run)
+    # Against the CPU default (Householder QR): columns inside near-equal singular values differ
+    # (warm starts with one iteration do not separate them), everything the step uses agrees.
+    _assert_same_run(got["snapshot"], _plain_run(range(STEPS)), columns=False)
+    ranks = {n: s["rank"] for n, s in reference_run["state"].items() if "rank" in s}
+    assert ranks["0.weight"] != 2.0 and ranks["2.weight"] != 2.0, "the test should see ranks move"
+
+
+def test_sharded_operator_matches_dense(two_ranks):
+    _check_operator(_per_rank(two_ranks / "operator.pt"))
+
+
+def _check_operator(res):
+    g, q, u, x, y, q2, u2 = (res[0]["inputs"][key] for key in ("g", "q", "u", "x", "y", "q2", "u2"))
+    v = second_moment(g, q, u, 0.9)
+    dense = DenseOperator(v)
+
+    def rows(key):
+        return torch.cat([r[key] for r in res], dim=1)
+
+    torch.testing.assert_close(rows("matmul"), dense.matmul(x))
+    torch.testing.assert_close(rows("clipped"), clipped_update(g, v, 1e-8, 0.5))
+    for r in res:  # replicated results: every rank has the whole, identical
+        torch.testing.assert_close(r["rmatmul"], dense.rmatmul(y))
+        torch.testing.assert_close(r["sq_norm"], dense.sq_norm())
+        torch.testing.assert_close(r["residual"], dense.residual_sq_norm(q2, u2))
+        assert torch.equal(r["srsi_u"], res[0]["srsi_u"])
+    q_ref, u_ref = srsi(dense, 3, 2, 3, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rows("srsi_q") @ res[0]["srsi_u"].mT, q_ref @ u_ref.mT, rtol=1e-4, atol=1e-5)
+
+
+def test_row_sharded_orthonormalize(two_ranks):
+    _check_orthonormalize(_per_rank(two_ranks / "operator.pt"))
+
+
+def _check_orthonormalize(res):
+    world = len(res)
+    for name, y in res[0]["cases"].items():
+        qo = torch.cat([r[f"orth_{name}"] for r in res], dim=1)
+        ops = [{op for op, _ in r[f"orth_{name}_ops"]} for r in res]
+        finite = torch.isfinite(y).flatten(1).all(dim=1)
+        assert qo.shape == y.shape and qo.dtype == y.dtype, name
+        eye = torch.eye(y.shape[-1]).expand(y.shape[0], -1, -1)
+        if name == "nonfinite":
+            # Cholesky fails for the NaN matrix only: TSQR recomputes it (as Householder QR does
+            # on one device); the all-gather carries one r×r R factor per rank.
+            assert all("allgather_" in o for o in ops), ops
+            gathered = [b for op, b in res[0][f"orth_{name}_ops"] if op == "allgather_"]
+            assert gathered == [world * 1 * y.shape[-1] ** 2 * 4], gathered
+            assert not torch.isfinite(qo[~finite]).all()
+        else:
+            # The robust CholeskyQR: only all-reduces (a norm, three Gram matrices).
+            assert ops == [{"allreduce_"}] * world, ops
+        q, y_ok = qo[finite], y[finite]
+        assert torch.isfinite(q).all(), name
+        torch.testing.assert_close(q.mT @ q, eye[finite], rtol=0, atol=1e-5, msg=f"{name}: QᵀQ")
+        torch.testing.assert_close(q @ (q.mT @ y_ok), y_ok, rtol=1e-4, atol=1e-5, msg=f"{name}: QQᵀy = y")
+        # Row-sharded = the single-device robust CholeskyQR, completion directions included.
+        torch.testing.assert_close(q, cholqr_orthonormalize(y_ok), rtol=0, atol=1e-5, msg=f"{name}: vs one device")
+        if name in ("random", "ill", "short"):  # full rank: Householder's Q up to column signs
+            q_ref = torch.linalg.qr(y_ok.double()).Q.float()
+            torch.testing.assert_close(q * torch.sign((q * q_ref).sum(1, keepdim=True)), q_ref, rtol=0, atol=1e-5)
+        # TSQR on its own (the fallback): an orthonormal basis spanning y, whatever y's rank.
+        t = torch.cat([r[f"tsqr_{name}"] for r in res], dim=1)[finite]
+        torch.testing.assert_close(t.mT @ t, eye[finite], rtol=0, atol=1e-5, msg=f"{name}: TSQR QᵀQ")
+        torch.testing.assert_close(t @ (t.mT @ y_ok), y_ok, rtol=1e-4, atol=1e-5, msg=f"{name}: TSQR span")
+
+
+def test_communication_volume_is_independent_of_rows(two_ranks):
+    """Per matrix and step: l all-reduces of n×r (Vᵀ Y), and per orthonormalization one of a
+    float64 norm and three of the r×r float64 Gram; scalars. The same for 256 and 1024 rows,
+    and below the m×n a gather would move."""
+    logs = torch.load(two_ranks / "comm.pt", weights_only=False)["logs"]
+    n, r, iters = 32, 6, 5  # r = k + p
+    expected = iters * (n * r * 4 + 8 + 3 * r * r * 8) + 4 * (1 + 2 + 2)  # + nonfinite, ξ (2), RMS (sum, count)
+    for m, records in logs.items():
+        total = sum(b for _, b in records)
+        assert {name for name, _ in records} == {"allreduce_"}, records
+        assert total == expected, (m, total, expected)
+        assert max(b for _, b in records) == n * r * 4
+        assert total < m * n * 4 / 3
+    assert logs[256] == logs[1024]
+
+
+# torch.distributed.checkpoint warns that it loads in a single process: that is the point here.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_checkpoint_from_two_ranks_continues_in_one_process(two_ranks, reference_run):
+    """Saved on 2 FSDP2 ranks after step 3, loaded into a plain model and optimizer (no process
+    group): steps 4..6 give the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = str(two_ranks / "ckpt")
+    model = _model()
+    opt = _optimizer(model, seed=0)  # the checkpoint's seed and generator state replace it
+    sd = {"model": model.state_dict()}
+    dcp.load(sd, checkpoint_id=ckpt)
+    model.load_state_dict(sd["model"])
+    load_optimizer_state(model, opt, ckpt)
+    assert opt._seed == SEED
+    assert all(not hasattr(v, "full_tensor") for s in opt.state.values() for v in s.values())
+    with _single_gpu_orthonormalizer():
+        _train(model, opt, range(SAVE_AT, STEPS))
+    _assert_same_run(_snapshot(model, opt), reference_run)
+
+
+def test_ddp_replicas_agree_with_single_process(two_ranks):
+    per_rank = _per_rank(two_ranks / "ddp.pt")
+    assert per_rank[0]["seed"] == per_rank[1]["seed"], "the default seed must be shared"
+    assert all(records == [] for r in per_rank for records in r["logs"]), "DDP: the step communicates nothing"
+    a, b = per_rank[0]["snapshot"], per_rank[1]["snapshot"]
+    for name in a["params"]:
+        assert torch.equal(a["params"][name], b["params"][name]), name
+    _assert_same_run(a, _plain_run(range(STEPS), seed=per_rank[0]["seed"]))
+
+
+@pytest.mark.slow
+def test_fsdp2_four_ranks_and_checkpoint_from_two(two_ranks, reference_run, tmp_path):
+    """4 ranks (13 rows: 4,4,4,1; 1 row: 1,0,0,0) == one process; the 2-rank
+    checkpoint resumed on 4 ranks == the uninterrupted run; the operator and the orthonormalizer
+    (5 rows: 2,2,1,0, fewer than the 4 columns, an empty shard) on 4 ranks."""
+    _spawn(_four_rank_worker, 4, str(tmp_path), str(two_ranks / "ckpt"))
+    _check_operator(_per_rank(tmp_path / "operator.pt", 4))
+    _check_orthonormalize(_per_rank(tmp_path / "operator.pt", 4))
+    _assert_same_run(torch.load(tmp_path / "fsdp.pt", weights_only=False)["snapshot"], reference_run)
+    _assert_same_run(torch.load(tmp_path / "resumed.pt", weights_only=False)["snapshot"], reference_run)
+
+
+def test_replicated_dtensor_parameter(two_ranks):
+    """A Replicate() DTensor weight steps like a plain one; only the non-finite flag is reduced."""
+    got = torch.load(two_ranks / "comm.pt", weights_only=False)["replicated"]
+    gen = torch.Generator().manual_seed(5)
+    w = nn.Parameter(torch.randn(64, 32, generator=gen))
+    w.grad = torch.randn(64, 32, generator=gen)
+    opt = Adapprox([w], k_init=4, k_max=4, oversample=2, seed=SEED)
+    opt.step()
+    torch.testing.assert_close(got["w"], w.detach())
+    torch.testing.assert_close(got["Q"], opt.state[w]["Q"])
+    assert got["records"] == [("allreduce_", 4)]
