@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {list(OPTIMIZERS)}")
     ap.add_argument("--lr", default="", help="overrides, e.g. 'adamw=1e-3,adapprox=3e-3'")
-    ap.add_argument("--k-max", type=int, default=8, help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")
+    ap.add_argument("--k-max", type=int, default=3, help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/main", help="folder for results.json and comparison.png")
