@@ -8,6 +8,10 @@ re-implementation), on GPT-2-shaped parameters built with the main job's model c
 * ``galore``: ``galore_torch.GaLoreAdamW`` on the attention and MLP matrices (rank ``r``,
   projection refreshed every 200 steps, scale 0.25, as in GaLore's recipe), plain Adam
   (the same class without a rank) on everything else;
+* ``adamem``: ours (:class:`~adapprox_kernels.AdaMeM`) at GaLore's rank ``r``, projection
+  refreshed every 200 steps, β2 = 0.95 (its paper's default);
+* ``adafactor-m``: Adafactor with momentum, Hugging Face's (``transformers``, the one with β1;
+  absolute lr, no parameter scaling);
 * ``adapprox``: ours at a fixed rank ``k`` (``k_init = k_min = k_max = k``), reference backend
   unless told otherwise.
 """
@@ -20,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from adapprox_kernels import Adapprox
+from adapprox_kernels import AdaMeM, Adapprox
 from adapprox_kernels.train.model import GPT, Block, GPTConfig
 from adapprox_kernels.train.runner import matrix_type, optimizer_state_bytes
 
@@ -37,7 +41,7 @@ GPT2 = {
 # GaLore's ranks for similar sizes in its paper (130M, 350M: 256; 1B: 512).
 GALORE_RANK = {"gpt2-124m": 256, "gpt2-345m": 256, "gpt2-1.1b": 512}
 GALORE_TYPES = ("qkv", "proj", "fc", "fc_out")
-PEERS = ("adamw", "adafactor", "came", "galore", "adapprox")
+PEERS = ("adamw", "adafactor", "came", "galore", "adamem", "adafactor-m", "adapprox")
 
 
 def meta_model(size: str) -> GPT:
@@ -104,6 +108,12 @@ def build(
         if low:
             groups.append(dict(params=low, rank=galore_rank, update_proj_gap=200, scale=0.25, proj_type="std"))
         return GaLoreAdamW(groups, lr=1e-4, betas=(beta1, 0.999), weight_decay=0.1, no_deprecation_warning=True)
+    if name == "adamem":
+        return AdaMeM(named, lr=1e-4, betas=(beta1, 0.95), rank=galore_rank, update_proj_gap=200, weight_decay=0.1, seed=0)
+    if name == "adafactor-m":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=1e-4, beta1=beta1, relative_step=False, scale_parameter=False, warmup_init=False)
     if name == "adapprox":
         if k is None:
             raise ValueError("adapprox needs a rank k")

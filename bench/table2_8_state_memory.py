@@ -43,9 +43,9 @@ PAPER_TABLE8 = {
 
 def configs() -> list[dict]:
     """Every (optimizer, β1, k) row of the table."""
-    out = [dict(optimizer="adafactor", beta1=None, k=None)]
+    out = [dict(optimizer="adafactor", beta1=None, k=None), dict(optimizer="adafactor-m", beta1=0.9, k=None)]
     for beta1 in BETA1:
-        out += [dict(optimizer=name, beta1=beta1, k=None) for name in ("adamw", "came", "galore")]
+        out += [dict(optimizer=name, beta1=beta1, k=None) for name in ("adamw", "came", "galore", "adamem")]
         out += [dict(optimizer="adapprox", beta1=beta1, k=k) for k in RANKS]
     return out
 

@@ -27,7 +27,7 @@ from .table1_srsi_time import load_backends
 NAME = "table4_step_time"
 SIZES = ("gpt2-124m", "gpt2-345m")
 ADAPPROX_RANKS = (1, 256)
-PEER_CASES = ("adamw", "adafactor", "came", "galore")
+PEER_CASES = ("adamw", "adafactor", "came", "galore", "adamem", "adafactor-m")
 # The paper's Table 4: GPT-2 117M, seconds per training iteration (8 V100, Megatron-LM).
 PAPER_ITERATION_S = {"adamw": 1.81, "adafactor": 1.84, "came": 1.85, "adapprox": 1.92}
 # The main job's own results, else the ones bench.fig3_4_training recorded.
