@@ -23,12 +23,9 @@ runs a small CPU variant (GPT-2 124M shapes, L = 12, k in {1, 8}).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -36,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import adapprox_kernels  # noqa: E402
+from bench.common import metadata  # noqa: E402  (the one place for result metadata)
 from adapprox_kernels import DenseOperator, srsi  # noqa: E402
 from adapprox_kernels import _extension as ext  # noqa: E402
 from adapprox_kernels.cholqr import cholqr_orthonormalize  # noqa: E402
@@ -100,33 +97,9 @@ def srsi_runners(device: torch.device) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=os.path.dirname(RESULTS_DIR)
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True, text=True, cwd=os.path.dirname(RESULTS_DIR),
-            ).stdout.strip()
-        )  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", None
-    commit = os.environ.get("ADAPPROX_COMMIT") or commit  # set where no .git travels
+    """bench/common.py's metadata plus whether the extension was loaded (and why not)."""
     loaded, error = ext.extension_status()
-    cpu = f"CPU ({platform.processor() or platform.machine()})"
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "adapprox_kernels": adapprox_kernels.__version__,
-        "commit": commit,
-        "dirty": dirty,
-        "extension_loaded": loaded,
-        "extension_error": error,
-        "threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return metadata(device, extension_loaded=loaded, extension_error=error)
 
 
 def run(args) -> dict:

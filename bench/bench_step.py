@@ -26,10 +26,8 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ if not torch.cuda.is_available():  # CPU: Triton code paths (pass counts, --smok
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import warm_start  # noqa: E402
+from common import metadata  # noqa: E402  (bench/common.py: the one place for result metadata)
 
 from adapprox_kernels import Adapprox  # noqa: E402
 
@@ -235,32 +234,6 @@ def cpu_step_section() -> dict:
         "shapes": "gpt2_shapes(d=128, layers=2, vocab=512, ctx=128)",
         "backend": "reference (plain PyTorch; materializes V)",
         "step": bench_steps(shapes, factories, torch.device("cpu"), "adamw"),
-    }
-
-
-def metadata(device) -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        except OSError:
-            return ""
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception as exc:  # reported, not fatal: the CPU parts do not need it
-        triton_version = f"unavailable ({exc})"
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "git_commit": os.environ.get("ADAPPROX_COMMIT") or git("rev-parse", "HEAD"),  # set where no .git travels
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "cpu_threads": torch.get_num_threads(),
-        "load_average_1_5_15min": list(os.getloadavg()),  # CPU timings on a shared machine are noisy
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
