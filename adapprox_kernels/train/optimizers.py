@@ -2,8 +2,9 @@
 
 Learning rates differ on purpose: Adapprox's clipped update has RMS ≈ 1 (larger than Adam's),
 torch's Adafactor treats ``lr`` as a relative step size, and CAME's README recommends a smaller
-lr than AdamW's. Each default below was chosen for this small-model setting (see SPEC §6);
-override with ``--lr name=value``.
+lr than AdamW's. Each default below was chosen for this small-model setting (see SPEC §6; for
+AdaMeM, 600-step runs at 5e-3 / 2e-3 / 1e-3 / 5e-4 gave validation loss 2.717 / 2.456 / 2.290 /
+2.255); override with ``--lr name=value``.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ OPTIMIZERS: dict[str, Callable] = {
 def default_lrs() -> dict[str, float]:
     return {
         "adapprox": 2e-3, "adamw": 2e-3, "adafactor": 5e-2, "came": 2e-4,
-        "adamem": 2e-3, "adafactor-m": 2e-3, "galore": 1e-2,
+        "adamem": 5e-4, "adafactor-m": 2e-3, "galore": 1e-2,
     }  # fmt: skip
 
 
