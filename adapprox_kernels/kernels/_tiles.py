@@ -11,16 +11,6 @@ import triton.language as tl
 
 
 @triton.jit
-def tile_coords(tile, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Row and column indices of elementwise tile number ``tile`` of an ``M × N`` matrix, tiles
-    numbered row-major (the grid of the elementwise passes)."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return rows, cols
-
-
-@triton.jit
 def load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
     """``base[rows, cols]`` as fp32, zeros outside ``n_rows × n_cols``."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)

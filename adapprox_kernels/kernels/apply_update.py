@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Blocks, MatrixTable, check_factor, check_new_factors, check_vector, dot_precision, pointer_arg, pow2_block
-from ._tiles import load_tile, lowrank_tile, round_to, tile_coords, update_and_average, v_tile
+from ._tiles import load_tile, lowrank_tile, round_to, update_and_average, v_tile
 
 
 @triton.jit
@@ -42,8 +42,10 @@ def _apply_update_kernel(
 ):  # fmt: skip
     tile = tl.program_id(0)
     b = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
     b64 = b.to(tl.int64)
-    rows, cols = tile_coords(tile, N, BLOCK_M, BLOCK_N)
+    rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     g, v = v_tile(
         g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,

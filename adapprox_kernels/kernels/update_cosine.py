@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Blocks, MatrixTable, check_factor, check_vector, dot_precision, pointer_arg
-from ._tiles import tile_coords, update_and_average, v_tile
+from ._tiles import update_and_average, v_tile
 
 
 @triton.jit
@@ -31,8 +31,10 @@ def _update_cosine_kernel(
 ):  # fmt: skip
     tile = tl.program_id(0)
     b = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
     b64 = b.to(tl.int64)
-    rows, cols = tile_coords(tile, N, BLOCK_M, BLOCK_N)
+    rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     g, v = v_tile(
         g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
         rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
