@@ -25,12 +25,16 @@ class Blocks(NamedTuple):
     of two that covers the dimension, up to these. 64×64 V tiles keep the rebuilt tile, the
     Q·Uᵀ accumulator and the product accumulator in registers at 4 warps; ``r`` bounds the
     thin side one program holds (wider sketches take several r blocks). Tests pass 16s to
-    reach the multi-block paths on small shapes."""
+    reach the multi-block paths on small shapes. ``warps`` and ``stages`` are the launch's
+    ``num_warps`` / ``num_stages`` (the interpreter ignores them); ``bench/tune_blocks.py``
+    measures the alternatives on a GPU."""
 
     m: int = 64
     n: int = 64
     k: int = 32
     r: int = 64
+    warps: int = 4
+    stages: int = 3
 
     def fit(self, m: int, n: int, k: int, r: int) -> tuple[int, int, int, int]:
         return pow2_block(m, self.m), pow2_block(n, self.n), pow2_block(k, self.k), pow2_block(r, self.r)

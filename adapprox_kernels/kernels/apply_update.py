@@ -136,6 +136,7 @@ def apply_update(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K_NEW=block_k_new,
         HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
         PRECISION=precision or dot_precision(table.device),
+        num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     weights.writeback()
     if moms is not None:

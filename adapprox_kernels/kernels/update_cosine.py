@@ -85,5 +85,6 @@ def update_cosine_sums(
         float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1),
         G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         HAS_LOWRANK=k > 0, PRECISION=precision or dot_precision(table.device),
+        num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     return out.sum(dim=-1)

@@ -116,6 +116,7 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
         float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
         G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION=precision or dot_precision(table.device),
+        num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     product = out[0] if split == 1 else out.sum(dim=0)
     if not with_norms:

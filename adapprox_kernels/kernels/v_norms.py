@@ -91,5 +91,6 @@ def v_norms(
         float(beta2), 1.0 - float(beta2), float(eps),
         G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K_NEW=block_k_new,
         HAS_LOWRANK=k > 0, WITH_RESIDUAL=with_residual, PRECISION=precision or dot_precision(table.device),
+        num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     return out.sum(dim=-1)
