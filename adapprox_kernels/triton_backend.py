@@ -180,7 +180,7 @@ class TritonSecondMoment:
     and ``Σ (G/(√V+ε))²``, which :meth:`sq_norm` and the update's RMS reuse.
 
     ``g_passes`` counts the passes over G made so far (a product with ``r`` columns reads G
-    once per ``Blocks.r``-wide column block), for benchmarks and docs/kernels.md."""
+    once per ``PRODUCT_BLOCKS.r``-wide column block), for benchmarks and docs/kernels.md."""
 
     def __init__(self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, eps: float):
         m, n = grads[0].shape
@@ -191,9 +191,9 @@ class TritonSecondMoment:
         self.g_passes = 0
 
     def _product_passes(self, r: int) -> int:
-        from .kernels._launch import Blocks
+        from .kernels._launch import PRODUCT_BLOCKS
 
-        return -(-r // Blocks().r)
+        return -(-r // PRODUCT_BLOCKS.r)
 
     @property
     def shape(self) -> tuple[int, int, int]:

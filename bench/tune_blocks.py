@@ -4,7 +4,8 @@
 For GPT-2 124M/345M same-shaped groups (fp32 gradients, ranks k = 1 and 8, sketch width
 k + 5) it times ``V @ X``, ``Vᵀ @ Y`` and the update pass for every configuration with
 ``triton.testing.do_bench`` and reports GB/s against a device-to-device copy of the same
-bytes. The defaults in ``adapprox_kernels/kernels/_launch.py`` come from this sweep.
+bytes. ``PRODUCT_BLOCKS`` and ``ELEMENTWISE_BLOCKS`` in ``adapprox_kernels/kernels/_launch.py``
+come from this sweep.
 
 ``python bench/tune_blocks.py [--quick]`` writes ``bench/results/tune_blocks_<device>.json``.
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import metadata  # noqa: E402
 
-from adapprox_kernels.kernels._launch import Blocks  # noqa: E402
+from adapprox_kernels.kernels._launch import ELEMENTWISE_BLOCKS, PRODUCT_BLOCKS, Blocks  # noqa: E402
 
 # (label, batch, m, n): the largest groups of GPT-2 124M and 345M (nn.Linear weights).
 GROUPS = [
@@ -43,14 +44,14 @@ def product_configs(quick: bool) -> list[Blocks]:
         (m, n) for m in (32, 64, 128) for n in (32, 64, 128)
     ]
     warps, stages = ((4, 8), (2, 3)) if quick else ((4, 8), (2, 3, 4))
-    return [Blocks(m, n, 32, 64, w, s) for (m, n), w, s in itertools.product(tiles, warps, stages)]
+    return [Blocks(m, n, 64, w, s) for (m, n), w, s in itertools.product(tiles, warps, stages)]
 
 
 def update_configs(quick: bool) -> list[Blocks]:
-    tiles = [(32, 128), (64, 64), (64, 128), (128, 64)] if quick else [
+    tiles = [(32, 128), (64, 64), (64, 128), (16, 256)] if quick else [
         (32, 64), (32, 128), (64, 64), (64, 128), (128, 64), (128, 128), (16, 256)
     ]
-    return [Blocks(m, n, 32, 64, w, 2) for (m, n), w in itertools.product(tiles, (4, 8))]
+    return [Blocks(m, n, 64, w, 2) for (m, n), w in itertools.product(tiles, (4, 8))]
 
 
 def sweep(device, quick: bool) -> list[dict]:
@@ -81,10 +82,10 @@ def sweep(device, quick: bool) -> list[dict]:
         for blocks in product_configs(quick):
             cases.append(("v_matmul", blocks, None, lambda b=blocks: v_matmul(grads, q, u, x, 0.999, blocks=b), g_bytes + thin))
             cases.append(("v_rmatmul", blocks, None, lambda b=blocks: v_rmatmul(grads, q, u, y, 0.999, blocks=b), g_bytes + thin))
-        for precision in ("tf32", "ieee"):
+        for precision in ("tf32x3", "ieee"):
             for name, fn in (("v_matmul", v_matmul), ("v_rmatmul", v_rmatmul)):
                 thin_in = x if name == "v_matmul" else y
-                cases.append((name, Blocks(), precision,
+                cases.append((name, PRODUCT_BLOCKS, precision,
                               lambda f=fn, t=thin_in, p=precision: f(grads, q, u, t, 0.999, precision=p), g_bytes + thin))  # fmt: skip
         for blocks in update_configs(quick):
             fn = lambda b=blocks: apply_update(  # noqa: E731
@@ -112,7 +113,8 @@ def sweep(device, quick: bool) -> list[dict]:
                     best[key] = row
         default = {
             row["pass"]: row for row in rows
-            if row["group"] == label and row["k"] == k and row["precision"] == "default" and Blocks(**row["blocks"]) == Blocks()
+            if row["group"] == label and row["k"] == k and row["precision"] == "default"
+            and Blocks(**row["blocks"]) == (ELEMENTWISE_BLOCKS if row["pass"] == "apply_update" else PRODUCT_BLOCKS)
         }  # fmt: skip
         for key, row in best.items():
             d = default.get(key)

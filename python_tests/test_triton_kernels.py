@@ -2,7 +2,7 @@
 
 Runs on CPU tensors under the Triton interpreter when there is no GPU (see triton_env.py);
 shapes are small because the interpreter costs milliseconds per program and loop iteration.
-Small ``Blocks`` reach the multi-tile, multi-K-chunk, multi-r-block and split paths."""
+Small ``Blocks`` reach the multi-tile, multi-r-block and split paths."""
 
 import subprocess
 import sys
@@ -21,7 +21,7 @@ EPS = 1e-8
 def _blocks(small: bool):
     from adapprox_kernels.kernels._launch import Blocks
 
-    return Blocks(16, 16, 16, 16) if small else Blocks()
+    return Blocks(16, 16, 16) if small else Blocks()
 
 
 def _inputs(batch, m, n, k, dtype, seed=0):

@@ -58,8 +58,10 @@ CONFIGS = {
 }
 
 # Factors and ξ agree to fp32 rounding amplified by a few QR/power steps; the parameters and
-# momenta within one unit in the last place of their dtype.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-10}
+# momenta within one unit in the last place of their dtype: a ulp is 2^-8..2^-7 of the value
+# for bf16 (8 significant bits) and 2^-11..2^-10 for fp16, so a value rounded the other way on
+# one backend sits up to 2^-7 (bf16) away (seen on an H100 without the CUDA extension).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -81,7 +83,7 @@ def test_triton_matches_reference(name):
             if torch.is_tensor(want):
                 assert got.dtype == want.dtype and got.shape == want.shape, (i, key)
                 if key in ("Q", "U") and DEVICE.type == "cuda":
-                    # Compiled tf32x3 products vs cuBLAS fp32 can turn the basis of a cluster of
+                    # Compiled tf32 products vs cuBLAS fp32 can turn the basis of a cluster of
                     # near-equal singular values: compare what the factors stand for, Q Uᵀ.
                     if key == "Q":
                         rebuilt = tri_state["Q"] @ tri_state["U"].T, ref_state["Q"] @ ref_state["U"].T

@@ -21,23 +21,32 @@ MIN_DOT = 16  # tl.dot needs every dimension >= 16 on GPUs
 
 
 class Blocks(NamedTuple):
-    """Upper bounds of the tile sizes (powers of two >= 16); a launch uses the smallest power
-    of two that covers the dimension, up to these. 64×64 V tiles keep the rebuilt tile, the
-    Q·Uᵀ accumulator and the product accumulator in registers at 4 warps; ``r`` bounds the
-    thin side one program holds (wider sketches take several r blocks). Tests pass 16s to
-    reach the multi-block paths on small shapes. ``warps`` and ``stages`` are the launch's
-    ``num_warps`` / ``num_stages`` (the interpreter ignores them); ``bench/tune_blocks.py``
-    measures the alternatives on a GPU."""
+    """Launch configuration: upper bounds of the tile sizes (powers of two >= 16; a launch uses
+    the smallest power of two that covers the dimension, up to these), ``r`` the widest thin
+    block one program of a product holds (wider sketches take several r blocks), and the
+    launch's ``num_warps`` / ``num_stages`` (the interpreter ignores those). Tests pass 16s to
+    reach the multi-block paths on small shapes; ``bench/tune_blocks.py`` measured the
+    defaults below on an H100."""
 
     m: int = 64
     n: int = 64
-    k: int = 32
     r: int = 64
     warps: int = 4
     stages: int = 3
 
-    def fit(self, m: int, n: int, k: int, r: int) -> tuple[int, int, int, int]:
-        return pow2_block(m, self.m), pow2_block(n, self.n), pow2_block(k, self.k), pow2_block(r, self.r)
+    def tile(self, m: int, n: int) -> tuple[int, int]:
+        return pow2_block(m, self.m), pow2_block(n, self.n)
+
+    def fit(self, m: int, n: int, r: int) -> tuple[int, int, int]:
+        return pow2_block(m, self.m), pow2_block(n, self.n), pow2_block(r, self.r)
+
+
+# V @ X and Vᵀ @ Y: tile size and pipelining barely matter once the V tile is rebuilt with
+# exact FMAs and only the long product uses tensor cores (bench/results/tune_blocks_*.json).
+PRODUCT_BLOCKS = Blocks()
+# The elementwise passes (update, norms, cosine sums): wide rows of 128 columns, 2 stages,
+# 95% of copy bandwidth for the update pass at k = 1 on the H100 against 77% with 64×64 tiles.
+ELEMENTWISE_BLOCKS = Blocks(m=32, n=128, warps=4, stages=2)
 
 
 def interpreted() -> bool:
@@ -57,16 +66,18 @@ def _cuda_props(index: int) -> tuple[int, int]:
 
 
 def dot_precision(device: torch.device) -> str:
-    """``tl.dot`` input precision for fp32 operands.
+    """``tl.dot`` input precision of the long thin products ``V @ X`` and ``Vᵀ @ Y``.
 
-    Plain tf32 (Triton's default on GPUs) keeps ~10 mantissa bits, i.e. relative errors of
-    ~1e-3 in rebuilt V entries and sketch products: as large as the default ξ threshold, so
-    rank decisions would follow rounding noise. ``tf32x3`` (three tf32 products) is close to
-    fp32 and still uses tensor cores; GPUs without tf32 (or ROCm) use ``ieee``."""
+    tf32 on GPUs that have it. Its rounding (~5e-4 relative per operand entry) is random across
+    the n (or m) terms of each output entry and averages out in the sum, unlike rounding in
+    the rebuilt V entries themselves, which is why ``_tiles.lowrank_tile`` rebuilds them with
+    exact fp32 FMAs. ``tf32x3`` (near fp32) cost 2-3× the time of a pass on the H100 (the pass
+    became compute-bound); ``ieee`` is used where there is no tf32 (and under the
+    interpreter, which computes in fp32 anyway)."""
     if device.type != "cuda" or torch.version.hip is not None:
         return "ieee"
     _, major = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
-    return "tf32x3" if major >= 8 else "ieee"
+    return "tf32" if major >= 8 else "ieee"
 
 
 def target_programs(device: torch.device) -> int:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, reduction_split
+from ._launch import PRODUCT_BLOCKS, Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, reduction_split
 from ._tiles import load_tile, raw_update, v_tile
 
 
@@ -33,8 +33,8 @@ def _v_matmul_kernel(
     stride_xb, stride_xn, stride_xr,
     stride_os, stride_ob, stride_om, stride_or,
     beta2, one_minus_beta2, eps,
-    G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, HAS_LOWRANK: tl.constexpr, WITH_NORMS: tl.constexpr, PRECISION: tl.constexpr,
+    G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, WITH_NORMS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -59,7 +59,7 @@ def _v_matmul_kernel(
         g, v = v_tile(
             g_base, q_base, u_base, rows, cols, M, N, K,
             stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk, beta2, one_minus_beta2,
-            BLOCK_M, BLOCK_N, BLOCK_K, HAS_LOWRANK, PRECISION,
+            BLOCK_M, BLOCK_N, HAS_LOWRANK,
         )  # fmt: skip
         x = load_tile(x_base, cols, rs, stride_xn, stride_xr, N, R)
         acc = tl.dot(v, x, acc, input_precision=PRECISION)
@@ -101,7 +101,7 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
     if r < 1:
         raise ValueError("the thin matrix needs at least one column")
     k = q.shape[2]
-    block_m, block_n, block_k, block_r = blocks.fit(m, n, k, r)
+    block_m, block_n, block_r = blocks.fit(m, n, r)
     num_m, num_r, num_n = triton.cdiv(m, block_m), triton.cdiv(r, block_r), triton.cdiv(n, block_n)
     split = reduction_split(num_m * num_r * batch, num_n, table.device, split)
     n_per_split = triton.cdiv(num_n, split) * block_n
@@ -114,7 +114,7 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
         m, n, k, r, n_per_split,
         sg_m, sg_n, *q.stride(), *u.stride(), *x.stride(), *out.stride(),
         float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
-        G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+        G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION=precision or dot_precision(table.device),
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
@@ -133,7 +133,7 @@ def v_matmul(
     beta2: float,
     *,
     eps: float | None = None,
-    blocks: Blocks = Blocks(),
+    blocks: Blocks = PRODUCT_BLOCKS,
     split: int | None = None,
     precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -152,7 +152,7 @@ def v_rmatmul(
     y: torch.Tensor,
     beta2: float,
     *,
-    blocks: Blocks = Blocks(),
+    blocks: Blocks = PRODUCT_BLOCKS,
     split: int | None = None,
     precision: str | None = None,
 ) -> torch.Tensor:
