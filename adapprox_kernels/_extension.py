@@ -23,6 +23,7 @@ from .cholqr import check_sketch
 from .srsi import householder_orthonormalize
 
 OP_NAME = "adapprox_kernels::cholqr_orthonormalize"
+UNCHECKED_OP_NAME = "adapprox_kernels::cholqr_orthonormalize_unchecked"
 
 
 def _load(name: str = f"{__package__}._C"):
@@ -45,6 +46,11 @@ if _MODULE is not None:
     def _cholqr_fake(y: torch.Tensor) -> torch.Tensor:
         # Same shape, dtype and device as the input; contiguous like the CUDA result.
         return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(UNCHECKED_OP_NAME)
+    def _cholqr_unchecked_fake(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.empty_like(y, memory_format=torch.contiguous_format)
+        return q, y.new_empty(y.shape[0], dtype=torch.bool)
 
 
 def extension_status() -> tuple[bool, str | None]:
@@ -74,6 +80,17 @@ def cholqr_cuda(y: torch.Tensor) -> torch.Tensor:
 def uses_extension(y: torch.Tensor) -> bool:
     """Whether :func:`orthonormalize` sends ``y`` to the extension: fp32 CUDA tensors, when loaded."""
     return _MODULE is not None and y.device.type == "cuda" and y.dtype == torch.float32
+
+
+def orthonormalize_unchecked(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`orthonormalize` without its host sync: ``(q, failed)`` where ``failed`` is a
+    ``(B,)`` bool tensor of the matrices whose CholeskyQR failed (only non-finite sketches do),
+    which the caller must recompute with :func:`orthonormalize` before using them; ``None``
+    when Householder QR ran (it cannot fail). The optimizer checks all of a step's flags at once."""
+    if uses_extension(y):
+        check_sketch(y)
+        return torch.ops.adapprox_kernels.cholqr_orthonormalize_unchecked(y)
+    return householder_orthonormalize(y), None
 
 
 def orthonormalize(y: torch.Tensor) -> torch.Tensor:

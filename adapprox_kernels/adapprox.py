@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -52,6 +53,49 @@ def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_cols: list[i
     cols = torch.arange(width, device=u.device)
     keep = cols.unsqueeze(0) < torch.tensor(prev_cols, device=u.device).unsqueeze(1)
     return torch.where(keep.unsqueeze(1), u.to(gaussian.dtype), gaussian)
+
+
+def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """``(B, d, width)`` from ``B`` factors ``(d, k_b)`` zero-padded to ``width`` columns."""
+    if all(f.shape[1] == width for f in factors):  # the usual case: one copy
+        return torch.stack(factors)
+    pad = torch.nn.functional.pad
+    return torch.stack([pad(f, (0, width - f.shape[1])) for f in factors])
+
+
+def _deferred_orthonormalize(backend, failures: list[torch.Tensor]):
+    """The backend's orthonormalizer without a host sync per call where it offers one: each
+    call's ``(B,)`` failure flags go to ``failures``, checked once per step (``_end_step``)."""
+    unchecked = getattr(backend, "orthonormalize_unchecked", None)
+    if unchecked is None:
+        return backend.orthonormalize
+
+    def orthonormalize(y: torch.Tensor) -> torch.Tensor:
+        q, failed = unchecked(y)
+        if failed is not None:
+            failures.append(failed)
+        return q
+
+    return orthonormalize
+
+
+@dataclass
+class _Pending:
+    """A bucket's S-RSI result waiting for the step's host sync: full-width ``q: (B, m, r)``,
+    ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ, ``xi: (B,)`` (None when not measured this
+    step), the orthonormalizer's failure flags ``(B,)`` (None if it cannot fail) and ``redo``,
+    which recomputes ``(q, u, xi)`` with the checked orthonormalizer."""
+
+    group: dict[str, Any]
+    states: list[dict[str, Any]]
+    shards: RowShards | None
+    cap: int
+    q: torch.Tensor
+    u: torch.Tensor
+    used: list[int]
+    xi: torch.Tensor | None
+    failed: torch.Tensor | None
+    redo: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 class Adapprox(SketchOptimizer):
@@ -150,6 +194,7 @@ class Adapprox(SketchOptimizer):
             warm_start=warm_start, warm_power_iters=warm_power_iters,
         )  # fmt: skip
         super().__init__(params, defaults, seed)
+        self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -230,19 +275,19 @@ class Adapprox(SketchOptimizer):
         apply_updates([local(p) for p in bucket], upd, exp_avgs, **kw, reduce=reduce)
 
     def _factored_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
-        """S-RSI for every same-shaped matrix of the bucket at once, then the update."""
+        """S-RSI for every same-shaped matrix of the bucket at once, then the update. The rank
+        decisions and the new factors wait in ``self._pending`` for :meth:`_end_step`."""
         states = [self.state[p] for p in bucket]
         m, n = matrix_shape(bucket[0])
-        beta1, beta2, beta3 = group["betas"]
+        beta1, beta2, _ = group["betas"]
         shards = RowShards.of(bucket[0])
         if shards is not None:
             # DTensor (FSDP2) parameters: the same step on this rank's rows; see distributed.py.
             backend = shards
         # Previous factors, zero-padded to a common width (zero columns add nothing to Q Uᵀ).
         width_prev = max(s["Q"].shape[1] for s in states)
-        pad = torch.nn.functional.pad
-        q_prev = torch.stack([pad(local(s["Q"]), (0, width_prev - s["Q"].shape[1])) for s in states])
-        u_prev = torch.stack([pad(local(s["U"]), (0, width_prev - s["U"].shape[1])) for s in states])
+        q_prev = _stack_padded([local(s["Q"]) for s in states], width_prev)
+        u_prev = _stack_padded([local(s["U"]) for s in states], width_prev)
         grads = [local(p.grad).reshape(-1, n) for p in bucket]
         op = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
 
@@ -254,33 +299,74 @@ class Adapprox(SketchOptimizer):
         if group["warm_start"] and min(prev_cols) > 0:
             sketch = _warm_sketch(u_prev, sketch, prev_cols)
             iters = group["warm_power_iters"]
-        q, u = subspace_iteration(op, sketch, iters, backend.orthonormalize)
+        failures: list[torch.Tensor] = []
+        q, u = subspace_iteration(op, sketch, iters, _deferred_orthonormalize(backend, failures))
         used = [min(k, width) for k in ranks]
-        step = states[0]["step"]
-        measure = group["rank_policy"] == "step" or step % group["rank_interval"] == 0
+        measure = group["rank_policy"] == "step" or states[0]["step"] % group["rank_interval"] == 0
         # The update needs only V_t, so it runs before the rank decision; a fused backend also
         # returns ξ's numerator from that pass over G.
         exp_avgs = [local(s["exp_avg"]) for s in states] if beta1 > 0 else None
         factors = (truncate_columns(q, used), truncate_columns(u, used)) if measure else None
         params = [local(p) for p in bucket]
         resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **self._step_kwargs(group))
-        if measure:
-            xis = ratio_from_sq_norms(op.sq_norm(), resid).tolist()
+        xi = ratio_from_sq_norms(op.sq_norm(), resid) if measure else None
+
+        def redo() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            """S-RSI again with the checked orthonormalizer (V_t is unchanged by the update)."""
+            again = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
+            q2, u2 = subspace_iteration(again, sketch, iters, backend.orthonormalize)
+            if not measure:
+                return q2, u2, None
+            resid2 = again.residual_sq_norm(truncate_columns(q2, used), truncate_columns(u2, used))
+            return q2, u2, ratio_from_sq_norms(again.sq_norm(), resid2)
+
+        failed = torch.stack(failures).any(dim=0) if failures else None
         cap = min(group["k_max"], m, n)
+        self._pending.append(_Pending(group, states, shards, cap, q, u, used, xi, failed, redo))
+
+    def _end_step(self) -> None:
+        """Rank decisions and new factors of every bucket of the step, after one host sync per
+        device that fetches all ξ (and the orthonormalizer's failure flags) at once."""
+        pending, self._pending = self._pending, []
+        flat: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for rec in pending:
+            flat[rec.q.device] += [t.double() for t in (rec.xi, rec.failed) if t is not None]
+        host = {dev: iter(torch.cat(parts).tolist()) for dev, parts in flat.items() if parts}
+        for rec in pending:
+            values = host.get(rec.q.device)
+            b = len(rec.states)
+            xis = [next(values) for _ in range(b)] if rec.xi is not None else None
+            if rec.failed is not None and any([next(values) for _ in range(b)]):
+                rec.q, rec.u, xi = rec.redo()  # only non-finite sketches fail: rare
+                xis = xi.tolist() if xi is not None else None
+            self._decide_ranks(rec, xis)
+
+    def _decide_ranks(self, rec: "_Pending", xis: list[float] | None) -> None:
+        group, states, cap = rec.group, rec.states, rec.cap
+        width = rec.q.shape[2]
         for b, s in enumerate(states):
-            if measure:
+            if xis is not None:
                 s["xi"] = xis[b]
                 if group["rank_policy"] == "step":
-                    k_next = next_rank_step(used[b], xis[b], group["xi_thresh"], group["k_min"], cap)
-                    s["rank"] = rank_moment(s["rank"], k_next, beta3)
+                    k_next = next_rank_step(rec.used[b], xis[b], group["xi_thresh"], group["k_min"], cap)
+                    s["rank"] = rank_moment(s["rank"], k_next, group["betas"][2])
                 elif xis[b] > group["xi_thresh"]:
                     s["rank"] = float(min(s["rank"] + sigmoid_increment(xis[b], *group["sigmoid"]), cap))
-            # Keep round(k_t) columns; growth past this sketch's width waits for the next step.
-            keep = min(_round_rank(s["rank"]), width)
-            s["Q"] = q[b, :, :keep].clone()
-            s["U"] = u[b, :, :keep].clone()
-            if shards is not None:
-                s["Q"], s["U"] = shards.rows_of(s["Q"]), shards.replicated(s["U"])
+        # Keep round(k_t) columns; growth past this sketch's width waits for the next step.
+        keeps = [min(_round_rank(s["rank"]), width) for s in states]
+        if rec.shards is not None:
+            for s, k, qb, ub in zip(states, keeps, rec.q, rec.u):
+                s["Q"], s["U"] = rec.shards.rows_of(qb[:, :k].clone()), rec.shards.replicated(ub[:, :k].clone())
+            return
+        # One copy per distinct rank; each state tensor is one matrix of it (no memory shared
+        # between parameters beyond the copy's own storage, whose size is what they hold).
+        by_keep: dict[int, list[int]] = defaultdict(list)
+        for b, k in enumerate(keeps):
+            by_keep[k].append(b)
+        for k, idx in by_keep.items():
+            qs, us = rec.q[idx, :, :k].unbind(0), rec.u[idx, :, :k].unbind(0)
+            for b, qb, ub in zip(idx, qs, us):
+                states[b]["Q"], states[b]["U"] = qb, ub
 
     # -------------------------------------------------------------------------- observability
     def state_report(self) -> StateReport:

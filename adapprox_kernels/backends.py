@@ -5,7 +5,10 @@ A backend supplies three pieces to the optimizer (see :class:`ReferenceBackend`)
 * ``second_moment(grads, q, u, beta2, *, eps)`` -> a :class:`~adapprox_kernels.linear_operator.LinearOperator`
   for ``V_t`` of a batch of same-shaped matrices, that also computes the clipped update
   (``eps`` lets a fused backend reduce the update's RMS in its first pass over G);
-* ``orthonormalize`` -> the batched QR used inside S-RSI;
+* ``orthonormalize`` -> the batched QR used inside S-RSI; optionally
+  ``orthonormalize_unchecked`` -> ``(q, failed)``, the same without a host sync, where
+  ``failed`` (``(B,)`` bool, or ``None``) marks matrices to recompute with ``orthonormalize``
+  (the optimizer checks every flag of a step at once);
 * ``apply_step(op, params, exp_avgs, ..., residual_factors=None)`` -> the momentum /
   weight-decay / weight write; with ``residual_factors=(q, u)`` it also returns ξ's numerator
   ``‖V − q uᵀ‖_F²`` per matrix (a fused backend gets it from the same pass).
@@ -25,6 +28,7 @@ import torch
 
 from . import reference
 from ._extension import orthonormalize as default_orthonormalize
+from ._extension import orthonormalize_unchecked
 
 
 class ReferenceBackend:
@@ -33,6 +37,7 @@ class ReferenceBackend:
     name = "reference"
     # The CUDA extension's CholeskyQR on fp32 CUDA tensors when it is built, else Householder QR.
     orthonormalize = staticmethod(default_orthonormalize)
+    orthonormalize_unchecked = staticmethod(orthonormalize_unchecked)
 
     @staticmethod
     def available(device: torch.device) -> str | None:

@@ -9,7 +9,8 @@
 * the non-finite gradient policy (``"raise"`` before anything is modified, or ``"skip"`` that
   parameter and count it in ``state["nonfinite_skips"]``), checked with one host sync per device;
 * ``step(closure)`` under ``torch.no_grad()``, which calls the subclass's
-  ``_init_state(p, group)`` (lazy state) and ``_step_group(group, params)`` (the update).
+  ``_init_state(p, group)`` (lazy state), ``_step_group(group, params)`` (the update) for
+  every group and then ``_end_step()`` (work that waits for one host sync per step).
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class SketchOptimizer(Optimizer):
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def _end_step(self) -> None:
+        """Called once after every group's ``_step_group``; nothing by default."""
+
     def _grads_to_update(self, group: dict[str, Any]) -> list[torch.Tensor]:
         name = type(self).__name__
         params = []
@@ -156,4 +160,5 @@ class SketchOptimizer(Optimizer):
                 else:
                     ok.append(p)
             self._step_group(group, ok)
+        self._end_step()
         return loss

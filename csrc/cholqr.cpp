@@ -5,7 +5,8 @@
 // algorithm and its plain-PyTorch reference are in adapprox_kernels/cholqr.py; this file runs the
 // same steps with batched cuBLAS GEMMs (through at::bmm), cuSOLVER potrfBatched and cuBLAS
 // trsmBatched, on torch's current stream. Limits: one host sync per call (to decide whether any
-// matrix needs the Householder fallback); fp64 work buffers of about 3x the fp32 input.
+// matrix needs the Householder fallback; cholqr_orthonormalize_unchecked leaves that decision to
+// the caller and never syncs); fp64 work buffers of about 3x the fp32 input.
 //
 // Exposed twice: as the dispatcher op adapprox_kernels::cholqr_orthonormalize (so torch.compile
 // traces it; its fake impl is in adapprox_kernels/_extension.py) and as a pybind11 function.
@@ -119,7 +120,10 @@ Pass cholqr_pass(const at::Tensor& x, double shift_factor) {
 
 }  // namespace
 
-at::Tensor cholqr_orthonormalize(const at::Tensor& y) {
+// Steps 1-3 and the check of step 4 without the fallback: (Q (B, m, r) fp32, failed (B,) bool).
+// No host sync: a caller that can wait (the optimizer checks once per step) recomputes the
+// failed matrices itself; cholqr_orthonormalize below does it at once.
+std::tuple<at::Tensor, at::Tensor> cholqr_orthonormalize_unchecked(const at::Tensor& y) {
   TORCH_CHECK(y.is_cuda(), "adapprox_kernels.cholqr_orthonormalize needs a CUDA tensor, got one on ", y.device(),
               "; on the CPU use adapprox_kernels.cholqr.cholqr_orthonormalize or srsi.householder_orthonormalize");
   TORCH_CHECK(y.dim() == 3, "cholqr_orthonormalize expects a (B, m, r) tensor, got ", y.dim(), " dimensions");
@@ -127,7 +131,7 @@ at::Tensor cholqr_orthonormalize(const at::Tensor& y) {
   const int64_t batch = y.size(0), m = y.size(1), r = y.size(2);
   TORCH_CHECK(m >= r, "cholqr_orthonormalize needs m >= r, got m = ", m, ", r = ", r);
   TORCH_CHECK(r <= INT_MAX && batch <= INT_MAX, "cholqr_orthonormalize: r and B must fit in int (cuSOLVER)");
-  if (y.numel() == 0) return at::empty_like(y);
+  if (y.numel() == 0) return {at::empty_like(y), at::zeros({batch}, y.options().dtype(at::kBool))};
 
   c10::cuda::CUDAGuard guard(y.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(y.get_device()).stream();
@@ -153,10 +157,14 @@ at::Tensor cholqr_orthonormalize(const at::Tensor& y) {
   // also flags NaN. Then its output is finite and orthonormal, so no separate finiteness scan.
   const at::Tensor gram_err = (pass.gram - at::eye(r, pass.gram.options())).abs().amax(at::IntArrayRef{1, 2});
   failed.logical_or_(gram_err.le(kGramTolerance).logical_not());
-  at::Tensor q = pass.q.to(at::kFloat);
-  if (failed.any().item<bool>()) {  // the one host sync
+  return {pass.q.to(at::kFloat), failed};
+}
+
+at::Tensor cholqr_orthonormalize(const at::Tensor& y) {
+  auto [q, failed] = cholqr_orthonormalize_unchecked(y);
+  if (y.numel() > 0 && failed.any().item<bool>()) {  // the one host sync
     const at::Tensor idx = failed.nonzero().squeeze(1);
-    const at::Tensor householder = std::get<0>(at::linalg_qr(yc.index_select(0, idx), "reduced"));
+    const at::Tensor householder = std::get<0>(at::linalg_qr(y.index_select(0, idx), "reduced"));
     q.index_copy_(0, idx, householder);
   }
   return q;
@@ -182,13 +190,20 @@ std::tuple<int, std::optional<std::string>> cuda_runtime_status() {
 TORCH_LIBRARY_FRAGMENT(adapprox_kernels, m) {
   m.set_python_module("adapprox_kernels._extension");
   m.def("cholqr_orthonormalize(Tensor y) -> Tensor");
+  m.def("cholqr_orthonormalize_unchecked(Tensor y) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(adapprox_kernels, CUDA, m) { m.impl("cholqr_orthonormalize", &adapprox::cholqr_orthonormalize); }
+TORCH_LIBRARY_IMPL(adapprox_kernels, CUDA, m) {
+  m.impl("cholqr_orthonormalize", &adapprox::cholqr_orthonormalize);
+  m.impl("cholqr_orthonormalize_unchecked", &adapprox::cholqr_orthonormalize_unchecked);
+}
 
 // On CPU tensors the same function stops at its first check with a clear message, rather than the
 // dispatcher's generic "could not run ... with arguments from the 'CPU' backend".
-TORCH_LIBRARY_IMPL(adapprox_kernels, CPU, m) { m.impl("cholqr_orthonormalize", &adapprox::cholqr_orthonormalize); }
+TORCH_LIBRARY_IMPL(adapprox_kernels, CPU, m) {
+  m.impl("cholqr_orthonormalize", &adapprox::cholqr_orthonormalize);
+  m.impl("cholqr_orthonormalize_unchecked", &adapprox::cholqr_orthonormalize_unchecked);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adapprox_kernels CUDA extension: batched robust CholeskyQR for S-RSI";

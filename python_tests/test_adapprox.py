@@ -319,3 +319,59 @@ def test_same_shapes_share_one_batched_srsi(monkeypatch):
         p.grad = torch.randn_like(p)
     opt.step()
     assert sorted(calls) == [(1, 24, 20), (3, 20, 24)]
+
+
+def _two_shape_run(seed=0, steps=3):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(20, 24, generator=gen)) for _ in range(2)]
+    params += [torch.nn.Parameter(torch.randn(16, 30, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))]
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
+    return params, grads
+
+
+def _train(opt, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g
+        opt.step()
+    return [p.detach().clone() for p in params], [dict(opt.state[p]) for p in params]
+
+
+def test_deferred_orthonormalizer_failures_are_redone(monkeypatch):
+    """A backend whose sync-free orthonormalizer reports failures (as the CUDA extension does for
+    non-finite sketches) gets the bucket recomputed with the checked one: same result as never
+    failing, and the garbage it returned is never used."""
+    from adapprox_kernels.backends import ReferenceBackend
+
+    params, grads = _two_shape_run()
+    want_params, want_state = _train(Adapprox(params, k_max=4, seed=5, lr=1e-2), params, grads)
+
+    calls = []
+
+    def failing(y):
+        calls.append(y.shape)
+        return torch.full_like(y, float("nan")), torch.ones(y.shape[0], dtype=torch.bool)
+
+    monkeypatch.setattr(ReferenceBackend, "orthonormalize_unchecked", staticmethod(failing))
+    params, grads = _two_shape_run()
+    got_params, got_state = _train(Adapprox(params, k_max=4, seed=5, lr=1e-2), params, grads)
+    assert calls, "the optimizer should use the sync-free orthonormalizer when a backend has one"
+    for p, q in zip(got_params, want_params):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for got, want in zip(got_state, want_state):
+        for key in ("Q", "U", "xi", "rank"):
+            if key in want:
+                assert torch.equal(got[key], want[key]) if torch.is_tensor(want[key]) else got[key] == want[key]
+
+
+def test_one_host_read_of_xi_per_step(monkeypatch):
+    """Every bucket's ξ reaches the host in one read per step (rank decisions wait for it), not
+    one per bucket."""
+    params, grads = _two_shape_run(steps=1)
+    opt = Adapprox(params, k_max=4, seed=0)
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real(t))
+    _train(opt, params, grads)
+    # one for the non-finite check, one for the ξ of both factored buckets (2 + 1 matrices)
+    assert reads == [torch.Size([4]), torch.Size([3])]

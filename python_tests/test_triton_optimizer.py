@@ -82,9 +82,11 @@ def test_triton_matches_reference(name):
             got = tri_state[key]
             if torch.is_tensor(want):
                 assert got.dtype == want.dtype and got.shape == want.shape, (i, key)
-                if key in ("Q", "U") and DEVICE.type == "cuda":
-                    # Compiled tf32 products vs cuBLAS fp32 can turn the basis of a cluster of
-                    # near-equal singular values: compare what the factors stand for, Q Uᵀ.
+                if key in ("Q", "U"):
+                    # Rounding differences (compiled tf32 products vs cuBLAS fp32 on a GPU, FMA
+                    # order anywhere) turn the basis of near-equal small singular values by more
+                    # than rounding (seen: 1.7e-5 in the 2nd column of the nearly rank-1 matrix 1
+                    # under the interpreter): compare what the factors stand for, Q Uᵀ.
                     if key == "Q":
                         rebuilt = tri_state["Q"] @ tri_state["U"].T, ref_state["Q"] @ ref_state["U"].T
                         torch.testing.assert_close(*rebuilt, rtol=1e-4, atol=1e-5, msg=f"param {i} Q Uᵀ")
