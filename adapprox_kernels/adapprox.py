@@ -267,8 +267,7 @@ class Adapprox(SketchOptimizer):
         v = torch.stack([local(s["exp_avg_sq"]) for s in states])
         g = torch.stack([local(p.grad).to(v.dtype) for p in bucket])
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        for s, new in zip(states, v):
-            local(s["exp_avg_sq"]).copy_(new)
+        torch._foreach_copy_([local(s["exp_avg_sq"]) for s in states], list(v.unbind(0)))
         kw = self._step_kwargs(group)
         upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"), reduce)
         exp_avgs = [local(s["exp_avg"]) for s in states] if kw["beta1"] > 0 else None

@@ -89,17 +89,17 @@ def apply_updates(
     its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own. ``reduce``: see
     :func:`clipped_update` (only the cosine guidance reduces over the matrix)."""
     upd = upd.reshape(len(params), *params[0].shape)
+    # Batched arithmetic in fp32 and one foreach copy back (rounding once to each tensor's own
+    # dtype): a handful of kernel launches per bucket rather than a few per parameter.
     if exp_avgs is not None:
         avg = torch.stack([m.to(upd.dtype) for m in exp_avgs]).mul_(beta1).add_(upd, alpha=1 - beta1)
-        for m, new in zip(exp_avgs, avg):
-            m.copy_(new)
+        torch._foreach_copy_(list(exp_avgs), list(avg.unbind(0)))
     else:
         avg = upd
     if cosine_max_scale is not None and exp_avgs is not None:
         avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale, reduce)
-    for w, step in zip(params, avg):
-        new = w.to(upd.dtype).mul_(1 - lr * weight_decay).add_(step, alpha=-lr)
-        w.copy_(new)
+    new = torch.stack([w.to(upd.dtype) for w in params]).mul_(1 - lr * weight_decay).add_(avg, alpha=-lr)
+    torch._foreach_copy_(list(params), list(new.unbind(0)))
 
 
 class ReferenceSecondMoment(DenseOperator):

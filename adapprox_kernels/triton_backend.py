@@ -3,7 +3,8 @@
 Layers: the kernels (:mod:`adapprox_kernels.kernels`, imported on first use, so this module
 and the package import without triton) -> ``torch.library`` custom ops with fake
 implementations (``adapprox_kernels::v_matmul`` …, so a compiled training loop sees opaque
-ops with known output shapes instead of a graph break) -> :class:`TritonSecondMoment`, the
+ops with known output shapes instead of a graph break; eager steps skip their dispatch and
+call the launchers directly) -> :class:`TritonSecondMoment`, the
 :class:`~adapprox_kernels.linear_operator.LinearOperator` S-RSI runs on -> :class:`TritonBackend`.
 
 Where it runs: CUDA tensors whenever triton imports (``"auto"`` picks it there, and only
@@ -185,6 +186,11 @@ class TritonSecondMoment:
     def __init__(self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, eps: float):
         m, n = grads[0].shape
         self.grads, _ = _stage(grads, m, n)  # read-only: nothing to copy back
+        # Eager calls go straight to the launchers with one matrix table for the whole step (a
+        # step makes ~12 launches over the same gradients); traced code goes through the custom
+        # ops, which torch.compile sees as opaque calls with known output shapes.
+        self._eager = not torch.compiler.is_compiling()
+        self.table = _kernel("_launch").MatrixTable(self.grads, "grads") if self._eager else None
         self.q, self.u = q, u
         self.beta2, self.eps = float(beta2), float(eps)
         self._sums: Optional[torch.Tensor] = None  # (B, 2): ‖V‖², Σ Upd² (unclipped)
@@ -210,7 +216,10 @@ class TritonSecondMoment:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         first = self._sums is None
-        y, sums = torch.ops.adapprox_kernels.v_matmul(self.grads, self.q, self.u, x, self.beta2, self.eps, first)
+        if self._eager:
+            y, sums = _kernel("v_matmul").v_matmul(self.table, self.q, self.u, x, self.beta2, eps=self.eps if first else None)
+        else:
+            y, sums = torch.ops.adapprox_kernels.v_matmul(self.grads, self.q, self.u, x, self.beta2, self.eps, first)
         self.g_passes += self._product_passes(x.shape[-1])
         if first:
             self._sums = sums
@@ -218,10 +227,15 @@ class TritonSecondMoment:
 
     def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
         self.g_passes += self._product_passes(y.shape[-1])
+        if self._eager:
+            return _kernel("v_matmul").v_rmatmul(self.table, self.q, self.u, y, self.beta2)
         return torch.ops.adapprox_kernels.v_rmatmul(self.grads, self.q, self.u, y, self.beta2)
 
     def _norms(self, q_new: Optional[torch.Tensor] = None, u_new: Optional[torch.Tensor] = None) -> torch.Tensor:
-        sums = torch.ops.adapprox_kernels.v_norms(self.grads, self.q, self.u, q_new, u_new, self.beta2, self.eps)
+        if self._eager:
+            sums = _kernel("v_norms").v_norms(self.table, self.q, self.u, self.beta2, self.eps, q_new, u_new)
+        else:
+            sums = torch.ops.adapprox_kernels.v_norms(self.grads, self.q, self.u, q_new, u_new, self.beta2, self.eps)
         self.g_passes += 1
         if self._sums is None:
             self._sums = sums[:, [0, 2]]
@@ -296,15 +310,25 @@ class TritonBackend:
             staged += staged_moms
         scale = torch.ones_like(clip)
         if cosine_max_scale is not None and moms:
-            dot, upd_sq, avg_sq = torch.ops.adapprox_kernels.update_cosine_sums(
-                op.grads, op.q, op.u, moms, clip, op.beta2, op.eps, beta1
-            ).unbind(dim=1)
+            if op._eager:
+                sums = _kernel("update_cosine").update_cosine_sums(
+                    op.table, op.q, op.u, moms, clip, beta2=op.beta2, eps=op.eps, beta1=beta1
+                )
+            else:
+                sums = torch.ops.adapprox_kernels.update_cosine_sums(op.grads, op.q, op.u, moms, clip, op.beta2, op.eps, beta1)
+            dot, upd_sq, avg_sq = sums.unbind(dim=1)
             scale = reference.cosine_scale(dot, upd_sq.sqrt(), avg_sq.sqrt(), cosine_max_scale)
             op.g_passes += 1
         q_new, u_new = residual_factors if residual_factors is not None else (None, None)
-        resid = torch.ops.adapprox_kernels.apply_update(
-            op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, lr, beta1, weight_decay
-        )
+        if op._eager:
+            resid = _kernel("apply_update").apply_update(
+                op.table, op.q, op.u, weights, moms or None, clip, scale, q_new, u_new,
+                beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1, weight_decay=weight_decay,
+            )  # fmt: skip
+        else:
+            resid = torch.ops.adapprox_kernels.apply_update(
+                op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, lr, beta1, weight_decay
+            )
         op.g_passes += 1
         for original, copy in staged:
             original.copy_(copy.view_as(original))

@@ -306,6 +306,20 @@ def test_extension_opcheck_and_compile():
 
 @pytest.mark.gpu
 @needs_extension
+def test_unchecked_op_flags_failures_without_fallback():
+    """The sync-free op the optimizer uses: the checked op's result where nothing failed, and the
+    flags of the matrices the checked op would send to Householder QR (non-finite sketches)."""
+    y = sketches("random", 4, 40, 6, device="cuda")
+    y[2, 5, 1] = float("nan")
+    y[3, 0, 0] = float("inf")
+    q, failed = ext.orthonormalize_unchecked(y)
+    assert failed.tolist() == [False, False, True, True]
+    torch.testing.assert_close(q[:2], ext.cholqr_cuda(y)[:2], atol=0, rtol=0)
+    torch.library.opcheck(torch.ops.adapprox_kernels.cholqr_orthonormalize_unchecked.default, (y[:2].contiguous(),))
+
+
+@pytest.mark.gpu
+@needs_extension
 def test_optimizer_same_results_with_and_without_extension(monkeypatch):
     """The optimizer uses the extension on CUDA and, without it, Householder QR: same steps."""
     from adapprox_kernels import Adapprox
