@@ -264,6 +264,7 @@ class TritonBackend:
 
     name = "triton"
     orthonormalize = ReferenceBackend.orthonormalize  # the extension's CholeskyQR2 on CUDA when built
+    orthonormalize_unchecked = ReferenceBackend.orthonormalize_unchecked
     auto_device_types = ("cuda",)  # "auto" never picks the interpreter
 
     @staticmethod

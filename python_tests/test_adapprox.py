@@ -375,3 +375,10 @@ def test_one_host_read_of_xi_per_step(monkeypatch):
     _train(opt, params, grads)
     # one for the non-finite check, one for the ξ of both factored buckets (2 + 1 matrices)
     assert reads == [torch.Size([4]), torch.Size([3])]
+
+
+def test_every_backend_offers_the_sync_free_orthonormalizer():
+    from adapprox_kernels.backends import BACKENDS
+
+    for name, backend in BACKENDS.items():
+        assert callable(getattr(backend, "orthonormalize_unchecked", None)), name
