@@ -52,7 +52,7 @@ PRODUCT_CASES = [
     (3, 1, 9, 1, 1, torch.float32, False, None),
     (3, 9, 1, 1, 2, torch.bfloat16, False, None),
     (1, 13, 11, 0, 4, torch.float32, False, None),  # first step: no factors yet
-    (2, 18, 33, 17, 17, torch.float32, True, 2),  # 3 unrolled K steps (the last partial), 2 r blocks (k+p > block), 3×3 tiles, split-K
+    (2, 18, 33, 17, 17, torch.float32, True, 2),  # 2 K chunks, 2 r blocks (k+p > block), 3×3 tiles, split-K
 ]
 
 

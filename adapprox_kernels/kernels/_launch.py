@@ -54,11 +54,6 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unroll(k: int) -> int:
-    """Factor columns one unrolled step of ``_tiles.lowrank_tile`` takes: 1, 2, 4 or 8."""
-    return min(8, triton.next_power_of_2(max(k, 1)))
-
-
 def pow2_block(size: int, cap: int) -> int:
     """Smallest power of two >= ``size``, between ``MIN_DOT`` and ``cap``."""
     return max(MIN_DOT, min(cap, triton.next_power_of_2(max(size, 1))))

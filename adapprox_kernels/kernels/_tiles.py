@@ -22,22 +22,19 @@ def load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
 def lowrank_tile(
     a_base, b_base, rows, cols, n_rows, n_cols, K,
     stride_ar, stride_ak, stride_br, stride_bk,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``(A Bᵀ)[rows, cols]`` for ``A: (n_rows, K)``, ``B: (n_cols, K)``: one fp32 outer
     product per column pair. K is small (the rank), so this costs K FMAs per entry, and it is
     exact fp32: a tensor-core dot would pad K to 16 and round every rebuilt entry of V to tf32
-    (~1e-3 relative, as large as the default ξ threshold), an error no later sum averages out.
-    Columns go ``BLOCK_K`` at a time, unrolled, so their loads are in flight together."""
+    (~1e-3 relative, as large as the default ξ threshold), an error no later sum averages out."""
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     a_ptrs = a_base + rows.to(tl.int64) * stride_ar
     b_ptrs = b_base + cols.to(tl.int64) * stride_br
-    for k0 in range(0, K, BLOCK_K):
-        for kk in tl.static_range(BLOCK_K):
-            k = k0 + kk
-            a = tl.load(a_ptrs + k * stride_ak, mask=(rows < n_rows) & (k < K), other=0.0).to(tl.float32)
-            b = tl.load(b_ptrs + k * stride_bk, mask=(cols < n_cols) & (k < K), other=0.0).to(tl.float32)
-            acc += a[:, None] * b[None, :]
+    for kk in range(0, K):
+        a = tl.load(a_ptrs + kk * stride_ak, mask=rows < n_rows, other=0.0).to(tl.float32)
+        b = tl.load(b_ptrs + kk * stride_bk, mask=cols < n_cols, other=0.0).to(tl.float32)
+        acc += a[:, None] * b[None, :]
     return acc
 
 
@@ -46,7 +43,7 @@ def v_tile(
     g_base, q_base, u_base, rows, cols, M, N, K,
     stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
     beta2, one_minus_beta2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOWRANK: tl.constexpr,
 ):  # fmt: skip
     """The gradient tile and ``V = β2·relu(Q Uᵀ) + (1−β2)·G²`` on ``rows × cols`` (fp32).
 
@@ -57,7 +54,7 @@ def v_tile(
     if HAS_LOWRANK:
         qu = lowrank_tile(
             q_base, u_base, rows, cols, M, N, K, stride_qm, stride_qk, stride_un, stride_uk,
-            BLOCK_M, BLOCK_N, BLOCK_K,
+            BLOCK_M, BLOCK_N,
         )  # fmt: skip
         v = beta2 * tl.maximum(qu, 0.0) + v
     return g, v

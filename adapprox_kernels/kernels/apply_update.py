@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_new_factors, unroll, check_vector, pointer_arg
+from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_new_factors, check_vector, pointer_arg
 from ._tiles import load_tile, lowrank_tile, round_to, update_and_average, v_tile
 
 
@@ -37,7 +37,7 @@ def _apply_update_kernel(
     stride_unb, stride_unn, stride_unk,
     beta2, one_minus_beta2, eps, beta1, one_minus_beta1, lr, decay,
     G_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_NEW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, WITH_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -50,7 +50,7 @@ def _apply_update_kernel(
     g, v = v_tile(
         g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
         rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
-        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, BLOCK_K, HAS_LOWRANK,
+        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     mom_base = mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN
     _, avg = update_and_average(
@@ -69,7 +69,7 @@ def _apply_update_kernel(
     if WITH_RESIDUAL:
         approx = lowrank_tile(
             qn_ptr + b64 * stride_qnb, un_ptr + b64 * stride_unb, rows, cols, M, N, K_NEW,
-            stride_qnm, stride_qnk, stride_unn, stride_unk, BLOCK_M, BLOCK_N, BLOCK_K_NEW,
+            stride_qnm, stride_qnk, stride_unn, stride_unk, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         diff = v - approx
         tl.store(resid_ptr + b64 * tl.num_programs(0) + tile, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
@@ -131,7 +131,7 @@ def apply_update(
         float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1), float(lr),
         1.0 - float(lr) * float(weight_decay),
         G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=unroll(k), BLOCK_K_NEW=unroll(k_new),
+        BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_vector, pointer_arg, unroll
+from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_vector, pointer_arg
 from ._tiles import update_and_average, v_tile
 
 
@@ -27,7 +27,7 @@ def _update_cosine_kernel(
     stride_mm, stride_mn,
     beta2, one_minus_beta2, eps, beta1, one_minus_beta1,
     G_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -38,7 +38,7 @@ def _update_cosine_kernel(
     g, v = v_tile(
         g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
         rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
-        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, BLOCK_K, HAS_LOWRANK,
+        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     upd, avg = update_and_average(
         g, v, rows, cols, M, N, eps, tl.load(clip_ptr + b), mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN,
@@ -82,7 +82,7 @@ def update_cosine_sums(
         table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, out,
         m, n, k, *table.stride, *q.stride(), *u.stride(), *moms.stride,
         float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1),
-        G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=unroll(k),
+        G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LOWRANK=k > 0,
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip

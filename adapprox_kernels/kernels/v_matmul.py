@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import PRODUCT_BLOCKS, Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, reduction_split, unroll
+from ._launch import PRODUCT_BLOCKS, Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, reduction_split
 from ._tiles import load_tile, raw_update, v_tile
 
 
@@ -33,7 +33,7 @@ def _v_matmul_kernel(
     stride_xb, stride_xn, stride_xr,
     stride_os, stride_ob, stride_om, stride_or,
     beta2, one_minus_beta2, eps,
-    G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, WITH_NORMS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -59,7 +59,7 @@ def _v_matmul_kernel(
         g, v = v_tile(
             g_base, q_base, u_base, rows, cols, M, N, K,
             stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk, beta2, one_minus_beta2,
-            BLOCK_M, BLOCK_N, BLOCK_K, HAS_LOWRANK,
+            BLOCK_M, BLOCK_N, HAS_LOWRANK,
         )  # fmt: skip
         x = load_tile(x_base, cols, rs, stride_xn, stride_xr, N, R)
         acc = tl.dot(v, x, acc, input_precision=PRECISION)
@@ -114,7 +114,7 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
         m, n, k, r, n_per_split,
         sg_m, sg_n, *q.stride(), *u.stride(), *x.stride(), *out.stride(),
         float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
-        G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=unroll(k),
+        G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION=precision or dot_precision(table.device),
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip

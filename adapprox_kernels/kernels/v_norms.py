@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_new_factors, unroll, pointer_arg
+from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_new_factors, pointer_arg
 from ._tiles import lowrank_tile, raw_update, v_tile
 
 
@@ -28,7 +28,7 @@ def _v_norms_kernel(
     stride_qnb, stride_qnm, stride_qnk,
     stride_unb, stride_unn, stride_unk,
     beta2, one_minus_beta2, eps,
-    G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_NEW: tl.constexpr,
+    G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, WITH_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -40,7 +40,7 @@ def _v_norms_kernel(
     g, v = v_tile(
         g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
         rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
-        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, BLOCK_K, HAS_LOWRANK,
+        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     upd = raw_update(g, v, rows, cols, M, N, eps)
     tiles = tl.num_programs(0)
@@ -49,7 +49,7 @@ def _v_norms_kernel(
     if WITH_RESIDUAL:
         approx = lowrank_tile(
             qn_ptr + b64 * stride_qnb, un_ptr + b64 * stride_unb, rows, cols, M, N, K_NEW,
-            stride_qnm, stride_qnk, stride_unn, stride_unk, BLOCK_M, BLOCK_N, BLOCK_K_NEW,
+            stride_qnm, stride_qnk, stride_unn, stride_unk, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         diff = v - approx
         tl.store(out_ptr + (b64 * 3 + 1) * tiles + tile, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
@@ -87,7 +87,7 @@ def v_norms(
         table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), pointer_arg(q_new, out), pointer_arg(u_new, out), out,
         m, n, k, k_new, *table.stride, *q.stride(), *u.stride(), *q_new.stride(), *u_new.stride(),
         float(beta2), 1.0 - float(beta2), float(eps),
-        G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=unroll(k), BLOCK_K_NEW=unroll(k_new), HAS_LOWRANK=k > 0, WITH_RESIDUAL=with_residual,
+        G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOWRANK=k > 0, WITH_RESIDUAL=with_residual,
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     return out.sum(dim=-1)
