@@ -82,7 +82,7 @@ def sweep(device, quick: bool) -> list[dict]:
         for blocks in product_configs(quick):
             cases.append(("v_matmul", blocks, None, lambda b=blocks: v_matmul(grads, q, u, x, 0.999, blocks=b), g_bytes + thin))
             cases.append(("v_rmatmul", blocks, None, lambda b=blocks: v_rmatmul(grads, q, u, y, 0.999, blocks=b), g_bytes + thin))
-        for precision in ("tf32x3", "ieee"):
+        for precision in ("tf32", "ieee"):
             for name, fn in (("v_matmul", v_matmul), ("v_rmatmul", v_rmatmul)):
                 thin_in = x if name == "v_matmul" else y
                 cases.append((name, PRODUCT_BLOCKS, precision,

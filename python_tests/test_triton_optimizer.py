@@ -83,7 +83,7 @@ def test_triton_matches_reference(name):
             if torch.is_tensor(want):
                 assert got.dtype == want.dtype and got.shape == want.shape, (i, key)
                 if key in ("Q", "U"):
-                    # Rounding differences (compiled tf32 products vs cuBLAS fp32 on a GPU, FMA
+                    # Rounding differences (compiled tf32x3 products vs cuBLAS fp32 on a GPU, FMA
                     # order anywhere) turn the basis of near-equal small singular values by more
                     # than rounding (seen: 1.7e-5 in the 2nd column of the nearly rank-1 matrix 1
                     # under the interpreter): compare what the factors stand for, Q Uᵀ.

@@ -68,16 +68,16 @@ def _cuda_props(index: int) -> tuple[int, int]:
 def dot_precision(device: torch.device) -> str:
     """``tl.dot`` input precision of the long thin products ``V @ X`` and ``Vᵀ @ Y``.
 
-    tf32 on GPUs that have it. Its rounding (~5e-4 relative per operand entry) is random across
-    the n (or m) terms of each output entry and averages out in the sum, unlike rounding in
-    the rebuilt V entries themselves, which is why ``_tiles.lowrank_tile`` rebuilds them with
-    exact fp32 FMAs. ``tf32x3`` (near fp32) cost 2-3× the time of a pass on the H100 (the pass
-    became compute-bound); ``ieee`` is used where there is no tf32 (and under the
-    interpreter, which computes in fp32 anyway)."""
+    ``tf32x3`` (three tf32 products, close to fp32) on GPUs with tf32; ``ieee`` elsewhere (and
+    under the interpreter, which computes in fp32 anyway). Plain tf32 made these passes 2-3×
+    faster on the H100 (bench/results/tune_blocks_*.json) but moved the products by ~1e-3
+    relative on incoherent data, and S-RSI on flat-spectrum matrices then lands on visibly
+    different subspaces than the fp32 reference; it stays opt-in (``precision=`` of the
+    launchers) until its effect on ξ and the rank decisions is measured."""
     if device.type != "cuda" or torch.version.hip is not None:
         return "ieee"
     _, major = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
-    return "tf32" if major >= 8 else "ieee"
+    return "tf32x3" if major >= 8 else "ieee"
 
 
 def target_programs(device: torch.device) -> int:
