@@ -82,9 +82,9 @@ def _deferred_orthonormalize(backend, failures: list[torch.Tensor]):
 @dataclass
 class _Pending:
     """A bucket's S-RSI result waiting for the step's host sync: full-width ``q: (B, m, r)``,
-    ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ, ``xi: (B,)`` (None when not measured this
-    step), the orthonormalizer's failure flags ``(B,)`` (None if it cannot fail) and ``redo``,
-    which recomputes ``(q, u, xi)`` with the checked orthonormalizer."""
+    ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ, ``xi: (B,)`` (None
+    when not measured this step), the orthonormalizer's failure flags ``(B,)`` (None if it
+    cannot fail) and ``redo``, which recomputes ``(q, u, xi)`` with the checked one."""
 
     group: dict[str, Any]
     states: list[dict[str, Any]]
