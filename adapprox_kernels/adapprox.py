@@ -29,7 +29,14 @@ from .distributed import RowShards, local
 from .optim_base import NONFINITE_POLICIES, SketchOptimizer
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
-from .srsi import gaussian_sketch, ratio_from_sq_norms, sketch_width, subspace_iteration, truncate_columns
+from .srsi import (
+    column_mask,
+    gaussian_sketch,
+    ratio_from_sq_norms,
+    sketch_width,
+    subspace_iteration,
+    truncate_columns,
+)
 from .state_report import StateReport, report_rows
 
 
@@ -50,9 +57,7 @@ def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_cols: list[i
     step's ``U`` (V's dominant row space), the rest stay Gaussian."""
     width = gaussian.shape[-1]
     u = torch.nn.functional.pad(u_prev, (0, max(width - u_prev.shape[-1], 0)))[..., :width]
-    cols = torch.arange(width, device=u.device)
-    keep = cols.unsqueeze(0) < torch.tensor(prev_cols, device=u.device).unsqueeze(1)
-    return torch.where(keep.unsqueeze(1), u.to(gaussian.dtype), gaussian)
+    return torch.where(column_mask(tuple(prev_cols), width, u.device), u.to(gaussian.dtype), gaussian)
 
 
 def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -362,8 +367,11 @@ class Adapprox(SketchOptimizer):
         by_keep: dict[int, list[int]] = defaultdict(list)
         for b, k in enumerate(keeps):
             by_keep[k].append(b)
+        q_all, u_all = rec.q.unbind(0), rec.u.unbind(0)
         for k, idx in by_keep.items():
-            qs, us = rec.q[idx, :, :k].unbind(0), rec.u[idx, :, :k].unbind(0)
+            # stack, not rec.q[idx]: a list index is copied to the device, which waits for it.
+            qs = torch.stack([q_all[b][:, :k] for b in idx]).unbind(0)
+            us = torch.stack([u_all[b][:, :k] for b in idx]).unbind(0)
             for b, qb, ub in zip(idx, qs, us):
                 states[b]["Q"], states[b]["U"] = qb, ub
 

@@ -8,6 +8,7 @@ same-shaped matrices. Shapes: the operator is ``(B, m, n)``; the sketch width is
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -90,14 +91,24 @@ def ratio_from_sq_norms(total: torch.Tensor, resid: torch.Tensor) -> torch.Tenso
     return torch.where(total > 0, (resid / safe_total).sqrt(), torch.zeros_like(total))
 
 
+@functools.lru_cache(maxsize=1024)
+def column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
+    """``(B, 1, width)`` bool, true where column ``j < ranks[b]``.
+
+    Built on the host and copied from pinned memory, so the copy does not wait for the GPU (a
+    plain host-to-device copy would, once per call). Cached: ranks change rarely."""
+    keep = (torch.arange(width).unsqueeze(0) < torch.tensor(ranks).unsqueeze(1)).unsqueeze(1)
+    if device.type == "cuda":
+        keep = keep.pin_memory()
+    return keep.to(device, non_blocking=True)
+
+
 def truncate_columns(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     """Zero the columns of ``x[b]`` beyond ``ranks[b]``: ``(B, d, r) -> (B, d, r)``.
 
     Zero columns add nothing to ``Q Uᵀ``, so a batch of matrices of different ranks shares one
     padded tensor."""
-    cols = torch.arange(x.shape[-1], device=x.device)
-    keep = cols.unsqueeze(0) < torch.tensor(list(ranks), device=x.device).unsqueeze(1)
-    return x * keep.unsqueeze(1).to(x.dtype)
+    return x * column_mask(tuple(ranks), x.shape[-1], x.device).to(x.dtype)
 
 
 def as_rsi(

@@ -1,13 +1,18 @@
 """Where an Adapprox step spends its time: torch.profiler over a few steps on GPT-2 shapes.
 
-``python bench/profile_step.py [--size 345m] [--backend triton] [--warm]`` prints the top
-operators by device time and by host time, and the number of host syncs per step. GPU only.
+``python bench/profile_step.py [--size 345m] [--backend triton] [--warm] [--python]`` prints
+the top operators by device time and by host time, the number of host syncs per step and where
+they come from, and with ``--python`` the Python functions that take the most host time. GPU only.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--warm", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--python", action="store_true", help="also print the Python functions by own host time")
     args = ap.parse_args()
     device = torch.device("cuda")
     params = make_params(gpt2_shapes(*MODELS[args.size]), device)
@@ -42,6 +48,36 @@ def main() -> None:
     print(table.table(sort_by="self_cpu_time_total", row_limit=25))
     syncs = sum(e.count for e in table if "Synchronize" in e.key or e.key == "aten::_local_scalar_dense")
     print(f"host syncs per step: {syncs / args.steps:.1f}")
+    print("where the syncs come from (operator chain, calls per step):")
+    for chain, count in sync_sources(prof).most_common():
+        print(f"  {count / args.steps:6.1f}  {chain}")
+    # torch's own sync check names the Python line of each sync it sees (not those inside
+    # cuBLAS/cuSOLVER, which only the profiler chain above shows).
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    torch.cuda.set_sync_debug_mode("default")
+    lines = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print("syncs torch reports in one step, by Python line:", dict(lines.most_common()))
+    if args.python:
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [opt.step() for _ in range(args.steps)])
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
+def sync_sources(prof: torch.profiler.profile) -> Counter:
+    """Count host syncs by the chain of operators that issued them (outermost step left out)."""
+    sources: Counter = Counter()
+    for event in prof.events():
+        if "Synchronize" not in event.name and event.name != "aten::_local_scalar_dense":
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None and not parent.name.startswith("Optimizer.step"):
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        sources[" > ".join([*reversed(chain), event.name])] += 1
+    return sources
 
 
 if __name__ == "__main__":

@@ -124,3 +124,28 @@ def test_passes_over_g_per_step(monkeypatch, options, passes):
         p.grad = torch.randn(12, 10, device=DEVICE)
         opt.step()
     assert ops[-1].g_passes == passes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warm", [False, True])
+def test_two_host_syncs_per_step_on_cuda(warm):
+    """A step waits for the GPU twice: the non-finite gradient check and the one read of every
+    ξ. Anything else (an index or a mask copied from the host each step) shows up here."""
+    import warnings
+
+    params = _params(torch.float32)
+    opt = Adapprox(params, backend="triton", seed=3, **BASE, warm_start=warm)
+    for step in range(3):  # the first steps create state and fill the caches
+        for p, g in zip(params, _grads(step, torch.float32)):
+            p.grad = g
+        opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 2, syncs
