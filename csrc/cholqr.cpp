@@ -3,8 +3,9 @@
 // cholqr_orthonormalize(y: (B, m, r) fp32 CUDA, m >= r) -> (B, m, r) fp32 with orthonormal columns
 // spanning those of y (completed with fixed directions where y is rank-deficient or zero). The
 // algorithm and its plain-PyTorch reference are in adapprox_kernels/cholqr.py; this file runs the
-// same steps with batched cuBLAS GEMMs (through at::bmm), cuSOLVER potrfBatched and cuBLAS
-// trsmBatched, on torch's current stream. Limits: one host sync per call (to decide whether any
+// same steps with batched cuBLAS GEMMs (through at::bmm) and, for sketches up to 64 columns, one
+// small kernel per pass that factors and inverts the r x r Gram matrices (cholqr_kernels.cu);
+// wider ones use cuSOLVER potrfBatched and cuBLAS trsmBatched. All on torch's current stream. Limits: one host sync per call (to decide whether any
 // matrix needs the Householder fallback; cholqr_orthonormalize_unchecked leaves that decision to
 // the caller and never syncs); fp64 work buffers of about 3x the fp32 input.
 //
@@ -86,13 +87,20 @@ Pass cholqr_pass(const at::Tensor& x, double shift_factor) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device).stream();
 
   at::Tensor gram = at::bmm(x.transpose(1, 2), x);  // cuBLAS DgemmStridedBatched
+  at::Tensor info = at::empty({batch}, x.options().dtype(at::kInt));
+  if (r <= kMaxSharedRank) {  // the usual sketch width: factor and invert in one small kernel
+    at::Tensor r_inv = at::empty({batch, r, r}, x.options());
+    ADAPPROX_CUDA_CHECK(launch_shifted_cholesky_inverse(gram.data_ptr<double>(), r_inv.data_ptr<double>(),
+                                                        info.data_ptr<int>(), batch, r, shift_factor, stream));
+    return {at::bmm(x, r_inv), gram, info};
+  }
   at::Tensor chol = gram.clone();
   if (shift_factor > 0.0) {
     ADAPPROX_CUDA_CHECK(launch_add_relative_shift(chol.data_ptr<double>(), batch, r, shift_factor, stream));
   }
   // The right-hand side I of the triangular solve that forms R^{-1}.
   at::Tensor r_inv = at::eye(r, x.options()).expand({batch, r, r}).contiguous();
-  at::Tensor info = at::zeros({batch}, x.options().dtype(at::kInt));
+  info.zero_();
   at::Tensor pointers = at::empty({2 * batch}, x.options().dtype(at::kLong));
   double** chol_ptrs = reinterpret_cast<double**>(pointers.data_ptr<int64_t>());
   double** inv_ptrs = chol_ptrs + batch;

@@ -55,6 +55,68 @@ __global__ void add_relative_shift_kernel(double* __restrict__ gram, int64_t r, 
   for (int64_t i = threadIdx.x; i < r; i += blockDim.x) g[i * r + i] += shift;
 }
 
+// Row-major a[i * r + k]. After the factorization the lower triangle holds L = R^T; the inverse
+// Z = L^{-1} (lower) is then kept transposed in the strictly upper triangle, which the
+// factorization leaves unused, and its diagonal in z_diag, so R^{-1} = Z^T reads off directly.
+__global__ void shifted_cholesky_inverse_kernel(const double* __restrict__ gram, double* __restrict__ r_inv,
+                                                int* __restrict__ info, int64_t r, double factor) {
+  extern __shared__ double shared[];
+  double* a = shared;           // r * r
+  double* z_diag = a + r * r;   // r
+  __shared__ double shift;
+  __shared__ int failed_at;
+  const int64_t b = blockIdx.x;
+  const double* g = gram + b * r * r;
+  for (int64_t idx = threadIdx.x; idx < r * r; idx += blockDim.x) a[idx] = g[idx];
+  __syncthreads();
+  if (threadIdx.x == 0) {  // r <= 64: a serial trace is cheaper than a reduction's syncs
+    double trace = 0.0;
+    for (int64_t i = 0; i < r; ++i) trace += a[i * r + i];
+    shift = factor * trace;
+    failed_at = 0;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < r; i += blockDim.x) a[i * r + i] += shift;
+  __syncthreads();
+
+  // Right-looking Cholesky, A = L L^T: column j is scaled by its pivot, then the trailing
+  // lower triangle loses its outer product.
+  for (int64_t j = 0; j < r; ++j) {
+    const double pivot = a[j * r + j];
+    if (!(pivot > 0.0 && isfinite(pivot))) {  // also NaN
+      if (threadIdx.x == 0 && failed_at == 0) failed_at = static_cast<int>(j + 1);
+    }
+    const double diag = sqrt(pivot);
+    __syncthreads();  // everyone has read the pivot before thread 0 overwrites it
+    if (threadIdx.x == 0) a[j * r + j] = diag;
+    for (int64_t i = j + 1 + threadIdx.x; i < r; i += blockDim.x) a[i * r + j] /= diag;
+    __syncthreads();
+    const int64_t rest = r - j - 1;
+    for (int64_t idx = threadIdx.x; idx < rest * rest; idx += blockDim.x) {
+      const int64_t i = j + 1 + idx / rest, k = j + 1 + idx % rest;
+      if (k <= i) a[i * r + k] -= a[i * r + j] * a[k * r + j];
+    }
+    __syncthreads();
+  }
+
+  // Forward substitution, one column c of Z = L^{-1} per thread: Z[i][c] sits at a[c * r + i].
+  for (int64_t c = threadIdx.x; c < r; c += blockDim.x) {
+    z_diag[c] = 1.0 / a[c * r + c];
+    for (int64_t i = c + 1; i < r; ++i) {
+      double sum = a[i * r + c] * z_diag[c];
+      for (int64_t k = c + 1; k < i; ++k) sum += a[i * r + k] * a[c * r + k];
+      a[c * r + i] = -sum / a[i * r + i];
+    }
+  }
+  __syncthreads();
+  double* out = r_inv + b * r * r;
+  for (int64_t idx = threadIdx.x; idx < r * r; idx += blockDim.x) {
+    const int64_t i = idx / r, k = idx % r;
+    out[idx] = k > i ? a[idx] : (k == i ? z_diag[i] : 0.0);
+  }
+  if (threadIdx.x == 0) info[b] = failed_at;
+}
+
 __global__ void batch_pointers_kernel(double* base, int64_t stride, int64_t batch, double** out) {
   const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (b < batch) out[b] = base + b * stride;
@@ -77,6 +139,16 @@ cudaError_t launch_complete_sketch(const float* y, double* x, const double* norm
 cudaError_t launch_add_relative_shift(double* gram, int64_t batch, int64_t r, double factor, cudaStream_t stream) {
   // batch <= INT_MAX is checked by the caller (cuSOLVER takes an int batch count anyway).
   add_relative_shift_kernel<<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(gram, r, factor);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_shifted_cholesky_inverse(const double* gram, double* r_inv, int* info, int64_t batch, int64_t r,
+                                            double factor, cudaStream_t stream) {
+  if (r < 1 || r > kMaxSharedRank) return cudaErrorInvalidValue;
+  const size_t shared = static_cast<size_t>(r * r + r) * sizeof(double);
+  const int threads = r * r < 128 ? 32 : 128;  // the factorization's trailing updates use them all
+  shifted_cholesky_inverse_kernel<<<static_cast<unsigned int>(batch), threads, shared, stream>>>(gram, r_inv, info, r,
+                                                                                                factor);
   return cudaGetLastError();
 }
 

@@ -16,6 +16,18 @@ cudaError_t launch_complete_sketch(const float* y, double* x, const double* norm
 // gram[b] += factor * trace(gram[b]) * I, for a (B, r, r) batch.
 cudaError_t launch_add_relative_shift(double* gram, int64_t batch, int64_t r, double factor, cudaStream_t stream);
 
+// The largest r that launch_shifted_cholesky_inverse takes: its r x r fp64 matrix lives in one
+// block's shared memory (33 KiB at r = 64, under the 48 KiB every GPU gives without opting in).
+constexpr int64_t kMaxSharedRank = 64;
+
+// Per matrix b of a (B, r, r) batch of symmetric Gram matrices, r <= kMaxSharedRank: the
+// Cholesky factorization gram[b] + factor * trace(gram[b]) * I = R^T R (R upper triangular),
+// and r_inv[b] = R^{-1} (upper triangular, zeros below). info[b] = 0 on success, else the
+// 1-based index of the first pivot that was not positive and finite (r_inv[b] is then garbage).
+// gram is read only. One block per matrix, no host sync, no cuSOLVER workspace.
+cudaError_t launch_shifted_cholesky_inverse(const double* gram, double* r_inv, int* info, int64_t batch, int64_t r,
+                                            double factor, cudaStream_t stream);
+
 // out[b] = base + b * stride: the pointer arrays of the cuBLAS / cuSOLVER batched routines.
 cudaError_t launch_batch_pointers(double* base, int64_t stride, int64_t batch, double** out, cudaStream_t stream);
 

@@ -250,7 +250,8 @@ def test_srsi_same_approximation_with_either_orthonormalizer():
 
 # ----------------------------------------------------------------------- on a GPU (marker gpu)
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", SHAPES + [(5, 768, 261), (3, 300, 261), (4, 4096, 37)])
+# r = 64 and 65: either side of the switch from the shared-memory Cholesky kernel to cuSOLVER.
+@pytest.mark.parametrize("shape", SHAPES + [(5, 768, 261), (3, 300, 261), (4, 4096, 37), (2, 200, 64), (2, 200, 65)])
 @pytest.mark.gpu
 @needs_extension
 def test_extension_matches_reference(kind, shape):
