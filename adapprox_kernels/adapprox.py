@@ -369,9 +369,11 @@ class Adapprox(SketchOptimizer):
             by_keep[k].append(b)
         q_all, u_all = rec.q.unbind(0), rec.u.unbind(0)
         for k, idx in by_keep.items():
-            # stack, not rec.q[idx]: a list index is copied to the device, which waits for it.
-            qs = torch.stack([q_all[b][:, :k] for b in idx]).unbind(0)
-            us = torch.stack([u_all[b][:, :k] for b in idx]).unbind(0)
+            if len(idx) == len(states):  # the usual case, one rank for all: one narrowing copy
+                qs, us = rec.q[:, :, :k].contiguous().unbind(0), rec.u[:, :, :k].contiguous().unbind(0)
+            else:  # stack, not rec.q[idx]: a list index is copied to the device, which waits
+                qs = torch.stack([q_all[b][:, :k] for b in idx]).unbind(0)
+                us = torch.stack([u_all[b][:, :k] for b in idx]).unbind(0)
             for b, qb, ub in zip(idx, qs, us):
                 states[b]["Q"], states[b]["U"] = qb, ub
 
