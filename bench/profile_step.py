@@ -64,6 +64,7 @@ def main() -> None:
         profiler = cProfile.Profile()
         profiler.runcall(lambda: [opt.step() for _ in range(args.steps)])
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats("adapprox_kernels", 40)
 
 
 def sync_sources(prof: torch.profiler.profile) -> Counter:
