@@ -72,35 +72,31 @@ cusolverDnHandle_t solver_handle(c10::DeviceIndex device, cudaStream_t stream) {
   return it->second;
 }
 
-struct Pass {
-  at::Tensor q;     // x R^{-1}, (B, m, r)
-  at::Tensor gram;  // x^T x before the shift, (B, r, r)
-  at::Tensor info;  // cuSOLVER potrf info per matrix, (B,) int32; 0 = success
-};
-
-// One CholeskyQR pass on x (B, m, r) fp64 contiguous; shift_factor > 0 adds that many traces of
-// the Gram matrix to its diagonal before the factorization.
-Pass cholqr_pass(const at::Tensor& x, double shift_factor) {
+// One CholeskyQR pass on x (B, m, r) fp64 contiguous: returns x R^{-1} (B, m, r) and sets
+// failed[b] (bool) where the factorization broke down. shift_factor > 0 adds that many traces of
+// the Gram matrix to its diagonal first; check_input also sets failed[b] unless x[b] was already
+// nearly orthonormal (max |x^T x - I| <= kGramTolerance, false for NaN).
+at::Tensor cholqr_pass(const at::Tensor& x, double shift_factor, bool check_input, at::Tensor& failed) {
   const int64_t batch = x.size(0);
   const int r = static_cast<int>(x.size(2));
   const c10::DeviceIndex device = x.get_device();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device).stream();
 
   at::Tensor gram = at::bmm(x.transpose(1, 2), x);  // cuBLAS DgemmStridedBatched
-  at::Tensor info = at::empty({batch}, x.options().dtype(at::kInt));
-  if (r <= kMaxSharedRank) {  // the usual sketch width: factor and invert in one small kernel
-    at::Tensor r_inv = at::empty({batch, r, r}, x.options());
+  at::Tensor r_inv = at::empty({batch, r, r}, x.options());
+  if (r <= kMaxSharedRank) {  // the usual sketch width: factor, invert and check in one small kernel
     ADAPPROX_CUDA_CHECK(launch_shifted_cholesky_inverse(gram.data_ptr<double>(), r_inv.data_ptr<double>(),
-                                                        info.data_ptr<int>(), batch, r, shift_factor, stream));
-    return {at::bmm(x, r_inv), gram, info};
+                                                        failed.data_ptr<bool>(), batch, r, shift_factor,
+                                                        check_input ? kGramTolerance : -1.0, stream));
+    return at::bmm(x, r_inv);
   }
   at::Tensor chol = gram.clone();
   if (shift_factor > 0.0) {
     ADAPPROX_CUDA_CHECK(launch_add_relative_shift(chol.data_ptr<double>(), batch, r, shift_factor, stream));
   }
   // The right-hand side I of the triangular solve that forms R^{-1}.
-  at::Tensor r_inv = at::eye(r, x.options()).expand({batch, r, r}).contiguous();
-  info.zero_();
+  r_inv.copy_(at::eye(r, x.options()).expand({batch, r, r}));
+  at::Tensor info = at::zeros({batch}, x.options().dtype(at::kInt));
   at::Tensor pointers = at::empty({2 * batch}, x.options().dtype(at::kLong));
   double** chol_ptrs = reinterpret_cast<double**>(pointers.data_ptr<int64_t>());
   double** inv_ptrs = chol_ptrs + batch;
@@ -123,7 +119,13 @@ Pass cholqr_pass(const at::Tensor& x, double shift_factor) {
                          chol_ptrs, r, inv_ptrs, r, static_cast<int>(batch));
   ADAPPROX_CUBLAS_CHECK(cublasSetPointerMode(blas, mode));
   ADAPPROX_CUBLAS_CHECK(status);
-  return {at::bmm(x, r_inv), gram, info};
+  failed.logical_or_(info.ne(0));
+  if (check_input) {
+    // `not (<=)` also flags NaN.
+    const at::Tensor gram_err = (gram - at::eye(r, gram.options())).abs().amax(at::IntArrayRef{1, 2});
+    failed.logical_or_(gram_err.le(kGramTolerance).logical_not());
+  }
+  return at::bmm(x, r_inv);
 }
 
 }  // namespace
@@ -153,19 +155,14 @@ std::tuple<at::Tensor, at::Tensor> cholqr_orthonormalize_unchecked(const at::Ten
 
   // Steps 2-3: shifted CholeskyQR, then CholeskyQR2 (shift = 11 (m r + r (r+1)) u, u = 2^-53).
   const double shift = 11.0 * static_cast<double>(m * r + r * (r + 1)) * (DBL_EPSILON / 2);
-  Pass pass = cholqr_pass(x, shift);
+  at::Tensor failed = at::zeros({batch}, y.options().dtype(at::kBool));
+  at::Tensor q = cholqr_pass(x, shift, false, failed);
   x = at::Tensor();  // free the fp64 sketch early
-  at::Tensor failed = pass.info.ne(0);
-  pass = cholqr_pass(pass.q, 0.0);
-  failed.logical_or_(pass.info.ne(0));
-  pass = cholqr_pass(pass.q, 0.0);
-  failed.logical_or_(pass.info.ne(0));
-
-  // Step 4: the last pass must have started from a nearly orthonormal, finite input; `not (<=)`
-  // also flags NaN. Then its output is finite and orthonormal, so no separate finiteness scan.
-  const at::Tensor gram_err = (pass.gram - at::eye(r, pass.gram.options())).abs().amax(at::IntArrayRef{1, 2});
-  failed.logical_or_(gram_err.le(kGramTolerance).logical_not());
-  return {pass.q.to(at::kFloat), failed};
+  q = cholqr_pass(q, 0.0, false, failed);
+  // Step 4: the last pass must start from a nearly orthonormal, finite input. Then its output is
+  // finite and orthonormal, so no separate finiteness scan.
+  q = cholqr_pass(q, 0.0, true, failed);
+  return {q.to(at::kFloat), failed};
 }
 
 at::Tensor cholqr_orthonormalize(const at::Tensor& y) {

@@ -59,21 +59,27 @@ __global__ void add_relative_shift_kernel(double* __restrict__ gram, int64_t r, 
 // Z = L^{-1} (lower) is then kept transposed in the strictly upper triangle, which the
 // factorization leaves unused, and its diagonal in z_diag, so R^{-1} = Z^T reads off directly.
 __global__ void shifted_cholesky_inverse_kernel(const double* __restrict__ gram, double* __restrict__ r_inv,
-                                                int* __restrict__ info, int64_t r, double factor) {
+                                                bool* __restrict__ failed, int64_t r, double factor,
+                                                double tolerance) {
   extern __shared__ double shared[];
   double* a = shared;           // r * r
   double* z_diag = a + r * r;   // r
   __shared__ double shift;
-  __shared__ int failed_at;
+  __shared__ int bad;
   const int64_t b = blockIdx.x;
   const double* g = gram + b * r * r;
-  for (int64_t idx = threadIdx.x; idx < r * r; idx += blockDim.x) a[idx] = g[idx];
+  if (threadIdx.x == 0) bad = 0;
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < r * r; idx += blockDim.x) {
+    a[idx] = g[idx];
+    const double err = fabs(a[idx] - (idx / r == idx % r ? 1.0 : 0.0));
+    if (tolerance >= 0.0 && !(err <= tolerance)) bad = 1;  // a benign race: every writer writes 1
+  }
   __syncthreads();
   if (threadIdx.x == 0) {  // r <= 64: a serial trace is cheaper than a reduction's syncs
     double trace = 0.0;
     for (int64_t i = 0; i < r; ++i) trace += a[i * r + i];
     shift = factor * trace;
-    failed_at = 0;
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < r; i += blockDim.x) a[i * r + i] += shift;
@@ -83,9 +89,7 @@ __global__ void shifted_cholesky_inverse_kernel(const double* __restrict__ gram,
   // lower triangle loses its outer product.
   for (int64_t j = 0; j < r; ++j) {
     const double pivot = a[j * r + j];
-    if (!(pivot > 0.0 && isfinite(pivot))) {  // also NaN
-      if (threadIdx.x == 0 && failed_at == 0) failed_at = static_cast<int>(j + 1);
-    }
+    if (threadIdx.x == 0 && !(pivot > 0.0 && isfinite(pivot))) bad = 1;  // also NaN
     const double diag = sqrt(pivot);
     __syncthreads();  // everyone has read the pivot before thread 0 overwrites it
     if (threadIdx.x == 0) a[j * r + j] = diag;
@@ -114,7 +118,8 @@ __global__ void shifted_cholesky_inverse_kernel(const double* __restrict__ gram,
     const int64_t i = idx / r, k = idx % r;
     out[idx] = k > i ? a[idx] : (k == i ? z_diag[i] : 0.0);
   }
-  if (threadIdx.x == 0) info[b] = failed_at;
+  __syncthreads();
+  if (threadIdx.x == 0 && bad) failed[b] = true;
 }
 
 __global__ void batch_pointers_kernel(double* base, int64_t stride, int64_t batch, double** out) {
@@ -142,13 +147,13 @@ cudaError_t launch_add_relative_shift(double* gram, int64_t batch, int64_t r, do
   return cudaGetLastError();
 }
 
-cudaError_t launch_shifted_cholesky_inverse(const double* gram, double* r_inv, int* info, int64_t batch, int64_t r,
-                                            double factor, cudaStream_t stream) {
+cudaError_t launch_shifted_cholesky_inverse(const double* gram, double* r_inv, bool* failed, int64_t batch, int64_t r,
+                                            double factor, double tolerance, cudaStream_t stream) {
   if (r < 1 || r > kMaxSharedRank) return cudaErrorInvalidValue;
   const size_t shared = static_cast<size_t>(r * r + r) * sizeof(double);
   const int threads = r * r < 128 ? 32 : 128;  // the factorization's trailing updates use them all
-  shifted_cholesky_inverse_kernel<<<static_cast<unsigned int>(batch), threads, shared, stream>>>(gram, r_inv, info, r,
-                                                                                                factor);
+  shifted_cholesky_inverse_kernel<<<static_cast<unsigned int>(batch), threads, shared, stream>>>(gram, r_inv, failed, r,
+                                                                                                factor, tolerance);
   return cudaGetLastError();
 }
 

@@ -22,11 +22,11 @@ constexpr int64_t kMaxSharedRank = 64;
 
 // Per matrix b of a (B, r, r) batch of symmetric Gram matrices, r <= kMaxSharedRank: the
 // Cholesky factorization gram[b] + factor * trace(gram[b]) * I = R^T R (R upper triangular),
-// and r_inv[b] = R^{-1} (upper triangular, zeros below). info[b] = 0 on success, else the
-// 1-based index of the first pivot that was not positive and finite (r_inv[b] is then garbage).
-// gram is read only. One block per matrix, no host sync, no cuSOLVER workspace.
-cudaError_t launch_shifted_cholesky_inverse(const double* gram, double* r_inv, int* info, int64_t batch, int64_t r,
-                                            double factor, cudaStream_t stream);
+// and r_inv[b] = R^{-1} (upper triangular, zeros below). Sets failed[b] (never clears it) when a
+// pivot is not positive and finite (r_inv[b] is then garbage) and, with tolerance >= 0, when
+// max |gram[b] - I| > tolerance or is NaN. gram is read only. One block per matrix, no host sync.
+cudaError_t launch_shifted_cholesky_inverse(const double* gram, double* r_inv, bool* failed, int64_t batch, int64_t r,
+                                            double factor, double tolerance, cudaStream_t stream);
 
 // out[b] = base + b * stride: the pointer arrays of the cuBLAS / cuSOLVER batched routines.
 cudaError_t launch_batch_pointers(double* base, int64_t stride, int64_t batch, double** out, cudaStream_t stream);
