@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .backends import backend_names, resolve_backend
-from .distributed import RowShards, local
+from .distributed import RowShards, local, local_list
 from .optim_base import NONFINITE_POLICIES, SketchOptimizer
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
@@ -262,21 +262,30 @@ class Adapprox(SketchOptimizer):
 
     def _dense_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
         """Unfactored V (vectors, small matrices): ``V = β2·V + (1−β2)·G²``, same update rule."""
-        from .reference import apply_updates, clipped_update
+        from .reference import apply_updates, clipped_update, in_place_ok, stack_as
 
         beta2 = group["betas"][1]
         states = [self.state[p] for p in bucket]
         # DTensor parameters: work on this rank's part; the RMS and cosine sums are all-reduced.
         shards = RowShards.of(bucket[0])
         reduce = None if shards is None else shards.all_reduce
-        v = torch.stack([local(s["exp_avg_sq"]) for s in states])
-        g = torch.stack([local(p.grad).to(v.dtype) for p in bucket])
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        torch._foreach_copy_([local(s["exp_avg_sq"]) for s in states], list(v.unbind(0)))
+        sqs = local_list([s["exp_avg_sq"] for s in states])
+        grads = local_list([p.grad for p in bucket])
+        # V in place by foreach ops where they are quicker (see in_place_ok); the clipped update
+        # needs V and G stacked either way.
+        if in_place_ok(sqs, sqs[0].dtype) and in_place_ok(grads, sqs[0].dtype):
+            torch._foreach_mul_(sqs, beta2)
+            torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
+            v, g = torch.stack(sqs), torch.stack(grads)
+        else:
+            v = torch.stack(sqs)
+            g = stack_as(grads, v.dtype)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            torch._foreach_copy_(sqs, v.unbind(0))
         kw = self._step_kwargs(group)
         upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"), reduce)
-        exp_avgs = [local(s["exp_avg"]) for s in states] if kw["beta1"] > 0 else None
-        apply_updates([local(p) for p in bucket], upd, exp_avgs, **kw, reduce=reduce)
+        exp_avgs = local_list([s["exp_avg"] for s in states]) if kw["beta1"] > 0 else None
+        apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce)
 
     def _factored_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
         """S-RSI for every same-shaped matrix of the bucket at once, then the update. The rank

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,15 @@ def is_dtensor(t: Any) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``t`` (a view that writes through); ``t`` itself for plain tensors."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def local_list(ts: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """``[local(t) for t in ts]``, checked once rather than per tensor while no DTensor exists
+    (a bucket may hold hundreds of small tensors)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None:
+        return list(ts)
+    return [t.to_local() if isinstance(t, mod.DTensor) else t for t in ts]
 
 
 def chunk_rows(rows: int, parts: int) -> list[int]:

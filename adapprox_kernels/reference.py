@@ -33,16 +33,17 @@ def clipped_update(
 
     ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix. With ``reduce``, they
     are this rank's rows and the sum of squares and the size are summed over the ranks."""
-    upd = grad / (v.sqrt() + eps)
-    sq_sum, numel = upd.flatten(1).square().sum(dim=1), upd[0].numel()
+    # In place on fresh temporaries: the same arithmetic in fewer allocations.
+    upd = grad / v.sqrt().add_(eps)
+    sq_sum, numel = upd.flatten(1).square().sum(dim=1), upd.numel() // upd.shape[0]
     if reduce is not None:
         sq_sum, numel = reduce(torch.stack([sq_sum, torch.full_like(sq_sum, numel)]))
-    return upd / _per_matrix(clip_divisor(sq_sum, numel, clip_threshold), upd)
+    return upd.div_(_per_matrix(clip_divisor(sq_sum, numel, clip_threshold), upd))
 
 
 def clip_divisor(sq_sum: torch.Tensor, numel: int | torch.Tensor, clip_threshold: float) -> torch.Tensor:
     """``max(1, RMS/d)`` per matrix from ``Σ Upd²`` (``(B,)``) over ``numel`` entries."""
-    return ((sq_sum / numel).sqrt() / clip_threshold).clamp_min(1.0)
+    return (sq_sum / numel).sqrt_().div_(clip_threshold).clamp_min_(1.0)
 
 
 def _per_matrix(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -73,6 +74,20 @@ def cosine_scale(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, 
     return 1.0 / (1.0 - c).clamp(1.0 / max_scale, 2.0 * max_scale)
 
 
+def stack_as(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.stack([t.to(dtype) for t in tensors])`` with one conversion instead of one call
+    per tensor: stacking promotes mixed floating dtypes to one that holds each exactly."""
+    return torch.stack(tensors).to(dtype)
+
+
+def in_place_ok(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Update ``tensors`` by foreach ops in place rather than through a stacked copy written
+    back? Only CUDA tensors already in the compute ``dtype`` (a bf16 or fp16 one must be rounded
+    once, from fp32): there a foreach op is a few fused launches, while on the CPU it loops over
+    the tensors, slower than one op on a stack. Both ways give the same bits."""
+    return tensors[0].is_cuda and all(t.dtype == dtype for t in tensors)
+
+
 def apply_updates(
     params: Sequence[torch.Tensor],
     upd: torch.Tensor,
@@ -89,17 +104,36 @@ def apply_updates(
     its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own. ``reduce``: see
     :func:`clipped_update` (only the cosine guidance reduces over the matrix)."""
     upd = upd.reshape(len(params), *params[0].shape)
-    # Batched arithmetic in fp32 and one foreach copy back (rounding once to each tensor's own
-    # dtype): a handful of kernel launches per bucket rather than a few per parameter.
-    if exp_avgs is not None:
-        avg = torch.stack([m.to(upd.dtype) for m in exp_avgs]).mul_(beta1).add_(upd, alpha=1 - beta1)
-        torch._foreach_copy_(list(exp_avgs), list(avg.unbind(0)))
-    else:
+    # A handful of kernel launches per bucket rather than a few per parameter: foreach ops in
+    # place (see in_place_ok), or batched arithmetic in fp32 and one foreach copy back (rounding
+    # once to each tensor's own dtype). avg is a stacked tensor or the exp_avgs list itself.
+    if exp_avgs is None:
         avg = upd
+    elif in_place_ok(exp_avgs, upd.dtype):
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, upd.unbind(0), alpha=1 - beta1)
+        avg = exp_avgs
+    else:
+        avg = stack_as(exp_avgs, upd.dtype).mul_(beta1).add_(upd, alpha=1 - beta1)
+        torch._foreach_copy_(exp_avgs, avg.unbind(0))
     if cosine_max_scale is not None and exp_avgs is not None:
+        avg = _stacked(avg)
         avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale, reduce)
-    new = torch.stack([w.to(upd.dtype) for w in params]).mul_(1 - lr * weight_decay).add_(avg, alpha=-lr)
-    torch._foreach_copy_(list(params), list(new.unbind(0)))
+    decay = 1 - lr * weight_decay  # x·1 == x exactly: no launch without weight decay
+    if in_place_ok(params, upd.dtype):
+        if decay != 1:
+            torch._foreach_mul_(params, decay)
+        torch._foreach_add_(params, avg.unbind(0) if torch.is_tensor(avg) else avg, alpha=-lr)
+    else:
+        new = stack_as(params, upd.dtype)
+        if decay != 1:
+            new.mul_(decay)
+        torch._foreach_copy_(params, new.add_(_stacked(avg), alpha=-lr).unbind(0))
+
+
+def _stacked(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """``x`` as one ``(B, …)`` tensor."""
+    return x if torch.is_tensor(x) else torch.stack(x)
 
 
 class ReferenceSecondMoment(DenseOperator):

@@ -67,6 +67,32 @@ def test_full_rank_matches_dense_formula_fp32():
     assert (w.double() - want).norm() / (want - w0.double()).norm() < 1e-5
 
 
+@pytest.mark.parametrize("beta1,cosine,wd", [(0.9, False, 0.1), (0.9, True, 0.0), (0.0, False, 0.1)])
+def test_dense_in_place_path_gives_the_stacked_bits(monkeypatch, beta1, cosine, wd):
+    """The dense step's foreach in-place path (taken on CUDA) equals its stacked path (taken on
+    the CPU) bit for bit; forced here on the CPU."""
+    from adapprox_kernels import reference
+
+    def steps():
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(7,)] * 3 + [(33,)] + [(5, 7)] * 2]
+        kw = dict(lr=1e-2, betas=(beta1, 0.99, 0.9), cosine_guidance=cosine, weight_decay=wd, clip_threshold=0.05)
+        opt = Adapprox(ps, **kw, seed=0)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach() for p in ps] + [t for p in ps for t in opt.state[p].values() if torch.is_tensor(t)]
+
+    stacked = steps()
+    monkeypatch.setattr(reference, "in_place_ok", lambda tensors, dtype: all(t.dtype == dtype for t in tensors))
+    addcmul, calls = torch._foreach_addcmul_, []
+    monkeypatch.setattr(torch, "_foreach_addcmul_", lambda *a, **k: calls.append(1) or addcmul(*a, **k))
+    in_place = steps()
+    assert calls  # the in-place path was taken
+    assert len(stacked) == len(in_place) and all(torch.equal(a, b) for a, b in zip(stacked, in_place))
+
+
 def test_rank_falls_on_rank_one_second_moment():
     g = torch.rand(40, 1) @ torch.rand(1, 60) + 0.1  # G² and hence V are exactly rank 1
     w, opt = run(dict(k_init=10, k_max=10, k_min=1, seed=0), torch.zeros(40, 60), [g] * 60)
