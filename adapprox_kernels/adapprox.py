@@ -293,7 +293,7 @@ class Adapprox(SketchOptimizer):
         states = [self.state[p] for p in bucket]
         m, n = matrix_shape(bucket[0])
         beta1, beta2, _ = group["betas"]
-        shards = RowShards.of(bucket[0])
+        shards = RowShards.of(bucket[0], local_backend=backend)
         if shards is not None:
             # DTensor (FSDP2) parameters: the same step on this rank's rows; see distributed.py.
             backend = shards

@@ -163,7 +163,11 @@ class RowShards:
     Acts as the backend of a sharded bucket: :meth:`second_moment`, :meth:`orthonormalize` and
     :meth:`apply_step` take and return this rank's rows of every ``(B, m, ·)`` tensor."""
 
-    def __init__(self, mesh, placement, rows: int):
+    def __init__(self, mesh, placement, rows: int, local_backend=None):
+        from .backends import ReferenceBackend
+
+        # What computes on this rank's rows: the backend chosen for the parameters' device.
+        self.local_backend = local_backend or ReferenceBackend
         self.mesh = mesh
         self.placement = placement
         self.rows = rows
@@ -176,8 +180,9 @@ class RowShards:
         self.local_rows = range(first, first + self.row_counts[self.rank])  # this rank's global rows
 
     @classmethod
-    def of(cls, p: torch.Tensor) -> "RowShards | None":
-        """The layout of ``p``; ``None`` for a plain tensor. Raises for layouts we cannot serve."""
+    def of(cls, p: torch.Tensor, local_backend=None) -> "RowShards | None":
+        """The layout of ``p``; ``None`` for a plain tensor. Raises for layouts we cannot serve.
+        ``local_backend`` (default: the reference) computes on this rank's rows."""
         if not is_dtensor(p):
             return None
         from torch.distributed.tensor import Replicate, Shard
@@ -188,7 +193,7 @@ class RowShards:
                 f"Adapprox supports DTensor parameters sharded by rows (Shard(0)) or replicated on a 1-D mesh "
                 f"(FSDP2's default), got placements {placements} on a {p.device_mesh.ndim}-D mesh"
             )
-        layout = cls(p.device_mesh, placements[0], p.shape[0] if p.dim() else 1)
+        layout = cls(p.device_mesh, placements[0], p.shape[0] if p.dim() else 1, local_backend)
         if p.dim() and local(p).shape[0] != layout.row_counts[layout.rank]:
             raise NotImplementedError(
                 f"unexpected row layout: rank {layout.rank} holds {local(p).shape[0]} of {p.shape[0]} rows, "
@@ -227,9 +232,12 @@ class RowShards:
         self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, *, eps: float | None = None
     ):
         """``V_t`` of a bucket from this rank's rows: ``grads`` ``B × (m_local, n)``, ``q: (B,
-        m_local, K)``, ``u: (B, n, K)`` replicated. The local rows are the reference operator's."""
-        g = torch.stack([x.to(q.dtype) for x in grads])
-        return RowShardedOperator(reference.ReferenceSecondMoment(g, q, u, beta2), self)
+        m_local, K)``, ``u: (B, n, K)`` replicated. The local rows are the local backend's
+        operator (the reference one on a rank without rows: kernels take no empty tensors)."""
+        from .backends import ReferenceBackend
+
+        backend = self.local_backend if grads[0].shape[0] > 0 else ReferenceBackend
+        return RowShardedOperator(backend.second_moment(grads, q, u, beta2, eps=eps), self)
 
     def orthonormalize(self, y: torch.Tensor) -> torch.Tensor:
         """Orthonormal basis of a row-sharded ``y`` (this rank's rows ``(B, m_local, r)``): the
@@ -260,14 +268,24 @@ class RowShards:
     ):  # fmt: skip
         """The clipped update and the weight write on this rank's rows (``params`` and
         ``exp_avgs`` are local views); the RMS and cosine sums are all-reduced. With
-        ``residual_factors=(q, u)`` (``q``: this rank's rows) returns ``‖V − q uᵀ‖²`` (``(B,)``)."""
-        resid = op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
-        upd = op.clipped_update(eps, clip_threshold)
+        ``residual_factors=(q, u)`` (``q``: this rank's rows) returns ``‖V − q uᵀ‖²`` (``(B,)``).
+
+        Either local operator issues the same all-reduces in the same order (RMS, cosine sums,
+        residual), so ranks may differ in which one they run (see :meth:`second_moment`)."""
+        local_op = op.local
+        if not hasattr(local_op, "clipped_update"):  # a fused backend's operator
+            return self.local_backend.apply_step(
+                local_op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
+                weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
+                reduce=self.all_reduce,
+            )  # fmt: skip
+        resid = local_op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
+        upd = local_op.clipped_update(eps, clip_threshold, reduce=self.all_reduce)
         reference.apply_updates(
             params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay,
             cosine_max_scale=cosine_max_scale, reduce=self.all_reduce,
         )  # fmt: skip
-        return resid
+        return None if resid is None else self.all_reduce(resid)
 
 
 def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:

@@ -291,10 +291,16 @@ class TritonBackend:
 
     @staticmethod
     def apply_step(
-        op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None
-    ):
+        op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None,
+        reduce: Optional[reference.Reduce] = None,
+    ):  # fmt: skip
         """Clipping, momentum of updates, optional cosine guidance and weight decay in one pass
-        over G (two with cosine guidance); returns ``‖V − q uᵀ‖²`` for ``residual_factors``."""
+        over G (two with cosine guidance); returns ``‖V − q uᵀ‖²`` for ``residual_factors``.
+
+        ``reduce``: the matrices are this rank's rows of row-sharded ones (see distributed.py);
+        the RMS sums, the cosine sums and the residual are summed over the ranks with it."""
+        if reduce is not None and not isinstance(op, TritonSecondMoment):
+            raise TypeError("a row-sharded step needs the Triton operator on every rank with rows")
         if not isinstance(op, TritonSecondMoment):
             return ReferenceBackend.apply_step(
                 op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
@@ -303,7 +309,10 @@ class TritonBackend:
         if eps != op.eps:
             raise ValueError(f"apply_step got eps={eps}, the operator was built with eps={op.eps}")
         _, m, n = op.shape
-        clip = reference.clip_divisor(op.update_sq_norm(), m * n, clip_threshold)
+        sq_sum, numel = op.update_sq_norm(), m * n
+        if reduce is not None:  # the RMS of the whole matrix
+            sq_sum, numel = reduce(torch.stack([sq_sum, torch.full_like(sq_sum, numel)]))
+        clip = reference.clip_divisor(sq_sum, numel, clip_threshold)
         weights, staged = _stage(params, m, n)
         moms: list[torch.Tensor] = []
         if exp_avgs is not None:
@@ -317,6 +326,8 @@ class TritonBackend:
                 )
             else:
                 sums = torch.ops.adapprox_kernels.update_cosine_sums(op.grads, op.q, op.u, moms, clip, op.beta2, op.eps, beta1)
+            if reduce is not None:
+                sums = reduce(sums.t().contiguous()).t()
             dot, upd_sq, avg_sq = sums.unbind(dim=1)
             scale = reference.cosine_scale(dot, upd_sq.sqrt(), avg_sq.sqrt(), cosine_max_scale)
             op.g_passes += 1
@@ -333,7 +344,9 @@ class TritonBackend:
         op.g_passes += 1
         for original, copy in staged:
             original.copy_(copy.view_as(original))
-        return resid if residual_factors is not None else None
+        if residual_factors is None:
+            return None
+        return resid if reduce is None else reduce(resid)
 
 
 register_backend(TritonBackend, prefer=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 13), nn.Tanh(), nn.Linear(13, 1))
 
 
-def _optimizer(model: nn.Module, seed: int | None = SEED) -> Adapprox:
+def _optimizer(model: nn.Module, seed: int | None = SEED, backend: str = "auto") -> Adapprox:
     """Two groups covering both rank policies, momentum with cosine guidance, warm starts, and
     a factored 1×13 matrix (exact_small_matrices=False)."""
     named = dict(model.named_parameters())
@@ -62,7 +63,7 @@ def _optimizer(model: nn.Module, seed: int | None = SEED) -> Adapprox:
              "rank_interval": 2},
         ],
         lr=1e-2, betas=(0.9, 0.999, 0.5), k_init=2, k_max=5, oversample=2, power_iters=3,
-        exact_small_matrices=False, xi_thresh=0.01, seed=seed,
+        exact_small_matrices=False, xi_thresh=0.01, seed=seed, backend=backend,
     )  # fmt: skip
 
 
@@ -167,7 +168,7 @@ def _spawn(fn, world: int, *args) -> None:
     mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
 
 
-def _fsdp(world: int) -> tuple[nn.Module, Adapprox]:
+def _fsdp(world: int, backend: str = "auto") -> tuple[nn.Module, Adapprox]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -177,16 +178,16 @@ def _fsdp(world: int) -> tuple[nn.Module, Adapprox]:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return model, _optimizer(model)
+    return model, _optimizer(model, backend=backend)
 
 
-def _fsdp_job(rank, world, out, first, last, save_at=None, load=None) -> None:
+def _fsdp_job(rank, world, out, first, last, save_at=None, load=None, backend="auto") -> None:
     """FSDP2 training of steps ``first..last-1`` (after loading checkpoint ``load``); saves a
     checkpoint after step ``save_at``; rank 0 writes the snapshot and collective logs to ``out``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    model, opt = _fsdp(world)
+    model, opt = _fsdp(world, backend)
     if load is not None:
         sd = {"model": get_model_state_dict(model)}
         dcp.load(sd, checkpoint_id=load)
@@ -295,11 +296,40 @@ def _ddp_job(rank, world, out) -> None:
     torch.save({"snapshot": _snapshot(model, opt), "seed": opt._seed, "logs": logs}, f"{out}.{rank}")
 
 
+def _triton_shards_job(rank, world, out) -> None:
+    """FSDP2 with the Triton backend on each rank's rows (the interpreter on CPU); counts the
+    sharded steps that ran the fused update kernels."""
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    fused = []
+    real = TritonBackend.apply_step
+
+    def counting(op, *args, reduce=None, **kwargs):
+        fused.append(reduce is not None)
+        return real(op, *args, reduce=reduce, **kwargs)
+
+    TritonBackend.apply_step = staticmethod(counting)
+    try:
+        _fsdp_job(rank, world, out, 0, STEPS, backend="triton")
+    finally:
+        TritonBackend.apply_step = staticmethod(real)
+    torch.save(sum(fused), f"{out}.fused.{rank}")
+
+
+def _init_group(rank: int, world: int, port: int) -> None:
+    # A bounded timeout: ranks that disagree (a bug) then fail a collective instead of hanging.
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
+
+
 def _two_rank_worker(rank, world, port, tmp) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _init_group(rank, world, port)
     try:
         _fsdp_job(rank, world, os.path.join(tmp, "fsdp.pt"), 0, STEPS, save_at=SAVE_AT)
+        if _triton_on_cpu():
+            _triton_shards_job(rank, world, os.path.join(tmp, "fsdp_triton.pt"))
         _operator_job(rank, world, os.path.join(tmp, "operator.pt"))
         _comm_job(rank, world, os.path.join(tmp, "comm.pt"))
         _ddp_job(rank, world, os.path.join(tmp, "ddp.pt"))
@@ -309,7 +339,7 @@ def _two_rank_worker(rank, world, port, tmp) -> None:
 
 def _four_rank_worker(rank, world, port, tmp, ckpt) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _init_group(rank, world, port)
     try:
         _fsdp_job(rank, world, os.path.join(tmp, "fsdp.pt"), 0, STEPS)
         _fsdp_job(rank, world, os.path.join(tmp, "resumed.pt"), SAVE_AT, STEPS, load=ckpt)
@@ -338,6 +368,26 @@ def test_fsdp2_two_ranks_matches_single_process(two_ranks, reference_run):
     _assert_same_run(got["snapshot"], _plain_run(range(STEPS)), columns=False)
     ranks = {n: s["rank"] for n, s in reference_run["state"].items() if "rank" in s}
     assert ranks["0.weight"] != 2.0 and ranks["2.weight"] != 2.0, "the test should see ranks move"
+
+
+def _triton_on_cpu() -> bool:
+    """The Triton kernels can run on CPU tensors here (the interpreter: no GPU)."""
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    return TritonBackend.available(torch.device("cpu")) is None
+
+
+def test_fsdp2_triton_on_row_shards_matches_single_process(two_ranks, reference_run):
+    """Item 4 of the distributed issue: the fused kernels on each rank's rows (rank 1 holds no
+    row of the 1-row head, so it runs the reference operator there while rank 0 runs the
+    kernels: both issue the same collectives)."""
+    if not (two_ranks / "fsdp_triton.pt").exists():
+        pytest.skip("the Triton kernels cannot run on CPU tensors here (a GPU machine: no interpreter)")
+    got = torch.load(two_ranks / "fsdp_triton.pt", weights_only=False)
+    _assert_same_run(got["snapshot"], reference_run)
+    fused = _per_rank(two_ranks / "fsdp_triton.pt.fused")
+    # Per step: three factored matrices on rank 0, two on rank 1 (no rows of the head).
+    assert fused == [3 * STEPS, 2 * STEPS], fused
 
 
 def test_sharded_operator_matches_dense(two_ranks):
