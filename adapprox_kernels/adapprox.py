@@ -379,7 +379,10 @@ class Adapprox(SketchOptimizer):
         q_all, u_all = rec.q.unbind(0), rec.u.unbind(0)
         for k, idx in by_keep.items():
             if len(idx) == len(states):  # the usual case, one rank for all: one narrowing copy
-                qs, us = rec.q[:, :, :k].contiguous().unbind(0), rec.u[:, :, :k].contiguous().unbind(0)
+                # (a copy even when k is the whole width: rec.q may view a larger buffer)
+                fmt = torch.contiguous_format
+                qs = rec.q[:, :, :k].clone(memory_format=fmt).unbind(0)
+                us = rec.u[:, :, :k].clone(memory_format=fmt).unbind(0)
             else:  # stack, not rec.q[idx]: a list index is copied to the device, which waits
                 qs = torch.stack([q_all[b][:, :k] for b in idx]).unbind(0)
                 us = torch.stack([u_all[b][:, :k] for b in idx]).unbind(0)
