@@ -15,6 +15,7 @@ import torch
 
 from .linear_operator import LinearOperator
 from .rank_policy import next_rank_step
+from .transfer import to_device_nowait
 
 Orthonormalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,12 +96,9 @@ def ratio_from_sq_norms(total: torch.Tensor, resid: torch.Tensor) -> torch.Tenso
 def column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
     """``(B, 1, width)`` bool, true where column ``j < ranks[b]``.
 
-    Built on the host and copied from pinned memory, so the copy does not wait for the GPU (a
-    plain host-to-device copy would, once per call). Cached: ranks change rarely."""
+    Built on the host and copied without waiting for the GPU. Cached: ranks change rarely."""
     keep = (torch.arange(width).unsqueeze(0) < torch.tensor(ranks).unsqueeze(1)).unsqueeze(1)
-    if device.type == "cuda":
-        keep = keep.pin_memory()
-    return keep.to(device, non_blocking=True)
+    return to_device_nowait(keep, device)
 
 
 def truncate_columns(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:

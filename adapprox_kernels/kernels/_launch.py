@@ -15,6 +15,8 @@ from typing import NamedTuple, Sequence
 import torch
 import triton
 
+from ..transfer import to_device_nowait
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on GPUs
@@ -97,7 +99,8 @@ def reduction_split(programs: int, reduction_blocks: int, device: torch.device, 
 
 
 # Offset tables are tiny but built from host data: cache them per (device, pointers) so that a
-# training loop whose gradients keep their storage pays the host-to-device copy once.
+# training loop whose gradients keep their storage builds each once (a miss costs a queued copy,
+# not a host sync).
 _TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _TABLE_CACHE_SIZE = 256
 
@@ -143,7 +146,7 @@ class MatrixTable:
         table = _TABLES.get(key)
         if table is None:
             offsets = [(a - addrs[0]) // (size * self.align) for a in addrs]
-            table = torch.tensor(offsets, dtype=torch.int64, device=self.device)
+            table = to_device_nowait(torch.tensor(offsets, dtype=torch.int64), self.device)
             _TABLES[key] = table
             if len(_TABLES) > _TABLE_CACHE_SIZE:
                 _TABLES.popitem(last=False)
