@@ -62,7 +62,14 @@ def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_cols: list[i
 
 def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
     """``(B, d, width)`` from ``B`` factors ``(d, k_b)`` zero-padded to ``width`` columns."""
-    if all(f.shape[1] == width for f in factors):  # the usual case: one copy
+    if all(f.shape[1] == width for f in factors):  # the usual case
+        base = factors[0]._base
+        if base is not None and base.shape == (len(factors), *factors[0].shape) and base.is_contiguous():
+            # Last step's rank decision stored them as the matrices of one tensor, in this
+            # order (see Adapprox._decide_ranks): that tensor is the stack, no copy needed.
+            step = base.stride(0) * base.element_size()
+            if all(f._base is base and f.data_ptr() == base.data_ptr() + b * step for b, f in enumerate(factors)):
+                return base
         return torch.stack(factors)
     pad = torch.nn.functional.pad
     return torch.stack([pad(f, (0, width - f.shape[1])) for f in factors])

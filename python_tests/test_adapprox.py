@@ -408,3 +408,18 @@ def test_every_backend_offers_the_sync_free_orthonormalizer():
 
     for name, backend in BACKENDS.items():
         assert callable(getattr(backend, "orthonormalize_unchecked", None)), name
+
+
+def test_stacked_factors_are_reused_not_copied():
+    """Factors stored as the matrices of one tensor (as the rank decision leaves them) are
+    passed on as that tensor; any other layout is stacked."""
+    from adapprox_kernels.adapprox import _stack_padded
+
+    base = torch.randn(3, 5, 2)
+    views = list(base.unbind(0))
+    assert _stack_padded(views, 2) is base
+    for other in (views[::-1], views[:2], [v.clone() for v in views]):
+        got = _stack_padded(other, 2)
+        assert got is not base and torch.equal(got, torch.stack(other))
+    padded = _stack_padded(views, 4)
+    assert padded.shape == (3, 5, 4) and torch.equal(padded[..., :2], base) and not padded[..., 2:].any()
