@@ -25,19 +25,20 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .backends import backend_names, resolve_backend
+from .cuda_graphs import CallGraphs
 from .distributed import RowShards, local, local_list
 from .optim_base import NONFINITE_POLICIES, SketchOptimizer
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
 from .srsi import (
     column_mask,
-    gaussian_sketch,
     ratio_from_sq_norms,
     sketch_width,
     subspace_iteration,
     truncate_columns,
 )
 from .state_report import StateReport, report_rows
+from .transfer import lr_and_decay
 
 
 def _round_rank(k: float) -> int:
@@ -142,6 +143,10 @@ class Adapprox(SketchOptimizer):
             ones) instead of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
             (the paper's algorithm).
+        cuda_graphs: replay a factored bucket's step (S-RSI and update) from a CUDA graph once
+            it has come up twice with the same ranks, hyperparameters (the learning rate and
+            weight decay may change) and tensor addresses; the results are the same bits as
+            without. Needs CUDA and the Triton backend; see ``docs/kernels.md``.
     """
 
     def __init__(
@@ -169,6 +174,7 @@ class Adapprox(SketchOptimizer):
         seed: int | None = None,
         warm_start: bool = False,
         warm_power_iters: int = 1,
+        cuda_graphs: bool = False,
     ):
         _check(isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr), f"Invalid learning rate: {lr}")
         _check(len(betas) == 3, f"betas must be (beta1, beta2, beta3), got {betas}")
@@ -191,6 +197,7 @@ class Adapprox(SketchOptimizer):
             f"Invalid warm_power_iters: {warm_power_iters} (need an int >= 1)",
         )
         _check(xi_thresh >= 0.0, f"Invalid xi_thresh: {xi_thresh}")
+        _check(isinstance(cuda_graphs, bool), f"Invalid cuda_graphs: {cuda_graphs!r} (need a bool)")
         _check(rank_policy in RANK_POLICIES, f"Invalid rank_policy: {rank_policy!r}; choose one of {RANK_POLICIES}")
         _check(isinstance(rank_interval, int) and rank_interval >= 1, f"Invalid rank_interval: {rank_interval}")
         _check(len(sigmoid) == 4 and sigmoid[0] >= 0, f"Invalid sigmoid (eta, omega, tau, phi): {sigmoid}")
@@ -203,10 +210,11 @@ class Adapprox(SketchOptimizer):
             xi_thresh=xi_thresh, rank_policy=rank_policy, rank_interval=rank_interval, sigmoid=tuple(sigmoid),
             cosine_guidance=cosine_guidance, cosine_max_scale=cosine_max_scale,
             exact_small_matrices=exact_small_matrices, nonfinite=nonfinite, backend=backend,
-            warm_start=warm_start, warm_power_iters=warm_power_iters,
+            warm_start=warm_start, warm_power_iters=warm_power_iters, cuda_graphs=cuda_graphs,
         )  # fmt: skip
         super().__init__(params, defaults, seed)
         self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step
+        self._graphs = CallGraphs()  # captured bucket steps (cuda_graphs=True)
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +246,15 @@ class Adapprox(SketchOptimizer):
         if beta1 > 0:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+    @staticmethod
+    def _graphable(group: dict[str, Any], backend, q_prev: torch.Tensor, shards: RowShards | None) -> bool:
+        """May this bucket's step run as a CUDA graph? Whole (unsharded) fp32 matrices on CUDA
+        with the Triton kernels, outside torch.compile."""
+        return (
+            group["cuda_graphs"] and q_prev.is_cuda and shards is None and q_prev.dtype == torch.float32
+            and getattr(backend, "name", None) == "triton" and not torch.compiler.is_compiling()
+        )  # fmt: skip
 
     @staticmethod
     def _is_dense_matrix(shape: tuple[int, int], group: dict[str, Any]) -> bool:
@@ -309,38 +326,55 @@ class Adapprox(SketchOptimizer):
         q_prev = _stack_padded([local(s["Q"]) for s in states], width_prev)
         u_prev = _stack_padded([local(s["U"]) for s in states], width_prev)
         grads = [local(p.grad).reshape(-1, n) for p in bucket]
-        op = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
+        params = [local(p) for p in bucket]
+        exp_avgs = [local(s["exp_avg"]) for s in states] if beta1 > 0 else None
 
         ranks = [_round_rank(s["rank"]) for s in states]
         width = sketch_width(max(ranks), group["oversample"], m, n)
-        sketch = gaussian_sketch(op, width, self._generator(op.device))
-        iters = group["power_iters"]
+        gen = self._generator(q_prev.device)
+        sketch = torch.randn(len(bucket), n, width, generator=gen, device=q_prev.device, dtype=q_prev.dtype)
         prev_cols = [s["U"].shape[1] for s in states]
-        if group["warm_start"] and min(prev_cols) > 0:
-            sketch = _warm_sketch(u_prev, sketch, prev_cols)
-            iters = group["warm_power_iters"]
-        failures: list[torch.Tensor] = []
-        q, u = subspace_iteration(op, sketch, iters, _deferred_orthonormalize(backend, failures))
+        warm = group["warm_start"] and min(prev_cols) > 0
+        iters = group["warm_power_iters"] if warm else group["power_iters"]
         used = [min(k, width) for k in ranks]
         measure = group["rank_policy"] == "step" or states[0]["step"] % group["rank_interval"] == 0
-        # The update needs only V_t, so it runs before the rank decision; a fused backend also
-        # returns ξ's numerator from that pass over G.
-        exp_avgs = [local(s["exp_avg"]) for s in states] if beta1 > 0 else None
-        factors = (truncate_columns(q, used), truncate_columns(u, used)) if measure else None
-        params = [local(p) for p in bucket]
-        resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **self._step_kwargs(group))
-        xi = ratio_from_sq_norms(op.sq_norm(), resid) if measure else None
+
+        def start(u_prev: torch.Tensor, sketch: torch.Tensor) -> torch.Tensor:
+            return _warm_sketch(u_prev, sketch, prev_cols) if warm else sketch
+
+        def srsi_and_update(q_prev, u_prev, sketch, lr_decay=None):
+            """``(q, u, ξ or None, failure flags or None)``; updates W (and M) in place."""
+            op = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
+            failures: list[torch.Tensor] = []
+            q, u = subspace_iteration(op, start(u_prev, sketch), iters, _deferred_orthonormalize(backend, failures))
+            # The update needs only V_t, so it runs before the rank decision; a fused backend
+            # also returns ξ's numerator from that pass over G.
+            factors = (truncate_columns(q, used), truncate_columns(u, used)) if measure else None
+            kw = self._step_kwargs(group) | ({} if lr_decay is None else {"lr_decay": lr_decay})
+            resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
+            xi = ratio_from_sq_norms(op.sq_norm(), resid) if measure else None
+            return q, u, xi, torch.stack(failures).any(dim=0) if failures else None
+
+        if self._graphable(group, backend, q_prev, shards):
+            # Everything but (Q, U, sketch, α) is read or written where the key says it is.
+            addresses = tuple((t.data_ptr(), t.dtype, t.stride()) for t in [*grads, *params, *(exp_avgs or [])])
+            hyper = {k: v for k, v in group.items() if k not in ("params", "lr", "weight_decay")}
+            key = (m, n, width, tuple(used), warm, tuple(prev_cols) if warm else None, iters, measure,
+                   tuple(sorted(hyper.items())), addresses)  # fmt: skip
+            lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
+            q, u, xi, failed = self._graphs.run(key, srsi_and_update, (q_prev, u_prev, sketch, lr_decay))
+        else:
+            q, u, xi, failed = srsi_and_update(q_prev, u_prev, sketch)
 
         def redo() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             """S-RSI again with the checked orthonormalizer (V_t is unchanged by the update)."""
             again = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
-            q2, u2 = subspace_iteration(again, sketch, iters, backend.orthonormalize)
+            q2, u2 = subspace_iteration(again, start(u_prev, sketch), iters, backend.orthonormalize)
             if not measure:
                 return q2, u2, None
             resid2 = again.residual_sq_norm(truncate_columns(q2, used), truncate_columns(u2, used))
             return q2, u2, ratio_from_sq_norms(again.sq_norm(), resid2)
 
-        failed = torch.stack(failures).any(dim=0) if failures else None
         cap = min(group["k_max"], m, n)
         self._pending.append(_Pending(group, states, shards, cap, q, u, used, xi, failed, redo))
 
@@ -348,6 +382,7 @@ class Adapprox(SketchOptimizer):
         """Rank decisions and new factors of every bucket of the step, after one host sync per
         device that fetches all ξ (and the orthonormalizer's failure flags) at once."""
         pending, self._pending = self._pending, []
+        self._graphs.next_step()
         flat: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for rec in pending:
             flat[rec.q.device] += [t.double() for t in (rec.xi, rec.failed) if t is not None]

@@ -15,7 +15,7 @@ import torch
 
 from .linear_operator import LinearOperator
 from .rank_policy import next_rank_step
-from .transfer import to_device_nowait
+from .transfer import handed_out, to_device_nowait
 
 Orthonormalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -92,11 +92,15 @@ def ratio_from_sq_norms(total: torch.Tensor, resid: torch.Tensor) -> torch.Tenso
     return torch.where(total > 0, (resid / safe_total).sqrt(), torch.zeros_like(total))
 
 
-@functools.lru_cache(maxsize=1024)
 def column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
     """``(B, 1, width)`` bool, true where column ``j < ranks[b]``.
 
     Built on the host and copied without waiting for the GPU. Cached: ranks change rarely."""
+    return handed_out(_column_mask(ranks, width, device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
     keep = (torch.arange(width).unsqueeze(0) < torch.tensor(ranks).unsqueeze(1)).unsqueeze(1)
     return to_device_nowait(keep, device)
 

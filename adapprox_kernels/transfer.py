@@ -1,8 +1,36 @@
-"""Small host-to-device copies that do not wait for the GPU."""
+"""Small host-to-device copies that do not wait for the GPU, and the device constants that a
+captured CUDA graph must keep alive."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Iterator
+
 import torch
+
+# Open collectors of `keeping_constants` blocks, innermost last.
+_collectors: list[list[torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def keeping_constants() -> Iterator[list[torch.Tensor]]:
+    """Collects every cached device constant (matrix tables, column masks, their pinned
+    sources) handed out inside the block. A CUDA graph captured there reads them at each
+    replay, so it must hold them after the caches have let them go."""
+    kept: list[torch.Tensor] = []
+    _collectors.append(kept)
+    try:
+        yield kept
+    finally:
+        _collectors.pop()
+
+
+def handed_out(t: torch.Tensor) -> torch.Tensor:
+    """``t``, noted by the innermost open :func:`keeping_constants` block, if any."""
+    if _collectors:
+        _collectors[-1].append(t)
+    return t
 
 
 def to_device_nowait(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -10,7 +38,17 @@ def to_device_nowait(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
     A plain copy from pageable memory waits for every kernel queued before it (a host sync).
     From pinned memory with ``non_blocking`` it is queued like a kernel; torch's pinned-memory
-    allocator keeps the staging buffer until the copy has run."""
+    allocator keeps the staging buffer until the copy has run (and a graph that captured the
+    copy keeps it through :func:`handed_out`)."""
     if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+        t = handed_out(t.pin_memory())
+    return handed_out(t.to(device, non_blocking=True))
+
+
+@functools.lru_cache(maxsize=64)
+def lr_and_decay(lr: float, weight_decay: float, device: torch.device) -> torch.Tensor:
+    """``[α, 1 − α·λ]`` as an fp32 ``(2,)`` tensor on ``device``, for the update pass: the decay
+    factor is computed in float64 and rounded once, as a launch constant would be. Cached: α
+    changes at most once a step."""
+    values = torch.tensor([float(lr), 1.0 - float(lr) * float(weight_decay)], dtype=torch.float32)
+    return to_device_nowait(values, device)

@@ -292,15 +292,19 @@ class TritonBackend:
     @staticmethod
     def apply_step(
         op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None,
-        reduce: Optional[reference.Reduce] = None,
+        reduce: Optional[reference.Reduce] = None, lr_decay: Optional[torch.Tensor] = None,
     ):  # fmt: skip
         """Clipping, momentum of updates, optional cosine guidance and weight decay in one pass
         over G (two with cosine guidance); returns ``‖V − q uᵀ‖²`` for ``residual_factors``.
 
         ``reduce``: the matrices are this rank's rows of row-sharded ones (see distributed.py);
-        the RMS sums, the cosine sums and the residual are summed over the ranks with it."""
+        the RMS sums, the cosine sums and the residual are summed over the ranks with it.
+        ``lr_decay``: ``[α, 1 − α·λ]`` on the device, read by the fused pass in place of ``lr``
+        and ``weight_decay`` (a CUDA-graphed step; eager launches only)."""
         if reduce is not None and not isinstance(op, TritonSecondMoment):
             raise TypeError("a row-sharded step needs the Triton operator on every rank with rows")
+        if lr_decay is not None and not (isinstance(op, TritonSecondMoment) and op._eager):
+            raise ValueError("lr_decay needs the Triton operator, launched eagerly")
         if not isinstance(op, TritonSecondMoment):
             return ReferenceBackend.apply_step(
                 op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
@@ -335,7 +339,7 @@ class TritonBackend:
         if op._eager:
             resid = _kernel("apply_update").apply_update(
                 op.table, op.q, op.u, weights, moms or None, clip, scale, q_new, u_new,
-                beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1, weight_decay=weight_decay,
+                beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1, weight_decay=weight_decay, lr_decay=lr_decay,
             )  # fmt: skip
         else:
             resid = torch.ops.adapprox_kernels.apply_update(

@@ -1,6 +1,6 @@
 """Where an Adapprox step spends its time: torch.profiler over a few steps on GPT-2 shapes.
 
-``python bench/profile_step.py [--size 345m] [--backend triton] [--warm] [--python]`` prints
+``python bench/profile_step.py [--size 345m] [--backend triton] [--warm] [--graphs] [--python]`` prints
 the top operators by device time and by host time, the number of host syncs per step and where
 they come from, and with ``--python`` the Python functions that take the most host time. GPU only.
 """
@@ -28,13 +28,14 @@ def main() -> None:
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--warm", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="cuda_graphs=True (replays from the 4th step)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--python", action="store_true", help="also print the Python functions by own host time")
     args = ap.parse_args()
     device = torch.device("cuda")
     params = make_params(gpt2_shapes(*MODELS[args.size]), device)
     k = dict(k_init=args.rank, k_min=args.rank, k_max=args.rank)
-    opt = Adapprox(params, **k, backend=args.backend, warm_start=args.warm, seed=0)
+    opt = Adapprox(params, **k, backend=args.backend, warm_start=args.warm, cuda_graphs=args.graphs, seed=0)
     for _ in range(3):  # warm-up: kernel compilation, lazy state, handle creation
         opt.step()
     torch.cuda.synchronize()

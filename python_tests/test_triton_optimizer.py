@@ -128,23 +128,25 @@ def test_passes_over_g_per_step(monkeypatch, options, passes):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("warm", [False, True])
-def test_two_host_syncs_per_step_on_cuda(warm):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_two_host_syncs_per_step_on_cuda(warm, graphs):
     """A step waits for the GPU twice: the non-finite gradient check and the one read of every
-    ξ. Anything else (an index or a mask copied from the host each step) shows up here."""
+    ξ. Anything else (an index or a mask copied from the host each step) shows up here; with
+    ``cuda_graphs``, the checked step is a replay."""
     import warnings
 
     params = _params(torch.float32)
-    opt = Adapprox(params, backend="triton", seed=3, **BASE, warm_start=warm)
-    for step in range(3):  # the first steps create state and fill the caches
-        for p, g in zip(params, _grads(step, torch.float32)):
-            p.grad = g
+    opt = Adapprox(params, backend="triton", seed=3, **BASE, warm_start=warm, cuda_graphs=graphs)
+    for p, g in zip(params, _grads(0, torch.float32)):
+        p.grad = g
+    for step in range(8):  # the first steps create state and fill the caches (and capture)
         opt.step()
     # Empty the caches of rank masks and matrix tables: building them anew must not sync either.
     from adapprox_kernels.kernels import _launch
-    from adapprox_kernels.srsi import column_mask
+    from adapprox_kernels.srsi import _column_mask
 
     _launch._TABLES.clear()
-    column_mask.cache_clear()
+    _column_mask.cache_clear()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -155,3 +157,48 @@ def test_two_host_syncs_per_step_on_cuda(warm):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
     assert len(syncs) == 2, syncs
+    assert opt._graphs.counts["replayed"] > 0 if graphs else not opt._graphs.counts
+
+
+def _graph_run(dtype, options, graphs, steps, fixed_grads):
+    """``steps`` steps with a new learning rate each; gradients copied into the same tensors
+    from the second step on when ``fixed_grads`` (the addresses a graph needs), new ones else."""
+    params = _params(dtype)
+    opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs, **options)
+    for step in range(steps):
+        opt.param_groups[0]["lr"] = options["lr"] / (1 + step)
+        for p, g in zip(params, _grads(step, dtype)):
+            if fixed_grads and p.grad is not None:
+                p.grad.copy_(g)
+            else:
+                p.grad = g
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("fixed_grads", [True, False])
+def test_cuda_graphs_give_the_eager_bits(name, fixed_grads):
+    """Replayed steps write the same parameters and state as eager ones, with the learning rate
+    changing every step; the ranks settle within a few steps, after which the graphs replay."""
+    dtype, extra = CONFIGS[name]
+    options = {**BASE, **extra}
+    eager_params, eager_opt = _graph_run(dtype, options, False, 10, fixed_grads)
+    graph_params, graph_opt = _graph_run(dtype, options, True, 10, fixed_grads)
+    if fixed_grads:
+        assert graph_opt._graphs.counts["replayed"] > 0, graph_opt._graphs.counts
+    assert graph_opt._graphs.counts["failed"] == 0
+    for i, (ep, gp) in enumerate(zip(eager_params, graph_params)):
+        assert torch.equal(ep, gp), f"param {i}"
+        for key, want in eager_opt.state[ep].items():
+            got = graph_opt.state[gp][key]
+            if torch.is_tensor(want):
+                assert torch.equal(got, want), (i, key)
+            else:
+                assert got == want or (got != got and want != want), (i, key)
+
+
+def test_cuda_graphs_need_a_bool():
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Adapprox([torch.nn.Parameter(torch.zeros(4, 4))], cuda_graphs="yes")

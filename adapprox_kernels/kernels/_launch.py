@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 import torch
 import triton
 
-from ..transfer import to_device_nowait
+from ..transfer import handed_out, to_device_nowait
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -152,7 +152,7 @@ class MatrixTable:
                 _TABLES.popitem(last=False)
         else:
             _TABLES.move_to_end(key)
-        self.offsets = table
+        self.offsets = handed_out(table)
 
     def __len__(self) -> int:
         return len(self.tensors)

@@ -1,0 +1,102 @@
+"""CUDA graphs of repeated optimizer work: capture a call once, then replay it as one launch.
+
+A factored bucket's step launches ~40 small kernels (the S-RSI products, CholeskyQR, sums, the
+update) whose host cost is several times their GPU time at GPT-2 scale. Once a bucket's step
+repeats with the same shapes, ranks and hyperparameters, on tensors at the same addresses, its
+launches are captured in a CUDA graph and replayed.
+
+A graphed call ``fn(*inputs) -> outputs`` must keep this contract:
+
+* ``inputs`` are the tensors that change from step to step: before each replay they are
+  copied into the graph's own buffers, which the capture read;
+* every other tensor ``fn`` reads or writes sits at the same address whenever the key is the
+  same (callers put the data pointers in the key); cached device constants it uses are kept
+  alive with the graph (:func:`~adapprox_kernels.transfer.keeping_constants`);
+* ``fn`` does not wait for the GPU and launches on the current stream;
+* the returned ``outputs`` belong to the graph: the next replay overwrites them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from .transfer import keeping_constants
+
+Outputs = tuple[torch.Tensor | None, ...]
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]  # the buffers the capture read
+    outputs: Outputs
+    constants: list[torch.Tensor]  # cached device tensors the graph reads
+
+
+class CallGraphs:
+    """Runs a keyed call eagerly the first ``eager_runs`` times its key comes up (a key unseen
+    for ``forget_after`` steps starts over: ranks in transition are not worth a capture), then
+    captures it and replays it from then on. Holds at most ``capacity`` graphs (least recently
+    used dropped first). ``counts`` tallies ``eager`` / ``captured`` / ``replayed`` calls and
+    ``failed`` captures (a key whose capture failed runs eagerly for good, after one warning)."""
+
+    def __init__(self, eager_runs: int = 2, forget_after: int = 16, capacity: int = 32):
+        self.eager_runs, self.forget_after, self.capacity = eager_runs, forget_after, capacity
+        self.counts: Counter = Counter()
+        self._graphs: OrderedDict[Hashable, _Captured | None] = OrderedDict()  # None: capture failed
+        self._step = 0
+        self._seen: dict[Hashable, tuple[int, int]] = {}  # key -> (last step seen, eager runs)
+
+    def next_step(self) -> None:
+        """Marks the end of an optimizer step."""
+        self._step += 1
+        self._seen = {k: v for k, v in self._seen.items() if v[0] >= self._step - self.forget_after}
+
+    def run(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Outputs:
+        key = (key, tuple((t.shape, t.dtype, t.device) for t in inputs))
+        if key in self._graphs:
+            captured = self._graphs[key]
+            self._graphs.move_to_end(key)
+            if captured is None:
+                self.counts["eager"] += 1
+                return fn(*inputs)
+            torch._foreach_copy_(captured.inputs, list(inputs))
+            captured.graph.replay()
+            self.counts["replayed"] += 1
+            return captured.outputs
+        runs = self._seen.get(key, (0, 0))[1] + 1
+        self._seen[key] = (self._step, runs)
+        if runs <= self.eager_runs:
+            self.counts["eager"] += 1
+            return fn(*inputs)
+        return self._capture(key, fn, inputs)
+
+    def _capture(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Outputs:
+        static = [t.clone() for t in inputs]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with keeping_constants() as constants, torch.cuda.graph(graph):
+                outputs = fn(*static)
+        except Exception as err:  # noqa: BLE001 - any capture failure means: stay eager
+            warnings.warn(f"CUDA graph capture failed, this step shape runs eagerly: {err}", RuntimeWarning)
+            self._store(key, None)
+            self.counts["failed"] += 1
+            return fn(*inputs)
+        self._store(key, _Captured(graph, static, outputs, constants))
+        graph.replay()  # capturing ran nothing: this step's work happens now
+        self.counts["captured"] += 1
+        return outputs
+
+    def _store(self, key: Hashable, captured: _Captured | None) -> None:
+        self._graphs[key] = captured
+        self._seen.pop(key, None)
+        while len(self._graphs) > self.capacity:
+            self._graphs.popitem(last=False)
+
+    def __len__(self) -> int:
+        return sum(c is not None for c in self._graphs.values())
