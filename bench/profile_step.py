@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--warm", action="store_true")
-    ap.add_argument("--graphs", action="store_true", help="cuda_graphs=True (replays from the 4th step)")
+    ap.add_argument("--graphs", action="store_true", help="cuda_graphs=True (the profiled steps are replays)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--python", action="store_true", help="also print the Python functions by own host time")
     args = ap.parse_args()
@@ -36,7 +36,7 @@ def main() -> None:
     params = make_params(gpt2_shapes(*MODELS[args.size]), device)
     k = dict(k_init=args.rank, k_min=args.rank, k_max=args.rank)
     opt = Adapprox(params, **k, backend=args.backend, warm_start=args.warm, cuda_graphs=args.graphs, seed=0)
-    for _ in range(3):  # warm-up: kernel compilation, lazy state, handle creation
+    for _ in range(5):  # warm-up: kernel compilation, lazy state, handles, graph capture
         opt.step()
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
