@@ -53,12 +53,13 @@ def matrix_shape(p: torch.Tensor) -> tuple[int, int] | None:
     return p.shape[0], p.numel() // p.shape[0]
 
 
-def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_cols: list[int]) -> torch.Tensor:
-    """Warm-start sketch ``(B, n, r)``: matrix ``b``'s first ``prev_cols[b]`` columns are last
-    step's ``U`` (V's dominant row space), the rest stay Gaussian."""
+def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_mask: torch.Tensor) -> torch.Tensor:
+    """Warm-start sketch ``(B, n, r)``: where ``prev_mask`` (``(B, 1, r)``, see
+    :func:`~adapprox_kernels.srsi.column_mask`) holds, last step's ``U`` (V's dominant row
+    space), elsewhere the Gaussian columns."""
     width = gaussian.shape[-1]
     u = torch.nn.functional.pad(u_prev, (0, max(width - u_prev.shape[-1], 0)))[..., :width]
-    return torch.where(column_mask(tuple(prev_cols), width, u.device), u.to(gaussian.dtype), gaussian)
+    return torch.where(prev_mask, u.to(gaussian.dtype), gaussian)
 
 
 def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -338,38 +339,42 @@ class Adapprox(SketchOptimizer):
         iters = group["warm_power_iters"] if warm else group["power_iters"]
         used = [min(k, width) for k in ranks]
         measure = group["rank_policy"] == "step" or states[0]["step"] % group["rank_interval"] == 0
+        # The ranks enter as column masks (data, not shapes), so a graph serves any ranks.
+        used_mask = column_mask(tuple(used), width, q_prev.device)
+        prev_mask = column_mask(tuple(prev_cols), width, q_prev.device)
 
-        def start(u_prev: torch.Tensor, sketch: torch.Tensor) -> torch.Tensor:
-            return _warm_sketch(u_prev, sketch, prev_cols) if warm else sketch
+        def start(u_prev: torch.Tensor, sketch: torch.Tensor, prev_mask: torch.Tensor) -> torch.Tensor:
+            return _warm_sketch(u_prev, sketch, prev_mask) if warm else sketch
 
-        def srsi_and_update(q_prev, u_prev, sketch, lr_decay=None):
+        def srsi_and_update(q_prev, u_prev, sketch, used_mask, prev_mask, lr_decay=None):
             """``(q, u, ξ or None, failure flags or None)``; updates W (and M) in place."""
             op = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
             failures: list[torch.Tensor] = []
-            q, u = subspace_iteration(op, start(u_prev, sketch), iters, _deferred_orthonormalize(backend, failures))
+            orth = _deferred_orthonormalize(backend, failures)
+            q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, orth)
             # The update needs only V_t, so it runs before the rank decision; a fused backend
             # also returns ξ's numerator from that pass over G.
-            factors = (truncate_columns(q, used), truncate_columns(u, used)) if measure else None
+            factors = (q * used_mask.to(q.dtype), u * used_mask.to(u.dtype)) if measure else None
             kw = self._step_kwargs(group) | ({} if lr_decay is None else {"lr_decay": lr_decay})
             resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
             xi = ratio_from_sq_norms(op.sq_norm(), resid) if measure else None
             return q, u, xi, torch.stack(failures).any(dim=0) if failures else None
 
+        inputs = (q_prev, u_prev, sketch, used_mask, prev_mask)
         if self._graphable(group, backend, q_prev, shards):
-            # Everything but (Q, U, sketch, α) is read or written where the key says it is.
+            # Everything but the inputs and α is read or written where the key says it is.
             addresses = tuple((t.data_ptr(), t.dtype, t.stride()) for t in [*grads, *params, *(exp_avgs or [])])
             hyper = {k: v for k, v in group.items() if k not in ("params", "lr", "weight_decay")}
-            key = (m, n, width, tuple(used), warm, tuple(prev_cols) if warm else None, iters, measure,
-                   tuple(sorted(hyper.items())), addresses)  # fmt: skip
+            key = (m, n, warm, iters, measure, tuple(sorted(hyper.items())), addresses)
             lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
-            q, u, xi, failed = self._graphs.run(key, srsi_and_update, (q_prev, u_prev, sketch, lr_decay))
+            q, u, xi, failed = self._graphs.run(key, srsi_and_update, (*inputs, lr_decay))
         else:
-            q, u, xi, failed = srsi_and_update(q_prev, u_prev, sketch)
+            q, u, xi, failed = srsi_and_update(*inputs)
 
         def redo() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             """S-RSI again with the checked orthonormalizer (V_t is unchanged by the update)."""
             again = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
-            q2, u2 = subspace_iteration(again, start(u_prev, sketch), iters, backend.orthonormalize)
+            q2, u2 = subspace_iteration(again, start(u_prev, sketch, prev_mask), iters, backend.orthonormalize)
             if not measure:
                 return q2, u2, None
             resid2 = again.residual_sq_norm(truncate_columns(q2, used), truncate_columns(u2, used))
@@ -432,6 +437,12 @@ class Adapprox(SketchOptimizer):
                 states[b]["Q"], states[b]["U"] = qb, ub
 
     # -------------------------------------------------------------------------- observability
+    @property
+    def cuda_graph_counts(self) -> dict[str, int]:
+        """Factored bucket steps so far that ran ``eager``, were ``captured`` or ``replayed``
+        from a CUDA graph, and captures that ``failed`` (empty without ``cuda_graphs``)."""
+        return dict(self._graphs.counts)
+
     def state_report(self) -> StateReport:
         """Per parameter: kind, rank, last ξ and state bytes, with totals next to AdamW's."""
         return StateReport(report_rows(self))

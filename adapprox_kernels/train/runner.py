@@ -141,6 +141,8 @@ def train_one(cfg: RunConfig, model_cfg: GPTConfig, data: ByteBatches) -> dict:
     out["final_mean_rank"] = opt.state_report().mean_rank if hasattr(opt, "state_report") else None
     if hasattr(opt, "state_report"):
         out["state_report"] = str(opt.state_report())
+    if getattr(opt, "cuda_graph_counts", None):
+        out["cuda_graph_counts"] = opt.cuda_graph_counts
     del out["step_times"], out["opt_times"]
     return out
 
