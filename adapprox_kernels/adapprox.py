@@ -248,6 +248,15 @@ class Adapprox(SketchOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _baked_hyperparameters(self, group: dict[str, Any]) -> tuple:
+        """The group's hyperparameters that a captured step holds as constants (all but α and
+        λ, which it reads from the device), hashable: part of the graph key."""
+        return tuple(
+            (k, tuple(group[k]) if isinstance(group[k], list) else group[k])
+            for k in sorted(self.defaults)
+            if k not in ("lr", "weight_decay")
+        )
+
     @staticmethod
     def _graphable(group: dict[str, Any], backend, q_prev: torch.Tensor, shards: RowShards | None) -> bool:
         """May this bucket's step run as a CUDA graph? Whole (unsharded) fp32 matrices on CUDA
@@ -364,8 +373,7 @@ class Adapprox(SketchOptimizer):
         if self._graphable(group, backend, q_prev, shards):
             # Everything but the inputs and α is read or written where the key says it is.
             addresses = tuple((t.data_ptr(), t.dtype, t.stride()) for t in [*grads, *params, *(exp_avgs or [])])
-            hyper = {k: v for k, v in group.items() if k not in ("params", "lr", "weight_decay")}
-            key = (m, n, warm, iters, measure, tuple(sorted(hyper.items())), addresses)
+            key = (m, n, warm, iters, measure, self._baked_hyperparameters(group), addresses)
             lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
             q, u, xi, failed = self._graphs.run(key, srsi_and_update, (*inputs, lr_decay))
         else:

@@ -199,6 +199,20 @@ def test_cuda_graphs_give_the_eager_bits(name, fixed_grads):
                 assert got == want or (got != got and want != want), (i, key)
 
 
+def test_graph_key_of_a_named_group_is_hashable():
+    """Groups carry lists (``param_names``, betas given as a list): the key must still hash,
+    and must not depend on α or λ, which a replay reads from the device."""
+    model = torch.nn.Linear(8, 8)
+    opt = Adapprox(model.named_parameters(), betas=[0.9, 0.999, 0.9], cuda_graphs=True)
+    group = opt.param_groups[0]
+    key = opt._baked_hyperparameters(group)
+    hash(key)
+    group["lr"], group["weight_decay"] = 0.5, 0.0
+    assert opt._baked_hyperparameters(group) == key
+    group["eps"] = 1e-6
+    assert opt._baked_hyperparameters(group) != key
+
+
 def test_cuda_graphs_need_a_bool():
     with pytest.raises(ValueError, match="cuda_graphs"):
         Adapprox([torch.nn.Parameter(torch.zeros(4, 4))], cuda_graphs="yes")
