@@ -79,10 +79,21 @@ class CallGraphs:
     def _capture(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Outputs:
         static = [t.clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
+        # Not torch.cuda.graph(): its entry empties the allocator's cache, which moves the
+        # gradients that the next backward allocates, and so every other bucket's key.
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
         try:
-            with keeping_constants() as constants, torch.cuda.graph(graph):
-                outputs = fn(*static)
+            with keeping_constants() as constants, torch.cuda.stream(side):
+                graph.capture_begin()
+                try:
+                    outputs = fn(*static)
+                finally:
+                    graph.capture_end()
+            current.wait_stream(side)
         except Exception as err:  # noqa: BLE001 - any capture failure means: stay eager
+            current.wait_stream(side)
             warnings.warn(f"CUDA graph capture failed, this step shape runs eagerly: {err}", RuntimeWarning)
             self._store(key, None)
             self.counts["failed"] += 1
