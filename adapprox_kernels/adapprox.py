@@ -41,6 +41,9 @@ from .state_report import StateReport, report_rows
 from .transfer import lr_and_decay
 
 
+PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee")
+
+
 def _round_rank(k: float) -> int:
     """Round half up (Python's round() would round 2.5 to 2)."""
     return int(math.floor(k + 0.5))
@@ -148,6 +151,10 @@ class Adapprox(SketchOptimizer):
             it has come up twice with the same ranks, hyperparameters (the learning rate and
             weight decay may change) and tensor addresses; the results are the same bits as
             without. Needs CUDA and the Triton backend; see ``docs/kernels.md``.
+        product_precision: tensor-core precision of the Triton backend's ``V @ X`` / ``Vᵀ @ Y``
+            products (S-RSI only; the update and ξ stay exact fp32): None (the device default,
+            ``"tf32x3"``, about fp32, on GPUs with tf32), ``"tf32"`` (faster, ~1e-3 relative
+            error per product; see ``docs/kernels.md``) or ``"ieee"``. Other backends ignore it.
     """
 
     def __init__(
@@ -176,6 +183,7 @@ class Adapprox(SketchOptimizer):
         warm_start: bool = False,
         warm_power_iters: int = 1,
         cuda_graphs: bool = False,
+        product_precision: str | None = None,
     ):
         _check(isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr), f"Invalid learning rate: {lr}")
         _check(len(betas) == 3, f"betas must be (beta1, beta2, beta3), got {betas}")
@@ -199,6 +207,10 @@ class Adapprox(SketchOptimizer):
         )
         _check(xi_thresh >= 0.0, f"Invalid xi_thresh: {xi_thresh}")
         _check(isinstance(cuda_graphs, bool), f"Invalid cuda_graphs: {cuda_graphs!r} (need a bool)")
+        _check(
+            product_precision in PRODUCT_PRECISIONS,
+            f"Invalid product_precision: {product_precision!r}; choose one of {PRODUCT_PRECISIONS}",
+        )
         _check(rank_policy in RANK_POLICIES, f"Invalid rank_policy: {rank_policy!r}; choose one of {RANK_POLICIES}")
         _check(isinstance(rank_interval, int) and rank_interval >= 1, f"Invalid rank_interval: {rank_interval}")
         _check(len(sigmoid) == 4 and sigmoid[0] >= 0, f"Invalid sigmoid (eta, omega, tau, phi): {sigmoid}")
@@ -212,6 +224,7 @@ class Adapprox(SketchOptimizer):
             cosine_guidance=cosine_guidance, cosine_max_scale=cosine_max_scale,
             exact_small_matrices=exact_small_matrices, nonfinite=nonfinite, backend=backend,
             warm_start=warm_start, warm_power_iters=warm_power_iters, cuda_graphs=cuda_graphs,
+            product_precision=product_precision,
         )  # fmt: skip
         super().__init__(params, defaults, seed)
         self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step
@@ -348,6 +361,8 @@ class Adapprox(SketchOptimizer):
         iters = group["warm_power_iters"] if warm else group["power_iters"]
         used = [min(k, width) for k in ranks]
         measure = group["rank_policy"] == "step" or states[0]["step"] % group["rank_interval"] == 0
+        # Only the Triton kernels have a product precision to choose.
+        precision = {"precision": group["product_precision"]} if getattr(backend, "name", None) == "triton" else {}
         # The ranks enter as column masks (data, not shapes), so a graph serves any ranks.
         used_mask = column_mask(tuple(used), width, q_prev.device)
         prev_mask = column_mask(tuple(prev_cols), width, q_prev.device)
@@ -357,7 +372,7 @@ class Adapprox(SketchOptimizer):
 
         def srsi_and_update(q_prev, u_prev, sketch, used_mask, prev_mask, lr_decay=None):
             """``(q, u, ξ or None, failure flags or None)``; updates W (and M) in place."""
-            op = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
+            op = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"], **precision)
             failures: list[torch.Tensor] = []
             orth = _deferred_orthonormalize(backend, failures)
             q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, orth)
@@ -381,7 +396,7 @@ class Adapprox(SketchOptimizer):
 
         def redo() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             """S-RSI again with the checked orthonormalizer (V_t is unchanged by the update)."""
-            again = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"])
+            again = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"], **precision)
             q2, u2 = subspace_iteration(again, start(u_prev, sketch, prev_mask), iters, backend.orthonormalize)
             if not measure:
                 return q2, u2, None

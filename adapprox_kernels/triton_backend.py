@@ -183,13 +183,19 @@ class TritonSecondMoment:
     ``g_passes`` counts the passes over G made so far (a product with ``r`` columns reads G
     once per ``PRODUCT_BLOCKS.r``-wide column block), for benchmarks and docs/kernels.md."""
 
-    def __init__(self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, eps: float):
+    def __init__(
+        self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, eps: float,
+        precision: Optional[str] = None,
+    ):  # fmt: skip
         m, n = grads[0].shape
         self.grads, _ = _stage(grads, m, n)  # read-only: nothing to copy back
         # Eager calls go straight to the launchers with one matrix table for the whole step (a
         # step makes ~12 launches over the same gradients); traced code goes through the custom
         # ops, which torch.compile sees as opaque calls with known output shapes.
         self._eager = not torch.compiler.is_compiling()
+        if precision is not None and not self._eager:
+            raise NotImplementedError("product_precision applies to eager launches, not under torch.compile")
+        self.precision = precision  # of the V products' tensor-core dots; None: the device default
         self.table = _kernel("_launch").MatrixTable(self.grads, "grads") if self._eager else None
         self.q, self.u = q, u
         self.beta2, self.eps = float(beta2), float(eps)
@@ -217,7 +223,9 @@ class TritonSecondMoment:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         first = self._sums is None
         if self._eager:
-            y, sums = _kernel("v_matmul").v_matmul(self.table, self.q, self.u, x, self.beta2, eps=self.eps if first else None)
+            y, sums = _kernel("v_matmul").v_matmul(
+                self.table, self.q, self.u, x, self.beta2, eps=self.eps if first else None, precision=self.precision
+            )
         else:
             y, sums = torch.ops.adapprox_kernels.v_matmul(self.grads, self.q, self.u, x, self.beta2, self.eps, first)
         self.g_passes += self._product_passes(x.shape[-1])
@@ -228,7 +236,7 @@ class TritonSecondMoment:
     def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
         self.g_passes += self._product_passes(y.shape[-1])
         if self._eager:
-            return _kernel("v_matmul").v_rmatmul(self.table, self.q, self.u, y, self.beta2)
+            return _kernel("v_matmul").v_rmatmul(self.table, self.q, self.u, y, self.beta2, precision=self.precision)
         return torch.ops.adapprox_kernels.v_rmatmul(self.grads, self.q, self.u, y, self.beta2)
 
     def _norms(self, q_new: Optional[torch.Tensor] = None, u_new: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -282,12 +290,15 @@ class TritonBackend:
 
     @staticmethod
     def second_moment(
-        grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, *, eps: Optional[float] = None
-    ):
-        """``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``."""
+        grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, *, eps: Optional[float] = None,
+        precision: Optional[str] = None,
+    ):  # fmt: skip
+        """``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``; ``precision``:
+        of the products' tensor-core dots (``"tf32x3"``, ``"tf32"``, ``"ieee"``; None: the
+        device default, see ``kernels._launch.dot_precision``)."""
         if q.dtype != torch.float32:  # float64 parameters keep float64 factors: no fused path
             return ReferenceBackend.second_moment(grads, q, u, beta2, eps=eps)
-        return TritonSecondMoment(grads, q, u, beta2, 0.0 if eps is None else eps)
+        return TritonSecondMoment(grads, q, u, beta2, 0.0 if eps is None else eps, precision)
 
     @staticmethod
     def apply_step(

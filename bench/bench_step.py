@@ -114,6 +114,9 @@ def optimizer_factories(ranks, backend: str) -> dict:
             out[f"adapprox_k{k}_warm_graphs"] = lambda ps, c=common: Adapprox(
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, **c
             )
+            out[f"adapprox_k{k}_warm_graphs_tf32"] = lambda ps, c=common: Adapprox(
+                ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="tf32", **c
+            )
     return out
 
 

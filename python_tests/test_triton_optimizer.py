@@ -216,3 +216,26 @@ def test_graph_key_of_a_named_group_is_hashable():
 def test_cuda_graphs_need_a_bool():
     with pytest.raises(ValueError, match="cuda_graphs"):
         Adapprox([torch.nn.Parameter(torch.zeros(4, 4))], cuda_graphs="yes")
+
+
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_product_precision_reaches_the_products(monkeypatch, precision):
+    """``product_precision`` is what the V products launch with; the step stays close to the
+    default one (tf32 rounds the sketch products' inputs to 10-bit mantissas)."""
+    from adapprox_kernels.kernels import v_matmul
+
+    seen = []
+    launch = v_matmul._launch
+
+    def recording(*args):
+        seen.append(args[-1])
+        return launch(*args)
+
+    monkeypatch.setattr(v_matmul, "_launch", recording)
+    runs = []
+    for options in ({}, {"product_precision": precision}):
+        params, _ = _run("triton", torch.float32, {**BASE, **options}, steps=2, round_trip_at=None)
+        runs.append(params)
+    assert set(seen) == {None, precision}
+    for default, chosen in zip(*runs):
+        torch.testing.assert_close(chosen, default, rtol=1e-2, atol=1e-3)
