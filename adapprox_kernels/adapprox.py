@@ -227,6 +227,9 @@ class Adapprox(SketchOptimizer):
             product_precision=product_precision,
         )  # fmt: skip
         super().__init__(params, defaults, seed)
+        self._reset_step_caches()
+
+    def _reset_step_caches(self) -> None:
         self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step
         self._graphs = CallGraphs()  # captured bucket steps (cuda_graphs=True)
 

@@ -41,12 +41,28 @@ class SketchOptimizer(Optimizer):
         self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles defaults, state and groups only; a copy must also draw the same
+        # sketches as the original from here on.
+        state = super().__getstate__()
+        state["sketch_rng"] = self._rng_state()
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        rng = state.pop("sketch_rng", None)
         super().__setstate__(state)
         # Fill options added after a checkpoint was written, as torch.optim does.
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        self._generators = {}
+        if rng is not None:
+            self._restore_rng(rng)
+        self._reset_step_caches()
+
+    def _reset_step_caches(self) -> None:
+        """Per-object helpers that are not state (a subclass's step caches); after unpickling."""
 
     # ----------------------------------------------------------------------------- sketch RNG
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -57,10 +73,19 @@ class SketchOptimizer(Optimizer):
             self._generators[key] = gen
         return self._generators[key]
 
+    def _rng_state(self) -> dict[str, Any]:
+        return {"seed": self._seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
+
+    def _restore_rng(self, rng: dict[str, Any]) -> None:
+        self._seed = int(rng["seed"])
+        self._generators = {}
+        for key, gen_state in rng["states"].items():
+            self._generator(torch.device(key)).set_state(gen_state)
+
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus the sketch RNG; plain tensors only."""
         sd = super().state_dict()
-        sd["sketch_rng"] = {"seed": self._seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
+        sd["sketch_rng"] = self._rng_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -76,10 +101,7 @@ class SketchOptimizer(Optimizer):
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, copy=True)
         if rng is not None:
-            self._seed = int(rng["seed"])
-            self._generators = {}
-            for key, gen_state in rng["states"].items():
-                self._generator(torch.device(key)).set_state(gen_state)
+            self._restore_rng(rng)
 
     # ----------------------------------------------------------------------------------- step
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:

@@ -423,3 +423,26 @@ def test_stacked_factors_are_reused_not_copied():
         assert got is not base and torch.equal(got, torch.stack(other))
     padded = _stack_padded(views, 4)
     assert padded.shape == (3, 5, 4) and torch.equal(padded[..., :2], base) and not padded[..., 2:].any()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_like_the_original(how):
+    """torch.optim pickles only defaults, state and groups: the copy must also get the sketch
+    RNG (same sketches from here on) and its per-step caches (it used to fail on step())."""
+    import copy
+    import pickle
+
+    model = torch.nn.Linear(12, 10)
+    opt = Adapprox(model.parameters(), k_max=3, seed=5)
+    model(torch.randn(4, 12)).sum().backward()
+    opt.step()
+    clone_model, clone_opt = (
+        copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    )
+    for m, o in ((model, opt), (clone_model, clone_opt)):
+        o.zero_grad(set_to_none=True)  # a copied parameter has no .grad
+        torch.manual_seed(0)
+        m(torch.randn(4, 12)).sum().backward()
+        o.step()
+    for p, q in zip(model.parameters(), clone_model.parameters()):
+        assert torch.equal(p, q)
