@@ -41,7 +41,7 @@ from .state_report import StateReport, report_rows
 from .transfer import lr_and_decay
 
 
-PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee")
+PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee", "tf32_range")
 
 
 def _round_rank(k: float) -> int:
@@ -154,7 +154,9 @@ class Adapprox(SketchOptimizer):
         product_precision: tensor-core precision of the Triton backend's ``V @ X`` / ``Vᵀ @ Y``
             products (S-RSI only; the update and ξ stay exact fp32): None (the device default,
             ``"tf32x3"``, about fp32, on GPUs with tf32), ``"tf32"`` (faster, ~1e-3 relative
-            error per product; see ``docs/kernels.md``) or ``"ieee"``. Other backends ignore it.
+            error per product, which puts a floor under ξ), ``"tf32_range"`` (tf32 in the
+            products that only choose the subspace, the default in the last ``U = Vᵀ Q``) or
+            ``"ieee"``; see ``docs/kernels.md``. Other backends ignore it.
     """
 
     def __init__(

@@ -3,7 +3,9 @@
 S-RSI never needs the entries of the matrix it compresses, only four things: the products
 ``A @ X`` and ``Aᵀ @ Y`` with thin matrices, ``‖A‖_F²`` and ``‖A − Q Uᵀ‖_F²``. Anything that
 provides them (a dense tensor, the fused Triton operator that rebuilds V tile by tile, a
-row-sharded operator) reuses the same iteration code in :mod:`adapprox_kernels.srsi`.
+row-sharded operator) reuses the same iteration code in :mod:`adapprox_kernels.srsi`. An
+operator may also offer ``project(y)``, an ``Aᵀ @ Y`` more precise than its ``rmatmul``, which
+S-RSI then uses for its last product (the one that becomes the factor ``U``).
 
 Every operator is *batched*: it stands for ``B`` same-shaped matrices ``A[b]`` of shape
 ``(m, n)``, and all tensors carry that leading batch dimension.

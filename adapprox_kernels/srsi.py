@@ -48,13 +48,18 @@ def subspace_iteration(
     orthonormalize: Orthonormalize = householder_orthonormalize,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loop of Algorithm 1 from a given ``(B, n, r)`` start: ``l`` times
-    ``Q = orth(A U); U = Aᵀ Q``. Returns the full-width ``(Q, U)``."""
+    ``Q = orth(A U); U = Aᵀ Q``. Returns the full-width ``(Q, U)``.
+
+    Every product but the last only chooses the subspace; the last, ``U = Aᵀ Q``, is the factor
+    itself. An operator may offer ``project(q)`` for it: a more precise ``Aᵀ Q`` than its
+    ``rmatmul`` (see :class:`~adapprox_kernels.triton_backend.TritonSecondMoment`)."""
     if iters < 1:
         raise ValueError(f"subspace iteration needs at least one iteration, got {iters}")
+    project = getattr(op, "project", op.rmatmul)
     u = sketch
-    for _ in range(iters):
+    for i in range(iters):
         q = orthonormalize(op.matmul(u))
-        u = op.rmatmul(q)
+        u = op.rmatmul(q) if i + 1 < iters else project(q)
     return q, u
 
 

@@ -180,12 +180,17 @@ class TritonSecondMoment:
     factors (zero-padded to a common ``K``). The first :meth:`matmul` also reduces ``‖V‖²``
     and ``Σ (G/(√V+ε))²``, which :meth:`sq_norm` and the update's RMS reuse.
 
+    ``precision`` is the tensor-core precision of the products' dots (None: the device default,
+    see ``kernels._launch.dot_precision``); ``range_precision``, when given, replaces it in the
+    products that only choose S-RSI's subspace (:meth:`matmul`, :meth:`rmatmul`), while
+    :meth:`project`, S-RSI's last ``Vᵀ Q``, keeps ``precision``.
+
     ``g_passes`` counts the passes over G made so far (a product with ``r`` columns reads G
     once per ``PRODUCT_BLOCKS.r``-wide column block), for benchmarks and docs/kernels.md."""
 
     def __init__(
         self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, eps: float,
-        precision: Optional[str] = None,
+        precision: Optional[str] = None, range_precision: Optional[str] = None,
     ):  # fmt: skip
         m, n = grads[0].shape
         self.grads, _ = _stage(grads, m, n)  # read-only: nothing to copy back
@@ -193,9 +198,10 @@ class TritonSecondMoment:
         # step makes ~12 launches over the same gradients); traced code goes through the custom
         # ops, which torch.compile sees as opaque calls with known output shapes.
         self._eager = not torch.compiler.is_compiling()
-        if precision is not None and not self._eager:
+        if (precision, range_precision) != (None, None) and not self._eager:
             raise NotImplementedError("product_precision applies to eager launches, not under torch.compile")
-        self.precision = precision  # of the V products' tensor-core dots; None: the device default
+        self.precision = precision
+        self.range_precision = range_precision or precision
         self.table = _kernel("_launch").MatrixTable(self.grads, "grads") if self._eager else None
         self.q, self.u = q, u
         self.beta2, self.eps = float(beta2), float(eps)
@@ -224,8 +230,9 @@ class TritonSecondMoment:
         first = self._sums is None
         if self._eager:
             y, sums = _kernel("v_matmul").v_matmul(
-                self.table, self.q, self.u, x, self.beta2, eps=self.eps if first else None, precision=self.precision
-            )
+                self.table, self.q, self.u, x, self.beta2, eps=self.eps if first else None,
+                precision=self.range_precision,
+            )  # fmt: skip
         else:
             y, sums = torch.ops.adapprox_kernels.v_matmul(self.grads, self.q, self.u, x, self.beta2, self.eps, first)
         self.g_passes += self._product_passes(x.shape[-1])
@@ -234,9 +241,16 @@ class TritonSecondMoment:
         return y
 
     def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
+        return self._rmatmul(y, self.range_precision)
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """``Vᵀ @ y`` at ``precision``: S-RSI's last product, whose result is the factor U."""
+        return self._rmatmul(y, self.precision)
+
+    def _rmatmul(self, y: torch.Tensor, precision: Optional[str]) -> torch.Tensor:
         self.g_passes += self._product_passes(y.shape[-1])
         if self._eager:
-            return _kernel("v_matmul").v_rmatmul(self.table, self.q, self.u, y, self.beta2, precision=self.precision)
+            return _kernel("v_matmul").v_rmatmul(self.table, self.q, self.u, y, self.beta2, precision=precision)
         return torch.ops.adapprox_kernels.v_rmatmul(self.grads, self.q, self.u, y, self.beta2)
 
     def _norms(self, q_new: Optional[torch.Tensor] = None, u_new: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -295,10 +309,15 @@ class TritonBackend:
     ):  # fmt: skip
         """``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``; ``precision``:
         of the products' tensor-core dots (``"tf32x3"``, ``"tf32"``, ``"ieee"``; None: the
-        device default, see ``kernels._launch.dot_precision``)."""
+        device default, see ``kernels._launch.dot_precision``), or ``"tf32_range"``: tf32 in the
+        products that choose S-RSI's subspace, the device default in its last ``Vᵀ Q``."""
         if q.dtype != torch.float32:  # float64 parameters keep float64 factors: no fused path
             return ReferenceBackend.second_moment(grads, q, u, beta2, eps=eps)
-        return TritonSecondMoment(grads, q, u, beta2, 0.0 if eps is None else eps, precision)
+        if precision == "tf32_range":
+            precision, range_precision = None, "tf32"
+        else:
+            range_precision = None
+        return TritonSecondMoment(grads, q, u, beta2, 0.0 if eps is None else eps, precision, range_precision)
 
     @staticmethod
     def apply_step(

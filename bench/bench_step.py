@@ -117,6 +117,13 @@ def optimizer_factories(ranks, backend: str) -> dict:
             out[f"adapprox_k{k}_warm_graphs_tf32"] = lambda ps, c=common: Adapprox(
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="tf32", **c
             )
+            # tf32 only where it leaves ξ alone (docs/kernels.md#precision)
+            out[f"adapprox_k{k}_cold_graphs_tf32_range"] = lambda ps, c=common: Adapprox(
+                ps, cuda_graphs=True, product_precision="tf32_range", **c
+            )
+            out[f"adapprox_k{k}_warm_graphs_tf32_range"] = lambda ps, c=common: Adapprox(
+                ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="tf32_range", **c
+            )
     return out
 
 

@@ -1,14 +1,26 @@
 """Does tf32 in the S-RSI products change what Adapprox decides? A shadow-optimizer study.
 
 One model (the main job's byte-level GPT) trains with Adapprox at the default product precision
-(``tf32x3``, about fp32). At every step a second Adapprox, identical but for
-``product_precision``, steps its own copy of the parameters with the *same* gradients: no
-feedback, so the two differ by the precision alone. Recorded per step: ξ and the rank of every
-factored matrix under both, and the parameter gap ``‖W_other − W_ref‖ / ‖W_ref − W_0‖``. GPU
-only (the interpreter computes every dot in fp32).
+(fp32; ``tf32x3`` on a GPU). At every step shadow Adapprox instances, identical but for one
+thing, step their own copies of the parameters with the *same* gradients: no feedback, so each
+differs from the reference by that one thing alone. The shadows:
 
-``python bench/product_precision.py [--size gpt2-124m] [--steps 120] [--k-max 8] [--warm]
-[--precision tf32]`` writes ``bench/results/product_precision_<device>.json``.
+* ``fp32_seed1``, the control: default precision, another sketch seed. It shows how far the
+  algorithm's own randomness moves a run, which is what the other gaps must be read against.
+* on a GPU, ``product_precision`` = each of ``--precisions`` (Triton backend);
+* on CPU, tf32 emulated on the reference backend: ``V`` and the thin input of a product are cut
+  to tf32's 10 mantissa bits, by truncation (``trunc``: what the tensor cores do to fp32
+  operands) or to nearest (``nearest``), and multiplied in fp32; in every product (``_all``) or
+  in all but S-RSI's last ``U = Vᵀ Q`` (``_range``, what ``product_precision="tf32_range"``
+  does on a GPU).
+
+Recorded per step: ξ and the rank of every factored matrix, and the parameter gap
+``‖W_shadow − W_ref‖ / ‖W_ref − W_0‖``; summed up: mean ξ (from ``--summary-from``), rank
+decisions that differ from the reference, final gap.
+
+``python bench/product_precision.py [--size S] [--steps 120] [--k-max 8] [--warm]
+[--precisions tf32 tf32_range]`` writes
+``bench/results/product_precision_<cold|warm>_<device>.json``.
 """
 
 from __future__ import annotations
@@ -23,78 +35,143 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adapprox_kernels import Adapprox  # noqa: E402
+from adapprox_kernels.backends import ReferenceBackend, register_backend  # noqa: E402
+from adapprox_kernels.reference import ReferenceSecondMoment  # noqa: E402
 from adapprox_kernels.train.data import ByteBatches, read_corpus  # noqa: E402
 from adapprox_kernels.train.model import GPT, SIZES  # noqa: E402
 from adapprox_kernels.train.runner import environment, warmup_cosine  # noqa: E402
 
+_LOW_BITS = (1 << 13) - 1  # fp32 keeps 23 mantissa bits, tf32 10
 
-def factored(opt: Adapprox, model: torch.nn.Module) -> list[tuple[str, dict]]:
-    return [(n, opt.state[p]) for n, p in model.named_parameters() if "Q" in opt.state.get(p, {})]
+
+def to_tf32(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """fp32 ``x`` with its mantissa cut to tf32's 10 bits: ``"trunc"`` or ``"nearest"`` (even)."""
+    bits = x.contiguous().view(torch.int32)
+    if rounding == "nearest":
+        bits = bits + (_LOW_BITS >> 1) + ((bits >> 13) & 1)
+    return (bits & ~_LOW_BITS).view(torch.float32)
+
+
+class EmulatedTF32Moment(ReferenceSecondMoment):
+    """The reference operator with tf32 products; with ``exact_projection`` it also offers the
+    exact ``project`` that S-RSI uses for its last product."""
+
+    def __init__(self, grad, q, u, beta2, rounding: str):
+        super().__init__(grad, q, u, beta2)
+        self.rounding = rounding
+        self.a_tf32 = to_tf32(self.a, rounding)
+
+    def matmul(self, x):
+        return torch.bmm(self.a_tf32, to_tf32(x, self.rounding))
+
+    def rmatmul(self, y):
+        return torch.bmm(to_tf32(y, self.rounding).transpose(1, 2), self.a_tf32).transpose(1, 2)
+
+
+class ExactProjection(EmulatedTF32Moment):
+    def project(self, y):
+        return ReferenceSecondMoment.rmatmul(self, y)
+
+
+def emulated_backend(rounding: str, exact_projection: bool) -> str:
+    """Register a reference backend with emulated tf32 products; returns its name."""
+    moment = ExactProjection if exact_projection else EmulatedTF32Moment
+
+    class Backend(ReferenceBackend):
+        name = f"tf32emu-{rounding}-{'range' if exact_projection else 'all'}"
+
+        @staticmethod
+        def second_moment(grads, q, u, beta2, *, eps=None):
+            return moment(torch.stack([x.to(q.dtype) for x in grads]), q, u, beta2, rounding)
+
+    register_backend(Backend, prefer=False)
+    return Backend.name
+
+
+def shadow_options(device: str, precisions: list[str]) -> dict[str, dict]:
+    """label -> the options by which a shadow differs from the reference."""
+    out = {"fp32_seed1": dict(seed=1)}
+    if device == "cuda":
+        return out | {p: dict(product_precision=p) for p in precisions}
+    return out | {
+        f"{rounding}_{'range' if exact else 'all'}": dict(backend=emulated_backend(rounding, exact))
+        for rounding in ("trunc", "nearest")
+        for exact in (False, True)
+    }
+
+
+def factored_states(opt: Adapprox, params) -> list[dict]:
+    return [opt.state[p] for p in params if "Q" in opt.state.get(p, {})]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", default="gpt2-124m", choices=sorted(SIZES))
+    ap.add_argument("--size", default=None, choices=sorted(SIZES), help="default: gpt2-124m on a GPU, small on CPU")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--k-max", type=int, default=8)
-    ap.add_argument("--warm", action="store_true", help="warm-start S-RSI (l = 1) in both")
-    ap.add_argument("--precision", default="tf32", choices=["tf32", "ieee"])
+    ap.add_argument("--warm", action="store_true", help="warm-start S-RSI (l = 1) in all")
+    ap.add_argument("--precisions", nargs="+", default=["tf32", "tf32_range"], help="GPU shadows")
+    ap.add_argument("--summary-from", type=int, default=20, help="first step of the mean ξ")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("product_precision.py needs a GPU: on CPU every product is fp32")
-    device = "cuda"
-    cfg = SIZES[args.size]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = SIZES[args.size or ("gpt2-124m" if device == "cuda" else "small")]
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    shadow = [p.detach().clone() for p in model.parameters()]
     start = [p.detach().clone() for p in model.parameters()]
-    common = dict(lr=2e-3, k_init=args.k_max, k_max=args.k_max, seed=0, warm_start=args.warm, backend="triton")
+    common = dict(lr=2e-3, k_init=args.k_max, k_max=args.k_max, seed=0, warm_start=args.warm,
+                  backend="triton" if device == "cuda" else "reference")  # fmt: skip
     ref = Adapprox(model.parameters(), **common)
-    other = Adapprox([torch.nn.Parameter(s) for s in shadow], product_precision=args.precision, **common)
-    other_params = other.param_groups[0]["params"]
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(20, args.steps)) for o in (ref, other)]
+    shadows = {}
+    for label, options in shadow_options(device, args.precisions).items():
+        params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        shadows[label] = (params, Adapprox(params, **(common | options)))
+    opts = [ref] + [opt for _, opt in shadows.values()]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(20, args.steps)) for o in opts]
     data = ByteBatches(read_corpus(None, 8_000_000), cfg.seq_len, args.batch_size, seed=0)
     rows = []
     for step in range(1, args.steps + 1):
         loss = model.loss(data.train_batch().to(device))
         ref.zero_grad(set_to_none=True)
         loss.backward()
-        for p, s in zip(model.parameters(), other_params):
-            s.grad = p.grad
-        ref.step()
-        other.step()
+        for params, _ in shadows.values():
+            for p, s in zip(model.parameters(), params):
+                s.grad = p.grad
+        for opt in opts:
+            opt.step()
         for sched in scheds:
             sched.step()
-        names_ref = factored(ref, model)
-        states_other = [other.state[s] for s in other_params if "Q" in other.state.get(s, {})]
+        ref_states = factored_states(ref, list(model.parameters()))
+        row = dict(step=step, loss=loss.item(), xi=[s["xi"] for s in ref_states], rank=[s["rank"] for s in ref_states])
         with torch.no_grad():
-            gap = sum((s - p).square().sum() for p, s in zip(model.parameters(), other_params)).sqrt()
             moved = sum((p - w0).square().sum() for p, w0 in zip(model.parameters(), start)).sqrt()
-        xi_ref = [st["xi"] for _, st in names_ref]
-        xi_other = [st["xi"] for st in states_other]
-        rows.append(dict(
-            step=step, loss=loss.item(), param_gap=(gap / moved).item(),
-            xi_ref=xi_ref, xi_other=xi_other,
-            rank_ref=[st["rank"] for _, st in names_ref], rank_other=[st["rank"] for st in states_other],
-        ))  # fmt: skip
+            for label, (params, opt) in shadows.items():
+                gap = sum((s - p).square().sum() for p, s in zip(model.parameters(), params)).sqrt()
+                states = factored_states(opt, params)
+                row[label] = dict(param_gap=(gap / moved).item(), xi=[s["xi"] for s in states],
+                                  rank=[s["rank"] for s in states])  # fmt: skip
+        rows.append(row)
         if step % 20 == 0 or step == 1:
-            r = rows[-1]
-            print(f"step {step:4d}  loss {r['loss']:.3f}  mean ξ {statistics.mean(xi_ref):.3e} / "
-                  f"{statistics.mean(xi_other):.3e}  mean rank {statistics.mean(r['rank_ref']):.2f} / "
-                  f"{statistics.mean(r['rank_other']):.2f}  param gap {r['param_gap']:.2e}", flush=True)  # fmt: skip
-    names = [n for n, _ in factored(ref, model)]
-    differ = sum(round(a) != round(b) for r in rows for a, b in zip(r["rank_ref"], r["rank_other"]))
-    summary = dict(
-        rank_decisions_that_differ=differ, rank_decisions=len(rows) * len(names),
-        mean_xi_ref=statistics.mean(x for r in rows for x in r["xi_ref"]),
-        mean_xi_other=statistics.mean(x for r in rows for x in r["xi_other"]),
-        final_param_gap=rows[-1]["param_gap"],
-    )  # fmt: skip
+            parts = "  ".join(f"{label} {statistics.mean(row[label]['xi']):.2e}" for label in shadows)
+            print(f"step {step:4d}  loss {row['loss']:.3f}  mean ξ: ref {statistics.mean(row['xi']):.2e}  {parts}",
+                  flush=True)  # fmt: skip
+    tail = [r for r in rows if r["step"] >= args.summary_from]
+    summary = {"reference": dict(mean_xi=statistics.mean(x for r in tail for x in r["xi"]))}
+    for label in shadows:
+        summary[label] = dict(
+            mean_xi=statistics.mean(x for r in tail for x in r[label]["xi"]),
+            rank_decisions_that_differ=sum(
+                round(a) != round(b) for r in rows for a, b in zip(r["rank"], r[label]["rank"])
+            ),
+            final_param_gap=rows[-1][label]["param_gap"],
+        )
+    summary["rank_decisions"] = len(rows) * len(rows[0]["rank"])
     print(json.dumps(summary, indent=1))
-    meta = dict(environment(device), args=vars(args), matrices=names)
-    out = Path(args.out) / f"product_precision_{torch.cuda.get_device_name().lower().replace(' ', '-')}.json"
+    names = [n for n, p in model.named_parameters() if "Q" in ref.state.get(p, {})]
+    meta = dict(environment(device), args=vars(args), size=cfg.__dict__, matrices=names)
+    device_name = torch.cuda.get_device_name().lower().replace(" ", "-") if device == "cuda" else "cpu"
+    out = Path(args.out) / f"product_precision_{'warm' if args.warm else 'cold'}_{device_name}.json"
     out.write_text(json.dumps(dict(meta=meta, summary=summary, rows=rows), indent=1))
     print(f"wrote {out}")
 

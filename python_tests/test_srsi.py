@@ -71,6 +71,30 @@ def test_batched_equals_one_by_one():
         torch.testing.assert_close(q[b] @ u[b].T, qb[0] @ ub[0].T, atol=1e-4, rtol=1e-4)
 
 
+class _RoundedRange(DenseOperator):
+    """Products rounded to 8 mantissa bits (bfloat16), except ``project``: S-RSI must use the
+    exact one for its last product only."""
+
+    def matmul(self, x):
+        return super().matmul(x).bfloat16().float()
+
+    def rmatmul(self, y):
+        return super().rmatmul(y).bfloat16().float()
+
+    def project(self, y):
+        return super().rmatmul(y)
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_last_product_is_the_operators_projection(iters):
+    a = torch.randn(2, 40, 30)
+    sketch = torch.randn(2, 30, 6)
+    q, u = subspace_iteration(_RoundedRange(a), sketch, iters)
+    torch.testing.assert_close(u, DenseOperator(a).rmatmul(q), rtol=0, atol=0)
+    q_exact, _ = subspace_iteration(DenseOperator(a), sketch, iters)
+    assert (q - q_exact).abs().max() > 0  # the range finder did round
+
+
 def test_as_rsi_per_matrix_ranks():
     """Matrices of one batch keep their own ranks; ξ of each is measured at its own rank."""
     a = torch.stack([low_rank_plus_noise(40, 50, 2, 0.0), torch.randn(40, 50)])

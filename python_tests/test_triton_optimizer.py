@@ -239,3 +239,26 @@ def test_product_precision_reaches_the_products(monkeypatch, precision):
     assert set(seen) == {None, precision}
     for default, chosen in zip(*runs):
         torch.testing.assert_close(chosen, default, rtol=1e-2, atol=1e-3)
+
+
+def test_tf32_range_keeps_the_last_product_at_the_default(monkeypatch):
+    """``"tf32_range"``: every S-RSI product that only chooses the subspace launches with tf32;
+    the last ``Vᵀ Q``, which becomes the factor U, with the device default (None)."""
+    from adapprox_kernels.kernels import v_matmul
+
+    seen = []
+    launch = v_matmul._launch
+
+    def recording(*args):
+        seen.append((args[6], args[-1]))  # (transposed: Vᵀ @ Y, precision)
+        return launch(*args)
+
+    monkeypatch.setattr(v_matmul, "_launch", recording)
+    options = {**BASE, "product_precision": "tf32_range", "power_iters": 3}
+    default, _ = _run("triton", torch.float32, {**BASE, "power_iters": 3}, steps=2, round_trip_at=None)
+    seen.clear()
+    params, _ = _run("triton", torch.float32, options, steps=2, round_trip_at=None)
+    one_srsi = [(False, "tf32"), (True, "tf32")] * 2 + [(False, "tf32"), (True, None)]
+    assert seen == one_srsi * 2 * 2  # two factored shapes, two steps
+    for d, p in zip(default, params):
+        torch.testing.assert_close(p, d, rtol=1e-2, atol=1e-3)
