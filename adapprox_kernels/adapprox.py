@@ -123,7 +123,7 @@ class Adapprox(SketchOptimizer):
         lr: learning rate α.
         betas: ``(β1, β2, β3)``: momentum of updates (0 keeps no first moment), second-moment
             decay, rank-moment decay.
-        eps: ε added to ``√V``.
+        eps: ε added to ``√V`` (> 0: V has exact zeros where G does and relu clamps).
         clip_threshold: d, the update-RMS clipping threshold.
         weight_decay: λ, decoupled: ``W ← W − α(M + λW)``.
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
@@ -191,9 +191,11 @@ class Adapprox(SketchOptimizer):
         _check(len(betas) == 3, f"betas must be (beta1, beta2, beta3), got {betas}")
         for i, b in enumerate(betas):
             _check(0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b} (need 0 <= beta < 1)")
-        _check(eps >= 0.0, f"Invalid epsilon value: {eps}")
+        # ε = 0 would divide a zero gradient entry by a zero V entry (0/0), and the RMS then
+        # turns the whole matrix's update into NaN.
+        _check(math.isfinite(eps) and eps > 0.0, f"Invalid epsilon value: {eps} (need a finite eps > 0)")
         _check(clip_threshold > 0.0, f"Invalid clip_threshold: {clip_threshold} (need > 0)")
-        _check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
+        _check(math.isfinite(weight_decay) and weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
         _check(isinstance(k_min, int) and k_min >= 1, f"Invalid k_min: {k_min} (need an int >= 1)")
         _check(isinstance(k_max, int) and k_max >= k_min, f"Invalid k_max: {k_max} (need an int >= k_min={k_min})")
         if k_init is not None:
