@@ -7,7 +7,8 @@
 * a ``load_state_dict`` that keeps each state tensor's own dtype (torch.optim would cast
   floating state to the parameter's dtype: fp32 factors of a bf16 parameter must stay fp32);
 * the non-finite gradient policy (``"raise"`` before anything is modified, or ``"skip"`` that
-  parameter and count it in ``state["nonfinite_skips"]``), checked with one host sync per device;
+  parameter and count it in ``state["nonfinite_skips"]``), checked for all groups at once with
+  one host sync per device;
 * ``step(closure)`` under ``torch.no_grad()``, which calls the subclass's
   ``_init_state(p, group)`` (lazy state), ``_step_group(group, params)`` (the update) for
   every group and then ``_end_step()`` (work that waits for one host sync per step).
@@ -162,10 +163,12 @@ class SketchOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        groups = [(group, self._grads_to_update(group)) for group in self.param_groups]
+        # Every group's flags from one host sync per device (not one per group).
+        all_flags = iter(self._nonfinite([p for _, params in groups for p in params]))
         work = []
-        for group in self.param_groups:
-            params = self._grads_to_update(group)
-            flags = self._nonfinite(params)
+        for group, params in groups:
+            flags = [next(all_flags) for _ in params]
             if group["nonfinite"] == "raise" and any(flags):
                 bad = self._param_name(params[flags.index(True)])
                 raise FloatingPointError(

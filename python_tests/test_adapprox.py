@@ -229,6 +229,28 @@ def test_nonfinite_raise_names_param_and_changes_nothing():
     assert not opt.state
 
 
+def test_nonfinite_check_covers_all_groups_at_once(monkeypatch):
+    """One check (one host sync on a GPU) for all groups; a NaN in the last group raises before
+    the first group moves; each group keeps its own policy."""
+    a, b, c = (torch.nn.Parameter(torch.randn(16, 20)) for _ in range(3))
+    opt = Adapprox([{"params": [a]}, {"params": [b]}, {"params": [c], "nonfinite": "skip"}], k_max=4, seed=0)
+    calls = []
+    foreach_norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *args: calls.append(len(ts)) or foreach_norm(ts, *args))
+    for p in (a, b, c):
+        p.grad = torch.randn(16, 20)
+    c.grad[3, 4] = float("inf")
+    opt.step()
+    assert calls == [3]
+    assert opt.state[c]["nonfinite_skips"] == 1 and opt.state[a]["step"] == opt.state[b]["step"] == 1
+    before = [p.detach().clone() for p in (a, b, c)]
+    b.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"param_groups\[1\]"):
+        opt.step()
+    assert all(torch.equal(x, p) for x, p in zip(before, (a, b, c)))
+    assert opt.state[a]["step"] == 1
+
+
 def test_large_finite_fp16_gradient_is_not_flagged():
     w = torch.nn.Parameter(torch.zeros(8, 10, dtype=torch.float16))
     opt = Adapprox([w], k_max=2, seed=0)

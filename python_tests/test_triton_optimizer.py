@@ -132,11 +132,13 @@ def test_passes_over_g_per_step(monkeypatch, options, passes):
 def test_two_host_syncs_per_step_on_cuda(warm, graphs):
     """A step waits for the GPU twice: the non-finite gradient check and the one read of every
     ξ. Anything else (an index or a mask copied from the host each step) shows up here; with
-    ``cuda_graphs``, the checked step is a replay."""
+    ``cuda_graphs``, the checked step is a replay. Two param groups (the usual decay / no-decay
+    split) still check their gradients together."""
     import warnings
 
     params = _params(torch.float32)
-    opt = Adapprox(params, backend="triton", seed=3, **BASE, warm_start=warm, cuda_graphs=graphs)
+    groups = [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}]
+    opt = Adapprox(groups, backend="triton", seed=3, **BASE, warm_start=warm, cuda_graphs=graphs)
     for p, g in zip(params, _grads(0, torch.float32)):
         p.grad = g
     for step in range(8):  # the first steps create state and fill the caches (and capture)
