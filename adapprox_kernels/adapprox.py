@@ -41,7 +41,7 @@ from .state_report import StateReport, report_rows
 from .transfer import lr_and_decay
 
 
-PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee", "tf32_range")
+PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee", "tf32_range", "tf32_rn")
 
 
 def _round_rank(k: float) -> int:
@@ -155,8 +155,9 @@ class Adapprox(SketchOptimizer):
             products (S-RSI only; the update and ξ stay exact fp32): None (the device default,
             ``"tf32x3"``, about fp32, on GPUs with tf32), ``"tf32"`` (faster, ~1e-3 relative
             error per product, which puts a floor under ξ), ``"tf32_range"`` (tf32 in the
-            products that only choose the subspace, the default in the last ``U = Vᵀ Q``) or
-            ``"ieee"``; see ``docs/kernels.md``. Other backends ignore it.
+            products that only choose the subspace, the default in the last ``U = Vᵀ Q``),
+            ``"tf32_rn"`` (tf32 with the operands rounded to nearest in the kernel: unbiased)
+            or ``"ieee"``; see ``docs/kernels.md``. Other backends ignore it.
     """
 
     def __init__(

@@ -20,6 +20,21 @@ from .linear_operator import DenseOperator
 # parameters, see adapprox_kernels.distributed); None when each matrix is whole here.
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
+_TF32_LOW_BITS = (1 << 13) - 1  # of fp32's 23 mantissa bits, tf32 keeps the top 10
+
+
+def tf32_rounded(x: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
+    """fp32 ``x`` cut to tf32's 10 mantissa bits, still fp32: ``"nearest"`` (ties to even; what
+    ``precision="tf32_rn"`` feeds the tensor cores) or ``"trunc"`` (what tensor cores do to fp32
+    operands). Inf and NaN stay as they are."""
+    if rounding not in ("nearest", "trunc"):
+        raise ValueError(f"rounding must be 'nearest' or 'trunc', got {rounding!r}")
+    bits = x.float().contiguous().view(torch.int32)
+    if rounding == "nearest":
+        bits = bits + (_TF32_LOW_BITS >> 1) + ((bits >> 13) & 1)
+    out = (bits & ~_TF32_LOW_BITS).view(torch.float32)
+    return torch.where(x.isfinite(), out, x.float())
+
 
 def second_moment(grad: torch.Tensor, q: torch.Tensor, u: torch.Tensor, beta2: float) -> torch.Tensor:
     """``V_t = β2·relu(Q Uᵀ) + (1−β2)·G²`` (Algorithm 3, line 341): ``(B, m, n)``."""

@@ -308,9 +308,10 @@ class TritonBackend:
         precision: Optional[str] = None,
     ):  # fmt: skip
         """``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``; ``precision``:
-        of the products' tensor-core dots (``"tf32x3"``, ``"tf32"``, ``"ieee"``; None: the
-        device default, see ``kernels._launch.dot_precision``), or ``"tf32_range"``: tf32 in the
-        products that choose S-RSI's subspace, the device default in its last ``Vᵀ Q``."""
+        of the products' tensor-core dots (``"tf32x3"``, ``"tf32"``, ``"tf32_rn"``, ``"ieee"``;
+        None: the device default, see ``kernels._launch.dot_precision``), or ``"tf32_range"``:
+        tf32 in the products that choose S-RSI's subspace, the device default in its last
+        ``Vᵀ Q``."""
         if q.dtype != torch.float32:  # float64 parameters keep float64 factors: no fused path
             return ReferenceBackend.second_moment(grads, q, u, beta2, eps=eps)
         if precision == "tf32_range":

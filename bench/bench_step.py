@@ -124,6 +124,9 @@ def optimizer_factories(ranks, backend: str) -> dict:
             out[f"adapprox_k{k}_warm_graphs_tf32_range"] = lambda ps, c=common: Adapprox(
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="tf32_range", **c
             )
+            out[f"adapprox_k{k}_warm_graphs_tf32_rn"] = lambda ps, c=common: Adapprox(
+                ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="tf32_rn", **c
+            )
     return out
 
 

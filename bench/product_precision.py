@@ -11,15 +11,15 @@ differs from the reference by that one thing alone. The shadows:
 * on CPU, tf32 emulated on the reference backend: ``V`` and the thin input of a product are cut
   to tf32's 10 mantissa bits, by truncation (``trunc``: what the tensor cores do to fp32
   operands) or to nearest (``nearest``), and multiplied in fp32; in every product (``_all``) or
-  in all but S-RSI's last ``U = Vᵀ Q`` (``_range``, what ``product_precision="tf32_range"``
-  does on a GPU).
+  in all but S-RSI's last ``U = Vᵀ Q`` (``_range``). On a GPU, ``"tf32"`` is ``trunc_all``,
+  ``"tf32_range"`` is ``trunc_range`` and ``"tf32_rn"`` is ``nearest_all``.
 
 Recorded per step: ξ and the rank of every factored matrix, and the parameter gap
 ``‖W_shadow − W_ref‖ / ‖W_ref − W_0‖``; summed up: mean ξ (from ``--summary-from``), rank
 decisions that differ from the reference, final gap.
 
 ``python bench/product_precision.py [--size S] [--steps 120] [--k-max 8] [--warm]
-[--precisions tf32 tf32_range]`` writes
+[--precisions tf32 tf32_range tf32_rn]`` writes
 ``bench/results/product_precision_<cold|warm>_<device>.json``.
 """
 
@@ -36,21 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adapprox_kernels import Adapprox  # noqa: E402
 from adapprox_kernels.backends import ReferenceBackend, register_backend  # noqa: E402
-from adapprox_kernels.reference import ReferenceSecondMoment  # noqa: E402
+from adapprox_kernels.reference import ReferenceSecondMoment, tf32_rounded  # noqa: E402
 from adapprox_kernels.train.data import ByteBatches, read_corpus  # noqa: E402
 from adapprox_kernels.train.model import GPT, SIZES  # noqa: E402
 from adapprox_kernels.train.runner import environment, warmup_cosine  # noqa: E402
-
-_LOW_BITS = (1 << 13) - 1  # fp32 keeps 23 mantissa bits, tf32 10
-
-
-def to_tf32(x: torch.Tensor, rounding: str) -> torch.Tensor:
-    """fp32 ``x`` with its mantissa cut to tf32's 10 bits: ``"trunc"`` or ``"nearest"`` (even)."""
-    bits = x.contiguous().view(torch.int32)
-    if rounding == "nearest":
-        bits = bits + (_LOW_BITS >> 1) + ((bits >> 13) & 1)
-    return (bits & ~_LOW_BITS).view(torch.float32)
-
 
 class EmulatedTF32Moment(ReferenceSecondMoment):
     """The reference operator with tf32 products; with ``exact_projection`` it also offers the
@@ -59,13 +48,13 @@ class EmulatedTF32Moment(ReferenceSecondMoment):
     def __init__(self, grad, q, u, beta2, rounding: str):
         super().__init__(grad, q, u, beta2)
         self.rounding = rounding
-        self.a_tf32 = to_tf32(self.a, rounding)
+        self.a_tf32 = tf32_rounded(self.a, rounding)
 
     def matmul(self, x):
-        return torch.bmm(self.a_tf32, to_tf32(x, self.rounding))
+        return torch.bmm(self.a_tf32, tf32_rounded(x, self.rounding))
 
     def rmatmul(self, y):
-        return torch.bmm(to_tf32(y, self.rounding).transpose(1, 2), self.a_tf32).transpose(1, 2)
+        return torch.bmm(tf32_rounded(y, self.rounding).transpose(1, 2), self.a_tf32).transpose(1, 2)
 
 
 class ExactProjection(EmulatedTF32Moment):
@@ -111,7 +100,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--k-max", type=int, default=8)
     ap.add_argument("--warm", action="store_true", help="warm-start S-RSI (l = 1) in all")
-    ap.add_argument("--precisions", nargs="+", default=["tf32", "tf32_range"], help="GPU shadows")
+    ap.add_argument("--precisions", nargs="+", default=["tf32", "tf32_range", "tf32_rn"], help="GPU shadows")
     ap.add_argument("--summary-from", type=int, default=20, help="first step of the mean ξ")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()

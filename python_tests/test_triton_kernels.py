@@ -76,6 +76,39 @@ def test_products_and_first_pass_sums(case):
     _close(plain, v @ x)
 
 
+def test_tf32_rounding_of_the_reference():
+    one_ulp = 2.0**-10  # tf32's spacing at 1
+    x = torch.tensor([1 + 1.75 * one_ulp, -(1 + 0.5 * one_ulp), 1 + 1.5 * one_ulp, 3.0, 0.0, float("inf")])
+    assert reference.tf32_rounded(x, "trunc").tolist() == [1 + one_ulp, -1.0, 1 + one_ulp, 3.0, 0.0, float("inf")]
+    # to nearest, ties to the even mantissa: 1 + 0.5 ulp -> 1, 1 + 1.5 ulp -> 1 + 2 ulp
+    assert reference.tf32_rounded(x).tolist() == [1 + 2 * one_ulp, -1.0, 1 + 2 * one_ulp, 3.0, 0.0, float("inf")]
+    assert reference.tf32_rounded(torch.tensor([float("nan")])).isnan().all()
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_tf32_rn_products_round_both_operands_to_nearest(transpose):
+    """``precision="tf32_rn"``: the products of V and the thin matrix rounded to tf32 (nearest),
+    as the reference computes them; visibly not the fp32 product."""
+    from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
+
+    grads, q, u, _, v = _inputs(2, 37, 129, 3, torch.float32)
+    if transpose:
+        y = torch.randn(2, 37, 6, device=DEVICE)
+        out = v_rmatmul(grads, q, u, y, BETA2, precision="tf32_rn")
+        a, b = v.transpose(1, 2), y
+    else:
+        x = torch.randn(2, 129, 6, device=DEVICE)
+        out, _ = v_matmul(grads, q, u, x, BETA2, eps=EPS, precision="tf32_rn")
+        a, b = v, x
+    # The kernel's fp32 V may differ from the reference's by an ulp, which can move an entry
+    # to the neighbouring tf32 value: a few 1e-6 of the product. tf32 itself moves it ~2e-4,
+    # truncating instead of rounding ~8e-4.
+    rounded = reference.tf32_rounded(a).double() @ reference.tf32_rounded(b).double()
+    _close(out.double(), rounded, rtol=2e-5)
+    exact = a.double() @ b.double()
+    assert ((out.double() - exact).abs().max() / exact.abs().max()).item() > 5e-5
+
+
 @pytest.mark.parametrize("small", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norms(dtype, small):

@@ -220,7 +220,7 @@ def test_cuda_graphs_need_a_bool():
         Adapprox([torch.nn.Parameter(torch.zeros(4, 4))], cuda_graphs="yes")
 
 
-@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+@pytest.mark.parametrize("precision", ["tf32", "tf32_rn", "ieee"])
 def test_product_precision_reaches_the_products(monkeypatch, precision):
     """``product_precision`` is what the V products launch with; the step stays close to the
     default one (tf32 rounds the sketch products' inputs to 10-bit mantissas)."""

@@ -83,6 +83,16 @@ def round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def round_to_tf32(x):
+    """fp32 ``x`` rounded to tf32's 10 mantissa bits (nearest, ties to even), kept as fp32, so
+    that a tf32 tensor-core dot reads it exactly: on its own the hardware truncates fp32
+    operands, a bias of up to 2⁻¹⁰ with one sign over a tile of V ≥ 0. Inf and NaN pass."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0xFFF + ((bits >> 13) & 1)) >> 13) << 13
+    return tl.where(tl.abs(x) < float("inf"), bits.to(tl.float32, bitcast=True), x)
+
+
+@triton.jit
 def update_and_average(
     g, v, rows, cols, M, N, eps, clip, m_base, stride_mm, stride_mn, beta1, one_minus_beta1,
     HAS_MOMENTUM: tl.constexpr,

@@ -11,6 +11,9 @@ the grid would not fill the GPU) writes partial products that are summed afterwa
 result is deterministic. ``Vᵀ @ Y`` is the same kernel on the transposed view (``Vᵀ`` is
 ``β2·relu(U Qᵀ) + (1−β2)·(Gᵀ)²``). Limits: r columns beyond ``Blocks.r`` (64) re-read G once
 per extra r block; G must be fp32, bf16 or fp16; factors and thin matrices fp32.
+
+``precision``: the ``tl.dot`` input precision (``"tf32x3"``, ``"tf32"``, ``"ieee"``; None:
+``dot_precision``), or ``"tf32_rn"``: tf32 with both operands rounded to nearest first.
 """
 
 from typing import Sequence
@@ -20,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._launch import PRODUCT_BLOCKS, Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, reduction_split
-from ._tiles import load_tile, raw_update, v_tile
+from ._tiles import load_tile, raw_update, round_to_tf32, v_tile
 
 
 @triton.jit
@@ -34,7 +37,7 @@ def _v_matmul_kernel(
     stride_os, stride_ob, stride_om, stride_or,
     beta2, one_minus_beta2, eps,
     G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, WITH_NORMS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, WITH_NORMS: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -62,7 +65,10 @@ def _v_matmul_kernel(
             BLOCK_M, BLOCK_N, HAS_LOWRANK,
         )  # fmt: skip
         x = load_tile(x_base, cols, rs, stride_xn, stride_xr, N, R)
-        acc = tl.dot(v, x, acc, input_precision=PRECISION)
+        if ROUND_TF32:
+            acc = tl.dot(round_to_tf32(v), round_to_tf32(x), acc, input_precision="tf32")
+        else:
+            acc = tl.dot(v, x, acc, input_precision=PRECISION)
         if WITH_NORMS:
             v_sq += tl.sum(v * v, axis=1)
             upd = raw_update(g, v, rows, cols, M, N, eps)
@@ -108,6 +114,7 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
     split = triton.cdiv(n, n_per_split)  # no program left without columns
     out = torch.empty(split, batch, m, r, dtype=torch.float32, device=table.device)
     with_norms = eps is not None
+    precision = precision or dot_precision(table.device)
     norms = torch.empty(batch, 2, num_r * split * num_m, dtype=torch.float32, device=table.device) if with_norms else out
     _v_matmul_kernel[(num_m * num_r, split, batch)](
         table.base, table.offsets, pointer_arg(q, x), pointer_arg(u, x), x, out, norms,
@@ -115,7 +122,8 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
         sg_m, sg_n, *q.stride(), *u.stride(), *x.stride(), *out.stride(),
         float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
         G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION=precision or dot_precision(table.device),
+        HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION="tf32" if precision == "tf32_rn" else precision,
+        ROUND_TF32=precision == "tf32_rn",
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     product = out[0] if split == 1 else out.sum(dim=0)
