@@ -307,3 +307,50 @@ def test_package_imports_without_triton():
     env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+_HOPPER_PTX = """
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from adapprox_kernels.kernels.v_matmul import _v_matmul_kernel as fn
+
+out = {}
+for precision, round_tf32 in (("tf32x3", False), ("tf32", False), ("tf32", True)):
+    consts = dict(G_ALIGN=4, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, HAS_LOWRANK=True, WITH_NORMS=True,
+                  PRECISION=precision, ROUND_TF32=round_tf32)
+    sig = {}
+    for name in fn.arg_names:
+        if name.endswith("_ptr"):
+            sig[name] = "*i64" if name == "g_off_ptr" else "*fp32"
+        elif name in ("beta2", "one_minus_beta2", "eps"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr" if name in consts else "i32"
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    out[precision + ("_rn" if round_tf32 else "")] = dict(
+        rna=len(re.findall(r"cvt\\.rna\\.tf32", ptx)), wgmma=len(re.findall(r"wgmma[^\\n]*tf32", ptx))
+    )
+print(json.dumps(out))
+"""
+
+
+def test_product_kernel_compiles_for_hopper_and_tf32_truncates():
+    """The product kernel compiled for sm_90 (no GPU needed: triton's own ptxas), which the
+    interpreter cannot show: every precision compiles, and plain tf32 feeds the fp32 operands to
+    wgmma unconverted (the hardware then drops their low 13 bits), while tf32x3 rounds
+    (cvt.rna) and uses three times the wgmma. ``tf32_rn`` exists because of the former."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _HOPPER_PTX], capture_output=True, text=True, env=env, timeout=600)
+    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("no ptxas in this triton install")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ptx = json.loads(run.stdout.strip().splitlines()[-1])
+    assert ptx["tf32"]["rna"] == 0 and ptx["tf32_rn"]["rna"] == 0
+    assert ptx["tf32x3"]["rna"] > 0 and ptx["tf32x3"]["wgmma"] == 3 * ptx["tf32"]["wgmma"] > 0
+    assert ptx["tf32_rn"]["wgmma"] == ptx["tf32"]["wgmma"]
