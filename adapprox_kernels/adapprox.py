@@ -26,7 +26,7 @@ import torch
 
 from .backends import backend_names, resolve_backend
 from .cuda_graphs import CallGraphs
-from .distributed import RowShards, local, local_list
+from .distributed import RowShards, is_dtensor, local, local_list
 from .optim_base import NONFINITE_POLICIES, SketchOptimizer
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
@@ -115,6 +115,18 @@ class _Pending:
     redo: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
+@dataclass
+class _Started:
+    """A factored bucket after S-RSI, before its update. ``sums`` ``(B, 2)``: ``[‖V‖², Σ
+    (G/(√V+ε))²]`` per matrix from the first product's pass when the backend reduces them there
+    (else None); the second is NaN or inf exactly where a gradient holds NaN or inf.
+    ``finish()`` applies the update and queues the rank decisions."""
+
+    states: list[dict[str, Any]]
+    sums: torch.Tensor | None
+    finish: Callable[[], None]
+
+
 class Adapprox(SketchOptimizer):
     """Adam whose second moment is a low-rank factorization of adaptive rank.
 
@@ -147,7 +159,7 @@ class Adapprox(SketchOptimizer):
             ones) instead of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
             (the paper's algorithm).
-        cuda_graphs: replay a factored bucket's step (S-RSI and update) from a CUDA graph once
+        cuda_graphs: replay a factored bucket's step (S-RSI and update) from CUDA graphs once
             it has come up twice with the same ranks, hyperparameters (the learning rate and
             weight decay may change) and tensor addresses; the results are the same bits as
             without. Needs CUDA and the Triton backend; see ``docs/kernels.md``.
@@ -237,6 +249,9 @@ class Adapprox(SketchOptimizer):
     def _reset_step_caches(self) -> None:
         self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step
         self._graphs = CallGraphs()  # captured bucket steps (cuda_graphs=True)
+        # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
+        self._ahead: dict[tuple, _Started] = {}
+        self._ahead_undo: tuple[dict[str, Any], list[torch.Tensor]] | None = None
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -292,20 +307,66 @@ class Adapprox(SketchOptimizer):
         return group["exact_small_matrices"] and min(shape) <= group["k_max"] + group["oversample"]
 
     # ----------------------------------------------------------------------------------- step
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _buckets(self, params: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+        """Same-kind, same-shape parameters of a group: ``(factored, shape, dtype, device)`` ->
+        parameters (each bucket is one batched call)."""
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             factored = "Q" in self.state[p]
-            key = (factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device)
-            buckets[key].append(p)
-        for (factored, _, _, device), bucket in buckets.items():
-            backend = resolve_backend(group["backend"], device)
-            for p in bucket:
-                self.state[p]["step"] += 1
-            if factored:
-                self._factored_step(group, bucket, backend)
-            else:
-                self._dense_step(group, bucket, backend)
+            buckets[(factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device)].append(p)
+        return buckets
+
+    def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """S-RSI of the factored buckets whose first product also reduces the update's RMS
+        (Triton kernels, whole fp32 matrices), before the non-finite check: that sum is NaN or
+        inf exactly where a gradient holds NaN or inf, so the check needs no pass over G of its
+        own. The updates wait for the check; S-RSI changes nothing a user sees but the sketch
+        RNG, the step counts and new state, which :meth:`_discard_run_ahead` restores."""
+        self._ahead.clear()
+        new = [p for _, params in groups for p in params if not self.state[p]]
+        self._ahead_undo = (self._rng_state(), new)
+        known = []
+        for group, params in groups:
+            for p in params:
+                self._init_state(p, group)
+            for key, bucket in self._buckets(params).items():
+                factored, _, dtype, device = key
+                backend = resolve_backend(group["backend"], device)
+                if not factored or dtype == torch.float64 or getattr(backend, "name", None) != "triton":
+                    continue
+                if is_dtensor(bucket[0]):
+                    continue  # sharded buckets all-reduce their flags: the plain check
+                for p in bucket:
+                    self.state[p]["step"] += 1
+                started = self._factored_srsi(group, bucket, backend)
+                self._ahead[(id(group), key)] = started
+                known.append((bucket, started.sums[:, 1]))
+        return known
+
+    def _discard_run_ahead(self) -> None:
+        rng, new = self._ahead_undo
+        self._ahead_undo = None
+        for started in self._ahead.values():
+            for s in started.states:
+                s["step"] -= 1
+        for p in new:
+            del self.state[p]
+        self._ahead.clear()
+        self._restore_rng(rng)
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        for key, bucket in self._buckets(params).items():
+            factored, _, _, device = key
+            started = self._ahead.pop((id(group), key), None)
+            if started is None:
+                backend = resolve_backend(group["backend"], device)
+                for p in bucket:
+                    self.state[p]["step"] += 1
+                if not factored:
+                    self._dense_step(group, bucket, backend)
+                    continue
+                started = self._factored_srsi(group, bucket, backend)
+            started.finish()
 
     def _step_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1 = group["betas"][0]
@@ -342,9 +403,10 @@ class Adapprox(SketchOptimizer):
         exp_avgs = local_list([s["exp_avg"] for s in states]) if kw["beta1"] > 0 else None
         apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce)
 
-    def _factored_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
-        """S-RSI for every same-shaped matrix of the bucket at once, then the update. The rank
-        decisions and the new factors wait in ``self._pending`` for :meth:`_end_step`."""
+    def _factored_srsi(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> _Started:
+        """S-RSI for every same-shaped matrix of the bucket at once; the update follows in
+        ``finish()``, and the rank decisions and new factors wait in ``self._pending`` for
+        :meth:`_end_step`."""
         states = [self.state[p] for p in bucket]
         m, n = matrix_shape(bucket[0])
         beta1, beta2, _ = group["betas"]
@@ -375,44 +437,73 @@ class Adapprox(SketchOptimizer):
         used_mask = column_mask(tuple(used), width, q_prev.device)
         prev_mask = column_mask(tuple(prev_cols), width, q_prev.device)
 
+        def second_moment(q_prev: torch.Tensor, u_prev: torch.Tensor):
+            return backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"], **precision)
+
         def start(u_prev: torch.Tensor, sketch: torch.Tensor, prev_mask: torch.Tensor) -> torch.Tensor:
             return _warm_sketch(u_prev, sketch, prev_mask) if warm else sketch
 
-        def srsi_and_update(q_prev, u_prev, sketch, used_mask, prev_mask, lr_decay=None):
-            """``(q, u, ξ or None, failure flags or None)``; updates W (and M) in place."""
-            op = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"], **precision)
+        def srsi(q_prev, u_prev, sketch, prev_mask):
+            """``(operator for V_t, q, u, failure flags or None)``."""
+            op = second_moment(q_prev, u_prev)
             failures: list[torch.Tensor] = []
-            orth = _deferred_orthonormalize(backend, failures)
-            q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, orth)
-            # The update needs only V_t, so it runs before the rank decision; a fused backend
-            # also returns ξ's numerator from that pass over G.
+            q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, _deferred_orthonormalize(backend, failures))
+            return op, q, u, torch.stack(failures).any(dim=0) if failures else None
+
+        def update(op, q, u, used_mask, lr_decay=None):
+            """Updates W (and M) in place; ξ ``(B,)`` or None. It needs only V_t, so it runs
+            before the rank decision; a fused backend also returns ξ's numerator from its pass."""
             factors = (q * used_mask.to(q.dtype), u * used_mask.to(u.dtype)) if measure else None
             kw = self._step_kwargs(group) | ({} if lr_decay is None else {"lr_decay": lr_decay})
             resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
-            xi = ratio_from_sq_norms(op.sq_norm(), resid) if measure else None
-            return q, u, xi, torch.stack(failures).any(dim=0) if failures else None
+            return ratio_from_sq_norms(op.sq_norm(), resid) if measure else None
 
-        inputs = (q_prev, u_prev, sketch, used_mask, prev_mask)
         if self._graphable(group, backend, q_prev, shards):
+            # Two graphs, S-RSI and the update, since the non-finite check may come in between.
             # Everything but the inputs and α is read or written where the key says it is.
-            addresses = tuple((t.data_ptr(), t.dtype, t.stride()) for t in [*grads, *params, *(exp_avgs or [])])
-            key = (m, n, warm, iters, measure, self._baked_hyperparameters(group), addresses)
-            lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
-            q, u, xi, failed = self._graphs.run(key, srsi_and_update, (*inputs, lr_decay))
+            def addresses(tensors):
+                return tuple((t.data_ptr(), t.dtype, t.stride()) for t in tensors)
+
+            def srsi_graph(q_prev, u_prev, sketch, prev_mask):
+                op, q, u, failed = srsi(q_prev, u_prev, sketch, prev_mask)
+                return q, u, op.first_pass_sums, failed
+
+            def update_graph(q_prev, u_prev, sums, q, u, used_mask, lr_decay):
+                op = second_moment(q_prev, u_prev)
+                op.first_pass_sums = sums
+                return (update(op, q, u, used_mask, lr_decay),)
+
+            baked = self._baked_hyperparameters(group)
+            key = ("srsi", m, n, warm, iters, baked, addresses(grads))
+            q, u, sums, failed = self._graphs.run(key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
+
+            def run_update():
+                key = ("update", m, n, measure, baked, addresses([*grads, *params, *(exp_avgs or [])]))
+                lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
+                return self._graphs.run(key, update_graph, (q_prev, u_prev, sums, q, u, used_mask, lr_decay))[0]
+
         else:
-            q, u, xi, failed = srsi_and_update(*inputs)
+            op, q, u, failed = srsi(q_prev, u_prev, sketch, prev_mask)
+            sums = getattr(op, "first_pass_sums", None)
+
+            def run_update():
+                return update(op, q, u, used_mask)
 
         def redo() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             """S-RSI again with the checked orthonormalizer (V_t is unchanged by the update)."""
-            again = backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"], **precision)
+            again = second_moment(q_prev, u_prev)
             q2, u2 = subspace_iteration(again, start(u_prev, sketch, prev_mask), iters, backend.orthonormalize)
             if not measure:
                 return q2, u2, None
             resid2 = again.residual_sq_norm(truncate_columns(q2, used), truncate_columns(u2, used))
             return q2, u2, ratio_from_sq_norms(again.sq_norm(), resid2)
 
-        cap = min(group["k_max"], m, n)
-        self._pending.append(_Pending(group, states, shards, cap, q, u, used, xi, failed, redo))
+        def finish() -> None:
+            xi = run_update()
+            cap = min(group["k_max"], m, n)
+            self._pending.append(_Pending(group, states, shards, cap, q, u, used, xi, failed, redo))
+
+        return _Started(states, sums, finish)
 
     def _end_step(self) -> None:
         """Rank decisions and new factors of every bucket of the step, after one host sync per
@@ -470,8 +561,9 @@ class Adapprox(SketchOptimizer):
     # -------------------------------------------------------------------------- observability
     @property
     def cuda_graph_counts(self) -> dict[str, int]:
-        """Factored bucket steps so far that ran ``eager``, were ``captured`` or ``replayed``
-        from a CUDA graph, and captures that ``failed`` (empty without ``cuda_graphs``)."""
+        """Graphable calls so far (two per factored bucket step: S-RSI, then the update) that
+        ran ``eager``, were ``captured`` or ``replayed`` from a CUDA graph, and captures that
+        ``failed`` (empty without ``cuda_graphs``)."""
         return dict(self._graphs.counts)
 
     def state_report(self) -> StateReport:

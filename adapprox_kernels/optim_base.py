@@ -10,8 +10,10 @@
   parameter and count it in ``state["nonfinite_skips"]``), checked for all groups at once with
   one host sync per device;
 * ``step(closure)`` under ``torch.no_grad()``, which calls the subclass's
-  ``_init_state(p, group)`` (lazy state), ``_step_group(group, params)`` (the update) for
-  every group and then ``_end_step()`` (work that waits for one host sync per step).
+  ``_run_ahead(groups)`` (work that may start before the non-finite check because it yields
+  the check as a by-product; ``_discard_run_ahead()`` undoes it), ``_init_state(p, group)``
+  (lazy state), ``_step_group(group, params)`` (the update) for every group and then
+  ``_end_step()`` (work that waits for one host sync per step).
 """
 
 from __future__ import annotations
@@ -114,6 +116,17 @@ class SketchOptimizer(Optimizer):
     def _end_step(self) -> None:
         """Called once after every group's ``_step_group``; nothing by default."""
 
+    def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Work started before the non-finite check because it also answers it: ``(params,
+        values)`` pairs, ``values`` ``(len(params),)`` on the device and non-finite exactly where
+        a parameter's gradient holds inf or NaN; those gradients are not read again for the
+        check. Nothing a user sees may change until the check passes: a failed check calls
+        :meth:`_discard_run_ahead`. Nothing by default."""
+        return []
+
+    def _discard_run_ahead(self) -> None:
+        """Undoes :meth:`_run_ahead` (some gradient was not finite)."""
+
     def _grads_to_update(self, group: dict[str, Any]) -> list[torch.Tensor]:
         name = type(self).__name__
         params = []
@@ -127,24 +140,37 @@ class SketchOptimizer(Optimizer):
             params.append(p)
         return params
 
-    def _nonfinite(self, params: list[torch.Tensor]) -> list[bool]:
-        """One flag per parameter: does its gradient hold inf or NaN? (one host sync)."""
+    def _nonfinite(
+        self, params: list[torch.Tensor], known: list[tuple[list[torch.Tensor], torch.Tensor]] = ()
+    ) -> list[bool]:
+        """One flag per parameter: does its gradient hold inf or NaN? ``known``: the
+        ``(params, values)`` pairs of :meth:`_run_ahead`. One host sync per device."""
         if not params:
             return []
+        position = {id(p): i for i, p in enumerate(params)}
+        # device -> [(parameter indices, values)]: a non-finite value marks a bad gradient.
+        checks: dict[torch.device, list[tuple[list[int], torch.Tensor]]] = defaultdict(list)
+        for ps, values in known:
+            checks[values.device].append(([position[id(p)] for p in ps], values))
+        covered = {i for parts in checks.values() for idxs, _ in parts for i in idxs}
         by_device: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
+            if i not in covered:
+                by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
         flags = [False] * len(params)
-        for idxs in by_device.values():
-            if is_dtensor(params[idxs[0]].grad):  # FSDP2: each rank checks its rows, one all-reduce
-                for i, b in zip(idxs, nonfinite_flags([params[i].grad for i in idxs])):
+        for (device, _), idxs in by_device.items():
+            grads = [params[i].grad for i in idxs]
+            if is_dtensor(grads[0]):  # FSDP2: each rank checks its rows, one all-reduce
+                for i, b in zip(idxs, nonfinite_flags(grads)):
                     flags[i] = b
                 continue
             # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
             # can overflow); NaN propagates through it.
-            norms = torch._foreach_norm([params[i].grad for i in idxs], float("inf"))
-            bad = (~torch.isfinite(torch.stack([n.float() for n in norms]))).tolist()
-            for i, b in zip(idxs, bad):
+            norms = torch._foreach_norm(grads, float("inf"))
+            checks[device].append((idxs, torch.stack([n.float() for n in norms])))
+        for parts in checks.values():
+            bad = (~torch.isfinite(torch.cat([values.float() for _, values in parts]))).tolist()
+            for i, b in zip((i for idxs, _ in parts for i in idxs), bad):
                 flags[i] = b
         return flags
 
@@ -164,8 +190,12 @@ class SketchOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = [(group, self._grads_to_update(group)) for group in self.param_groups]
+        known = self._run_ahead(groups)
         # Every group's flags from one host sync per device (not one per group).
-        all_flags = iter(self._nonfinite([p for _, params in groups for p in params]))
+        all_flags = self._nonfinite([p for _, params in groups for p in params], known)
+        if any(all_flags):
+            self._discard_run_ahead()  # rare: the step starts over, without the bad gradients
+        all_flags = iter(all_flags)
         work = []
         for group, params in groups:
             flags = [next(all_flags) for _ in params]

@@ -178,7 +178,9 @@ class TritonSecondMoment:
 
     ``grads``: ``B`` tensors ``(m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)`` fp32 previous
     factors (zero-padded to a common ``K``). The first :meth:`matmul` also reduces ``‖V‖²``
-    and ``Σ (G/(√V+ε))²``, which :meth:`sq_norm` and the update's RMS reuse.
+    and ``Σ (G/(√V+ε))²`` into ``first_pass_sums`` ``(B, 2)``, which :meth:`sq_norm` and the
+    update's RMS reuse (a caller that already has them, from an earlier operator on the same
+    V, may set them instead: a CUDA-graphed update does).
 
     ``precision`` is the tensor-core precision of the products' dots (None: the device default,
     see ``kernels._launch.dot_precision``); ``range_precision``, when given, replaces it in the
@@ -205,7 +207,7 @@ class TritonSecondMoment:
         self.table = _kernel("_launch").MatrixTable(self.grads, "grads") if self._eager else None
         self.q, self.u = q, u
         self.beta2, self.eps = float(beta2), float(eps)
-        self._sums: Optional[torch.Tensor] = None  # (B, 2): ‖V‖², Σ Upd² (unclipped)
+        self.first_pass_sums: Optional[torch.Tensor] = None  # (B, 2): ‖V‖², Σ Upd² (unclipped)
         self.g_passes = 0
 
     def _product_passes(self, r: int) -> int:
@@ -227,7 +229,7 @@ class TritonSecondMoment:
         return self.q.device
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        first = self._sums is None
+        first = self.first_pass_sums is None
         if self._eager:
             y, sums = _kernel("v_matmul").v_matmul(
                 self.table, self.q, self.u, x, self.beta2, eps=self.eps if first else None,
@@ -237,7 +239,7 @@ class TritonSecondMoment:
             y, sums = torch.ops.adapprox_kernels.v_matmul(self.grads, self.q, self.u, x, self.beta2, self.eps, first)
         self.g_passes += self._product_passes(x.shape[-1])
         if first:
-            self._sums = sums
+            self.first_pass_sums = sums
         return y
 
     def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
@@ -259,21 +261,21 @@ class TritonSecondMoment:
         else:
             sums = torch.ops.adapprox_kernels.v_norms(self.grads, self.q, self.u, q_new, u_new, self.beta2, self.eps)
         self.g_passes += 1
-        if self._sums is None:
-            self._sums = sums[:, [0, 2]]
+        if self.first_pass_sums is None:
+            self.first_pass_sums = sums[:, [0, 2]]
         return sums
 
     def sq_norm(self) -> torch.Tensor:
         """``‖V‖_F²`` ``(B,)``, from the first product's pass when there was one."""
-        if self._sums is None:
+        if self.first_pass_sums is None:
             self._norms()
-        return self._sums[:, 0]
+        return self.first_pass_sums[:, 0]
 
     def update_sq_norm(self) -> torch.Tensor:
         """``Σ (G/(√V+ε))²`` ``(B,)`` before clipping (the RMS numerator)."""
-        if self._sums is None:
+        if self.first_pass_sums is None:
             self._norms()
-        return self._sums[:, 1]
+        return self.first_pass_sums[:, 1]
 
     def residual_sq_norm(self, q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``‖V − q uᵀ‖_F²`` ``(B,)`` as a pass of its own (the optimizer fuses it into the update)."""

@@ -73,6 +73,11 @@ def test_triton_matches_reference(name):
     ranks = {ref_opt.state[ref_params[i]]["Q"].shape[1] for i in (0, 1)}
     if name == "fp32-cold":
         assert len(ranks) == 2, "the batched pair should end at different ranks"
+    _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype)
+
+
+def _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype):
+    """Parameters and every state entry of the two optimizers agree (TOL for the dtype)."""
     for i, (rp, tp) in enumerate(zip(ref_params, tri_params)):
         assert tp.dtype == dtype
         torch.testing.assert_close(tp.float(), rp.float(), rtol=TOL[dtype], atol=1e-5, msg=f"param {i}")
@@ -126,6 +131,81 @@ def test_passes_over_g_per_step(monkeypatch, options, passes):
     assert ops[-1].g_passes == passes
 
 
+def test_nonfinite_check_rides_on_the_first_product(monkeypatch):
+    """The factored matrices' gradients are checked by the RMS sum that S-RSI's first product
+    reduces anyway, not by a pass of their own: only the dense ones reach torch._foreach_norm."""
+    params = _params(torch.float32)
+    opt = Adapprox(params, backend="triton", seed=3, **BASE)
+    checked = []
+    foreach_norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a: checked.extend(t.shape for t in ts) or foreach_norm(ts, *a))
+    for p, g in zip(params, _grads(0, torch.float32)):
+        p.grad = g
+    opt.step()
+    assert sorted(checked) == sorted(p.shape for p in params if "Q" not in opt.state[p])
+    assert len(checked) == 2  # the folded 2×5×9 and the vector
+
+
+def _run_with_bad_gradient(backend, policy, bad, steps=3, bad_step=1):
+    """``steps`` steps of ``_grads``; at ``bad_step`` gradient ``bad[0]`` gets ``bad[1]`` at
+    one entry. With ``"raise"`` that step raises and is taken again with clean gradients."""
+    params = _params(torch.float32)
+    opt = Adapprox(params, backend=backend, seed=3, nonfinite=policy, **BASE)
+    for step in range(steps):
+        grads = _grads(step, torch.float32)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        if step == bad_step:
+            index, value = bad
+            params[index].grad.view(-1)[3] = value
+            if policy == "raise":
+                with pytest.raises(FloatingPointError, match=rf"\[{index}\]"):
+                    opt.step()
+                for p, g in zip(params, grads):
+                    p.grad = g
+        opt.step()
+    return params, opt
+
+
+# A matrix batched with another, a lone factored matrix, a dense (too small) one, a vector.
+BAD = [(0, float("nan")), (2, float("inf")), (3, float("-inf")), (4, float("nan"))]
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_nonfinite_raise_on_triton_changes_nothing(bad):
+    """S-RSI ran before the check found the bad gradient; the raised step leaves parameters,
+    state and the sketch RNG as they were, so the run goes on bit for bit as if it never came."""
+    clean_params, clean_opt = _run_with_bad_gradient("triton", "raise", bad, bad_step=-1)
+    params, opt = _run_with_bad_gradient("triton", "raise", bad)
+    for i, (cp, p) in enumerate(zip(clean_params, params)):
+        assert torch.equal(cp, p), f"param {i}"
+        for key, want in clean_opt.state[cp].items():
+            got = opt.state[p][key]
+            assert torch.equal(got, want) if torch.is_tensor(want) else got == want or want != want, (i, key)
+
+
+def test_nonfinite_raise_on_the_first_triton_step_creates_no_state():
+    params = _params(torch.float32)
+    opt = Adapprox(params, backend="triton", seed=3, **BASE)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, _grads(0, torch.float32)):
+        p.grad = g
+    params[1].grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"\[1\]"):
+        opt.step()
+    assert not opt.state and all(torch.equal(a, p) for a, p in zip(before, params))
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_nonfinite_skip_on_triton_matches_reference(bad):
+    """'skip' steps every other parameter (the bad one's batch mate too) as the reference does."""
+    ref_params, ref_opt = _run_with_bad_gradient("reference", "skip", bad)
+    tri_params, tri_opt = _run_with_bad_gradient("triton", "skip", bad)
+    assert tri_opt.state[tri_params[bad[0]]]["nonfinite_skips"] == 1
+    assert tri_opt.state[tri_params[bad[0]]]["step"] == 2
+    _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("graphs", [False, True])
@@ -162,11 +242,13 @@ def test_two_host_syncs_per_step_on_cuda(warm, graphs):
     assert opt.cuda_graph_counts.get("replayed", 0) > 0 if graphs else not opt.cuda_graph_counts
 
 
-def _graph_run(dtype, options, graphs, steps, fixed_grads):
+def _graph_run(dtype, options, graphs, steps, fixed_grads, graphs_stand_in=None):
     """``steps`` steps with a new learning rate each; gradients copied into the same tensors
     from the second step on when ``fixed_grads`` (the addresses a graph needs), new ones else."""
     params = _params(dtype)
     opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs, **options)
+    if graphs_stand_in is not None:
+        opt._graphs = graphs_stand_in
     for step in range(steps):
         opt.param_groups[0]["lr"] = options["lr"] / (1 + step)
         for p, g in zip(params, _grads(step, dtype)):
@@ -264,3 +346,37 @@ def test_tf32_range_keeps_the_last_product_at_the_default(monkeypatch):
     assert seen == one_srsi * 2 * 2  # two factored shapes, two steps
     for d, p in zip(default, params):
         torch.testing.assert_close(p, d, rtol=1e-2, atol=1e-3)
+
+
+class _CallsThrough:
+    """Stands in for CallGraphs where there is no GPU: runs each graphable call on copies of its
+    inputs (a captured graph reads its own buffers) and keeps the keys it was given."""
+
+    def __init__(self):
+        self.keys = []
+        self.counts = {}
+
+    def run(self, key, fn, inputs):
+        self.keys.append(hash(key))
+        return fn(*[t.clone() for t in inputs])
+
+    def next_step(self):
+        pass
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_graphed_calls_give_the_eager_bits(monkeypatch, name):
+    """The two calls a CUDA graph captures (S-RSI; the update, which gets the first pass's sums
+    as an input instead of reading G again) compute what the eager step does, on any device."""
+    dtype, extra = CONFIGS[name]
+    options = {**BASE, **extra}
+    eager_params, eager_opt = _graph_run(dtype, options, False, 5, fixed_grads=True)
+    monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
+    calls = _CallsThrough()
+    graph_params, graph_opt = _graph_run(dtype, options, True, 5, fixed_grads=True, graphs_stand_in=calls)
+    assert len(calls.keys) == 2 * 5 * 2  # S-RSI and update of 2 factored buckets, 5 steps
+    for i, (ep, gp) in enumerate(zip(eager_params, graph_params)):
+        assert torch.equal(ep, gp), f"param {i}"
+        for key, want in eager_opt.state[ep].items():
+            got = graph_opt.state[gp][key]
+            assert torch.equal(got, want) if torch.is_tensor(want) else got == want or want != want, (i, key)
