@@ -476,11 +476,12 @@ class Adapprox(SketchOptimizer):
             baked = self._baked_hyperparameters(group)
             key = ("srsi", m, n, warm, iters, baked, addresses(grads))
             q, u, sums, failed = self._graphs.run(key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
+            # The update's host work is done here, before the non-finite check's sync.
+            update_key = ("update", m, n, measure, baked, addresses([*grads, *params, *(exp_avgs or [])]))
+            lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
 
             def run_update():
-                key = ("update", m, n, measure, baked, addresses([*grads, *params, *(exp_avgs or [])]))
-                lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
-                return self._graphs.run(key, update_graph, (q_prev, u_prev, sums, q, u, used_mask, lr_decay))[0]
+                return self._graphs.run(update_key, update_graph, (q_prev, u_prev, sums, q, u, used_mask, lr_decay))[0]
 
         else:
             op, q, u, failed = srsi(q_prev, u_prev, sketch, prev_mask)
