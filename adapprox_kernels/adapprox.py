@@ -546,7 +546,6 @@ class Adapprox(SketchOptimizer):
         by_keep: dict[int, list[int]] = defaultdict(list)
         for b, k in enumerate(keeps):
             by_keep[k].append(b)
-        q_all, u_all = rec.q.unbind(0), rec.u.unbind(0)
         for k, idx in by_keep.items():
             if len(idx) == len(states):  # the usual case, one rank for all: one narrowing copy
                 # (a copy even when k is the whole width: rec.q may view a larger buffer)
@@ -554,8 +553,8 @@ class Adapprox(SketchOptimizer):
                 qs = rec.q[:, :, :k].clone(memory_format=fmt).unbind(0)
                 us = rec.u[:, :, :k].clone(memory_format=fmt).unbind(0)
             else:  # stack, not rec.q[idx]: a list index is copied to the device, which waits
-                qs = torch.stack([q_all[b][:, :k] for b in idx]).unbind(0)
-                us = torch.stack([u_all[b][:, :k] for b in idx]).unbind(0)
+                qs = torch.stack([rec.q[b, :, :k] for b in idx]).unbind(0)
+                us = torch.stack([rec.u[b, :, :k] for b in idx]).unbind(0)
             for b, qb, ub in zip(idx, qs, us):
                 states[b]["Q"], states[b]["U"] = qb, ub
 

@@ -167,7 +167,9 @@ class SketchOptimizer(Optimizer):
             # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
             # can overflow); NaN propagates through it.
             norms = torch._foreach_norm(grads, float("inf"))
-            checks[device].append((idxs, torch.stack([n.float() for n in norms])))
+            if any(n.dtype != norms[0].dtype for n in norms):  # mixed dtypes: rare
+                norms = [n.float() for n in norms]
+            checks[device].append((idxs, torch.stack(norms)))
         for parts in checks.values():
             bad = (~torch.isfinite(torch.cat([values.float() for _, values in parts]))).tolist()
             for i, b in zip((i for idxs, _ in parts for i in idxs), bad):

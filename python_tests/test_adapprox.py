@@ -251,6 +251,17 @@ def test_nonfinite_check_covers_all_groups_at_once(monkeypatch):
     assert opt.state[a]["step"] == 1
 
 
+def test_nonfinite_check_with_mixed_gradient_dtypes():
+    """fp32, bf16 and fp16 gradients checked together (their norms differ in dtype)."""
+    params = [torch.nn.Parameter(torch.randn(6, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    opt = Adapprox(params, nonfinite="skip", seed=0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[1].grad[2] = float("nan")
+    opt.step()
+    assert [opt.state[p]["nonfinite_skips"] for p in params] == [0, 1, 0]
+
+
 def test_large_finite_fp16_gradient_is_not_flagged():
     w = torch.nn.Parameter(torch.zeros(8, 10, dtype=torch.float16))
     opt = Adapprox([w], k_max=2, seed=0)
