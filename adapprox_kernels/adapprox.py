@@ -248,7 +248,8 @@ class Adapprox(SketchOptimizer):
 
     def _reset_step_caches(self) -> None:
         self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step
-        self._graphs = CallGraphs()  # captured bucket steps (cuda_graphs=True)
+        # Captured bucket steps (cuda_graphs=True): two graphs each (S-RSI, update), 32 bucket steps.
+        self._graphs = CallGraphs(capacity=64)
         # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
         self._ahead: dict[tuple, _Started] = {}
         self._ahead_undo: tuple[dict[str, Any], list[torch.Tensor]] | None = None
