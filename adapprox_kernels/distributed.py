@@ -228,16 +228,25 @@ class RowShards:
         return DTensor.from_local(t, self.mesh, [Replicate()])
 
     # ---- the backend interface on row shards
+    @property
+    def name(self) -> str:
+        """The local backend's name (the optimizer asks it whether products have a precision)."""
+        return self.local_backend.name
+
     def second_moment(
-        self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, *, eps: float | None = None
-    ):
+        self, grads: Sequence[torch.Tensor], q: torch.Tensor, u: torch.Tensor, beta2: float, *,
+        eps: float | None = None, precision: str | None = None,
+    ):  # fmt: skip
         """``V_t`` of a bucket from this rank's rows: ``grads`` ``B × (m_local, n)``, ``q: (B,
         m_local, K)``, ``u: (B, n, K)`` replicated. The local rows are the local backend's
-        operator (the reference one on a rank without rows: kernels take no empty tensors)."""
+        operator (the reference one on a rank without rows: kernels take no empty tensors);
+        ``precision`` is the Triton products' (``Adapprox(product_precision=…)``)."""
         from .backends import ReferenceBackend
 
-        backend = self.local_backend if grads[0].shape[0] > 0 else ReferenceBackend
-        return RowShardedOperator(backend.second_moment(grads, q, u, beta2, eps=eps), self)
+        if grads[0].shape[0] == 0:
+            return RowShardedOperator(ReferenceBackend.second_moment(grads, q, u, beta2, eps=eps), self)
+        kw = {"precision": precision} if precision is not None else {}
+        return RowShardedOperator(self.local_backend.second_moment(grads, q, u, beta2, eps=eps, **kw), self)
 
     def orthonormalize(self, y: torch.Tensor) -> torch.Tensor:
         """Orthonormal basis of a row-sharded ``y`` (this rank's rows ``(B, m_local, r)``): the
@@ -324,6 +333,10 @@ class RowShardedOperator:
 
     def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
         return self.shards.all_reduce(self.local.rmatmul(y))
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """S-RSI's last ``Vᵀ y``, at the local operator's ``project`` precision where it has one."""
+        return self.shards.all_reduce(getattr(self.local, "project", self.local.rmatmul)(y))
 
     def sq_norm(self) -> torch.Tensor:
         return self.shards.all_reduce(self.local.sq_norm())

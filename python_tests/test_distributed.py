@@ -50,7 +50,7 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 13), nn.Tanh(), nn.Linear(13, 1))
 
 
-def _optimizer(model: nn.Module, seed: int | None = SEED, backend: str = "auto") -> Adapprox:
+def _optimizer(model: nn.Module, seed: int | None = SEED, backend: str = "auto", **options) -> Adapprox:
     """Two groups covering both rank policies, momentum with cosine guidance, warm starts, and
     a factored 1×13 matrix (exact_small_matrices=False)."""
     named = dict(model.named_parameters())
@@ -63,7 +63,7 @@ def _optimizer(model: nn.Module, seed: int | None = SEED, backend: str = "auto")
              "rank_interval": 2},
         ],
         lr=1e-2, betas=(0.9, 0.999, 0.5), k_init=2, k_max=5, oversample=2, power_iters=3,
-        exact_small_matrices=False, xi_thresh=0.01, seed=seed, backend=backend,
+        exact_small_matrices=False, xi_thresh=0.01, seed=seed, backend=backend, **options,
     )  # fmt: skip
 
 
@@ -168,7 +168,7 @@ def _spawn(fn, world: int, *args) -> None:
     mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
 
 
-def _fsdp(world: int, backend: str = "auto") -> tuple[nn.Module, Adapprox]:
+def _fsdp(world: int, backend: str = "auto", **options) -> tuple[nn.Module, Adapprox]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -178,16 +178,16 @@ def _fsdp(world: int, backend: str = "auto") -> tuple[nn.Module, Adapprox]:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return model, _optimizer(model, backend=backend)
+    return model, _optimizer(model, backend=backend, **options)
 
 
-def _fsdp_job(rank, world, out, first, last, save_at=None, load=None, backend="auto") -> None:
+def _fsdp_job(rank, world, out, first, last, save_at=None, load=None, backend="auto", **options) -> None:
     """FSDP2 training of steps ``first..last-1`` (after loading checkpoint ``load``); saves a
     checkpoint after step ``save_at``; rank 0 writes the snapshot and collective logs to ``out``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    model, opt = _fsdp(world, backend)
+    model, opt = _fsdp(world, backend, **options)
     if load is not None:
         sd = {"model": get_model_state_dict(model)}
         dcp.load(sd, checkpoint_id=load)
@@ -297,23 +297,35 @@ def _ddp_job(rank, world, out) -> None:
 
 
 def _triton_shards_job(rank, world, out) -> None:
-    """FSDP2 with the Triton backend on each rank's rows (the interpreter on CPU); counts the
-    sharded steps that ran the fused update kernels."""
-    from adapprox_kernels.triton_backend import TritonBackend
+    """FSDP2 with the Triton backend on each rank's rows (the interpreter on CPU), with
+    ``product_precision="tf32_range"`` (exact fp32 under the interpreter); counts the sharded
+    steps that ran the fused update kernels, and records the precisions the operators got and
+    how many last products went through ``project``."""
+    from adapprox_kernels.triton_backend import TritonBackend, TritonSecondMoment
 
-    fused = []
-    real = TritonBackend.apply_step
+    fused, precisions, projected = [], set(), []
+    real_apply, real_build, real_project = TritonBackend.apply_step, TritonBackend.second_moment, TritonSecondMoment.project
 
     def counting(op, *args, reduce=None, **kwargs):
         fused.append(reduce is not None)
-        return real(op, *args, reduce=reduce, **kwargs)
+        return real_apply(op, *args, reduce=reduce, **kwargs)
 
-    TritonBackend.apply_step = staticmethod(counting)
+    def building(*args, precision=None, **kwargs):
+        precisions.add(precision)
+        return real_build(*args, precision=precision, **kwargs)
+
+    def projecting(self, y):
+        projected.append(y.shape)
+        return real_project(self, y)
+
+    TritonBackend.apply_step, TritonBackend.second_moment = staticmethod(counting), staticmethod(building)
+    TritonSecondMoment.project = projecting
     try:
-        _fsdp_job(rank, world, out, 0, STEPS, backend="triton")
+        _fsdp_job(rank, world, out, 0, STEPS, backend="triton", product_precision="tf32_range")
     finally:
-        TritonBackend.apply_step = staticmethod(real)
-    torch.save(sum(fused), f"{out}.fused.{rank}")
+        TritonBackend.apply_step, TritonBackend.second_moment = staticmethod(real_apply), staticmethod(real_build)
+        TritonSecondMoment.project = real_project
+    torch.save({"fused": sum(fused), "precisions": precisions, "projected": len(projected)}, f"{out}.fused.{rank}")
 
 
 def _init_group(rank: int, world: int, port: int) -> None:
@@ -385,9 +397,12 @@ def test_fsdp2_triton_on_row_shards_matches_single_process(two_ranks, reference_
         pytest.skip("the Triton kernels cannot run on CPU tensors here (a GPU machine: no interpreter)")
     got = torch.load(two_ranks / "fsdp_triton.pt", weights_only=False)
     _assert_same_run(got["snapshot"], reference_run)
-    fused = _per_rank(two_ranks / "fsdp_triton.pt.fused")
+    counts = _per_rank(two_ranks / "fsdp_triton.pt.fused")
     # Per step: three factored matrices on rank 0, two on rank 1 (no rows of the head).
-    assert fused == [3 * STEPS, 2 * STEPS], fused
+    assert [c["fused"] for c in counts] == [3 * STEPS, 2 * STEPS], counts
+    # product_precision reaches the kernels on the rows, and S-RSI's last product is `project`.
+    assert all(c["precisions"] == {"tf32_range"} for c in counts), counts
+    assert [c["projected"] for c in counts] == [3 * STEPS, 2 * STEPS], counts
 
 
 def test_sharded_operator_matches_dense(two_ranks):
