@@ -274,6 +274,11 @@ class AdaMeM(SketchOptimizer):
             bias_correction=bias_correction, clip_threshold=clip_threshold, nonfinite=nonfinite,
         )  # fmt: skip
         super().__init__(params, defaults, seed)
+        self._reset_step_caches()
+
+    def _reset_step_caches(self) -> None:
+        # ξ of the buckets that refreshed their projection this step, read once in _end_step.
+        self._xi_pending: list[tuple[list[dict[str, Any]], torch.Tensor]] = []
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -354,8 +359,7 @@ class AdaMeM(SketchOptimizer):
             if group["momentum_transfer"] == "rotate":
                 rotate_momentum(proj, p_new, exp_avg, row_sq)
             proj = p_new
-            for s, xi in zip(states, error_ratio(DenseOperator(g), proj, (proj.mT @ g).mT).tolist()):
-                s["xi"] = xi
+            self._xi_pending.append((states, error_ratio(DenseOperator(g), proj, (proj.mT @ g).mT)))
 
         beta1, beta2 = group["betas"]
         low, resid = adamem_directions(
@@ -368,6 +372,18 @@ class AdaMeM(SketchOptimizer):
                 s[k].copy_(full[b])
         upd = low.add_(resid, alpha=group["residual_scale"])
         self._apply(group, bucket, upd.mT if transposed else upd)
+
+    def _end_step(self) -> None:
+        """Every ξ of the step from one host read per device (not one per bucket)."""
+        pending, self._xi_pending = self._xi_pending, []
+        by_device: dict[torch.device, list[tuple[list[dict[str, Any]], torch.Tensor]]] = defaultdict(list)
+        for states, xi in pending:
+            by_device[xi.device].append((states, xi))
+        for parts in by_device.values():
+            values = iter(torch.cat([xi.double() for _, xi in parts]).tolist())
+            for states, _ in parts:
+                for s in states:
+                    s["xi"] = next(values)
 
     # -------------------------------------------------------------------------- observability
     def state_report(self) -> StateReport:

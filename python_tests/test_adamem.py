@@ -420,3 +420,21 @@ def test_cuda_matches_cpu():
         outs.append([p.detach().cpu() for p in params])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_one_host_read_of_xi_per_step(monkeypatch):
+    """The ξ of every bucket that refreshed its projection reaches the host in one read per
+    step, not one per bucket; each parameter gets its own."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in [(12, 20), (12, 20), (30, 16), (7,)]]
+    opt = AdaMeM(params, rank=2, seed=0)
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real(t))
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    # one for the non-finite check (4 gradients), one for the ξ of both matrix buckets (2 + 1)
+    assert reads == [torch.Size([4]), torch.Size([3])]
+    xis = [opt.state[p]["xi"] for p in params[:3]]
+    assert all(0 < xi < 1 for xi in xis) and len(set(xis)) == 3
