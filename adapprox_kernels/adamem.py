@@ -29,7 +29,7 @@ import torch
 
 from .adapprox import matrix_shape
 from .linear_operator import DenseOperator
-from .optim_base import NONFINITE_POLICIES, SketchOptimizer, check
+from .optim_base import NONFINITE_POLICIES, SketchOptimizer, check, to_host
 from .reference import apply_updates, clipped_update
 from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration
 from .state_report import StateReport, report_rows
@@ -376,14 +376,9 @@ class AdaMeM(SketchOptimizer):
     def _end_step(self) -> None:
         """Every ξ of the step from one host read per device (not one per bucket)."""
         pending, self._xi_pending = self._xi_pending, []
-        by_device: dict[torch.device, list[tuple[list[dict[str, Any]], torch.Tensor]]] = defaultdict(list)
-        for states, xi in pending:
-            by_device[xi.device].append((states, xi))
-        for parts in by_device.values():
-            values = iter(torch.cat([xi.double() for _, xi in parts]).tolist())
-            for states, _ in parts:
-                for s in states:
-                    s["xi"] = next(values)
+        for (states, _), xis in zip(pending, to_host([xi for _, xi in pending])):
+            for s, xi in zip(states, xis):
+                s["xi"] = xi
 
     # -------------------------------------------------------------------------- observability
     def state_report(self) -> StateReport:

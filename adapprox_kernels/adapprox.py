@@ -27,7 +27,7 @@ import torch
 from .backends import backend_names, resolve_backend
 from .cuda_graphs import CallGraphs
 from .distributed import RowShards, is_dtensor, local, local_list
-from .optim_base import NONFINITE_POLICIES, SketchOptimizer
+from .optim_base import NONFINITE_POLICIES, SketchOptimizer, to_host
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
 from .srsi import (
@@ -512,15 +512,10 @@ class Adapprox(SketchOptimizer):
         device that fetches all ξ (and the orthonormalizer's failure flags) at once."""
         pending, self._pending = self._pending, []
         self._graphs.next_step()
-        flat: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        host = iter(to_host([t for rec in pending for t in (rec.xi, rec.failed)]))
         for rec in pending:
-            flat[rec.q.device] += [t.double() for t in (rec.xi, rec.failed) if t is not None]
-        host = {dev: iter(torch.cat(parts).tolist()) for dev, parts in flat.items() if parts}
-        for rec in pending:
-            values = host.get(rec.q.device)
-            b = len(rec.states)
-            xis = [next(values) for _ in range(b)] if rec.xi is not None else None
-            if rec.failed is not None and any([next(values) for _ in range(b)]):
+            xis, failed = next(host), next(host)
+            if failed is not None and any(failed):
                 rec.q, rec.u, xi = rec.redo()  # only non-finite sketches fail: rare
                 xis = xi.tolist() if xi is not None else None
             self._decide_ranks(rec, xis)

@@ -29,6 +29,21 @@ from .distributed import is_dtensor, nonfinite_flags, shared_seed
 NONFINITE_POLICIES = ("raise", "skip")
 
 
+def to_host(tensors: list[torch.Tensor | None]) -> list[list[float] | None]:
+    """``t.tolist()`` (as floats) of every small 1-D tensor, ``None`` for ``None``, with one host
+    sync per device instead of one per tensor."""
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        if t is not None:
+            by_device[t.device].append(i)
+    out: list[list[float] | None] = [None] * len(tensors)
+    for idxs in by_device.values():
+        flat = torch.cat([tensors[i].double() for i in idxs]).tolist()
+        for i in idxs:
+            out[i], flat = flat[: len(tensors[i])], flat[len(tensors[i]) :]
+    return out
+
+
 def check(ok: bool, msg: str) -> None:
     """``raise ValueError(msg)`` unless ``ok``: the hyperparameter checks of ``__init__``."""
     if not ok:
@@ -148,17 +163,15 @@ class SketchOptimizer(Optimizer):
         if not params:
             return []
         position = {id(p): i for i, p in enumerate(params)}
-        # device -> [(parameter indices, values)]: a non-finite value marks a bad gradient.
-        checks: dict[torch.device, list[tuple[list[int], torch.Tensor]]] = defaultdict(list)
-        for ps, values in known:
-            checks[values.device].append(([position[id(p)] for p in ps], values))
-        covered = {i for parts in checks.values() for idxs, _ in parts for i in idxs}
+        # (parameter indices, values): a non-finite value marks a bad gradient.
+        checks = [([position[id(p)] for p in ps], values) for ps, values in known]
+        covered = {i for idxs, _ in checks for i in idxs}
         by_device: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             if i not in covered:
                 by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
         flags = [False] * len(params)
-        for (device, _), idxs in by_device.items():
+        for idxs in by_device.values():
             grads = [params[i].grad for i in idxs]
             if is_dtensor(grads[0]):  # FSDP2: each rank checks its rows, one all-reduce
                 for i, b in zip(idxs, nonfinite_flags(grads)):
@@ -169,11 +182,10 @@ class SketchOptimizer(Optimizer):
             norms = torch._foreach_norm(grads, float("inf"))
             if any(n.dtype != norms[0].dtype for n in norms):  # mixed dtypes: rare
                 norms = [n.float() for n in norms]
-            checks[device].append((idxs, torch.stack(norms)))
-        for parts in checks.values():
-            bad = (~torch.isfinite(torch.cat([values.float() for _, values in parts]))).tolist()
-            for i, b in zip((i for idxs, _ in parts for i in idxs), bad):
-                flags[i] = b
+            checks.append((idxs, torch.stack(norms)))
+        for (idxs, _), bad in zip(checks, to_host([~torch.isfinite(values) for _, values in checks])):
+            for i, b in zip(idxs, bad):
+                flags[i] = bool(b)
         return flags
 
     def _param_name(self, p: torch.Tensor) -> str:
