@@ -252,7 +252,8 @@ class Adapprox(SketchOptimizer):
         self._graphs = CallGraphs(capacity=64)
         # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
         self._ahead: dict[tuple, _Started] = {}
-        self._ahead_undo: tuple[dict[str, Any], list[torch.Tensor]] | None = None
+        self._ahead_buckets: dict[int, dict[tuple, list[torch.Tensor]]] = {}  # id(group) -> buckets
+        self._ahead_undo: tuple[dict[str, Any] | None, list[torch.Tensor]] | None = None
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -324,24 +325,29 @@ class Adapprox(SketchOptimizer):
         own. The updates wait for the check; S-RSI changes nothing a user sees but the sketch
         RNG, the step counts and new state, which :meth:`_discard_run_ahead` restores."""
         self._ahead.clear()
+        self._ahead_buckets.clear()
         new = [p for _, params in groups for p in params if not self.state[p]]
-        self._ahead_undo = (self._rng_state(), new)
+        rng = None  # the sketch RNG before the first draw, if anything runs ahead
         known = []
         for group, params in groups:
             for p in params:
                 self._init_state(p, group)
-            for key, bucket in self._buckets(params).items():
+            buckets = self._ahead_buckets[id(group)] = self._buckets(params)
+            for key, bucket in buckets.items():
                 factored, _, dtype, device = key
                 backend = resolve_backend(group["backend"], device)
                 if not factored or dtype == torch.float64 or getattr(backend, "name", None) != "triton":
                     continue
                 if is_dtensor(bucket[0]):
                     continue  # sharded buckets all-reduce their flags: the plain check
+                if rng is None:
+                    rng = self._rng_state()
                 for p in bucket:
                     self.state[p]["step"] += 1
                 started = self._factored_srsi(group, bucket, backend)
                 self._ahead[(id(group), key)] = started
                 known.append((bucket, started.sums[:, 1]))
+        self._ahead_undo = (rng, new)
         return known
 
     def _discard_run_ahead(self) -> None:
@@ -353,10 +359,14 @@ class Adapprox(SketchOptimizer):
         for p in new:
             del self.state[p]
         self._ahead.clear()
-        self._restore_rng(rng)
+        self._ahead_buckets.clear()
+        if rng is not None:
+            self._restore_rng(rng)
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        for key, bucket in self._buckets(params).items():
+        # The buckets _run_ahead formed hold these very parameters unless it was discarded.
+        buckets = self._ahead_buckets.pop(id(group), None) or self._buckets(params)
+        for key, bucket in buckets.items():
             factored, _, _, device = key
             started = self._ahead.pop((id(group), key), None)
             if started is None:
