@@ -80,6 +80,11 @@ def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([pad(f, (0, width - f.shape[1])) for f in factors])
 
 
+def _addresses(tensors: list[torch.Tensor]) -> tuple:
+    """Where a captured call reads or writes each tensor: part of its graph key."""
+    return tuple((t.data_ptr(), t.dtype, t.stride()) for t in tensors)
+
+
 def _deferred_orthonormalize(backend, failures: list[torch.Tensor]):
     """The backend's orthonormalizer without a host sync per call where it offers one: each
     call's ``(B,)`` failure flags go to ``failures``, checked once per step (``_end_step``)."""
@@ -159,10 +164,11 @@ class Adapprox(SketchOptimizer):
             ones) instead of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
             (the paper's algorithm).
-        cuda_graphs: replay a factored bucket's step (S-RSI and update) from CUDA graphs once
-            it has come up twice with the same ranks, hyperparameters (the learning rate and
-            weight decay may change) and tensor addresses; the results are the same bits as
-            without. Needs CUDA and the Triton backend; see ``docs/kernels.md``.
+        cuda_graphs: replay a factored bucket's step (S-RSI and update) and a dense bucket's
+            update from CUDA graphs once it has come up twice with the same ranks,
+            hyperparameters (the learning rate and weight decay may change) and tensor
+            addresses; the results are the same bits as without. Needs CUDA and the Triton
+            backend; see ``docs/kernels.md``.
         product_precision: tensor-core precision of the Triton backend's ``V @ X`` / ``Vᵀ @ Y``
             products (S-RSI only; the update and ξ stay exact fp32): None (the device default,
             ``"tf32x3"``, about fp32, on GPUs with tf32), ``"tf32"`` (faster, ~1e-3 relative
@@ -248,7 +254,8 @@ class Adapprox(SketchOptimizer):
 
     def _reset_step_caches(self) -> None:
         self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step
-        # Captured bucket steps (cuda_graphs=True): two graphs each (S-RSI, update), 32 bucket steps.
+        # Captured bucket steps (cuda_graphs=True): two graphs per factored bucket (S-RSI, update),
+        # one per dense bucket (its update); 64 in all.
         self._graphs = CallGraphs(capacity=64)
         # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
         self._ahead: dict[tuple, _Started] = {}
@@ -320,10 +327,11 @@ class Adapprox(SketchOptimizer):
 
     def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         """S-RSI of the factored buckets whose first product also reduces the update's RMS
-        (Triton kernels, whole fp32 matrices), before the non-finite check: that sum is NaN or
-        inf exactly where a gradient holds NaN or inf, so the check needs no pass over G of its
-        own. The updates wait for the check; S-RSI changes nothing a user sees but the sketch
-        RNG, the step counts and new state, which :meth:`_discard_run_ahead` restores."""
+        (Triton kernels, whole fp32 matrices), and the sums pass of the dense buckets on the
+        kernels, before the non-finite check: that sum is NaN or inf exactly where a gradient
+        holds NaN or inf, so the check needs no pass over G of its own. The updates wait for
+        the check; what runs ahead changes nothing a user sees but the sketch RNG, the step
+        counts and new state, which :meth:`_discard_run_ahead` restores."""
         self._ahead.clear()
         self._ahead_buckets.clear()
         new = [p for _, params in groups for p in params if not self.state[p]]
@@ -336,15 +344,18 @@ class Adapprox(SketchOptimizer):
             for key, bucket in buckets.items():
                 factored, _, dtype, device = key
                 backend = resolve_backend(group["backend"], device)
-                if not factored or dtype == torch.float64 or getattr(backend, "name", None) != "triton":
-                    continue
                 if is_dtensor(bucket[0]):
                     continue  # sharded buckets all-reduce their flags: the plain check
-                if rng is None:
+                if factored and (dtype == torch.float64 or getattr(backend, "name", None) != "triton"):
+                    continue
+                if not factored and not self._dense_on_kernels(group, bucket, backend):
+                    continue
+                if rng is None and factored:
                     rng = self._rng_state()
                 for p in bucket:
                     self.state[p]["step"] += 1
-                started = self._factored_srsi(group, bucket, backend)
+                start = self._factored_srsi if factored else self._dense_start
+                started = start(group, bucket, backend)
                 self._ahead[(id(group), key)] = started
                 known.append((bucket, started.sums[:, 1]))
         self._ahead_undo = (rng, new)
@@ -373,10 +384,13 @@ class Adapprox(SketchOptimizer):
                 backend = resolve_backend(group["backend"], device)
                 for p in bucket:
                     self.state[p]["step"] += 1
-                if not factored:
+                if factored:
+                    started = self._factored_srsi(group, bucket, backend)
+                elif self._dense_on_kernels(group, bucket, backend):
+                    started = self._dense_start(group, bucket, backend)
+                else:
                     self._dense_step(group, bucket, backend)
                     continue
-                started = self._factored_srsi(group, bucket, backend)
             started.finish()
 
     def _step_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -386,6 +400,51 @@ class Adapprox(SketchOptimizer):
             weight_decay=group["weight_decay"],
             cosine_max_scale=group["cosine_max_scale"] if group["cosine_guidance"] and beta1 > 0 else None,
         )  # fmt: skip
+
+    def _dense_on_kernels(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> bool:
+        """Does this dense bucket take the backend's fused passes (:meth:`_dense_start`)? Where
+        it has them (Triton), for fp32 state, whole tensors, eager steps, without cosine
+        guidance (whose sums only the factored kernels fuse); else :meth:`_dense_step`."""
+        return (
+            hasattr(backend, "dense_second_moment") and self.state[bucket[0]]["exp_avg_sq"].dtype == torch.float32
+            and not is_dtensor(bucket[0]) and not torch.compiler.is_compiling()
+            and not (group["cosine_guidance"] and group["betas"][0] > 0)
+        )  # fmt: skip
+
+    def _dense_start(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> _Started:
+        """A dense bucket on the fused passes: the sums pass now (the update's RMS and the
+        non-finite check's values), the update pass in ``finish()``, which also writes V."""
+        states = [self.state[p] for p in bucket]
+        beta2 = group["betas"][1]
+        grads = [p.grad for p in bucket]
+        sqs = [s["exp_avg_sq"] for s in states]
+        exp_avgs = [s["exp_avg"] for s in states] if group["betas"][0] > 0 else None
+        kw = self._step_kwargs(group)
+        eps = kw.pop("eps")
+        del kw["cosine_max_scale"]  # None here (see _dense_on_kernels)
+        op = backend.dense_second_moment(grads, sqs, beta2, eps)
+        sums = op.first_pass()
+        if self._graphable(group, backend, sqs[0], None):
+
+            def update_graph(sums, lr_decay):
+                again = backend.dense_second_moment(grads, sqs, beta2, eps)
+                again.first_pass_sums = sums
+                backend.apply_dense_step(again, bucket, exp_avgs, **kw, lr_decay=lr_decay)
+                return ()
+
+            touched = _addresses([*grads, *sqs, *bucket, *(exp_avgs or [])])
+            key = ("dense", self._baked_hyperparameters(group), touched)
+            lr_decay = lr_and_decay(group["lr"], group["weight_decay"], sqs[0].device)
+
+            def finish() -> None:
+                self._graphs.run(key, update_graph, (sums, lr_decay))
+
+        else:
+
+            def finish() -> None:
+                backend.apply_dense_step(op, bucket, exp_avgs, **kw)
+
+        return _Started(states, sums, finish)
 
     def _dense_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
         """Unfactored V (vectors, small matrices): ``V = β2·V + (1−β2)·G²``, same update rule."""
@@ -472,9 +531,6 @@ class Adapprox(SketchOptimizer):
         if self._graphable(group, backend, q_prev, shards):
             # Two graphs, S-RSI and the update, since the non-finite check may come in between.
             # Everything but the inputs and α is read or written where the key says it is.
-            def addresses(tensors):
-                return tuple((t.data_ptr(), t.dtype, t.stride()) for t in tensors)
-
             def srsi_graph(q_prev, u_prev, sketch, prev_mask):
                 op, q, u, failed = srsi(q_prev, u_prev, sketch, prev_mask)
                 return q, u, op.first_pass_sums, failed
@@ -485,10 +541,10 @@ class Adapprox(SketchOptimizer):
                 return (update(op, q, u, used_mask, lr_decay),)
 
             baked = self._baked_hyperparameters(group)
-            key = ("srsi", m, n, warm, iters, baked, addresses(grads))
+            key = ("srsi", m, n, warm, iters, baked, _addresses(grads))
             q, u, sums, failed = self._graphs.run(key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
             # The update's host work is done here, before the non-finite check's sync.
-            update_key = ("update", m, n, measure, baked, addresses([*grads, *params, *(exp_avgs or [])]))
+            update_key = ("update", m, n, measure, baked, _addresses([*grads, *params, *(exp_avgs or [])]))
             lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
 
             def run_update():
@@ -567,7 +623,8 @@ class Adapprox(SketchOptimizer):
     # -------------------------------------------------------------------------- observability
     @property
     def cuda_graph_counts(self) -> dict[str, int]:
-        """Graphable calls so far (two per factored bucket step: S-RSI, then the update) that
+        """Graphable calls so far (two per factored bucket step: S-RSI, then the update; one per
+        dense bucket step on the Triton kernels: the update) that
         ran ``eager``, were ``captured`` or ``replayed`` from a CUDA graph, and captures that
         ``failed`` (empty without ``cuda_graphs``)."""
         return dict(self._graphs.counts)

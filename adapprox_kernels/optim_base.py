@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -38,7 +39,8 @@ def to_host(tensors: list[torch.Tensor | None]) -> list[list[float] | None]:
             by_device[t.device].append(i)
     out: list[list[float] | None] = [None] * len(tensors)
     for idxs in by_device.values():
-        flat = torch.cat([tensors[i].double() for i in idxs]).tolist()
+        # cat promotes to a dtype that holds every value: one conversion, not one per tensor
+        flat = torch.cat([tensors[i] for i in idxs]).double().tolist()
         for i in idxs:
             out[i], flat = flat[: len(tensors[i])], flat[len(tensors[i]) :]
     return out
@@ -183,9 +185,10 @@ class SketchOptimizer(Optimizer):
             if any(n.dtype != norms[0].dtype for n in norms):  # mixed dtypes: rare
                 norms = [n.float() for n in norms]
             checks.append((idxs, torch.stack(norms)))
-        for (idxs, _), bad in zip(checks, to_host([~torch.isfinite(values) for _, values in checks])):
-            for i, b in zip(idxs, bad):
-                flags[i] = bool(b)
+        # Read as they are and tested on the host: no isfinite launches per check.
+        for (idxs, _), values in zip(checks, to_host([values for _, values in checks])):
+            for i, v in zip(idxs, values):
+                flags[i] = not math.isfinite(v)
         return flags
 
     def _param_name(self, p: torch.Tensor) -> str:

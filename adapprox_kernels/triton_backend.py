@@ -22,9 +22,6 @@ import torch
 from . import reference
 from .backends import ReferenceBackend, register_backend
 
-_KERNEL_MODULES = ("v_matmul", "v_norms", "update_cosine", "apply_update")
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> Optional[str]:
     try:
@@ -172,6 +169,19 @@ def _stage(tensors: Sequence[torch.Tensor], m: int, n: int) -> tuple[list[torch.
     return views, staged
 
 
+def _stage_step(
+    params: Sequence[torch.Tensor], exp_avgs: Optional[Sequence[torch.Tensor]], m: int, n: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
+    """:func:`_stage` of the weights and the momenta (an empty list: none) an update writes,
+    with all their copy-back pairs."""
+    weights, staged = _stage(params, m, n)
+    moms: list[torch.Tensor] = []
+    if exp_avgs is not None:
+        moms, staged_moms = _stage(exp_avgs, m, n)
+        staged += staged_moms
+    return weights, moms, staged
+
+
 class TritonSecondMoment:
     """``V_t = β2·relu(Q Uᵀ) + (1−β2)·G²`` of ``B`` same-shaped matrices, as a
     :class:`~adapprox_kernels.linear_operator.LinearOperator` that never stores V.
@@ -282,6 +292,33 @@ class TritonSecondMoment:
         return self._norms(q, u)[:, 1]
 
 
+class TritonDenseMoment:
+    """``V_t = β2·V_{t−1} + (1−β2)·G²`` of ``B`` same-shaped parameters whose ``V_{t−1}`` is
+    stored (the optimizer's dense buckets: vectors, and matrices too small to factor), for the
+    two passes of :mod:`adapprox_kernels.kernels.dense_moment`.
+
+    ``grads`` and ``exp_avg_sqs`` (fp32): ``B`` tensors of one shape, seen as ``(m, n)``
+    matrices (``(d0, d1·…)``; a vector is ``(1, n)``, a scalar ``(1, 1)``). :meth:`first_pass`
+    runs the sums pass, which writes nothing; :meth:`TritonBackend.apply_dense_step` then writes
+    ``V_t`` over ``exp_avg_sqs``. Eager launches only: a compiled step keeps the reference's
+    dense path."""
+
+    def __init__(self, grads: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], beta2: float, eps: float):
+        first = grads[0]
+        self.shape = (first.shape[0], first.numel() // first.shape[0]) if first.dim() >= 2 else (1, first.numel())
+        views, _ = _stage(grads, *self.shape)  # read-only: nothing to copy back
+        self.table = _kernel("_launch").MatrixTable(views, "grads")
+        self.sqs, self.staged = _stage(exp_avg_sqs, *self.shape)  # staged copies go back after the update
+        self.beta2, self.eps = float(beta2), float(eps)
+        self.first_pass_sums: Optional[torch.Tensor] = None  # (B, 2): ‖V_t‖², Σ Upd² (unclipped)
+
+    def first_pass(self) -> torch.Tensor:
+        """``[‖V_t‖², Σ (G/(√V_t+ε))²]`` ``(B, 2)``, from the sums pass (run once)."""
+        if self.first_pass_sums is None:
+            self.first_pass_sums = _kernel("dense_moment").dense_sums(self.table, self.sqs, self.beta2, self.eps)
+        return self.first_pass_sums
+
+
 # ------------------------------------------------------------------------------ backend
 class TritonBackend:
     """Fused Triton kernels; float64 buckets fall back to the reference (see ``docs/kernels.md``)."""
@@ -323,6 +360,34 @@ class TritonBackend:
         return TritonSecondMoment(grads, q, u, beta2, 0.0 if eps is None else eps, precision, range_precision)
 
     @staticmethod
+    def dense_second_moment(
+        grads: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], beta2: float, eps: float
+    ) -> TritonDenseMoment:
+        """The stored second moment of a dense bucket (fp32 ``exp_avg_sqs``), see
+        :class:`TritonDenseMoment`."""
+        if exp_avg_sqs[0].dtype != torch.float32:
+            raise ValueError(f"the fused dense passes keep V in float32, got {exp_avg_sqs[0].dtype}")
+        return TritonDenseMoment(grads, exp_avg_sqs, beta2, eps)
+
+    @staticmethod
+    def apply_dense_step(
+        op: TritonDenseMoment, params, exp_avgs, *, clip_threshold, lr, beta1, weight_decay,
+        lr_decay: Optional[torch.Tensor] = None,
+    ) -> None:  # fmt: skip
+        """A dense bucket's update in one pass: ``V_t`` written over the stored ``V_{t−1}``, the
+        clipped update (its RMS from :meth:`TritonDenseMoment.first_pass`), momentum of updates
+        and decoupled weight decay; ``lr_decay`` as in :meth:`apply_step`."""
+        m, n = op.shape
+        clip = reference.clip_divisor(op.first_pass()[:, 1], m * n, clip_threshold)
+        weights, moms, staged = _stage_step(params, exp_avgs, m, n)
+        _kernel("dense_moment").dense_apply(
+            op.table, op.sqs, weights, moms or None, clip, beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1,
+            weight_decay=weight_decay, lr_decay=lr_decay,
+        )  # fmt: skip
+        for original, copy in staged + op.staged:
+            original.copy_(copy.view_as(original))
+
+    @staticmethod
     def apply_step(
         op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None,
         reduce: Optional[reference.Reduce] = None, lr_decay: Optional[torch.Tensor] = None,
@@ -350,11 +415,7 @@ class TritonBackend:
         if reduce is not None:  # the RMS of the whole matrix
             sq_sum, numel = reduce(torch.stack([sq_sum, torch.full_like(sq_sum, numel)]))
         clip = reference.clip_divisor(sq_sum, numel, clip_threshold)
-        weights, staged = _stage(params, m, n)
-        moms: list[torch.Tensor] = []
-        if exp_avgs is not None:
-            moms, staged_moms = _stage(exp_avgs, m, n)
-            staged += staged_moms
+        weights, moms, staged = _stage_step(params, exp_avgs, m, n)
         scale = torch.ones_like(clip)
         if cosine_max_scale is not None and moms:
             if op._eager:

@@ -202,6 +202,72 @@ def test_apply_update(dtype, momentum, cosine, residual, shape):
         assert resid is None
 
 
+@pytest.mark.parametrize(
+    "dtype,momentum,shape,transposed",
+    [
+        (torch.float32, True, (37, 29), False),
+        (torch.bfloat16, True, (1, 20), False),  # a vector: one row
+        (torch.float16, False, (20, 33), True),  # V, W and M non-contiguous: staged and written back
+        (torch.float32, False, (1, 1), False),
+    ],
+)
+def test_dense_moment(dtype, momentum, shape, transposed):
+    """The dense buckets' two passes against the reference: the sums leave V alone, the update
+    writes V_t, M and W."""
+    from adapprox_kernels.kernels.dense_moment import dense_apply, dense_sums
+
+    gen = torch.Generator().manual_seed(5)
+
+    def matrices(dt, positive=False):
+        out = [torch.randn(*(shape[::-1] if transposed else shape), generator=gen) for _ in range(3)]
+        out = [(x.abs() if positive else x).to(dt).to(DEVICE) for x in out]
+        return [x.t() for x in out] if transposed else out
+
+    grads = [g.contiguous() for g in matrices(dtype)]
+    grads[1][0, 0] = 0.0  # V = 0 where G = 0 and V_{t−1} = 0: ε keeps the update finite
+    sqs = matrices(torch.float32, positive=True)
+    sqs[1][0, 0] = 0.0
+    params, moms = matrices(dtype), matrices(dtype) if momentum else None
+    want_v = torch.stack([s.clone() for s in sqs])
+    g32 = torch.stack([g.float() for g in grads])
+    want_v.mul_(BETA2).addcmul_(g32, g32, value=1 - BETA2)
+    ref_params, ref_moms = [p.clone() for p in params], [m.clone() for m in moms] if momentum else None
+
+    sums = dense_sums(grads, sqs, BETA2, EPS, blocks=_blocks(True))
+    upd = g32 / (want_v.sqrt() + EPS)
+    want_sums = torch.stack([want_v.square().sum(dim=(1, 2)), upd.square().sum(dim=(1, 2))], dim=1)
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=0)
+    clip = _clip(g32, want_v, 0.5)
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8 if momentum else 0.0, weight_decay=0.1)
+    dense_apply(grads, sqs, params, moms, clip, blocks=_blocks(True), **kw)
+
+    upd = reference.clipped_update(g32, want_v, EPS, 0.5)
+    avg = torch.stack([m.float() for m in ref_moms]).mul_(0.8).add_(upd, alpha=0.2) if momentum else upd
+    for m, new in zip(ref_moms or [], avg):
+        m.copy_(new)
+    for p, s in zip(ref_params, avg):
+        p.copy_(p.float().mul_(1 - 0.1 * 0.1).add_(s, alpha=-0.1))
+    torch.testing.assert_close(torch.stack(sqs), want_v, rtol=1e-6, atol=0)
+    rtol, atol = WRITE_TOL[dtype]
+    for got, want in zip(params + (moms or []), ref_params + (ref_moms or [])):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+
+
+def test_dense_moment_errors():
+    from adapprox_kernels.kernels.dense_moment import dense_apply, dense_sums
+
+    grads = [torch.randn(3, 4, device=DEVICE) for _ in range(2)]
+    with pytest.raises(ValueError, match="float32"):
+        dense_sums(grads, [torch.ones(3, 4, device=DEVICE, dtype=torch.bfloat16)] * 2, BETA2, EPS)
+    with pytest.raises(ValueError, match="exp_avg_sqs: need 2"):
+        dense_sums(grads, [torch.ones(3, 4, device=DEVICE)], BETA2, EPS)
+    with pytest.raises(ValueError, match="params: need 2"):
+        sqs, params = [torch.ones(3, 4, device=DEVICE) for _ in range(2)], [torch.ones(4, 3, device=DEVICE)] * 2
+        kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)
+        dense_apply(grads, sqs, params, None, torch.ones(2, device=DEVICE), **kw)
+
+
 def test_apply_update_writes_non_contiguous_params():
     """A transposed-view parameter is staged and copied back, not silently dropped."""
     from adapprox_kernels.kernels.apply_update import apply_update

@@ -131,19 +131,22 @@ def test_passes_over_g_per_step(monkeypatch, options, passes):
     assert ops[-1].g_passes == passes
 
 
-def test_nonfinite_check_rides_on_the_first_product(monkeypatch):
-    """The factored matrices' gradients are checked by the RMS sum that S-RSI's first product
-    reduces anyway, not by a pass of their own: only the dense ones reach torch._foreach_norm."""
+@pytest.mark.parametrize("cosine", [False, True])
+def test_nonfinite_check_rides_on_the_first_pass(monkeypatch, cosine):
+    """Every gradient is checked by the RMS sum that the first pass over it reduces anyway
+    (S-RSI's first product, the dense buckets' sums pass), not by a pass of its own; only dense
+    buckets with cosine guidance, which take the plain-PyTorch path, reach torch._foreach_norm."""
     params = _params(torch.float32)
-    opt = Adapprox(params, backend="triton", seed=3, **BASE)
+    opt = Adapprox(params, backend="triton", seed=3, **BASE, cosine_guidance=cosine)
     checked = []
     foreach_norm = torch._foreach_norm
     monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a: checked.extend(t.shape for t in ts) or foreach_norm(ts, *a))
     for p, g in zip(params, _grads(0, torch.float32)):
         p.grad = g
     opt.step()
-    assert sorted(checked) == sorted(p.shape for p in params if "Q" not in opt.state[p])
-    assert len(checked) == 2  # the folded 2×5×9 and the vector
+    dense = sorted(p.shape for p in params if "Q" not in opt.state[p])
+    assert len(dense) == 2  # the folded 2×5×9 and the vector
+    assert sorted(checked) == (dense if cosine else [])
 
 
 def _run_with_bad_gradient(backend, policy, bad, steps=3, bad_step=1):
@@ -366,15 +369,18 @@ class _CallsThrough:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_graphed_calls_give_the_eager_bits(monkeypatch, name):
-    """The two calls a CUDA graph captures (S-RSI; the update, which gets the first pass's sums
-    as an input instead of reading G again) compute what the eager step does, on any device."""
+    """The calls CUDA graphs capture (a factored bucket's S-RSI and update, which gets the first
+    pass's sums as an input instead of reading G again; a dense bucket's update) compute what the
+    eager step does, on any device."""
     dtype, extra = CONFIGS[name]
     options = {**BASE, **extra}
     eager_params, eager_opt = _graph_run(dtype, options, False, 5, fixed_grads=True)
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
     calls = _CallsThrough()
     graph_params, graph_opt = _graph_run(dtype, options, True, 5, fixed_grads=True, graphs_stand_in=calls)
-    assert len(calls.keys) == 2 * 5 * 2  # S-RSI and update of 2 factored buckets, 5 steps
+    # S-RSI and update of 2 factored buckets, the update of 2 dense ones (unless cosine guidance
+    # keeps those on the plain-PyTorch path), 5 steps.
+    assert len(calls.keys) == 5 * (2 * 2 + (0 if options.get("cosine_guidance") else 2))
     for i, (ep, gp) in enumerate(zip(eager_params, graph_params)):
         assert torch.equal(ep, gp), f"param {i}"
         for key, want in eager_opt.state[ep].items():

@@ -18,19 +18,27 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-_MODULES = ("_tiles", "v_matmul", "v_norms", "update_cosine", "apply_update")  # _tiles first: the others import it
+# Kernel modules and a jitted function of each (interpreted or compiled); _tiles first: the
+# others import it.
+_MODULES = {
+    "_tiles": "v_tile",
+    "v_matmul": "_v_matmul_kernel",
+    "v_norms": "_v_norms_kernel",
+    "update_cosine": "_update_cosine_kernel",
+    "apply_update": "_apply_update_kernel",
+    "dense_moment": "_dense_sums_kernel",
+}
 
 
 def _load_kernels() -> None:
     stale = False  # once one module is re-imported, the ones importing it must be too
-    for name in _MODULES:
+    for name, jitted in _MODULES.items():
         full = f"adapprox_kernels.kernels.{name}"
         module = sys.modules.get(full)
         if module is None:
             importlib.import_module(full)
             continue
-        marker = getattr(module, "v_tile" if name == "_tiles" else f"_{name}_kernel")
-        if stale or type(marker).__name__ != "InterpretedFunction":
+        if stale or type(getattr(module, jitted)).__name__ != "InterpretedFunction":
             stale = True
             importlib.reload(module)
 

@@ -10,6 +10,8 @@ needs in registers from the previous factors ``Q (m×K)``, ``U (n×K)`` and the 
 * :mod:`.update_cosine` — the sums cosine guidance needs (update · new momentum);
 * :mod:`.apply_update` — clipping, momentum of updates, weight decay, the weight write, and
   optionally the ξ numerator ``‖V − Q_t U_tᵀ‖²`` in the same pass.
+* :mod:`.dense_moment` — the same step for parameters whose ``V`` is stored (vectors,
+  matrices too small to factor): a sums pass, then the update pass, which also writes ``V``.
 
 :mod:`._tiles` holds the ``@triton.jit`` helpers they share, :mod:`._launch` the host-side
 pieces (matrix tables, block sizes, dot precision).

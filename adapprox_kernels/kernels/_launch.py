@@ -163,6 +163,19 @@ class MatrixTable:
                 orig.copy_(staged)
 
 
+def step_tables(
+    params: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor] | None, grads: MatrixTable
+) -> tuple[MatrixTable, MatrixTable | None]:
+    """Writable tables of the weights and momenta an update pass writes (``None``: no momentum),
+    each ``len(grads)`` matrices of the gradients' shape on their device."""
+    weights = MatrixTable(params, "params", writable=True)
+    moms = MatrixTable(exp_avgs, "exp_avgs", writable=True) if exp_avgs is not None else None
+    for name, other in (("params", weights), ("exp_avgs", moms)):
+        if other is not None and (other.shape, len(other), other.device) != (grads.shape, len(grads), grads.device):
+            raise ValueError(f"{name}: need {len(grads)} matrices {grads.shape} on {grads.device}")
+    return weights, moms
+
+
 def check_factor(x: torch.Tensor, name: str, batch: int, rows: int, device: torch.device) -> None:
     """``x`` must be an fp32 ``(batch, rows, cols)`` tensor on ``device``."""
     if x.dim() != 3 or x.shape[0] != batch or x.shape[1] != rows:

@@ -1,5 +1,6 @@
 """``@triton.jit`` building blocks shared by the kernels: masked tile loads, the rebuilt tile of
-V, the clipped-update elements and a round-to-nearest-even store conversion.
+V, the clipped-update elements, the weight (and momentum) write and a round-to-nearest-even
+store conversion.
 
 Every load is cast to fp32 right after it (the Triton interpreter reads bf16 wrongly
 otherwise, and all arithmetic is fp32 anyway). Offsets are int64 so that matrices with more
@@ -105,3 +106,22 @@ def update_and_average(
     else:
         avg = upd
     return upd, avg
+
+
+@triton.jit
+def store_step(
+    avg, rows, cols, M, N, w_base, stride_wm, stride_wn, mom_base, stride_mm, stride_mn, lr_decay_ptr, scale,
+    HAS_MOMENTUM: tl.constexpr,
+):  # fmt: skip
+    """Writes the new momentum ``avg`` (when kept) and ``W ← W·(1 − α·λ) − α·scale·avg``, each
+    rounded to its tensor's dtype. α and ``1 − α·λ`` come from the device (``lr_decay_ptr``),
+    so a captured CUDA graph replays with a new α."""
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    offs_r = rows[:, None].to(tl.int64)
+    offs_c = cols[None, :].to(tl.int64)
+    if HAS_MOMENTUM:
+        mom_ptrs = mom_base + offs_r * stride_mm + offs_c * stride_mn
+        tl.store(mom_ptrs, round_to(avg, mom_base.dtype.element_ty), mask=mask)
+    w = load_tile(w_base, rows, cols, stride_wm, stride_wn, M, N)
+    new_w = w * tl.load(lr_decay_ptr + 1) - tl.load(lr_decay_ptr) * (avg * scale)
+    tl.store(w_base + offs_r * stride_wm + offs_c * stride_wn, round_to(new_w, w_base.dtype.element_ty), mask=mask)

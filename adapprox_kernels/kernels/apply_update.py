@@ -21,8 +21,17 @@ import triton
 import triton.language as tl
 
 from ..transfer import lr_and_decay
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_new_factors, check_vector, pointer_arg
-from ._tiles import load_tile, lowrank_tile, round_to, update_and_average, v_tile
+from ._launch import (
+    ELEMENTWISE_BLOCKS,
+    Blocks,
+    MatrixTable,
+    check_factor,
+    check_new_factors,
+    check_vector,
+    pointer_arg,
+    step_tables,
+)
+from ._tiles import lowrank_tile, store_step, update_and_average, v_tile
 
 
 @triton.jit
@@ -48,7 +57,6 @@ def _apply_update_kernel(
     b64 = b.to(tl.int64)
     rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
     g, v = v_tile(
         g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
         rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
@@ -59,17 +67,10 @@ def _apply_update_kernel(
         g, v, rows, cols, M, N, eps, tl.load(clip_ptr + b), mom_base, stride_mm, stride_mn,
         beta1, one_minus_beta1, HAS_MOMENTUM,
     )  # fmt: skip
-    offs_r = rows[:, None].to(tl.int64)
-    offs_c = cols[None, :].to(tl.int64)
-    if HAS_MOMENTUM:
-        mom_ptrs = mom_base + offs_r * stride_mm + offs_c * stride_mn
-        tl.store(mom_ptrs, round_to(avg, mom_ptr.dtype.element_ty), mask=mask)
-    w_base = w_ptr + tl.load(w_off_ptr + b) * W_ALIGN
-    w = load_tile(w_base, rows, cols, stride_wm, stride_wn, M, N)
-    lr = tl.load(lr_decay_ptr)
-    decay = tl.load(lr_decay_ptr + 1)
-    new_w = w * decay - lr * (avg * tl.load(scale_ptr + b))
-    tl.store(w_base + offs_r * stride_wm + offs_c * stride_wn, round_to(new_w, w_ptr.dtype.element_ty), mask=mask)
+    store_step(
+        avg, rows, cols, M, N, w_ptr + tl.load(w_off_ptr + b) * W_ALIGN, stride_wm, stride_wn,
+        mom_base, stride_mm, stride_mn, lr_decay_ptr, tl.load(scale_ptr + b), HAS_MOMENTUM,
+    )  # fmt: skip
     if WITH_RESIDUAL:
         approx = lowrank_tile(
             qn_ptr + b64 * stride_qnb, un_ptr + b64 * stride_unb, rows, cols, M, N, K_NEW,
@@ -110,11 +111,7 @@ def apply_update(
     table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads")
     m, n = table.shape
     batch = len(table)
-    weights = MatrixTable(params, "params", writable=True)
-    moms = MatrixTable(exp_avgs, "exp_avgs", writable=True) if exp_avgs is not None else None
-    for name, other in (("params", weights), ("exp_avgs", moms)):
-        if other is not None and (other.shape != table.shape or len(other) != batch or other.device != table.device):
-            raise ValueError(f"{name}: need {batch} matrices {table.shape} on {table.device}")
+    weights, moms = step_tables(params, exp_avgs, table)
     check_factor(q, "q", batch, m, table.device)
     check_factor(u, "u", batch, n, table.device)
     check_vector(clip, "clip", batch, table.device)
