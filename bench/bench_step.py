@@ -127,6 +127,12 @@ def optimizer_factories(ranks, backend: str) -> dict:
             out[f"adapprox_k{k}_warm_graphs_tf32_rn"] = lambda ps, c=common: Adapprox(
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="tf32_rn", **c
             )
+            # exact fp32 products on CUDA cores (Triton's FMA dot): mixed at k = 1 in
+            # bench/results/tune_blocks_*.json (faster than tf32x3 on 345M's V @ X, slower on the
+            # 124M embedding); see docs/benchmarks.md, "Still not measured"
+            out[f"adapprox_k{k}_warm_graphs_ieee"] = lambda ps, c=common: Adapprox(
+                ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="ieee", **c
+            )
     return out
 
 
