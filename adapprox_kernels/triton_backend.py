@@ -169,19 +169,6 @@ def _stage(tensors: Sequence[torch.Tensor], m: int, n: int) -> tuple[list[torch.
     return views, staged
 
 
-def _stage_step(
-    params: Sequence[torch.Tensor], exp_avgs: Optional[Sequence[torch.Tensor]], m: int, n: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
-    """:func:`_stage` of the weights and the momenta (an empty list: none) an update writes,
-    with all their copy-back pairs."""
-    weights, staged = _stage(params, m, n)
-    moms: list[torch.Tensor] = []
-    if exp_avgs is not None:
-        moms, staged_moms = _stage(exp_avgs, m, n)
-        staged += staged_moms
-    return weights, moms, staged
-
-
 class TritonSecondMoment:
     """``V_t = β2·relu(Q Uᵀ) + (1−β2)·G²`` of ``B`` same-shaped matrices, as a
     :class:`~adapprox_kernels.linear_operator.LinearOperator` that never stores V.
@@ -295,20 +282,23 @@ class TritonSecondMoment:
 class TritonDenseMoment:
     """``V_t = β2·V_{t−1} + (1−β2)·G²`` of ``B`` same-shaped parameters whose ``V_{t−1}`` is
     stored (the optimizer's dense buckets: vectors, and matrices too small to factor), for the
-    two passes of :mod:`adapprox_kernels.kernels.dense_moment`.
+    two passes of :mod:`adapprox_kernels.kernels.dense_moment`, which read every tensor as a
+    flat array (non-contiguous ones are staged, and written back after the update).
 
-    ``grads`` and ``exp_avg_sqs`` (fp32): ``B`` tensors of one shape, seen as ``(m, n)``
-    matrices (``(d0, d1·…)``; a vector is ``(1, n)``, a scalar ``(1, 1)``). :meth:`first_pass`
-    runs the sums pass, which writes nothing; :meth:`TritonBackend.apply_dense_step` then writes
+    ``grads`` and ``exp_avg_sqs`` (fp32): ``B`` tensors of one shape. :meth:`first_pass` runs
+    the sums pass, which writes nothing; :meth:`TritonBackend.apply_dense_step` then writes
     ``V_t`` over ``exp_avg_sqs``. Eager launches only: a compiled step keeps the reference's
     dense path."""
 
     def __init__(self, grads: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], beta2: float, eps: float):
-        first = grads[0]
-        self.shape = (first.shape[0], first.numel() // first.shape[0]) if first.dim() >= 2 else (1, first.numel())
-        views, _ = _stage(grads, *self.shape)  # read-only: nothing to copy back
-        self.table = _kernel("_launch").MatrixTable(views, "grads")
-        self.sqs, self.staged = _stage(exp_avg_sqs, *self.shape)  # staged copies go back after the update
+        from .kernels._launch import SUPPORTED_DTYPES, MatrixTable
+
+        dtype = grads[0].dtype
+        if dtype not in SUPPORTED_DTYPES or any(g.dtype != dtype for g in grads):  # rare: one fp32 copy each
+            grads = [g.float() for g in grads]
+        self.table = MatrixTable(grads, "grads", flat=True)
+        self.sqs = MatrixTable(exp_avg_sqs, "exp_avg_sqs", writable=True, flat=True)
+        self.numel = self.table.numel
         self.beta2, self.eps = float(beta2), float(eps)
         self.first_pass_sums: Optional[torch.Tensor] = None  # (B, 2): ‖V_t‖², Σ Upd² (unclipped)
 
@@ -377,15 +367,11 @@ class TritonBackend:
         """A dense bucket's update in one pass: ``V_t`` written over the stored ``V_{t−1}``, the
         clipped update (its RMS from :meth:`TritonDenseMoment.first_pass`), momentum of updates
         and decoupled weight decay; ``lr_decay`` as in :meth:`apply_step`."""
-        m, n = op.shape
-        clip = reference.clip_divisor(op.first_pass()[:, 1], m * n, clip_threshold)
-        weights, moms, staged = _stage_step(params, exp_avgs, m, n)
+        clip = reference.clip_divisor(op.first_pass()[:, 1], op.numel, clip_threshold)
         _kernel("dense_moment").dense_apply(
-            op.table, op.sqs, weights, moms or None, clip, beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1,
+            op.table, op.sqs, params, exp_avgs, clip, beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1,
             weight_decay=weight_decay, lr_decay=lr_decay,
         )  # fmt: skip
-        for original, copy in staged + op.staged:
-            original.copy_(copy.view_as(original))
 
     @staticmethod
     def apply_step(
@@ -415,7 +401,11 @@ class TritonBackend:
         if reduce is not None:  # the RMS of the whole matrix
             sq_sum, numel = reduce(torch.stack([sq_sum, torch.full_like(sq_sum, numel)]))
         clip = reference.clip_divisor(sq_sum, numel, clip_threshold)
-        weights, moms, staged = _stage_step(params, exp_avgs, m, n)
+        weights, staged = _stage(params, m, n)
+        moms: list[torch.Tensor] = []
+        if exp_avgs is not None:
+            moms, staged_moms = _stage(exp_avgs, m, n)
+            staged += staged_moms
         scale = torch.ones_like(clip)
         if cosine_max_scale is not None and moms:
             if op._eager:

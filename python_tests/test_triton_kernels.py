@@ -209,11 +209,12 @@ def test_apply_update(dtype, momentum, cosine, residual, shape):
         (torch.bfloat16, True, (1, 20), False),  # a vector: one row
         (torch.float16, False, (20, 33), True),  # V, W and M non-contiguous: staged and written back
         (torch.float32, False, (1, 1), False),
+        (torch.float32, True, (2, 5, 9), False),  # any shape: read flat
     ],
 )
 def test_dense_moment(dtype, momentum, shape, transposed):
     """The dense buckets' two passes against the reference: the sums leave V alone, the update
-    writes V_t, M and W."""
+    writes V_t, M and W (several blocks per tensor, a partial last one)."""
     from adapprox_kernels.kernels.dense_moment import dense_apply, dense_sums
 
     gen = torch.Generator().manual_seed(5)
@@ -233,13 +234,13 @@ def test_dense_moment(dtype, momentum, shape, transposed):
     want_v.mul_(BETA2).addcmul_(g32, g32, value=1 - BETA2)
     ref_params, ref_moms = [p.clone() for p in params], [m.clone() for m in moms] if momentum else None
 
-    sums = dense_sums(grads, sqs, BETA2, EPS, blocks=_blocks(True))
+    sums = dense_sums(grads, sqs, BETA2, EPS, block=16)
     upd = g32 / (want_v.sqrt() + EPS)
-    want_sums = torch.stack([want_v.square().sum(dim=(1, 2)), upd.square().sum(dim=(1, 2))], dim=1)
+    want_sums = torch.stack([want_v.flatten(1).square().sum(dim=1), upd.flatten(1).square().sum(dim=1)], dim=1)
     torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=0)
     clip = _clip(g32, want_v, 0.5)
     kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8 if momentum else 0.0, weight_decay=0.1)
-    dense_apply(grads, sqs, params, moms, clip, blocks=_blocks(True), **kw)
+    dense_apply(grads, sqs, params, moms, clip, block=16, **kw)
 
     upd = reference.clipped_update(g32, want_v, EPS, 0.5)
     avg = torch.stack([m.float() for m in ref_moms]).mul_(0.8).add_(upd, alpha=0.2) if momentum else upd

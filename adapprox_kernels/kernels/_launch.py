@@ -113,13 +113,15 @@ class MatrixTable:
     Offsets are stored in units of ``align`` elements (16 bytes when every matrix is 16-byte
     aligned) so the kernel's address arithmetic proves the alignment and loads vectorize.
     Matrices whose strides differ from the first one's are staged in contiguous copies;
-    ``writeback()`` copies staged results back after a kernel wrote them."""
+    ``writeback()`` copies staged results back after a kernel wrote them. ``flat=True``: tensors
+    of any one shape, read as flat arrays of ``numel`` elements (staging leaves every one of them
+    contiguous)."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], name: str, *, writable: bool = False):
+    def __init__(self, tensors: Sequence[torch.Tensor], name: str, *, writable: bool = False, flat: bool = False):
         if len(tensors) == 0:
             raise ValueError(f"{name}: need at least one matrix")
         first = tensors[0]
-        if first.dim() != 2:
+        if first.dim() != 2 and not flat:
             raise ValueError(f"{name}: expected 2-D matrices, got shape {tuple(first.shape)}")
         if first.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{name}: dtype {first.dtype} not supported (use one of {SUPPORTED_DTYPES})")
@@ -135,6 +137,7 @@ class MatrixTable:
         self.writable = writable
         self.base = self.tensors[0]
         self.shape = tuple(first.shape)
+        self.numel = first.numel()
         self.dtype = first.dtype
         self.device = first.device
         self.stride = self.base.stride()
@@ -164,12 +167,13 @@ class MatrixTable:
 
 
 def step_tables(
-    params: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor] | None, grads: MatrixTable
+    params: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor] | None, grads: MatrixTable, *, flat: bool = False
 ) -> tuple[MatrixTable, MatrixTable | None]:
     """Writable tables of the weights and momenta an update pass writes (``None``: no momentum),
-    each ``len(grads)`` matrices of the gradients' shape on their device."""
-    weights = MatrixTable(params, "params", writable=True)
-    moms = MatrixTable(exp_avgs, "exp_avgs", writable=True) if exp_avgs is not None else None
+    each ``len(grads)`` matrices of the gradients' shape on their device (``flat``: see
+    :class:`MatrixTable`)."""
+    weights = MatrixTable(params, "params", writable=True, flat=flat)
+    moms = MatrixTable(exp_avgs, "exp_avgs", writable=True, flat=flat) if exp_avgs is not None else None
     for name, other in (("params", weights), ("exp_avgs", moms)):
         if other is not None and (other.shape, len(other), other.device) != (grads.shape, len(grads), grads.device):
             raise ValueError(f"{name}: need {len(grads)} matrices {grads.shape} on {grads.device}")

@@ -12,11 +12,22 @@ import triton.language as tl
 
 
 @triton.jit
+def tile_ptrs(base, rows, cols, stride_r, stride_c):
+    """The pointers to ``base[rows, cols]`` (int64 offsets)."""
+    return base + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+
+
+@triton.jit
+def inside(rows, cols, n_rows, n_cols):
+    """Which entries of the ``rows × cols`` tile lie in an ``n_rows × n_cols`` matrix."""
+    return (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+
+
+@triton.jit
 def load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
     """``base[rows, cols]`` as fp32, zeros outside ``n_rows × n_cols``."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    ptrs = base + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    ptrs = tile_ptrs(base, rows, cols, stride_r, stride_c)
+    return tl.load(ptrs, mask=inside(rows, cols, n_rows, n_cols), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -62,10 +73,11 @@ def v_tile(
 
 
 @triton.jit
-def raw_update(g, v, rows, cols, M, N, eps):
-    """``G / (√V + ε)``, zero outside the matrix (so that ε = 0 gives no 0/0 on padding)."""
-    inside = (rows[:, None] < M) & (cols[None, :] < N)
-    return tl.where(inside, g / (tl.sqrt(v) + eps), 0.0)
+def raw_update(g, v, mask, eps):
+    """``G / (√V + ε)`` where ``mask`` holds, 0 elsewhere (so that ε = 0 gives no 0/0 on
+    padding). Any block shape: the helpers from here on serve the 2-D tiles of the factored
+    kernels and the flat blocks of the dense ones."""
+    return tl.where(mask, g / (tl.sqrt(v) + eps), 0.0)
 
 
 @triton.jit
@@ -94,34 +106,25 @@ def round_to_tf32(x):
 
 
 @triton.jit
-def update_and_average(
-    g, v, rows, cols, M, N, eps, clip, m_base, stride_mm, stride_mn, beta1, one_minus_beta1,
-    HAS_MOMENTUM: tl.constexpr,
-):  # fmt: skip
+def update_and_average(g, v, mask, eps, clip, mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM: tl.constexpr):
     """The clipped update ``G/(√V+ε) / clip`` and the new momentum of updates
-    ``β1·M + (1−β1)·Upd`` (the update itself when there is no momentum), both fp32."""
-    upd = raw_update(g, v, rows, cols, M, N, eps) / clip
+    ``β1·M + (1−β1)·Upd`` (M read at ``mom_ptrs``; the update itself when there is no
+    momentum), both fp32, 0 outside ``mask``."""
+    upd = raw_update(g, v, mask, eps) / clip
     if HAS_MOMENTUM:
-        avg = beta1 * load_tile(m_base, rows, cols, stride_mm, stride_mn, M, N) + one_minus_beta1 * upd
+        avg = beta1 * tl.load(mom_ptrs, mask=mask, other=0.0).to(tl.float32) + one_minus_beta1 * upd
     else:
         avg = upd
     return upd, avg
 
 
 @triton.jit
-def store_step(
-    avg, rows, cols, M, N, w_base, stride_wm, stride_wn, mom_base, stride_mm, stride_mn, lr_decay_ptr, scale,
-    HAS_MOMENTUM: tl.constexpr,
-):  # fmt: skip
+def store_step(avg, mask, w_ptrs, mom_ptrs, lr_decay_ptr, scale, HAS_MOMENTUM: tl.constexpr):
     """Writes the new momentum ``avg`` (when kept) and ``W ← W·(1 − α·λ) − α·scale·avg``, each
     rounded to its tensor's dtype. α and ``1 − α·λ`` come from the device (``lr_decay_ptr``),
     so a captured CUDA graph replays with a new α."""
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    offs_r = rows[:, None].to(tl.int64)
-    offs_c = cols[None, :].to(tl.int64)
     if HAS_MOMENTUM:
-        mom_ptrs = mom_base + offs_r * stride_mm + offs_c * stride_mn
-        tl.store(mom_ptrs, round_to(avg, mom_base.dtype.element_ty), mask=mask)
-    w = load_tile(w_base, rows, cols, stride_wm, stride_wn, M, N)
+        tl.store(mom_ptrs, round_to(avg, mom_ptrs.dtype.element_ty), mask=mask)
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     new_w = w * tl.load(lr_decay_ptr + 1) - tl.load(lr_decay_ptr) * (avg * scale)
-    tl.store(w_base + offs_r * stride_wm + offs_c * stride_wn, round_to(new_w, w_base.dtype.element_ty), mask=mask)
+    tl.store(w_ptrs, round_to(new_w, w_ptrs.dtype.element_ty), mask=mask)

@@ -31,7 +31,7 @@ from ._launch import (
     pointer_arg,
     step_tables,
 )
-from ._tiles import lowrank_tile, store_step, update_and_average, v_tile
+from ._tiles import inside, lowrank_tile, store_step, tile_ptrs, update_and_average, v_tile
 
 
 @triton.jit
@@ -62,15 +62,11 @@ def _apply_update_kernel(
         rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
         beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
-    mom_base = mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN
-    _, avg = update_and_average(
-        g, v, rows, cols, M, N, eps, tl.load(clip_ptr + b), mom_base, stride_mm, stride_mn,
-        beta1, one_minus_beta1, HAS_MOMENTUM,
-    )  # fmt: skip
-    store_step(
-        avg, rows, cols, M, N, w_ptr + tl.load(w_off_ptr + b) * W_ALIGN, stride_wm, stride_wn,
-        mom_base, stride_mm, stride_mn, lr_decay_ptr, tl.load(scale_ptr + b), HAS_MOMENTUM,
-    )  # fmt: skip
+    mask = inside(rows, cols, M, N)
+    mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
+    _, avg = update_and_average(g, v, mask, eps, tl.load(clip_ptr + b), mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM)
+    w_ptrs = tile_ptrs(w_ptr + tl.load(w_off_ptr + b) * W_ALIGN, rows, cols, stride_wm, stride_wn)
+    store_step(avg, mask, w_ptrs, mom_ptrs, lr_decay_ptr, tl.load(scale_ptr + b), HAS_MOMENTUM)
     if WITH_RESIDUAL:
         approx = lowrank_tile(
             qn_ptr + b64 * stride_qnb, un_ptr + b64 * stride_unb, rows, cols, M, N, K_NEW,

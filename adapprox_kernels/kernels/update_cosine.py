@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_vector, pointer_arg
-from ._tiles import update_and_average, v_tile
+from ._tiles import inside, tile_ptrs, update_and_average, v_tile
 
 
 @triton.jit
@@ -40,10 +40,9 @@ def _update_cosine_kernel(
         rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
         beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
-    upd, avg = update_and_average(
-        g, v, rows, cols, M, N, eps, tl.load(clip_ptr + b), mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN,
-        stride_mm, stride_mn, beta1, one_minus_beta1, True,
-    )  # fmt: skip
+    mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
+    mask = inside(rows, cols, M, N)
+    upd, avg = update_and_average(g, v, mask, eps, tl.load(clip_ptr + b), mom_ptrs, beta1, one_minus_beta1, True)
     tiles = tl.num_programs(0)
     tl.store(out_ptr + (b64 * 3) * tiles + tile, tl.sum(tl.sum(upd * avg, axis=1), axis=0))
     tl.store(out_ptr + (b64 * 3 + 1) * tiles + tile, tl.sum(tl.sum(upd * upd, axis=1), axis=0))

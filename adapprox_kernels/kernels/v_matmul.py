@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._launch import PRODUCT_BLOCKS, Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, reduction_split
-from ._tiles import load_tile, raw_update, round_to_tf32, v_tile
+from ._tiles import inside, load_tile, raw_update, round_to_tf32, v_tile
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _v_matmul_kernel(
             acc = tl.dot(v, x, acc, input_precision=PRECISION)
         if WITH_NORMS:
             v_sq += tl.sum(v * v, axis=1)
-            upd = raw_update(g, v, rows, cols, M, N, eps)
+            upd = raw_update(g, v, inside(rows, cols, M, N), eps)
             upd_sq += tl.sum(upd * upd, axis=1)
 
     out_ptrs = (

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_new_factors, pointer_arg
-from ._tiles import lowrank_tile, raw_update, v_tile
+from ._tiles import inside, lowrank_tile, raw_update, v_tile
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _v_norms_kernel(
         rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
         beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
-    upd = raw_update(g, v, rows, cols, M, N, eps)
+    upd = raw_update(g, v, inside(rows, cols, M, N), eps)
     tiles = tl.num_programs(0)
     tl.store(out_ptr + (b64 * 3) * tiles + tile, tl.sum(tl.sum(v * v, axis=1), axis=0))
     tl.store(out_ptr + (b64 * 3 + 2) * tiles + tile, tl.sum(tl.sum(upd * upd, axis=1), axis=0))
