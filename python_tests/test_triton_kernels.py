@@ -421,3 +421,66 @@ def test_product_kernel_compiles_for_hopper_and_tf32_truncates():
     assert ptx["tf32"]["rna"] == 0 and ptx["tf32_rn"]["rna"] == 0
     assert ptx["tf32x3"]["rna"] > 0 and ptx["tf32x3"]["wgmma"] == 3 * ptx["tf32"]["wgmma"] > 0
     assert ptx["tf32_rn"]["wgmma"] == ptx["tf32"]["wgmma"]
+
+
+_HOPPER_ELEMENTWISE = """
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from adapprox_kernels.kernels import apply_update, dense_moment, update_cosine, v_norms
+
+FLOATS = {"beta2", "one_minus_beta2", "eps", "beta1", "one_minus_beta1"}
+HALF = {"g_ptr": "*bf16", "w_ptr": "*bf16", "mom_ptr": "*fp16"}  # the round-to-dtype stores
+
+
+def ptx(fn, consts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i64" if name.endswith("off_ptr") else HALF.get(name, "*fp32")
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    # What the JIT assumes of 16-byte-aligned pointers and of sizes divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n][0] == "*" or n == "NUMEL"}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+tiles = dict(BLOCK_M=32, BLOCK_N=128, HAS_LOWRANK=True, G_ALIGN=8)
+out = {}
+for mom in (True, False):
+    flat = dict(G_ALIGN=8, V_ALIGN=4, W_ALIGN=8, MOM_ALIGN=8, BLOCK=4096, HAS_MOMENTUM=mom)
+    code = ptx(dense_moment._dense_apply_kernel, flat)
+    out[f"dense_apply_{mom}"] = dict(
+        ld_v4=len(re.findall(r"ld\\.global[^\\n]*\\.v4", code)), ld=len(re.findall(r"ld\\.global", code)),
+        st_v=len(re.findall(r"st\\.global[^\\n]*\\.v", code)), st=len(re.findall(r"st\\.global", code)),
+    )
+    ptx(apply_update._apply_update_kernel, dict(tiles, W_ALIGN=8, MOM_ALIGN=8, HAS_MOMENTUM=mom, WITH_RESIDUAL=True))
+ptx(dense_moment._dense_sums_kernel, dict(G_ALIGN=8, V_ALIGN=4, BLOCK=4096))
+ptx(update_cosine._update_cosine_kernel, dict(tiles, MOM_ALIGN=8))
+ptx(v_norms._v_norms_kernel, dict(tiles, WITH_RESIDUAL=True))
+print(json.dumps(out))
+"""
+
+
+def test_elementwise_kernels_compile_for_hopper():
+    """The update, reduction and dense kernels compiled for sm_90 (bf16 weights, fp16 momenta):
+    the interpreter accepts code the compiler does not. The dense update, reading flat blocks,
+    loads and stores 16 bytes at a time; its only scalar loads are the table offsets (G, V, W
+    and M, or no M), the clip divisor and [α, 1 − αλ]."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _HOPPER_ELEMENTWISE], capture_output=True, text=True, env=env, timeout=600)
+    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("no ptxas in this triton install")
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    for mom, scalars in ((True, 7), (False, 6)):
+        c = counts[f"dense_apply_{mom}"]
+        assert c["ld"] - c["ld_v4"] == scalars and c["ld_v4"] > 0, c
+        assert c["st"] == c["st_v"] > 0, c
