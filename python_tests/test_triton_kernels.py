@@ -404,20 +404,26 @@ print(json.dumps(out))
 """
 
 
+def _compile_for_hopper(script: str) -> dict:
+    """Runs ``script`` (which compiles kernels for sm_90 and prints a JSON line last) outside
+    the interpreter, in a process of its own; skips when triton has no ptxas."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("no ptxas in this triton install")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def test_product_kernel_compiles_for_hopper_and_tf32_truncates():
     """The product kernel compiled for sm_90 (no GPU needed: triton's own ptxas), which the
     interpreter cannot show: every precision compiles, and plain tf32 feeds the fp32 operands to
     wgmma unconverted (the hardware then drops their low 13 bits), while tf32x3 rounds
     (cvt.rna) and uses three times the wgmma. ``tf32_rn`` exists because of the former."""
-    import json
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _HOPPER_PTX], capture_output=True, text=True, env=env, timeout=600)
-    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
-        pytest.skip("no ptxas in this triton install")
-    assert run.returncode == 0, run.stderr[-3000:]
-    ptx = json.loads(run.stdout.strip().splitlines()[-1])
+    ptx = _compile_for_hopper(_HOPPER_PTX)
     assert ptx["tf32"]["rna"] == 0 and ptx["tf32_rn"]["rna"] == 0
     assert ptx["tf32x3"]["rna"] > 0 and ptx["tf32x3"]["wgmma"] == 3 * ptx["tf32"]["wgmma"] > 0
     assert ptx["tf32_rn"]["wgmma"] == ptx["tf32"]["wgmma"]
@@ -471,15 +477,7 @@ def test_elementwise_kernels_compile_for_hopper():
     the interpreter accepts code the compiler does not. The dense update, reading flat blocks,
     loads and stores 16 bytes at a time; its only scalar loads are the table offsets (G, V, W
     and M, or no M), the clip divisor and [α, 1 − αλ]."""
-    import json
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _HOPPER_ELEMENTWISE], capture_output=True, text=True, env=env, timeout=600)
-    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
-        pytest.skip("no ptxas in this triton install")
-    assert run.returncode == 0, run.stderr[-3000:]
-    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    counts = _compile_for_hopper(_HOPPER_ELEMENTWISE)
     for mom, scalars in ((True, 7), (False, 6)):
         c = counts[f"dense_apply_{mom}"]
         assert c["ld"] - c["ld_v4"] == scalars and c["ld_v4"] > 0, c
