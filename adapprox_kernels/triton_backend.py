@@ -353,10 +353,8 @@ class TritonBackend:
     def dense_second_moment(
         grads: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], beta2: float, eps: float
     ) -> TritonDenseMoment:
-        """The stored second moment of a dense bucket (fp32 ``exp_avg_sqs``), see
-        :class:`TritonDenseMoment`."""
-        if exp_avg_sqs[0].dtype != torch.float32:
-            raise ValueError(f"the fused dense passes keep V in float32, got {exp_avg_sqs[0].dtype}")
+        """The stored second moment of a dense bucket (fp32 ``exp_avg_sqs``; the launchers check
+        it), see :class:`TritonDenseMoment`."""
         return TritonDenseMoment(grads, exp_avg_sqs, beta2, eps)
 
     @staticmethod
