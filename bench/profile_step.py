@@ -1,8 +1,10 @@
 """Where an Adapprox step spends its time: torch.profiler over a few steps on GPT-2 shapes.
 
-``python bench/profile_step.py [--size 345m] [--backend triton] [--warm] [--graphs] [--python]`` prints
-the top operators by device time and by host time, the number of host syncs per step and where
-they come from, and with ``--python`` the Python functions that take the most host time. GPU only.
+``python bench/profile_step.py [--size 345m] [--backend triton] [--warm] [--graphs] [--python]
+[--trace FILE]`` prints the top operators by device time and by host time, how much of each step
+the device is busy (the rest is waiting for the host), the number of host syncs per step and
+where they come from, with ``--python`` the Python functions that take the most host time, and
+with ``--trace`` writes a Chrome trace of the profiled steps. GPU only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--graphs", action="store_true", help="cuda_graphs=True (the profiled steps are replays)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--python", action="store_true", help="also print the Python functions by own host time")
+    ap.add_argument("--trace", help="write a Chrome trace (JSON) of the profiled steps here")
     args = ap.parse_args()
     device = torch.device("cuda")
     params = make_params(gpt2_shapes(*MODELS[args.size]), device)
@@ -44,6 +47,11 @@ def main() -> None:
         for _ in range(args.steps):
             opt.step()
         torch.cuda.synchronize()
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    busy, span = device_busy(prof)
+    print(f"device busy {busy / args.steps / 1e3:.2f} ms of {span / args.steps / 1e3:.2f} ms per step "
+          f"({busy / span:.0%}); the rest the device waits for the host")
     table = prof.key_averages()
     print(table.table(sort_by="cuda_time_total", row_limit=25))
     print(table.table(sort_by="self_cpu_time_total", row_limit=25))
@@ -66,6 +74,19 @@ def main() -> None:
         profiler.runcall(lambda: [opt.step() for _ in range(args.steps)])
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats("adapprox_kernels", 40)
+
+
+def device_busy(prof: torch.profiler.profile) -> tuple[float, float]:
+    """(µs with at least one kernel or copy running, µs from the first to the last of them)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:  # union of intervals
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy, spans[-1][1] - spans[0][0]
 
 
 def sync_sources(prof: torch.profiler.profile) -> Counter:
