@@ -37,6 +37,19 @@ class _Captured:
     outputs: Outputs
     constants: list[torch.Tensor]  # cached device tensors the graph reads
 
+    def __post_init__(self) -> None:
+        # Input positions by dtype: a foreach copy whose tensors share one dtype is one fused
+        # launch, a mixed list (fp32 factors with a bool rank mask) one copy per tensor.
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(self.inputs):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        self.copy_groups = [([self.inputs[i] for i in idxs], idxs) for idxs in by_dtype.values()]
+
+    def load(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Copies this replay's ``inputs`` into the buffers the capture read."""
+        for buffers, idxs in self.copy_groups:
+            torch._foreach_copy_(buffers, [inputs[i] for i in idxs])
+
 
 class CallGraphs:
     """Runs a keyed call eagerly the first ``eager_runs`` times its key comes up (a key unseen
@@ -65,7 +78,7 @@ class CallGraphs:
             if captured is None:
                 self.counts["eager"] += 1
                 return fn(*inputs)
-            torch._foreach_copy_(captured.inputs, list(inputs))
+            captured.load(inputs)
             captured.graph.replay()
             self.counts["replayed"] += 1
             return captured.outputs

@@ -79,9 +79,14 @@ def sweep(device, quick: bool) -> list[dict]:
         dst = torch.empty_like(src)
         copy_gbps = 2 * g_bytes / (bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
         cases = []
-        for blocks in product_configs(quick):
-            cases.append(("v_matmul", blocks, None, lambda b=blocks: v_matmul(grads, q, u, x, 0.999, blocks=b), g_bytes + thin))
-            cases.append(("v_rmatmul", blocks, None, lambda b=blocks: v_rmatmul(grads, q, u, y, 0.999, blocks=b), g_bytes + thin))
+        # The default precision and tf32 rounded to nearest (within the sketch's own noise in
+        # bench/product_precision.py) over every tile shape; the others at the default tiles.
+        for precision in (None, "tf32_rn"):
+            for blocks in product_configs(quick):
+                for name, fn, thin_in in (("v_matmul", v_matmul, x), ("v_rmatmul", v_rmatmul, y)):
+                    cases.append((name, blocks, precision,
+                                  lambda f=fn, t=thin_in, b=blocks, p=precision: f(grads, q, u, t, 0.999, blocks=b, precision=p),
+                                  g_bytes + thin))  # fmt: skip
         for precision in ("tf32", "ieee"):
             for name, fn in (("v_matmul", v_matmul), ("v_rmatmul", v_rmatmul)):
                 thin_in = x if name == "v_matmul" else y

@@ -43,12 +43,15 @@ class Blocks(NamedTuple):
         return pow2_block(m, self.m), pow2_block(n, self.n), pow2_block(r, self.r)
 
 
-# V @ X and Vᵀ @ Y: tile size and pipelining barely matter once the V tile is rebuilt with
-# exact FMAs and only the long product uses tensor cores (bench/results/tune_blocks_*.json).
-PRODUCT_BLOCKS = Blocks()
-# The elementwise passes (update, norms, cosine sums): wide rows of 128 columns, 2 stages,
-# 95% of copy bandwidth for the update pass at k = 1 on the H100 against 77% with 64×64 tiles.
-ELEMENTWISE_BLOCKS = Blocks(m=32, n=128, warps=4, stages=2)
+# V @ X and Vᵀ @ Y: 128-row tiles, 2 stages. On the H100 (bench/results/tune_blocks_*.json,
+# GPT-2 groups at the default precision) they reached 32-63% of copy bandwidth where 64×64
+# tiles with 3 stages reached 26-50%.
+PRODUCT_BLOCKS = Blocks(m=128, n=64, warps=4, stages=2)
+# The elementwise passes (update, norms, cosine sums): 16 rows of 256 columns, 2 stages. The
+# update pass reached 94-95% of copy bandwidth at k = 8 on the H100 (32×128 tiles: 76-78%; the
+# rebuild of V loads each factor entry once per tile row or column, so flat tiles load fewer)
+# and 96-100% at k = 1.
+ELEMENTWISE_BLOCKS = Blocks(m=16, n=256, warps=4, stages=2)
 
 
 def interpreted() -> bool:

@@ -24,7 +24,7 @@ from ..transfer import lr_and_decay
 from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, check_vector, step_tables
 from ._tiles import raw_update, store_step, update_and_average
 
-# Elements per program: as many as one 32×128 tile of the other elementwise passes.
+# Elements per program: as many as one tile of the other elementwise passes (4096).
 DENSE_BLOCK = ELEMENTWISE_BLOCKS.m * ELEMENTWISE_BLOCKS.n
 
 
