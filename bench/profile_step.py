@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
+import os
 import pstats
 import sys
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -47,9 +50,10 @@ def main() -> None:
         for _ in range(args.steps):
             opt.step()
         torch.cuda.synchronize()
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
-    busy, span = device_busy(prof)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = args.trace or os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        busy, span = device_busy(trace)
     print(f"device busy {busy / args.steps / 1e3:.2f} ms of {span / args.steps / 1e3:.2f} ms per step "
           f"({busy / span:.0%}); the rest the device waits for the host")
     table = prof.key_averages()
@@ -76,11 +80,16 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats("adapprox_kernels", 40)
 
 
-def device_busy(prof: torch.profiler.profile) -> tuple[float, float]:
-    """(µs with at least one kernel or copy running, µs from the first to the last of them)."""
+def device_busy(trace: str) -> tuple[float, float]:
+    """From a Chrome trace: (µs with at least one kernel, copy or memset running, µs from the
+    first of them to the last). The trace, not ``prof.events()``: those also hold the device-side
+    step annotations, which span whole steps."""
+    with open(trace) as f:
+        events = json.load(f)["traceEvents"]
     spans = sorted(
-        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-    )
+        (e["ts"], e["ts"] + e["dur"]) for e in events
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    )  # fmt: skip
     busy, end = 0.0, float("-inf")
     for start, stop in spans:  # union of intervals
         if stop > end:
