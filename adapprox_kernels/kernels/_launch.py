@@ -47,6 +47,10 @@ class Blocks(NamedTuple):
 # GPT-2 groups at the default precision) they reached 32-63% of copy bandwidth where 64×64
 # tiles with 3 stages reached 26-50%.
 PRODUCT_BLOCKS = Blocks(m=128, n=64, warps=4, stages=2)
+# The first V @ X of a step, which also reduces ‖V‖² and the update's RMS from its tiles: those
+# sums hold more registers per row, and 64×64 tiles with 3 stages ran it 4-15% faster than
+# PRODUCT_BLOCKS on the H100 (bench/results/bench_step_*-153951.json against *-151653.json).
+FIRST_PASS_BLOCKS = Blocks(m=64, n=64, warps=4, stages=3)
 # The elementwise passes (update, norms, cosine sums): 16 rows of 256 columns, 2 stages. The
 # update pass reached 94-95% of copy bandwidth at k = 8 on the H100 (32×128 tiles: 76-78%; the
 # rebuild of V loads each factor entry once per tile row or column, so flat tiles load fewer)

@@ -22,7 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import PRODUCT_BLOCKS, Blocks, MatrixTable, check_factor, dot_precision, pointer_arg, reduction_split
+from ._launch import (
+    FIRST_PASS_BLOCKS,
+    PRODUCT_BLOCKS,
+    Blocks,
+    MatrixTable,
+    check_factor,
+    dot_precision,
+    pointer_arg,
+    reduction_split,
+)
 from ._tiles import inside, load_tile, raw_update, round_to_tf32, v_tile
 
 
@@ -141,7 +150,7 @@ def v_matmul(
     beta2: float,
     *,
     eps: float | None = None,
-    blocks: Blocks = PRODUCT_BLOCKS,
+    blocks: Blocks | None = None,
     split: int | None = None,
     precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -149,7 +158,10 @@ def v_matmul(
     ``u: (B, n, K)`` fp32, ``x: (B, n, r)`` fp32 -> ``(B, m, r)`` fp32.
 
     With ``eps``, also returns ``(B, 2)`` sums ``[‖V‖_F², Σ (G/(√V+ε))²]`` from the same pass
-    (else ``None``). ``blocks`` caps the tile sizes; ``split`` overrides the split-K heuristic."""
+    (else ``None``). ``blocks`` caps the tile sizes (default ``PRODUCT_BLOCKS``, or
+    ``FIRST_PASS_BLOCKS`` with the sums); ``split`` overrides the split-K heuristic."""
+    if blocks is None:
+        blocks = PRODUCT_BLOCKS if eps is None else FIRST_PASS_BLOCKS
     return _launch(_as_table(grads), q, u, x, beta2, eps, False, blocks, split, precision)
 
 
