@@ -80,9 +80,9 @@ def dot_precision(device: torch.device) -> str:
     ``tf32x3`` (three tf32 products, close to fp32) on GPUs with tf32; ``ieee`` elsewhere (and
     under the interpreter, which computes in fp32 anyway). Plain tf32 made these passes 2-3×
     faster on the H100 (bench/results/tune_blocks_*.json) but moved the products by ~1e-3
-    relative on incoherent data, and S-RSI on flat-spectrum matrices then lands on visibly
-    different subspaces than the fp32 reference; it stays opt-in (``precision=`` of the
-    launchers) until its effect on ξ and the rank decisions is measured."""
+    relative on incoherent data; in training it raised mean ξ 1.6-4× and changed more rank
+    decisions than another sketch seed (docs/kernels.md, Precision), so it is opt-in only
+    (``precision=`` of the launchers)."""
     if device.type != "cuda" or torch.version.hip is not None:
         return "ieee"
     _, major = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
