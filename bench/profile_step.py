@@ -2,7 +2,8 @@
 
 ``python bench/profile_step.py [--size 345m] [--backend triton] [--warm] [--graphs] [--python]
 [--trace FILE]`` prints the top operators by device time and by host time, how much of each step
-the device is busy (the rest is waiting for the host), the number of host syncs per step and
+the device is busy (the rest is waiting for the host), how much of a step the host spends
+waiting at the step's syncs (measured without the profiler), the number of host syncs per step and
 where they come from, with ``--python`` the Python functions that take the most host time, and
 with ``--trace`` writes a Chrome trace of the profiled steps. GPU only.
 """
@@ -16,6 +17,7 @@ import os
 import pstats
 import sys
 import tempfile
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -45,6 +47,9 @@ def main() -> None:
     for _ in range(5):  # warm-up: kernel compilation, lazy state, handles, graph capture
         opt.step()
     torch.cuda.synchronize()
+    step_ms, wait_ms = host_split(opt, steps=50)
+    print(f"step {step_ms:.2f} ms without the profiler, of which the host waits {wait_ms:.2f} ms at syncs "
+          f"and works {step_ms - wait_ms:.2f} ms")
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
@@ -78,6 +83,34 @@ def main() -> None:
         profiler.runcall(lambda: [opt.step() for _ in range(args.steps)])
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats("adapprox_kernels", 40)
+
+
+def host_split(opt: Adapprox, steps: int) -> tuple[float, float]:
+    """(ms per step, ms of it the host spends in ``to_host``, i.e. waiting at the step's syncs),
+    over ``steps`` back-to-back steps."""
+    from adapprox_kernels import adapprox, optim_base
+
+    waited = [0.0]
+    original = optim_base.to_host
+
+    def timed(tensors):
+        start = time.perf_counter()
+        try:
+            return original(tensors)
+        finally:
+            waited[0] += time.perf_counter() - start
+
+    adapprox.to_host = optim_base.to_host = timed
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+    finally:
+        adapprox.to_host = optim_base.to_host = original
+    return total / steps * 1e3, waited[0] / steps * 1e3
 
 
 def device_busy(trace: str) -> tuple[float, float]:
