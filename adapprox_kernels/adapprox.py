@@ -18,6 +18,7 @@ batched call. See ``docs/algorithm.md`` for every decision the paper leaves open
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -80,9 +81,15 @@ def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([pad(f, (0, width - f.shape[1])) for f in factors])
 
 
+_dtype = operator.attrgetter("dtype")
+
+
 def _addresses(tensors: list[torch.Tensor]) -> tuple:
-    """Where a captured call reads or writes each tensor: part of its graph key."""
-    return tuple((t.data_ptr(), t.dtype, t.stride()) for t in tensors)
+    """Where a captured call reads or writes each tensor, as which dtype and with which
+    strides: part of its graph key. Hundreds of tensors a step: ``map``, not a Python loop."""
+    return (
+        tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(_dtype, tensors)), tuple(map(torch.Tensor.stride, tensors))
+    )
 
 
 def _deferred_orthonormalize(backend, failures: list[torch.Tensor]):
@@ -104,9 +111,10 @@ def _deferred_orthonormalize(backend, failures: list[torch.Tensor]):
 @dataclass
 class _Pending:
     """A bucket's S-RSI result waiting for the step's host sync: full-width ``q: (B, m, r)``,
-    ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ, ``xi: (B,)`` (None
-    when not measured this step), the orthonormalizer's failure flags ``(B,)`` (None if it
-    cannot fail) and ``redo``, which recomputes ``(q, u, xi)`` with the checked one."""
+    ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ, ``xi()``: ``(B,)``
+    (None when not measured this step; a call, since a deferred update has not run yet when
+    this is made), the orthonormalizer's failure flags ``(B,)`` (None if it cannot fail) and
+    ``redo``, which recomputes ``(q, u, xi)`` with the checked one."""
 
     group: dict[str, Any]
     states: list[dict[str, Any]]
@@ -115,20 +123,22 @@ class _Pending:
     q: torch.Tensor
     u: torch.Tensor
     used: list[int]
-    xi: torch.Tensor | None
+    xi: Callable[[], torch.Tensor | None]
     failed: torch.Tensor | None
     redo: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
 class _Started:
-    """A factored bucket after S-RSI, before its update. ``sums`` ``(B, 2)``: ``[‖V‖², Σ
-    (G/(√V+ε))²]`` per matrix from the first product's pass when the backend reduces them there
-    (else None); the second is NaN or inf exactly where a gradient holds NaN or inf.
-    ``finish()`` applies the update and queues the rank decisions."""
+    """A bucket after S-RSI (or a dense bucket after its sums pass), before its update.
+    ``sums()`` ``(B, 2)``: ``[‖V‖², Σ (G/(√V+ε))²]`` per matrix from the first pass when the
+    backend reduces them there (else None); the second is NaN or inf exactly where a gradient
+    holds NaN or inf. A call, since a graphed pass is deferred (see ``cuda_graphs.py``): the
+    first read runs every queued pass. ``finish()`` applies (or queues) the update and queues
+    the rank decisions."""
 
     states: list[dict[str, Any]]
-    sums: torch.Tensor | None
+    sums: Callable[[], torch.Tensor | None]
     finish: Callable[[], None]
 
 
@@ -257,6 +267,7 @@ class Adapprox(SketchOptimizer):
         # Captured bucket steps (cuda_graphs=True): two graphs per factored bucket (S-RSI, update),
         # one per dense bucket (its update); 64 in all.
         self._graphs = CallGraphs(capacity=64)
+        self._baked: dict[int, tuple] = {}  # id(group) -> _baked_hyperparameters, this step
         # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
         self._ahead: dict[tuple, _Started] = {}
         self._ahead_buckets: dict[int, dict[tuple, list[torch.Tensor]]] = {}  # id(group) -> buckets
@@ -295,12 +306,16 @@ class Adapprox(SketchOptimizer):
 
     def _baked_hyperparameters(self, group: dict[str, Any]) -> tuple:
         """The group's hyperparameters that a captured step holds as constants (all but α and
-        λ, which it reads from the device), hashable: part of the graph key."""
-        return tuple(
-            (k, tuple(group[k]) if isinstance(group[k], list) else group[k])
-            for k in sorted(self.defaults)
-            if k not in ("lr", "weight_decay")
-        )
+        λ, which it reads from the device), hashable: part of the graph key. Computed once a
+        step per group (``_run_ahead`` empties the cache)."""
+        baked = self._baked.get(id(group))
+        if baked is None:
+            baked = self._baked[id(group)] = tuple(
+                (k, tuple(group[k]) if isinstance(group[k], list) else group[k])
+                for k in sorted(self.defaults)
+                if k not in ("lr", "weight_decay")
+            )
+        return baked
 
     @staticmethod
     def _graphable(group: dict[str, Any], backend, q_prev: torch.Tensor, shards: RowShards | None) -> bool:
@@ -334,6 +349,8 @@ class Adapprox(SketchOptimizer):
         counts and new state, which :meth:`_discard_run_ahead` restores."""
         self._ahead.clear()
         self._ahead_buckets.clear()
+        self._baked.clear()
+        self._graphs.discard_queued()  # left by a step that raised, if any
         new = [p for _, params in groups for p in params if not self.state[p]]
         rng = None  # the sketch RNG before the first draw, if anything runs ahead
         known = []
@@ -355,11 +372,11 @@ class Adapprox(SketchOptimizer):
                 for p in bucket:
                     self.state[p]["step"] += 1
                 start = self._factored_srsi if factored else self._dense_start
-                started = start(group, bucket, backend)
-                self._ahead[(id(group), key)] = started
-                known.append((bucket, started.sums[:, 1]))
+                started = self._ahead[(id(group), key)] = start(group, bucket, backend)
+                known.append((bucket, started))
         self._ahead_undo = (rng, new)
-        return known
+        # Read after every bucket has queued its passes: the first read runs them all at once.
+        return [(bucket, started.sums()[:, 1]) for bucket, started in known]
 
     def _discard_run_ahead(self) -> None:
         rng, new = self._ahead_undo
@@ -412,8 +429,9 @@ class Adapprox(SketchOptimizer):
         )  # fmt: skip
 
     def _dense_start(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> _Started:
-        """A dense bucket on the fused passes: the sums pass now (the update's RMS and the
-        non-finite check's values), the update pass in ``finish()``, which also writes V."""
+        """A dense bucket on the fused passes: the sums pass (the update's RMS and the
+        non-finite check's values), then the update pass in ``finish()``, which also writes V;
+        graphed, both are deferred to run with the other buckets' passes."""
         states = [self.state[p] for p in bucket]
         beta2 = group["betas"][1]
         grads = [p.grad for p in bucket]
@@ -422,29 +440,29 @@ class Adapprox(SketchOptimizer):
         kw = self._step_kwargs(group)
         eps = kw.pop("eps")
         del kw["cosine_max_scale"]  # None here (see _dense_on_kernels)
-        op = backend.dense_second_moment(grads, sqs, beta2, eps)
-        sums = op.first_pass()
-        if self._graphable(group, backend, sqs[0], None):
+        if not self._graphable(group, backend, sqs[0], None):
+            op = backend.dense_second_moment(grads, sqs, beta2, eps)
+            sums = op.first_pass()
+            return _Started(states, lambda: sums, lambda: backend.apply_dense_step(op, bucket, exp_avgs, **kw))
 
-            def update_graph(sums, lr_decay):
-                again = backend.dense_second_moment(grads, sqs, beta2, eps)
-                again.first_pass_sums = sums
-                backend.apply_dense_step(again, bucket, exp_avgs, **kw, lr_decay=lr_decay)
-                return ()
+        def sums_graph():
+            return (backend.dense_second_moment(grads, sqs, beta2, eps).first_pass(),)
 
-            touched = _addresses([*grads, *sqs, *bucket, *(exp_avgs or [])])
-            key = ("dense", self._baked_hyperparameters(group), touched)
-            lr_decay = lr_and_decay(group["lr"], group["weight_decay"], sqs[0].device)
+        def update_graph(sums, lr_decay):
+            op = backend.dense_second_moment(grads, sqs, beta2, eps)
+            op.first_pass_sums = sums
+            backend.apply_dense_step(op, bucket, exp_avgs, **kw, lr_decay=lr_decay)
+            return ()
 
-            def finish() -> None:
-                self._graphs.run(key, update_graph, (sums, lr_decay))
+        baked, read = self._baked_hyperparameters(group), _addresses([*grads, *sqs])
+        sums_call = self._graphs.defer(("dense sums", baked, read), sums_graph, ())
+        key = ("dense", baked, read, _addresses([*bucket, *(exp_avgs or [])]))
+        lr_decay = lr_and_decay(group["lr"], group["weight_decay"], sqs[0].device)
 
-        else:
+        def finish() -> None:
+            self._graphs.defer(key, update_graph, (sums_call.outputs[0], lr_decay))
 
-            def finish() -> None:
-                backend.apply_dense_step(op, bucket, exp_avgs, **kw)
-
-        return _Started(states, sums, finish)
+        return _Started(states, lambda: sums_call.outputs[0], finish)
 
     def _dense_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
         """Unfactored V (vectors, small matrices): ``V = β2·V + (1−β2)·G²``, same update rule."""
@@ -486,11 +504,11 @@ class Adapprox(SketchOptimizer):
             backend = shards
         # Previous factors, zero-padded to a common width (zero columns add nothing to Q Uᵀ).
         width_prev = max(s["Q"].shape[1] for s in states)
-        q_prev = _stack_padded([local(s["Q"]) for s in states], width_prev)
-        u_prev = _stack_padded([local(s["U"]) for s in states], width_prev)
-        grads = [local(p.grad).reshape(-1, n) for p in bucket]
-        params = [local(p) for p in bucket]
-        exp_avgs = [local(s["exp_avg"]) for s in states] if beta1 > 0 else None
+        q_prev = _stack_padded(local_list(s["Q"] for s in states), width_prev)
+        u_prev = _stack_padded(local_list(s["U"] for s in states), width_prev)
+        grads = [g.reshape(-1, n) for g in local_list(p.grad for p in bucket)]
+        params = local_list(bucket)
+        exp_avgs = local_list(s["exp_avg"] for s in states) if beta1 > 0 else None
 
         ranks = [_round_rank(s["rank"]) for s in states]
         width = sketch_width(max(ranks), group["oversample"], m, n)
@@ -540,22 +558,31 @@ class Adapprox(SketchOptimizer):
                 op.first_pass_sums = sums
                 return (update(op, q, u, used_mask, lr_decay),)
 
-            baked = self._baked_hyperparameters(group)
-            key = ("srsi", m, n, warm, iters, baked, _addresses(grads))
-            q, u, sums, failed = self._graphs.run(key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
-            # The update's host work is done here, before the non-finite check's sync.
-            update_key = ("update", m, n, measure, baked, _addresses([*grads, *params, *(exp_avgs or [])]))
+            # Deferred: S-RSI runs with the other buckets' (see cuda_graphs.py), the update with
+            # their updates. The update's host work is done here, before the non-finite check.
+            baked, read = self._baked_hyperparameters(group), _addresses(grads)
+            srsi_key = ("srsi", m, n, warm, iters, baked, read)
+            srsi_call = self._graphs.defer(srsi_key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
+            update_key = ("update", m, n, measure, baked, read, _addresses([*params, *(exp_avgs or [])]))
             lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
 
-            def run_update():
-                return self._graphs.run(update_key, update_graph, (q_prev, u_prev, sums, q, u, used_mask, lr_decay))[0]
+            def srsi_outputs():
+                return srsi_call.outputs
+
+            def run_update(q, u, sums):
+                call = self._graphs.defer(update_key, update_graph, (q_prev, u_prev, sums, q, u, used_mask, lr_decay))
+                return lambda: call.outputs[0]
 
         else:
             op, q, u, failed = srsi(q_prev, u_prev, sketch, prev_mask)
-            sums = getattr(op, "first_pass_sums", None)
+            first_sums = getattr(op, "first_pass_sums", None)
 
-            def run_update():
-                return update(op, q, u, used_mask)
+            def srsi_outputs():
+                return q, u, first_sums, failed
+
+            def run_update(q, u, sums):
+                xi = update(op, q, u, used_mask)
+                return lambda: xi
 
         def redo() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             """S-RSI again with the checked orthonormalizer (V_t is unchanged by the update)."""
@@ -567,18 +594,20 @@ class Adapprox(SketchOptimizer):
             return q2, u2, ratio_from_sq_norms(again.sq_norm(), resid2)
 
         def finish() -> None:
-            xi = run_update()
+            q, u, sums, failed = srsi_outputs()
+            xi = run_update(q, u, sums)
             cap = min(group["k_max"], m, n)
             self._pending.append(_Pending(group, states, shards, cap, q, u, used, xi, failed, redo))
 
-        return _Started(states, sums, finish)
+        return _Started(states, lambda: srsi_outputs()[2], finish)
 
     def _end_step(self) -> None:
         """Rank decisions and new factors of every bucket of the step, after one host sync per
         device that fetches all ξ (and the orthonormalizer's failure flags) at once."""
-        pending, self._pending = self._pending, []
+        self._graphs.flush()  # the deferred updates, all at once
         self._graphs.next_step()
-        host = iter(to_host([t for rec in pending for t in (rec.xi, rec.failed)]))
+        pending, self._pending = self._pending, []
+        host = iter(to_host([t for rec in pending for t in (rec.xi(), rec.failed)]))
         for rec in pending:
             xis, failed = next(host), next(host)
             if failed is not None and any(failed):

@@ -14,6 +14,12 @@ A graphed call ``fn(*inputs) -> outputs`` must keep this contract:
   alive with the graph (:func:`~adapprox_kernels.transfer.keeping_constants`);
 * ``fn`` does not wait for the GPU and launches on the current stream;
 * the returned ``outputs`` belong to the graph: the next replay overwrites them.
+
+Calls whose results are not needed at once are queued with :meth:`CallGraphs.defer` and run
+together, as one call under one key: the optimizer queues every bucket's S-RSI (and the dense
+buckets' sums pass) before the non-finite check and every bucket's update after it, so that a
+step replays two graphs, each loaded by one copy per dtype, instead of two per bucket. A
+replay's host cost (launching the graph, copying its inputs) hardly grows with its length.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 from .transfer import keeping_constants
 
-Outputs = tuple[torch.Tensor | None, ...]
+Outputs = tuple  # of tensors, None, or (for a batch of deferred calls) tuples of those
 
 
 @dataclass
@@ -64,11 +70,54 @@ class CallGraphs:
         self._graphs: OrderedDict[Hashable, _Captured | None] = OrderedDict()  # None: capture failed
         self._step = 0
         self._seen: dict[Hashable, tuple[int, int]] = {}  # key -> (last step seen, eager runs)
+        self._queue: list[Deferred] = []  # deferred calls not run yet
 
     def next_step(self) -> None:
-        """Marks the end of an optimizer step."""
+        """Marks the end of an optimizer step (after the step's queued calls have run)."""
+        if self._queue:
+            raise RuntimeError("CallGraphs.next_step: deferred calls were never run")
         self._step += 1
         self._seen = {k: v for k, v in self._seen.items() if v[0] >= self._step - self.forget_after}
+
+    def defer(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> "Deferred":
+        """Queues ``fn(*inputs)`` (the contract of :meth:`run`) to run with the other queued calls
+        at the next :meth:`flush`, which reading the returned handle's ``outputs`` triggers."""
+        call = Deferred(self, key, fn, list(inputs))
+        self._queue.append(call)
+        return call
+
+    def flush(self) -> None:
+        """Runs every queued call, in queue order, as one call: its key is the calls' keys and
+        the way their inputs alias (an input several calls share, such as one group's ``[α,
+        1 − α·λ]``, is loaded once)."""
+        calls, self._queue = self._queue, []
+        if not calls:
+            return
+        if len(calls) == 1:
+            (call,) = calls
+            call.outputs = self.run(call.key, call.fn, call.inputs)
+            return
+        unique: dict[int, int] = {}  # id(tensor) -> position in the batch's inputs
+        inputs: list[torch.Tensor] = []
+        where = []  # per call, the positions of its inputs
+        for call in calls:
+            for t in call.inputs:
+                if id(t) not in unique:
+                    unique[id(t)] = len(inputs)
+                    inputs.append(t)
+            where.append(tuple(unique[id(t)] for t in call.inputs))
+        fns = [call.fn for call in calls]
+
+        def batch(*args: torch.Tensor) -> Outputs:
+            return tuple(fn(*(args[i] for i in idxs)) for fn, idxs in zip(fns, where))
+
+        outputs = self.run(("batch", tuple(call.key for call in calls), tuple(where)), batch, inputs)
+        for call, out in zip(calls, outputs):
+            call.outputs = out
+
+    def discard_queued(self) -> None:
+        """Forgets the queued calls (a step that raised before running them)."""
+        self._queue.clear()
 
     def run(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Outputs:
         key = (key, tuple((t.shape, t.dtype, t.device) for t in inputs))
@@ -124,3 +173,22 @@ class CallGraphs:
 
     def __len__(self) -> int:
         return sum(c is not None for c in self._graphs.values())
+
+
+class Deferred:
+    """A call queued by :meth:`CallGraphs.defer`; ``outputs`` runs the queue first if needed."""
+
+    def __init__(self, graphs: CallGraphs, key: Hashable, fn: Callable[..., Outputs], inputs: list[torch.Tensor]):
+        self.key, self.fn, self.inputs = key, fn, inputs
+        self._graphs = graphs
+        self._outputs: Outputs | None = None
+
+    @property
+    def outputs(self) -> Outputs:
+        if self._outputs is None:
+            self._graphs.flush()
+        return self._outputs
+
+    @outputs.setter
+    def outputs(self, value: Outputs) -> None:
+        self._outputs = value

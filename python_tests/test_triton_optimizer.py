@@ -11,6 +11,7 @@ import torch
 from triton_env import DEVICE, triton_kernels  # noqa: F401  (autouse fixture)
 
 from adapprox_kernels import Adapprox
+from adapprox_kernels.cuda_graphs import CallGraphs
 
 SHAPES = [(20, 33), (20, 33), (9, 40), (2, 5, 9), (7,)]  # 3-D folds to 2×45: dense (too small to factor)
 
@@ -295,8 +296,10 @@ def test_graph_key_of_a_named_group_is_hashable():
     key = opt._baked_hyperparameters(group)
     hash(key)
     group["lr"], group["weight_decay"] = 0.5, 0.0
+    opt._baked.clear()  # as each step does: the key is computed once a step
     assert opt._baked_hyperparameters(group) == key
     group["eps"] = 1e-6
+    opt._baked.clear()
     assert opt._baked_hyperparameters(group) != key
 
 
@@ -364,20 +367,52 @@ def test_graph_replay_copies_inputs_one_foreach_per_dtype():
     assert all(torch.equal(b, n) for b, n in zip(buffers, new))
 
 
-class _CallsThrough:
-    """Stands in for CallGraphs where there is no GPU: runs each graphable call on copies of its
-    inputs (a captured graph reads its own buffers) and keeps the keys it was given."""
+def test_deferred_calls_run_together_in_queue_order():
+    """Deferred calls wait until one's outputs are read, then run in queue order as one call,
+    keyed by their keys and how their inputs alias (a shared input is passed once)."""
+    graphs = CallGraphs(eager_runs=10)
+    order, seen = [], []
+    shared = torch.ones(2)
+
+    def call(name):
+        def fn(x, y):
+            order.append(name)
+            seen.append((x, y))
+            return (x + y,)
+
+        return fn
+
+    a = graphs.defer("a", call("a"), (shared, torch.full((2,), 2.0)))
+    b = graphs.defer("b", call("b"), (torch.full((2,), 3.0), shared))
+    assert order == []
+    with pytest.raises(RuntimeError, match="never run"):
+        graphs.next_step()
+    assert torch.equal(b.outputs[0], torch.full((2,), 4.0))  # reading one runs both
+    assert order == ["a", "b"] and torch.equal(a.outputs[0], torch.full((2,), 3.0))
+    assert seen[0][0] is seen[1][1]
+    assert dict(graphs.counts) == {"eager": 1}
+    ((key, _),) = graphs._seen
+    assert key == ("batch", ("a", "b"), ((0, 1), (2, 0)))
+    graphs.flush()  # nothing queued: nothing runs
+    assert order == ["a", "b"]
+    c = graphs.defer("c", call("c"), (shared, shared))
+    graphs.discard_queued()
+    graphs.next_step()
+    assert order == ["a", "b"] and c.outputs is None
+
+
+class _CallsThrough(CallGraphs):
+    """Stands in for CallGraphs where there is no GPU: runs each graphable call (a batch of
+    deferred ones is one call) on copies of its inputs, as a captured graph reads its own
+    buffers, and keeps the keys it was given."""
 
     def __init__(self):
+        super().__init__()
         self.keys = []
-        self.counts = {}
 
     def run(self, key, fn, inputs):
-        self.keys.append(hash(key))
+        self.keys.append(key)
         return fn(*[t.clone() for t in inputs])
-
-    def next_step(self):
-        pass
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -391,9 +426,14 @@ def test_graphed_calls_give_the_eager_bits(monkeypatch, name):
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
     calls = _CallsThrough()
     graph_params, graph_opt = _graph_run(dtype, options, True, 5, fixed_grads=True, graphs_stand_in=calls)
-    # S-RSI and update of 2 factored buckets, the update of 2 dense ones (unless cosine guidance
-    # keeps those on the plain-PyTorch path), 5 steps.
-    assert len(calls.keys) == 5 * (2 * 2 + (0 if options.get("cosine_guidance") else 2))
+    # Each step runs two batches: S-RSI of the 2 factored buckets with the sums pass of the 2
+    # dense ones (unless cosine guidance keeps those on the plain-PyTorch path), then their updates.
+    dense = 0 if options.get("cosine_guidance") else 2
+    assert [key[0] for key in calls.keys] == ["batch"] * 2 * 5
+    assert [sorted(call[0] for call in key[1]) for key in calls.keys[:2]] == [
+        ["dense sums"] * dense + ["srsi", "srsi"],
+        ["dense"] * dense + ["update", "update"],
+    ]
     for i, (ep, gp) in enumerate(zip(eager_params, graph_params)):
         assert torch.equal(ep, gp), f"param {i}"
         for key, want in eager_opt.state[ep].items():
