@@ -79,7 +79,7 @@ class CallGraphs:
         self._step += 1
         self._seen = {k: v for k, v in self._seen.items() if v[0] >= self._step - self.forget_after}
 
-    def defer(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> "Deferred":
+    def defer(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Deferred:
         """Queues ``fn(*inputs)`` (the contract of :meth:`run`) to run with the other queued calls
         at the next :meth:`flush`, which reading the returned handle's ``outputs`` triggers."""
         call = Deferred(self, key, fn, list(inputs))
