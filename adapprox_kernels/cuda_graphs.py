@@ -16,10 +16,12 @@ A graphed call ``fn(*inputs) -> outputs`` must keep this contract:
 * the returned ``outputs`` belong to the graph: the next replay overwrites them.
 
 Calls whose results are not needed at once are queued with :meth:`CallGraphs.defer` and run
-together, as one call under one key: the optimizer queues every bucket's S-RSI (and the dense
-buckets' sums pass) before the non-finite check and every bucket's update after it, so that a
-step replays two graphs, each loaded by one copy per dtype, instead of two per bucket. A
-replay's host cost (launching the graph, copying its inputs) hardly grows with its length.
+together as a batch, one call under one key: the optimizer queues every bucket's S-RSI (and the
+dense buckets' sums pass) before the non-finite check and every bucket's update after it, so
+that a steady step replays two graphs, each loaded by one copy per dtype, instead of two per
+bucket (a replay's host cost, launching the graph and copying its inputs, hardly grows with its
+length). While one bucket's ranks move, the batch's key changes every few steps: until a batch
+has come up ``eager_runs`` times, its calls run one by one, each through its own graph as before.
 """
 
 from __future__ import annotations
@@ -60,14 +62,15 @@ class _Captured:
 class CallGraphs:
     """Runs a keyed call eagerly the first ``eager_runs`` times its key comes up (a key unseen
     for ``forget_after`` steps starts over: ranks in transition are not worth a capture), then
-    captures it and replays it from then on. Holds at most ``capacity`` graphs (least recently
-    used dropped first). ``counts`` tallies ``eager`` / ``captured`` / ``replayed`` calls and
+    captures it and replays it from then on. Holds graphs of at most ``capacity`` calls (a batch
+    of deferred calls counts as its calls; least recently used dropped first). ``counts`` tallies ``eager`` / ``captured`` / ``replayed`` calls and
     ``failed`` captures (a key whose capture failed runs eagerly for good, after one warning)."""
 
     def __init__(self, eager_runs: int = 2, forget_after: int = 16, capacity: int = 32):
         self.eager_runs, self.forget_after, self.capacity = eager_runs, forget_after, capacity
         self.counts: Counter = Counter()
-        self._graphs: OrderedDict[Hashable, _Captured | None] = OrderedDict()  # None: capture failed
+        # key -> (graph or None where its capture failed, calls it holds)
+        self._graphs: OrderedDict[Hashable, tuple[_Captured | None, int]] = OrderedDict()
         self._step = 0
         self._seen: dict[Hashable, tuple[int, int]] = {}  # key -> (last step seen, eager runs)
         self._queue: list[Deferred] = []  # deferred calls not run yet
@@ -87,9 +90,10 @@ class CallGraphs:
         return call
 
     def flush(self) -> None:
-        """Runs every queued call, in queue order, as one call: its key is the calls' keys and
+        """Runs every queued call, in queue order, as one batch: its key is the calls' keys and
         the way their inputs alias (an input several calls share, such as one group's ``[α,
-        1 − α·λ]``, is loaded once)."""
+        1 − α·λ]``, is loaded once). Until the batch has come up ``eager_runs`` times, the calls
+        run one by one, through their own graphs."""
         calls, self._queue = self._queue, []
         if not calls:
             return
@@ -111,7 +115,12 @@ class CallGraphs:
         def batch(*args: torch.Tensor) -> Outputs:
             return tuple(fn(*(args[i] for i in idxs)) for fn, idxs in zip(fns, where))
 
-        outputs = self.run(("batch", tuple(call.key for call in calls), tuple(where)), batch, inputs)
+        key = self._signed(("batch", tuple(call.key for call in calls), tuple(where)), inputs)
+        if key in self._graphs or self._seen.get(key, (0, 0))[1] >= self.eager_runs:
+            outputs = self._run_signed(key, batch, inputs, len(calls))
+        else:
+            self._seen[key] = (self._step, self._seen.get(key, (0, 0))[1] + 1)
+            outputs = [self.run(call.key, call.fn, call.inputs) for call in calls]
         for call, out in zip(calls, outputs):
             call.outputs = out
 
@@ -120,9 +129,16 @@ class CallGraphs:
         self._queue.clear()
 
     def run(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Outputs:
-        key = (key, tuple((t.shape, t.dtype, t.device) for t in inputs))
+        """``fn(*inputs)``: eagerly, captured, or replayed (see the class docstring)."""
+        return self._run_signed(self._signed(key, inputs), fn, inputs, 1)
+
+    @staticmethod
+    def _signed(key: Hashable, inputs: Sequence[torch.Tensor]) -> Hashable:
+        return key, tuple((t.shape, t.dtype, t.device) for t in inputs)
+
+    def _run_signed(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], calls: int) -> Outputs:
         if key in self._graphs:
-            captured = self._graphs[key]
+            captured, _ = self._graphs[key]
             self._graphs.move_to_end(key)
             if captured is None:
                 self.counts["eager"] += 1
@@ -136,9 +152,9 @@ class CallGraphs:
         if runs <= self.eager_runs:
             self.counts["eager"] += 1
             return fn(*inputs)
-        return self._capture(key, fn, inputs)
+        return self._capture(key, fn, inputs, calls)
 
-    def _capture(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Outputs:
+    def _capture(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], calls: int) -> Outputs:
         static = [t.clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
         # Not torch.cuda.graph(): its entry empties the allocator's cache, which moves the
@@ -157,22 +173,22 @@ class CallGraphs:
         except Exception as err:  # noqa: BLE001 - any capture failure means: stay eager
             current.wait_stream(side)
             warnings.warn(f"CUDA graph capture failed, this step shape runs eagerly: {err}", RuntimeWarning)
-            self._store(key, None)
+            self._store(key, None, calls)
             self.counts["failed"] += 1
             return fn(*inputs)
-        self._store(key, _Captured(graph, static, outputs, constants))
+        self._store(key, _Captured(graph, static, outputs, constants), calls)
         graph.replay()  # capturing ran nothing: this step's work happens now
         self.counts["captured"] += 1
         return outputs
 
-    def _store(self, key: Hashable, captured: _Captured | None) -> None:
-        self._graphs[key] = captured
+    def _store(self, key: Hashable, captured: _Captured | None, calls: int) -> None:
+        self._graphs[key] = (captured, calls)
         self._seen.pop(key, None)
-        while len(self._graphs) > self.capacity:
+        while sum(calls for _, calls in self._graphs.values()) > self.capacity and len(self._graphs) > 1:
             self._graphs.popitem(last=False)
 
     def __len__(self) -> int:
-        return sum(c is not None for c in self._graphs.values())
+        return sum(c is not None for c, _ in self._graphs.values())
 
 
 class Deferred:

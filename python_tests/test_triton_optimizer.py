@@ -367,73 +367,88 @@ def test_graph_replay_copies_inputs_one_foreach_per_dtype():
     assert all(torch.equal(b, n) for b, n in zip(buffers, new))
 
 
-def test_deferred_calls_run_together_in_queue_order():
-    """Deferred calls wait until one's outputs are read, then run in queue order as one call,
-    keyed by their keys and how their inputs alias (a shared input is passed once)."""
-    graphs = CallGraphs(eager_runs=10)
-    order, seen = [], []
-    shared = torch.ones(2)
-
-    def call(name):
-        def fn(x, y):
-            order.append(name)
-            seen.append((x, y))
-            return (x + y,)
-
-        return fn
-
-    a = graphs.defer("a", call("a"), (shared, torch.full((2,), 2.0)))
-    b = graphs.defer("b", call("b"), (torch.full((2,), 3.0), shared))
-    assert order == []
-    with pytest.raises(RuntimeError, match="never run"):
-        graphs.next_step()
-    assert torch.equal(b.outputs[0], torch.full((2,), 4.0))  # reading one runs both
-    assert order == ["a", "b"] and torch.equal(a.outputs[0], torch.full((2,), 3.0))
-    assert seen[0][0] is seen[1][1]
-    assert dict(graphs.counts) == {"eager": 1}
-    ((key, _),) = graphs._seen
-    assert key == ("batch", ("a", "b"), ((0, 1), (2, 0)))
-    graphs.flush()  # nothing queued: nothing runs
-    assert order == ["a", "b"]
-    c = graphs.defer("c", call("c"), (shared, shared))
-    graphs.discard_queued()
-    graphs.next_step()
-    assert order == ["a", "b"] and c.outputs is None
-
-
 class _CallsThrough(CallGraphs):
     """Stands in for CallGraphs where there is no GPU: runs each graphable call (a batch of
     deferred ones is one call) on copies of its inputs, as a captured graph reads its own
     buffers, and keeps the keys it was given."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, eager_runs: int = 2):
+        super().__init__(eager_runs=eager_runs)
         self.keys = []
 
-    def run(self, key, fn, inputs):
-        self.keys.append(key)
+    def _run_signed(self, key, fn, inputs, calls):
+        self.keys.append(key[0])
         return fn(*[t.clone() for t in inputs])
 
 
+def test_deferred_calls_run_together_in_queue_order():
+    """Deferred calls wait until one's outputs are read, then run in queue order: one by one
+    the first two times, then as one batch keyed by their keys and how their inputs alias (a
+    shared input is passed once)."""
+    graphs = _CallsThrough()
+    shared = torch.ones(2)
+    seen = []
+
+    def call(name):
+        def fn(x, y):
+            seen.append((name, x, y))
+            return (x + y,)
+
+        return fn
+
+    for step in range(3):
+        seen.clear()
+        a = graphs.defer("a", call("a"), (shared, torch.full((2,), 2.0)))
+        b = graphs.defer("b", call("b"), (torch.full((2,), 3.0), shared))
+        assert seen == []
+        if step == 0:
+            with pytest.raises(RuntimeError, match="never run"):
+                graphs.next_step()
+        assert torch.equal(b.outputs[0], torch.full((2,), 4.0))  # reading one runs both
+        assert [name for name, _, _ in seen] == ["a", "b"] and torch.equal(a.outputs[0], torch.full((2,), 3.0))
+        graphs.flush()  # nothing queued: nothing runs
+        assert len(seen) == 2
+        graphs.next_step()
+    assert graphs.keys == ["a", "b", "a", "b", ("batch", ("a", "b"), ((0, 1), (2, 0)))]
+    assert seen[0][1] is seen[1][2]  # one copy of the shared input
+    c = graphs.defer("c", call("c"), (shared, shared))
+    graphs.discard_queued()
+    graphs.next_step()
+    assert c.outputs is None and len(graphs.keys) == 5
+
+
+def test_graph_cache_counts_a_batch_as_its_calls():
+    """``capacity`` bounds the calls the kept graphs hold (their memory), least recent out first."""
+    graphs = CallGraphs(capacity=4)
+    graphs._store("a", None, 1)
+    graphs._store("batch", None, 3)
+    assert list(graphs._graphs) == ["a", "batch"]
+    graphs._store("b", None, 1)
+    assert list(graphs._graphs) == ["batch", "b"]
+    graphs._store("huge", None, 9)  # more than the capacity: kept alone
+    assert list(graphs._graphs) == ["huge"]
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_graphed_calls_give_the_eager_bits(monkeypatch, name):
+@pytest.mark.parametrize("batched", [False, True])
+def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
     """The calls CUDA graphs capture (a factored bucket's S-RSI and update, which gets the first
-    pass's sums as an input instead of reading G again; a dense bucket's update) compute what the
-    eager step does, on any device."""
+    pass's sums as an input instead of reading G again; a dense bucket's sums pass and update),
+    one by one or batched, compute what the eager step does, on any device."""
     dtype, extra = CONFIGS[name]
     options = {**BASE, **extra}
     eager_params, eager_opt = _graph_run(dtype, options, False, 5, fixed_grads=True)
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
-    calls = _CallsThrough()
+    calls = _CallsThrough(eager_runs=0 if batched else 100)
     graph_params, graph_opt = _graph_run(dtype, options, True, 5, fixed_grads=True, graphs_stand_in=calls)
-    # Each step runs two batches: S-RSI of the 2 factored buckets with the sums pass of the 2
-    # dense ones (unless cosine guidance keeps those on the plain-PyTorch path), then their updates.
+    # Per step: S-RSI of the 2 factored buckets with the sums pass of the 2 dense ones (unless
+    # cosine guidance keeps those on the plain-PyTorch path), then their updates.
     dense = 0 if options.get("cosine_guidance") else 2
-    assert [key[0] for key in calls.keys] == ["batch"] * 2 * 5
-    assert [sorted(call[0] for call in key[1]) for key in calls.keys[:2]] == [
-        ["dense sums"] * dense + ["srsi", "srsi"],
-        ["dense"] * dense + ["update", "update"],
-    ]
+    phases = [["dense sums"] * dense + ["srsi", "srsi"], ["dense"] * dense + ["update", "update"]]
+    if batched:
+        assert [sorted(call[0] for call in key[1]) for key in calls.keys] == phases * 5
+    else:
+        assert sorted(key[0] for key in calls.keys) == sorted((phases[0] + phases[1]) * 5)
     for i, (ep, gp) in enumerate(zip(eager_params, graph_params)):
         assert torch.equal(ep, gp), f"param {i}"
         for key, want in eager_opt.state[ep].items():
