@@ -134,12 +134,15 @@ class _Started:
     ``sums()`` ``(B, 2)``: ``[‖V‖², Σ (G/(√V+ε))²]`` per matrix from the first pass when the
     backend reduces them there (else None); the second is NaN or inf exactly where a gradient
     holds NaN or inf. A call, since a graphed pass is deferred (see ``cuda_graphs.py``): the
-    first read runs every queued pass. ``finish()`` applies (or queues) the update and queues
-    the rank decisions."""
+    first read runs every queued pass. ``prepare()`` queues a graphed update (the host prepares
+    it while the GPU runs S-RSI: ``_run_ahead`` calls it before the non-finite check's sync,
+    and a failed check discards it); ``finish()`` applies or queues the update, if ``prepare``
+    has not, and queues the rank decisions."""
 
     states: list[dict[str, Any]]
     sums: Callable[[], torch.Tensor | None]
     finish: Callable[[], None]
+    prepare: Callable[[], None] = lambda: None
 
 
 class Adapprox(SketchOptimizer):
@@ -376,11 +379,15 @@ class Adapprox(SketchOptimizer):
                 known.append((bucket, started))
         self._ahead_undo = (rng, new)
         # Read after every bucket has queued its passes: the first read runs them all at once.
-        return [(bucket, started.sums()[:, 1]) for bucket, started in known]
+        known = [(bucket, started.sums()[:, 1], started) for bucket, started in known]
+        for _, _, started in known:  # while the GPU runs them
+            started.prepare()
+        return [(bucket, sums) for bucket, sums, _ in known]
 
     def _discard_run_ahead(self) -> None:
         rng, new = self._ahead_undo
         self._ahead_undo = None
+        self._graphs.discard_queued()  # the prepared updates
         for started in self._ahead.values():
             for s in started.states:
                 s["step"] -= 1
@@ -456,13 +463,18 @@ class Adapprox(SketchOptimizer):
 
         baked, read = self._baked_hyperparameters(group), _addresses([*grads, *sqs])
         sums_call = self._graphs.defer(("dense sums", baked, read), sums_graph, ())
-        key = ("dense", baked, read, _addresses([*bucket, *(exp_avgs or [])]))
-        lr_decay = lr_and_decay(group["lr"], group["weight_decay"], sqs[0].device)
+        queued = []
+
+        def prepare() -> None:
+            key = ("dense", baked, read, _addresses([*bucket, *(exp_avgs or [])]))
+            lr_decay = lr_and_decay(group["lr"], group["weight_decay"], sqs[0].device)
+            queued.append(self._graphs.defer(key, update_graph, (sums_call.outputs[0], lr_decay)))
 
         def finish() -> None:
-            self._graphs.defer(key, update_graph, (sums_call.outputs[0], lr_decay))
+            if not queued:
+                prepare()
 
-        return _Started(states, lambda: sums_call.outputs[0], finish)
+        return _Started(states, lambda: sums_call.outputs[0], finish, prepare)
 
     def _dense_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
         """Unfactored V (vectors, small matrices): ``V = β2·V + (1−β2)·G²``, same update rule."""
@@ -559,19 +571,26 @@ class Adapprox(SketchOptimizer):
                 return (update(op, q, u, used_mask, lr_decay),)
 
             # Deferred: S-RSI runs with the other buckets' (see cuda_graphs.py), the update with
-            # their updates. The update's host work is done here, before the non-finite check.
+            # their updates, queued by prepare() while the GPU runs S-RSI.
             baked, read = self._baked_hyperparameters(group), _addresses(grads)
             srsi_key = ("srsi", m, n, warm, iters, baked, read)
             srsi_call = self._graphs.defer(srsi_key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
-            update_key = ("update", m, n, measure, baked, read, _addresses([*params, *(exp_avgs or [])]))
-            lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
+            queued = []
 
             def srsi_outputs():
                 return srsi_call.outputs
 
+            def prepare() -> None:
+                q, u, sums, _ = srsi_call.outputs
+                update_key = ("update", m, n, measure, baked, read, _addresses([*params, *(exp_avgs or [])]))
+                lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
+                inputs = (q_prev, u_prev, sums, q, u, used_mask, lr_decay)
+                queued.append(self._graphs.defer(update_key, update_graph, inputs))
+
             def run_update(q, u, sums):
-                call = self._graphs.defer(update_key, update_graph, (q_prev, u_prev, sums, q, u, used_mask, lr_decay))
-                return lambda: call.outputs[0]
+                if not queued:
+                    prepare()
+                return lambda: queued[0].outputs[0]
 
         else:
             op, q, u, failed = srsi(q_prev, u_prev, sketch, prev_mask)
@@ -579,6 +598,9 @@ class Adapprox(SketchOptimizer):
 
             def srsi_outputs():
                 return q, u, first_sums, failed
+
+            def prepare() -> None:
+                pass
 
             def run_update(q, u, sums):
                 xi = update(op, q, u, used_mask)
@@ -599,7 +621,7 @@ class Adapprox(SketchOptimizer):
             cap = min(group["k_max"], m, n)
             self._pending.append(_Pending(group, states, shards, cap, q, u, used, xi, failed, redo))
 
-        return _Started(states, lambda: srsi_outputs()[2], finish)
+        return _Started(states, lambda: srsi_outputs()[2], finish, prepare)
 
     def _end_step(self) -> None:
         """Rank decisions and new factors of every bucket of the step, after one host sync per

@@ -150,11 +150,13 @@ def test_nonfinite_check_rides_on_the_first_pass(monkeypatch, cosine):
     assert sorted(checked) == (dense if cosine else [])
 
 
-def _run_with_bad_gradient(backend, policy, bad, steps=3, bad_step=1):
+def _run_with_bad_gradient(backend, policy, bad, steps=3, bad_step=1, graphs_stand_in=None):
     """``steps`` steps of ``_grads``; at ``bad_step`` gradient ``bad[0]`` gets ``bad[1]`` at
     one entry. With ``"raise"`` that step raises and is taken again with clean gradients."""
     params = _params(torch.float32)
-    opt = Adapprox(params, backend=backend, seed=3, nonfinite=policy, **BASE)
+    opt = Adapprox(params, backend=backend, seed=3, nonfinite=policy, **BASE, cuda_graphs=graphs_stand_in is not None)
+    if graphs_stand_in is not None:
+        opt._graphs = graphs_stand_in
     for step in range(steps):
         grads = _grads(step, torch.float32)
         for p, g in zip(params, grads):
@@ -210,6 +212,19 @@ def test_nonfinite_skip_on_triton_matches_reference(bad):
     _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, torch.float32)
 
 
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_with_graphed_calls_matches_eager(monkeypatch, policy):
+    """A bad gradient found after the graphed S-RSI ran and the updates were queued: the queued
+    updates are dropped, and the step ends as the eager one does."""
+    bad = BAD[0]
+    eager_params, eager_opt = _run_with_bad_gradient("triton", policy, bad)
+    monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
+    calls = _CallsThrough(eager_runs=0)
+    graph_params, graph_opt = _run_with_bad_gradient("triton", policy, bad, graphs_stand_in=calls)
+    assert sum(key[0] == "batch" for key in calls.keys) >= 4
+    _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("graphs", [False, True])
@@ -246,6 +261,15 @@ def test_two_host_syncs_per_step_on_cuda(warm, graphs):
     assert opt.cuda_graph_counts.get("replayed", 0) > 0 if graphs else not opt.cuda_graph_counts
 
 
+def _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt):
+    """Parameters and every state entry are the same bits (NaN ξ equal to NaN)."""
+    for i, (ep, gp) in enumerate(zip(eager_params, graph_params)):
+        assert torch.equal(ep, gp), f"param {i}"
+        for key, want in eager_opt.state[ep].items():
+            got = graph_opt.state[gp][key]
+            assert torch.equal(got, want) if torch.is_tensor(want) else got == want or want != want, (i, key)
+
+
 def _graph_run(dtype, options, graphs, steps, fixed_grads, graphs_stand_in=None):
     """``steps`` steps with a new learning rate each; gradients copied into the same tensors
     from the second step on when ``fixed_grads`` (the addresses a graph needs), new ones else."""
@@ -277,14 +301,7 @@ def test_cuda_graphs_give_the_eager_bits(name, fixed_grads):
     if fixed_grads:
         assert graph_opt.cuda_graph_counts.get("replayed", 0) > 0, graph_opt.cuda_graph_counts
     assert graph_opt.cuda_graph_counts.get("failed", 0) == 0
-    for i, (ep, gp) in enumerate(zip(eager_params, graph_params)):
-        assert torch.equal(ep, gp), f"param {i}"
-        for key, want in eager_opt.state[ep].items():
-            got = graph_opt.state[gp][key]
-            if torch.is_tensor(want):
-                assert torch.equal(got, want), (i, key)
-            else:
-                assert got == want or (got != got and want != want), (i, key)
+    _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt)
 
 
 def test_graph_key_of_a_named_group_is_hashable():
@@ -449,8 +466,4 @@ def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
         assert [sorted(call[0] for call in key[1]) for key in calls.keys] == phases * 5
     else:
         assert sorted(key[0] for key in calls.keys) == sorted((phases[0] + phases[1]) * 5)
-    for i, (ep, gp) in enumerate(zip(eager_params, graph_params)):
-        assert torch.equal(ep, gp), f"param {i}"
-        for key, want in eager_opt.state[ep].items():
-            got = graph_opt.state[gp][key]
-            assert torch.equal(got, want) if torch.is_tensor(want) else got == want or want != want, (i, key)
+    _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt)
