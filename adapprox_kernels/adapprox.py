@@ -271,6 +271,7 @@ class Adapprox(SketchOptimizer):
         # one per dense bucket (its update); 64 in all.
         self._graphs = CallGraphs(capacity=64)
         self._baked: dict[int, tuple] = {}  # id(group) -> _baked_hyperparameters, this step
+        self._bucket_cache: dict[tuple, dict[tuple, list[torch.Tensor]]] = {}  # see _buckets
         # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
         self._ahead: dict[tuple, _Started] = {}
         self._ahead_buckets: dict[int, dict[tuple, list[torch.Tensor]]] = {}  # id(group) -> buckets
@@ -335,12 +336,25 @@ class Adapprox(SketchOptimizer):
 
     # ----------------------------------------------------------------------------------- step
     def _buckets(self, params: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
-        """Same-kind, same-shape parameters of a group: ``(factored, shape, dtype, device)`` ->
-        parameters (each bucket is one batched call)."""
+        """Same-kind, same-shape parameters (with state): ``(factored, shape, dtype, device)`` ->
+        parameters (each bucket is one batched call); read-only.
+
+        Remembered from the last call: the same parameters on the same storage (a parameter
+        moved or cast in place gets new storage) with the same kinds of state (state is made
+        only for new parameters, when the cache is emptied, or loaded: torch.optim's
+        ``load_state_dict`` goes through ``__setstate__``, which empties it too)
+        fall into the same buckets, and re-sorting hundreds of them costs a step ~0.3 ms."""
+        key = (tuple(map(id, params)), tuple(map(torch.Tensor.data_ptr, params)))
+        cached = self._bucket_cache.get(key)
+        if cached is not None:
+            return cached
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             factored = "Q" in self.state[p]
             buckets[(factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device)].append(p)
+        if len(self._bucket_cache) >= 8:  # a few groups' lists; the rare other list is recomputed
+            self._bucket_cache.clear()
+        self._bucket_cache[key] = buckets = dict(buckets)
         return buckets
 
     def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
@@ -355,6 +369,8 @@ class Adapprox(SketchOptimizer):
         self._baked.clear()
         self._graphs.discard_queued()  # left by a step that raised, if any
         new = [p for _, params in groups for p in params if not self.state[p]]
+        if new:
+            self._bucket_cache.clear()
         rng = None  # the sketch RNG before the first draw, if anything runs ahead
         known = []
         for group, params in groups:

@@ -179,6 +179,22 @@ def test_state_dict_resume_is_bit_exact(warm):
         assert torch.equal(a, b)
 
 
+def test_loading_a_state_of_another_kind_into_a_stepped_optimizer():
+    """A matrix kept dense by one optimizer and factored in the loaded checkpoint: the next
+    step buckets it by its new state (nothing remembered from before the load)."""
+    w = torch.nn.Parameter(torch.randn(6, 7))
+    factored = Adapprox([w], k_max=4, oversample=2, exact_small_matrices=False, seed=0)
+    dense = Adapprox([w], k_max=4, oversample=2, seed=0)
+    w.grad = torch.randn_like(w)
+    factored.step()
+    dense.step()
+    assert "Q" in factored.state[w] and "exp_avg_sq" in dense.state[w]
+    dense.load_state_dict(factored.state_dict())
+    dense.step()
+    factored.step()
+    assert torch.equal(dense.state[w]["Q"], factored.state[w]["Q"])
+
+
 def test_bf16_params_keep_fp32_factors_through_checkpoint():
     w = torch.nn.Parameter(torch.randn(24, 40, dtype=torch.bfloat16))
     opt = Adapprox([w], k_max=4, seed=0)
@@ -321,6 +337,10 @@ def test_integer_params_and_sparse_grads_are_refused():
     w.grad = torch.randn(4, 4).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         Adapprox([w]).step()
+    counts = torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)
+    counts.grad = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(TypeError, match="floating-point"):
+        Adapprox([torch.nn.Parameter(torch.randn(2)), counts]).step()
 
 
 def test_closure_and_param_names_in_report():
