@@ -58,7 +58,7 @@ def child(tree: str, optimizer: str, size: str, rank: int, steps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", required=True, help="root of the checkout to compare against")
+    ap.add_argument("--baseline", help="root of the checkout to compare against (required)")
     ap.add_argument("--baseline-label", default="", help="what the baseline is (its commit), for the result file")
     ap.add_argument("--size", default="gpt2-124M", choices=["gpt2-124M", "gpt2-345M"])
     ap.add_argument("--rank", type=int, default=1)
@@ -70,6 +70,8 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1], args.size, args.rank, args.steps)
         return
+    if args.baseline is None:
+        ap.error("--baseline is required")
     runs = {"baseline": (str(Path(args.baseline).resolve()), "adapprox"), "current": (str(ROOT), "adapprox"),
             "adamw_fused": (str(ROOT), "adamw_fused")}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in runs}
