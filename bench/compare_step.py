@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # a child puts its own tree before this one
 
 
 def child(tree: str, optimizer: str, size: str, rank: int, steps: int) -> None:
@@ -91,8 +92,7 @@ def main() -> None:
     if args.out:
         import torch
 
-        sys.path.insert(0, str(ROOT / "bench"))
-        from common import metadata
+        from bench.common import metadata
 
         record = {"meta": metadata(torch.device("cuda"), baseline=args.baseline_label), "args": {k: str(v) for k, v in vars(args).items() if k != "child"},
                   "ms_per_step": times, "median_ms": medians}  # fmt: skip

@@ -106,3 +106,34 @@ def test_product_precision_study_runs_on_cpu(tmp_path, monkeypatch):
     assert labels <= set(data["summary"]) and len(data["rows"]) == 3
     assert data["rows"][-1]["fp32_seed1"]["param_gap"] > 0
     assert all(math.isfinite(data["summary"][label]["mean_xi"]) for label in labels)
+
+
+def test_compare_step_takes_turns_and_records_every_run(tmp_path, monkeypatch):
+    """compare_step's parent (the children need a GPU): each round runs the baseline, this
+    checkout and fused AdamW, the order flipping every round; the file keeps every raw time."""
+    import subprocess
+    import sys
+    import types
+
+    from bench import compare_step
+
+    seen, times, real_run = [], iter([4.0, 5.0, 1.0, 1.1, 5.5, 4.5]), subprocess.run
+
+    def child(cmd, **kw):
+        if cmd[0] == "git":  # the metadata's commit
+            return real_run(cmd, **kw)
+        seen.append((cmd[3], cmd[4]))
+        return types.SimpleNamespace(stdout=json.dumps({"ms": next(times), "package": cmd[3]}) + "\n")
+
+    monkeypatch.setattr(subprocess, "run", child)
+    monkeypatch.setattr(common, "device_name", lambda device: "test")
+    argv = ["compare_step.py", "--baseline", str(tmp_path), "--rounds", "2", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    compare_step.main()
+    base, here = str(tmp_path.resolve()), str(compare_step.ROOT)
+    runs = [(base, "adapprox"), (here, "adapprox"), (here, "adamw_fused")]
+    assert seen == runs + runs[::-1]
+    (path,) = tmp_path.glob("compare_step_gpt2-124M_k1_*.json")
+    record = json.loads(path.read_text())
+    assert record["ms_per_step"] == {"baseline": [4.0, 4.5], "current": [5.0, 5.5], "adamw_fused": [1.0, 1.1]}
+    assert record["median_ms"]["current"] == 5.25
