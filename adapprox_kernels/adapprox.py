@@ -178,10 +178,10 @@ class Adapprox(SketchOptimizer):
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
             (the paper's algorithm).
         cuda_graphs: replay a factored bucket's step (S-RSI and update) and a dense bucket's
-            update from CUDA graphs once it has come up twice with the same ranks,
-            hyperparameters (the learning rate and weight decay may change) and tensor
-            addresses; the results are the same bits as without. Needs CUDA and the Triton
-            backend; see ``docs/kernels.md``.
+            passes from CUDA graphs, every bucket's S-RSI in one batch and every update in
+            another, once they have come up twice with the same ranks, hyperparameters (the
+            learning rate and weight decay may change) and tensor addresses; the results are
+            the same bits as without. Needs CUDA and the Triton backend; see ``docs/kernels.md``.
         product_precision: tensor-core precision of the Triton backend's ``V @ X`` / ``Vᵀ @ Y``
             products (S-RSI only; the update and ξ stay exact fp32): None (the device default,
             ``"tf32x3"``, about fp32, on GPUs with tf32), ``"tf32"`` (faster, ~1e-3 relative
@@ -267,8 +267,8 @@ class Adapprox(SketchOptimizer):
 
     def _reset_step_caches(self) -> None:
         self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step
-        # Captured bucket steps (cuda_graphs=True): two graphs per factored bucket (S-RSI, update),
-        # one per dense bucket (its update); 64 in all.
+        # Captured bucket steps (cuda_graphs=True): a factored bucket's S-RSI and update, a dense
+        # bucket's sums and update pass, batched per step (see cuda_graphs.py); 64 calls in all.
         self._graphs = CallGraphs(capacity=64)
         self._baked: dict[int, tuple] = {}  # id(group) -> _baked_hyperparameters, this step
         self._bucket_cache: dict[tuple, dict[tuple, list[torch.Tensor]]] = {}  # see _buckets
@@ -692,9 +692,9 @@ class Adapprox(SketchOptimizer):
     # -------------------------------------------------------------------------- observability
     @property
     def cuda_graph_counts(self) -> dict[str, int]:
-        """Graphable calls so far (two per factored bucket step: S-RSI, then the update; one per
-        dense bucket step on the Triton kernels: the update) that
-        ran ``eager``, were ``captured`` or ``replayed`` from a CUDA graph, and captures that
+        """Graphable calls so far (a factored bucket's S-RSI and update, a dense bucket's sums
+        and update passes on the Triton kernels; a batch of them counts once) that ran
+        ``eager``, were ``captured`` or ``replayed`` from a CUDA graph, and captures that
         ``failed`` (empty without ``cuda_graphs``)."""
         return dict(self._graphs.counts)
 
