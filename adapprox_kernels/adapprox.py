@@ -393,10 +393,10 @@ class Adapprox(SketchOptimizer):
                 start = self._factored_srsi if factored else self._dense_start
                 started = self._ahead[(id(group), key)] = start(group, bucket, backend)
                 known.append((bucket, started))
-                if len(known) == 1:  # the GPU starts on it while the host prepares the others
-                    self._graphs.flush()
+                if factored:  # the GPU starts on it (and the queued dense sums) while the host
+                    self._graphs.flush()  # prepares the next: one graph each, for the overlap
         self._ahead_undo = (rng, new)
-        # Read after every bucket has queued its passes: the first read runs the rest at once.
+        # The first read runs what is still queued (dense sums after the last factored bucket).
         known = [(bucket, started.sums()[:, 1], started) for bucket, started in known]
         for _, _, started in known:  # while the GPU runs them
             started.prepare()

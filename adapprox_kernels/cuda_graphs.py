@@ -16,12 +16,12 @@ A graphed call ``fn(*inputs) -> outputs`` must keep this contract:
 * the returned ``outputs`` belong to the graph: the next replay overwrites them.
 
 Calls whose results are not needed at once are queued with :meth:`CallGraphs.defer` and run
-together as a batch, one call under one key: the optimizer queues every bucket's S-RSI (and the
-dense buckets' sums pass) before the non-finite check and every bucket's update after it, so
-that a steady step replays two graphs, each loaded by one copy per dtype, instead of two per
-bucket (a replay's host cost, launching the graph and copying its inputs, hardly grows with its
-length). While one bucket's ranks move, the batch's key changes every few steps: until a batch
-has come up ``eager_runs`` times, its calls run one by one, each through its own graph as before.
+together as a batch, one call under one key (a replay's host cost, launching the graph and
+copying its inputs, hardly grows with its length): the optimizer runs every bucket's update as
+one batch, and each bucket's S-RSI with the dense buckets' sums passes queued before it (S-RSI
+is not batched further: the GPU runs one bucket's while the host prepares the next). While a
+bucket's ranks move, a batch's key changes every few steps: until a batch has come up
+``eager_runs`` times, its calls run one by one, each through its own graph.
 """
 
 from __future__ import annotations

@@ -459,16 +459,24 @@ def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
     calls = _CallsThrough(eager_runs=0 if batched else 100)
     graph_params, graph_opt = _graph_run(dtype, options, True, 5, fixed_grads=True, graphs_stand_in=calls)
     # Per step: S-RSI of the 2 factored buckets with the sums pass of the 2 dense ones (unless
-    # cosine guidance keeps those on the plain-PyTorch path), then their updates. Batched: the
-    # first bucket's pass on its own (the GPU starts on it), the rest at once, then the updates.
+    # cosine guidance keeps those on the plain-PyTorch path), then their updates. Batched: each
+    # factored bucket's S-RSI with the dense sums queued before it (the GPU starts on them while
+    # the host prepares the next bucket), any dense sums left, then every update at once.
     dense = 0 if options.get("cosine_guidance") else 2
     phases = [["dense sums"] * dense + ["srsi", "srsi"], ["dense"] * dense + ["update", "update"]]
     if batched:
-        kinds = [[call[0] for call in key[1]] if key[0] == "batch" else [key[0]] for key in calls.keys]
-        assert len(kinds) == 3 * 5
-        for step in range(5):
-            first, rest, updates = kinds[3 * step : 3 * step + 3]
-            assert len(first) == 1 and sorted(first + rest) == phases[0] and sorted(updates) == phases[1]
+        runs = [[call[0] for call in key[1]] if key[0] == "batch" else [key[0]] for key in calls.keys]
+        steps, current = [], []
+        for run in runs:
+            current.append(run)
+            if "update" in run:  # the last run of a step
+                steps.append(current)
+                current = []
+        assert len(steps) == 5 and not current
+        for *srsi_runs, updates in steps:
+            assert sorted(kind for run in srsi_runs for kind in run) == phases[0]
+            assert all(run.count("srsi") <= 1 and run[-1] == "srsi" for run in srsi_runs if "srsi" in run)
+            assert sorted(updates) == phases[1]
     else:
         assert sorted(key[0] for key in calls.keys) == sorted((phases[0] + phases[1]) * 5)
     _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt)
