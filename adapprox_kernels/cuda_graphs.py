@@ -63,8 +63,9 @@ class CallGraphs:
     """Runs a keyed call eagerly the first ``eager_runs`` times its key comes up (a key unseen
     for ``forget_after`` steps starts over: ranks in transition are not worth a capture), then
     captures it and replays it from then on. Holds graphs of at most ``capacity`` calls (a batch
-    of deferred calls counts as its calls; least recently used dropped first). ``counts`` tallies ``eager`` / ``captured`` / ``replayed`` calls and
-    ``failed`` captures (a key whose capture failed runs eagerly for good, after one warning)."""
+    of deferred calls counts as its calls; least recently used dropped first). ``counts``
+    tallies ``eager`` / ``captured`` / ``replayed`` calls and ``failed`` captures (a key whose
+    capture failed runs eagerly for good, after one warning)."""
 
     def __init__(self, eager_runs: int = 2, forget_after: int = 16, capacity: int = 32):
         self.eager_runs, self.forget_after, self.capacity = eager_runs, forget_after, capacity
@@ -125,7 +126,8 @@ class CallGraphs:
             call.outputs = out
 
     def discard_queued(self) -> None:
-        """Forgets the queued calls (a step that raised before running them)."""
+        """Forgets the queued calls: updates queued before a failed non-finite check, or calls
+        left by a step that raised."""
         self._queue.clear()
 
     def run(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Outputs:
