@@ -178,8 +178,8 @@ class Adapprox(SketchOptimizer):
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
             (the paper's algorithm).
         cuda_graphs: replay a factored bucket's step (S-RSI and update) and a dense bucket's
-            passes from CUDA graphs, every bucket's S-RSI in one batch and every update in
-            another, once they have come up twice with the same ranks, hyperparameters (the
+            passes from CUDA graphs (each bucket's S-RSI in a graph of its own, every update
+            in one), once they have come up twice with the same ranks, hyperparameters (the
             learning rate and weight decay may change) and tensor addresses; the results are
             the same bits as without. Needs CUDA and the Triton backend; see ``docs/kernels.md``.
         product_precision: tensor-core precision of the Triton backend's ``V @ X`` / ``Vᵀ @ Y``
@@ -588,8 +588,8 @@ class Adapprox(SketchOptimizer):
                 op.first_pass_sums = sums
                 return (update(op, q, u, used_mask, lr_decay),)
 
-            # Deferred: S-RSI runs with the other buckets' (see cuda_graphs.py), the update with
-            # their updates, queued by prepare() while the GPU runs S-RSI.
+            # Deferred (see cuda_graphs.py): S-RSI runs with the dense sums passes queued before
+            # it, the update with every other update, queued by prepare() while the GPU runs S-RSI.
             baked, read = self._baked_hyperparameters(group), _addresses(grads)
             srsi_key = ("srsi", m, n, warm, iters, baked, read)
             srsi_call = self._graphs.defer(srsi_key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
