@@ -255,6 +255,43 @@ def test_dense_moment(dtype, momentum, shape, transposed):
         torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("bad_clip", [float("nan"), float("inf")])
+def test_update_passes_write_nothing_where_the_clip_is_not_finite(dense, bad_clip):
+    """The gate the optimizer launches its updates behind: matrix 0, with a NaN gradient entry
+    and a non-finite clip divisor, keeps its W, M (and dense V) bit for bit; matrix 1 gets the
+    same bits as in a launch where nothing was wrong."""
+    from adapprox_kernels.kernels.apply_update import apply_update
+    from adapprox_kernels.kernels.dense_moment import dense_apply
+
+    grads, q, u, _, _ = _inputs(2, 19, 23, 2, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+
+    def tensors():
+        return [torch.randn(19, 23, generator=gen).to(DEVICE) for _ in range(2)]
+
+    params, moms, sqs = tensors(), tensors(), [t.abs() for t in tensors()]
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8, weight_decay=0.1)
+
+    def launch(grads, clip):
+        ps, ms, vs = [p.clone() for p in params], [m.clone() for m in moms], [v.clone() for v in sqs]
+        if dense:
+            dense_apply(grads, vs, ps, ms, clip, block=64, **kw)
+        else:
+            apply_update(grads, q, u, ps, ms, clip, blocks=_blocks(True), **kw)
+        return ps, ms, vs
+
+    clean = launch(grads, torch.tensor([1.0, 1.3], device=DEVICE))
+    bad = [g.clone() for g in grads]
+    bad[0][4, 5] = float("nan")
+    gated = launch(bad, torch.tensor([bad_clip, 1.3], device=DEVICE))
+    for name, want_all, got_all, before in zip(("W", "M", "V"), clean, gated, (params, moms, sqs)):
+        assert torch.equal(got_all[0], before[0]), f"{name} of the gated matrix was written"
+        assert torch.equal(got_all[1], want_all[1]), f"{name} of the other matrix differs"
+        if name != "V" or dense:
+            assert not torch.equal(got_all[1], before[1]), f"{name} of the other matrix was not written"
+
+
 def test_dense_moment_errors():
     from adapprox_kernels.kernels.dense_moment import dense_apply, dense_sums
 

@@ -106,6 +106,15 @@ def round_to_tf32(x):
 
 
 @triton.jit
+def gated(mask, clip):
+    """``mask`` where a matrix's clip divisor is finite, else all false: its update pass writes
+    nothing. The divisor is not finite exactly where the update's RMS sum is not, i.e. where the
+    gradient holds inf or NaN; the optimizer also makes it NaN for every matrix of a step that
+    found such a gradient anywhere, so that step's launched updates write nothing."""
+    return tl.where(clip * 0.0 == 0.0, mask, False)  # inf·0 and NaN·0 are NaN
+
+
+@triton.jit
 def update_and_average(g, v, mask, eps, clip, mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM: tl.constexpr):
     """The clipped update ``G/(√V+ε) / clip`` and the new momentum of updates
     ``β1·M + (1−β1)·Upd`` (M read at ``mom_ptrs``; the update itself when there is no

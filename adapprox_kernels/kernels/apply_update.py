@@ -9,6 +9,9 @@
   not passed as launch constants, so that a captured CUDA graph replays with a new α;
 * optionally ξ's numerator ``‖V − Q_t U_tᵀ‖_F²`` for the new factors, from the same V tiles.
 
+A matrix whose clip divisor is not finite is not written at all (see ``_tiles.gated``):
+that is how the optimizer launches a step's updates before it has read its non-finite check.
+
 Grid: one program per ``BLOCK_M × BLOCK_N`` tile of every matrix (elementwise work, so the
 grid is as parallel as the matrices are large); residual partial sums are added on the host.
 W and M are read and written in place through matrix tables (see ``_launch.MatrixTable``).
@@ -31,7 +34,7 @@ from ._launch import (
     pointer_arg,
     step_tables,
 )
-from ._tiles import inside, lowrank_tile, store_step, tile_ptrs, update_and_average, v_tile
+from ._tiles import gated, inside, lowrank_tile, store_step, tile_ptrs, update_and_average, v_tile
 
 
 @triton.jit
@@ -62,9 +65,10 @@ def _apply_update_kernel(
         rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
         beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
-    mask = inside(rows, cols, M, N)
+    clip = tl.load(clip_ptr + b)
+    mask = gated(inside(rows, cols, M, N), clip)
     mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
-    _, avg = update_and_average(g, v, mask, eps, tl.load(clip_ptr + b), mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM)
+    _, avg = update_and_average(g, v, mask, eps, clip, mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM)
     w_ptrs = tile_ptrs(w_ptr + tl.load(w_off_ptr + b) * W_ALIGN, rows, cols, stride_wm, stride_wn)
     store_step(avg, mask, w_ptrs, mom_ptrs, lr_decay_ptr, tl.load(scale_ptr + b), HAS_MOMENTUM)
     if WITH_RESIDUAL:

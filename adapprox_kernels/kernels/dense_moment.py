@@ -7,7 +7,8 @@
   changes;
 * :func:`dense_apply` rebuilds ``V_t``, writes it over ``V_{t−1}``, and applies the same clipped
   update, momentum of updates and decoupled weight decay as the factored update pass
-  (:mod:`.apply_update`), writing W and M in their own dtypes.
+  (:mod:`.apply_update`), writing W and M in their own dtypes; a tensor whose clip divisor is
+  not finite is not written at all.
 
 The step is elementwise but for the per-tensor RMS, so shape does not matter: every tensor is
 read as a flat array (no view, no 2-D tile with one live row for a vector). Grid: one program
@@ -22,7 +23,7 @@ import triton.language as tl
 
 from ..transfer import lr_and_decay
 from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, check_vector, step_tables
-from ._tiles import raw_update, store_step, update_and_average
+from ._tiles import gated, raw_update, store_step, update_and_average
 
 # Elements per program: as many as one tile of the other elementwise passes (4096).
 DENSE_BLOCK = ELEMENTWISE_BLOCKS.m * ELEMENTWISE_BLOCKS.n
@@ -67,10 +68,12 @@ def _dense_apply_kernel(
     offs, mask, v_ptrs, g, v = _dense_block(
         g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, beta2, one_minus_beta2, G_ALIGN, V_ALIGN, BLOCK
     )
-    tl.store(v_ptrs, v, mask=mask)
     b = tl.program_id(1)
+    clip = tl.load(clip_ptr + b)
+    mask = gated(mask, clip)
+    tl.store(v_ptrs, v, mask=mask)
     mom_ptrs = mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN + offs
-    _, avg = update_and_average(g, v, mask, eps, tl.load(clip_ptr + b), mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM)
+    _, avg = update_and_average(g, v, mask, eps, clip, mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM)
     w_ptrs = w_ptr + tl.load(w_off_ptr + b) * W_ALIGN + offs
     store_step(avg, mask, w_ptrs, mom_ptrs, lr_decay_ptr, 1.0, HAS_MOMENTUM)
 
@@ -129,7 +132,8 @@ def dense_apply(
 ) -> None:
     """Writes ``V_t`` into ``exp_avg_sqs`` and steps ``params`` (and ``exp_avgs`` when given) in
     place; all ``B`` tensors of one shape, params and exp_avgs each of one dtype (fp32, bf16,
-    fp16). ``clip: (B,)`` is ``max(1, RMS/d)`` from :func:`dense_sums`; ``lr_decay`` as in
+    fp16). ``clip: (B,)`` is ``max(1, RMS/d)`` from :func:`dense_sums` (a tensor whose ``clip`` is
+    not finite is not written: V, W and M stay as they are); ``lr_decay`` as in
     :func:`~.apply_update.apply_update`."""
     table, v = _tables(grads, exp_avg_sqs)
     weights, moms = step_tables(params, exp_avgs, table, flat=True)
