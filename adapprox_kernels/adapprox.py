@@ -114,7 +114,8 @@ class _Pending:
     ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ, ``xi()``: ``(B,)``
     (None when not measured this step; a call, since a deferred update has not run yet when
     this is made), the orthonormalizer's failure flags ``(B,)`` (None if it cannot fail) and
-    ``redo``, which recomputes ``(q, u, xi)`` with the checked one."""
+    ``redo``, which recomputes ``(q, u, xi)`` with the checked one. ``fetched``: ``(ξ, flags)``
+    on the host, once read (see :meth:`Adapprox._launch_gated`)."""
 
     group: dict[str, Any]
     states: list[dict[str, Any]]
@@ -126,6 +127,7 @@ class _Pending:
     xi: Callable[[], torch.Tensor | None]
     failed: torch.Tensor | None
     redo: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    fetched: tuple[list[float] | None, list[float] | None] | None = None
 
 
 @dataclass
@@ -134,15 +136,25 @@ class _Started:
     ``sums()`` ``(B, 2)``: ``[‖V‖², Σ (G/(√V+ε))²]`` per matrix from the first pass when the
     backend reduces them there (else None); the second is NaN or inf exactly where a gradient
     holds NaN or inf. A call, since a graphed pass is deferred (see ``cuda_graphs.py``): the
-    first read runs every queued pass. ``prepare()`` queues a graphed update (the host prepares
-    it while the GPU runs S-RSI: ``_run_ahead`` calls it before the non-finite check's sync,
-    and a failed check discards it); ``finish()`` applies or queues the update, if ``prepare``
-    has not, and queues the rank decisions."""
+    first read runs every queued pass. ``prepare(gate)`` queues a graphed update (the host
+    prepares it while the GPU runs S-RSI: ``_run_ahead`` calls it before the non-finite check's
+    sync, and a failed check discards it); ``finish(gate)`` applies or queues the update, if
+    ``prepare`` has not, and queues the rank decisions; ``done`` once it has. ``gate``: None
+    once the check has passed, else a device bool, true iff every gradient of the step is
+    finite, that the update reads before it writes anything (:func:`_gated_sums`)."""
 
     states: list[dict[str, Any]]
     sums: Callable[[], torch.Tensor | None]
-    finish: Callable[[], None]
-    prepare: Callable[[], None] = lambda: None
+    finish: Callable[[torch.Tensor | None], None]
+    prepare: Callable[[torch.Tensor | None], None] = lambda gate: None
+    done: bool = False
+
+
+def _gated_sums(sums: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """A bucket's first-pass sums ``(B, 2)`` as its update reads them: all NaN unless ``gate``,
+    so that every clip divisor is NaN and the update passes write nothing (see
+    ``kernels._tiles.gated``); the sums themselves without a gate."""
+    return sums if gate is None else torch.where(gate, sums, float("nan"))
 
 
 class Adapprox(SketchOptimizer):
@@ -367,7 +379,8 @@ class Adapprox(SketchOptimizer):
         self._ahead.clear()
         self._ahead_buckets.clear()
         self._baked.clear()
-        self._graphs.discard_queued()  # left by a step that raised, if any
+        self._pending.clear()  # left by a step that raised, if any
+        self._graphs.discard_queued()
         new = [p for _, params in groups for p in params if not self.state[p]]
         if new:
             self._bucket_cache.clear()
@@ -398,14 +411,36 @@ class Adapprox(SketchOptimizer):
         self._ahead_undo = (rng, new)
         # The first read runs what is still queued (dense sums after the last factored bucket).
         known = [(bucket, started.sums()[:, 1], started) for bucket, started in known]
+        if known and sum(len(b) for b, _, _ in known) == sum(len(ps) for _, ps in groups):
+            return self._launch_gated(known)
         for _, _, started in known:  # while the GPU runs them
-            started.prepare()
+            started.prepare(None)
         return [(bucket, sums) for bucket, sums, _ in known]
+
+    def _launch_gated(self, known: list[tuple[list[torch.Tensor], torch.Tensor, _Started]]) -> list[tuple[list[torch.Tensor], list[float]]]:
+        """Every parameter's S-RSI or sums pass ran ahead, so the step needs one host sync, not
+        two: the updates are launched before the non-finite check is read, behind a device gate
+        (nothing is written unless every gradient of the step is finite), and the check, every
+        ξ and the orthonormalizer's flags come back together. A failed check then finds nothing
+        modified, and :meth:`_discard_run_ahead` undoes the rest."""
+        values = [sums for _, sums, _ in known]
+        gate = torch.isfinite(torch.cat(values)).all()
+        for _, _, started in known:
+            started.finish(gate)
+            started.done = True
+        self._graphs.flush()  # the updates
+        riders = [t for rec in self._pending for t in (rec.xi(), rec.failed)]
+        host = to_host(values + riders)
+        rest = iter(host[len(values) :])
+        for rec in self._pending:
+            rec.fetched = (next(rest), next(rest))
+        return [(bucket, checks) for (bucket, _, _), checks in zip(known, host)]
 
     def _discard_run_ahead(self) -> None:
         rng, new = self._ahead_undo
         self._ahead_undo = None
         self._graphs.discard_queued()  # the prepared updates
+        self._pending.clear()  # the gated ones' (see _launch_gated), which wrote nothing
         for started in self._ahead.values():
             for s in started.states:
                 s["step"] -= 1
@@ -433,7 +468,8 @@ class Adapprox(SketchOptimizer):
                 else:
                     self._dense_step(group, bucket, backend)
                     continue
-            started.finish()
+            if not started.done:
+                started.finish(None)
 
     def _step_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1 = group["betas"][0]
@@ -468,14 +504,19 @@ class Adapprox(SketchOptimizer):
         if not self._graphable(group, backend, sqs[0], None):
             op = backend.dense_second_moment(grads, sqs, beta2, eps)
             sums = op.first_pass()
-            return _Started(states, lambda: sums, lambda: backend.apply_dense_step(op, bucket, exp_avgs, **kw))
+
+            def apply(gate: torch.Tensor | None) -> None:
+                op.first_pass_sums = _gated_sums(sums, gate)
+                backend.apply_dense_step(op, bucket, exp_avgs, **kw)
+
+            return _Started(states, lambda: sums, apply)
 
         def sums_graph():
             return (backend.dense_second_moment(grads, sqs, beta2, eps).first_pass(),)
 
-        def update_graph(sums, lr_decay):
+        def update_graph(sums, lr_decay, gate=None):
             op = backend.dense_second_moment(grads, sqs, beta2, eps)
-            op.first_pass_sums = sums
+            op.first_pass_sums = _gated_sums(sums, gate)
             backend.apply_dense_step(op, bucket, exp_avgs, **kw, lr_decay=lr_decay)
             return ()
 
@@ -483,14 +524,15 @@ class Adapprox(SketchOptimizer):
         sums_call = self._graphs.defer(("dense sums", baked, read), sums_graph, ())
         queued = []
 
-        def prepare() -> None:
-            key = ("dense", baked, read, _addresses([*bucket, *(exp_avgs or [])]))
+        def prepare(gate: torch.Tensor | None) -> None:
+            key = ("dense", gate is not None, baked, read, _addresses([*bucket, *(exp_avgs or [])]))
             lr_decay = lr_and_decay(group["lr"], group["weight_decay"], sqs[0].device)
-            queued.append(self._graphs.defer(key, update_graph, (sums_call.outputs[0], lr_decay)))
+            inputs = (sums_call.outputs[0], lr_decay, *(() if gate is None else (gate,)))
+            queued.append(self._graphs.defer(key, update_graph, inputs))
 
-        def finish() -> None:
+        def finish(gate: torch.Tensor | None) -> None:
             if not queued:
-                prepare()
+                prepare(gate)
 
         return _Started(states, lambda: sums_call.outputs[0], finish, prepare)
 
@@ -583,9 +625,9 @@ class Adapprox(SketchOptimizer):
                 op, q, u, failed = srsi(q_prev, u_prev, sketch, prev_mask)
                 return q, u, op.first_pass_sums, failed
 
-            def update_graph(q_prev, u_prev, sums, q, u, used_mask, lr_decay):
+            def update_graph(q_prev, u_prev, sums, q, u, used_mask, lr_decay, gate=None):
                 op = second_moment(q_prev, u_prev)
-                op.first_pass_sums = sums
+                op.first_pass_sums = _gated_sums(sums, gate)
                 return (update(op, q, u, used_mask, lr_decay),)
 
             # Deferred (see cuda_graphs.py): S-RSI runs with the dense sums passes queued before
@@ -598,16 +640,17 @@ class Adapprox(SketchOptimizer):
             def srsi_outputs():
                 return srsi_call.outputs
 
-            def prepare() -> None:
+            def prepare(gate: torch.Tensor | None) -> None:
                 q, u, sums, _ = srsi_call.outputs
-                update_key = ("update", m, n, measure, baked, read, _addresses([*params, *(exp_avgs or [])]))
+                gated = gate is not None
+                update_key = ("update", m, n, measure, gated, baked, read, _addresses([*params, *(exp_avgs or [])]))
                 lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
-                inputs = (q_prev, u_prev, sums, q, u, used_mask, lr_decay)
+                inputs = (q_prev, u_prev, sums, q, u, used_mask, lr_decay, *((gate,) if gated else ()))
                 queued.append(self._graphs.defer(update_key, update_graph, inputs))
 
-            def run_update(q, u, sums):
+            def run_update(q, u, gate):
                 if not queued:
-                    prepare()
+                    prepare(gate)
                 return lambda: queued[0].outputs[0]
 
         else:
@@ -617,10 +660,12 @@ class Adapprox(SketchOptimizer):
             def srsi_outputs():
                 return q, u, first_sums, failed
 
-            def prepare() -> None:
+            def prepare(gate: torch.Tensor | None) -> None:
                 pass
 
-            def run_update(q, u, sums):
+            def run_update(q, u, gate):
+                if gate is not None:
+                    op.first_pass_sums = _gated_sums(first_sums, gate)
                 xi = update(op, q, u, used_mask)
                 return lambda: xi
 
@@ -633,9 +678,9 @@ class Adapprox(SketchOptimizer):
             resid2 = again.residual_sq_norm(truncate_columns(q2, used), truncate_columns(u2, used))
             return q2, u2, ratio_from_sq_norms(again.sq_norm(), resid2)
 
-        def finish() -> None:
-            q, u, sums, failed = srsi_outputs()
-            xi = run_update(q, u, sums)
+        def finish(gate: torch.Tensor | None) -> None:
+            q, u, _, failed = srsi_outputs()
+            xi = run_update(q, u, gate)
             cap = min(group["k_max"], m, n)
             self._pending.append(_Pending(group, states, shards, cap, q, u, used, xi, failed, redo))
 
@@ -647,9 +692,12 @@ class Adapprox(SketchOptimizer):
         self._graphs.flush()  # the deferred updates, all at once
         self._graphs.next_step()
         pending, self._pending = self._pending, []
-        host = iter(to_host([t for rec in pending for t in (rec.xi(), rec.failed)]))
+        unread = [rec for rec in pending if rec.fetched is None]  # not read with the check
+        host = iter(to_host([t for rec in unread for t in (rec.xi(), rec.failed)]))
+        for rec in unread:
+            rec.fetched = (next(host), next(host))
         for rec in pending:
-            xis, failed = next(host), next(host)
+            xis, failed = rec.fetched
             if failed is not None and any(failed):
                 rec.q, rec.u, xi = rec.redo()  # only non-finite sketches fail: rare
                 xis = xi.tolist() if xi is not None else None

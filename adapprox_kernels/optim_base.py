@@ -32,14 +32,16 @@ NONFINITE_POLICIES = ("raise", "skip")
 _grad, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
 
 
-def to_host(tensors: list[torch.Tensor | None]) -> list[list[float] | None]:
+def to_host(tensors: list[torch.Tensor | list[float] | None]) -> list[list[float] | None]:
     """``t.tolist()`` (as floats) of every small 1-D tensor, ``None`` for ``None``, with one host
-    sync per device instead of one per tensor."""
+    sync per device instead of one per tensor; values already on the host (lists) pass."""
     by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        if t is not None:
-            by_device[t.device].append(i)
     out: list[list[float] | None] = [None] * len(tensors)
+    for i, t in enumerate(tensors):
+        if isinstance(t, list):
+            out[i] = t
+        elif t is not None:
+            by_device[t.device].append(i)
     for idxs in by_device.values():
         # cat promotes to a dtype that holds every value: one conversion, not one per tensor
         flat = torch.cat([tensors[i] for i in idxs]).double().tolist()
@@ -137,9 +139,9 @@ class SketchOptimizer(Optimizer):
 
     def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         """Work started before the non-finite check because it also answers it: ``(params,
-        values)`` pairs, ``values`` ``(len(params),)`` on the device and non-finite exactly where
-        a parameter's gradient holds inf or NaN; those gradients are not read again for the
-        check. Nothing a user sees may change until the check passes: a failed check calls
+        values)`` pairs, ``values`` ``(len(params),)`` on the device (or already read, as a
+        list) and non-finite exactly where a parameter's gradient holds inf or NaN; those
+        gradients are not read again for the check. Nothing a user sees may change until the check passes: a failed check calls
         :meth:`_discard_run_ahead`. Nothing by default."""
         return []
 
