@@ -1,0 +1,137 @@
+"""Host time of a CUDA-graphed Adapprox step, measured on a CPU with the replays stubbed.
+
+On a GPU a warm graphed step is host-bound (docs/benchmarks.md): the Python around the graph
+launches, not the kernels, sets its time. This script measures that Python where there is no
+GPU. Each graphed call runs for real (Triton interpreter) the first time its key comes up; after
+that a "replay" only loads the call's inputs, as a real replay does, and returns the first run's
+outputs. The step's own work (sketches, keys, the gate, the reads, the rank decisions and the
+narrowing copies) runs as usual, on CPU tensors.
+
+    TRITON_INTERPRET=1 python bench/host_step.py [--layers 12] [--width 32] [--steps 200] [--out DIR]
+
+Prints and writes (``host_step_*.json``) the median host time per step, split at the step's
+device reads: before the first (the preamble, S-RSI and the launched updates) and after the
+last (the rank decisions and new factors: on a GPU, time it stands idle). The GPT-2 layout of
+``bench_step.py`` at a small width, vocabulary 96 and context 64; warm start, k = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_step import gpt2_shapes, make_params
+from common import metadata
+
+import adapprox_kernels.adapprox as adapprox_module
+import adapprox_kernels.optim_base as base_module
+from adapprox_kernels import Adapprox
+from adapprox_kernels.cuda_graphs import CallGraphs
+
+
+class StubGraphs(CallGraphs):
+    """Runs a key's call once; every later call of the key loads its inputs and returns the
+    first run's outputs (a replay without the kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first: dict = {}
+
+    def _run_signed(self, key, fn, inputs, calls):
+        if key not in self._first:
+            static = [t.clone() for t in inputs]
+            self._first[key] = (static, fn(*static))
+            self.counts["captured"] += 1
+        static, outputs = self._first[key]
+        if static:
+            torch._foreach_copy_(static, list(inputs))
+        self.counts["replayed"] += 1
+        return outputs
+
+
+def measure(layers: int, width: int, steps: int) -> dict:
+    """``{"ms", "before_first_read_ms", "after_last_read_ms", "reads", "graph_calls"}``:
+    medians per step over ``steps`` steps after 10 warm-up steps."""
+    params = make_params(gpt2_shapes(width, layers, vocab=96, ctx=64), torch.device("cpu"))
+    decay = [p for p in params if p.dim() >= 2]
+    groups = [{"params": decay}, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = Adapprox(groups, k_max=1, warm_start=True, cuda_graphs=True, seed=0, backend="triton")
+    opt._graphs = StubGraphs()
+    # The graph path on CPU tensors: only its CUDA check stands in the way.
+    graphable = Adapprox._graphable
+    Adapprox._graphable = staticmethod(lambda group, *args: group["cuda_graphs"])
+    reads: list[tuple[float, float]] = []
+    to_host = base_module.to_host
+
+    def timed_to_host(values):
+        start = time.perf_counter()
+        out = to_host(values)
+        if any(torch.is_tensor(v) for v in values):
+            reads.append((start, time.perf_counter()))
+        return out
+
+    base_module.to_host = adapprox_module.to_host = timed_to_host
+    try:
+        for _ in range(10):
+            opt.step()
+        calls_before = opt._graphs.counts["replayed"]
+        totals, befores, afters, n_reads = [], [], [], []
+        for _ in range(steps):
+            reads.clear()
+            start = time.perf_counter()
+            opt.step()
+            end = time.perf_counter()
+            totals.append(end - start)
+            befores.append(reads[0][0] - start)
+            afters.append(end - reads[-1][1])
+            n_reads.append(len(reads))
+        calls = (opt._graphs.counts["replayed"] - calls_before) / steps
+    finally:
+        Adapprox._graphable = graphable
+        base_module.to_host = adapprox_module.to_host = to_host
+
+    def ms(seconds: list[float]) -> float:
+        return round(statistics.median(seconds) * 1e3, 4)
+
+    return {
+        "ms": ms(totals), "before_first_read_ms": ms(befores), "after_last_read_ms": ms(afters),
+        "reads": statistics.median(n_reads), "graph_calls": calls,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    result = measure(args.layers, args.width, args.steps)
+    record = {"meta": metadata("cpu"), "layers": args.layers, "width": args.width, "steps": args.steps, **result}
+    print(
+        f"host time per step {result['ms']:.3f} ms: {result['before_first_read_ms']:.3f} before the first device "
+        f"read, {result['after_last_read_ms']:.3f} after the last; {result['reads']:g} reads, "
+        f"{result['graph_calls']:g} graph calls per step"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"host_step_{args.layers}x{args.width}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
