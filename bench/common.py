@@ -182,6 +182,15 @@ def write_results(
     return stem.with_suffix(".json")
 
 
+def write_json(record: dict, out: Path, filename: str) -> Path:
+    """Writes ``record`` to ``out/filename`` (indented JSON), says where, returns the path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / filename
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def write_markdown(name: str, device: torch.device | str, text: str, out: Path = RESULTS) -> Path:
     path = out / f"{name}_{device_tag(device)}.md"
     path.write_text(text.rstrip() + "\n")

@@ -18,7 +18,6 @@ last (the rank decisions and new factors: on a GPU, time it stands idle). The GP
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_step import gpt2_shapes, make_params
-from common import metadata
+from common import metadata, write_json
 
 import adapprox_kernels.adapprox as adapprox_module
 import adapprox_kernels.optim_base as base_module
@@ -127,10 +126,7 @@ def main() -> None:
         f"read, {result['after_last_read_ms']:.3f} after the last; {result['reads']:g} reads, "
         f"{result['graph_calls']:g} graph calls per step"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"host_step_{args.layers}x{args.width}_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_json(record, args.out, f"host_step_{args.layers}x{args.width}_{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
 if __name__ == "__main__":

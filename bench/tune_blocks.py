@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import re
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import metadata  # noqa: E402
+from common import metadata, write_json  # noqa: E402
 
 from adapprox_kernels.kernels._launch import ELEMENTWISE_BLOCKS, PRODUCT_BLOCKS, Blocks  # noqa: E402
 
@@ -143,10 +142,7 @@ def main() -> None:
     device = torch.device("cuda")
     result = {"meta": metadata(device), "rows": sweep(device, args.quick)}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["meta"]["device"]).strip("-").lower()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tune_blocks_{slug}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_json(result, args.out, f"tune_blocks_{slug}.json")
 
 
 if __name__ == "__main__":
