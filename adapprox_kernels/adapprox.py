@@ -369,13 +369,16 @@ class Adapprox(SketchOptimizer):
         self._bucket_cache[key] = buckets = dict(buckets)
         return buckets
 
-    def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    def _run_ahead(
+        self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
+    ) -> list[tuple[list[torch.Tensor], torch.Tensor | list[float]]]:
         """S-RSI of the factored buckets whose first product also reduces the update's RMS
         (Triton kernels, whole fp32 matrices), and the sums pass of the dense buckets on the
         kernels, before the non-finite check: that sum is NaN or inf exactly where a gradient
         holds NaN or inf, so the check needs no pass over G of its own. The updates wait for
-        the check; what runs ahead changes nothing a user sees but the sketch RNG, the step
-        counts and new state, which :meth:`_discard_run_ahead` restores."""
+        the check, or, where every bucket ran ahead, are launched behind a device gate
+        (:meth:`_launch_gated`); what runs ahead changes nothing a user sees but the sketch
+        RNG, the step counts and new state, which :meth:`_discard_run_ahead` restores."""
         self._ahead.clear()
         self._ahead_buckets.clear()
         self._baked.clear()
@@ -417,7 +420,9 @@ class Adapprox(SketchOptimizer):
             started.prepare(None)
         return [(bucket, sums) for bucket, sums, _ in known]
 
-    def _launch_gated(self, known: list[tuple[list[torch.Tensor], torch.Tensor, _Started]]) -> list[tuple[list[torch.Tensor], list[float]]]:
+    def _launch_gated(
+        self, known: list[tuple[list[torch.Tensor], torch.Tensor, _Started]]
+    ) -> list[tuple[list[torch.Tensor], list[float]]]:
         """Every parameter's S-RSI or sums pass ran ahead, so the step needs one host sync, not
         two: the updates are launched before the non-finite check is read, behind a device gate
         (nothing is written unless every gradient of the step is finite), and the check, every
