@@ -650,7 +650,7 @@ class Adapprox(SketchOptimizer):
                 gated = gate is not None
                 update_key = ("update", m, n, measure, gated, baked, read, _addresses([*params, *(exp_avgs or [])]))
                 lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
-                inputs = (q_prev, u_prev, sums, q, u, used_mask, lr_decay, *((gate,) if gated else ()))
+                inputs = (q_prev, u_prev, sums, q, u, used_mask, lr_decay, *(() if gate is None else (gate,)))
                 queued.append(self._graphs.defer(update_key, update_graph, inputs))
 
             def run_update(q, u, gate):
@@ -669,8 +669,7 @@ class Adapprox(SketchOptimizer):
                 pass
 
             def run_update(q, u, gate):
-                if gate is not None:
-                    op.first_pass_sums = _gated_sums(first_sums, gate)
+                op.first_pass_sums = _gated_sums(first_sums, gate)
                 xi = update(op, q, u, used_mask)
                 return lambda: xi
 
