@@ -310,7 +310,7 @@ class AdaMeM(SketchOptimizer):
         # after a skipped non-finite step).
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
-            state = self.state[p]
+            state = self._init_state(p, group)
             state["step"] += 1
             shape, transposed = _oriented_shape(p)
             key = ("P" in state, shape, transposed, state.get("rank"), state["step"], p.dtype, p.device)

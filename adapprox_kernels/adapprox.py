@@ -283,10 +283,10 @@ class Adapprox(SketchOptimizer):
         # bucket's sums and update pass, batched per step (see cuda_graphs.py); 64 calls in all.
         self._graphs = CallGraphs(capacity=64)
         self._baked: dict[int, tuple] = {}  # id(group) -> _baked_hyperparameters, this step
-        self._bucket_cache: dict[tuple, dict[tuple, list[torch.Tensor]]] = {}  # see _buckets
+        self._bucket_cache: dict[tuple, tuple] = {}  # see _buckets
         # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
         self._ahead: dict[tuple, _Started] = {}
-        self._ahead_buckets: dict[int, dict[tuple, list[torch.Tensor]]] = {}  # id(group) -> buckets
+        self._ahead_buckets: dict[int, dict[tuple, tuple]] = {}  # id(group) -> _buckets(...)[0]
         self._ahead_undo: tuple[dict[str, Any] | None, list[torch.Tensor]] | None = None
 
     # ---------------------------------------------------------------------------------- state
@@ -347,27 +347,36 @@ class Adapprox(SketchOptimizer):
         return group["exact_small_matrices"] and min(shape) <= group["k_max"] + group["oversample"]
 
     # ----------------------------------------------------------------------------------- step
-    def _buckets(self, params: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
-        """Same-kind, same-shape parameters (with state): ``(factored, shape, dtype, device)`` ->
-        parameters (each bucket is one batched call); read-only.
+    def _buckets(
+        self, params: list[torch.Tensor], group: dict[str, Any]
+    ) -> tuple[dict[tuple, tuple[list[torch.Tensor], list[dict[str, Any]]]], list[torch.Tensor]]:
+        """Same-kind, same-shape parameters: ``(factored, shape, dtype, device)`` -> ``(parameters,
+        their state)`` (each bucket is one batched call), read-only; and the parameters whose
+        state this call made (state is lazy: this is where it is made).
 
         Remembered from the last call: the same parameters on the same storage (a parameter
-        moved or cast in place gets new storage) with the same kinds of state (state is made
-        only for new parameters, when the cache is emptied, or loaded: torch.optim's
-        ``load_state_dict`` goes through ``__setstate__``, which empties it too)
-        fall into the same buckets, and re-sorting hundreds of them costs a step ~0.3 ms."""
+        moved or cast in place gets new storage) whose state is still there (the same
+        ``self.state``, as many entries, none emptied; ``load_state_dict`` goes through
+        ``__setstate__``, which forgets everything) fall into the same buckets. Sorting hundreds
+        of parameters and looking up their state (a Python hash per lookup) costs a step ~0.5 ms."""
         key = (tuple(map(id, params)), tuple(map(torch.Tensor.data_ptr, params)))
         cached = self._bucket_cache.get(key)
         if cached is not None:
-            return cached
-        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            state_map, size, buckets, states = cached
+            if state_map is self.state and len(self.state) == size and all(states):
+                return buckets, []
+        new = [p for p in params if not self.state[p]]
+        members: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
-            factored = "Q" in self.state[p]
-            buckets[(factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device)].append(p)
+            state = self._init_state(p, group)
+            factored = "Q" in state
+            members[(factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device)].append(p)
+        buckets = {key: (bucket, [self.state[p] for p in bucket]) for key, bucket in members.items()}
         if len(self._bucket_cache) >= 8:  # a few groups' lists; the rare other list is recomputed
             self._bucket_cache.clear()
-        self._bucket_cache[key] = buckets = dict(buckets)
-        return buckets
+        states = [s for _, bucket_states in buckets.values() for s in bucket_states]
+        self._bucket_cache[key] = (self.state, len(self.state), buckets, states)
+        return buckets, new
 
     def _run_ahead(
         self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
@@ -384,16 +393,14 @@ class Adapprox(SketchOptimizer):
         self._baked.clear()
         self._pending.clear()  # left by a step that raised, if any
         self._graphs.discard_queued()
-        new = [p for _, params in groups for p in params if not self.state[p]]
-        if new:
-            self._bucket_cache.clear()
+        new = []
         rng = None  # the sketch RNG before the first draw, if anything runs ahead
         known = []
         for group, params in groups:
-            for p in params:
-                self._init_state(p, group)
-            buckets = self._ahead_buckets[id(group)] = self._buckets(params)
-            for key, bucket in buckets.items():
+            buckets, made = self._buckets(params, group)
+            self._ahead_buckets[id(group)] = buckets
+            new += made
+            for key, (bucket, states) in buckets.items():
                 factored, _, dtype, device = key
                 backend = resolve_backend(group["backend"], device)
                 if is_dtensor(bucket[0]):
@@ -404,10 +411,10 @@ class Adapprox(SketchOptimizer):
                     continue
                 if rng is None and factored:
                     rng = self._rng_state()
-                for p in bucket:
-                    self.state[p]["step"] += 1
+                for s in states:
+                    s["step"] += 1
                 start = self._factored_srsi if factored else self._dense_start
-                started = self._ahead[(id(group), key)] = start(group, bucket, backend)
+                started = self._ahead[(id(group), key)] = start(group, bucket, states, backend)
                 known.append((bucket, started))
                 if factored:  # the GPU starts on it (and the queued dense sums) while the host
                     self._graphs.flush()  # prepares the next: one graph each, for the overlap
@@ -458,20 +465,20 @@ class Adapprox(SketchOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         # The buckets _run_ahead formed hold these very parameters unless it was discarded.
-        buckets = self._ahead_buckets.pop(id(group), None) or self._buckets(params)
-        for key, bucket in buckets.items():
+        buckets = self._ahead_buckets.pop(id(group), None) or self._buckets(params, group)[0]
+        for key, (bucket, states) in buckets.items():
             factored, _, _, device = key
             started = self._ahead.pop((id(group), key), None)
             if started is None:
                 backend = resolve_backend(group["backend"], device)
-                for p in bucket:
-                    self.state[p]["step"] += 1
+                for s in states:
+                    s["step"] += 1
                 if factored:
-                    started = self._factored_srsi(group, bucket, backend)
+                    started = self._factored_srsi(group, bucket, states, backend)
                 elif self._dense_on_kernels(group, bucket, backend):
-                    started = self._dense_start(group, bucket, backend)
+                    started = self._dense_start(group, bucket, states, backend)
                 else:
-                    self._dense_step(group, bucket, backend)
+                    self._dense_step(group, bucket, states, backend)
                     continue
             if not started.done:
                 started.finish(None)
@@ -494,11 +501,12 @@ class Adapprox(SketchOptimizer):
             and not (group["cosine_guidance"] and group["betas"][0] > 0)
         )  # fmt: skip
 
-    def _dense_start(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> _Started:
+    def _dense_start(
+        self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]], backend
+    ) -> _Started:
         """A dense bucket on the fused passes: the sums pass (the update's RMS and the
         non-finite check's values), then the update pass in ``finish()``, which also writes V;
         graphed, both are deferred to run with the other buckets' passes."""
-        states = [self.state[p] for p in bucket]
         beta2 = group["betas"][1]
         grads = [p.grad for p in bucket]
         sqs = [s["exp_avg_sq"] for s in states]
@@ -541,12 +549,13 @@ class Adapprox(SketchOptimizer):
 
         return _Started(states, lambda: sums_call.outputs[0], finish, prepare)
 
-    def _dense_step(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> None:
+    def _dense_step(
+        self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]], backend
+    ) -> None:
         """Unfactored V (vectors, small matrices): ``V = β2·V + (1−β2)·G²``, same update rule."""
         from .reference import apply_updates, clipped_update, in_place_ok, stack_as
 
         beta2 = group["betas"][1]
-        states = [self.state[p] for p in bucket]
         # DTensor parameters: work on this rank's part; the RMS and cosine sums are all-reduced.
         shards = RowShards.of(bucket[0])
         reduce = None if shards is None else shards.all_reduce
@@ -568,11 +577,12 @@ class Adapprox(SketchOptimizer):
         exp_avgs = local_list([s["exp_avg"] for s in states]) if kw["beta1"] > 0 else None
         apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce)
 
-    def _factored_srsi(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> _Started:
+    def _factored_srsi(
+        self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]], backend
+    ) -> _Started:
         """S-RSI for every same-shaped matrix of the bucket at once; the update follows in
         ``finish()``, and the rank decisions and new factors wait in ``self._pending`` for
         :meth:`_end_step`."""
-        states = [self.state[p] for p in bucket]
         m, n = matrix_shape(bucket[0])
         beta1, beta2, _ = group["betas"]
         shards = RowShards.of(bucket[0], local_backend=backend)

@@ -11,9 +11,10 @@
   one host sync per device;
 * ``step(closure)`` under ``torch.no_grad()``, which calls the subclass's
   ``_run_ahead(groups)`` (work that may start before the non-finite check because it yields
-  the check as a by-product; ``_discard_run_ahead()`` undoes it), ``_init_state(p, group)``
-  (lazy state), ``_step_group(group, params)`` (the update) for every group and then
-  ``_end_step()`` (work that waits for one host sync per step).
+  the check as a by-product; ``_discard_run_ahead()`` undoes it), ``_step_group(group,
+  params)`` (the update, which makes the parameters' state by ``_init_state(p, group)`` where
+  there is none yet) for every group and then ``_end_step()`` (work that waits for one host
+  sync per step).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class SketchOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------------------- step
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """``p``'s state, made (zeros) where it has none yet."""
         raise NotImplementedError
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
@@ -230,13 +232,14 @@ class SketchOptimizer(Optimizer):
                 )
             work.append((group, params, flags))
         for group, params, flags in work:
-            ok = []
-            for p, bad in zip(params, flags):
-                state = self._init_state(p, group)
-                if bad:
-                    state["nonfinite_skips"] += 1
-                else:
-                    ok.append(p)
+            ok = params
+            if any(flags):
+                ok = []
+                for p, bad in zip(params, flags):
+                    if bad:
+                        self._init_state(p, group)["nonfinite_skips"] += 1
+                    else:
+                        ok.append(p)
             self._step_group(group, ok)
         self._end_step()
         return loss

@@ -502,3 +502,39 @@ def test_a_copied_optimizer_steps_like_the_original(how):
         o.step()
     for p, q in zip(model.parameters(), clone_model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("how", ["clear one", "delete one", "clear all", "replace"])
+def test_state_dropped_between_steps_is_made_anew(how):
+    """The step remembers its buckets and their state dicts (see ``Adapprox._buckets``); state a
+    user empties, deletes or replaces between steps must be made anew, as on a first step, not
+    updated in a dict the optimizer no longer holds."""
+    from collections import defaultdict
+
+    w0 = [torch.randn(6, 5), torch.randn(6, 5), torch.randn(7)]
+    grads = [torch.randn(6, 5), torch.randn(6, 5), torch.randn(7)]
+    params = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = Adapprox(params, k_max=2, seed=0)
+    for _ in range(3):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    dropped = [0, 1, 2] if how in ("clear all", "replace") else [1]
+    if how == "clear one":
+        opt.state[params[1]].clear()
+    elif how == "delete one":
+        del opt.state[params[1]]
+    elif how == "clear all":
+        opt.state.clear()
+    else:
+        opt.state = defaultdict(dict)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    for i, p in enumerate(params):
+        assert opt.state[p]["step"] == (1 if i in dropped else 4)
+    for i in dropped:
+        # A first step from fresh state (V = (1 − β2)·G², whatever the sketch), on these weights.
+        fresh = torch.nn.Parameter(before[i].clone())
+        fresh.grad = grads[i].clone()
+        Adapprox([fresh], k_max=2, seed=0).step()
+        torch.testing.assert_close(params[i].detach(), fresh.detach(), rtol=0, atol=0)
