@@ -81,6 +81,15 @@ def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([pad(f, (0, width - f.shape[1])) for f in factors])
 
 
+def _narrowed(q: torch.Tensor, u: torch.Tensor, k: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Every matrix's first ``k`` columns of ``q: (B, m, r)`` and ``u: (B, n, r)``, as the
+    matrices of one new tensor each (which :func:`_stack_padded` passes on next step). A copy
+    even when ``k = r``: ``q`` may view a larger buffer, or a graph's output that its next
+    replay overwrites."""
+    fmt = torch.contiguous_format
+    return q[:, :, :k].clone(memory_format=fmt).unbind(0), u[:, :, :k].clone(memory_format=fmt).unbind(0)
+
+
 _dtype = operator.attrgetter("dtype")
 
 
@@ -114,8 +123,10 @@ class _Pending:
     ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ, ``xi()``: ``(B,)``
     (None when not measured this step; a call, since a deferred update has not run yet when
     this is made), the orthonormalizer's failure flags ``(B,)`` (None if it cannot fail) and
-    ``redo``, which recomputes ``(q, u, xi)`` with the checked one. ``fetched``: ``(ξ, flags)``
-    on the host, once read (see :meth:`Adapprox._launch_gated`)."""
+    ``redo``, which recomputes ``(q, u, xi)`` with the checked one. ``narrowed``: ``(k, Q's,
+    U's)``, every matrix's first k columns, copied before the sync for the k that holds unless
+    the rank decision moves it (None where the matrices' ranks differ). ``fetched``: ``(ξ,
+    flags)`` on the host, once read (see :meth:`Adapprox._launch_gated`)."""
 
     group: dict[str, Any]
     states: list[dict[str, Any]]
@@ -127,6 +138,7 @@ class _Pending:
     xi: Callable[[], torch.Tensor | None]
     failed: torch.Tensor | None
     redo: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    narrowed: tuple[int, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
     fetched: tuple[list[float] | None, list[float] | None] | None = None
 
 
@@ -441,6 +453,7 @@ class Adapprox(SketchOptimizer):
             started.finish(gate)
             started.done = True
         self._graphs.flush()  # the updates
+        self._narrow_ahead()
         riders = [t for rec in self._pending for t in (rec.xi(), rec.failed)]
         host = to_host(values + riders)
         rest = iter(host[len(values) :])
@@ -707,6 +720,7 @@ class Adapprox(SketchOptimizer):
         self._graphs.next_step()
         pending, self._pending = self._pending, []
         unread = [rec for rec in pending if rec.fetched is None]  # not read with the check
+        self._narrow_ahead(unread)
         host = iter(to_host([t for rec in unread for t in (rec.xi(), rec.failed)]))
         for rec in unread:
             rec.fetched = (next(host), next(host))
@@ -714,20 +728,34 @@ class Adapprox(SketchOptimizer):
             xis, failed = rec.fetched
             if failed is not None and any(failed):
                 rec.q, rec.u, xi = rec.redo()  # only non-finite sketches fail: rare
+                rec.narrowed = None
                 xis = xi.tolist() if xi is not None else None
             self._decide_ranks(rec, xis)
+
+    def _narrow_ahead(self, pending: list[_Pending] | None = None) -> None:
+        """Copies the new factors at the ranks this step used (``rec.narrowed``), after the
+        updates are launched and before the step's sync: the GPU is busy then, while after the
+        sync it waits on the host. The rank decision keeps them unless round(k) moves, which it
+        rarely does. Only where one rank serves the whole bucket (the usual case)."""
+        for rec in self._pending if pending is None else pending:
+            if rec.shards is None and len(set(rec.used)) == 1:
+                rec.narrowed = (rec.used[0], *_narrowed(rec.q, rec.u, rec.used[0]))
 
     def _decide_ranks(self, rec: "_Pending", xis: list[float] | None) -> None:
         group, states, cap = rec.group, rec.states, rec.cap
         width = rec.q.shape[2]
-        for b, s in enumerate(states):
-            if xis is not None:
-                s["xi"] = xis[b]
-                if group["rank_policy"] == "step":
-                    k_next = next_rank_step(rec.used[b], xis[b], group["xi_thresh"], group["k_min"], cap)
-                    s["rank"] = rank_moment(s["rank"], k_next, group["betas"][2])
-                elif xis[b] > group["xi_thresh"]:
-                    s["rank"] = float(min(s["rank"] + sigmoid_increment(xis[b], *group["sigmoid"]), cap))
+        if xis is not None:
+            thresh = group["xi_thresh"]
+            if group["rank_policy"] == "step":
+                k_min, beta3 = group["k_min"], group["betas"][2]
+                for s, used, xi in zip(states, rec.used, xis):
+                    s["xi"] = xi
+                    s["rank"] = rank_moment(s["rank"], next_rank_step(used, xi, thresh, k_min, cap), beta3)
+            else:
+                for s, xi in zip(states, xis):
+                    s["xi"] = xi
+                    if xi > thresh:
+                        s["rank"] = float(min(s["rank"] + sigmoid_increment(xi, *group["sigmoid"]), cap))
         # Keep round(k_t) columns; growth past this sketch's width waits for the next step.
         keeps = [min(_round_rank(s["rank"]), width) for s in states]
         if rec.shards is not None:
@@ -741,10 +769,8 @@ class Adapprox(SketchOptimizer):
             by_keep[k].append(b)
         for k, idx in by_keep.items():
             if len(idx) == len(states):  # the usual case, one rank for all: one narrowing copy
-                # (a copy even when k is the whole width: rec.q may view a larger buffer)
-                fmt = torch.contiguous_format
-                qs = rec.q[:, :, :k].clone(memory_format=fmt).unbind(0)
-                us = rec.u[:, :, :k].clone(memory_format=fmt).unbind(0)
+                ahead = rec.narrowed
+                qs, us = ahead[1:] if ahead is not None and ahead[0] == k else _narrowed(rec.q, rec.u, k)
             else:  # stack, not rec.q[idx]: a list index is copied to the device, which waits
                 qs = torch.stack([rec.q[b, :, :k] for b in idx]).unbind(0)
                 us = torch.stack([rec.u[b, :, :k] for b in idx]).unbind(0)

@@ -172,31 +172,35 @@ class SketchOptimizer(Optimizer):
         ``(params, values)`` pairs of :meth:`_run_ahead`. One host sync per device."""
         if not params:
             return []
-        position = {id(p): i for i, p in enumerate(params)}
-        # (parameter indices, values): a non-finite value marks a bad gradient.
-        checks = [([position[id(p)] for p in ps], values) for ps, values in known]
-        covered = {i for idxs, _ in checks for i in idxs}
-        by_device: dict[tuple, list[int]] = defaultdict(list)
-        for i, p in enumerate(params):
-            if i not in covered:
-                by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(i)
+        # (parameters, values) pairs: a non-finite value marks a bad gradient.
+        checks = list(known)
+        if sum(len(ps) for ps, _ in known) < len(params):  # some gradients have no values yet
+            covered = {id(p) for ps, _ in known for p in ps}
+            by_device: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            for p in params:
+                if id(p) not in covered:
+                    by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(p)
+            for ps in by_device.values():
+                grads = [p.grad for p in ps]
+                if is_dtensor(grads[0]):  # FSDP2: each rank checks its rows, one all-reduce
+                    bad = nonfinite_flags(grads)  # as values: NaN marks a bad one
+                    checks.append((ps, [float("nan") if b else 0.0 for b in bad]))
+                    continue
+                # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
+                # can overflow); NaN propagates through it.
+                norms = torch._foreach_norm(grads, float("inf"))
+                if any(n.dtype != norms[0].dtype for n in norms):  # mixed dtypes: rare
+                    norms = [n.float() for n in norms]
+                checks.append((ps, torch.stack(norms)))
         flags = [False] * len(params)
-        for idxs in by_device.values():
-            grads = [params[i].grad for i in idxs]
-            if is_dtensor(grads[0]):  # FSDP2: each rank checks its rows, one all-reduce
-                for i, b in zip(idxs, nonfinite_flags(grads)):
-                    flags[i] = b
-                continue
-            # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
-            # can overflow); NaN propagates through it.
-            norms = torch._foreach_norm(grads, float("inf"))
-            if any(n.dtype != norms[0].dtype for n in norms):  # mixed dtypes: rare
-                norms = [n.float() for n in norms]
-            checks.append((idxs, torch.stack(norms)))
+        position = None
         # Read as they are and tested on the host: no isfinite launches per check.
-        for (idxs, _), values in zip(checks, to_host([values for _, values in checks])):
-            for i, v in zip(idxs, values):
-                flags[i] = not math.isfinite(v)
+        for (ps, _), values in zip(checks, to_host([values for _, values in checks])):
+            if all(map(math.isfinite, values)):  # the usual case: nothing per parameter
+                continue
+            position = position or {id(p): i for i, p in enumerate(params)}
+            for p, v in zip(ps, values):
+                flags[position[id(p)]] = not math.isfinite(v)
         return flags
 
     def _param_name(self, p: torch.Tensor) -> str:

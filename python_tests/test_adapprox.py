@@ -459,6 +459,35 @@ def test_one_host_read_of_xi_per_step(monkeypatch):
     assert reads == [torch.Size([4]), torch.Size([3])]
 
 
+def test_new_factors_are_copied_before_the_read_and_again_only_where_the_rank_moves(monkeypatch):
+    """The narrowing copy of the new factors happens before the step's last host read, at the
+    ranks the step used; after the read only where the rank decision moved round(k), and the
+    state always holds round(k) columns."""
+    import adapprox_kernels.adapprox as adapprox_module
+
+    g = torch.rand(40, 1) @ torch.rand(1, 60) + 0.1  # rank one: the rank falls from 10
+    w = torch.nn.Parameter(torch.zeros(40, 60))
+    opt = Adapprox([w], k_init=10, k_max=10, k_min=1, seed=0)
+    events = []
+    narrowed, to_host = adapprox_module._narrowed, adapprox_module.to_host
+    monkeypatch.setattr(adapprox_module, "_narrowed", lambda q, u, k: events.append(("copy", k)) or narrowed(q, u, k))
+    monkeypatch.setattr(adapprox_module, "to_host", lambda ts: events.append(("read", None)) or to_host(ts))
+    moves = 0
+    for _ in range(40):
+        events.clear()
+        used = math.floor(opt.state[w]["rank"] + 0.5) if opt.state[w] else 10  # half up, as the step rounds
+        w.grad = g.clone()
+        opt.step()
+        keep = math.floor(opt.state[w]["rank"] + 0.5)
+        last_read = max(i for i, (what, _) in enumerate(events) if what == "read")
+        before, after = events[:last_read], events[last_read + 1 :]
+        assert before.count(("copy", used)) == 1
+        assert after == ([] if keep == used else [("copy", keep)])
+        moves += keep != used
+        assert opt.state[w]["Q"].shape == (40, keep) and opt.state[w]["U"].shape == (60, keep)
+    assert moves >= 3  # the rank did move, so both branches ran
+
+
 def test_every_backend_offers_the_sync_free_orthonormalizer():
     from adapprox_kernels.backends import BACKENDS
 
