@@ -606,7 +606,9 @@ class Adapprox(SketchOptimizer):
         width_prev = max(s["Q"].shape[1] for s in states)
         q_prev = _stack_padded(local_list(s["Q"] for s in states), width_prev)
         u_prev = _stack_padded(local_list(s["U"] for s in states), width_prev)
-        grads = [g.reshape(-1, n) for g in local_list(p.grad for p in bucket)]
+        grads = local_list(p.grad for p in bucket)
+        if bucket[0].dim() > 2:  # folded to (m, n), as matrix_shape sees it
+            grads = [g.reshape(-1, n) for g in grads]
         params = local_list(bucket)
         exp_avgs = local_list(s["exp_avg"] for s in states) if beta1 > 0 else None
 
