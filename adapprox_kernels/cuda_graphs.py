@@ -27,7 +27,7 @@ bucket's ranks move, a batch's key changes every few steps: until a batch has co
 from __future__ import annotations
 
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
@@ -70,8 +70,12 @@ class CallGraphs:
     def __init__(self, eager_runs: int = 2, forget_after: int = 16, capacity: int = 32):
         self.eager_runs, self.forget_after, self.capacity = eager_runs, forget_after, capacity
         self.counts: Counter = Counter()
-        # key -> (graph or None where its capture failed, calls it holds)
-        self._graphs: OrderedDict[Hashable, tuple[_Captured | None, int]] = OrderedDict()
+        # key -> [graph or None where its capture failed, calls it holds, last use]; "last use"
+        # counts runs, for the least recently used (a key of an update batch holds every
+        # parameter's address: a dict lookup hashes and compares it, ~50 µs, so a replay looks
+        # its key up once and keeps no LRU order that would take more lookups)
+        self._graphs: dict[Hashable, list] = {}
+        self._uses = 0
         self._step = 0
         self._seen: dict[Hashable, tuple[int, int]] = {}  # key -> (last step seen, eager runs)
         self._queue: list[Deferred] = []  # deferred calls not run yet
@@ -117,8 +121,9 @@ class CallGraphs:
             return tuple(fn(*(args[i] for i in idxs)) for fn, idxs in zip(fns, where))
 
         key = self._signed(("batch", tuple(call.key for call in calls), tuple(where)), inputs)
-        if key in self._graphs or self._seen.get(key, (0, 0))[1] >= self.eager_runs:
-            outputs = self._run_signed(key, batch, inputs, len(calls))
+        entry = self._graphs.get(key)
+        if entry is not None or self._seen.get(key, (0, 0))[1] >= self.eager_runs:
+            outputs = self._run_signed(key, batch, inputs, len(calls), entry)
         else:
             self._seen[key] = (self._step, self._seen.get(key, (0, 0))[1] + 1)
             outputs = [self.run(call.key, call.fn, call.inputs) for call in calls]
@@ -138,10 +143,16 @@ class CallGraphs:
     def _signed(key: Hashable, inputs: Sequence[torch.Tensor]) -> Hashable:
         return key, tuple((t.shape, t.dtype, t.device) for t in inputs)
 
-    def _run_signed(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], calls: int) -> Outputs:
-        if key in self._graphs:
-            captured, _ = self._graphs[key]
-            self._graphs.move_to_end(key)
+    def _run_signed(
+        self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], calls: int, entry: list | None = None
+    ) -> Outputs:
+        """``entry``: the key's, where the caller has looked it up already."""
+        if entry is None:
+            entry = self._graphs.get(key)
+        if entry is not None:
+            captured = entry[0]
+            self._uses += 1
+            entry[2] = self._uses
             if captured is None:
                 self.counts["eager"] += 1
                 return fn(*inputs)
@@ -184,13 +195,15 @@ class CallGraphs:
         return outputs
 
     def _store(self, key: Hashable, captured: _Captured | None, calls: int) -> None:
-        self._graphs[key] = (captured, calls)
+        self._uses += 1
+        self._graphs[key] = [captured, calls, self._uses]
         self._seen.pop(key, None)
-        while sum(calls for _, calls in self._graphs.values()) > self.capacity and len(self._graphs) > 1:
-            self._graphs.popitem(last=False)
+        while sum(calls for _, calls, _ in self._graphs.values()) > self.capacity and len(self._graphs) > 1:
+            least_recent = min(self._graphs.items(), key=lambda item: item[1][2])[0]
+            del self._graphs[least_recent]
 
     def __len__(self) -> int:
-        return sum(c is not None for c, _ in self._graphs.values())
+        return sum(c is not None for c, _, _ in self._graphs.values())
 
 
 class Deferred:

@@ -2,10 +2,11 @@
 
 On a GPU a warm graphed step is host-bound (docs/benchmarks.md): the Python around the graph
 launches, not the kernels, sets its time. This script measures that Python where there is no
-GPU. Each graphed call runs for real (Triton interpreter) the first time its key comes up; after
-that a "replay" only loads the call's inputs, as a real replay does, and returns the first run's
-outputs. The step's own work (sketches, keys, the gate, the reads, the rank decisions and the
-narrowing copies) runs as usual, on CPU tensors.
+GPU. Each graphed call runs for real (Triton interpreter) until its key would be captured; the
+"capture" runs it once more, on buffers of its own, and a "replay" then loads the call's inputs
+into those buffers and returns that run's outputs, through CallGraphs' own lookups and loads.
+The step's own work (sketches, keys, the gate, the reads, the rank decisions and the narrowing
+copies) runs as usual, on CPU tensors.
 
     TRITON_INTERPRET=1 python bench/host_step.py [--layers 12] [--width 32] [--steps 200] [--out DIR]
 
@@ -38,26 +39,26 @@ from common import metadata, write_json
 import adapprox_kernels.adapprox as adapprox_module
 import adapprox_kernels.optim_base as base_module
 from adapprox_kernels import Adapprox
-from adapprox_kernels.cuda_graphs import CallGraphs
+from adapprox_kernels.cuda_graphs import CallGraphs, _Captured
+
+
+class _NoGraph:
+    """Stands in for a captured ``torch.cuda.CUDAGraph``: its replay launches nothing."""
+
+    def replay(self) -> None:
+        pass
 
 
 class StubGraphs(CallGraphs):
-    """Runs a key's call once; every later call of the key loads its inputs and returns the
-    first run's outputs (a replay without the kernels)."""
+    """Captures by running the call once on buffers of its own and storing a graph whose replay
+    does nothing; everything else (keys, lookups, the input loads before a replay, the
+    outputs handed back) is CallGraphs' own: a replay without the kernels."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._first: dict = {}
-
-    def _run_signed(self, key, fn, inputs, calls):
-        if key not in self._first:
-            static = [t.clone() for t in inputs]
-            self._first[key] = (static, fn(*static))
-            self.counts["captured"] += 1
-        static, outputs = self._first[key]
-        if static:
-            torch._foreach_copy_(static, list(inputs))
-        self.counts["replayed"] += 1
+    def _capture(self, key, fn, inputs, calls):
+        static = [t.clone() for t in inputs]
+        outputs = fn(*static)
+        self._store(key, _Captured(_NoGraph(), static, outputs, []), calls)
+        self.counts["captured"] += 1
         return outputs
 
 

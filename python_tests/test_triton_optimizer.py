@@ -422,7 +422,7 @@ class _CallsThrough(CallGraphs):
         super().__init__(eager_runs=eager_runs)
         self.keys = []
 
-    def _run_signed(self, key, fn, inputs, calls):
+    def _run_signed(self, key, fn, inputs, calls, entry=None):
         self.keys.append(key[0])
         return fn(*[t.clone() for t in inputs])
 
@@ -464,13 +464,23 @@ def test_deferred_calls_run_together_in_queue_order():
 
 
 def test_graph_cache_counts_a_batch_as_its_calls():
-    """``capacity`` bounds the calls the kept graphs hold (their memory), least recent out first."""
+    """``capacity`` bounds the calls the kept graphs hold (their memory), the least recently
+    stored or run out first."""
     graphs = CallGraphs(capacity=4)
     graphs._store("a", None, 1)
     graphs._store("batch", None, 3)
     assert list(graphs._graphs) == ["a", "batch"]
     graphs._store("b", None, 1)
     assert list(graphs._graphs) == ["batch", "b"]
+
+    graphs = CallGraphs(capacity=4)
+    for key in "abc":
+        graphs._store(key, None, 1)
+    ran = []
+    graphs._run_signed("a", lambda: ran.append("a"), [], 1)  # a failed capture runs eagerly, and counts as a use
+    assert ran == ["a"]
+    graphs._store("batch", None, 2)  # "b" is now the least recent
+    assert sorted(graphs._graphs) == ["a", "batch", "c"]
     graphs._store("huge", None, 9)  # more than the capacity: kept alone
     assert list(graphs._graphs) == ["huge"]
 
