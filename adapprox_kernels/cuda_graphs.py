@@ -144,7 +144,12 @@ class CallGraphs:
         return key, tuple((t.shape, t.dtype, t.device) for t in inputs)
 
     def _run_signed(
-        self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], calls: int, entry: list | None = None
+        self,
+        key: Hashable,
+        fn: Callable[..., Outputs],
+        inputs: Sequence[torch.Tensor],
+        calls: int,
+        entry: list | None = None,
     ) -> Outputs:
         """``entry``: the key's, where the caller has looked it up already."""
         if entry is None:
