@@ -378,12 +378,15 @@ class Adapprox(SketchOptimizer):
             if state_map is self.state and len(self.state) == size and all(states):
                 return buckets, []
         new = [p for p in params if not self.state[p]]
-        members: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        buckets: dict[tuple, tuple[list[torch.Tensor], list[dict[str, Any]]]] = {}
         for p in params:
             state = self._init_state(p, group)
             factored = "Q" in state
-            members[(factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device)].append(p)
-        buckets = {key: (bucket, [self.state[p] for p in bucket]) for key, bucket in members.items()}
+            bucket, states = buckets.setdefault(
+                (factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device), ([], [])
+            )
+            bucket.append(p)
+            states.append(state)
         if len(self._bucket_cache) >= 8:  # a few groups' lists; the rare other list is recomputed
             self._bucket_cache.clear()
         states = [s for _, bucket_states in buckets.values() for s in bucket_states]
