@@ -29,7 +29,7 @@ import torch
 
 from .adapprox import matrix_shape
 from .linear_operator import DenseOperator
-from .optim_base import NONFINITE_POLICIES, SketchOptimizer, check, to_host
+from .optim_base import SketchOptimizer, as_tuple, check, check_kinds, check_shared, is_real, to_host
 from .reference import apply_updates, clipped_update
 from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration
 from .state_report import StateReport, report_rows
@@ -232,49 +232,30 @@ class AdaMeM(SketchOptimizer):
         nonfinite: str = "raise",
         seed: int | None = None,
     ):
-        check(isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr), f"Invalid learning rate: {lr}")
-        check(len(betas) == 2, f"betas must be (beta1, beta2), got {betas}")
-        for i, b in enumerate(betas):
-            check(0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b} (need 0 <= beta < 1)")
-        check(isinstance(rank, int) and rank >= 1, f"Invalid rank: {rank} (need an int >= 1)")
-        check(
-            isinstance(update_proj_gap, int) and update_proj_gap >= 1,
-            f"Invalid update_proj_gap: {update_proj_gap} (need an int >= 1)",
-        )
-        check(
-            math.isfinite(residual_scale) and residual_scale >= 0.0,
-            f"Invalid residual_scale: {residual_scale} (need a finite value >= 0)",
-        )
-        check(math.isfinite(eps) and eps > 0.0, f"Invalid epsilon value: {eps} (need > 0)")
-        check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
-        check(projection in PROJECTIONS, f"Invalid projection: {projection!r}; choose one of {PROJECTIONS}")
-        check(isinstance(oversample, int) and oversample >= 0, f"Invalid oversample: {oversample} (need an int >= 0)")
-        check(
-            isinstance(power_iters, int) and power_iters >= 1, f"Invalid power_iters: {power_iters} (need an int >= 1)"
-        )
-        check(
-            momentum_transfer in MOMENTUM_TRANSFERS,
-            f"Invalid momentum_transfer: {momentum_transfer!r}; choose one of {MOMENTUM_TRANSFERS}",
-        )
-        check(
-            second_moment in SECOND_MOMENT_SOURCES,
-            f"Invalid second_moment: {second_moment!r}; choose one of {SECOND_MOMENT_SOURCES}",
-        )
-        check(
-            clip_threshold is None or clip_threshold > 0.0,
-            f"Invalid clip_threshold: {clip_threshold} (need None or > 0)",
-        )
-        check(
-            nonfinite in NONFINITE_POLICIES, f"Invalid nonfinite: {nonfinite!r}; choose one of {NONFINITE_POLICIES}"
-        )
         defaults = dict(
-            lr=lr, betas=tuple(betas), rank=rank, update_proj_gap=update_proj_gap, residual_scale=residual_scale,
+            lr=lr, betas=as_tuple(betas), rank=rank, update_proj_gap=update_proj_gap, residual_scale=residual_scale,
             eps=eps, weight_decay=weight_decay, projection=projection, oversample=oversample,
             power_iters=power_iters, momentum_transfer=momentum_transfer, second_moment=second_moment,
             bias_correction=bias_correction, clip_threshold=clip_threshold, nonfinite=nonfinite,
         )  # fmt: skip
-        super().__init__(params, defaults, seed)
+        super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
+
+    @staticmethod
+    def _check_hyperparameters(h: dict[str, Any]) -> None:
+        check_shared(h, betas=2)
+        clip = h["clip_threshold"]
+        check(clip is None or (is_real(clip) and clip > 0.0), f"Invalid clip_threshold: {clip!r} (need None or > 0)")
+        check_kinds(
+            h,
+            ints={"rank": 1, "update_proj_gap": 1, "oversample": 0, "power_iters": 1},
+            reals=("residual_scale", "weight_decay"),
+            flags=("bias_correction",),
+            choices={
+                "projection": PROJECTIONS, "momentum_transfer": MOMENTUM_TRANSFERS,
+                "second_moment": SECOND_MOMENT_SOURCES,
+            },
+        )  # fmt: skip
 
     def _reset_step_caches(self) -> None:
         # ξ of the buckets that refreshed their projection this step, read once in _end_step.

@@ -28,7 +28,7 @@ import torch
 from .backends import backend_names, resolve_backend
 from .cuda_graphs import CallGraphs
 from .distributed import RowShards, is_dtensor, local, local_list
-from .optim_base import NONFINITE_POLICIES, SketchOptimizer, to_host
+from .optim_base import SketchOptimizer, as_tuple, check_kinds, check_shared, is_int, is_real, is_sequence, to_host
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
 from .srsi import (
@@ -243,51 +243,45 @@ class Adapprox(SketchOptimizer):
         cuda_graphs: bool = False,
         product_precision: str | None = None,
     ):
-        _check(isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr), f"Invalid learning rate: {lr}")
-        _check(len(betas) == 3, f"betas must be (beta1, beta2, beta3), got {betas}")
-        for i, b in enumerate(betas):
-            _check(0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b} (need 0 <= beta < 1)")
-        # ε = 0 would divide a zero gradient entry by a zero V entry (0/0), and the RMS then
-        # turns the whole matrix's update into NaN.
-        _check(math.isfinite(eps) and eps > 0.0, f"Invalid epsilon value: {eps} (need a finite eps > 0)")
-        _check(clip_threshold > 0.0, f"Invalid clip_threshold: {clip_threshold} (need > 0)")
-        _check(math.isfinite(weight_decay) and weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
-        _check(isinstance(k_min, int) and k_min >= 1, f"Invalid k_min: {k_min} (need an int >= 1)")
-        _check(isinstance(k_max, int) and k_max >= k_min, f"Invalid k_max: {k_max} (need an int >= k_min={k_min})")
-        if k_init is not None:
-            _check(
-                isinstance(k_init, int) and k_min <= k_init <= k_max,
-                f"Invalid k_init: {k_init} (need an int in [k_min, k_max] = [{k_min}, {k_max}])",
-            )
-        _check(isinstance(oversample, int) and oversample >= 0, f"Invalid oversample: {oversample} (need an int >= 0)")
-        _check(isinstance(power_iters, int) and power_iters >= 1, f"Invalid power_iters: {power_iters} (need an int >= 1)")
-        _check(
-            isinstance(warm_power_iters, int) and warm_power_iters >= 1,
-            f"Invalid warm_power_iters: {warm_power_iters} (need an int >= 1)",
-        )
-        _check(xi_thresh >= 0.0, f"Invalid xi_thresh: {xi_thresh}")
-        _check(isinstance(cuda_graphs, bool), f"Invalid cuda_graphs: {cuda_graphs!r} (need a bool)")
-        _check(
-            product_precision in PRODUCT_PRECISIONS,
-            f"Invalid product_precision: {product_precision!r}; choose one of {PRODUCT_PRECISIONS}",
-        )
-        _check(rank_policy in RANK_POLICIES, f"Invalid rank_policy: {rank_policy!r}; choose one of {RANK_POLICIES}")
-        _check(isinstance(rank_interval, int) and rank_interval >= 1, f"Invalid rank_interval: {rank_interval}")
-        _check(len(sigmoid) == 4 and sigmoid[0] >= 0, f"Invalid sigmoid (eta, omega, tau, phi): {sigmoid}")
-        _check(cosine_max_scale >= 1.0, f"Invalid cosine_max_scale: {cosine_max_scale} (need >= 1)")
-        _check(nonfinite in NONFINITE_POLICIES, f"Invalid nonfinite: {nonfinite!r}; choose one of {NONFINITE_POLICIES}")
-        _check(backend in backend_names(), f"Invalid backend: {backend!r}; choose one of {backend_names()}")
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
+            lr=lr, betas=as_tuple(betas), eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
             k_init=k_init, k_max=k_max, k_min=k_min, oversample=oversample, power_iters=power_iters,
-            xi_thresh=xi_thresh, rank_policy=rank_policy, rank_interval=rank_interval, sigmoid=tuple(sigmoid),
+            xi_thresh=xi_thresh, rank_policy=rank_policy, rank_interval=rank_interval, sigmoid=as_tuple(sigmoid),
             cosine_guidance=cosine_guidance, cosine_max_scale=cosine_max_scale,
             exact_small_matrices=exact_small_matrices, nonfinite=nonfinite, backend=backend,
             warm_start=warm_start, warm_power_iters=warm_power_iters, cuda_graphs=cuda_graphs,
             product_precision=product_precision,
         )  # fmt: skip
-        super().__init__(params, defaults, seed)
+        super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
+
+    @staticmethod
+    def _check_hyperparameters(h: dict[str, Any]) -> None:
+        check_shared(h, betas=3)
+        clip, scale = h["clip_threshold"], h["cosine_max_scale"]
+        _check(is_real(clip) and clip > 0.0, f"Invalid clip_threshold: {clip!r} (need a finite value > 0)")
+        _check(is_real(scale) and scale >= 1.0, f"Invalid cosine_max_scale: {scale!r} (need a finite value >= 1)")
+        k_min, k_max, k_init = h["k_min"], h["k_max"], h["k_init"]
+        _check(is_int(k_min) and k_min >= 1, f"Invalid k_min: {k_min!r} (need an int >= 1)")
+        _check(is_int(k_max) and k_max >= k_min, f"Invalid k_max: {k_max!r} (need an int >= k_min={k_min})")
+        _check(
+            k_init is None or (is_int(k_init) and k_min <= k_init <= k_max),
+            f"Invalid k_init: {k_init!r} (need None or an int in [k_min, k_max] = [{k_min}, {k_max}])",
+        )
+        sigmoid = h["sigmoid"]
+        _check(
+            is_sequence(sigmoid, 4) and all(map(is_real, sigmoid)) and sigmoid[0] >= 0,
+            f"Invalid sigmoid (eta, omega, tau, phi): {sigmoid!r} (need four finite numbers, eta >= 0)",
+        )
+        check_kinds(
+            h,
+            ints={"oversample": 0, "power_iters": 1, "warm_power_iters": 1, "rank_interval": 1},
+            reals=("weight_decay", "xi_thresh"),
+            flags=("cosine_guidance", "exact_small_matrices", "warm_start", "cuda_graphs"),
+            choices={
+                "rank_policy": RANK_POLICIES, "backend": backend_names(), "product_precision": PRODUCT_PRECISIONS,
+            },
+        )  # fmt: skip
 
     def _reset_step_caches(self) -> None:
         self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step

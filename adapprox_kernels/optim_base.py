@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections import defaultdict
 from typing import Any
@@ -52,15 +53,71 @@ def to_host(tensors: list[torch.Tensor | list[float] | None]) -> list[list[float
 
 
 def check(ok: bool, msg: str) -> None:
-    """``raise ValueError(msg)`` unless ``ok``: the hyperparameter checks of ``__init__``."""
+    """``raise ValueError(msg)`` unless ``ok``: the hyperparameter checks."""
     if not ok:
         raise ValueError(msg)
+
+
+def is_int(v: Any) -> bool:
+    """An int, but not a bool (``isinstance(True, int)`` holds)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_real(v: Any) -> bool:
+    """A finite int or float, not a bool, nor a tensor: the step reads hyperparameters as
+    Python numbers, on the host."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_sequence(v: Any, length: int) -> bool:
+    """A tuple or list of ``length`` items (``betas``, ``sigmoid``)."""
+    return isinstance(v, (tuple, list)) and len(v) == length
+
+
+def check_shared(h: dict[str, Any], betas: int) -> None:
+    """The options both optimizers have: ``lr``, ``betas`` (``betas`` of them), ``eps`` and
+    ``nonfinite``."""
+    check(is_real(h["lr"]) and h["lr"] >= 0.0, f"Invalid learning rate: {h['lr']!r} (need a finite float >= 0)")
+    names = ", ".join(f"beta{i + 1}" for i in range(betas))
+    check(is_sequence(h["betas"], betas), f"betas must be ({names}), got {h['betas']!r}")
+    for i, b in enumerate(h["betas"]):
+        check(is_real(b) and 0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b!r} (need 0 <= beta < 1)")
+    # ε = 0 would divide a zero gradient entry by a zero V entry (0/0), and the RMS then turns
+    # the whole matrix's update into NaN.
+    check(is_real(h["eps"]) and h["eps"] > 0.0, f"Invalid epsilon value: {h['eps']!r} (need a finite eps > 0)")
+    check_kinds(h, choices={"nonfinite": NONFINITE_POLICIES})
+
+
+def check_kinds(
+    h: dict[str, Any],
+    ints: dict[str, int] | None = None,
+    reals: tuple[str, ...] = (),
+    flags: tuple[str, ...] = (),
+    choices: dict[str, tuple] | None = None,
+) -> None:
+    """``h[name]`` is an int ``>= ints[name]``, a finite real ``>= 0`` (``reals``), a bool
+    (``flags``) or one of ``choices[name]``."""
+    for name, low in (ints or {}).items():
+        check(is_int(h[name]) and h[name] >= low, f"Invalid {name}: {h[name]!r} (need an int >= {low})")
+    for name in reals:
+        check(is_real(h[name]) and h[name] >= 0.0, f"Invalid {name} value: {h[name]!r} (need a finite value >= 0)")
+    for name in flags:
+        check(isinstance(h[name], bool), f"Invalid {name}: {h[name]!r} (need a bool)")
+    for name, options in (choices or {}).items():
+        check(h[name] in options, f"Invalid {name}: {h[name]!r}; choose one of {options}")
+
+
+def as_tuple(v: Any) -> Any:
+    """A list as a tuple (hashable, as it goes into the graph keys); anything else as it is, for
+    the checks to name."""
+    return tuple(v) if isinstance(v, list) else v
 
 
 class SketchOptimizer(Optimizer):
     """Base class; subclasses implement ``_init_state`` and ``_step_group``."""
 
     def __init__(self, params, defaults: dict[str, Any], seed: int | None):
+        check(seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)), f"Invalid seed: {seed!r} (need None or an int)")
         super().__init__(params, defaults)
         # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used.
         self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)
@@ -88,6 +145,24 @@ class SketchOptimizer(Optimizer):
 
     def _reset_step_caches(self) -> None:
         """Per-object helpers that are not state (a subclass's step caches); after unpickling."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's, once the group's hyperparameters pass :meth:`_check_hyperparameters`:
+        the group's own values and the defaults it takes (the constructor's arguments arrive
+        this way too). torch.optim checks none, so ``{"params": ps, "lr": -1}`` would train."""
+        self._check_hyperparameters(self.defaults)
+        own = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        if own:
+            try:
+                self._check_hyperparameters({**self.defaults, **own})
+            except ValueError as err:
+                raise ValueError(f"param_groups[{len(self.param_groups)}]: {err}") from None
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _check_hyperparameters(h: dict[str, Any]) -> None:
+        """``ValueError`` naming the first bad value of ``h`` (one value per option)."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------------------- sketch RNG
     def _generator(self, device: torch.device) -> torch.Generator:

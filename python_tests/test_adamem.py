@@ -243,11 +243,18 @@ def test_resume_is_bit_exact():
         (dict(second_moment="adam"), "second_moment"),
         (dict(clip_threshold=0.0), "clip_threshold"),
         (dict(nonfinite="ignore"), "nonfinite"),
+        (dict(rank=True), "rank"),
+        (dict(weight_decay=float("nan")), "weight_decay"),
+        (dict(clip_threshold=float("inf")), "clip_threshold"),
+        (dict(bias_correction="yes"), "bias_correction"),
+        (dict(betas=[0.9, float("nan")]), "index 1"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaMeM(_params([(3, 4)]), **kwargs)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]"):  # as one param group's own value
+        AdaMeM([{"params": _params([(3, 4)]), **kwargs}])
 
 
 def test_nonfinite_raise_modifies_nothing():

@@ -325,11 +325,42 @@ def test_nonfinite_skip_counts_and_keeps_state():
         (dict(nonfinite="ignore"), "nonfinite"),
         (dict(backend="cuda"), "backend"),
         (dict(warm_power_iters=0), "warm_power_iters"),
+        (dict(lr=torch.tensor(1e-3)), "learning rate"),
+        (dict(clip_threshold=float("nan")), "clip_threshold"),
+        (dict(xi_thresh=float("nan")), "xi_thresh"),
+        (dict(cosine_max_scale=float("inf")), "cosine_max_scale"),
+        (dict(betas=(float("nan"), 0.999, 0.9)), "index 0"),
+        (dict(betas=0.9), "betas"),
+        (dict(k_max=True), "k_max"),
+        (dict(k_max=8.0), "k_max"),
+        (dict(rank_interval=True), "rank_interval"),
+        (dict(sigmoid=(8.0, float("nan"), 0.5, 0.0)), "sigmoid"),
+        (dict(sigmoid=(-1.0, 10.0, 0.5, 0.0)), "sigmoid"),
+        (dict(warm_start="yes"), "warm_start"),
+        (dict(cosine_guidance="no"), "cosine_guidance"),  # "no" is truthy: it would turn it on
+        (dict(exact_small_matrices=0), "exact_small_matrices"),
+        (dict(product_precision="fp16"), "product_precision"),
+        (dict(seed="abc"), "seed"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Adapprox([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)
+
+
+@pytest.mark.parametrize("override,match", [({"lr": -1.0}, "learning rate"), ({"k_max": 2, "k_min": 3}, "k_max")])
+def test_bad_param_group_values_are_refused(override, match):
+    """torch.optim checks no param group; ours are checked with the defaults they take, in the
+    constructor and in add_param_group, and the error names the group."""
+    a, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6, 5))
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]: .*{match}"):
+        Adapprox([{"params": [a]}, {"params": [b], **override}])
+    opt = Adapprox([a], k_max=4)
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]: .*{match}"):
+        opt.add_param_group({"params": [b], **override})
+    assert len(opt.param_groups) == 1  # nothing added
+    opt.add_param_group({"params": [b], "lr": 1e-2, "k_max": 2})  # good values pass
+    assert opt.param_groups[1]["k_max"] == 2 and opt.param_groups[1]["betas"] == (0.9, 0.999, 0.9)
 
 
 def test_integer_params_and_sparse_grads_are_refused():
