@@ -50,7 +50,8 @@ def clipped_update(
     are this rank's rows and the sum of squares and the size are summed over the ranks."""
     # In place on fresh temporaries: the same arithmetic in fewer allocations.
     upd = grad / v.sqrt().add_(eps)
-    sq_sum, numel = upd.flatten(1).square().sum(dim=1), upd.numel() // upd.shape[0]
+    rows = _rows(upd)
+    sq_sum, numel = rows.square().sum(dim=1), rows.shape[1]
     if reduce is not None:
         sq_sum, numel = reduce(torch.stack([sq_sum, torch.full_like(sq_sum, numel)]))
     return upd.div_(_per_matrix(clip_divisor(sq_sum, numel, clip_threshold), upd))
@@ -59,6 +60,12 @@ def clipped_update(
 def clip_divisor(sq_sum: torch.Tensor, numel: int | torch.Tensor, clip_threshold: float) -> torch.Tensor:
     """``max(1, RMS/d)`` per matrix from ``Σ Upd²`` (``(B,)``) over ``numel`` entries."""
     return (sq_sum / numel).sqrt_().div_(clip_threshold).clamp_min_(1.0)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B, numel)`` view of ``x: (B, *shape)``; ``(B, 1)`` for a stack of scalars, which
+    ``flatten(1)`` refuses."""
+    return x.reshape(x.shape[0], -1)
 
 
 def _per_matrix(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -75,7 +82,7 @@ def cosine_guidance_factor(
     The arXiv paper scales by about ``(1 − c + ε)⁻¹`` (its exact formula was lost); ours is
     bounded so a step is never scaled by more than ``max_scale`` nor less than
     ``1/(2·max_scale)``. ``reduce``: as in :func:`clipped_update` (c of the whole matrix)."""
-    a, b = upd.flatten(1), avg.flatten(1)
+    a, b = _rows(upd), _rows(avg)
     if reduce is None:
         return _per_matrix(cosine_scale((a * b).sum(dim=1), a.norm(dim=1), b.norm(dim=1), max_scale), upd)
     dot, a_sq, b_sq = reduce(torch.stack([(a * b).sum(dim=1), a.square().sum(dim=1), b.square().sum(dim=1)]))

@@ -58,6 +58,19 @@ def test_full_rank_matches_dense_formula(beta1, exact_small, shape):
     assert ("Q" in state) == (not exact_small)
 
 
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+@pytest.mark.parametrize("shape", [(), (1,), (5,)])
+def test_scalars_and_vectors_match_dense_formula(beta1, shape):
+    """A 0-d parameter (a learned temperature, a gate) is a one-entry dense second moment."""
+    w0 = torch.randn(shape)
+    grads = [torch.randn(shape) * (1 + i) for i in range(4)]
+    kw = dict(lr=1e-2, betas=(beta1, 0.99, 0.9), eps=1e-8, clip_threshold=1.0, weight_decay=0.1)
+    w, opt = run(dict(kw, k_max=4, seed=0), w0, grads, dtype=torch.float64)
+    want = dense_adapprox(w0, grads, kw["lr"], kw["betas"], kw["eps"], kw["clip_threshold"], kw["weight_decay"])
+    torch.testing.assert_close(w, want, rtol=1e-10, atol=1e-12)
+    assert opt.state[w]["exp_avg_sq"].shape == shape
+
+
 def test_full_rank_matches_dense_formula_fp32():
     # Small weights: fp32 rounding of W itself must not dominate the comparison of the updates.
     w0, grads = 0.01 * torch.randn(16, 24), [torch.randn(16, 24) for _ in range(4)]

@@ -13,19 +13,19 @@ from triton_env import DEVICE, triton_kernels  # noqa: F401  (autouse fixture)
 from adapprox_kernels import Adapprox
 from adapprox_kernels.cuda_graphs import CallGraphs
 
-SHAPES = [(20, 33), (20, 33), (9, 40), (2, 5, 9), (7,)]  # 3-D folds to 2×45: dense (too small to factor)
+SHAPES = [(20, 33), (20, 33), (9, 40), (2, 5, 9), (7,), ()]  # 3-D folds to 2×45: dense (too small to factor); () a 0-d scalar
 
 
 def _params(dtype):
     gen = torch.Generator().manual_seed(1)
-    return [torch.nn.Parameter(torch.randn(*s, generator=gen).to(dtype).to(DEVICE)) for s in SHAPES]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(DEVICE)) for s in SHAPES]
 
 
 def _grads(step, dtype):
     """Random gradients, except matrix 1: a smooth row×column scale with 1% noise, whose V is
     nearly rank 1, so ξ is small and its rank shrinks while matrix 0's stays at k_max."""
     gen = torch.Generator().manual_seed(100 + step)
-    grads = [torch.randn(*s, generator=gen) for s in SHAPES]
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
     rows, cols = torch.rand(20, 1, generator=gen) + 0.5, torch.rand(1, 33, generator=gen) + 0.5
     grads[1] = rows * cols * (1 + 0.01 * torch.randn(20, 33, generator=gen))
     return [g.to(dtype).to(DEVICE) for g in grads]
@@ -146,7 +146,7 @@ def test_nonfinite_check_rides_on_the_first_pass(monkeypatch, cosine):
         p.grad = g
     opt.step()
     dense = sorted(p.shape for p in params if "Q" not in opt.state[p])
-    assert len(dense) == 2  # the folded 2×5×9 and the vector
+    assert len(dense) == 3  # the folded 2×5×9, the vector and the scalar
     assert sorted(checked) == (dense if cosine else [])
 
 
@@ -497,11 +497,11 @@ def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
     calls = _CallsThrough(eager_runs=0 if batched else 100)
     graph_params, graph_opt = _graph_run(dtype, options, True, 5, fixed_grads=True, graphs_stand_in=calls)
-    # Per step: S-RSI of the 2 factored buckets with the sums pass of the 2 dense ones (unless
+    # Per step: S-RSI of the 2 factored buckets with the sums pass of the 3 dense ones (unless
     # cosine guidance keeps those on the plain-PyTorch path), then their updates. Batched: each
     # factored bucket's S-RSI with the dense sums queued before it (the GPU starts on them while
     # the host prepares the next bucket), any dense sums left, then every update at once.
-    dense = 0 if options.get("cosine_guidance") else 2
+    dense = 0 if options.get("cosine_guidance") else 3
     phases = [["dense sums"] * dense + ["srsi", "srsi"], ["dense"] * dense + ["update", "update"]]
     if batched:
         runs = [[call[0] for call in key[1]] if key[0] == "batch" else [key[0]] for key in calls.keys]
