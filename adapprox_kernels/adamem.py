@@ -284,6 +284,16 @@ class AdaMeM(SketchOptimizer):
         state["resid_col_sq"] = torch.zeros(n, **kw)
         return state
 
+    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+        if matrix_shape(p) is None:
+            return {"step": None, "exp_avg_sq": (p.numel(),)}
+        (m, n), _ = _oriented_shape(p)
+        r = state["P"].shape[-1] if "P" in state else min(state.get("rank", 0), m)
+        return {
+            "step": None, "rank": None, "P": (m, r), "exp_avg": (r, n), "row_sq": (r,), "col_sq": (n,),
+            "resid_col_sq": (n,),
+        }  # fmt: skip
+
     # ----------------------------------------------------------------------------------- step
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         # One batched call per (kind, shape, orientation, rank, step count, dtype, device): the

@@ -162,6 +162,18 @@ class _Started:
     done: bool = False
 
 
+def _first_moments(bucket: list[torch.Tensor], states: list[dict[str, Any]], beta1: float) -> list[torch.Tensor] | None:
+    """The parameters' first moments M (None while β1 = 0). β1 may change between steps: where
+    it has become > 0, M starts from zeros, as M_0 does; while it is 0 an existing M is kept,
+    unused, so that switching back resumes it."""
+    if beta1 == 0:
+        return None
+    for p, state in zip(bucket, states):
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return [state["exp_avg"] for state in states]
+
+
 def _gated_sums(sums: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """A bucket's first-pass sums ``(B, 2)`` as its update reads them: all NaN unless ``gate``,
     so that every clip divisor is NaN and the update passes write nothing (see
@@ -322,9 +334,19 @@ class Adapprox(SketchOptimizer):
                 state["Q"], state["U"] = shards.rows_of(q_rows), shards.replicated(state["U"])
         else:
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=factor_dtype)
-        if beta1 > 0:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        _first_moments([p], [state], beta1)
         return state
+
+    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+        shape = matrix_shape(p)
+        if "Q" in state and shape is not None:  # factored, at the saved rank k
+            k = state["Q"].shape[-1]
+            need = {"step": None, "rank": None, "Q": (shape[0], k), "U": (shape[1], k)}
+        else:
+            need = {"step": None, "exp_avg_sq": tuple(p.shape)}
+        if "exp_avg" in state:  # none while β1 = 0
+            need["exp_avg"] = tuple(p.shape)
+        return need
 
     def _baked_hyperparameters(self, group: dict[str, Any]) -> tuple:
         """The group's hyperparameters that a captured step holds as constants (all but α and
@@ -520,7 +542,7 @@ class Adapprox(SketchOptimizer):
         beta2 = group["betas"][1]
         grads = [p.grad for p in bucket]
         sqs = [s["exp_avg_sq"] for s in states]
-        exp_avgs = [s["exp_avg"] for s in states] if group["betas"][0] > 0 else None
+        exp_avgs = _first_moments(bucket, states, group["betas"][0])
         kw = self._step_kwargs(group)
         eps = kw.pop("eps")
         del kw["cosine_max_scale"]  # None here (see _dense_on_kernels)
@@ -584,7 +606,8 @@ class Adapprox(SketchOptimizer):
             torch._foreach_copy_(sqs, v.unbind(0))
         kw = self._step_kwargs(group)
         upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"), reduce)
-        exp_avgs = local_list([s["exp_avg"] for s in states]) if kw["beta1"] > 0 else None
+        exp_avgs = _first_moments(bucket, states, kw["beta1"])
+        exp_avgs = None if exp_avgs is None else local_list(exp_avgs)
         apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce)
 
     def _factored_srsi(
@@ -607,7 +630,8 @@ class Adapprox(SketchOptimizer):
         if bucket[0].dim() > 2:  # folded to (m, n), as matrix_shape sees it
             grads = [g.reshape(-1, n) for g in grads]
         params = local_list(bucket)
-        exp_avgs = local_list(s["exp_avg"] for s in states) if beta1 > 0 else None
+        exp_avgs = _first_moments(bucket, states, beta1)
+        exp_avgs = None if exp_avgs is None else local_list(exp_avgs)
 
         ranks = [_round_rank(s["rank"]) for s in states]
         width = sketch_width(max(ranks), group["oversample"], m, n)

@@ -189,19 +189,47 @@ class SketchOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's, once every parameter's saved state is checked to fit it (a
+        ``ValueError`` naming the parameter otherwise: torch.optim would load state of another
+        optimizer or model, and the next step would fail far from the cause)."""
         state_dict = dict(state_dict)
         rng = state_dict.pop("sketch_rng", None)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if [len(g["params"]) for g in state_dict["param_groups"]] == [len(g["params"]) for g in self.param_groups]:
+            for idx, p in zip(saved_ids, params):  # (torch.optim raises where the groups differ)
+                self._check_saved_state(p, state_dict["state"].get(idx))
         super().load_state_dict(state_dict)
         # torch.optim casts floating state to each parameter's dtype; the factors and the dense
         # second moment must keep their own precision (fp32 for a bf16 parameter).
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
         for idx, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(idx, {}).items():
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, copy=True)
         if rng is not None:
             self._restore_rng(rng)
+
+    def _check_saved_state(self, p: torch.Tensor, state: dict[str, Any] | None) -> None:
+        """``ValueError`` unless ``state`` (None: the parameter had none) has every entry that
+        :meth:`_saved_shapes` asks for, at that shape."""
+        if not state:
+            return
+        problems = []
+        for key, shape in self._saved_shapes(p, state).items():
+            if key not in state:
+                problems.append(f"no {key!r}")
+            elif shape is not None and tuple(state[key].shape) != shape:
+                problems.append(f"{key!r} is {tuple(state[key].shape)}, not {shape}")
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the saved state of {self._param_name(p)} "
+                f"(shape {tuple(p.shape)}) does not fit it: {'; '.join(problems)}. Was it saved by another "
+                "optimizer, or for another model?"
+            )
+
+    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+        """What a saved state of ``p`` must hold: entry -> its shape (None: not a tensor)."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------- step
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:

@@ -208,6 +208,51 @@ def test_loading_a_state_of_another_kind_into_a_stepped_optimizer():
     assert torch.equal(dense.state[w]["Q"], factored.state[w]["Q"])
 
 
+@pytest.mark.parametrize("shape", [(24, 30), (7,)])
+def test_beta1_may_change_between_steps(shape):
+    """A first moment appears (zeros, as M_0) when β1 becomes > 0 and is kept, unused, while it
+    is 0: the step then equals a fresh optimizer's from the same factors."""
+    w = torch.nn.Parameter(torch.randn(shape))
+    opt = Adapprox([w], betas=(0.0, 0.99, 0.9), k_max=4, seed=0)
+    w.grad = torch.randn(shape)
+    opt.step()
+    assert "exp_avg" not in opt.state[w]
+    opt.param_groups[0]["betas"] = (0.9, 0.99, 0.9)
+    twin = torch.nn.Parameter(w.detach().clone())
+    twin_opt = Adapprox([twin], betas=(0.9, 0.99, 0.9), k_max=4, seed=0)
+    twin_opt.load_state_dict(opt.state_dict())
+    twin_opt.state[twin]["exp_avg"] = torch.zeros(shape)
+    w.grad = twin.grad = torch.randn(shape)
+    opt.step()
+    twin_opt.step()
+    assert torch.equal(w, twin) and torch.equal(opt.state[w]["exp_avg"], twin_opt.state[twin]["exp_avg"])
+    opt.param_groups[0]["betas"] = (0.0, 0.99, 0.9)
+    kept = opt.state[w]["exp_avg"].clone()
+    opt.step()
+    assert torch.equal(opt.state[w]["exp_avg"], kept)
+
+
+def test_a_state_that_does_not_fit_is_refused_on_load():
+    """A checkpoint of another model (a transposed matrix) or of another optimizer (AdaMeM's)
+    is refused by load_state_dict, naming the parameter, and nothing is loaded."""
+    from adapprox_kernels import AdaMeM
+
+    w, wt = torch.nn.Parameter(torch.randn(12, 10)), torch.nn.Parameter(torch.randn(10, 12))
+    saved = {}
+    for name, opt in (("adapprox", Adapprox([w], k_max=2, seed=0)), ("adamem", AdaMeM([w], rank=2, seed=0))):
+        w.grad = torch.randn_like(w)
+        opt.step()
+        saved[name] = opt.state_dict()
+    target = Adapprox([wt], k_max=2, seed=1)
+    with pytest.raises(ValueError, match=r"params'\]\[0\] \(shape \(10, 12\)\).*'Q' is \(12, 2\), not \(10, 2\)"):
+        target.load_state_dict(saved["adapprox"])
+    with pytest.raises(ValueError, match="no 'exp_avg_sq'.*another optimizer"):
+        Adapprox([w], k_max=2).load_state_dict(saved["adamem"])
+    with pytest.raises(ValueError, match="no 'P'"):
+        AdaMeM([w], rank=2).load_state_dict(saved["adapprox"])
+    assert not target.state and target.param_groups[0]["k_max"] == 2
+
+
 def test_bf16_params_keep_fp32_factors_through_checkpoint():
     w = torch.nn.Parameter(torch.randn(24, 40, dtype=torch.bfloat16))
     opt = Adapprox([w], k_max=4, seed=0)
