@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .distributed import is_dtensor, nonfinite_flags, shared_seed
+from .distributed import is_dtensor, local, nonfinite_flags, shared_seed
 
 NONFINITE_POLICIES = ("raise", "skip")
 _grad, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
@@ -177,10 +177,23 @@ class SketchOptimizer(Optimizer):
         return {"seed": self._seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
 
     def _restore_rng(self, rng: dict[str, Any]) -> None:
+        """The saved generator of each device the parameters are on; where there is none, the
+        one saved for another device of its type if there is just one (a checkpoint of rank 0's
+        ``cuda:0`` loaded on rank 1's ``cuda:1``: under DDP every rank must draw rank 0's
+        sketches); else that device's generator restarts from the seed. Generators of devices
+        no parameter is on are not made (a GPU run's checkpoint loads on a CPU-only machine)."""
         self._seed = int(rng["seed"])
         self._generators = {}
-        for key, gen_state in rng["states"].items():
-            self._generator(torch.device(key)).set_state(gen_state)
+        saved = rng["states"]
+        by_type = defaultdict(list)
+        for key in saved:
+            by_type[torch.device(key).type].append(saved[key])
+        for device in {local(p).device for group in self.param_groups for p in group["params"]}:
+            state = saved.get(str(device))
+            if state is None and len(by_type[device.type]) == 1:
+                state = by_type[device.type][0]
+            if state is not None:
+                self._generator(device).set_state(state)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus the sketch RNG; plain tensors only."""

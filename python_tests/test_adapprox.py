@@ -1,5 +1,6 @@
 """The Adapprox optimizer (reference backend) against the dense formula and torch.optim habits."""
 
+import copy
 import io
 import math
 
@@ -189,6 +190,27 @@ def test_state_dict_resume_is_bit_exact(warm):
     opt2.load_state_dict(ckpt["opt"])
     train(resumed, opt2, batches[4:])
     for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_sketch_rng_saved_for_another_device_index_or_a_missing_device():
+    """The generator state saved for another device of the parameters' type is used (rank 0's
+    ``cuda:0`` checkpoint loaded by rank 1 on ``cuda:1``: DDP replicas must keep drawing the
+    same sketches; here ``cpu:0`` for ``cpu``), and one for a device this machine lacks is
+    left alone (a GPU run's checkpoint loaded without CUDA)."""
+    batches = [torch.randn(8, 30) for _ in range(6)]
+    ref = make_model()
+    train(ref, Adapprox(ref.parameters(), k_max=8, seed=5), batches)
+    model = make_model()
+    opt = Adapprox(model.parameters(), k_max=8, seed=5)
+    train(model, opt, batches[:3])
+    ckpt = copy.deepcopy(opt.state_dict())
+    cpu_state = ckpt["sketch_rng"]["states"].pop("cpu")
+    ckpt["sketch_rng"]["states"].update({"cpu:0": cpu_state, "cuda:0": torch.zeros_like(cpu_state)})
+    opt2 = Adapprox(model.parameters(), k_max=8, seed=123)
+    opt2.load_state_dict(ckpt)
+    train(model, opt2, batches[3:])
+    for a, b in zip(ref.parameters(), model.parameters()):
         assert torch.equal(a, b)
 
 
