@@ -154,3 +154,17 @@ def test_host_step_times_a_graphed_step_with_the_replays_stubbed(tmp_path):
     record = json.loads(path.read_text())
     assert record["reads"] == 1 and record["graph_calls"] >= 3  # S-RSI per factored shape, dense sums, updates
     assert 0 < record["before_first_read_ms"] + record["after_last_read_ms"] <= record["ms"]
+
+
+def test_traffic_bound_counts_bytes_as_the_step_moves_them():
+    """bench/traffic_bound.py: a factored matrix moves G once per pass and W, M twice; dense
+    parameters (a vector, a matrix too small to factor) G twice, V three times, W and M twice."""
+    from bench.traffic_bound import Step, adamw_bytes, adapprox_bytes
+
+    shapes = [(20, 30), (30,), (3, 50)]  # min(3, 50) <= k_max + p: dense
+    step = Step("", power_iters=2, k=2, oversample=1)
+    assert adamw_bytes(shapes) == 780 * 7 * 4
+    assert adapprox_bytes(shapes, step) == 600 * (5 * 4 + 4 * 4) + 180 * (2 * 4 + 3 * 4 + 4 * 4)
+    no_momentum = Step("", power_iters=2, k=2, momentum=False, oversample=1)
+    assert adapprox_bytes(shapes, no_momentum) == 600 * (5 * 4 + 2 * 4) + 180 * (2 * 4 + 3 * 4 + 2 * 4)
+    assert adapprox_bytes(shapes, step, param=2, grad=2) == 600 * (5 * 2 + 4 * 2) + 180 * (2 * 2 + 3 * 4 + 4 * 2)

@@ -106,14 +106,18 @@ def _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype):
 
 
 @pytest.mark.parametrize(
-    "options,passes",
+    "options,passes,shape",
     [
-        (dict(power_iters=5), 11),  # 2 per iteration (the first also reduces ‖V‖² and the RMS) + the update
-        (dict(warm_start=True, warm_power_iters=1), 3),
-        (dict(power_iters=2, cosine_guidance=True), 6),  # + the cosine reduction
+        (dict(power_iters=5), 11, (12, 10)),  # 2 per iteration (the first also reduces ‖V‖² and the RMS) + the update
+        (dict(warm_start=True, warm_power_iters=1), 3, (12, 10)),
+        (dict(power_iters=2, cosine_guidance=True), 6, (12, 10)),  # + the cosine reduction
+        (dict(power_iters=1, k_max=64), 5, (66, 67)),  # a 65-column sketch: each product reads G twice
     ],
 )
-def test_passes_over_g_per_step(monkeypatch, options, passes):
+def test_passes_over_g_per_step(monkeypatch, options, passes, shape):
+    """The kernels' own count, and bench/traffic_bound.py's, on which its byte floors rest."""
+    from bench.traffic_bound import Step, g_passes
+
     from adapprox_kernels.triton_backend import TritonBackend
 
     ops = []
@@ -124,12 +128,17 @@ def test_passes_over_g_per_step(monkeypatch, options, passes):
         return ops[-1]
 
     monkeypatch.setattr(TritonBackend, "second_moment", staticmethod(recording))
-    p = torch.nn.Parameter(torch.randn(12, 10, device=DEVICE))
-    opt = Adapprox([p], backend="triton", k_max=2, oversample=1, **options)
+    p = torch.nn.Parameter(torch.randn(shape, device=DEVICE))
+    options = {"k_max": 2, **options}
+    opt = Adapprox([p], backend="triton", oversample=1, **options)
     for _ in range(2):  # the second step is warm when warm_start is on
-        p.grad = torch.randn(12, 10, device=DEVICE)
+        p.grad = torch.randn(shape, device=DEVICE)
         opt.step()
     assert ops[-1].g_passes == passes
+    warm = options.get("warm_start", False)
+    iters = options["warm_power_iters"] if warm else options["power_iters"]
+    step = Step("", iters, options["k_max"], cosine=options.get("cosine_guidance", False), oversample=1)
+    assert g_passes(step, *shape) == passes
 
 
 @pytest.mark.parametrize("cosine", [False, True])
