@@ -1,0 +1,124 @@
+"""Properties that must hold for any input, checked on inputs hypothesis draws (reference
+backend, tiny shapes; derandomized, so every run draws the same examples)."""
+
+import copy
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_adapprox import dense_adapprox
+
+from adapprox_kernels import AdaMeM, Adapprox
+from adapprox_kernels.rank_policy import next_rank_step, rank_moment, sigmoid_increment
+from adapprox_kernels.reference import clipped_update
+
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+dims = st.integers(1, 9)
+seeds = st.integers(0, 2**31 - 1)
+
+
+def _grads(seed: int, shape: tuple[int, ...], steps: int, sparse: bool) -> list[torch.Tensor]:
+    """Gradients of mixed scale; with ``sparse``, half the entries exactly zero."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(steps):
+        g = torch.randn(shape, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-3, 3, (), generator=gen)
+        if sparse:
+            g = g * (torch.rand(shape, generator=gen) < 0.5)
+        out.append(g)
+    return out
+
+
+@SETTINGS
+@given(
+    m=dims, n=dims, steps=st.integers(1, 3), beta1=st.sampled_from([0.0, 0.9]), beta2=st.floats(0.5, 0.999),
+    clip=st.floats(0.05, 5.0), wd=st.floats(0.0, 0.3), exact_small=st.booleans(), sparse=st.booleans(), seed=seeds,
+)  # fmt: skip
+def test_at_full_rank_any_matrix_follows_the_dense_formula(m, n, steps, beta1, beta2, clip, wd, exact_small, sparse, seed):
+    """k_max >= min(m, n): factored (S-RSI then spans V's whole range) or kept dense, every
+    step equals Algorithm 3 with an uncompressed V, for any shape, gradient scale or zeros."""
+    w0 = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = _grads(seed, (m, n), steps, sparse)
+    kw = dict(lr=1e-2, betas=(beta1, beta2, 0.9), eps=1e-8, clip_threshold=clip, weight_decay=wd)
+    w = torch.nn.Parameter(w0.clone())
+    opt = Adapprox([w], **kw, k_max=max(m, n), oversample=1, exact_small_matrices=exact_small, seed=seed)
+    for g in grads:
+        w.grad = g
+        opt.step()
+    want = dense_adapprox(w0, grads, kw["lr"], kw["betas"], kw["eps"], clip, wd)
+    torch.testing.assert_close(w.detach(), want, rtol=1e-7, atol=1e-9)
+
+
+@SETTINGS
+@given(batch=st.integers(1, 3), shape=st.lists(dims, max_size=2), clip=st.floats(0.01, 10.0), seed=seeds)
+def test_a_clipped_update_never_has_rms_above_the_threshold(batch, shape, clip, seed):
+    """``Upd / max(1, RMS/d)`` has RMS <= d per matrix, scalars and vectors included."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(batch, *shape, generator=gen, dtype=torch.float64) * 100
+    v = torch.rand(batch, *shape, generator=gen, dtype=torch.float64) * 1e-4
+    upd = clipped_update(g, v, 1e-8, clip)
+    rms = upd.reshape(batch, -1).square().mean(dim=1).sqrt()
+    assert (rms <= clip * (1 + 1e-12)).all()
+
+
+@SETTINGS
+@given(
+    k_min=st.integers(1, 4), extra=st.integers(0, 40), xis=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=60),
+    beta3=st.floats(0.0, 0.99), thresh=st.floats(0.0, 0.5),
+)  # fmt: skip
+def test_the_step_rule_keeps_the_rank_within_its_bounds(k_min, extra, xis, beta3, thresh):
+    k_max = k_min + extra
+    k = float(k_max)
+    for xi in xis:
+        k = rank_moment(k, next_rank_step(math.floor(k + 0.5), xi, thresh, k_min, k_max), beta3)
+        assert k_min - 1e-9 <= k <= k_max + 1e-9
+
+
+@SETTINGS
+@given(xi=st.floats(0.0, 10.0), eta=st.floats(0.0, 64.0), omega=st.floats(-50.0, 50.0), tau=st.floats(0.0, 1.0), phi=st.floats(0.0, 4.0))
+def test_the_sigmoid_increment_is_bounded_by_eta(xi, eta, omega, tau, phi):
+    assert 0 <= sigmoid_increment(xi, eta, omega, tau, phi) <= math.ceil(eta)
+
+
+@SETTINGS
+@given(lr=st.floats(allow_nan=True, allow_infinity=True), eps=st.floats(allow_nan=True, allow_infinity=True))
+def test_a_learning_rate_or_eps_is_refused_exactly_when_it_is_not_finite_and_in_range(lr, eps):
+    ok = math.isfinite(lr) and lr >= 0 and math.isfinite(eps) and eps > 0
+    for cls in (Adapprox, AdaMeM):
+        try:
+            cls([torch.nn.Parameter(torch.zeros(2, 2))], lr=lr, eps=eps)
+        except ValueError:
+            assert not ok
+        else:
+            assert ok
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(m=dims, n=dims, split=st.integers(1, 4), warm=st.booleans(), beta1=st.sampled_from([0.0, 0.9]), seed=seeds)
+def test_a_resumed_run_is_bit_identical_wherever_it_stops(m, n, split, warm, beta1, seed):
+    """Two same-shaped matrices and a vector, k_max 2: a copy of the state dict taken after any
+    step continues exactly like the run that never stopped (sketch RNG included)."""
+    kw = dict(lr=1e-2, betas=(beta1, 0.99, 0.9), k_max=2, oversample=1, power_iters=2, warm_start=warm)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(m, n), (m, n), (n,)]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
+
+    def run(params, opt, steps):
+        for gs in steps:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    ref = [torch.nn.Parameter(t.clone()) for t in start]
+    run(ref, Adapprox(ref, **kw, seed=seed), grads)
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = Adapprox(params, **kw, seed=seed)
+    run(params, opt, grads[:split])
+    saved = copy.deepcopy(opt.state_dict())
+    resumed_opt = Adapprox(params, **kw, seed=seed + 1)
+    resumed_opt.load_state_dict(saved)
+    run(params, resumed_opt, grads[split:])
+    for a, b in zip(ref, params):
+        assert torch.equal(a, b)
