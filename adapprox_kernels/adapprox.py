@@ -168,10 +168,13 @@ def _first_moments(bucket: list[torch.Tensor], states: list[dict[str, Any]], bet
     unused, so that switching back resumes it."""
     if beta1 == 0:
         return None
-    for p, state in zip(bucket, states):
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return [state["exp_avg"] for state in states]
+    try:
+        return [state["exp_avg"] for state in states]
+    except KeyError:  # new state, or β1 has just become > 0
+        for p, state in zip(bucket, states):
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state["exp_avg"] for state in states]
 
 
 def _gated_sums(sums: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
