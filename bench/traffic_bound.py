@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_step import MODELS, gpt2_shapes  # noqa: E402
-from common import markdown_table, write_markdown, write_results  # noqa: E402
+from common import markdown_table, rel, write_markdown, write_results  # noqa: E402
 
 from adapprox_kernels import Adapprox  # noqa: E402
 from adapprox_kernels.adapprox import matrix_shape  # noqa: E402
@@ -130,7 +130,7 @@ def main() -> None:
     text = markdown_table(headers, [[row.get(h, "") for h in headers] for row in table])
     print(text)
     if args.results:  # derived from a GPU file: kept with its provenance
-        meta = {**record["meta"], "source": str(args.results.relative_to(ROOT) if args.results.is_absolute() else args.results)}
+        meta = {**record["meta"], "source": rel(args.results)}
         path = write_results("traffic_bound", "cuda", table, meta, args.out)
         write_markdown("traffic_bound", "cuda", f"Source: `{meta['source']}` (commit {meta.get('commit')})\n\n{text}", args.out)
         print(f"wrote {path}")
