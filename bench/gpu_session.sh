@@ -14,8 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-bench/results}
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-export ADAPPROX_COMMIT=${ADAPPROX_COMMIT:-$commit}
+# The machine's copy of the tree has no .git: pass ADAPPROX_COMMIT=<hash> (result files record it).
+commit=${ADAPPROX_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export ADAPPROX_COMMIT=$commit
 
 case "${1:-}" in
 build)
