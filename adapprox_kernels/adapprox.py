@@ -68,22 +68,20 @@ def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_mask: torch.
 
 def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
     """``(B, d, width)`` from ``B`` factors ``(d, k_b)`` zero-padded to ``width`` columns."""
-    if all(f.shape[1] == width for f in factors):  # the usual case
-        base = factors[0]._base
-        if base is not None and base.shape == (len(factors), *factors[0].shape) and base.is_contiguous():
-            # Last step's rank decision stored them as the matrices of one tensor, in this
-            # order (see Adapprox._decide_ranks): that tensor is the stack, no copy needed.
-            step = base.stride(0) * base.element_size()
-            if all(f._base is base and f.data_ptr() == base.data_ptr() + b * step for b, f in enumerate(factors)):
-                return base
+    if all(f.shape[1] == width for f in factors):
         return torch.stack(factors)
     pad = torch.nn.functional.pad
     return torch.stack([pad(f, (0, width - f.shape[1])) for f in factors])
 
 
+def _is_each(tensors: list[torch.Tensor], others: tuple[torch.Tensor, ...]) -> bool:
+    """Are these the very tensor objects ``others``, in order?"""
+    return len(tensors) == len(others) and all(map(operator.is_, tensors, others))
+
+
 def _narrowed(q: torch.Tensor, u: torch.Tensor, k: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Every matrix's first ``k`` columns of ``q: (B, m, r)`` and ``u: (B, n, r)``, as the
-    matrices of one new tensor each (which :func:`_stack_padded` passes on next step). A copy
+    matrices of one new tensor each (which next step's S-RSI takes as its stacks). A copy
     even when ``k = r``: ``q`` may view a larger buffer, or a graph's output that its next
     replay overwrites."""
     fmt = torch.contiguous_format
@@ -305,6 +303,9 @@ class Adapprox(SketchOptimizer):
         self._graphs = CallGraphs(capacity=64)
         self._baked: dict[int, tuple] = {}  # id(group) -> _baked_hyperparameters, this step
         self._bucket_cache: dict[tuple, tuple] = {}  # see _buckets
+        # id(a bucket's states) -> (Q's, U's) that the last rank decision made as the matrices
+        # of one tensor each (see _decide_ranks, _factored_srsi); rebuilt every step.
+        self._factor_stacks: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
         self._ahead: dict[tuple, _Started] = {}
         self._ahead_buckets: dict[int, dict[tuple, tuple]] = {}  # id(group) -> _buckets(...)[0]
@@ -626,9 +627,15 @@ class Adapprox(SketchOptimizer):
             # DTensor (FSDP2) parameters: the same step on this rank's rows; see distributed.py.
             backend = shards
         # Previous factors, zero-padded to a common width (zero columns add nothing to Q Uᵀ).
-        width_prev = max(s["Q"].shape[1] for s in states)
-        q_prev = _stack_padded(local_list(s["Q"] for s in states), width_prev)
-        u_prev = _stack_padded(local_list(s["U"] for s in states), width_prev)
+        # Where last step's rank decision stored them as the matrices of one tensor each, in
+        # this order, and they are still the state's, those tensors are the stacks: no copy.
+        stacks = self._factor_stacks.get(id(states))
+        qs, us = [s["Q"] for s in states], [s["U"] for s in states]
+        if stacks is not None and _is_each(qs, stacks[0]) and _is_each(us, stacks[1]):
+            q_prev, u_prev = stacks[0][0]._base, stacks[1][0]._base
+        else:
+            width_prev = max(q.shape[1] for q in qs)
+            q_prev, u_prev = _stack_padded(local_list(qs), width_prev), _stack_padded(local_list(us), width_prev)
         grads = local_list(p.grad for p in bucket)
         if bucket[0].dim() > 2:  # folded to (m, n), as matrix_shape sees it
             grads = [g.reshape(-1, n) for g in grads]
@@ -750,6 +757,7 @@ class Adapprox(SketchOptimizer):
         host = iter(to_host([t for rec in unread for t in (rec.xi(), rec.failed)]))
         for rec in unread:
             rec.fetched = (next(host), next(host))
+        self._factor_stacks = {}
         for rec in pending:
             xis, failed = rec.fetched
             if failed is not None and any(failed):
@@ -797,6 +805,7 @@ class Adapprox(SketchOptimizer):
             if len(idx) == len(states):  # the usual case, one rank for all: one narrowing copy
                 ahead = rec.narrowed
                 qs, us = ahead[1:] if ahead is not None and ahead[0] == k else _narrowed(rec.q, rec.u, k)
+                self._factor_stacks[id(states)] = (qs, us)
             else:  # stack, not rec.q[idx]: a list index is copied to the device, which waits
                 qs = torch.stack([rec.q[b, :, :k] for b in idx]).unbind(0)
                 us = torch.stack([rec.u[b, :, :k] for b in idx]).unbind(0)

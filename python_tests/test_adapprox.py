@@ -606,19 +606,41 @@ def test_every_backend_offers_the_sync_free_orthonormalizer():
         assert callable(getattr(backend, "orthonormalize_unchecked", None)), name
 
 
-def test_stacked_factors_are_reused_not_copied():
-    """Factors stored as the matrices of one tensor (as the rank decision leaves them) are
-    passed on as that tensor; any other layout is stacked."""
-    from adapprox_kernels.adapprox import _stack_padded
+def test_stacked_factors_are_reused_not_copied(monkeypatch):
+    """Where the last rank decision stored a bucket's factors as the matrices of one tensor each
+    (one rank for all), the next S-RSI takes those tensors as its stacks, no copy; where the
+    state holds anything else (ranks apart, factors replaced), they are stacked anew. Either
+    way the run is the same."""
+    import adapprox_kernels.adapprox as adapprox_module
 
-    base = torch.randn(3, 5, 2)
-    views = list(base.unbind(0))
-    assert _stack_padded(views, 2) is base
-    for other in (views[::-1], views[:2], [v.clone() for v in views]):
-        got = _stack_padded(other, 2)
-        assert got is not base and torch.equal(got, torch.stack(other))
-    padded = _stack_padded(views, 4)
-    assert padded.shape == (3, 5, 4) and torch.equal(padded[..., :2], base) and not padded[..., 2:].any()
+    stacked = []
+    stack_padded = adapprox_module._stack_padded
+    monkeypatch.setattr(adapprox_module, "_stack_padded", lambda fs, w: stacked.append(len(fs)) or stack_padded(fs, w))
+
+    def run(replace_at=None):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(12, 10)) for _ in range(3)]
+        opt = Adapprox(params, k_init=2, k_min=2, k_max=2, oversample=1, power_iters=2, seed=0)
+        counts = []
+        for step in range(4):
+            if step == replace_at:  # the same values in a tensor of its own
+                opt.state[params[0]]["Q"] = opt.state[params[0]]["Q"].clone()
+            for p in params:
+                p.grad = torch.randn_like(p)
+            stacked.clear()
+            opt.step()
+            counts.append(len(stacked))
+        return params, opt, counts
+
+    params, opt, counts = run()
+    assert counts == [2, 0, 0, 0]  # the zero-width initial factors, then the stored stacks
+    replaced, replaced_opt, counts = run(replace_at=2)
+    assert counts == [2, 0, 2, 0]
+    for a, b in zip(params, replaced):
+        assert torch.equal(a, b) and torch.equal(opt.state[a]["U"], replaced_opt.state[b]["U"])
+    views = list(torch.randn(3, 5, 2).unbind(0))
+    padded = stack_padded(views, 4)
+    assert padded.shape == (3, 5, 4) and torch.equal(padded[..., :2], torch.stack(views)) and not padded[..., 2:].any()
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
