@@ -431,13 +431,16 @@ class Adapprox(SketchOptimizer):
         new = []
         rng = None  # the sketch RNG before the first draw, if anything runs ahead
         known = []
+        backends = {}  # (name, device) -> backend: resolved once a step, not per bucket
         for group, params in groups:
             buckets, made = self._buckets(params, group)
             self._ahead_buckets[id(group)] = buckets
             new += made
             for key, (bucket, states) in buckets.items():
                 factored, _, dtype, device = key
-                backend = resolve_backend(group["backend"], device)
+                backend = backends.get((group["backend"], device))
+                if backend is None:
+                    backend = backends[group["backend"], device] = resolve_backend(group["backend"], device)
                 if is_dtensor(bucket[0]):
                     continue  # sharded buckets all-reduce their flags: the plain check
                 if factored and (dtype == torch.float64 or getattr(backend, "name", None) != "triton"):
