@@ -117,7 +117,8 @@ class SketchOptimizer(Optimizer):
     """Base class; subclasses implement ``_init_state`` and ``_step_group``."""
 
     def __init__(self, params, defaults: dict[str, Any], seed: int | None):
-        check(seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)), f"Invalid seed: {seed!r} (need None or an int)")
+        valid_seed = seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool))
+        check(valid_seed, f"Invalid seed: {seed!r} (need None or an int)")
         super().__init__(params, defaults)
         # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used.
         self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)
@@ -231,6 +232,8 @@ class SketchOptimizer(Optimizer):
         for key, shape in self._saved_shapes(p, state).items():
             if key not in state:
                 problems.append(f"no {key!r}")
+            elif shape is not None and not torch.is_tensor(state[key]):
+                problems.append(f"{key!r} is a {type(state[key]).__name__}, not a tensor")
             elif shape is not None and tuple(state[key].shape) != shape:
                 problems.append(f"{key!r} is {tuple(state[key].shape)}, not {shape}")
         if problems:
