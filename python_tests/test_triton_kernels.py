@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from triton_env import DEVICE, triton_kernels  # noqa: F401  (autouse fixture)
 
 from adapprox_kernels import reference
@@ -74,6 +76,25 @@ def test_products_and_first_pass_sums(case):
     plain, none = v_matmul(grads, q, u, x, BETA2, blocks=blocks, split=split)
     assert none is None
     _close(plain, v @ x)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 3), m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 4), r=st.integers(1, 20),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), split=st.sampled_from([None, 2]), seed=st.integers(0, 99),
+)  # fmt: skip
+def test_products_match_the_reference_for_any_shape(batch, m, n, k, r, dtype, split, seed):
+    """Shapes hypothesis draws, with 16-wide blocks: ragged tiles, r blocks and K chunks."""
+    from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
+
+    grads, q, u, g32, v = _inputs(batch, m, n, k, dtype, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(batch, n, r, generator=gen).to(DEVICE), torch.randn(batch, m, r, generator=gen).to(DEVICE)
+    prod, sums = v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=_blocks(True), split=split)
+    _close(prod, v @ x)
+    _close(v_rmatmul(grads, q, u, y, BETA2, blocks=_blocks(True), split=split), v.transpose(1, 2) @ y)
+    torch.testing.assert_close(sums[:, 0], v.square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(sums[:, 1], (g32 / (v.sqrt() + EPS)).square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
 
 
 def test_tf32_rounding_of_the_reference():
