@@ -77,6 +77,24 @@ def test_triton_matches_reference(name):
     _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype)
 
 
+def test_beta1_turned_on_mid_run_matches_reference():
+    """β1 = 0 for two steps, then 0.9: each backend makes the first moments then (zeros) and
+    the runs agree, factored and dense buckets alike."""
+    runs = {}
+    for backend in ("reference", "triton"):
+        params = _params(torch.float32)
+        opt = Adapprox(params, backend=backend, seed=3, **{**BASE, "betas": (0.0, 0.9, 0.0)})
+        for step in range(4):
+            if step == 2:
+                opt.param_groups[0]["betas"] = (0.9, 0.9, 0.0)
+            for p, g in zip(params, _grads(step, torch.float32)):
+                p.grad = g
+            opt.step()
+        runs[backend] = (params, opt)
+    assert all("exp_avg" in runs["triton"][1].state[p] for p in runs["triton"][0])
+    _assert_same_run(*runs["reference"], *runs["triton"], torch.float32)
+
+
 def _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype):
     """Parameters and every state entry of the two optimizers agree (TOL for the dtype)."""
     for i, (rp, tp) in enumerate(zip(ref_params, tri_params)):
