@@ -344,7 +344,7 @@ class Adapprox(SketchOptimizer):
     def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
         shape = matrix_shape(p)
         if "Q" in state and shape is not None:  # factored, at the saved rank k
-            k = state["Q"].shape[-1]
+            k = state["Q"].shape[-1] if torch.is_tensor(state["Q"]) else None
             need = {"step": None, "rank": None, "Q": (shape[0], k), "U": (shape[1], k)}
         else:
             need = {"step": None, "exp_avg_sq": tuple(p.shape)}
