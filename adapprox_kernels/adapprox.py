@@ -632,7 +632,7 @@ class Adapprox(SketchOptimizer):
         # Previous factors, zero-padded to a common width (zero columns add nothing to Q Uᵀ).
         # Where last step's rank decision stored them as the matrices of one tensor each, in
         # this order, and they are still the state's, those tensors are the stacks: no copy.
-        stacks = self._factor_stacks.get(id(states))
+        stacks = None if torch.compiler.is_compiling() else self._factor_stacks.get(id(states))  # dynamo: no id()
         qs, us = [s["Q"] for s in states], [s["U"] for s in states]
         if stacks is not None and _is_each(qs, stacks[0]) and _is_each(us, stacks[1]):
             q_prev, u_prev = stacks[0][0]._base, stacks[1][0]._base
@@ -808,7 +808,8 @@ class Adapprox(SketchOptimizer):
             if len(idx) == len(states):  # the usual case, one rank for all: one narrowing copy
                 ahead = rec.narrowed
                 qs, us = ahead[1:] if ahead is not None and ahead[0] == k else _narrowed(rec.q, rec.u, k)
-                self._factor_stacks[id(states)] = (qs, us)
+                if not torch.compiler.is_compiling():
+                    self._factor_stacks[id(states)] = (qs, us)
             else:  # stack, not rec.q[idx]: a list index is copied to the device, which waits
                 qs = torch.stack([rec.q[b, :, :k] for b in idx]).unbind(0)
                 us = torch.stack([rec.u[b, :, :k] for b in idx]).unbind(0)

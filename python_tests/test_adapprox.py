@@ -275,6 +275,29 @@ def test_a_state_that_does_not_fit_is_refused_on_load():
     assert not target.state and target.param_groups[0]["k_max"] == 2
 
 
+def test_a_compiled_step_follows_the_eager_one():
+    """``torch.compile(opt.step)`` (PyTorch's recipe for compiling an optimizer) traces the
+    step, graph breaks included; it must run and stay with the eager step (to rounding: the
+    traced QR may order its sums otherwise)."""
+    import warnings
+
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(12, 10)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(10))]
+        opt = Adapprox(params, k_max=2, seed=0)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # dynamo's notes on graph breaks
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
 def test_bf16_params_keep_fp32_factors_through_checkpoint():
     w = torch.nn.Parameter(torch.randn(24, 40, dtype=torch.bfloat16))
     opt = Adapprox([w], k_max=4, seed=0)
