@@ -12,7 +12,10 @@ in the update pass, which writes V, W and M.
 
 At the bandwidth fused AdamW achieves, no Adapprox step can take less than ``its bytes /
 AdamW's bytes`` times AdamW's step: the ``floor ×`` column. Issue 3 asks for ≤ 1.5× cold and
-≤ 1.1× warm. Given a ``bench_step.py`` result file, each measured step is set next to its floor.
+≤ 1.1× warm. Given a ``bench_step.py`` result file, each measured step is set next to its floor,
+and the step's measured peak memory above the state next to the size of one fp32 set of the
+batched thin matrices, ``Σ (m + n)·r`` over the factored parameters (issue 3: "at most the
+batched thin sketches, no m × n fp32 temporary").
 
     python bench/traffic_bound.py [--results bench/results/bench_step_<gpu>_<time>.json] [--out DIR]
 """
@@ -81,6 +84,18 @@ def adapprox_bytes(shapes: list[tuple[int, ...]], step: Step, param: int = 4, gr
     return total
 
 
+def thin_bytes(shapes: list[tuple[int, ...]], step: Step) -> int:
+    """One fp32 set of the thin matrices S-RSI works on (``(m, r)`` and ``(n, r)`` per factored
+    parameter, ``r`` the sketch width)."""
+    group = {"exact_small_matrices": True, "k_max": step.k, "oversample": step.oversample}
+    total = 0
+    for s in shapes:
+        mn = matrix_shape(torch.empty(s, device="meta"))
+        if mn is not None and not Adapprox._is_dense_matrix(mn, group):
+            total += 4 * sum(mn) * sketch_width(step.k, step.oversample, *mn)
+    return total
+
+
 STEPS = [
     Step("cold", power_iters=5, k=1),
     Step("warm", power_iters=1, k=1),
@@ -107,7 +122,9 @@ def rows(measured: dict | None) -> list[dict]:
                 "adamw_MB": round(base / 1e6, 1), "adapprox_MB": round(adapprox_bytes(shapes, step) / 1e6, 1),
             }  # fmt: skip
             row["floor_x_adamw"] = round(row["adapprox_MB"] / row["adamw_MB"], 3)
-            entry = timed.get(f"adapprox_k{step.k}_{step.name}_graphs") if step.momentum else None
+            row["thin_MB"] = round(thin_bytes(shapes, step) / 1e6, 2)
+            name = f"adapprox_k{step.k}_{step.name}"
+            entry = timed.get(f"{name}_graphs") if step.momentum else None
             if adamw_ms and entry:
                 row["adamw_ms"] = round(adamw_ms, 3)
                 row["adamw_TBps"] = round(base / adamw_ms / 1e9, 2)
@@ -115,6 +132,11 @@ def rows(measured: dict | None) -> list[dict]:
                 row["measured_ms"] = round(entry["median_ms"], 3)
                 row["measured_x_adamw"] = round(entry["median_ms"] / adamw_ms, 2)
                 row["measured_over_floor"] = round(entry["median_ms"] / row["floor_ms"], 2)
+                for label, timed_entry in (("eager", timed.get(name)), ("graphs", entry)):
+                    if timed_entry and "step_peak_extra_bytes" in timed_entry:
+                        extra = timed_entry["step_peak_extra_bytes"]
+                        row[f"peak_extra_MB_{label}"] = round(extra / 1e6, 2)
+                        row[f"peak_over_thin_{label}"] = round(extra / 1e6 / row["thin_MB"], 2)
             out.append(row)
     return out
 

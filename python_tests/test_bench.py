@@ -159,7 +159,7 @@ def test_host_step_times_a_graphed_step_with_the_replays_stubbed(tmp_path):
 def test_traffic_bound_counts_bytes_as_the_step_moves_them():
     """bench/traffic_bound.py: a factored matrix moves G once per pass and W, M twice; dense
     parameters (a vector, a matrix too small to factor) G twice, V three times, W and M twice."""
-    from bench.traffic_bound import Step, adamw_bytes, adapprox_bytes
+    from bench.traffic_bound import Step, adamw_bytes, adapprox_bytes, thin_bytes
 
     shapes = [(20, 30), (30,), (3, 50)]  # min(3, 50) <= k_max + p: dense
     step = Step("", power_iters=2, k=2, oversample=1)
@@ -168,3 +168,4 @@ def test_traffic_bound_counts_bytes_as_the_step_moves_them():
     no_momentum = Step("", power_iters=2, k=2, momentum=False, oversample=1)
     assert adapprox_bytes(shapes, no_momentum) == 600 * (5 * 4 + 2 * 4) + 180 * (2 * 4 + 3 * 4 + 2 * 4)
     assert adapprox_bytes(shapes, step, param=2, grad=2) == 600 * (5 * 2 + 4 * 2) + 180 * (2 * 2 + 3 * 4 + 4 * 2)
+    assert thin_bytes(shapes, step) == 4 * (20 + 30) * 3  # the factored matrix's (m + n) x (k + p), fp32
