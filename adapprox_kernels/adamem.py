@@ -187,7 +187,8 @@ class AdaMeM(SketchOptimizer):
     """Adafactor with momentum kept only in the top-r gradient subspace (AdaMeM).
 
     Args:
-        params: parameters or param groups (``named_parameters()`` is accepted too).
+        params: parameters or param groups (``named_parameters()`` is accepted too); a group may
+            set any option below, and its values are checked as the constructor's are.
         lr: learning rate η.
         betas: ``(β1, β2)``: momentum of the projected gradient; decay of every second-moment
             statistic.

@@ -186,7 +186,8 @@ class Adapprox(SketchOptimizer):
     """Adam whose second moment is a low-rank factorization of adaptive rank.
 
     Args:
-        params: parameters or param groups (``named_parameters()`` is accepted too).
+        params: parameters or param groups (``named_parameters()`` is accepted too); a group may
+            set any option below, and its values are checked as the constructor's are.
         lr: learning rate α.
         betas: ``(β1, β2, β3)``: momentum of updates (0 keeps no first moment), second-moment
             decay, rank-moment decay.
