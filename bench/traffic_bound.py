@@ -63,21 +63,28 @@ def g_passes(step: Step, m: int, n: int) -> int:
     return 2 * step.power_iters * math.ceil(width / PRODUCT_BLOCKS.r) + 1 + int(step.cosine)
 
 
+def factored_shape(shape: tuple[int, ...], step: Step) -> tuple[int, int] | None:
+    """``(m, n)`` where the optimizer factors a parameter of this shape (``exact_small_matrices``:
+    dense when ``min(m, n) <= k_max + p``), None where it keeps a dense V."""
+    mn = matrix_shape(torch.empty(shape, device="meta"))
+    group = {"exact_small_matrices": True, "k_max": step.k, "oversample": step.oversample}
+    return mn if mn is not None and not Adapprox._is_dense_matrix(mn, group) else None
+
+
 def adamw_bytes(shapes: list[tuple[int, ...]], param: int = 4, grad: int = 4) -> int:
     """Fused AdamW: W, M, V read and written (in the parameter's dtype), G read."""
     return sum(math.prod(s) * (6 * param + grad) for s in shapes)
 
 
 def adapprox_bytes(shapes: list[tuple[int, ...]], step: Step, param: int = 4, grad: int = 4) -> int:
-    """Adapprox's fused step, thin matrices left out; which parameters are factored follows the
-    optimizer (``exact_small_matrices``: dense when ``min(m, n) <= k_max + p``)."""
-    group = {"exact_small_matrices": True, "k_max": step.k, "oversample": step.oversample}
+    """Adapprox's fused step, thin matrices left out (:func:`factored_shape` says which
+    parameters are factored)."""
     w_and_m = 2 * param * (2 if step.momentum else 1)
     total = 0
     for s in shapes:
         numel = math.prod(s)
-        mn = matrix_shape(torch.empty(s, device="meta"))
-        if mn is not None and not Adapprox._is_dense_matrix(mn, group):
+        mn = factored_shape(s, step)
+        if mn is not None:
             total += numel * (grad * g_passes(step, *mn) + w_and_m)
         else:  # sums pass: G, V; update pass: G, V read and written (fp32), W, M
             total += numel * (2 * grad + 3 * 4 + w_and_m)
@@ -87,13 +94,8 @@ def adapprox_bytes(shapes: list[tuple[int, ...]], step: Step, param: int = 4, gr
 def thin_bytes(shapes: list[tuple[int, ...]], step: Step) -> int:
     """One fp32 set of the thin matrices S-RSI works on (``(m, r)`` and ``(n, r)`` per factored
     parameter, ``r`` the sketch width)."""
-    group = {"exact_small_matrices": True, "k_max": step.k, "oversample": step.oversample}
-    total = 0
-    for s in shapes:
-        mn = matrix_shape(torch.empty(s, device="meta"))
-        if mn is not None and not Adapprox._is_dense_matrix(mn, group):
-            total += 4 * sum(mn) * sketch_width(step.k, step.oversample, *mn)
-    return total
+    factored = [mn for mn in (factored_shape(s, step) for s in shapes) if mn is not None]
+    return sum(4 * (m + n) * sketch_width(step.k, step.oversample, m, n) for m, n in factored)
 
 
 STEPS = [
