@@ -73,6 +73,54 @@ def v_tile(
 
 
 @triton.jit
+def program_v_tile(
+    g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K,
+    stride_gm, stride_gn, stride_qb, stride_qm, stride_qk, stride_ub, stride_un, stride_uk,
+    beta2, one_minus_beta2,
+    G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+):  # fmt: skip
+    """The tile that program ``(tile, b)`` of an elementwise pass owns: tile ``tile`` (row-major
+    over ``BLOCK_M × BLOCK_N`` tiles) of matrix ``b`` of a table (G at ``g_ptr + offsets[b]·
+    G_ALIGN``) and of its stacked factors ``q: (B, M, K)``, ``u: (B, N, K)``.
+
+    Returns ``(tile, b, rows, cols, G, V)``, ``b`` as int64, G and V as in :func:`v_tile`."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    num_n = tl.cdiv(N, BLOCK_N)
+    rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, v = v_tile(
+        g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b * stride_qb, u_ptr + b * stride_ub,
+        rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
+        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
+    )  # fmt: skip
+    return tile, b, rows, cols, g, v
+
+
+@triton.jit
+def tile_sum(x):
+    """The sum of a 2-D tile, as an fp32 scalar."""
+    return tl.sum(tl.sum(x, axis=1), axis=0)
+
+
+@triton.jit
+def residual_sq(
+    v, qn_ptr, un_ptr, b, rows, cols, M, N, K_NEW,
+    stride_qnb, stride_qnm, stride_qnk, stride_unb, stride_unn, stride_unk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``Σ (V − Q_new U_newᵀ)²`` over a tile of matrix ``b`` (ξ's numerator), for the new factors
+    ``qn: (B, M, K_NEW)``, ``un: (B, N, K_NEW)``; V is 0 outside the matrix, and so is the
+    product."""
+    approx = lowrank_tile(
+        qn_ptr + b * stride_qnb, un_ptr + b * stride_unb, rows, cols, M, N, K_NEW,
+        stride_qnm, stride_qnk, stride_unn, stride_unk, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+    diff = v - approx
+    return tile_sum(diff * diff)
+
+
+@triton.jit
 def raw_update(g, v, mask, eps):
     """``G / (√V + ε)`` where ``mask`` holds, 0 elsewhere (so that ε = 0 gives no 0/0 on
     padding). Any block shape: the helpers from here on serve the 2-D tiles of the factored

@@ -34,7 +34,7 @@ from ._launch import (
     pointer_arg,
     step_tables,
 )
-from ._tiles import gated, inside, lowrank_tile, store_step, tile_ptrs, update_and_average, v_tile
+from ._tiles import gated, inside, program_v_tile, residual_sq, store_step, tile_ptrs, update_and_average
 
 
 @triton.jit
@@ -54,16 +54,9 @@ def _apply_update_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, WITH_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    b64 = b.to(tl.int64)
-    rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g, v = v_tile(
-        g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
-        rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
-        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
+    tile, b, rows, cols, g, v = program_v_tile(
+        g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
+        stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     clip = tl.load(clip_ptr + b)
     mask = gated(inside(rows, cols, M, N), clip)
@@ -72,12 +65,11 @@ def _apply_update_kernel(
     w_ptrs = tile_ptrs(w_ptr + tl.load(w_off_ptr + b) * W_ALIGN, rows, cols, stride_wm, stride_wn)
     store_step(avg, mask, w_ptrs, mom_ptrs, lr_decay_ptr, tl.load(scale_ptr + b), HAS_MOMENTUM)
     if WITH_RESIDUAL:
-        approx = lowrank_tile(
-            qn_ptr + b64 * stride_qnb, un_ptr + b64 * stride_unb, rows, cols, M, N, K_NEW,
-            stride_qnm, stride_qnk, stride_unn, stride_unk, BLOCK_M, BLOCK_N,
+        resid = residual_sq(
+            v, qn_ptr, un_ptr, b, rows, cols, M, N, K_NEW,
+            stride_qnb, stride_qnm, stride_qnk, stride_unb, stride_unn, stride_unk, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-        diff = v - approx
-        tl.store(resid_ptr + b64 * tl.num_programs(0) + tile, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+        tl.store(resid_ptr + b * tl.num_programs(0) + tile, resid)
 
 
 def apply_update(

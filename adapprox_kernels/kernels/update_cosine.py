@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_vector, pointer_arg
-from ._tiles import inside, tile_ptrs, update_and_average, v_tile
+from ._tiles import inside, program_v_tile, tile_ptrs, tile_sum, update_and_average
 
 
 @triton.jit
@@ -29,24 +29,17 @@ def _update_cosine_kernel(
     G_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    b64 = b.to(tl.int64)
-    rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g, v = v_tile(
-        g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
-        rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
-        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
+    tile, b, rows, cols, g, v = program_v_tile(
+        g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
+        stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
     mask = inside(rows, cols, M, N)
     upd, avg = update_and_average(g, v, mask, eps, tl.load(clip_ptr + b), mom_ptrs, beta1, one_minus_beta1, True)
     tiles = tl.num_programs(0)
-    tl.store(out_ptr + (b64 * 3) * tiles + tile, tl.sum(tl.sum(upd * avg, axis=1), axis=0))
-    tl.store(out_ptr + (b64 * 3 + 1) * tiles + tile, tl.sum(tl.sum(upd * upd, axis=1), axis=0))
-    tl.store(out_ptr + (b64 * 3 + 2) * tiles + tile, tl.sum(tl.sum(avg * avg, axis=1), axis=0))
+    tl.store(out_ptr + (b * 3) * tiles + tile, tile_sum(upd * avg))
+    tl.store(out_ptr + (b * 3 + 1) * tiles + tile, tile_sum(upd * upd))
+    tl.store(out_ptr + (b * 3 + 2) * tiles + tile, tile_sum(avg * avg))
 
 
 def update_cosine_sums(

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_new_factors, pointer_arg
-from ._tiles import inside, lowrank_tile, raw_update, v_tile
+from ._tiles import inside, program_v_tile, raw_update, residual_sq, tile_sum
 
 
 @triton.jit
@@ -31,28 +31,20 @@ def _v_norms_kernel(
     G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, WITH_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    b = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    b64 = b.to(tl.int64)
-    rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g, v = v_tile(
-        g_ptr + tl.load(g_off_ptr + b) * G_ALIGN, q_ptr + b64 * stride_qb, u_ptr + b64 * stride_ub,
-        rows, cols, M, N, K, stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
-        beta2, one_minus_beta2, BLOCK_M, BLOCK_N, HAS_LOWRANK,
+    tile, b, rows, cols, g, v = program_v_tile(
+        g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
+        stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     upd = raw_update(g, v, inside(rows, cols, M, N), eps)
     tiles = tl.num_programs(0)
-    tl.store(out_ptr + (b64 * 3) * tiles + tile, tl.sum(tl.sum(v * v, axis=1), axis=0))
-    tl.store(out_ptr + (b64 * 3 + 2) * tiles + tile, tl.sum(tl.sum(upd * upd, axis=1), axis=0))
+    tl.store(out_ptr + (b * 3) * tiles + tile, tile_sum(v * v))
+    tl.store(out_ptr + (b * 3 + 2) * tiles + tile, tile_sum(upd * upd))
     if WITH_RESIDUAL:
-        approx = lowrank_tile(
-            qn_ptr + b64 * stride_qnb, un_ptr + b64 * stride_unb, rows, cols, M, N, K_NEW,
-            stride_qnm, stride_qnk, stride_unn, stride_unk, BLOCK_M, BLOCK_N,
+        resid = residual_sq(
+            v, qn_ptr, un_ptr, b, rows, cols, M, N, K_NEW,
+            stride_qnb, stride_qnm, stride_qnk, stride_unb, stride_unn, stride_unk, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-        diff = v - approx
-        tl.store(out_ptr + (b64 * 3 + 1) * tiles + tile, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+        tl.store(out_ptr + (b * 3 + 1) * tiles + tile, resid)
 
 
 def v_norms(
