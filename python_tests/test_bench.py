@@ -169,3 +169,27 @@ def test_traffic_bound_counts_bytes_as_the_step_moves_them():
     assert adapprox_bytes(shapes, no_momentum) == 600 * (5 * 4 + 2 * 4) + 180 * (2 * 4 + 3 * 4 + 2 * 4)
     assert adapprox_bytes(shapes, step, param=2, grad=2) == 600 * (5 * 2 + 4 * 2) + 180 * (2 * 2 + 3 * 4 + 4 * 2)
     assert thin_bytes(shapes, step) == 4 * (20 + 30) * 3  # the factored matrix's (m + n) x (k + p), fp32
+
+
+def test_kernel_resources_reads_registers_and_pipelining_from_sm90_code(tmp_path):
+    """bench/kernel_resources.py compiles a launch for sm_90 with triton's ptxas (no GPU) and
+    reads what the code costs an SM. The dense sums kernel has no loop to pipeline, so its
+    stage count cannot change its code."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "bench/kernel_resources.py", "--only", "dense sums", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
+    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("no ptxas in this triton install")
+    assert run.returncode == 0, run.stderr[-3000:]
+    (path,) = tmp_path.glob("kernel_resources_sm90_triton*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["grads"] for r in rows] == ["fp32", "bf16"]
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["spilled_bytes"] >= 0
+        assert r["programs_per_sm"] == min(65536 // (128 * r["registers"]), 32)  # 4 warps, no shared memory
+        assert r["loops"] == 0 and not r["stages_change_code"]
+    assert "| dense sums | bf16 |" in path.with_suffix(".md").read_text()

@@ -1,0 +1,186 @@
+"""What the Triton kernels cost a Hopper SM, read from their compiled code: no GPU needed.
+
+Each default launch configuration of the optimizer's passes is compiled for sm_90 with
+Triton's own ``ptxas`` (as the JIT compiles it on an H100: 16-byte-aligned pointers, unit
+inner strides), and for each the script reports
+
+* registers per thread and spilled bytes (``ptxas -v``), and shared memory per program;
+* how many programs fit on one SM at once (65,536 registers, 227 KiB of shared memory per
+  SM): with few, the SM has few warps to hide memory latency with;
+* whether the main loop of a product kernel is software-pipelined, i.e. its loads become
+  asynchronous copies ``num_stages − 1`` iterations ahead (``async_copy`` in the TTGIR), and
+  whether the code depends on ``num_stages`` at all (the PTX for 2 and 3 stages compared).
+
+It runs here, on CPU; timings need a GPU (``bench/tune_blocks.py``, ``bench/bench_step.py``).
+``python bench/kernel_resources.py`` writes
+``bench/results/kernel_resources_sm90_triton<version>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not for the interpreter
+
+import triton  # noqa: E402
+from common import RESULTS, markdown_table, metadata, write_json  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from adapprox_kernels.kernels import _launch, apply_update, dense_moment, update_cosine, v_matmul, v_norms  # noqa: E402
+
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = 227 * 1024  # what one SM of an H100 can give to programs
+MAX_PROGRAMS_PER_SM = 32
+FLOATS = {"beta2", "one_minus_beta2", "eps", "beta1", "one_minus_beta1"}
+# What the JIT specializes on a real launch: unit inner strides become constants, and sizes
+# and outer strides of the GPT-2 shapes are multiples of 16.
+UNIT_STRIDES = {"stride_gn", "stride_qk", "stride_uk", "stride_xr", "stride_or", "stride_wn", "stride_mn",
+                "stride_qnk", "stride_unk"}  # fmt: skip
+DIVISIBLE = {"M", "N", "stride_gn", "NUMEL", "N_PER_SPLIT", "stride_gm", "stride_wm", "stride_mm", "stride_qb", "stride_ub",
+             "stride_xb", "stride_xn", "stride_ob", "stride_om", "stride_os", "stride_qnb", "stride_unb"}  # fmt: skip
+
+
+def ptxas() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_sm90(fn, consts: dict, grad_dtype: str, warps: int, stages: int, unit=UNIT_STRIDES):
+    """``fn`` compiled for sm_90 with ``consts`` and the ``unit`` strides as constexprs;
+    gradients (``g_ptr``) of ``grad_dtype``, everything else fp32."""
+    consts = dict(consts, **{name: 1 for name in fn.arg_names if name in unit})
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i64" if name.endswith("off_ptr") else (grad_dtype if name == "g_ptr" else "*fp32")
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+        if sig[name].startswith("*") or name in DIVISIBLE:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """``(registers per thread, spilled bytes)`` from ``ptxas -v`` for sm_90a."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        done = subprocess.run([ptxas(), "-v", "-arch=sm_90a", str(path), "-o", os.devnull], capture_output=True,
+                              text=True, check=True)  # fmt: skip
+    regs = int(re.search(r"Used (\d+) registers", done.stderr).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", done.stderr).group(1))
+    return regs, spills
+
+
+def _code(ptx: str) -> str:
+    """The PTX without debug lines, to compare two compilations."""
+    return "\n".join(line for line in ptx.splitlines() if not line.lstrip().startswith((".loc", ".file", "//")))
+
+
+def resources(fn, consts: dict, grad_dtype: str, blocks: _launch.Blocks, unit) -> dict:
+    kernel = compile_sm90(fn, consts, grad_dtype, blocks.warps, blocks.stages, unit)
+    regs, spills = ptxas_usage(kernel.asm["ptx"])
+    shared = kernel.metadata.shared
+    threads = 32 * blocks.warps
+    other = 3 if blocks.stages == 2 else 2  # the same launch with another stage count
+    other_ptx = compile_sm90(fn, consts, grad_dtype, blocks.warps, other, unit).asm["ptx"]
+    ttgir = kernel.asm["ttgir"]
+    return dict(
+        registers=regs,
+        spilled_bytes=spills,
+        shared_bytes=shared,
+        programs_per_sm=min(
+            REGISTERS_PER_SM // (regs * threads), SHARED_PER_SM // shared if shared else MAX_PROGRAMS_PER_SM,
+            MAX_PROGRAMS_PER_SM,
+        ),  # fmt: skip
+        loops=ttgir.count("scf.for"),
+        async_copies=ttgir.count("async_copy_global_to_local"),
+        stages_change_code=_code(kernel.asm["ptx"]) != _code(other_ptx),
+        ptx_sha=hashlib.sha256(_code(kernel.asm["ptx"]).encode()).hexdigest()[:12],
+    )
+
+
+def launches(precision: str) -> list[tuple[str, object, dict, _launch.Blocks, set]]:
+    """The optimizer's default launches of a factored bucket's step (rank k > 0) and of a
+    dense bucket's: label, kernel, the constexprs the launchers pass, blocks and unit strides.
+    ``Vᵀ @ Y`` is the product kernel on the transposed view of G (unit row stride); the dense
+    kernels read flat blocks of ``DENSE_BLOCK`` elements with the elementwise passes' warps
+    and stages."""
+    product = dict(G_ALIGN=4, BLOCK_R=16, HAS_LOWRANK=True, PRECISION=precision, ROUND_TF32=False)
+    elementwise = dict(G_ALIGN=4, HAS_LOWRANK=True)
+    pb, fb, eb = _launch.PRODUCT_BLOCKS, _launch.FIRST_PASS_BLOCKS, _launch.ELEMENTWISE_BLOCKS
+    return [
+        ("V @ X, first pass (+ sums)", v_matmul._v_matmul_kernel,
+         dict(product, BLOCK_M=fb.m, BLOCK_N=fb.n, WITH_NORMS=True), fb),
+        ("V @ X", v_matmul._v_matmul_kernel, dict(product, BLOCK_M=pb.m, BLOCK_N=pb.n, WITH_NORMS=False), pb),
+        ("Vᵀ @ Y", v_matmul._v_matmul_kernel, dict(product, BLOCK_M=pb.m, BLOCK_N=pb.n, WITH_NORMS=False), pb,
+         (UNIT_STRIDES - {"stride_gn"}) | {"stride_gm"}),
+        ("update (momentum, ξ numerator)", apply_update._apply_update_kernel,
+         dict(elementwise, BLOCK_M=eb.m, BLOCK_N=eb.n, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=True,
+              WITH_RESIDUAL=True), eb),
+        ("update (no momentum)", apply_update._apply_update_kernel,
+         dict(elementwise, BLOCK_M=eb.m, BLOCK_N=eb.n, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=False,
+              WITH_RESIDUAL=False), eb),
+        ("cosine-guidance sums", update_cosine._update_cosine_kernel,
+         dict(elementwise, BLOCK_M=eb.m, BLOCK_N=eb.n, MOM_ALIGN=4), eb),
+        ("V norms (outside the step)", v_norms._v_norms_kernel,
+         dict(elementwise, BLOCK_M=eb.m, BLOCK_N=eb.n, WITH_RESIDUAL=True), eb),
+        ("dense sums", dense_moment._dense_sums_kernel, dict(G_ALIGN=4, V_ALIGN=4, BLOCK=dense_moment.DENSE_BLOCK),
+         eb),
+        ("dense update", dense_moment._dense_apply_kernel,
+         dict(G_ALIGN=4, V_ALIGN=4, W_ALIGN=4, MOM_ALIGN=4, BLOCK=dense_moment.DENSE_BLOCK, HAS_MOMENTUM=True), eb),
+    ]  # fmt: skip
+
+
+def _tile(row: dict) -> str:
+    b = row["blocks"]
+    return f"{b['block']} flat" if "block" in b else f"{b['m']}×{b['n']}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--precision", default="tf32x3", help="tl.dot precision of the products (H100 default)")
+    ap.add_argument("--only", default=None, help="only launches whose label contains this text")
+    args = ap.parse_args()
+    rows = []
+    for label, fn, consts, blocks, *unit in launches(args.precision):
+        if args.only and args.only not in label:
+            continue
+        for dtype in ("*fp32", "*bf16"):
+            tile = dict(block=consts["BLOCK"]) if "BLOCK" in consts else dict(m=consts["BLOCK_M"], n=consts["BLOCK_N"])
+            row = dict(launch=label, grads=dtype[1:], blocks=dict(blocks._asdict(), **tile),
+                       **resources(fn, consts, dtype, blocks, unit[0] if unit else UNIT_STRIDES))
+            rows.append(row)
+            print(row, flush=True)
+    record = dict(meta=metadata("cpu", target="sm_90 (compiled, not run)", precision=args.precision), rows=rows)
+    name = f"kernel_resources_sm90_triton{triton.__version__}"
+    write_json(record, args.out, f"{name}.json")
+    table = markdown_table(
+        ["launch", "G", "tile (warps, stages)", "registers", "spilled B", "shared KiB", "programs / SM",
+         "loop pipelined", "stages change the code"],
+        [[r["launch"], r["grads"], f"{_tile(r)} ({r['blocks']['warps']}, {r['blocks']['stages']})", r["registers"], r["spilled_bytes"], f"{r['shared_bytes'] / 1024:.0f}",
+          r["programs_per_sm"], ("yes" if r["async_copies"] else "no") if r["loops"] else "no loop", "yes" if r["stages_change_code"] else "no"]
+         for r in rows],
+    )  # fmt: skip
+    (args.out / f"{name}.md").write_text(
+        f"Triton {triton.__version__}, compiled for sm_90 on CPU (no GPU), precision {args.precision}\n\n{table}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
