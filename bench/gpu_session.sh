@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh tests                  # pytest -m gpu, log to $OUT
 #   bash bench/gpu_session.sh compare DIR LABEL [SIZE]   # this tree's step against the checkout in DIR
 #   bash bench/gpu_session.sh step                   # bench_step.py (GPU part), then traffic_bound.py on it
+#   bash bench/gpu_session.sh tune                   # tune_blocks.py --quick: tiles, and the rank loop unrolled
 #
 # DIR for "compare": e.g. `git archive <commit> adapprox_kernels bench | tar -x -C ab_base` made
 # beforehand (with ab_base in .git/info/exclude, and carried to the machine); its extension is
@@ -39,8 +40,11 @@ step)
     latest=$(ls -t "$OUT"/bench_step_*.json | head -1)
     python3 bench/traffic_bound.py --results "$latest" --out "$OUT"
     ;;
+tune)
+    python3 bench/tune_blocks.py --quick --default-precision-only --out "$OUT"
+    ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,8 +48,8 @@ MAX_PROGRAMS_PER_SM = 32
 FLOATS = {"beta2", "one_minus_beta2", "eps", "beta1", "one_minus_beta1"}
 # What the JIT specializes on a real launch: unit inner strides become constants, and sizes
 # and outer strides of the GPT-2 shapes are multiples of 16.
-UNIT_STRIDES = {"stride_gn", "stride_qk", "stride_uk", "stride_xr", "stride_or", "stride_wn", "stride_mn",
-                "stride_qnk", "stride_unk"}  # fmt: skip
+UNIT_STRIDES = frozenset({"stride_gn", "stride_qk", "stride_uk", "stride_xr", "stride_or", "stride_wn", "stride_mn",
+                "stride_qnk", "stride_unk"})  # fmt: skip
 DIVISIBLE = {"M", "N", "stride_gn", "NUMEL", "N_PER_SPLIT", "stride_gm", "stride_wm", "stride_mm", "stride_qb", "stride_ub",
              "stride_xb", "stride_xn", "stride_ob", "stride_om", "stride_os", "stride_qnb", "stride_unb"}  # fmt: skip
 
@@ -56,7 +58,7 @@ def ptxas() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def compile_sm90(fn, consts: dict, grad_dtype: str, warps: int, stages: int, unit=UNIT_STRIDES):
+def compile_sm90(fn, consts: dict, grad_dtype: str, warps: int, stages: int, unit: frozenset = UNIT_STRIDES):
     """``fn`` compiled for sm_90 with ``consts`` and the ``unit`` strides as constexprs;
     gradients (``g_ptr``) of ``grad_dtype``, everything else fp32."""
     consts = dict(consts, **{name: 1 for name in fn.arg_names if name in unit})
@@ -91,7 +93,7 @@ def _code(ptx: str) -> str:
     return "\n".join(line for line in ptx.splitlines() if not line.lstrip().startswith((".loc", ".file", "//")))
 
 
-def resources(fn, consts: dict, grad_dtype: str, blocks: _launch.Blocks, unit) -> dict:
+def resources(fn, consts: dict, grad_dtype: str, blocks: _launch.Blocks, unit: frozenset) -> dict:
     kernel = compile_sm90(fn, consts, grad_dtype, blocks.warps, blocks.stages, unit)
     regs, spills = ptxas_usage(kernel.asm["ptx"])
     shared = kernel.metadata.shared
@@ -104,9 +106,10 @@ def resources(fn, consts: dict, grad_dtype: str, blocks: _launch.Blocks, unit) -
         spilled_bytes=spills,
         shared_bytes=shared,
         programs_per_sm=min(
-            REGISTERS_PER_SM // (regs * threads), SHARED_PER_SM // shared if shared else MAX_PROGRAMS_PER_SM,
+            REGISTERS_PER_SM // (regs * threads),
+            SHARED_PER_SM // shared if shared else MAX_PROGRAMS_PER_SM,
             MAX_PROGRAMS_PER_SM,
-        ),  # fmt: skip
+        ),
         loops=ttgir.count("scf.for"),
         async_copies=ttgir.count("async_copy_global_to_local"),
         stages_change_code=_code(kernel.asm["ptx"]) != _code(other_ptx),
@@ -114,36 +117,57 @@ def resources(fn, consts: dict, grad_dtype: str, blocks: _launch.Blocks, unit) -
     )
 
 
-def launches(precision: str) -> list[tuple[str, object, dict, _launch.Blocks, set]]:
+class Launch(NamedTuple):
+    label: str
+    fn: object
+    consts: dict  # the constexprs the launcher passes
+    blocks: _launch.Blocks
+    unit: frozenset = UNIT_STRIDES
+    grads: tuple = ("*fp32", "*bf16")
+
+
+RANK = 8  # the rank the product launches are compiled for (K_UNROLL = 8 where Blocks.unroll >= 8)
+TRANSPOSED = (UNIT_STRIDES - {"stride_gn"}) | {"stride_gm"}  # Vᵀ @ Y reads G's transposed view
+
+
+def _product(label: str, blocks: _launch.Blocks, precision: str, norms: bool, **kw) -> Launch:
+    unroll = triton.next_power_of_2(RANK) if RANK <= blocks.unroll else 0
+    consts = dict(G_ALIGN=4, BLOCK_R=16, HAS_LOWRANK=True, PRECISION=precision, ROUND_TF32=False,
+                  BLOCK_M=blocks.m, BLOCK_N=blocks.n, WITH_NORMS=norms, K_UNROLL=unroll)  # fmt: skip
+    return Launch(label, v_matmul._v_matmul_kernel, consts, blocks, **kw)
+
+
+def launches(precision: str) -> list[Launch]:
     """The optimizer's default launches of a factored bucket's step (rank k > 0) and of a
-    dense bucket's: label, kernel, the constexprs the launchers pass, blocks and unit strides.
-    ``Vᵀ @ Y`` is the product kernel on the transposed view of G (unit row stride); the dense
-    kernels read flat blocks of ``DENSE_BLOCK`` elements with the elementwise passes' warps
-    and stages."""
-    product = dict(G_ALIGN=4, BLOCK_R=16, HAS_LOWRANK=True, PRECISION=precision, ROUND_TF32=False)
-    elementwise = dict(G_ALIGN=4, HAS_LOWRANK=True)
+    dense bucket's. The dense kernels read flat blocks of ``DENSE_BLOCK`` elements with the
+    elementwise passes' warps and stages."""
     pb, fb, eb = _launch.PRODUCT_BLOCKS, _launch.FIRST_PASS_BLOCKS, _launch.ELEMENTWISE_BLOCKS
+    tile = dict(G_ALIGN=4, HAS_LOWRANK=True, BLOCK_M=eb.m, BLOCK_N=eb.n)
+    flat = dict(G_ALIGN=4, V_ALIGN=4, BLOCK=dense_moment.DENSE_BLOCK)
     return [
-        ("V @ X, first pass (+ sums)", v_matmul._v_matmul_kernel,
-         dict(product, BLOCK_M=fb.m, BLOCK_N=fb.n, WITH_NORMS=True), fb),
-        ("V @ X", v_matmul._v_matmul_kernel, dict(product, BLOCK_M=pb.m, BLOCK_N=pb.n, WITH_NORMS=False), pb),
-        ("Vᵀ @ Y", v_matmul._v_matmul_kernel, dict(product, BLOCK_M=pb.m, BLOCK_N=pb.n, WITH_NORMS=False), pb,
-         (UNIT_STRIDES - {"stride_gn"}) | {"stride_gm"}),
-        ("update (momentum, ξ numerator)", apply_update._apply_update_kernel,
-         dict(elementwise, BLOCK_M=eb.m, BLOCK_N=eb.n, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=True,
-              WITH_RESIDUAL=True), eb),
-        ("update (no momentum)", apply_update._apply_update_kernel,
-         dict(elementwise, BLOCK_M=eb.m, BLOCK_N=eb.n, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=False,
-              WITH_RESIDUAL=False), eb),
-        ("cosine-guidance sums", update_cosine._update_cosine_kernel,
-         dict(elementwise, BLOCK_M=eb.m, BLOCK_N=eb.n, MOM_ALIGN=4), eb),
-        ("V norms (outside the step)", v_norms._v_norms_kernel,
-         dict(elementwise, BLOCK_M=eb.m, BLOCK_N=eb.n, WITH_RESIDUAL=True), eb),
-        ("dense sums", dense_moment._dense_sums_kernel, dict(G_ALIGN=4, V_ALIGN=4, BLOCK=dense_moment.DENSE_BLOCK),
-         eb),
-        ("dense update", dense_moment._dense_apply_kernel,
-         dict(G_ALIGN=4, V_ALIGN=4, W_ALIGN=4, MOM_ALIGN=4, BLOCK=dense_moment.DENSE_BLOCK, HAS_MOMENTUM=True), eb),
+        _product("V @ X, first pass (+ sums)", fb, precision, True),
+        _product("V @ X", pb, precision, False),
+        _product("Vᵀ @ Y", pb, precision, False, unit=TRANSPOSED),
+        Launch("update (momentum, ξ numerator)", apply_update._apply_update_kernel,
+               dict(tile, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=True, WITH_RESIDUAL=True), eb),
+        Launch("update (no momentum)", apply_update._apply_update_kernel,
+               dict(tile, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=False, WITH_RESIDUAL=False), eb),
+        Launch("cosine-guidance sums", update_cosine._update_cosine_kernel, dict(tile, MOM_ALIGN=4), eb),
+        Launch("V norms (outside the step)", v_norms._v_norms_kernel, dict(tile, WITH_RESIDUAL=True), eb),
+        Launch("dense sums", dense_moment._dense_sums_kernel, flat, eb),
+        Launch("dense update", dense_moment._dense_apply_kernel,
+               dict(flat, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=True), eb),
     ]  # fmt: skip
+
+
+def candidates(precision: str) -> list[Launch]:
+    """Other product configurations (fp32 gradients, 4 warps, 3 stages), with and without the
+    rank loop unrolled (``Blocks.unroll``): what a GPU session should time next."""
+    out = []
+    for norms, (m, n), unroll in itertools.product((False, True), ((32, 64), (64, 32), (64, 64), (128, 64)), (0, 8)):
+        label = f"candidate: V @ X{' (+ sums)' if norms else ''}, unroll {unroll}"
+        out.append(_product(label, _launch.Blocks(m, n, 64, 4, 3, unroll), precision, norms, grads=("*fp32",)))
+    return out
 
 
 def _tile(row: dict) -> str:
@@ -158,13 +182,14 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="only launches whose label contains this text")
     args = ap.parse_args()
     rows = []
-    for label, fn, consts, blocks, *unit in launches(args.precision):
-        if args.only and args.only not in label:
+    for launch in launches(args.precision) + candidates(args.precision):
+        if args.only and args.only not in launch.label:
             continue
-        for dtype in ("*fp32", "*bf16"):
-            tile = dict(block=consts["BLOCK"]) if "BLOCK" in consts else dict(m=consts["BLOCK_M"], n=consts["BLOCK_N"])
-            row = dict(launch=label, grads=dtype[1:], blocks=dict(blocks._asdict(), **tile),
-                       **resources(fn, consts, dtype, blocks, unit[0] if unit else UNIT_STRIDES))
+        consts = launch.consts
+        tile = dict(block=consts["BLOCK"]) if "BLOCK" in consts else dict(m=consts["BLOCK_M"], n=consts["BLOCK_N"])
+        for dtype in launch.grads:
+            row = dict(launch=launch.label, grads=dtype[1:], blocks=dict(launch.blocks._asdict(), **tile),
+                       **resources(launch.fn, consts, dtype, launch.blocks, launch.unit))
             rows.append(row)
             print(row, flush=True)
     record = dict(meta=metadata("cpu", target="sm_90 (compiled, not run)", precision=args.precision), rows=rows)

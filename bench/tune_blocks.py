@@ -2,10 +2,11 @@
 ``num_warps``, ``num_stages``) and which ``tl.dot`` precision reach the most bandwidth.
 
 For GPT-2 124M/345M same-shaped groups (fp32 gradients, ranks k = 1 and 8, sketch width
-k + 5) it times ``V @ X``, ``Vᵀ @ Y`` and the update pass for every configuration with
+k + 5) it times ``V @ X`` (also with the first pass's sums), ``Vᵀ @ Y`` and the update pass
+for every configuration, the rank loop at run time or unrolled (``Blocks.unroll``), with
 ``triton.testing.do_bench`` and reports GB/s against a device-to-device copy of the same
 bytes. ``PRODUCT_BLOCKS`` and ``ELEMENTWISE_BLOCKS`` in ``adapprox_kernels/kernels/_launch.py``
-come from this sweep.
+come from this sweep (``FIRST_PASS_BLOCKS`` from ``bench_step.py``; this sweep times it too).
 
 ``python bench/tune_blocks.py [--quick]`` writes ``bench/results/tune_blocks_<device>.json``.
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import metadata, write_json  # noqa: E402
 
-from adapprox_kernels.kernels._launch import ELEMENTWISE_BLOCKS, PRODUCT_BLOCKS, Blocks  # noqa: E402
+from adapprox_kernels.kernels._launch import ELEMENTWISE_BLOCKS, FIRST_PASS_BLOCKS, PRODUCT_BLOCKS, Blocks  # noqa: E402
 
 # (label, batch, m, n): the largest groups of GPT-2 124M and 345M (nn.Linear weights).
 GROUPS = [
@@ -36,14 +37,20 @@ GROUPS = [
     ("124M embedding", 1, 50257, 768),
 ]
 RANKS = (1, 8)
+DEFAULTS = {"v_matmul": PRODUCT_BLOCKS, "v_rmatmul": PRODUCT_BLOCKS, "v_matmul+sums": FIRST_PASS_BLOCKS,
+            "apply_update": ELEMENTWISE_BLOCKS}  # fmt: skip
 
 
 def product_configs(quick: bool) -> list[Blocks]:
+    """Tiles × warps with the rank loop at run time (one stage count: it does not change that
+    code, see ``Blocks.unroll``), and the same unrolled up to rank 16 over stage counts."""
     tiles = [(32, 64), (64, 64), (64, 128), (128, 64), (128, 128)] if quick else [
         (m, n) for m in (32, 64, 128) for n in (32, 64, 128)
     ]
-    warps, stages = ((4, 8), (2, 3)) if quick else ((4, 8), (2, 3, 4))
-    return [Blocks(m, n, 64, w, s) for (m, n), w, s in itertools.product(tiles, warps, stages)]
+    stages = (2, 3) if quick else (2, 3, 4)
+    loop = [Blocks(m, n, 64, w, 2) for (m, n), w in itertools.product(tiles, (4, 8))]
+    unrolled = [Blocks(m, n, 64, w, s, 16) for (m, n), w, s in itertools.product(tiles, (4, 8), stages)]
+    return loop + unrolled
 
 
 def update_configs(quick: bool) -> list[Blocks]:
@@ -53,7 +60,13 @@ def update_configs(quick: bool) -> list[Blocks]:
     return [Blocks(m, n, 64, w, 2) for (m, n), w in itertools.product(tiles, (4, 8))]
 
 
-def sweep(device, quick: bool) -> list[dict]:
+def same_code(a: Blocks, b: Blocks) -> bool:
+    """Whether two configurations compile to the same product kernel: the stage count only
+    matters once the rank loop is unrolled."""
+    return a == b or (a.unroll == b.unroll == 0 and a._replace(stages=0) == b._replace(stages=0))
+
+
+def sweep(device, quick: bool, precisions: tuple) -> list[dict]:
     from triton.testing import do_bench
 
     from adapprox_kernels.kernels.apply_update import apply_update
@@ -80,12 +93,15 @@ def sweep(device, quick: bool) -> list[dict]:
         cases = []
         # The default precision and tf32 rounded to nearest (within the sketch's own noise in
         # bench/product_precision.py) over every tile shape; the others at the default tiles.
-        for precision in (None, "tf32_rn"):
+        for precision in precisions:
             for blocks in product_configs(quick):
                 for name, fn, thin_in in (("v_matmul", v_matmul, x), ("v_rmatmul", v_rmatmul, y)):
                     cases.append((name, blocks, precision,
                                   lambda f=fn, t=thin_in, b=blocks, p=precision: f(grads, q, u, t, 0.999, blocks=b, precision=p),
                                   g_bytes + thin))  # fmt: skip
+                cases.append(("v_matmul+sums", blocks, precision,
+                              lambda b=blocks, p=precision: v_matmul(grads, q, u, x, 0.999, eps=1e-8, blocks=b, precision=p),
+                              g_bytes + thin))  # fmt: skip
         for precision in ("tf32", "ieee"):
             for name, fn in (("v_matmul", v_matmul), ("v_rmatmul", v_rmatmul)):
                 thin_in = x if name == "v_matmul" else y
@@ -118,7 +134,7 @@ def sweep(device, quick: bool) -> list[dict]:
         default = {
             row["pass"]: row for row in rows
             if row["group"] == label and row["k"] == k and row["precision"] == "default"
-            and Blocks(**row["blocks"]) == (ELEMENTWISE_BLOCKS if row["pass"] == "apply_update" else PRODUCT_BLOCKS)
+            and same_code(Blocks(**row["blocks"]), DEFAULTS[row["pass"]])
         }  # fmt: skip
         for key, row in best.items():
             d = default.get(key)
@@ -134,13 +150,14 @@ def sweep(device, quick: bool) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
+    parser.add_argument("--default-precision-only", action="store_true", help="skip the tf32_rn sweep")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("NOT MEASURED: bench/tune_blocks.py needs a CUDA device")
         return
     device = torch.device("cuda")
-    result = {"meta": metadata(device), "rows": sweep(device, args.quick)}
+    result = {"meta": metadata(device), "rows": sweep(device, args.quick, (None,) if args.default_precision_only else (None, "tf32_rn"))}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["meta"]["device"]).strip("-").lower()
     write_json(result, args.out, f"tune_blocks_{slug}.json")
 

@@ -193,3 +193,21 @@ def test_kernel_resources_reads_registers_and_pipelining_from_sm90_code(tmp_path
         assert r["programs_per_sm"] == min(65536 // (128 * r["registers"]), 32)  # 4 warps, no shared memory
         assert r["loops"] == 0 and not r["stages_change_code"]
     assert "| dense sums | bf16 |" in path.with_suffix(".md").read_text()
+
+
+def test_tune_blocks_times_the_unrolled_rank_loop_over_stages_only():
+    """bench/tune_blocks.py: stage counts are swept only where they change the code (the rank
+    loop unrolled); each default launch configuration is among the configurations swept."""
+    from bench.tune_blocks import DEFAULTS, product_configs, same_code
+
+    from adapprox_kernels.kernels._launch import Blocks
+
+    configs = product_configs(quick=True)
+    assert len({c.stages for c in configs if not c.unroll}) == 1
+    assert {c.stages for c in configs if c.unroll} == {2, 3}
+    for name, default in DEFAULTS.items():
+        if name != "apply_update":
+            assert any(same_code(c, default) for c in configs), name
+    assert same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 3))
+    assert not same_code(Blocks(64, 64, 64, 4, 2, 16), Blocks(64, 64, 64, 4, 3, 16))
+    assert not same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 2, 16))

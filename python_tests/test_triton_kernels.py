@@ -97,6 +97,24 @@ def test_products_match_the_reference_for_any_shape(batch, m, n, k, r, dtype, sp
     torch.testing.assert_close(sums[:, 1], (g32 / (v.sqrt() + EPS)).square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("k", [1, 3, 4, 17])
+def test_unrolled_rank_loop_gives_the_same_bits(k):
+    """``Blocks.unroll``: the rebuild of V unrolled to the next power of two of k (columns past k
+    masked off; k = 17 > 16 keeps the run-time loop) adds the same terms in the same order."""
+    from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
+
+    grads, q, u, _, v = _inputs(2, 21, 35, k, torch.float32)
+    x, y = torch.randn(2, 35, 6, device=DEVICE), torch.randn(2, 21, 6, device=DEVICE)
+    loop, unrolled = _blocks(True), _blocks(True)._replace(unroll=16)
+    prod, sums = v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=unrolled)
+    _close(prod, v @ x)
+    assert torch.equal(prod, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[0])
+    assert torch.equal(sums, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[1])
+    rprod = v_rmatmul(grads, q, u, y, BETA2, blocks=unrolled)
+    _close(rprod, v.transpose(1, 2) @ y)
+    assert torch.equal(rprod, v_rmatmul(grads, q, u, y, BETA2, blocks=loop))
+
+
 def test_tf32_rounding_of_the_reference():
     one_ulp = 2.0**-10  # tf32's spacing at 1
     x = torch.tensor([1 + 1.75 * one_ulp, -(1 + 0.5 * one_ulp), 1 + 1.5 * one_ulp, 3.0, 0.0, float("inf")])
@@ -444,7 +462,7 @@ from adapprox_kernels.kernels.v_matmul import _v_matmul_kernel as fn
 out = {}
 for precision, round_tf32 in (("tf32x3", False), ("tf32", False), ("tf32", True)):
     consts = dict(G_ALIGN=4, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, HAS_LOWRANK=True, WITH_NORMS=True,
-                  PRECISION=precision, ROUND_TF32=round_tf32)
+                  PRECISION=precision, ROUND_TF32=round_tf32, K_UNROLL=0)
     sig = {}
     for name in fn.arg_names:
         if name.endswith("_ptr"):

@@ -28,13 +28,20 @@ class Blocks(NamedTuple):
     block one program of a product holds (wider sketches take several r blocks), and the
     launch's ``num_warps`` / ``num_stages`` (the interpreter ignores those). Tests pass 16s to
     reach the multi-block paths on small shapes; ``bench/tune_blocks.py`` measured the
-    defaults below on an H100."""
+    defaults below on an H100.
+
+    ``unroll`` (products only): the largest rank whose rebuild of V is unrolled at compile
+    time (0: none; each power of two up to it is a kernel of its own). Only then is a
+    product's main loop software-pipelined, so that ``num_stages`` matters at all: with the
+    rank loop inside it, Triton 3.6 and 3.8 compile the same code for every stage count
+    (``bench/kernel_resources.py``). Not on by default until a GPU measures it."""
 
     m: int = 64
     n: int = 64
     r: int = 64
     warps: int = 4
     stages: int = 3
+    unroll: int = 0
 
     def tile(self, m: int, n: int) -> tuple[int, int]:
         return pow2_block(m, self.m), pow2_block(n, self.n)
@@ -43,13 +50,16 @@ class Blocks(NamedTuple):
         return pow2_block(m, self.m), pow2_block(n, self.n), pow2_block(r, self.r)
 
 
-# V @ X and Vᵀ @ Y: 128-row tiles, 2 stages. On the H100 (bench/results/tune_blocks_*.json,
-# GPT-2 groups at the default precision) they reached 32-63% of copy bandwidth where 64×64
-# tiles with 3 stages reached 26-50%.
+# V @ X and Vᵀ @ Y: 128×64 tiles. On the H100 (bench/results/tune_blocks_*.json, GPT-2 groups at
+# the default precision) they reached 32-63% of copy bandwidth where 64×64 tiles reached 26-50%.
+# The stage count does not change these kernels' code (see ``Blocks.unroll``); in that sweep, the
+# pairs of configurations differing only in it (the same code) differ by 0.8% in the median, 16%
+# at the 90th percentile: the sweep's own noise.
 PRODUCT_BLOCKS = Blocks(m=128, n=64, warps=4, stages=2)
 # The first V @ X of a step, which also reduces ‖V‖² and the update's RMS from its tiles: those
-# sums hold more registers per row, and 64×64 tiles with 3 stages ran it 4-15% faster than
-# PRODUCT_BLOCKS on the H100 (bench/results/bench_step_*-153951.json against *-151653.json).
+# sums hold more registers per row (compiled for sm_90 at 128×64 the kernel spills 528 bytes per
+# thread, at 64×64 24-40: bench/results/kernel_resources_*), and 64×64 tiles ran it 4-15% faster
+# than PRODUCT_BLOCKS on the H100 (bench/results/bench_step_*-153951.json against *-151653.json).
 FIRST_PASS_BLOCKS = Blocks(m=64, n=64, warps=4, stages=3)
 # The elementwise passes (update, norms, cosine sums): 16 rows of 256 columns, 2 stages. The
 # update pass reached 94-95% of copy bandwidth at k = 8 on the H100 (32×128 tiles: 76-78%; the

@@ -31,22 +31,37 @@ def load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
+def _add_outer(acc, a_ptrs, b_ptrs, kk, a_mask, b_mask, stride_ak, stride_bk):
+    """``acc + A[:, kk] B[:, kk]ᵀ`` (fp32), entries outside the masks read as 0."""
+    a = tl.load(a_ptrs + kk * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptrs + kk * stride_bk, mask=b_mask, other=0.0).to(tl.float32)
+    return acc + a[:, None] * b[None, :]
+
+
+@triton.jit
 def lowrank_tile(
     a_base, b_base, rows, cols, n_rows, n_cols, K,
     stride_ar, stride_ak, stride_br, stride_bk,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, K_UNROLL: tl.constexpr = 0,
 ):  # fmt: skip
     """``(A Bᵀ)[rows, cols]`` for ``A: (n_rows, K)``, ``B: (n_cols, K)``: one fp32 outer
     product per column pair. K is small (the rank), so this costs K FMAs per entry, and it is
     exact fp32: a tensor-core dot would pad K to 16 and round every rebuilt entry of V to tf32
-    (~1e-3 relative, as large as the default ξ threshold), an error no later sum averages out."""
+    (~1e-3 relative, as large as the default ξ threshold), an error no later sum averages out.
+
+    ``K_UNROLL``: 0 loops over K at run time; a power of two ``>= K`` unrolls the loop at
+    compile time (columns from K on masked off). A loop left inside the products' main loop
+    keeps Triton from software-pipelining that loop (``bench/kernel_resources.py``)."""
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     a_ptrs = a_base + rows.to(tl.int64) * stride_ar
     b_ptrs = b_base + cols.to(tl.int64) * stride_br
-    for kk in range(0, K):
-        a = tl.load(a_ptrs + kk * stride_ak, mask=rows < n_rows, other=0.0).to(tl.float32)
-        b = tl.load(b_ptrs + kk * stride_bk, mask=cols < n_cols, other=0.0).to(tl.float32)
-        acc += a[:, None] * b[None, :]
+    a_in, b_in = rows < n_rows, cols < n_cols
+    if K_UNROLL > 0:
+        for kk in tl.static_range(K_UNROLL):
+            acc = _add_outer(acc, a_ptrs, b_ptrs, kk, a_in & (kk < K), b_in & (kk < K), stride_ak, stride_bk)
+    else:
+        for kk in range(0, K):
+            acc = _add_outer(acc, a_ptrs, b_ptrs, kk, a_in, b_in, stride_ak, stride_bk)
     return acc
 
 
@@ -55,18 +70,18 @@ def v_tile(
     g_base, q_base, u_base, rows, cols, M, N, K,
     stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
     beta2, one_minus_beta2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOWRANK: tl.constexpr, K_UNROLL: tl.constexpr = 0,
 ):  # fmt: skip
     """The gradient tile and ``V = β2·relu(Q Uᵀ) + (1−β2)·G²`` on ``rows × cols`` (fp32).
 
     Out-of-range entries come back as ``G = V = 0``. ``HAS_LOWRANK=False`` (first step,
-    ``K = 0``) skips the factors entirely."""
+    ``K = 0``) skips the factors entirely; ``K_UNROLL`` as in :func:`lowrank_tile`."""
     g = load_tile(g_base, rows, cols, stride_gm, stride_gn, M, N)
     v = one_minus_beta2 * (g * g)
     if HAS_LOWRANK:
         qu = lowrank_tile(
             q_base, u_base, rows, cols, M, N, K, stride_qm, stride_qk, stride_un, stride_uk,
-            BLOCK_M, BLOCK_N,
+            BLOCK_M, BLOCK_N, K_UNROLL,
         )  # fmt: skip
         v = beta2 * tl.maximum(qu, 0.0) + v
     return g, v
