@@ -227,7 +227,13 @@ class Adapprox(SketchOptimizer):
             products that only choose the subspace, the default in the last ``U = Vᵀ Q``),
             ``"tf32_rn"`` (tf32 with the operands rounded to nearest in the kernel: unbiased)
             or ``"ieee"``; see ``docs/kernels.md``. Other backends ignore it.
+
+    ``load_state_dict`` keeps this optimizer's ``backend`` and ``cuda_graphs`` (how to run,
+    not what to compute), the first moment in the parameter's dtype and the rest in fp32
+    (fp64 for an fp64 parameter), whatever the checkpoint had.
     """
+
+    _RUN_OPTIONS = ("backend", "cuda_graphs")
 
     def __init__(
         self,
@@ -341,6 +347,9 @@ class Adapprox(SketchOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=factor_dtype)
         _first_moments([p], [state], beta1)
         return state
+
+    def _state_dtype(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.dtype:
+        return p.dtype if key == "exp_avg" else super()._state_dtype(p, key, value)
 
     def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
         shape = matrix_shape(p)

@@ -203,25 +203,64 @@ class SketchOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's, once every parameter's saved state is checked to fit it (a
-        ``ValueError`` naming the parameter otherwise: torch.optim would load state of another
-        optimizer or model, and the next step would fail far from the cause)."""
+        """torch.optim's, with three differences.
+
+        * Every parameter's saved state is checked to fit it first (a ``ValueError`` naming the
+          parameter otherwise, and nothing is loaded: torch.optim would load another
+          optimizer's or model's state, and the next step would fail far from the cause).
+        * Saved tensors keep the precision this optimizer keeps them in (:meth:`_state_dtype`),
+          not the parameter's dtype that torch.optim casts every floating tensor to.
+        * The options that say how to run, not what to compute (``_RUN_OPTIONS``, e.g. the
+          backend), stay this optimizer's: a GPU run's checkpoint resumes on a CPU.
+
+        Both happen between the user's hooks: after every pre-hook (which may rewrite the
+        dict) and before every post-hook (which may rewrite the state)."""
+        run_options = [{k: g[k] for k in self._RUN_OPTIONS if k in g} for g in self.param_groups]
+        pre = self.register_load_state_dict_pre_hook(SketchOptimizer._take_saved_state)
+        post = self.register_load_state_dict_post_hook(SketchOptimizer._restore_saved_state, prepend=True)
+        self._loading = run_options
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+            self._loading = None
+
+    _RUN_OPTIONS: tuple[str, ...] = ()
+
+    def _take_saved_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Pre-hook (the last): checks the saved state and sets aside its tensors and RNG."""
         state_dict = dict(state_dict)
         rng = state_dict.pop("sketch_rng", None)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        if [len(g["params"]) for g in state_dict["param_groups"]] == [len(g["params"]) for g in self.param_groups]:
-            for idx, p in zip(saved_ids, params):  # (torch.optim raises where the groups differ)
+        same_groups = [len(g["params"]) for g in state_dict["param_groups"]] == [len(g["params"]) for g in self.param_groups]
+        if same_groups:  # (torch.optim raises where the groups differ)
+            for idx, p in zip(saved_ids, params):
                 self._check_saved_state(p, state_dict["state"].get(idx))
-        super().load_state_dict(state_dict)
-        # torch.optim casts floating state to each parameter's dtype; the factors and the dense
-        # second moment must keep their own precision (fp32 for a bf16 parameter).
-        for idx, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(idx, {}).items():
+        tensors = [(p, state_dict["state"].get(idx, {})) for idx, p in zip(saved_ids, params)] if same_groups else []
+        self._loading = (self._loading, tensors, rng)
+        return state_dict
+
+    def _restore_saved_state(self) -> None:
+        """Post-hook (the first): the saved tensors at this optimizer's precision, this
+        optimizer's run options, the sketch RNG."""
+        run_options, tensors, rng = self._loading
+        for p, saved in tensors:
+            for key, value in saved.items():
                 if torch.is_tensor(value):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+                    self.state[p][key] = value.to(device=p.device, dtype=self._state_dtype(p, key, value), copy=True)
+        for group, options in zip(self.param_groups, run_options):
+            group.update(options)
         if rng is not None:
             self._restore_rng(rng)
+
+    def _state_dtype(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.dtype:
+        """The dtype ``p``'s state entry ``key`` is kept in: by default float64 for a float64
+        parameter and float32 otherwise (factors, second moments), other dtypes unchanged."""
+        if not value.is_floating_point():
+            return value.dtype
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
 
     def _check_saved_state(self, p: torch.Tensor, state: dict[str, Any] | None) -> None:
         """``ValueError`` unless ``state`` (None: the parameter had none) has every entry that

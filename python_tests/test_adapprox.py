@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adapprox_kernels import Adapprox
+from adapprox_kernels import AdaMeM, Adapprox
 
 
 def dense_adapprox(w0, grads, lr, betas, eps, d, wd):
@@ -310,6 +310,64 @@ def test_bf16_params_keep_fp32_factors_through_checkpoint():
     opt2.load_state_dict(opt.state_dict())
     assert opt2.state[w]["Q"].dtype == torch.float32
     assert torch.equal(opt2.state[w]["U"], opt.state[w]["U"])
+
+
+def test_checkpoint_dtypes_follow_the_parameters_it_is_loaded_into():
+    """A resume in another precision: M takes the new parameter's dtype, the factors fp32 (fp64
+    only for an fp64 parameter), as a fresh state would."""
+    w = torch.nn.Parameter(torch.randn(20, 30, dtype=torch.float64))
+    opt = Adapprox([w], k_max=2, seed=0)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    for dtype, factors in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        v = torch.nn.Parameter(w.detach().to(dtype))
+        other = Adapprox([v], k_max=2)
+        other.load_state_dict(opt.state_dict())
+        state = other.state[v]
+        assert state["exp_avg"].dtype == dtype and state["Q"].dtype == state["U"].dtype == factors
+        torch.testing.assert_close(state["U"], opt.state[w]["U"].to(factors))
+
+
+@pytest.mark.parametrize("cls, kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))], ids=["adapprox", "adamem"])
+def test_load_state_dict_hooks_see_and_shape_the_state(cls, kw):
+    """As with torch.optim: a pre-hook may rewrite the saved dict (here: swap two parameters'
+    states, so the checks and the loaded tensors follow it), and a post-hook has the last word."""
+    a, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6, 5))
+    opt = cls([a, b], **kw)
+    a.grad, b.grad = torch.ones(6, 5), -3 * torch.ones(6, 5)
+    opt.step()
+
+    def swap(_, sd):
+        sd = dict(sd, state=dict(sd["state"]))
+        sd["state"][0], sd["state"][1] = sd["state"][1], sd["state"][0]
+        return sd
+
+    swapped = cls([a, b], **kw)
+    swapped.register_load_state_dict_pre_hook(swap)
+    swapped.load_state_dict(opt.state_dict())
+    for mine, theirs in ((a, b), (b, a)):
+        assert torch.equal(swapped.state[mine]["exp_avg"], opt.state[theirs]["exp_avg"])
+    zeroed = cls([a, b], **kw)
+    zeroed.register_load_state_dict_post_hook(lambda o: [s["exp_avg"].zero_() for s in o.state.values()])
+    zeroed.load_state_dict(opt.state_dict())
+    assert all(not s["exp_avg"].any() for s in zeroed.state.values())
+
+
+def test_checkpoint_keeps_the_loading_optimizers_backend():
+    """``backend`` and ``cuda_graphs`` say how to run here, so a checkpoint (say, of a GPU run
+    that asked for the Triton kernels by name) does not override them; hyperparameters load."""
+    w = torch.nn.Parameter(torch.randn(12, 10))
+    opt = Adapprox([w], k_max=2, lr=0.5, seed=0)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"][0].update(backend="triton", cuda_graphs=True)
+    here = Adapprox([w], k_max=2, backend="reference")
+    here.load_state_dict(saved)
+    group = here.param_groups[0]
+    assert (group["backend"], group["cuda_graphs"], group["lr"]) == ("reference", False, 0.5)
+    w.grad = torch.randn_like(w)
+    here.step()
 
 
 def test_vectors_dense_and_conv_folded():
