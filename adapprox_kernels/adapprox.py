@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -117,7 +118,7 @@ def _deferred_orthonormalize(backend, failures: list[torch.Tensor]):
 
 @dataclass
 class _Pending:
-    """A bucket's S-RSI result waiting for the step's host sync: full-width ``q: (B, m, r)``,
+    """A bucket's (``params``) S-RSI result waiting for the step's host sync: full-width ``q: (B, m, r)``,
     ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ, ``xi()``: ``(B,)``
     (None when not measured this step; a call, since a deferred update has not run yet when
     this is made), the orthonormalizer's failure flags ``(B,)`` (None if it cannot fail) and
@@ -127,6 +128,7 @@ class _Pending:
     flags)`` on the host, once read (see :meth:`Adapprox._launch_gated`)."""
 
     group: dict[str, Any]
+    params: list[torch.Tensor]
     states: list[dict[str, Any]]
     shards: RowShards | None
     cap: int
@@ -405,23 +407,43 @@ class Adapprox(SketchOptimizer):
         cached = self._bucket_cache.get(key)
         if cached is not None:
             state_map, size, buckets, states = cached
-            if state_map is self.state and len(self.state) == size and all(states):
+            # Each parameter's state is still the dict the buckets hold (``opt.state[p] = {}``
+            # replaces it), and none was emptied: ~30 µs for 150 parameters.
+            if (
+                state_map is self.state and len(self.state) == size and all(states)
+                and all(map(operator.is_, map(self.state.__getitem__, params), states))
+            ):  # fmt: skip
                 return buckets, []
         new = [p for p in params if not self.state[p]]
         buckets: dict[tuple, tuple[list[torch.Tensor], list[dict[str, Any]]]] = {}
+        states = []  # in the order of params
         for p in params:
             state = self._init_state(p, group)
+            states.append(state)
             factored = "Q" in state
-            bucket, states = buckets.setdefault(
+            bucket, bucket_states = buckets.setdefault(
                 (factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device), ([], [])
             )
             bucket.append(p)
-            states.append(state)
+            bucket_states.append(state)
+        self._compact_factors(group, params)
         if len(self._bucket_cache) >= 8:  # a few groups' lists; the rare other list is recomputed
             self._bucket_cache.clear()
-        states = [s for _, bucket_states in buckets.values() for s in bucket_states]
         self._bucket_cache[key] = (self.state, len(self.state), buckets, states)
         return buckets, new
+
+    def _compact_factors(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Copies out the factors of the group's parameters that sit out this step (no
+        gradient), where they are views of a stack that other parameters have moved on from
+        (see :meth:`_decide_ranks`): such a view would keep the whole stack alive, in memory and
+        in every checkpoint. Runs where the parameter lists change, not every step."""
+        active = set(map(id, params))
+        for p in group["params"]:
+            state = self.state.get(p) if id(p) not in active else None
+            for key in ("Q", "U") if state else ():
+                factor = state.get(key)
+                if torch.is_tensor(factor) and factor._base is not None and factor._base.numel() > factor.numel():
+                    state[key] = factor.clone()
 
     def _run_ahead(
         self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
@@ -755,7 +777,7 @@ class Adapprox(SketchOptimizer):
             q, u, _, failed = srsi_outputs()
             xi = run_update(q, u, gate)
             cap = min(group["k_max"], m, n)
-            self._pending.append(_Pending(group, states, shards, cap, q, u, used, xi, failed, redo))
+            self._pending.append(_Pending(group, bucket, states, shards, cap, q, u, used, xi, failed, redo))
 
         return _Started(states, lambda: srsi_outputs()[2], finish, prepare)
 
@@ -791,6 +813,20 @@ class Adapprox(SketchOptimizer):
     def _decide_ranks(self, rec: "_Pending", xis: list[float] | None) -> None:
         group, states, cap = rec.group, rec.states, rec.cap
         width = rec.q.shape[2]
+        # A non-finite ξ: V_t's squares overflowed float32 (finite gradients of ~1e9 and more;
+        # S-RSI squares V), and the new factors may hold inf or NaN. This step's update used
+        # V_t from the previous factors, so it is sound; keep those factors and that rank.
+        overflowed = [] if xis is None else [b for b, xi in enumerate(xis) if not math.isfinite(xi)]
+        kept = {b: (states[b]["Q"], states[b]["U"], states[b]["rank"]) for b in overflowed}
+        if overflowed:
+            names = ", ".join(self._param_name(rec.params[b]) for b in overflowed[:3])
+            warnings.warn(
+                f"{type(self).__name__}: the second moment of {names}{' …' if len(overflowed) > 3 else ''} "
+                "overflowed float32 (gradient entries of ~1e9 or more); its factors and rank were kept from "
+                "the previous step. Scale the loss down or clip the gradients.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         if xis is not None:
             thresh = group["xi_thresh"]
             if group["rank_policy"] == "step":
@@ -803,8 +839,18 @@ class Adapprox(SketchOptimizer):
                     s["xi"] = xi
                     if xi > thresh:
                         s["rank"] = float(min(s["rank"] + sigmoid_increment(xi, *group["sigmoid"]), cap))
+        for s in states:  # k_min and k_max may have changed since the rank was last moved
+            s["rank"] = float(min(max(s["rank"], min(group["k_min"], cap)), cap))
+        for b, (_, _, rank) in kept.items():
+            states[b]["rank"] = rank
         # Keep round(k_t) columns; growth past this sketch's width waits for the next step.
-        keeps = [min(_round_rank(s["rank"]), width) for s in states]
+        self._store_factors(rec, [min(_round_rank(s["rank"]), width) for s in states])
+        for b, (q, u, _) in kept.items():
+            states[b]["Q"], states[b]["U"] = q, u
+
+    def _store_factors(self, rec: "_Pending", keeps: list[int]) -> None:
+        """Each matrix's new factors at its first ``keeps[b]`` columns, into its state."""
+        states = rec.states
         if rec.shards is not None:
             for s, k, qb, ub in zip(states, keeps, rec.q, rec.u):
                 s["Q"], s["U"] = rec.shards.rows_of(qb[:, :k].clone()), rec.shards.replicated(ub[:, :k].clone())

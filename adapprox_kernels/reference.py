@@ -77,11 +77,11 @@ def cosine_guidance_factor(
     upd: torch.Tensor, avg: torch.Tensor, max_scale: float, reduce: Reduce | None = None
 ) -> torch.Tensor:
     """Step scale from the cosine similarity c of this update and the running average of
-    updates, per matrix: ``1 / clamp(1 − c, 1/max_scale, 2·max_scale)``; ``(B, 1, …, 1)``.
+    updates, per matrix: ``1 / max(1 − c, 1/max_scale)``; ``(B, 1, …, 1)``.
 
     The arXiv paper scales by about ``(1 − c + ε)⁻¹`` (its exact formula was lost); ours is
-    bounded so a step is never scaled by more than ``max_scale`` nor less than
-    ``1/(2·max_scale)``. ``reduce``: as in :func:`clipped_update` (c of the whole matrix)."""
+    bounded so a step is never scaled by more than ``max_scale`` (c → 1); ``1 − c <= 2``
+    bounds it below by 0.5 (c = −1). ``reduce``: as in :func:`clipped_update` (c of the whole matrix)."""
     a, b = _rows(upd), _rows(avg)
     if reduce is None:
         return _per_matrix(cosine_scale((a * b).sum(dim=1), a.norm(dim=1), b.norm(dim=1), max_scale), upd)
@@ -93,7 +93,7 @@ def cosine_scale(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, 
     """The factor of :func:`cosine_guidance_factor` from ``⟨a, b⟩``, ``‖a‖``, ``‖b‖`` (``(B,)``)."""
     norms = norm_a * norm_b
     c = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(dot))
-    return 1.0 / (1.0 - c).clamp(1.0 / max_scale, 2.0 * max_scale)
+    return 1.0 / (1.0 - c).clamp_min(1.0 / max_scale)
 
 
 def stack_as(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

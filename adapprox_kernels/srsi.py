@@ -91,10 +91,12 @@ def error_ratio(op: LinearOperator, q: torch.Tensor, u: torch.Tensor) -> torch.T
 
 
 def ratio_from_sq_norms(total: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-    """ξ from ``‖A‖_F²`` and ``‖A − Q Uᵀ‖_F²`` (``(B,)`` each), however they were computed."""
+    """ξ from ``‖A‖_F²`` and ``‖A − Q Uᵀ‖_F²`` (``(B,)`` each), however they were computed; NaN
+    where either is not finite (a matrix whose squares overflow float32), 0 where ``A = 0``."""
     resid = resid.clamp_min(0)
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(total > 0, (resid / safe_total).sqrt(), torch.zeros_like(total))
+    xi = torch.where(total > 0, (resid / safe_total).sqrt(), torch.zeros_like(total))
+    return xi + (total + resid) * 0  # inf·0 and NaN·0 are NaN; both sums are >= 0
 
 
 def column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:

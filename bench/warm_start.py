@@ -201,6 +201,9 @@ def summary(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.strip().splitlines()[0]).parse_args()  # --help; no options
     torch.set_num_threads(1)
     if not torch.cuda.is_available():  # lets the Triton pass count run under the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")

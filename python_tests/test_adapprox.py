@@ -747,7 +747,86 @@ def test_a_copied_optimizer_steps_like_the_original(how):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("how", ["clear one", "delete one", "clear all", "replace"])
+def test_a_state_replaced_by_a_copy_is_the_one_stepped():
+    """``opt.state[p] = dict(opt.state[p], ...)`` (an edited copy): the step reads and writes
+    the new dict, not the one its buckets remembered."""
+    params = [torch.nn.Parameter(torch.randn(6, 5)) for _ in range(2)]
+    opt = Adapprox(params, k_max=2, seed=0)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(6, 5)
+        opt.step()
+    edited = opt.state[params[0]] = dict(opt.state[params[0]], exp_avg=torch.zeros(6, 5))
+    params[0].grad = torch.ones(6, 5)
+    params[1].grad = torch.ones(6, 5)
+    opt.step()
+    assert opt.state[params[0]] is edited and edited["step"] == 3
+    assert edited["exp_avg"].abs().sum() > 0  # M_3 = (1 − β1)·Upd from the zeroed M
+
+
+def test_parameters_that_sit_out_keep_no_stack_alive():
+    """Layers frozen one by one: each keeps its factors, which were views of a stack shared with
+    the layers still training; held memory and the checkpoint stay the state's own size."""
+    ps = [torch.nn.Parameter(torch.randn(32, 32)) for _ in range(6)]
+    opt = Adapprox(ps, k_max=3, betas=(0.0, 0.999, 0.9), seed=0)
+    for t in range(len(ps)):
+        for i, p in enumerate(ps):
+            p.grad = torch.randn(32, 32) if i >= t else None
+        opt.step()
+    held = {}
+    for s in opt.state.values():
+        for key in ("Q", "U"):
+            storage = s[key].untyped_storage()
+            held[storage.data_ptr()] = storage.nbytes()
+    assert sum(held.values()) == opt.state_report().state_bytes
+    saved, compact = io.BytesIO(), io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    sd = opt.state_dict()
+    sd["state"] = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
+    torch.save(sd, compact)
+    assert len(saved.getvalue()) == len(compact.getvalue())
+
+
+def overflowing_second_moment_run(backend: str, device="cpu") -> tuple[torch.nn.Parameter, Adapprox, list]:
+    """Four steps on a 20 × 30 matrix whose gradients (1e12) are finite but whose V (1e24)
+    has squares beyond float32: S-RSI, which squares V, overflows."""
+    import warnings
+
+    p = torch.nn.Parameter(torch.zeros(20, 30, device=device))
+    opt = Adapprox([p], k_max=3, seed=0, backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            p.grad = (1e12 * torch.randn(20, 30, generator=gen)).to(device)
+            opt.step()
+    return p, opt, [w for w in caught if w.category is RuntimeWarning and "overflowed float32" in str(w.message)]
+
+
+def test_a_second_moment_beyond_float32_warns_and_keeps_the_weights_finite():
+    """Before, the NaN factors of such a step reached the weights at the next one, silently."""
+    p, opt, warned = overflowing_second_moment_run("reference")
+    assert warned and "params'][0]" in str(warned[0].message)
+    state = opt.state[p]
+    assert torch.isfinite(p).all() and torch.isfinite(state["Q"]).all() and torch.isfinite(state["U"]).all()
+    assert math.isnan(state["xi"]) and state["rank"] == 3.0
+
+
+def test_lowered_k_max_bounds_the_rank_at_once():
+    """``k_max`` lowered between steps: the rank (and the factors kept) never exceed it, though
+    the rank moment would otherwise carry the old rank down only slowly."""
+    p = torch.nn.Parameter(torch.randn(40, 30))
+    opt = Adapprox([p], k_max=8, seed=0)
+    for t in range(4):
+        if t == 2:
+            opt.param_groups[0]["k_max"] = 2
+        p.grad = torch.randn(40, 30)
+        opt.step()
+        assert opt.state[p]["rank"] <= opt.param_groups[0]["k_max"]
+        assert opt.state[p]["Q"].shape[1] <= opt.param_groups[0]["k_max"]
+
+
+@pytest.mark.parametrize("how", ["clear one", "delete one", "reset one", "clear all", "replace"])
 def test_state_dropped_between_steps_is_made_anew(how):
     """The step remembers its buckets and their state dicts (see ``Adapprox._buckets``); state a
     user empties, deletes or replaces between steps must be made anew, as on a first step, not
@@ -767,6 +846,8 @@ def test_state_dropped_between_steps_is_made_anew(how):
         opt.state[params[1]].clear()
     elif how == "delete one":
         del opt.state[params[1]]
+    elif how == "reset one":
+        opt.state[params[1]] = {}
     elif how == "clear all":
         opt.state.clear()
     else:

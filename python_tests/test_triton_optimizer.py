@@ -546,3 +546,14 @@ def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
     else:
         assert sorted(key[0] for key in calls.keys) == sorted((phases[0] + phases[1]) * 5)
     _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt)
+
+
+def test_a_second_moment_beyond_float32_on_triton_warns_and_keeps_the_weights_finite():
+    """As on the reference path (test_adapprox.py): the kernels' sums overflow, ξ is NaN, the
+    previous factors stay; the weights take this step's sound update and stay finite."""
+    from test_adapprox import overflowing_second_moment_run
+
+    p, opt, warned = overflowing_second_moment_run("triton", DEVICE)
+    assert warned
+    state = opt.state[p]
+    assert torch.isfinite(p).all() and torch.isfinite(state["Q"]).all() and torch.isfinite(state["U"]).all()
