@@ -234,7 +234,8 @@ class SketchOptimizer(Optimizer):
         rng = state_dict.pop("sketch_rng", None)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        same_groups = [len(g["params"]) for g in state_dict["param_groups"]] == [len(g["params"]) for g in self.param_groups]
+        sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+        same_groups = sizes == [len(g["params"]) for g in self.param_groups]
         if same_groups:  # (torch.optim raises where the groups differ)
             for idx, p in zip(saved_ids, params):
                 self._check_saved_state(p, state_dict["state"].get(idx))

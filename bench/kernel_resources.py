@@ -50,8 +50,9 @@ FLOATS = {"beta2", "one_minus_beta2", "eps", "beta1", "one_minus_beta1"}
 # and outer strides of the GPT-2 shapes are multiples of 16.
 UNIT_STRIDES = frozenset({"stride_gn", "stride_qk", "stride_uk", "stride_xr", "stride_or", "stride_wn", "stride_mn",
                 "stride_qnk", "stride_unk"})  # fmt: skip
-DIVISIBLE = {"M", "N", "stride_gn", "NUMEL", "N_PER_SPLIT", "stride_gm", "stride_wm", "stride_mm", "stride_qb", "stride_ub",
-             "stride_xb", "stride_xn", "stride_ob", "stride_om", "stride_os", "stride_qnb", "stride_unb"}  # fmt: skip
+DIVISIBLE = {"M", "N", "NUMEL", "N_PER_SPLIT", "stride_gm", "stride_gn", "stride_wm", "stride_mm", "stride_qb",
+             "stride_ub", "stride_xb", "stride_xn", "stride_ob", "stride_om", "stride_os", "stride_qnb",
+             "stride_unb"}  # fmt: skip
 
 
 def ptxas() -> str:
@@ -198,8 +199,10 @@ def main() -> None:
     table = markdown_table(
         ["launch", "G", "tile (warps, stages)", "registers", "spilled B", "shared KiB", "programs / SM",
          "loop pipelined", "stages change the code"],
-        [[r["launch"], r["grads"], f"{_tile(r)} ({r['blocks']['warps']}, {r['blocks']['stages']})", r["registers"], r["spilled_bytes"], f"{r['shared_bytes'] / 1024:.0f}",
-          r["programs_per_sm"], ("yes" if r["async_copies"] else "no") if r["loops"] else "no loop", "yes" if r["stages_change_code"] else "no"]
+        [[r["launch"], r["grads"], f"{_tile(r)} ({r['blocks']['warps']}, {r['blocks']['stages']})", r["registers"],
+          r["spilled_bytes"], f"{r['shared_bytes'] / 1024:.0f}", r["programs_per_sm"],
+          ("yes" if r["async_copies"] else "no") if r["loops"] else "no loop",
+          "yes" if r["stages_change_code"] else "no"]
          for r in rows],
     )  # fmt: skip
     (args.out / f"{name}.md").write_text(

@@ -37,6 +37,7 @@ GROUPS = [
     ("124M embedding", 1, 50257, 768),
 ]
 RANKS = (1, 8)
+EPS = 1e-8
 DEFAULTS = {"v_matmul": PRODUCT_BLOCKS, "v_rmatmul": PRODUCT_BLOCKS, "v_matmul+sums": FIRST_PASS_BLOCKS,
             "apply_update": ELEMENTWISE_BLOCKS}  # fmt: skip
 
@@ -99,9 +100,8 @@ def sweep(device, quick: bool, precisions: tuple) -> list[dict]:
                     cases.append((name, blocks, precision,
                                   lambda f=fn, t=thin_in, b=blocks, p=precision: f(grads, q, u, t, 0.999, blocks=b, precision=p),
                                   g_bytes + thin))  # fmt: skip
-                cases.append(("v_matmul+sums", blocks, precision,
-                              lambda b=blocks, p=precision: v_matmul(grads, q, u, x, 0.999, eps=1e-8, blocks=b, precision=p),
-                              g_bytes + thin))  # fmt: skip
+                first = lambda b=blocks, p=precision: v_matmul(grads, q, u, x, 0.999, eps=EPS, blocks=b, precision=p)  # noqa: E731
+                cases.append(("v_matmul+sums", blocks, precision, first, g_bytes + thin))
         for precision in ("tf32", "ieee"):
             for name, fn in (("v_matmul", v_matmul), ("v_rmatmul", v_rmatmul)):
                 thin_in = x if name == "v_matmul" else y
@@ -157,7 +157,8 @@ def main() -> None:
         print("NOT MEASURED: bench/tune_blocks.py needs a CUDA device")
         return
     device = torch.device("cuda")
-    result = {"meta": metadata(device), "rows": sweep(device, args.quick, (None,) if args.default_precision_only else (None, "tf32_rn"))}
+    precisions = (None,) if args.default_precision_only else (None, "tf32_rn")
+    result = {"meta": metadata(device), "rows": sweep(device, args.quick, precisions)}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["meta"]["device"]).strip("-").lower()
     write_json(result, args.out, f"tune_blocks_{slug}.json")
 

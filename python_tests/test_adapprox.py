@@ -319,7 +319,8 @@ def test_checkpoint_dtypes_follow_the_parameters_it_is_loaded_into():
     opt = Adapprox([w], k_max=2, seed=0)
     w.grad = torch.randn_like(w)
     opt.step()
-    for dtype, factors in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)):
+    cases = ((torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64))
+    for dtype, factors in cases:
         v = torch.nn.Parameter(w.detach().to(dtype))
         other = Adapprox([v], k_max=2)
         other.load_state_dict(opt.state_dict())
