@@ -816,7 +816,9 @@ class Adapprox(SketchOptimizer):
         # A non-finite ξ: V_t's squares overflowed float32 (finite gradients of ~1e9 and more;
         # S-RSI squares V), and the new factors may hold inf or NaN. This step's update used
         # V_t from the previous factors, so it is sound; keep those factors and that rank.
-        overflowed = [] if xis is None else [b for b, xi in enumerate(xis) if not math.isfinite(xi)]
+        overflowed = [] if xis is None or all(map(math.isfinite, xis)) else [
+            b for b, xi in enumerate(xis) if not math.isfinite(xi)
+        ]  # fmt: skip
         kept = {b: (states[b]["Q"], states[b]["U"], states[b]["rank"]) for b in overflowed}
         if overflowed:
             names = ", ".join(self._param_name(rec.params[b]) for b in overflowed[:3])
@@ -829,18 +831,18 @@ class Adapprox(SketchOptimizer):
             )
         if xis is not None:
             thresh = group["xi_thresh"]
+            lo = min(group["k_min"], cap)  # k_min and k_max may have changed since the last decision
             if group["rank_policy"] == "step":
                 k_min, beta3 = group["k_min"], group["betas"][2]
                 for s, used, xi in zip(states, rec.used, xis):
                     s["xi"] = xi
-                    s["rank"] = rank_moment(s["rank"], next_rank_step(used, xi, thresh, k_min, cap), beta3)
+                    rank = rank_moment(s["rank"], next_rank_step(used, xi, thresh, k_min, cap), beta3)
+                    s["rank"] = rank if lo <= rank <= cap else float(min(max(rank, lo), cap))
             else:
                 for s, xi in zip(states, xis):
                     s["xi"] = xi
-                    if xi > thresh:
-                        s["rank"] = float(min(s["rank"] + sigmoid_increment(xi, *group["sigmoid"]), cap))
-        for s in states:  # k_min and k_max may have changed since the rank was last moved
-            s["rank"] = float(min(max(s["rank"], min(group["k_min"], cap)), cap))
+                    rank = s["rank"] + sigmoid_increment(xi, *group["sigmoid"]) if xi > thresh else s["rank"]
+                    s["rank"] = float(min(max(rank, lo), cap))
         for b, (_, _, rank) in kept.items():
             states[b]["rank"] = rank
         # Keep round(k_t) columns; growth past this sketch's width waits for the next step.
