@@ -213,7 +213,7 @@ class SketchOptimizer(Optimizer):
         * The options that say how to run, not what to compute (``_RUN_OPTIONS``, e.g. the
           backend), stay this optimizer's: a GPU run's checkpoint resumes on a CPU.
 
-        Both happen between the user's hooks: after every pre-hook (which may rewrite the
+        These happen between the user's hooks: after every pre-hook (which may rewrite the
         dict) and before every post-hook (which may rewrite the state)."""
         run_options = [{k: g[k] for k in self._RUN_OPTIONS if k in g} for g in self.param_groups]
         pre = self.register_load_state_dict_pre_hook(SketchOptimizer._take_saved_state)
