@@ -59,16 +59,20 @@ def ptxas() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def compile_sm90(fn, consts: dict, grad_dtype: str, warps: int, stages: int, unit: frozenset = UNIT_STRIDES):
-    """``fn`` compiled for sm_90 with ``consts`` and the ``unit`` strides as constexprs;
-    gradients (``g_ptr``) of ``grad_dtype``, everything else fp32."""
+def compile_sm90(
+    fn, consts: dict, *, pointers: dict | None = None, warps: int = 4, stages: int = 3, unit: frozenset = UNIT_STRIDES
+):
+    """``fn`` compiled for sm_90 with ``consts`` and the ``unit`` strides as constexprs; pointer
+    arguments of the types ``pointers`` names (e.g. ``{"g_ptr": "*bf16"}``), else fp32 (the
+    table offsets int64)."""
+    pointers = pointers or {}
     consts = dict(consts, **{name: 1 for name in fn.arg_names if name in unit})
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*i64" if name.endswith("off_ptr") else (grad_dtype if name == "g_ptr" else "*fp32")
+            sig[name] = "*i64" if name.endswith("off_ptr") else pointers.get(name, "*fp32")
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
         if sig[name].startswith("*") or name in DIVISIBLE:
@@ -95,12 +99,13 @@ def _code(ptx: str) -> str:
 
 
 def resources(fn, consts: dict, grad_dtype: str, blocks: _launch.Blocks, unit: frozenset) -> dict:
-    kernel = compile_sm90(fn, consts, grad_dtype, blocks.warps, blocks.stages, unit)
+    pointers = {"g_ptr": grad_dtype}
+    kernel = compile_sm90(fn, consts, pointers=pointers, warps=blocks.warps, stages=blocks.stages, unit=unit)
     regs, spills = ptxas_usage(kernel.asm["ptx"])
     shared = kernel.metadata.shared
     threads = 32 * blocks.warps
     other = 3 if blocks.stages == 2 else 2  # the same launch with another stage count
-    other_ptx = compile_sm90(fn, consts, grad_dtype, blocks.warps, other, unit).asm["ptx"]
+    other_ptx = compile_sm90(fn, consts, pointers=pointers, warps=blocks.warps, stages=other, unit=unit).asm["ptx"]
     ttgir = kernel.asm["ttgir"]
     return dict(
         registers=regs,
@@ -132,9 +137,8 @@ TRANSPOSED = (UNIT_STRIDES - {"stride_gn"}) | {"stride_gm"}  # Vᵀ @ Y reads G'
 
 
 def _product(label: str, blocks: _launch.Blocks, precision: str, norms: bool, **kw) -> Launch:
-    unroll = triton.next_power_of_2(RANK) if RANK <= blocks.unroll else 0
     consts = dict(G_ALIGN=4, BLOCK_R=16, HAS_LOWRANK=True, PRECISION=precision, ROUND_TF32=False,
-                  BLOCK_M=blocks.m, BLOCK_N=blocks.n, WITH_NORMS=norms, K_UNROLL=unroll)  # fmt: skip
+                  BLOCK_M=blocks.m, BLOCK_N=blocks.n, WITH_NORMS=norms, K_UNROLL=blocks.rank_unroll(RANK))  # fmt: skip
     return Launch(label, v_matmul._v_matmul_kernel, consts, blocks, **kw)
 
 

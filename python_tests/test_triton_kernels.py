@@ -453,26 +453,15 @@ def test_package_imports_without_triton():
 
 
 _HOPPER_PTX = """
-import json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, re
+from bench.kernel_resources import compile_sm90
 from adapprox_kernels.kernels.v_matmul import _v_matmul_kernel as fn
 
 out = {}
 for precision, round_tf32 in (("tf32x3", False), ("tf32", False), ("tf32", True)):
     consts = dict(G_ALIGN=4, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, HAS_LOWRANK=True, WITH_NORMS=True,
                   PRECISION=precision, ROUND_TF32=round_tf32, K_UNROLL=0)
-    sig = {}
-    for name in fn.arg_names:
-        if name.endswith("_ptr"):
-            sig[name] = "*i64" if name == "g_off_ptr" else "*fp32"
-        elif name in ("beta2", "one_minus_beta2", "eps"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "constexpr" if name in consts else "i32"
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    ptx = compile_sm90(fn, consts).asm["ptx"]
     out[precision + ("_rn" if round_tf32 else "")] = dict(
         rna=len(re.findall(r"cvt\\.rna\\.tf32", ptx)), wgmma=len(re.findall(r"wgmma[^\\n]*tf32", ptx))
     )
@@ -487,7 +476,8 @@ def _compile_for_hopper(script: str) -> dict:
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/ imports from there
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=root)
     if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
         pytest.skip("no ptxas in this triton install")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -507,28 +497,14 @@ def test_product_kernel_compiles_for_hopper_and_tf32_truncates():
 
 _HOPPER_ELEMENTWISE = """
 import json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from bench.kernel_resources import compile_sm90
 from adapprox_kernels.kernels import apply_update, dense_moment, update_cosine, v_norms
 
-FLOATS = {"beta2", "one_minus_beta2", "eps", "beta1", "one_minus_beta1"}
 HALF = {"g_ptr": "*bf16", "w_ptr": "*bf16", "mom_ptr": "*fp16"}  # the round-to-dtype stores
 
 
 def ptx(fn, consts):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*i64" if name.endswith("off_ptr") else HALF.get(name, "*fp32")
-        else:
-            sig[name] = "fp32" if name in FLOATS else "i32"
-    # What the JIT assumes of 16-byte-aligned pointers and of sizes divisible by 16.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n][0] == "*" or n == "NUMEL"}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    return compile_sm90(fn, consts, pointers=HALF).asm["ptx"]
 
 
 tiles = dict(BLOCK_M=32, BLOCK_N=128, HAS_LOWRANK=True, G_ALIGN=8)

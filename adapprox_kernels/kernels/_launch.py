@@ -49,6 +49,10 @@ class Blocks(NamedTuple):
     def fit(self, m: int, n: int, r: int) -> tuple[int, int, int]:
         return pow2_block(m, self.m), pow2_block(n, self.n), pow2_block(r, self.r)
 
+    def rank_unroll(self, k: int) -> int:
+        """The products' ``K_UNROLL`` for rank ``k``: 0 (a run-time loop) or a power of two >= k."""
+        return triton.next_power_of_2(k) if 0 < k <= self.unroll else 0
+
 
 # V @ X and Vᵀ @ Y: 128×64 tiles. On the H100 (bench/results/tune_blocks_*.json, GPT-2 groups at
 # the default precision) they reached 32-63% of copy bandwidth where 64×64 tiles reached 26-50%.

@@ -133,7 +133,7 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
         float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
         G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION="tf32" if precision == "tf32_rn" else precision,
-        ROUND_TF32=precision == "tf32_rn", K_UNROLL=triton.next_power_of_2(k) if 0 < k <= blocks.unroll else 0,
+        ROUND_TF32=precision == "tf32_rn", K_UNROLL=blocks.rank_unroll(k),
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     product = out[0] if split == 1 else out.sum(dim=0)
