@@ -83,8 +83,13 @@ def check_shared(h: dict[str, Any], betas: int) -> None:
     for i, b in enumerate(h["betas"]):
         check(is_real(b) and 0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b!r} (need 0 <= beta < 1)")
     # ε = 0 would divide a zero gradient entry by a zero V entry (0/0), and the RMS then turns
-    # the whole matrix's update into NaN.
-    check(is_real(h["eps"]) and h["eps"] > 0.0, f"Invalid epsilon value: {h['eps']!r} (need a finite eps > 0)")
+    # the whole matrix's update into NaN; so would an ε that rounds to 0 in float32 (or to a
+    # subnormal, which GPUs may flush to 0).
+    tiny = torch.finfo(torch.float32).tiny
+    check(
+        is_real(h["eps"]) and h["eps"] >= tiny,
+        f"Invalid epsilon value: {h['eps']!r} (need a finite eps >= {tiny:.3g}, float32's smallest normal number)",
+    )
     check_kinds(h, choices={"nonfinite": NONFINITE_POLICIES})
 
 
@@ -117,8 +122,10 @@ class SketchOptimizer(Optimizer):
     """Base class; subclasses implement ``_init_state`` and ``_step_group``."""
 
     def __init__(self, params, defaults: dict[str, Any], seed: int | None):
-        valid_seed = seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool))
-        check(valid_seed, f"Invalid seed: {seed!r} (need None or an int)")
+        valid_seed = seed is None or (
+            isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and -(2**63) <= seed < 2**64
+        )  # the range torch.Generator.manual_seed takes
+        check(valid_seed, f"Invalid seed: {seed!r} (need None or an int in [-2**63, 2**64))")
         super().__init__(params, defaults)
         # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used.
         self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)

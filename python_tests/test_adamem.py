@@ -235,6 +235,7 @@ def test_resume_is_bit_exact():
         (dict(residual_scale=-1.0), "residual_scale"),
         (dict(residual_scale=float("inf")), "residual_scale"),
         (dict(eps=0.0), "epsilon"),
+        (dict(eps=1e-300), "epsilon"),
         (dict(weight_decay=-0.1), "weight_decay"),
         (dict(projection="qr"), "projection"),
         (dict(oversample=-1), "oversample"),
@@ -321,6 +322,21 @@ def test_3d_is_folded_to_2d():
     assert torch.equal(w.detach().reshape(3, 20), w2.detach())
 
 
+@pytest.mark.parametrize("shapes", [[(3, 20), (3, 4, 5)], [(2, 3), (2, 3, 1)], [(16, 8), (16, 8, 1)], [(1,), ()]])
+def test_shapes_that_fold_alike_step_each_in_its_own_shape(shapes):
+    """A Conv1d(8, 16, 1) weight next to a Linear(8, 16) one: the same matrix view, different
+    shapes (they used to share a bucket, and the step failed writing them back)."""
+    grads = _grads(shapes, 3)
+    params = _params(shapes)
+    singles = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    _run(AdaMeM(params, lr=0.01, rank=2, update_proj_gap=2, seed=1), params, grads)
+    for i, p in enumerate(singles):
+        _run(AdaMeM([p], lr=0.01, rank=2, update_proj_gap=2, seed=1), [p], [[gs[i]] for gs in grads])
+    for a, b in zip(params, singles):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_batched_bucket_equals_one_by_one():
     shapes = [(8, 12)] * 3
     grads = _grads(shapes, 4)
@@ -331,6 +347,41 @@ def test_batched_bucket_equals_one_by_one():
         _run(AdaMeM([p], lr=0.01, rank=3, update_proj_gap=2, projection="svd"), [p], [[gs[i]] for gs in grads])
     for a, b in zip(params, singles):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- rounding noise
+def _first_step(g, **kw):
+    """``-Δw`` of one step from zero weights at lr 1, in ``g``'s dtype."""
+    w = torch.nn.Parameter(torch.zeros_like(g))
+    opt = AdaMeM([w], lr=1.0, seed=0, **kw)
+    w.grad = g.clone()
+    opt.step()
+    return -w.detach()
+
+
+@pytest.mark.parametrize("projection", ["srsi", "svd"])
+@pytest.mark.parametrize("scale", [1e-2, 1.0, 1e3])
+def test_exactly_low_rank_gradient_steps_as_in_float64(projection, scale):
+    """Rank 2 < r = 4: R's two extra rows and the residual are rounding noise, which Adafactor
+    would scale up to an O(1) step (fp32 steps were 0.33 cos(step, G) here, against fp64's
+    0.885); they are zero, so fp32 steps as fp64 does."""
+    gen = torch.Generator().manual_seed(3)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    g64 = scale * torch.randn(64, 2, **f64) @ torch.randn(2, 160, **f64)
+    kw = dict(rank=4, projection=projection)
+    step32, step64 = (_first_step(g64.to(dt), **kw).double() for dt in (torch.float32, torch.float64))
+    assert torch.equal(step32, _first_step(g64.float(), **kw, residual_scale=0.0).double())
+    torch.testing.assert_close(step32, step64, rtol=1e-3, atol=1e-3 * step64.abs().max().item())
+
+
+def test_a_small_real_residual_is_kept():
+    """A residual of 1e-4·‖G‖ (far above fp32's noise, ~1e-6) still takes its one-sided step."""
+    gen = torch.Generator().manual_seed(4)
+    low = torch.randn(32, 2, generator=gen) @ torch.randn(2, 80, generator=gen)
+    noise = torch.randn(32, 80, generator=gen)
+    g = low + 1e-4 * low.norm() / noise.norm() * noise
+    with_resid, without = _first_step(g, rank=4), _first_step(g, rank=4, residual_scale=0.0)
+    assert (with_resid - without).norm() > 0.1 * without.norm()
 
 
 # ------------------------------------------------------------------------------------ projection

@@ -503,6 +503,8 @@ def test_nonfinite_skip_counts_and_keeps_state():
         (dict(exact_small_matrices=0), "exact_small_matrices"),
         (dict(product_precision="fp16"), "product_precision"),
         (dict(seed="abc"), "seed"),
+        (dict(seed=2**64), "seed"),  # torch.Generator's range: it used to fail at the first step
+        (dict(eps=1e-46), "epsilon"),  # 0 in float32: a 0/0 where G and V are 0
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
