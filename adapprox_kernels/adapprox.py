@@ -118,14 +118,16 @@ def _deferred_orthonormalize(backend, failures: list[torch.Tensor]):
 
 @dataclass
 class _Pending:
-    """A bucket's (``params``) S-RSI result waiting for the step's host sync: full-width ``q: (B, m, r)``,
-    ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ, ``xi()``: ``(B,)``
-    (None when not measured this step; a call, since a deferred update has not run yet when
-    this is made), the orthonormalizer's failure flags ``(B,)`` (None if it cannot fail) and
-    ``redo``, which recomputes ``(q, u, xi)`` with the checked one. ``narrowed``: ``(k, Q's,
-    U's)``, every matrix's first k columns, copied before the sync for the k that holds unless
-    the rank decision moves it (None where the matrices' ranks differ). ``fetched``: ``(ξ,
-    flags)`` on the host, once read (see :meth:`Adapprox._launch_gated`)."""
+    """A bucket's (``params``) S-RSI result waiting for the step's host sync: full-width
+    ``q: (B, m, r)``, ``u: (B, n, r)``, the rank bound ``cap``, the ranks ``used`` for ξ,
+    ``due``: whether matrix ``b``'s rank is decided this step (always under the step policy),
+    ``xi()``: ``(B,)`` ξ where any is due, else 0, NaN where the new factors are not finite (a
+    call, since a deferred update has not run yet when this is made), the orthonormalizer's
+    failure flags ``(B,)`` (None if it cannot fail) and ``redo``, which recomputes
+    ``(q, u, xi)`` with the checked one. ``narrowed``: ``(k, Q's, U's)``, every matrix's first
+    k columns, copied before the sync for the k that holds unless the rank decision moves it
+    (None where the matrices' ranks differ). ``fetched``: ``(ξ, flags)`` on the host, once read
+    (see :meth:`Adapprox._launch_gated`)."""
 
     group: dict[str, Any]
     params: list[torch.Tensor]
@@ -135,6 +137,7 @@ class _Pending:
     q: torch.Tensor
     u: torch.Tensor
     used: list[int]
+    due: list[bool]
     xi: Callable[[], torch.Tensor | None]
     failed: torch.Tensor | None
     redo: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
@@ -160,6 +163,12 @@ class _Started:
     finish: Callable[[torch.Tensor | None], None]
     prepare: Callable[[torch.Tensor | None], None] = lambda gate: None
     done: bool = False
+
+
+def _finite_marks(u: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: 0 where ``u[b]`` is finite, NaN where not (or where its sum overflows, which
+    only an overflowed V gives): ξ's stand-in on a step that does not measure it."""
+    return u.sum(dim=(1, 2)) * 0
 
 
 def _first_moments(bucket: list[torch.Tensor], states: list[dict[str, Any]], beta1: float) -> list[torch.Tensor] | None:
@@ -292,8 +301,8 @@ class Adapprox(SketchOptimizer):
         )
         sigmoid = h["sigmoid"]
         _check(
-            is_sequence(sigmoid, 4) and all(map(is_real, sigmoid)) and sigmoid[0] >= 0,
-            f"Invalid sigmoid (eta, omega, tau, phi): {sigmoid!r} (need four finite numbers, eta >= 0)",
+            is_sequence(sigmoid, 4) and all(map(is_real, sigmoid)) and sigmoid[0] >= 0 and sigmoid[1] > 0,
+            f"Invalid sigmoid (eta, omega, tau, phi): {sigmoid!r} (need four finite numbers, eta >= 0, omega > 0)",
         )
         check_kinds(
             h,
@@ -686,7 +695,10 @@ class Adapprox(SketchOptimizer):
         warm = group["warm_start"] and min(prev_cols) > 0
         iters = group["warm_power_iters"] if warm else group["power_iters"]
         used = [min(k, width) for k in ranks]
-        measure = group["rank_policy"] == "step" or states[0]["step"] % group["rank_interval"] == 0
+        # The sigmoid policy decides each matrix's rank on its own step count: same-shaped
+        # matrices skip different steps (no gradient, a skipped non-finite step, added later).
+        due = [group["rank_policy"] == "step" or s["step"] % group["rank_interval"] == 0 for s in states]
+        measure = any(due)
         # Only the Triton kernels have a product precision to choose.
         precision = {"precision": group["product_precision"]} if getattr(backend, "name", None) == "triton" else {}
         # The ranks enter as column masks (data, not shapes), so a graph serves any ranks.
@@ -712,7 +724,7 @@ class Adapprox(SketchOptimizer):
             factors = (q * used_mask.to(q.dtype), u * used_mask.to(u.dtype)) if measure else None
             kw = self._step_kwargs(group) | ({} if lr_decay is None else {"lr_decay": lr_decay})
             resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
-            return ratio_from_sq_norms(op.sq_norm(), resid) if measure else None
+            return ratio_from_sq_norms(op.sq_norm(), resid) if measure else _finite_marks(u)
 
         if self._graphable(group, backend, q_prev, shards):
             # Two graphs, S-RSI and the update, since the non-finite check may come in between.
@@ -769,7 +781,7 @@ class Adapprox(SketchOptimizer):
             again = second_moment(q_prev, u_prev)
             q2, u2 = subspace_iteration(again, start(u_prev, sketch, prev_mask), iters, backend.orthonormalize)
             if not measure:
-                return q2, u2, None
+                return q2, u2, _finite_marks(u2)
             resid2 = again.residual_sq_norm(truncate_columns(q2, used), truncate_columns(u2, used))
             return q2, u2, ratio_from_sq_norms(again.sq_norm(), resid2)
 
@@ -777,7 +789,7 @@ class Adapprox(SketchOptimizer):
             q, u, _, failed = srsi_outputs()
             xi = run_update(q, u, gate)
             cap = min(group["k_max"], m, n)
-            self._pending.append(_Pending(group, bucket, states, shards, cap, q, u, used, xi, failed, redo))
+            self._pending.append(_Pending(group, bucket, states, shards, cap, q, u, used, due, xi, failed, redo))
 
         return _Started(states, lambda: srsi_outputs()[2], finish, prepare)
 
@@ -798,7 +810,7 @@ class Adapprox(SketchOptimizer):
             if failed is not None and any(failed):
                 rec.q, rec.u, xi = rec.redo()  # only non-finite sketches fail: rare
                 rec.narrowed = None
-                xis = xi.tolist() if xi is not None else None
+                xis = xi.tolist()
             self._decide_ranks(rec, xis)
 
     def _narrow_ahead(self, pending: list[_Pending] | None = None) -> None:
@@ -810,15 +822,13 @@ class Adapprox(SketchOptimizer):
             if rec.shards is None and len(set(rec.used)) == 1:
                 rec.narrowed = (rec.used[0], *_narrowed(rec.q, rec.u, rec.used[0]))
 
-    def _decide_ranks(self, rec: "_Pending", xis: list[float] | None) -> None:
+    def _decide_ranks(self, rec: "_Pending", xis: list[float]) -> None:
         group, states, cap = rec.group, rec.states, rec.cap
         width = rec.q.shape[2]
         # A non-finite ξ: V_t's squares overflowed float32 (finite gradients of ~1e9 and more;
         # S-RSI squares V), and the new factors may hold inf or NaN. This step's update used
         # V_t from the previous factors, so it is sound; keep those factors and that rank.
-        overflowed = [] if xis is None or all(map(math.isfinite, xis)) else [
-            b for b, xi in enumerate(xis) if not math.isfinite(xi)
-        ]  # fmt: skip
+        overflowed = [] if all(map(math.isfinite, xis)) else [b for b, xi in enumerate(xis) if not math.isfinite(xi)]
         kept = {b: (states[b]["Q"], states[b]["U"], states[b]["rank"]) for b in overflowed}
         if overflowed:
             names = ", ".join(self._param_name(rec.params[b]) for b in overflowed[:3])
@@ -829,20 +839,21 @@ class Adapprox(SketchOptimizer):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        if xis is not None:
-            thresh = group["xi_thresh"]
-            lo = min(group["k_min"], cap)  # k_min and k_max may have changed since the last decision
-            if group["rank_policy"] == "step":
-                k_min, beta3 = group["k_min"], group["betas"][2]
-                for s, used, xi in zip(states, rec.used, xis):
+        thresh = group["xi_thresh"]
+        lo = min(group["k_min"], cap)  # k_min and k_max may have changed since the last decision
+        if group["rank_policy"] == "step":
+            k_min, beta3 = group["k_min"], group["betas"][2]
+            for s, used, xi in zip(states, rec.used, xis):
+                s["xi"] = xi
+                rank = rank_moment(s["rank"], next_rank_step(used, xi, thresh, k_min, cap), beta3)
+                s["rank"] = rank if lo <= rank <= cap else float(min(max(rank, lo), cap))
+        else:
+            for s, due, xi in zip(states, rec.due, xis):
+                rank = s["rank"]
+                if due:
                     s["xi"] = xi
-                    rank = rank_moment(s["rank"], next_rank_step(used, xi, thresh, k_min, cap), beta3)
-                    s["rank"] = rank if lo <= rank <= cap else float(min(max(rank, lo), cap))
-            else:
-                for s, xi in zip(states, xis):
-                    s["xi"] = xi
-                    rank = s["rank"] + sigmoid_increment(xi, *group["sigmoid"]) if xi > thresh else s["rank"]
-                    s["rank"] = float(min(max(rank, lo), cap))
+                    rank += sigmoid_increment(xi, *group["sigmoid"]) if xi > thresh else 0.0
+                s["rank"] = float(min(max(rank, lo), cap))
         for b, (_, _, rank) in kept.items():
             states[b]["rank"] = rank
         # Keep round(k_t) columns; growth past this sketch's width waits for the next step.

@@ -36,9 +36,9 @@ def rank_moment(k_prev: float, k_next: int, beta3: float) -> float:
     return beta3 * k_prev + (1.0 - beta3) * k_next
 
 
-def sigmoid_increment(xi: float, eta: float, omega: float, tau: float, phi: float) -> int:
+def sigmoid_increment(xi: float, eta: float, omega: float, tau: float, phi: float) -> float:
     """The arXiv policy's growth f(ξ) (our documented form, see the module docstring)."""
     z = -omega * (xi - tau)
     # exp overflows past ~709; the sigmoid is 0 there anyway.
     s = 0.0 if z > 700 else 1.0 / (1.0 + math.exp(z))
-    return max(math.ceil(eta * s) - int(phi), 0)
+    return max(math.ceil(eta * s) - phi, 0.0)

@@ -498,6 +498,7 @@ def test_nonfinite_skip_counts_and_keeps_state():
         (dict(rank_interval=True), "rank_interval"),
         (dict(sigmoid=(8.0, float("nan"), 0.5, 0.0)), "sigmoid"),
         (dict(sigmoid=(-1.0, 10.0, 0.5, 0.0)), "sigmoid"),
+        (dict(sigmoid=(8.0, 0.0, 0.5, 0.0)), "sigmoid"),  # ω > 0: f grows with ξ
         (dict(warm_start="yes"), "warm_start"),
         (dict(cosine_guidance="no"), "cosine_guidance"),  # "no" is truthy: it would turn it on
         (dict(exact_small_matrices=0), "exact_small_matrices"),
@@ -790,13 +791,13 @@ def test_parameters_that_sit_out_keep_no_stack_alive():
     assert len(saved.getvalue()) == len(compact.getvalue())
 
 
-def overflowing_second_moment_run(backend: str, device="cpu") -> tuple[torch.nn.Parameter, Adapprox, list]:
+def overflowing_second_moment_run(backend: str, device="cpu", **options) -> tuple[torch.nn.Parameter, Adapprox, list]:
     """Four steps on a 20 × 30 matrix whose gradients (1e12) are finite but whose V (1e24)
     has squares beyond float32: S-RSI, which squares V, overflows."""
     import warnings
 
     p = torch.nn.Parameter(torch.zeros(20, 30, device=device))
-    opt = Adapprox([p], k_max=3, seed=0, backend=backend)
+    opt = Adapprox([p], k_max=3, seed=0, backend=backend, **options)
     gen = torch.Generator().manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -813,6 +814,34 @@ def test_a_second_moment_beyond_float32_warns_and_keeps_the_weights_finite():
     state = opt.state[p]
     assert torch.isfinite(p).all() and torch.isfinite(state["Q"]).all() and torch.isfinite(state["U"]).all()
     assert math.isnan(state["xi"]) and state["rank"] == 3.0
+
+
+def test_an_overflow_between_the_sigmoid_policys_checks_keeps_the_factors():
+    """No ξ is measured between checks: the new factors' finiteness stands in for it (before,
+    NaN factors were stored, and the weights went NaN at the next step)."""
+    p, opt, warned = overflowing_second_moment_run("reference", rank_policy="sigmoid", rank_interval=10)
+    state = opt.state[p]
+    assert warned and math.isnan(state["xi"])  # warned, yet never measured
+    assert torch.isfinite(p).all() and torch.isfinite(state["Q"]).all() and torch.isfinite(state["U"]).all()
+
+
+def test_sigmoid_policy_checks_each_matrix_on_its_own_step_count():
+    """Same-shaped B sits out every step at which A's count is a multiple of the interval: B is
+    still checked at its own multiples (it used to follow A's count, and was never checked)."""
+    kw = dict(rank_policy="sigmoid", rank_interval=3, k_max=20, seed=0)
+    a, b, b_alone = (torch.nn.Parameter(torch.zeros(48, 64)) for _ in range(3))
+    opt, opt_alone = Adapprox([a, b], **kw), Adapprox([b_alone], **kw)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(1, 13):
+        a.grad, gb = torch.randn(48, 64, generator=gen), torch.randn(48, 64, generator=gen)  # noise: ξ ≫ ξ_thresh
+        b.grad = gb if t % 3 else None
+        opt.step()
+        if b.grad is not None:
+            b_alone.grad = gb.clone()
+            opt_alone.step()
+    ranks = [o.state[w]["rank"] for o, w in ((opt, a), (opt, b), (opt_alone, b_alone))]
+    assert ranks[1] == ranks[2] > 1.0 and ranks[0] > 1.0, ranks
+    assert not math.isnan(opt.state[b]["xi"])
 
 
 def test_lowered_k_max_bounds_the_rank_at_once():

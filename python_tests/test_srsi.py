@@ -130,3 +130,4 @@ def test_sigmoid_increment_bounded_and_monotone():
     assert max(values) <= 8 and min(values) >= 0
     assert sigmoid_increment(-1e6, 8.0, 10.0, 0.5, 0.0) == 0  # no overflow far below
     assert sigmoid_increment(1.0, 8.0, 10.0, 0.5, 3.0) == 5  # offset φ
+    assert sigmoid_increment(1.0, 8.0, 10.0, 0.5, 0.5) == 7.5  # the rank is a float: φ is not truncated
