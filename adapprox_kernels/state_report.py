@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -10,6 +11,32 @@ import torch
 def tensor_bytes(state: dict) -> int:
     """Bytes held by the tensors of one parameter's optimizer state."""
     return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+
+
+def reachable_tensors(value) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from ``value`` through dicts, lists, tuples and object attributes
+    (GaLore keeps its projection matrix in a projector object inside the state)."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from reachable_tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from reachable_tensors(v)
+    elif hasattr(value, "__dict__"):
+        yield from reachable_tensors(vars(value))
+
+
+def held_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes the optimizer's state keeps alive: each storage its tensors use, once, at full size.
+
+    A view holds its whole buffer: Adapprox's factors of same-shaped layers are views of one
+    stacked buffer, GaLore's projector is a slice of a full SVD factor."""
+    storages = {}
+    for t in reachable_tensors(list(opt.state.values())):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def adamw_bytes(p: torch.Tensor) -> int:

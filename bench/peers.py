@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from adapprox_kernels import AdaMeM, Adapprox
+from adapprox_kernels.state_report import held_bytes, reachable_tensors
 from adapprox_kernels.train.model import GPT, Block, GPTConfig
-from adapprox_kernels.train.runner import matrix_type, optimizer_state_bytes
+from adapprox_kernels.train.runner import matrix_type
 
 # GPT-2 parameter shapes (vocabulary 50,257, context 1,024) in the main job's model class; its
 # Linear weights are the transposes of GPT-2's Conv1D weights, which changes no count.
@@ -109,7 +110,9 @@ def build(
             groups.append(dict(params=low, rank=galore_rank, update_proj_gap=200, scale=0.25, proj_type="std"))
         return GaLoreAdamW(groups, lr=1e-4, betas=(beta1, 0.999), weight_decay=0.1, no_deprecation_warning=True)
     if name == "adamem":
-        return AdaMeM(named, lr=1e-4, betas=(beta1, 0.95), rank=galore_rank, update_proj_gap=200, weight_decay=0.1, seed=0)
+        return AdaMeM(
+            named, lr=1e-4, betas=(beta1, 0.95), rank=galore_rank, update_proj_gap=200, weight_decay=0.1, seed=0
+        )
     if name == "adafactor-m":
         from transformers.optimization import Adafactor
 
@@ -124,24 +127,9 @@ def build(
 def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:
     """``(held, logical)`` bytes of the optimizer's state.
 
-    ``logical`` is the main job's count (:func:`~adapprox_kernels.train.runner.optimizer_state_bytes`:
-    ``numel × element size`` of every tensor reachable from the state, GaLore's projector
-    included). ``held`` sums the storages those tensors keep alive, which is more when a state
-    tensor is a view of a larger buffer: GaLore's projector is a slice of the full SVD factor."""
-    storages = {}
-
-    def visit(value) -> None:
-        if torch.is_tensor(value):
-            storage = value.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-        elif hasattr(value, "ortho_matrix"):  # galore_torch.GaLoreProjector
-            visit(value.ortho_matrix)
-
-    visit(list(opt.state.values()))
-    return sum(storages.values()), optimizer_state_bytes(opt)
+    ``held`` is the main job's count (:func:`~adapprox_kernels.state_report.held_bytes`): the
+    storages the state's tensors keep alive, each once. ``logical`` sums ``numel × element size``
+    of the tensors themselves, each once, which is less when a view leaves part of its buffer
+    unused: GaLore's projector is a slice of the full SVD factor."""
+    tensors = {id(t): t for t in reachable_tensors(list(opt.state.values()))}
+    return held_bytes(opt), sum(t.numel() * t.element_size() for t in tensors.values())

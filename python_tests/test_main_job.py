@@ -3,12 +3,16 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from adapprox_kernels.train.__main__ import main
-from adapprox_kernels.train.data import read_corpus
-from adapprox_kernels.train.runner import warmup_cosine
+from adapprox_kernels.train import optimizers, runner
+from adapprox_kernels.train.__main__ import build_parser, main
+from adapprox_kernels.train.data import ByteBatches, corpus_files, default_corpus_dir, read_corpus
+from adapprox_kernels.train.model import GPTConfig
+from adapprox_kernels.train.runner import RunConfig, environment, train_one, warmup_cosine
 
 
 def test_diagnostics_command():
@@ -17,18 +21,27 @@ def test_diagnostics_command():
     assert "backends on cpu:" in out and "reference  usable" in out
 
 
+def test_diagnostics_command_help():
+    run = subprocess.run([sys.executable, "-m", "adapprox_kernels", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "usage: python -m adapprox_kernels" in run.stdout
+    assert "backends on cpu:" not in run.stdout  # the help, not the report
+
+
 def test_main_job_tiny(tmp_path, capsys):
     rc = main(
         ["--steps", "4", "--warmup", "2", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2",
-         "--seq-len", "16", "--max-bytes", "50000", "--out", str(tmp_path)]
+         "--seq-len", "16", "--max-bytes", "50000", "--lr", "adamw=1.5e-3", "--out", str(tmp_path)]
     )  # fmt: skip
     assert rc == 0
     table = capsys.readouterr().out
     for name in ("adapprox", "adamw", "adafactor", "came", "adamem", "adafactor-m", "galore"):
         assert name in table
     assert "vs AdamW" in table and "100.0%" in table
+    assert "iteration ms" in table and "step ms" in table and "opt ms" not in table  # the README's names
+    assert "  0.0015 " in table  # two significant digits, not 2e-03
     results = json.loads((tmp_path / "results.json").read_text())
     runs = {r["name"]: r for r in results["runs"]}
+    assert runs["adamw"]["lr"] == 1.5e-3
     assert runs["adapprox"]["state_bytes"] < runs["adamw"]["state_bytes"]
     assert runs["adapprox"]["final_mean_rank"] >= 1 and runs["adapprox"]["ranks"]
     assert runs["galore"]["state_bytes"] > runs["adafactor"]["state_bytes"]  # projector matrices counted
@@ -42,6 +55,93 @@ def test_corpus_errors(tmp_path):
     (tmp_path / "small.txt").write_text("too short")
     with pytest.raises(ValueError, match="at least"):
         read_corpus(tmp_path / "small.txt", 1000)
+
+
+def test_state_bytes_count_every_shared_buffer(monkeypatch):
+    # Adapprox keeps the factors of same-shaped layers as views of one buffer per stack.
+    built = []
+
+    def build(*args):
+        built.append(optimizers.build_optimizer(*args))
+        return built[-1]
+
+    monkeypatch.setattr(runner, "build_optimizer", build)
+    model_cfg = GPTConfig(seq_len=16, n_layer=3, n_head=2, d_model=32)
+    cfg = RunConfig(
+        optimizer="adapprox", lr=2e-3, steps=2, warmup=1, eval_every=2, eval_batches=1, k_max=3, device="cpu"
+    )
+    out = train_one(cfg, model_cfg, ByteBatches(bytes(range(256)) * 8, 16, 2))
+    opt = built[0]
+    ptrs = [t.untyped_storage().data_ptr() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert len(set(ptrs)) < len(ptrs)  # shared buffers: the case the count got wrong
+    assert out["state_bytes"] == opt.state_report().state_bytes
+
+
+def test_data_folder_under_a_site_packages_path(tmp_path):
+    folder = tmp_path / "site-packages" / "corpus"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_bytes(b"x" * 12_000)
+    assert read_corpus(folder, 50_000) == b"x" * 12_000
+    # the default corpus still leaves out the packages installed inside the standard library
+    assert not any("site-packages" in f.relative_to(default_corpus_dir()).parts for f in corpus_files(None))
+
+
+def test_data_folder_without_text_files(tmp_path):
+    (tmp_path / "notes.c").write_bytes(b"x" * 12_000)
+    with pytest.raises(ValueError, match=r"no \.py/\.txt/\.md/\.rst files under"):
+        read_corpus(tmp_path, 50_000)
+    assert ".py/.txt/.md/.rst" in build_parser().format_help()
+
+
+def test_validation_split_shorter_than_a_window():
+    ByteBatches(bytes(20_520), 1024, 2).val_batches(1)  # the size the message asks for is enough
+    with pytest.raises(ValueError, match="validation.*at least 20,520 bytes"):
+        ByteBatches(bytes(12_000), 1024, 2)  # passes the 10,000-byte minimum, 600 validation bytes
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "adamw=abc"], "positive number"),
+        (["--lr", "1e-3"], "expected name=value"),
+        (["--lr", "adaprox=3e-3"], "choose from adapprox, adamw"),
+        (["--eval-every", "0"], "--eval-every: expected an integer >= 1"),
+        (["--steps", "0"], "--steps: expected an integer >= 1"),
+        (["--eval-batches", "0"], "--eval-batches: expected an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+        (["--seq-len", "129"], "longer than the tiny model's context (128)"),
+        (["--device", "cuda"], "torch sees 0 CUDA device(s)"),
+        (["--device", "gpu"], "expected cpu, cuda or cuda:N"),
+        (["--data", "/nonexistent"], "does not exist"),
+        (["--data", "SMALL"], "need at least 10,000"),
+        (["--size", "gpt2-124m", "--seq-len", "1024", "--data", "12K"], "validation (5%) split has 600 bytes"),
+        (["--optimizers", ""], "none given; choose from adapprox"),
+        (["--optimizers", "adamw,sgd"], "unknown sgd; choose from adapprox"),
+    ],
+)
+def test_bad_options_are_usage_errors(extra, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # the same answer on a GPU machine
+    (tmp_path / "small.txt").write_bytes(b"x" * 100)
+    (tmp_path / "12k.txt").write_bytes(b"x" * 12_000)
+    extra = [{"SMALL": str(tmp_path / "small.txt"), "12K": str(tmp_path / "12k.txt")}.get(a, a) for a in extra]
+    base = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--max-bytes", "20000",
+            "--optimizers", "adamw", "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + extra)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_commit_is_the_packages_own(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAPPROX_COMMIT", raising=False)
+    package = Path(runner.__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.skip("the package is not in a git checkout here")
+    monkeypatch.chdir(tmp_path)  # not a checkout: the job may run from anywhere
+    assert environment("cpu")["commit"] == head
+    monkeypatch.setattr(runner, "__file__", str(tmp_path / "runner.py"))  # a package outside any checkout
+    assert environment("cpu")["commit"] == ""
 
 
 def test_schedule_warmup_then_cosine():

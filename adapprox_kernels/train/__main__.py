@@ -1,13 +1,15 @@
 """``python -m adapprox_kernels.train``: train a small GPT with Adapprox and its peers.
 
-Prints a table (validation loss, optimizer-state bytes and their ratio to AdamW, step time,
-final mean rank), and writes ``results.json`` and ``comparison.png`` to ``--out``.
+Prints a table (validation loss, optimizer-state bytes and their ratio to AdamW, iteration and
+optimizer-step time, final mean rank), and writes ``results.json`` and ``comparison.png`` to
+``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,57 +22,124 @@ from .plot import plot_runs
 from .runner import RunConfig, environment, train_one
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def int_at_least(low: int):
+    """An argparse type: an integer ``>= low``."""
+
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("+-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low:,}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+def optimizer_names(text: str) -> list[str]:
+    """An argparse type: a comma list of the main job's optimizers."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown or not names:
+        what = f"unknown {', '.join(unknown)}" if unknown else "none given"
+        raise argparse.ArgumentTypeError(f"{what}; choose from {', '.join(OPTIMIZERS)}")
+    return names
+
+
+def lr_overrides(text: str) -> dict[str, float]:
+    """An argparse type: ``name=value,...`` learning rates, each positive and finite."""
+    lrs = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        name, eq, value = (part.strip() for part in item.partition("="))
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected name=value, e.g. adamw=1e-3")
+        if name not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(f"{item!r}: unknown optimizer; choose from {', '.join(OPTIMIZERS)}")
+        try:
+            lrs[name] = float(value)
+        except ValueError:
+            lrs[name] = math.nan  # rejected just below, with the same message
+        if not 0 < lrs[name] < math.inf:
+            raise argparse.ArgumentTypeError(f"{item!r}: the learning rate must be a positive number")
+    return lrs
+
+
+def device_name(text: str) -> str:
+    """An argparse type: ``cpu``, or ``cuda`` / ``cuda:N`` where torch sees that GPU."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m adapprox_kernels.train", description=__doc__)
-    ap.add_argument("--data", default=None, help="text file or folder (default: the Python standard library's sources)")
-    ap.add_argument("--max-bytes", type=int, default=8_000_000, help="corpus size cap")
+    positive = int_at_least(1)
+    ap.add_argument("--data", default=None,
+                    help="text file, or folder searched recursively for .py/.txt/.md/.rst files "
+                         "(default: the Python standard library's .py sources)")  # fmt: skip
+    ap.add_argument("--max-bytes", type=int_at_least(10_000), default=8_000_000, help="corpus size cap (>= 10,000)")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (gpt2-124m: for a GPU)")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=None, help="default: the model size's context")
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {list(OPTIMIZERS)}")
-    ap.add_argument("--lr", default="", help="overrides, e.g. 'adamw=1e-3,adapprox=3e-3'")
-    ap.add_argument("--k-max", type=int, default=3, help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=positive, default=600)
+    ap.add_argument("--warmup", type=int_at_least(0), default=50)
+    ap.add_argument("--batch-size", type=positive, default=16)
+    ap.add_argument("--seq-len", type=positive, default=None, help="default (and most): the model size's context")
+    ap.add_argument("--eval-every", type=positive, default=50)
+    ap.add_argument("--eval-batches", type=positive, default=8)
+    ap.add_argument("--optimizers", type=optimizer_names, default=",".join(OPTIMIZERS),
+                    help=f"comma list of {', '.join(OPTIMIZERS)}")  # fmt: skip
+    ap.add_argument("--lr", type=lr_overrides, default="", help="overrides, e.g. 'adamw=1e-3,adapprox=3e-3'")
+    ap.add_argument("--k-max", type=positive, default=3,
+                    help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")  # fmt: skip
+    ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/main", help="folder for results.json and comparison.png")
-    return ap.parse_args(argv)
+    return ap
+
+
+def load_corpus(ap: argparse.ArgumentParser, args: argparse.Namespace, seq_len: int) -> bytes:
+    """The corpus, checked before any run starts: it exists, is big enough, and both of its
+    splits hold a window of ``seq_len``; otherwise a usage error."""
+    try:
+        corpus = read_corpus(args.data, args.max_bytes)
+        ByteBatches(corpus, seq_len, args.batch_size)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    return corpus
 
 
 def print_table(runs: list[dict]) -> None:
     adamw = next((r["state_bytes"] for r in runs if r["name"] == "adamw"), None)
-    head = f"{'optimizer':12s} {'lr':>8s} {'val loss':>9s} {'best val':>9s} {'state bytes':>12s} {'vs AdamW':>9s} {'step ms':>8s} {'opt ms':>7s} {'mean rank':>9s}"
+    head = (f"{'optimizer':12s} {'lr':>8s} {'val loss':>9s} {'best val':>9s} {'state bytes':>12s} {'vs AdamW':>9s} "
+            f"{'iteration ms':>12s} {'step ms':>8s} {'mean rank':>9s}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in runs:
         ratio = f"{100 * r['state_bytes'] / adamw:.1f}%" if adamw else "-"
         rank = f"{r['final_mean_rank']:.2f}" if r.get("final_mean_rank") is not None else "-"
         print(
-            f"{r['name']:12s} {r['lr']:>8.0e} {r['final_val_loss']:>9.4f} {min(r['val_loss']):>9.4f} "
-            f"{r['state_bytes']:>12,d} {ratio:>9s} {1e3 * r['step_time_s']:>8.1f} {1e3 * r['opt_time_s']:>7.1f} {rank:>9s}"
+            f"{r['name']:12s} {r['lr']:>8.2g} {r['final_val_loss']:>9.4f} {min(r['val_loss']):>9.4f} "
+            f"{r['state_bytes']:>12,d} {ratio:>9s} {1e3 * r['step_time_s']:>12.1f} {1e3 * r['opt_time_s']:>8.1f} "
+            f"{rank:>9s}"
         )
+    print("medians: iteration = forward, backward and optimizer step; step = the optimizer step alone")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in OPTIMIZERS]
-    if unknown:
-        sys.exit(f"unknown optimizer(s) {unknown}; choose from {sorted(OPTIMIZERS)}")
-    lrs = default_lrs()
-    for item in filter(None, args.lr.split(",")):
-        key, _, value = item.partition("=")
-        lrs[key.strip()] = float(value)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     model_cfg = SIZES[args.size]
     seq_len = args.seq_len or model_cfg.seq_len
-    corpus = read_corpus(args.data, args.max_bytes)
+    if seq_len > model_cfg.seq_len:
+        ap.error(f"--seq-len {seq_len} is longer than the {args.size} model's context ({model_cfg.seq_len})")
+    lrs = default_lrs() | args.lr
+    corpus = load_corpus(ap, args, seq_len)
     print(f"corpus: {len(corpus):,} bytes from {args.data or 'the Python standard library'}; "
           f"model {args.size}; {args.steps} steps of {args.batch_size}x{seq_len} on {args.device}")  # fmt: skip
     runs = []
-    for name in names:
+    for name in args.optimizers:
         cfg = RunConfig(
             optimizer=name, lr=lrs[name], steps=args.steps, warmup=args.warmup, eval_every=args.eval_every,
             eval_batches=args.eval_batches, k_max=args.k_max, device=args.device, seed=args.seed,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 
 
 def default_corpus_dir() -> Path:
@@ -16,21 +16,29 @@ def default_corpus_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def read_corpus(path: str | Path | None, max_bytes: int) -> bytes:
-    """Concatenate text files (sorted, so the corpus is reproducible) up to ``max_bytes``.
+def corpus_files(path: str | Path | None) -> list[Path]:
+    """The files of the corpus, sorted so that it is reproducible.
 
     ``path`` may be a file or a folder (searched recursively for .py/.txt/.md/.rst files);
-    ``None`` means the standard library (``.py`` files only)."""
+    ``None`` means the standard library's ``.py`` files, without the packages installed in it."""
     root = default_corpus_dir() if path is None else Path(path)
     if not root.exists():
         raise FileNotFoundError(f"corpus path {root} does not exist")
     if root.is_file():
-        files = [root]
-    else:
-        suffixes = {".py"} if path is None else TEXT_SUFFIXES
-        files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in suffixes and "site-packages" not in f.parts)
+        return [root]
+    suffixes = (".py",) if path is None else TEXT_SUFFIXES
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in suffixes)
+    if path is None:  # not the installed packages; relative to the root, which may sit under such a path
+        files = [f for f in files if "site-packages" not in f.relative_to(root).parts]
+    if not files:
+        raise ValueError(f"no {'/'.join(suffixes)} files under {root}")
+    return files
+
+
+def read_corpus(path: str | Path | None, max_bytes: int) -> bytes:
+    """Concatenate the corpus files (see :func:`corpus_files`) up to ``max_bytes``."""
     chunks, total = [], 0
-    for f in files:
+    for f in corpus_files(path):
         data = f.read_bytes()
         chunks.append(data)
         total += len(data)
@@ -38,7 +46,7 @@ def read_corpus(path: str | Path | None, max_bytes: int) -> bytes:
             break
     corpus = b"".join(chunks)[:max_bytes]
     if len(corpus) < 10_000:
-        raise ValueError(f"corpus at {root} has only {len(corpus)} bytes; need at least 10,000")
+        raise ValueError(f"corpus at {path or default_corpus_dir()} has only {len(corpus)} bytes; need at least 10,000")
     return corpus
 
 
@@ -51,6 +59,13 @@ class ByteBatches:
         data = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
         cut = int(0.95 * len(data))
         self.train, self.val = data[:cut], data[cut:]
+        for split, part in (("training", self.train), ("validation (5%)", self.val)):
+            if len(part) < seq_len + 2:  # a window is seq_len + 1 bytes; starts are drawn below len - seq_len - 1
+                raise ValueError(
+                    f"corpus of {len(data):,} bytes is too short for --seq-len {seq_len}: its {split} split has "
+                    f"{len(part):,} bytes, fewer than the {seq_len + 2:,} its windows need; use a corpus of at "
+                    f"least {20 * (seq_len + 2):,} bytes or a shorter --seq-len"
+                )
         self.seq_len, self.batch_size = seq_len, batch_size
         self.gen = torch.Generator().manual_seed(seed)
 

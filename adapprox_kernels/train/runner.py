@@ -9,11 +9,13 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..adapprox import Adapprox
+from ..state_report import held_bytes
 from .data import ByteBatches
 from .model import GPT, GPTConfig
 from .optimizers import build_optimizer
@@ -42,29 +44,6 @@ def warmup_cosine(warmup: int, steps: int, floor: float = 0.1):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _tensor_bytes(value, seen: set[int]) -> int:
-    """Bytes of every tensor reachable from ``value`` (GaLore keeps its projection matrix in a
-    projector object inside the state, not as a plain tensor); each storage counted once."""
-    if torch.is_tensor(value):
-        key = value.untyped_storage().data_ptr()
-        if key in seen:
-            return 0
-        seen.add(key)
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v, seen) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in value)
-    if hasattr(value, "__dict__"):
-        return _tensor_bytes(vars(value), seen)
-    return 0
-
-
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    seen: set[int] = set()
-    return sum(_tensor_bytes(s, seen) for s in opt.state.values())
 
 
 def matrix_type(name: str) -> str:
@@ -136,7 +115,7 @@ def train_one(cfg: RunConfig, model_cfg: GPTConfig, data: ByteBatches) -> dict:
     out["step_time_s"] = statistics.median(warm)
     out["opt_time_s"] = statistics.median(out["opt_times"][5:] or out["opt_times"])
     out["final_val_loss"] = out["val_loss"][-1]
-    out["state_bytes"] = optimizer_state_bytes(opt)
+    out["state_bytes"] = held_bytes(opt)
     out["params"] = sum(p.numel() for p in model.parameters())
     out["final_mean_rank"] = opt.state_report().mean_rank if hasattr(opt, "state_report") else None
     if hasattr(opt, "state_report"):
@@ -149,8 +128,10 @@ def train_one(cfg: RunConfig, model_cfg: GPTConfig, data: ByteBatches) -> dict:
 
 def environment(device: str) -> dict:
     """Versions and device, for the results file."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    here = Path(__file__).resolve().parent  # the package's checkout, not wherever the job runs from
+    try:  # prints nothing to stdout outside a checkout
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=False)
+        commit = git.stdout.strip()
     except OSError:
         commit = ""
     return dict(
