@@ -285,6 +285,14 @@ class AdaMeM(SketchOptimizer):
             },
         )  # fmt: skip
 
+    def _gradient_limit(self, p: torch.Tensor) -> float:
+        """``√(max/numel)`` of the compute dtype: below it, every sum of squares of the gradient
+        (‖G‖_F², S-RSI's products, the statistics) stays finite; above it, the step would write
+        NaN (entries of ~1e17 on a 64×256 matrix), so the non-finite policy takes such a
+        gradient: raised before anything changes, or skipped."""
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        return math.sqrt(torch.finfo(dtype).max / max(p.numel(), 1))
+
     def _reset_step_caches(self) -> None:
         # ξ of the buckets that refreshed their projection this step, read once in _end_step.
         self._xi_pending: list[tuple[list[dict[str, Any]], torch.Tensor]] = []

@@ -8,7 +8,8 @@
   floating state to the parameter's dtype: fp32 factors of a bf16 parameter must stay fp32);
 * the non-finite gradient policy (``"raise"`` before anything is modified, or ``"skip"`` that
   parameter and count it in ``state["nonfinite_skips"]``), checked for all groups at once with
-  one host sync per device;
+  one host sync per device; a subclass may also refuse finite gradients above
+  ``_gradient_limit(p)`` this way (ones its arithmetic would overflow on);
 * ``step(closure)`` under ``torch.no_grad()``, which calls the subclass's
   ``_run_ahead(groups)`` (work that may start before the non-finite check because it yields
   the check as a by-product; ``_discard_run_ahead()`` undoes it), ``_step_group(group,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -157,15 +159,24 @@ class SketchOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, once the group's hyperparameters pass :meth:`_check_hyperparameters`:
         the group's own values and the defaults it takes (the constructor's arguments arrive
-        this way too). torch.optim checks none, so ``{"params": ps, "lr": -1}`` would train."""
+        this way too). torch.optim checks none, so ``{"params": ps, "lr": -1}`` would train.
+        A parameter listed twice in the group is an error (torch.optim only warns, and it would
+        take two steps per step)."""
         self._check_hyperparameters(self.defaults)
+        where = f"param_groups[{len(self.param_groups)}]"
         own = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
         if own:
             try:
                 self._check_hyperparameters({**self.defaults, **own})
             except ValueError as err:
-                raise ValueError(f"param_groups[{len(self.param_groups)}]: {err}") from None
-        super().add_param_group(param_group)
+                raise ValueError(f"{where}: {err}") from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate parameters")
+            super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len(set(params)) != len(params):
+            self.param_groups.pop()
+            raise ValueError(f"{where}: a parameter appears more than once; it would take two steps per step")
 
     @staticmethod
     def _check_hyperparameters(h: dict[str, Any]) -> None:
@@ -204,10 +215,17 @@ class SketchOptimizer(Optimizer):
                 self._generator(device).set_state(state)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus the sketch RNG; plain tensors only."""
-        sd = super().state_dict()
-        sd["sketch_rng"] = self._rng_state()
-        return sd
+        """torch.optim's state dict plus the sketch RNG; plain tensors only. The RNG is in it
+        before the user's post-hooks run (ours is registered first, per call)."""
+        hook = self.register_state_dict_post_hook(SketchOptimizer._add_sketch_rng, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            hook.remove()
+
+    def _add_sketch_rng(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict["sketch_rng"] = self._rng_state()
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's, with three differences.
@@ -334,8 +352,10 @@ class SketchOptimizer(Optimizer):
     def _nonfinite(
         self, params: list[torch.Tensor], known: list[tuple[list[torch.Tensor], torch.Tensor]] = ()
     ) -> list[bool]:
-        """One flag per parameter: does its gradient hold inf or NaN? ``known``: the
-        ``(params, values)`` pairs of :meth:`_run_ahead`. One host sync per device."""
+        """One flag per parameter: does its gradient hold inf or NaN, or an entry above
+        :meth:`_gradient_limit`? ``known``: the ``(params, values)`` pairs of
+        :meth:`_run_ahead` (where a value is not a max-norm, only its finiteness counts).
+        One host sync per device."""
         if not params:
             return []
         # (parameters, values) pairs: a non-finite value marks a bad gradient.
@@ -361,13 +381,19 @@ class SketchOptimizer(Optimizer):
         flags = [False] * len(params)
         position = None
         # Read as they are and tested on the host: no isfinite launches per check.
-        for (ps, _), values in zip(checks, to_host([values for _, values in checks])):
-            if all(map(math.isfinite, values)):  # the usual case: nothing per parameter
+        limited = type(self)._gradient_limit is not SketchOptimizer._gradient_limit
+        for c, ((ps, _), values) in enumerate(zip(checks, to_host([values for _, values in checks]))):
+            max_norms = limited and c >= len(known)  # the known values are other sums
+            if all(map(math.isfinite, values)) and not max_norms:  # the usual case: nothing per parameter
                 continue
             position = position or {id(p): i for i, p in enumerate(params)}
             for p, v in zip(ps, values):
-                flags[position[id(p)]] = not math.isfinite(v)
+                flags[position[id(p)]] = not (math.isfinite(v) and (not max_norms or v <= self._gradient_limit(p)))
         return flags
+
+    def _gradient_limit(self, p: torch.Tensor) -> float:
+        """The largest gradient entry (in magnitude) the update can take; inf here."""
+        return math.inf
 
     def _param_name(self, p: torch.Tensor) -> str:
         for gi, group in enumerate(self.param_groups):
@@ -395,9 +421,12 @@ class SketchOptimizer(Optimizer):
         for group, params in groups:
             flags = [next(all_flags) for _ in params]
             if group["nonfinite"] == "raise" and any(flags):
-                bad = self._param_name(params[flags.index(True)])
+                p = params[flags.index(True)]
+                what = "non-finite gradient (inf or NaN)"
+                if bool(torch.isfinite(p.grad).all()):
+                    what = f"gradient entries above {self._gradient_limit(p):.3g}, which would overflow its update,"
                 raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite gradient (inf or NaN) in {bad}; no parameter was updated. "
+                    f"{type(self).__name__}: {what} in {self._param_name(p)}; no parameter was updated. "
                     "Pass nonfinite='skip' to skip such parameters instead."
                 )
             work.append((group, params, flags))

@@ -275,6 +275,28 @@ def test_nonfinite_raise_modifies_nothing():
     assert opt.state[params[0]]["step"] == 2
 
 
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_gradients_too_large_for_float32_squares_are_taken_as_nonfinite(nonfinite):
+    """Entries of 1e18 on a 64×256 matrix are finite, but ‖G‖² is not: S-RSI used to fail after
+    other parameters had moved, or the step wrote NaN silently. Now the non-finite policy takes
+    them, before anything changes; 1e16 steps as usual."""
+    w, v = _params([(64, 256), (7,)])
+    opt = AdaMeM([w, v], rank=2, seed=0, nonfinite=nonfinite)
+    w0, v0 = w.detach().clone(), v.detach().clone()
+    w.grad, v.grad = torch.full((64, 256), 1e18), torch.randn(7)
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match=r"above 1.44e\+17.*\['params'\]\[0\]"):
+            opt.step()
+        assert torch.equal(v, v0) and not opt.state
+    else:
+        opt.step()
+        assert opt.state[w]["nonfinite_skips"] == 1 and not torch.equal(v, v0)
+    assert torch.equal(w, w0)
+    w.grad = torch.randn(64, 256) * 1e16
+    opt.step()
+    assert torch.isfinite(w).all() and not torch.equal(w, w0)
+
+
 def test_nonfinite_skip_then_buckets_with_different_steps():
     params = _params([(6, 9), (6, 9)])
     opt = AdaMeM(params, rank=2, update_proj_gap=2, nonfinite="skip", seed=0)

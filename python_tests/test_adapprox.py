@@ -354,6 +354,32 @@ def test_load_state_dict_hooks_see_and_shape_the_state(cls, kw):
     assert all(not s["exp_avg"].any() for s in zeroed.state.values())
 
 
+@pytest.mark.parametrize("cls, kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))], ids=["adapprox", "adamem"])
+def test_state_dict_post_hooks_see_the_sketch_rng(cls, kw):
+    """A post-hook that moves the state dict elsewhere (say, into a sharded format) must see all
+    of it: the sketch RNG used to be added after the hooks had run."""
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    opt = cls([w], **kw)
+    w.grad = torch.randn(6, 5)
+    opt.step()
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd)))
+    assert "sketch_rng" in opt.state_dict() and seen == [["param_groups", "sketch_rng", "state"]]
+    assert len(opt._optimizer_state_dict_post_hooks) == 1  # ours is gone again
+
+
+@pytest.mark.parametrize("cls", [Adapprox, AdaMeM])
+def test_a_parameter_twice_in_a_group_is_refused(cls):
+    """torch.optim only warns, and the parameter would then take two steps per step."""
+    w, v = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6, 5))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: a parameter appears more than once"):
+        cls([w, v, w])
+    opt = cls([w])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]"):
+        opt.add_param_group({"params": [v, v]})
+    assert len(opt.param_groups) == 1
+
+
 def test_checkpoint_keeps_the_loading_optimizers_backend():
     """``backend`` and ``cuda_graphs`` say how to run here, so a checkpoint (say, of a GPU run
     that asked for the Triton kernels by name) does not override them; hyperparameters load."""
