@@ -273,7 +273,11 @@ class AdaMeM(SketchOptimizer):
     def _check_hyperparameters(h: dict[str, Any]) -> None:
         check_shared(h, betas=2)
         clip = h["clip_threshold"]
-        check(clip is None or (is_real(clip) and clip > 0.0), f"Invalid clip_threshold: {clip!r} (need None or > 0)")
+        tiny = torch.finfo(torch.float32).tiny  # a threshold that rounds to 0 in float32 divides 0 by 0
+        check(
+            clip is None or (is_real(clip) and clip >= tiny),
+            f"Invalid clip_threshold: {clip!r} (need None or a finite value >= {tiny:.3g}, float32's smallest normal)",
+        )
         check_kinds(
             h,
             ints={"rank": 1, "update_proj_gap": 1, "oversample": 0, "power_iters": 1},

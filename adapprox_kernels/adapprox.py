@@ -290,8 +290,17 @@ class Adapprox(SketchOptimizer):
     def _check_hyperparameters(h: dict[str, Any]) -> None:
         check_shared(h, betas=3)
         clip, scale = h["clip_threshold"], h["cosine_max_scale"]
-        _check(is_real(clip) and clip > 0.0, f"Invalid clip_threshold: {clip!r} (need a finite value > 0)")
-        _check(is_real(scale) and scale >= 1.0, f"Invalid cosine_max_scale: {scale!r} (need a finite value >= 1)")
+        # Both are used in float32: a threshold that rounds to 0 divides 0 by 0 on a zero
+        # gradient, a scale that rounds to inf multiplies the update by it.
+        f32 = torch.finfo(torch.float32)
+        _check(
+            is_real(clip) and clip >= f32.tiny,
+            f"Invalid clip_threshold: {clip!r} (need a finite value >= {f32.tiny:.3g}, float32's smallest normal)",
+        )
+        _check(
+            is_real(scale) and 1.0 <= scale <= f32.max,
+            f"Invalid cosine_max_scale: {scale!r} (need a value in [1, {f32.max:.3g}], float32's largest)",
+        )
         k_min, k_max, k_init = h["k_min"], h["k_max"], h["k_init"]
         _check(is_int(k_min) and k_min >= 1, f"Invalid k_min: {k_min!r} (need an int >= 1)")
         _check(is_int(k_max) and k_max >= k_min, f"Invalid k_max: {k_max!r} (need an int >= k_min={k_min})")
@@ -429,10 +438,9 @@ class Adapprox(SketchOptimizer):
         for p in params:
             state = self._init_state(p, group)
             states.append(state)
-            factored = "Q" in state
-            bucket, bucket_states = buckets.setdefault(
-                (factored, matrix_shape(p) if factored else tuple(p.shape), p.dtype, p.device), ([], [])
-            )
+            # The parameter's own shape, not its matrix view: a Conv2d(64, 128, 1) weight folds
+            # to the (128, 64) of a Linear(64, 128) but is written back in its own shape.
+            bucket, bucket_states = buckets.setdefault(("Q" in state, tuple(p.shape), p.dtype, p.device), ([], []))
             bucket.append(p)
             bucket_states.append(state)
         self._compact_factors(group, params)

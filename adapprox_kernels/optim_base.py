@@ -260,6 +260,18 @@ class SketchOptimizer(Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+        for i, saved_group in enumerate(state_dict["param_groups"]):
+            # The saved groups replace ours: their hyperparameters pass the checks a group's
+            # do (another optimizer's, e.g. AdamW's two betas, would fail steps later). The run
+            # options stay ours; keys we do not know (a scheduler's initial_lr) are not ours to check.
+            own = {k: v for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
+            try:
+                self._check_hyperparameters({**self.defaults, **own})
+            except ValueError as err:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the saved param_groups[{i}] does not fit: {err}. "
+                    "Was it saved by another optimizer?"
+                ) from None
         same_groups = sizes == [len(g["params"]) for g in self.param_groups]
         if same_groups:  # (torch.optim raises where the groups differ)
             for idx, p in zip(saved_ids, params):
@@ -297,8 +309,9 @@ class SketchOptimizer(Optimizer):
         for key, shape in self._saved_shapes(p, state).items():
             if key not in state:
                 problems.append(f"no {key!r}")
-            elif shape is not None and not torch.is_tensor(state[key]):
-                problems.append(f"{key!r} is a {type(state[key]).__name__}, not a tensor")
+            elif (shape is not None) != torch.is_tensor(state[key]):  # e.g. torch.optim's tensor step
+                want = "a tensor" if shape is not None else "a number"
+                problems.append(f"{key!r} is a {type(state[key]).__name__}, not {want}")
             elif shape is not None and tuple(state[key].shape) != shape:
                 problems.append(f"{key!r} is {tuple(state[key].shape)}, not {shape}")
         if problems:

@@ -243,6 +243,7 @@ def test_resume_is_bit_exact():
         (dict(momentum_transfer="reset"), "momentum_transfer"),
         (dict(second_moment="adam"), "second_moment"),
         (dict(clip_threshold=0.0), "clip_threshold"),
+        (dict(clip_threshold=1e-46), "clip_threshold"),  # 0 in float32: a 0/0 on a zero gradient
         (dict(nonfinite="ignore"), "nonfinite"),
         (dict(rank=True), "rank"),
         (dict(weight_decay=float("nan")), "weight_decay"),

@@ -268,11 +268,31 @@ def test_a_state_that_does_not_fit_is_refused_on_load():
     target = Adapprox([wt], k_max=2, seed=1)
     with pytest.raises(ValueError, match=r"params'\]\[0\] \(shape \(10, 12\)\).*'Q' is \(12, 2\), not \(10, 2\)"):
         target.load_state_dict(saved["adapprox"])
-    with pytest.raises(ValueError, match="no 'exp_avg_sq'.*another optimizer"):
+    with pytest.raises(ValueError, match="param_groups.*betas.*another optimizer"):
         Adapprox([w], k_max=2).load_state_dict(saved["adamem"])
-    with pytest.raises(ValueError, match="no 'P'"):
+    with pytest.raises(ValueError, match="param_groups.*betas.*another optimizer"):
         AdaMeM([w], rank=2).load_state_dict(saved["adapprox"])
     assert not target.state and target.param_groups[0]["k_max"] == 2
+
+
+@pytest.mark.parametrize("peer", [torch.optim.AdamW, torch.optim.Adam])
+def test_another_optimizers_checkpoint_is_refused_on_load(peer):
+    """torch.optim's AdamW checkpoint: its groups (two betas) would replace ours and fail steps
+    later, its tensor ``step`` and ``exp_avg_sq`` pass for a dense state. Refused, naming what
+    does not fit, and nothing is loaded."""
+    w, b = torch.nn.Parameter(torch.randn(12, 10)), torch.nn.Parameter(torch.randn(12))
+    other = peer([w, b], lr=1e-3)
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    other.step()
+    saved = other.state_dict()
+    opt = Adapprox([w, b], k_max=2, seed=0)
+    with pytest.raises(ValueError, match=r"saved param_groups\[0\] does not fit: betas.*another optimizer"):
+        opt.load_state_dict(saved)
+    assert not opt.state and opt.param_groups[0]["betas"] == (0.9, 0.999, 0.9)
+    saved["param_groups"][0]["betas"] = (0.9, 0.999, 0.9)  # groups that fit: the state still does not
+    with pytest.raises(ValueError, match="'step' is a Tensor, not a number"):
+        opt.load_state_dict(saved)
+    assert not opt.state
 
 
 def test_a_compiled_step_follows_the_eager_one():
@@ -408,6 +428,26 @@ def test_vectors_dense_and_conv_folded():
     assert opt.state[conv.bias]["exp_avg_sq"].shape == (8,)
 
 
+@pytest.mark.parametrize("shapes", [[(12, 8), (12, 8, 1, 1)], [(12, 8, 1, 1), (12, 8)], [(6, 20), (6, 4, 5)]])
+def test_shapes_that_fold_alike_step_each_in_its_own_shape(shapes):
+    """A Conv2d(8, 12, 1) weight next to a Linear(8, 12) one: the same matrix view, different
+    shapes (they used to share a bucket, and the reference step failed stacking them). At full
+    rank the factored step is exact, so each must equal the dense formula."""
+    w0s = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64) for s in shapes] for _ in range(3)]
+    params = [torch.nn.Parameter(w.clone()) for w in w0s]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99, 0.9), eps=1e-8, clip_threshold=1.0, weight_decay=0.1)
+    opt = Adapprox(params, **kw, k_max=64, exact_small_matrices=False, seed=0)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+    for i, (p, w0) in enumerate(zip(params, w0s)):
+        assert "Q" in opt.state[p] and p.shape == w0.shape
+        want = dense_adapprox(w0, [gs[i] for gs in grads], kw["lr"], kw["betas"], kw["eps"], 1.0, kw["weight_decay"])
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-8)
+
+
 def test_zero_gradient_and_empty_and_frozen_params():
     w = torch.nn.Parameter(torch.randn(10, 12))
     empty = torch.nn.Parameter(torch.zeros(0, 5))
@@ -532,6 +572,8 @@ def test_nonfinite_skip_counts_and_keeps_state():
         (dict(seed="abc"), "seed"),
         (dict(seed=2**64), "seed"),  # torch.Generator's range: it used to fail at the first step
         (dict(eps=1e-46), "epsilon"),  # 0 in float32: a 0/0 where G and V are 0
+        (dict(clip_threshold=1e-46), "clip_threshold"),  # likewise, on a zero gradient
+        (dict(cosine_max_scale=1e39), "cosine_max_scale"),  # inf in float32: infinite weights
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
