@@ -335,6 +335,9 @@ class Adapprox(SketchOptimizer):
         self._factor_stacks: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
         self._ahead: dict[tuple, _Started] = {}
+        # (id(group), bucket key) -> the sketch _run_ahead drew for a factored bucket that does
+        # not run ahead, so that every backend draws the buckets' sketches in the same order.
+        self._sketches: dict[tuple, torch.Tensor] = {}
         self._ahead_buckets: dict[int, dict[tuple, tuple]] = {}  # id(group) -> _buckets(...)[0]
         self._ahead_undo: tuple[dict[str, Any] | None, list[torch.Tensor]] | None = None
 
@@ -477,9 +480,9 @@ class Adapprox(SketchOptimizer):
         self._baked.clear()
         self._pending.clear()  # left by a step that raised, if any
         self._graphs.discard_queued()
+        self._sketches.clear()
         new = []
-        rng = None  # the sketch RNG before the first draw, if anything runs ahead
-        known = []
+        plan = []  # (group, key, bucket, states, backend, runs ahead?), in the step's order
         backends = {}  # (name, device) -> backend: resolved once a step, not per bucket
         for group, params in groups:
             buckets, made = self._buckets(params, group)
@@ -490,21 +493,29 @@ class Adapprox(SketchOptimizer):
                 backend = backends.get((group["backend"], device))
                 if backend is None:
                     backend = backends[group["backend"], device] = resolve_backend(group["backend"], device)
-                if is_dtensor(bucket[0]):
-                    continue  # sharded buckets all-reduce their flags: the plain check
-                if factored and (dtype == torch.float64 or getattr(backend, "name", None) != "triton"):
-                    continue
-                if not factored and not self._dense_on_kernels(group, bucket, backend):
-                    continue
-                if rng is None and factored:
-                    rng = self._rng_state()
-                for s in states:
-                    s["step"] += 1
-                start = self._factored_srsi if factored else self._dense_start
-                started = self._ahead[(id(group), key)] = start(group, bucket, states, backend)
-                known.append((bucket, started))
-                if factored:  # the GPU starts on it (and the queued dense sums) while the host
-                    self._graphs.flush()  # prepares the next: one graph each, for the overlap
+                ahead = not is_dtensor(bucket[0]) and (  # sharded buckets all-reduce their flags: the plain check
+                    dtype != torch.float64 and getattr(backend, "name", None) == "triton"
+                    if factored else self._dense_on_kernels(group, bucket, backend)
+                )  # fmt: skip
+                plan.append((group, key, bucket, states, backend, ahead))
+        # Sketches are drawn in bucket order whatever runs ahead: a factored bucket that waits
+        # for _step_group but comes before one that runs ahead draws its sketch here.
+        last = max((i for i, (*_, key, _, _, _, ahead) in enumerate(plan) if ahead and key[0]), default=-1)
+        rng = self._rng_state() if last >= 0 else None  # the sketch RNG before the first draw
+        known = []
+        for i, (group, key, bucket, states, backend, ahead) in enumerate(plan):
+            factored = key[0]
+            if not ahead:
+                if factored and i < last:
+                    self._sketches[(id(group), key)] = self._draw_sketch(group, bucket, states)
+                continue
+            for s in states:
+                s["step"] += 1
+            start = self._factored_srsi if factored else self._dense_start
+            started = self._ahead[(id(group), key)] = start(group, bucket, states, backend)
+            known.append((bucket, started))
+            if factored:  # the GPU starts on it (and the queued dense sums) while the host
+                self._graphs.flush()  # prepares the next: one graph each, for the overlap
         self._ahead_undo = (rng, new)
         # The first read runs what is still queued (dense sums after the last factored bucket).
         known = [(bucket, started.sums()[:, 1], started) for bucket, started in known]
@@ -548,6 +559,7 @@ class Adapprox(SketchOptimizer):
             del self.state[p]
         self._ahead.clear()
         self._ahead_buckets.clear()
+        self._sketches.clear()
         if rng is not None:
             self._restore_rng(rng)
 
@@ -562,7 +574,8 @@ class Adapprox(SketchOptimizer):
                 for s in states:
                     s["step"] += 1
                 if factored:
-                    started = self._factored_srsi(group, bucket, states, backend)
+                    sketch = self._sketches.pop((id(group), key), None)
+                    started = self._factored_srsi(group, bucket, states, backend, sketch)
                 elif self._dense_on_kernels(group, bucket, backend):
                     started = self._dense_start(group, bucket, states, backend)
                 else:
@@ -666,12 +679,26 @@ class Adapprox(SketchOptimizer):
         exp_avgs = None if exp_avgs is None else local_list(exp_avgs)
         apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce)
 
+    def _draw_sketch(self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]):
+        """The bucket's Gaussian sketch ``(B, n, width)``, on its factors' device and in their
+        dtype, from that device's sketch RNG; ``width`` covers the bucket's largest rank."""
+        m, n = matrix_shape(bucket[0])
+        width = sketch_width(max(_round_rank(s["rank"]) for s in states), group["oversample"], m, n)
+        q = local(states[0]["Q"])
+        gen = self._generator(q.device)
+        return torch.randn(len(bucket), n, width, generator=gen, device=q.device, dtype=q.dtype)
+
     def _factored_srsi(
-        self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]], backend
+        self,
+        group: dict[str, Any],
+        bucket: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        backend,
+        sketch: torch.Tensor | None = None,
     ) -> _Started:
-        """S-RSI for every same-shaped matrix of the bucket at once; the update follows in
-        ``finish()``, and the rank decisions and new factors wait in ``self._pending`` for
-        :meth:`_end_step`."""
+        """S-RSI for every same-shaped matrix of the bucket at once, from ``sketch`` (drawn here
+        if None: :meth:`_draw_sketch`); the update follows in ``finish()``, and the rank
+        decisions and new factors wait in ``self._pending`` for :meth:`_end_step`."""
         m, n = matrix_shape(bucket[0])
         beta1, beta2, _ = group["betas"]
         shards = RowShards.of(bucket[0], local_backend=backend)
@@ -696,9 +723,9 @@ class Adapprox(SketchOptimizer):
         exp_avgs = None if exp_avgs is None else local_list(exp_avgs)
 
         ranks = [_round_rank(s["rank"]) for s in states]
-        width = sketch_width(max(ranks), group["oversample"], m, n)
-        gen = self._generator(q_prev.device)
-        sketch = torch.randn(len(bucket), n, width, generator=gen, device=q_prev.device, dtype=q_prev.dtype)
+        if sketch is None:
+            sketch = self._draw_sketch(group, bucket, states)
+        width = sketch.shape[-1]
         prev_cols = [s["U"].shape[1] for s in states]
         warm = group["warm_start"] and min(prev_cols) > 0
         iters = group["warm_power_iters"] if warm else group["power_iters"]

@@ -45,10 +45,15 @@ def to_device_nowait(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return handed_out(t.to(device, non_blocking=True))
 
 
-@functools.lru_cache(maxsize=64)
 def lr_and_decay(lr: float, weight_decay: float, device: torch.device) -> torch.Tensor:
     """``[α, 1 − α·λ]`` as an fp32 ``(2,)`` tensor on ``device``, for the update pass: the decay
     factor is computed in float64 and rounded once, as a launch constant would be. Cached: α
-    changes at most once a step."""
-    values = torch.tensor([float(lr), 1.0 - float(lr) * float(weight_decay)], dtype=torch.float32)
+    changes at most once a step. Keyed by value: a tensor ``lr`` that a scheduler fills in
+    place hashes by identity, and would keep its first value."""
+    return _lr_and_decay(float(lr), float(weight_decay), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _lr_and_decay(lr: float, weight_decay: float, device: torch.device) -> torch.Tensor:
+    values = torch.tensor([lr, 1.0 - lr * weight_decay], dtype=torch.float32)
     return to_device_nowait(values, device)

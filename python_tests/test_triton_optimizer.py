@@ -95,6 +95,55 @@ def test_beta1_turned_on_mid_run_matches_reference():
     _assert_same_run(*runs["reference"], *runs["triton"], torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["fp64 first in a group", "reference group first"])
+def test_buckets_that_do_not_run_ahead_draw_their_sketch_in_order(layout):
+    """An fp64 matrix (the reference path on any backend) or a group on the reference backend
+    before a Triton bucket: the same seed must give the same run as the reference backend
+    alone. The Triton buckets run ahead of the others, and used to draw their sketches first."""
+
+    def run(backend):
+        gen = torch.Generator().manual_seed(1)
+        first = torch.nn.Parameter(torch.randn(20, 33, generator=gen, dtype=torch.float64).to(DEVICE))
+        second = torch.nn.Parameter(torch.randn(20, 33, generator=gen).to(DEVICE))
+        if layout == "fp64 first in a group":
+            opt = Adapprox([first, second], backend=backend, seed=3, **BASE)
+        else:
+            first.data = first.data.float()
+            groups = [{"params": [first], "backend": "reference"}, {"params": [second]}]
+            opt = Adapprox(groups, backend=backend, seed=3, **BASE)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(100 + step)
+            for p in (first, second):
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(DEVICE)
+            opt.step()
+        return [first, second], opt
+
+    (ref_params, ref_opt), (tri_params, tri_opt) = run("reference"), run("triton")
+    for i, (rp, tp) in enumerate(zip(ref_params, tri_params)):
+        torch.testing.assert_close(tp, rp, rtol=1e-5, atol=1e-6, msg=f"param {i}")
+        assert tri_opt.state[tp]["xi"] == pytest.approx(ref_opt.state[rp]["xi"], rel=1e-4)
+
+
+def test_a_tensor_lr_changed_in_place_reaches_the_kernels():
+    """``group["lr"]`` as a 0-d tensor that a scheduler fills in place (torch.optim's habit with
+    tensor learning rates): the update passes must take each step's value. A cache keyed by the
+    tensor object used to keep the first one."""
+    runs = {}
+    for backend in ("reference", "triton"):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(DEVICE))
+                  for i, s in enumerate([(20, 33), (7,)])]  # fmt: skip
+        opt = Adapprox(params, backend=backend, seed=0, **BASE)
+        lr = opt.param_groups[0]["lr"] = torch.tensor(0.01)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i)).to(DEVICE)
+            opt.step()
+            lr.fill_(lr.item() * 10)
+        runs[backend] = params
+    for tp, rp in zip(runs["triton"], runs["reference"]):
+        torch.testing.assert_close(tp, rp, rtol=1e-5, atol=1e-6)
+
+
 def _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype):
     """Parameters and every state entry of the two optimizers agree (TOL for the dtype)."""
     for i, (rp, tp) in enumerate(zip(ref_params, tri_params)):
