@@ -415,9 +415,9 @@ class Adapprox(SketchOptimizer):
     def _buckets(
         self, params: list[torch.Tensor], group: dict[str, Any]
     ) -> tuple[dict[tuple, tuple[list[torch.Tensor], list[dict[str, Any]]]], list[torch.Tensor]]:
-        """Same-kind, same-shape parameters: ``(factored, shape, dtype, device)`` -> ``(parameters,
-        their state)`` (each bucket is one batched call), read-only; and the parameters whose
-        state this call made (state is lazy: this is where it is made).
+        """Same-kind, same-shape parameters: ``(factored, shape, dtype, device, DTensor layout)``
+        -> ``(parameters, their state)`` (each bucket is one batched call), read-only; and the
+        parameters whose state this call made (state is lazy: this is where it is made).
 
         Remembered from the last call: the same parameters on the same storage (a parameter
         moved or cast in place gets new storage) whose state is still there (the same
@@ -442,8 +442,11 @@ class Adapprox(SketchOptimizer):
             state = self._init_state(p, group)
             states.append(state)
             # The parameter's own shape, not its matrix view: a Conv2d(64, 128, 1) weight folds
-            # to the (128, 64) of a Linear(64, 128) but is written back in its own shape.
-            bucket, bucket_states = buckets.setdefault(("Q" in state, tuple(p.shape), p.dtype, p.device), ([], []))
+            # to the (128, 64) of a Linear(64, 128) but is written back in its own shape. A
+            # DTensor's layout too: a bucket is stepped as its first member is sharded.
+            layout = (p.device_mesh, tuple(p.placements)) if is_dtensor(p) else None
+            kind = ("Q" in state, tuple(p.shape), p.dtype, p.device, layout)
+            bucket, bucket_states = buckets.setdefault(kind, ([], []))
             bucket.append(p)
             bucket_states.append(state)
         self._compact_factors(group, params)
@@ -489,7 +492,7 @@ class Adapprox(SketchOptimizer):
             self._ahead_buckets[id(group)] = buckets
             new += made
             for key, (bucket, states) in buckets.items():
-                factored, _, dtype, device = key
+                factored, _, dtype, device, _ = key
                 backend = backends.get((group["backend"], device))
                 if backend is None:
                     backend = backends[group["backend"], device] = resolve_backend(group["backend"], device)
@@ -567,7 +570,7 @@ class Adapprox(SketchOptimizer):
         # The buckets _run_ahead formed hold these very parameters unless it was discarded.
         buckets = self._ahead_buckets.pop(id(group), None) or self._buckets(params, group)[0]
         for key, (bucket, states) in buckets.items():
-            factored, _, _, device = key
+            factored, _, _, device, _ = key
             started = self._ahead.pop((id(group), key), None)
             if started is None:
                 backend = resolve_backend(group["backend"], device)
