@@ -720,7 +720,7 @@ class Adapprox(SketchOptimizer):
             q_prev, u_prev = _stack_padded(local_list(qs), width_prev), _stack_padded(local_list(us), width_prev)
         grads = local_list(p.grad for p in bucket)
         if bucket[0].dim() > 2:  # folded to (m, n), as matrix_shape sees it
-            grads = [g.reshape(-1, n) for g in grads]
+            grads = [g.flatten(1) for g in grads]
         params = local_list(bucket)
         exp_avgs = _first_moments(bucket, states, beta1)
         exp_avgs = None if exp_avgs is None else local_list(exp_avgs)

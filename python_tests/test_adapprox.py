@@ -318,6 +318,29 @@ def test_a_compiled_step_follows_the_eager_one():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
+def test_a_compiled_step_with_matrices_of_two_shapes():
+    """Through AOT autograd (every backend but "eager"), the second shape recompiles the bucket
+    step with dynamic shapes; a folded 3-D gradient's ``reshape(-1, n)`` then made a guard that
+    dynamo could not place, and the step raised IndexError."""
+    import warnings
+
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(20, 33)), torch.nn.Parameter(torch.randn(12, 5, 4))]
+        opt = Adapprox(params, k_max=3, exact_small_matrices=False, seed=0)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # dynamo's notes on graph breaks
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_params_keep_fp32_factors_through_checkpoint():
     w = torch.nn.Parameter(torch.randn(24, 40, dtype=torch.bfloat16))
     opt = Adapprox([w], k_max=4, seed=0)
