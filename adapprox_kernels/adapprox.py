@@ -212,8 +212,8 @@ class Adapprox(SketchOptimizer):
         rank_policy: ``"step"`` (ICLR, every step, with the rank moment) or ``"sigmoid"`` (arXiv,
             growth only, checked every ``rank_interval`` steps with ``sigmoid``'s
             ``(η, ω, τ, φ)``).
-        cosine_guidance: scale each step by the cosine similarity of the update and the momentum
-            (only with β1 > 0), bounded by ``cosine_max_scale``.
+        cosine_guidance: scale the momentum part of each step (not the weight decay) by the cosine
+            similarity of the update and the momentum (only with β1 > 0), bounded by ``cosine_max_scale``.
         exact_small_matrices: keep a dense (exact) second moment for matrices with
             ``min(m, n) <= k_max + oversample``.
         nonfinite: ``"raise"`` (default: a ``FloatingPointError`` naming the parameter, before
