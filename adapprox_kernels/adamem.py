@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from .adapprox import matrix_shape
+from .distributed import is_dtensor
 from .linear_operator import DenseOperator
 from .optim_base import SketchOptimizer, as_tuple, check, check_kinds, check_shared, is_real, to_host
 from .reference import apply_updates, clipped_update
@@ -238,6 +239,10 @@ class AdaMeM(SketchOptimizer):
             modified) or ``"skip"`` (that parameter's step is skipped, its state untouched and
             ``state["nonfinite_skips"]`` counts it).
         seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG).
+
+    DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) raise
+    ``NotImplementedError``: the projection and the update need whole matrices. Under DDP
+    AdaMeM runs unchanged; Adapprox steps FSDP2's row shards.
     """
 
     def __init__(
@@ -268,6 +273,16 @@ class AdaMeM(SketchOptimizer):
         )  # fmt: skip
         super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The base class's, refusing DTensor parameters (the constructor's arrive this way too)."""
+        super().add_param_group(param_group)
+        if any(map(is_dtensor, self.param_groups[-1]["params"])):
+            self.param_groups.pop()
+            raise NotImplementedError(
+                "AdaMeM does not support DTensor parameters (FSDP2's fully_shard, tensor parallelism): its "
+                "projection and update need whole matrices. Use DDP, or Adapprox, which steps FSDP2's row shards."
+            )
 
     @staticmethod
     def _check_hyperparameters(h: dict[str, Any]) -> None:

@@ -82,6 +82,15 @@ def shared_seed(seed: int) -> int:
     return int(box[0])
 
 
+def process_rank() -> dict[str, int] | None:
+    """``{"rank", "world_size"}`` of this process in the default process group; None without an
+    initialized one. Recorded with a plain state dict of DTensor state (whose shards are this
+    rank's only: see ``SketchOptimizer.load_state_dict``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+
+
 def nonfinite_flags(grads: Sequence[torch.Tensor]) -> list[bool]:
     """Per DTensor gradient (all on one mesh): does any rank's part hold inf or NaN?
 
@@ -350,14 +359,62 @@ class RowShardedOperator:
 
 
 # ------------------------------------------------------------------------------- checkpoints
+# Wrappers that torch.distributed.checkpoint.state_dict leaves out of parameter FQNs (the keys of
+# get_model_state_dict): (module defining the wrapper, wrapper class, attribute holding the wrapped
+# module). torch has no public function for it (its own is private: state_dict._get_fqns).
+_WRAPPERS = (
+    ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),
+    ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),  # torch.compile
+    ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper", "_checkpoint_wrapped_module"),
+)
+
+
+def _wrapped_attribute(module: torch.nn.Module) -> str | None:
+    """The attribute through which ``module`` wraps another if it is one of :data:`_WRAPPERS`.
+    A wrapper's class is looked up only once its module is imported (torch.compile's takes
+    seconds): no instance can exist before."""
+    for where, cls, attribute in _WRAPPERS:
+        mod = sys.modules.get(where)
+        if mod is not None and isinstance(module, getattr(mod, cls)):
+            return attribute
+    return None
+
+
+def _fqn(model: torch.nn.Module, name: str) -> str:
+    """``name`` (of ``model.named_parameters()``) without the wrappers' segments: the FQN that
+    ``get_model_state_dict`` gives, so that a model saved compiled, under DDP or with activation
+    checkpointing loads into the plain one and back."""
+    kept, module = [], model
+    for part in name.split("."):
+        if part != _wrapped_attribute(module):
+            kept.append(part)
+        module = getattr(module, part)
+    return ".".join(kept)
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Registers the sharded parameters of every FSDP2 module of ``model`` (what
+    ``get_model_state_dict`` does first). A forward without backward (validation under
+    ``no_grad``) leaves the root module's parameters unsharded: plain tensors in
+    ``named_parameters()`` that the optimizer does not hold. No communication."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:  # no FSDP2 module exists before it is imported
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
+
+
 def _named_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
-    """``(FQN, parameter)`` in the optimizer's order (the index torch.optim's state dict uses)."""
+    """``(FQN, parameter)`` in the optimizer's order (the index torch.optim's state dict uses);
+    FQNs as :func:`_fqn` makes them."""
+    _reshard(model)
     names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
     out = []
     for p in (p for g in optimizer.param_groups for p in g["params"]):
         if p not in names:
             raise ValueError("the optimizer holds a parameter that is not in the model")
-        out.append((names[p], p))
+        out.append((_fqn(model, names[p]), p))
     return out
 
 
@@ -380,26 +437,42 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer) -> dict[str, Any]:
 
 
 def _load_target(model, optimizer, metadata, key: str) -> dict[str, Any]:
-    """What ``dcp.load`` fills: :func:`optimizer_state_dict`'s layout with the checkpoint's shapes
-    (the factors have the saved rank) and this run's sharding."""
+    """What ``dcp.load`` fills: :func:`optimizer_state_dict`'s layout holding exactly the
+    checkpoint's entries (``dcp.load`` refuses to fill one the checkpoint lacks): the state at the
+    saved shapes (the factors have the saved rank) laid out for this run's sharding, and the saved
+    param groups' options (options added since the checkpoint was written are filled from the
+    defaults by ``load_state_dict``, as torch.optim does)."""
     saved = metadata.state_dict_metadata
     params = dict(_named_params(model, optimizer))
-    target = optimizer_state_dict(model, optimizer)
-    target["state"] = {}
-    state_prefix = f"{key}.state."
+    state, groups, rng = {}, {}, {}
     for k, md in saved.items():
-        if k.startswith(state_prefix):
-            fqn, name = k[len(state_prefix) :].rsplit(".", 1)  # state names have no dots, FQNs may
+        if not k.startswith(f"{key}."):
+            continue
+        section, _, rest = k[len(key) + 1 :].partition(".")
+        if section == "state":
+            fqn, name = rest.rsplit(".", 1)  # state names have no dots, FQNs may
             if fqn not in params:
                 raise ValueError(f"the checkpoint has optimizer state for {fqn!r}, not a parameter of this optimizer")
-            entry = target["state"].setdefault(fqn, {})
-            entry[name] = _empty_like_saved(params[fqn], name, md) if hasattr(md, "size") else 0
-    rng_prefix = f"{key}.sketch_rng."
-    target["sketch_rng"] = {"seed": 0}
-    for k, md in saved.items():
-        if k.startswith(rng_prefix) and hasattr(md, "size"):
-            target["sketch_rng"][k[len(rng_prefix) :]] = torch.empty(md.size, dtype=md.properties.dtype)
-    return target
+            state.setdefault(fqn, {})[name] = _empty_like_saved(params[fqn], name, md) if hasattr(md, "size") else 0
+        elif section == "param_groups":
+            index, name = rest.split(".", 1)
+            groups.setdefault(int(index), {})[name] = _placeholder(md)
+        elif section == "sketch_rng":
+            rng[rest] = _placeholder(md)
+    _check_group_count(len(groups), optimizer)
+    return {"state": state, "param_groups": [groups[i] for i in range(len(groups))], "sketch_rng": rng}
+
+
+def _placeholder(md) -> torch.Tensor | None:
+    """What ``dcp.load`` fills with a saved entry: a tensor of its size and dtype, or None for
+    any other object (which it replaces)."""
+    return torch.empty(md.size, dtype=md.properties.dtype) if hasattr(md, "size") else None
+
+
+def _check_group_count(saved: int, optimizer) -> None:
+    """``ValueError`` unless the checkpoint has ``saved`` param groups as the optimizer does."""
+    if saved != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint has {saved} param groups, the optimizer {len(optimizer.param_groups)}")
 
 
 def _empty_like_saved(p: torch.Tensor, name: str, md) -> torch.Tensor:
@@ -417,12 +490,15 @@ def _empty_like_saved(p: torch.Tensor, name: str, md) -> torch.Tensor:
 
 def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dict[str, Any]) -> None:
     """Load :func:`optimizer_state_dict`'s layout (FQN keys) into ``optimizer``, matching
-    parameters by FQN; the sketch RNG state goes to this rank's device of the saved type."""
+    parameters by FQN; the sketch RNG state goes to this rank's device of the saved type.
+
+    DTensor state is taken as this rank's (as :func:`optimizer_state_dict` or ``dcp.load`` in
+    this process give it): a dict that another rank wrote with ``torch.save`` would load its
+    shards here."""
     named = _named_params(model, optimizer)
     index = {n: i for i, (n, _) in enumerate(named)}
     groups = state_dict["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"checkpoint has {len(groups)} param groups, the optimizer {len(optimizer.param_groups)}")
+    _check_group_count(len(groups), optimizer)
     new_groups, offset = [], 0
     for saved, group in zip(groups, optimizer.param_groups):
         mine = [n for n, _ in named[offset : offset + len(group["params"])]]
@@ -439,6 +515,7 @@ def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dic
             "state": {index[n]: s for n, s in state_dict["state"].items()},
             "param_groups": new_groups,
             "sketch_rng": {"seed": seed, "states": states},
+            "dtensor_rank": process_rank(),
         }
     )
 
@@ -470,5 +547,6 @@ __all__ = [
     "log_collectives",
     "nonfinite_flags",
     "optimizer_state_dict",
+    "process_rank",
     "shared_seed",
 ]

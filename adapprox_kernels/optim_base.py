@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .distributed import is_dtensor, local, nonfinite_flags, shared_seed
+from .distributed import is_dtensor, local, nonfinite_flags, process_rank, shared_seed
 
 NONFINITE_POLICIES = ("raise", "skip")
 _grad, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
@@ -112,6 +112,15 @@ def check_kinds(
         check(isinstance(h[name], bool), f"Invalid {name}: {h[name]!r} (need a bool)")
     for name, options in (choices or {}).items():
         check(h[name] in options, f"Invalid {name}: {h[name]!r}; choose one of {options}")
+
+
+def _holding(sharded: bool, rank: dict[str, int] | None) -> str:
+    """What a parameter's state holds, in words: whole tensors, or which rank's shards."""
+    if not sharded:
+        return "whole tensors"
+    if rank is None:
+        return "DTensor shards of an unrecorded rank"
+    return f"DTensor shards of rank {rank['rank']} of {rank['world_size']}"
 
 
 def as_tuple(v: Any) -> Any:
@@ -215,16 +224,20 @@ class SketchOptimizer(Optimizer):
                 self._generator(device).set_state(state)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus the sketch RNG; plain tensors only. The RNG is in it
-        before the user's post-hooks run (ours is registered first, per call)."""
-        hook = self.register_state_dict_post_hook(SketchOptimizer._add_sketch_rng, prepend=True)
+        """torch.optim's state dict plus the sketch RNG and, where some parameter is a DTensor
+        (FSDP2), ``"dtensor_rank"``: the rank whose shards its state holds (see
+        :meth:`load_state_dict`). These are in it before the user's post-hooks run (ours is
+        registered first, per call)."""
+        hook = self.register_state_dict_post_hook(SketchOptimizer._add_own_entries, prepend=True)
         try:
             return super().state_dict()
         finally:
             hook.remove()
 
-    def _add_sketch_rng(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def _add_own_entries(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         state_dict["sketch_rng"] = self._rng_state()
+        if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
+            state_dict["dtensor_rank"] = process_rank()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -233,6 +246,10 @@ class SketchOptimizer(Optimizer):
         * Every parameter's saved state is checked to fit it first (a ``ValueError`` naming the
           parameter otherwise, and nothing is loaded: torch.optim would load another
           optimizer's or model's state, and the next step would fail far from the cause).
+          The state of a DTensor parameter (FSDP2) holds only the saving rank's shards, so it
+          loads only on the rank that saved it (in a process group of the same size), into
+          DTensor parameters: another rank's shards of the same shape would train on its
+          moments; ``adapprox_kernels.distributed.load_optimizer_state`` reshards.
         * Saved tensors keep the precision this optimizer keeps them in (:meth:`_state_dtype`),
           not the parameter's dtype that torch.optim casts every floating tensor to.
         * The options that say how to run, not what to compute (``_RUN_OPTIONS``, e.g. the
@@ -257,6 +274,7 @@ class SketchOptimizer(Optimizer):
         """Pre-hook (the last): checks the saved state and sets aside its tensors and RNG."""
         state_dict = dict(state_dict)
         rng = state_dict.pop("sketch_rng", None)
+        saved_on = state_dict.pop("dtensor_rank", None)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         sizes = [len(g["params"]) for g in state_dict["param_groups"]]
@@ -276,6 +294,7 @@ class SketchOptimizer(Optimizer):
         if same_groups:  # (torch.optim raises where the groups differ)
             for idx, p in zip(saved_ids, params):
                 self._check_saved_state(p, state_dict["state"].get(idx))
+                self._check_saved_shards(p, state_dict["state"].get(idx), saved_on)
         tensors = [(p, state_dict["state"].get(idx, {})) for idx, p in zip(saved_ids, params)] if same_groups else []
         self._loading = (self._loading, tensors, rng)
         return state_dict
@@ -324,6 +343,23 @@ class SketchOptimizer(Optimizer):
     def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
         """What a saved state of ``p`` must hold: entry -> its shape (None: not a tensor)."""
         raise NotImplementedError
+
+    def _check_saved_shards(self, p: torch.Tensor, state: dict[str, Any] | None, saved_on: dict | None) -> None:
+        """``ValueError`` unless ``state`` holds what ``p`` needs: whole tensors for a plain
+        parameter, this rank's shards for a DTensor one. ``saved_on``: the rank whose shards the
+        state dict holds (``"dtensor_rank"``). Global shapes alike, :meth:`_check_saved_state`
+        cannot tell another rank's shards (or a whole tensor unpickled as a DTensor) apart."""
+        if not state:
+            return
+        have = _holding(any(is_dtensor(v) for v in state.values()), saved_on)
+        need = _holding(is_dtensor(p), process_rank())
+        if have != need:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the saved state of {self._param_name(p)} holds {have}, "
+                f"this process needs {need}. A plain state dict of DTensor (FSDP2) parameters holds only the "
+                "saving rank's shards; save and load with adapprox_kernels.distributed.optimizer_state_dict and "
+                "load_optimizer_state (torch.distributed.checkpoint), which reshard."
+            )
 
     # ----------------------------------------------------------------------------------- step
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:

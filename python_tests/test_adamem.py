@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from adapprox_kernels import AdaMeM
 from adapprox_kernels.adamem import adamem_directions, rotate_momentum, top_left_subspace
@@ -468,6 +469,31 @@ def test_transfer_policies_differ_after_a_projection_change():
 
 
 # ------------------------------------------------------------------------------------- api
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+def test_dtensor_parameters_are_refused():
+    """DTensor parameters (FSDP2) raise a clear NotImplementedError when they are given, not
+    DTensor's internal errors in the step (a 1-rank process group in this process suffices)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        matrix, vector = (
+            torch.nn.Parameter(distribute_tensor(torch.randn(shape), mesh, [Shard(0)])) for shape in ((8, 6), (8,))
+        )
+        refused = "AdaMeM does not support DTensor parameters .* Use DDP, or Adapprox"
+        for params in ([matrix], [vector], [{"params": _params([(4, 4)])}, {"params": [vector]}]):
+            with pytest.raises(NotImplementedError, match=refused):
+                AdaMeM(params, rank=2, seed=0)
+        opt = AdaMeM(_params([(4, 4)]), rank=2, seed=0)
+        with pytest.raises(NotImplementedError, match=refused):
+            opt.add_param_group({"params": [matrix]})
+        assert len(opt.param_groups) == 1
+    finally:
+        dist.destroy_process_group()
+
+
 def test_closure_param_groups_and_report():
     model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 1))
     x, y = torch.randn(32, 6), torch.randn(32, 1)

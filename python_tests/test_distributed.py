@@ -293,7 +293,8 @@ def _ddp_job(rank, world, out) -> None:
     torch.manual_seed(1000 + rank)
     opt = _optimizer(model, seed=None)
     logs = _train(ddp, opt, range(STEPS), rank, world)
-    torch.save({"snapshot": _snapshot(model, opt), "seed": opt._seed, "logs": logs}, f"{out}.{rank}")
+    names = sorted(optimizer_state_dict(ddp, opt)["state"])  # of the wrapper: "module." is no part of an FQN
+    torch.save({"snapshot": _snapshot(model, opt), "seed": opt._seed, "logs": logs, "names": names}, f"{out}.{rank}")
 
 
 def _triton_shards_job(rank, world, out) -> None:
@@ -328,6 +329,103 @@ def _triton_shards_job(rank, world, out) -> None:
     torch.save({"fused": sum(fused), "precisions": precisions, "projected": len(projected)}, f"{out}.fused.{rank}")
 
 
+MIXED_SHAPE = (12, 10)
+
+
+def _mixed_run(placements, mesh=None, grouped=False) -> list[dict]:
+    """``STEPS`` steps of same-shaped weights, one per placement (None: a plain tensor), in one
+    param group (or, with ``grouped``, each in a group of its own: the order in which the
+    buckets of one group draw their sketches); each weight's whole value, rank and ξ after."""
+    from torch.distributed.tensor import distribute_tensor
+
+    gen = torch.Generator().manual_seed(11)
+    params = []
+    for placement in placements:
+        tensors = [torch.randn(MIXED_SHAPE, generator=gen) for _ in range(STEPS + 1)]  # the weight, its gradients
+        if placement is not None:
+            tensors = [distribute_tensor(t, mesh, [placement]) for t in tensors]
+        params.append((nn.Parameter(tensors[0]), tensors[1:]))
+    groups = [{"params": [w]} for w, _ in params] if grouped else [w for w, _ in params]
+    opt = Adapprox(
+        groups, lr=1e-2, k_init=2, k_max=4, oversample=2, power_iters=3, exact_small_matrices=False, seed=SEED
+    )
+    for step in range(STEPS):
+        for w, grads in params:
+            w.grad = grads[step]
+        opt.step()
+    return [{"w": _full(w).detach(), "rank": opt.state[w]["rank"], "xi": opt.state[w]["xi"]} for w, _ in params]
+
+
+def _attempt(fn, *args):
+    """``fn(*args)``, or the error it raised as text, for the test to report (raised in a
+    worker, it would end the whole spawn)."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def _mixed_layout_job(rank, world, out) -> None:
+    """Same-shaped Replicate(), Shard(0) and plain weights in one param group (each layout is a
+    bucket of its own)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.save(_attempt(_mixed_run, [Replicate(), Shard(0), None], mesh), f"{out}.{rank}")
+
+
+def _eval_checkpoint_job(rank, world, out, ckpt) -> None:
+    """Checkpointing after a forward without backward (validation) on a model sharded at the
+    root only (FSDP2 leaves the root's parameters unsharded then): ``optimizer_state_dict``
+    before ``get_model_state_dict`` does anything, then ``load_optimizer_state`` of ``ckpt``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = _optimizer(model)
+    _train(model, opt, range(1), rank, world)
+
+    def validate():
+        with torch.no_grad():
+            _loss(model, 0, rank, world)
+
+    def load():
+        load_optimizer_state(model, opt, ckpt)
+        return [s["step"] for s in opt.state.values()]
+
+    validate()
+    saved = _attempt(lambda: sorted(optimizer_state_dict(model, opt)["state"]))
+    validate()
+    loaded = _attempt(load)
+    _train(model, opt, range(SAVE_AT, SAVE_AT + 1), rank, world)  # training goes on
+    torch.save({"saved": saved, "loaded": loaded}, f"{out}.{rank}")
+
+
+def _plain_state_dict_job(rank, world, out) -> None:
+    """A plain ``opt.state_dict()`` under FSDP2 (with ``torch.save``), loaded into the same
+    model and optimizer: each rank its own, each rank rank 0's, and a single process's."""
+    model, opt = _fsdp(world)
+    _train(model, opt, range(1), rank, world)
+    torch.save(opt.state_dict(), f"{out}.{rank}")
+    dist.barrier()
+    plain_model = _model()
+    plain_opt = _optimizer(plain_model)
+    _train(plain_model, plain_opt, range(1))
+
+    def load(state_dict):
+        _optimizer(model).load_state_dict(state_dict)
+        return "loaded"
+
+    res = {
+        "own": _attempt(load, torch.load(f"{out}.{rank}", weights_only=False)),
+        "rank 0's": _attempt(load, torch.load(f"{out}.0", weights_only=False)),
+        "single process's": _attempt(load, plain_opt.state_dict()),
+    }
+    torch.save(res, f"{out}.res.{rank}")
+
+
 def _init_group(rank: int, world: int, port: int) -> None:
     # A bounded timeout: ranks that disagree (a bug) then fail a collective instead of hanging.
     dist.init_process_group(
@@ -345,6 +443,9 @@ def _two_rank_worker(rank, world, port, tmp) -> None:
         _operator_job(rank, world, os.path.join(tmp, "operator.pt"))
         _comm_job(rank, world, os.path.join(tmp, "comm.pt"))
         _ddp_job(rank, world, os.path.join(tmp, "ddp.pt"))
+        _eval_checkpoint_job(rank, world, os.path.join(tmp, "eval_ckpt.pt"), os.path.join(tmp, "ckpt"))
+        _plain_state_dict_job(rank, world, os.path.join(tmp, "plain_sd.pt"))
+        _mixed_layout_job(rank, world, os.path.join(tmp, "mixed.pt"))  # last: a failure may leave ranks apart
     finally:
         dist.destroy_process_group()
 
@@ -510,6 +611,7 @@ def test_ddp_replicas_agree_with_single_process(two_ranks):
     for name in a["params"]:
         assert torch.equal(a["params"][name], b["params"][name]), name
     _assert_same_run(a, _plain_run(range(STEPS), seed=per_rank[0]["seed"]))
+    assert all(r["names"] == sorted(a["params"]) for r in per_rank), per_rank[0]["names"]
 
 
 @pytest.mark.slow
@@ -535,3 +637,107 @@ def test_replicated_dtensor_parameter(two_ranks):
     torch.testing.assert_close(got["w"], w.detach())
     torch.testing.assert_close(got["Q"], opt.state[w]["Q"])
     assert got["records"] == [("allreduce_", 4)]
+
+
+def test_mixed_layouts_in_one_group_step_as_laid_out(two_ranks):
+    """Same-shaped Replicate(), Shard(0) and plain weights in one param group on 2 ranks step
+    as in one process (each layout is a bucket of its own, drawing its sketch in turn)."""
+    want = _mixed_run([None] * 3, grouped=True)
+    for got in _per_rank(two_ranks / "mixed.pt"):
+        assert not isinstance(got, str), got
+        for layout, g, w in zip(("Replicate()", "Shard(0)", "plain"), got, want):
+            torch.testing.assert_close(g["w"], w["w"], rtol=2e-4, atol=2e-6, msg=layout)
+            assert g["rank"] == w["rank"], layout
+            assert g["xi"] == pytest.approx(w["xi"], rel=1e-2, abs=1e-6), layout
+
+
+def test_checkpoint_after_a_forward_without_backward(two_ranks):
+    """After a validation forward (FSDP2 leaves the root's parameters unsharded), the optimizer
+    state saves, by FQN, and the 2-rank checkpoint loads, before ``get_model_state_dict``."""
+    names = sorted(n for n, _ in _model().named_parameters())
+    for r in _per_rank(two_ranks / "eval_ckpt.pt"):
+        assert r["saved"] == names, r["saved"]
+        assert r["loaded"] == [SAVE_AT] * len(names), r["loaded"]
+
+
+def test_plain_state_dict_loads_only_on_the_rank_that_saved_it(two_ranks):
+    """``opt.state_dict()`` under FSDP2 holds the rank's shards: it loads on that rank only;
+    another rank's (same global shapes: it would load silently) and a single process's raise,
+    as does a rank's in a single process."""
+    rank0, rank1 = _per_rank(two_ranks / "plain_sd.pt.res")
+    assert rank0["own"] == rank1["own"] == rank0["rank 0's"] == "loaded", (rank0, rank1)
+    assert "holds DTensor shards of rank 0 of 2, this process needs DTensor shards of rank 1 of 2" in rank1["rank 0's"]
+    for r in (rank0, rank1):
+        assert r["single process's"].startswith("ValueError") and "holds whole tensors" in r["single process's"]
+    opt = _optimizer(_model())
+    with pytest.raises(ValueError, match="holds DTensor shards of rank 0 of 2, this process needs whole tensors"):
+        opt.load_state_dict(torch.load(two_ranks / "plain_sd.pt.0", weights_only=False))
+    assert not opt.state
+
+
+def _save_optimizer(path, model, opt) -> None:
+    """The optimizer's DCP checkpoint at ``path`` (one process)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"optim": optimizer_state_dict(model, opt)}, checkpoint_id=str(path))
+
+
+def _assert_same_state(opt, want) -> None:
+    """The same state, parameter by parameter in the groups' order."""
+    for p, q in zip(*([p for g in o.param_groups for p in g["params"]] for o in (opt, want))):
+        assert opt.state[p].keys() == want.state[q].keys()
+        for key, v in want.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], v, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_checkpoint_param_groups_with_other_keys(tmp_path):
+    """The checkpoint's param groups load as saved whatever keys the optimizer's have: saved
+    without ``param_names``, loaded by named parameters (which keep their names); saved before
+    an option existed (it takes its default, as torch.optim does); a group count that differs
+    is a ``ValueError`` before anything is read."""
+    options = dict(k_init=2, exact_small_matrices=False, seed=SEED)
+    model = _model()
+    saved = Adapprox(model.parameters(), **options)
+    _train(model, saved, range(1))
+    _save_optimizer(tmp_path / "plain", model, saved)
+    named = Adapprox(model.named_parameters(), **options)
+    load_optimizer_state(model, named, tmp_path / "plain")
+    _assert_same_state(named, saved)
+    assert named.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+
+    old = Adapprox(model.parameters(), **options, warm_power_iters=3)
+    _train(model, old, range(1))
+    del old.param_groups[0]["warm_power_iters"]  # as written before the option existed
+    _save_optimizer(tmp_path / "old", model, old)
+    new = Adapprox(model.parameters(), **options, warm_power_iters=3)
+    load_optimizer_state(model, new, tmp_path / "old")
+    _assert_same_state(new, old)
+    assert new.param_groups[0]["warm_power_iters"] == 3
+
+    params = list(model.parameters())
+    two = Adapprox([{"params": params[:2]}, {"params": params[2:]}], **options)
+    with pytest.raises(ValueError, match="checkpoint has 1 param groups, the optimizer 2"):
+        load_optimizer_state(model, two, tmp_path / "plain")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_checkpoint_names_are_the_fqns_of_get_model_state_dict(tmp_path):
+    """Saved from a compiled model with an activation-checkpointed layer, the optimizer state
+    is keyed by ``get_model_state_dict``'s FQNs (without ``_orig_mod.`` and
+    ``_checkpoint_wrapped_module.``), so it loads into the plain model. (DDP's ``module.``:
+    :func:`test_ddp_replicas_agree_with_single_process`.)"""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model = _model()
+    model[2] = checkpoint_wrapper(model[2])
+    wrapped = torch.compile(model)  # its names only: the training runs `model`, uncompiled
+    opt = _optimizer(model)
+    _train(model, opt, range(1))
+    assert sorted(optimizer_state_dict(wrapped, opt)["state"]) == sorted(get_model_state_dict(wrapped))
+    _save_optimizer(tmp_path / "ckpt", wrapped, opt)
+    plain = _model()
+    loaded = _optimizer(plain)
+    load_optimizer_state(plain, loaded, tmp_path / "ckpt")
+    _assert_same_state(loaded, opt)
