@@ -388,6 +388,10 @@ class AdaMeM(SketchOptimizer):
             s["exp_avg_sq"].copy_(new)
         self._apply(group, bucket, upd)
 
+    # Eager even inside torch.compile(opt.step): with two matrix shapes in a group, dynamo's
+    # resume function after the projection's graph break stepped the second bucket with a
+    # wrong update (silently, where the shapes have one size; torch 2.14.1).
+    @torch.compiler.disable
     def _matrix_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int) -> None:
         states = [self.state[p] for p in bucket]
         _, transposed = _oriented_shape(bucket[0])

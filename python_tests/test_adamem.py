@@ -361,6 +361,29 @@ def test_shapes_that_fold_alike_step_each_in_its_own_shape(shapes):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("second", [(33, 20), (12, 5, 4)])
+def test_a_compiled_step_follows_the_eager_one(second):
+    """``torch.compile(opt.step)`` with matrices of two shapes: the second bucket used to get a
+    wrong update (a transposed one silently, a folded one with an error)."""
+    import warnings
+
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(20, 33), second, (7,)]]
+        opt = AdaMeM(params, lr=1e-2, rank=2, seed=3)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # dynamo's notes on graph breaks
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_batched_bucket_equals_one_by_one():
     shapes = [(8, 12)] * 3
     grads = _grads(shapes, 4)
