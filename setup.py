@@ -1,8 +1,8 @@
 """Build of adapprox_kernels: pure Python, plus the optional csrc/ CUDA extension ``adapprox_kernels._C``.
 
-The extension is built only when torch is a CUDA build and a CUDA toolkit (nvcc) plus the cuBLAS /
-cuSOLVER headers and libraries are found; otherwise the wheel is pure Python and the package falls
-back to torch.linalg (see docs/install.md). Environment switches:
+The extension is built only when torch is a CUDA build and a CUDA toolkit (nvcc) of torch's CUDA
+major version plus the cuBLAS / cuSOLVER headers and libraries are found; otherwise the wheel is
+pure Python and the package falls back to torch.linalg (see docs/install.md). Environment switches:
 
 * ``ADAPPROX_SKIP_CUDA_BUILD=1``: never build the extension (pure wheel).
 * ``ADAPPROX_FORCE_BUILD=1``: build it or fail with the reason (instead of a silent pure wheel).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,17 @@ def _find_cuda_home() -> str | None:
         ):
             return os.path.realpath(home)
     return None
+
+
+def _nvcc_version(cuda_home: str) -> str | None:
+    """The toolkit's ``major.minor`` as its nvcc reports it ("13.0"), or None when that cannot be read."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out.stdout)
+    return match.group(1) if match else None
 
 
 def _find_library(roots: list[str], header: str, stem: str) -> tuple[str, str, str] | None:
@@ -98,6 +110,13 @@ def _extension() -> tuple[list, dict, str | None]:
     cuda_home = _find_cuda_home()
     if cuda_home is None:
         return [], {}, "no CUDA toolkit found (set CUDA_HOME to a directory with bin/nvcc)"
+    # torch.utils.cpp_extension stops the whole install with a RuntimeError on a major mismatch;
+    # this says why and builds the pure-Python package instead. (An unreadable version passes,
+    # as it does torch's check.)
+    toolkit = _nvcc_version(cuda_home)
+    if toolkit is not None and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        why = f"the CUDA toolkit in {cuda_home} is {toolkit}, torch {torch.__version__} needs CUDA {torch.version.cuda}"
+        return [], {}, why
     # torch.utils.cpp_extension reads CUDA_HOME when imported.
     os.environ["CUDA_HOME"] = cuda_home
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
@@ -121,6 +140,7 @@ def _extension() -> tuple[list, dict, str | None]:
     ext = CUDAExtension(
         name="adapprox_kernels._C",
         sources=["csrc/cholqr.cpp", "csrc/cholqr_kernels.cu"],
+        depends=["csrc/cholqr_kernels.cuh"],  # a changed header rebuilds (MANIFEST.in ships it in the sdist)
         include_dirs=include_dirs,
         library_dirs=library_dirs,
         # -g0: Python's own CFLAGS carry -g, which makes a 12 MB module instead of about 1 MB.
@@ -143,7 +163,12 @@ setup(
     packages=find_packages(include=["adapprox_kernels", "adapprox_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "main": ["matplotlib", "tqdm", "came-pytorch"]},
+    # "main": what python -m adapprox_kernels.train imports, its peers' packages included
+    # (transformers: Hugging Face's Adafactor for adafactor-m; also a galore-torch import).
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "main": ["matplotlib", "tqdm", "came-pytorch", "galore-torch", "transformers"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -12,7 +12,7 @@ Each child builds the GPT-2 parameter shapes of ``bench_step.py`` with random gr
 runs Adapprox with warm start (l = 1) and CUDA graphs at a fixed rank: 10 steps to capture the
 graphs, then ``--steps`` back-to-back steps, timed by the wall clock up to a final sync (a step
 ends with a host sync anyway). The baseline checkout needs its extension built (or copied in).
-GPU only.
+GPU only (elsewhere it says so).
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def main() -> None:
         return
     if args.baseline is None:
         ap.error("--baseline is required")
+    import torch
+
+    if not torch.cuda.is_available():  # the children would end in a CUDA error
+        print("NOT MEASURED: bench/compare_step.py needs a CUDA device")
+        return
     runs = {"baseline": (str(Path(args.baseline).resolve()), "adapprox"), "current": (str(ROOT), "adapprox"),
             "adamw_fused": (str(ROOT), "adamw_fused")}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -90,8 +95,6 @@ def main() -> None:
     for name, ms in medians.items():
         print(f"median {name:12s} {ms:7.2f} ms/step  ({ms / medians['adamw_fused']:.2f}x fused AdamW)")
     if args.out:
-        import torch
-
         from bench.common import metadata
 
         record = {"meta": metadata(torch.device("cuda"), baseline=args.baseline_label), "args": {k: str(v) for k, v in vars(args).items() if k != "child"},

@@ -17,6 +17,7 @@ import torch
 
 from adapprox_kernels.linear_operator import DenseOperator
 from adapprox_kernels.srsi import error_ratio, srsi
+from adapprox_kernels.train.model import SIZES
 
 from . import common
 from .second_moments import capture
@@ -133,7 +134,7 @@ def markdown(summary: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = common.parser(__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="small", help="main job model size to train with AdamW")
+    ap.add_argument("--size", default="small", choices=sorted(SIZES), help="main job model size to train with AdamW")
     ap.add_argument("--capture-steps", type=int, nargs="+", default=[50, 200])
     ap.add_argument("--seeds", type=int, default=3, help="S-RSI sketches averaged per error")
     ap.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))

@@ -1,11 +1,11 @@
 """Where an Adapprox step spends its time: torch.profiler over a few steps on GPT-2 shapes.
 
-``python bench/profile_step.py [--size 345m] [--backend triton] [--warm] [--graphs] [--python]
+``python bench/profile_step.py [--size gpt2-124M] [--backend triton] [--warm] [--graphs] [--python]
 [--trace FILE]`` prints the top operators by device time and by host time, how much of each step
 the device is busy (the rest is waiting for the host), how much of a step the host spends
 waiting at the step's syncs (measured without the profiler), the number of host syncs per step and
 where they come from, with ``--python`` the Python functions that take the most host time, and
-with ``--trace`` writes a Chrome trace of the profiled steps. GPU only.
+with ``--trace`` writes a Chrome trace of the profiled steps. GPU only (elsewhere it says so).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--python", action="store_true", help="also print the Python functions by own host time")
     ap.add_argument("--trace", help="write a Chrome trace (JSON) of the profiled steps here")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("NOT MEASURED: bench/profile_step.py needs a CUDA device")
+        return
     device = torch.device("cuda")
     params = make_params(gpt2_shapes(*MODELS[args.size]), device)
     k = dict(k_init=args.rank, k_min=args.rank, k_max=args.rank)

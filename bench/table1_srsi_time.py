@@ -83,7 +83,7 @@ def time_rows(m: int, k: int, batch: int, device: torch.device, seed: int, backe
         t = common.time_call(fn, device)
         per = {f"per_matrix_{key}": t[key] / b for key in ("median_s", "p20_s", "p80_s")}
         rows.append({**base, **common.measured(), **t, **per})
-        print(f"  m={m:5d} k={k:3d} {variant:24s} {common.fmt_time(rows[-1])}" + (f" (×{b})" if b > 1 else ""))
+        print(f"  m={m:5d} k={k:3d} {variant:24s} {fmt_per_matrix(rows[-1])}" + (" per matrix" if b > 1 else ""))
 
     v_dense = BACKENDS["reference"].second_moment(grads[:1], q[:1], u[:1], BETA2)
     dense = DenseOperator(v_dense.a.clone())
@@ -107,6 +107,11 @@ def time_rows(m: int, k: int, batch: int, device: torch.device, seed: int, backe
             for b in (1, batch):
                 row(name if b == 1 else f"{name} batched ×{b}", name, b, reason=why)
     return rows
+
+
+def fmt_per_matrix(row: dict) -> str:
+    """A measured row's time per matrix (a batched call's divided by B), as the console and the .md show it."""
+    return common.fmt_time({key.removeprefix("per_matrix_"): v for key, v in row.items()})
 
 
 def plot(rows: list[dict], device: torch.device, out) -> None:
@@ -140,7 +145,7 @@ def markdown(rows: list[dict]) -> str:
             for m in SIZES:
                 r = cell[(k, variant, m)]
                 if r["status"] == "measured":
-                    cells.append(common.fmt_time({key.removeprefix("per_matrix_"): v for key, v in r.items()}))
+                    cells.append(fmt_per_matrix(r))
                 else:
                     note = reasons.setdefault(r["reason"], len(reasons) + 1)
                     cells.append(f"not measured ({note})")

@@ -20,6 +20,7 @@ import torch
 
 from adapprox_kernels.linear_operator import DenseOperator
 from adapprox_kernels.srsi import error_ratio, srsi
+from adapprox_kernels.train.model import SIZES
 
 from . import common
 from .second_moments import capture
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=1024, help="size of the synthetic n×n matrices")
     ap.add_argument("--seeds", type=int, default=3, help="sketches averaged per ξ")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic matrices")
-    ap.add_argument("--size", default="small", help="main job model size for the captured second moments")
+    ap.add_argument("--size", default="small", choices=sorted(SIZES),
+                    help="main job model size for the captured second moments")  # fmt: skip
     args = ap.parse_args(argv)
     device = common.setup(args)
     rows = []

@@ -127,6 +127,7 @@ def test_compare_step_takes_turns_and_records_every_run(tmp_path, monkeypatch):
         return types.SimpleNamespace(stdout=json.dumps({"ms": next(times), "package": cmd[3]}) + "\n")
 
     monkeypatch.setattr(subprocess, "run", child)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(common, "device_name", lambda device: "test")
     argv = ["compare_step.py", "--baseline", str(tmp_path), "--rounds", "2", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
@@ -211,3 +212,67 @@ def test_tune_blocks_times_the_unrolled_rank_loop_over_stages_only():
     assert same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 3))
     assert not same_code(Blocks(64, 64, 64, 4, 2, 16), Blocks(64, 64, 64, 4, 3, 16))
     assert not same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 2, 16))
+
+
+@pytest.mark.parametrize("script", ["profile_step.py", "compare_step.py"])
+def test_gpu_scripts_say_not_measured_without_a_gpu(script, tmp_path):
+    """As tune_blocks.py does: a line saying so, not a CUDA traceback (or a child's), and
+    profile_step.py's documented ``--size`` is one it accepts."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from bench import profile_step
+
+    args = {"profile_step.py": ["--size", re.search(r"--size (\S+?)\]", profile_step.__doc__).group(1)],
+            "compare_step.py": ["--baseline", str(tmp_path)]}[script]  # fmt: skip
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == f"NOT MEASURED: bench/{script} needs a CUDA device"
+
+
+def test_table1_console_shows_per_matrix_times_as_its_table_does(monkeypatch, capsys):
+    from adapprox_kernels.backends import BACKENDS
+    from bench import table1_srsi_time
+
+    monkeypatch.setattr(table1_srsi_time, "BACKENDS", {"reference": BACKENDS["reference"]})
+    rows = table1_srsi_time.time_rows(32, 2, 4, torch.device("cpu"), 0, {})
+    console = capsys.readouterr().out
+    (batched,) = [r for r in rows if r["batch"] == 4]
+    per_matrix = {key: batched[f"per_matrix_{key}"] for key in ("median_s", "p20_s", "p80_s")}
+    assert common.fmt_time(per_matrix) in console  # as the .md shows it
+    assert common.fmt_time(batched) not in console  # the whole call's time, ×4
+
+
+@pytest.mark.parametrize("script", ["table6_7_error_ratio", "fig2_rank_sweep"])
+def test_an_unknown_size_is_refused_before_computing(script, tmp_path):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"bench.{script}").main(["--size", "bogus", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+
+
+def test_bench_step_adamw_fused_row_is_fused_on_any_device():
+    from bench.bench_step import optimizer_factories
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    assert optimizer_factories((1,), "reference")["adamw_fused"]([p]).defaults["fused"]
+
+
+@pytest.mark.slow
+def test_bench_step_smoke_finishes_on_cpu():
+    """``--smoke`` runs anywhere; on CPU under the Triton interpreter, where a step takes seconds:
+    about 70 s here (with 15 timed calls of each, over 4 minutes)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "bench/bench_step.py", "--smoke"], cwd=Path(__file__).resolve().parents[1],
+                         env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "adapprox_k2_warm_graphs_ieee" in run.stdout and "apply_update (no momentum)" in run.stdout

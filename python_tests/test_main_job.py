@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import adapprox_kernels
+from adapprox_kernels.train import __main__ as main_module
 from adapprox_kernels.train import optimizers, runner
 from adapprox_kernels.train.__main__ import build_parser, main
 from adapprox_kernels.train.data import ByteBatches, corpus_files, default_corpus_dir, read_corpus
@@ -142,6 +144,41 @@ def test_commit_is_the_packages_own(tmp_path, monkeypatch):
     assert environment("cpu")["commit"] == head
     monkeypatch.setattr(runner, "__file__", str(tmp_path / "runner.py"))  # a package outside any checkout
     assert environment("cpu")["commit"] == ""
+
+
+def test_missing_peer_package_is_a_usage_error_before_any_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "galore_torch", None)  # as if galore-torch were not installed
+
+    def no_run(*args):
+        raise AssertionError("a run started before the missing package was reported")
+
+    monkeypatch.setattr(main_module, "train_one", no_run)
+    argv = ["--optimizers", "adamw,galore", "--steps", "2", "--max-bytes", "20000", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "galore needs the galore-torch package: pip install galore-torch" in err
+
+
+def test_commit_only_of_a_checkout_holding_the_package(tmp_path, monkeypatch):
+    """An editable install records its checkout's commit; a copy installed in a venv inside some
+    other repository records none, rather than that repository's."""
+    monkeypatch.delenv("ADAPPROX_COMMIT", raising=False)
+    repo = tmp_path / "repo"
+    checkout = repo / "adapprox_kernels" / "train"
+    installed = repo / ".venv" / "lib" / "site-packages" / "adapprox_kernels" / "train"
+    for folder in (checkout, installed):
+        folder.mkdir(parents=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=repo, check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(runner, "__file__", str(checkout / "runner.py"))
+    assert environment("cpu")["commit"] == head
+    monkeypatch.setattr(runner, "__file__", str(installed / "runner.py"))
+    env = environment("cpu")
+    assert env["commit"] == "" and env["adapprox_kernels"] == adapprox_kernels.__version__
 
 
 def test_schedule_warmup_then_cosine():

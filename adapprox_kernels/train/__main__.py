@@ -17,7 +17,7 @@ import torch
 
 from .data import ByteBatches, read_corpus
 from .model import SIZES
-from .optimizers import OPTIMIZERS, default_lrs
+from .optimizers import OPTIMIZERS, default_lrs, missing_peers
 from .plot import plot_runs
 from .runner import RunConfig, environment, train_one
 
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     if seq_len > model_cfg.seq_len:
         ap.error(f"--seq-len {seq_len} is longer than the {args.size} model's context ({model_cfg.seq_len})")
     lrs = default_lrs() | args.lr
+    missing = missing_peers(args.optimizers)
+    if missing:  # now, not when its turn comes after the others have trained for minutes
+        ap.error("; ".join(missing) + " (or choose others with --optimizers)")
     corpus = load_corpus(ap, args, seq_len)
     print(f"corpus: {len(corpus):,} bytes from {args.data or 'the Python standard library'}; "
           f"model {args.size}; {args.steps} steps of {args.batch_size}x{seq_len} on {args.device}")  # fmt: skip

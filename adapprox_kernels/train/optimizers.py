@@ -9,6 +9,7 @@ small-model setting, except AdaMeM's, picked from 600-step CPU runs at 5e-3 / 2e
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -90,6 +91,28 @@ OPTIMIZERS: dict[str, Callable] = {
     "adafactor-m": _adafactor_momentum,
     "galore": _galore,
 }
+
+
+# The optimizers that come from peer packages: name -> (module imported, package to install).
+PEER_PACKAGES = {
+    "came": ("came_pytorch", "came-pytorch"),
+    "adafactor-m": ("transformers.optimization", "transformers"),
+    "galore": ("galore_torch", "galore-torch"),
+}
+
+
+def missing_peers(names: list[str]) -> list[str]:
+    """For each of ``names`` whose peer package does not import: what to install, and why."""
+    missing = []
+    for name in names:
+        if name not in PEER_PACKAGES:
+            continue
+        module, package = PEER_PACKAGES[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            missing.append(f"{name} needs the {package} package: pip install {package} ({e})")
+    return missing
 
 
 def default_lrs() -> dict[str, float]:

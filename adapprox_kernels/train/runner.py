@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import __version__
 from ..adapprox import Adapprox
 from ..state_report import held_bytes
 from .data import ByteBatches
@@ -126,18 +127,27 @@ def train_one(cfg: RunConfig, model_cfg: GPTConfig, data: ByteBatches) -> dict:
     return out
 
 
+def package_commit() -> str:
+    """HEAD of the checkout the package was imported from, or "" when it is not the top of one: an
+    installed copy (site-packages) inside some other repository must not record that one's commit."""
+    root = Path(__file__).resolve().parents[2]  # the directory holding adapprox_kernels/
+    try:  # prints nothing to stdout outside a checkout
+        git = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return ""
+    lines = git.stdout.splitlines()
+    if git.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return ""
+    return lines[1]
+
+
 def environment(device: str) -> dict:
     """Versions and device, for the results file."""
-    here = Path(__file__).resolve().parent  # the package's checkout, not wherever the job runs from
-    try:  # prints nothing to stdout outside a checkout
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=False)
-        commit = git.stdout.strip()
-    except OSError:
-        commit = ""
     return dict(
+        adapprox_kernels=__version__,
         torch=torch.__version__,
         python=platform.python_version(),
         device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         threads=torch.get_num_threads(),
-        commit=os.environ.get("ADAPPROX_COMMIT") or commit,  # set where no .git travels
+        commit=os.environ.get("ADAPPROX_COMMIT") or package_commit(),  # set where no .git travels
     )
