@@ -504,7 +504,9 @@ def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dic
         mine = [n for n, _ in named[offset : offset + len(group["params"])]]
         if sorted(saved["params"]) != sorted(mine):
             raise ValueError(f"param group parameters differ: checkpoint {saved['params']}, optimizer {mine}")
-        new_groups.append(dict(saved, params=[index[n] for n in mine]))
+        # The saved names are in the checkpoint's order: this optimizer's own (if any) stay.
+        options = {k: v for k, v in saved.items() if k != "param_names"}
+        new_groups.append(dict(options, params=[index[n] for n in mine]))
         offset += len(group["params"])
     rng = dict(state_dict["sketch_rng"])
     seed = rng.pop("seed")

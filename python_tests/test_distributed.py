@@ -720,6 +720,12 @@ def test_checkpoint_param_groups_with_other_keys(tmp_path):
     with pytest.raises(ValueError, match="checkpoint has 1 param groups, the optimizer 2"):
         load_optimizer_state(model, two, tmp_path / "plain")
 
+    # Saved by named parameters in one order, loaded in another: each name stays its parameter's.
+    _save_optimizer(tmp_path / "named", model, named)
+    backwards = Adapprox(list(model.named_parameters())[::-1], **options)
+    load_optimizer_state(model, backwards, tmp_path / "named")
+    assert backwards.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()][::-1]
+
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_checkpoint_names_are_the_fqns_of_get_model_state_dict(tmp_path):
