@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from compiled_step import eager_and_compiled
 
 from adapprox_kernels import AdaMeM
 from adapprox_kernels.adamem import adamem_directions, rotate_momentum, top_left_subspace
@@ -365,22 +366,9 @@ def test_shapes_that_fold_alike_step_each_in_its_own_shape(shapes):
 def test_a_compiled_step_follows_the_eager_one(second):
     """``torch.compile(opt.step)`` with matrices of two shapes: the second bucket used to get a
     wrong update (a transposed one silently, a folded one with an error)."""
-    import warnings
-
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s)) for s in [(20, 33), second, (7,)]]
-        opt = AdaMeM(params, lr=1e-2, rank=2, seed=3)
-        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # dynamo's notes on graph breaks
-            for _ in range(2):
-                for p in params:
-                    p.grad = torch.randn_like(p)
-                step()
-        runs.append(params)
-    for a, b in zip(*runs):
+    make = lambda ps: AdaMeM(ps, lr=1e-2, rank=2, seed=3)  # noqa: E731
+    eager, compiled = eager_and_compiled(make, [(20, 33), second, (7,)], "aot_eager", 2)
+    for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from compiled_step import eager_and_compiled
 
 from adapprox_kernels import AdaMeM, Adapprox
 
@@ -296,25 +297,11 @@ def test_another_optimizers_checkpoint_is_refused_on_load(peer):
 
 
 def test_a_compiled_step_follows_the_eager_one():
-    """``torch.compile(opt.step)`` (PyTorch's recipe for compiling an optimizer) traces the
-    step, graph breaks included; it must run and stay with the eager step (to rounding: the
-    traced QR may order its sums otherwise)."""
-    import warnings
-
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(12, 10)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(10))]
-        opt = Adapprox(params, k_max=2, seed=0)
-        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # dynamo's notes on graph breaks
-            for _ in range(3):
-                for p in params:
-                    p.grad = torch.randn_like(p)
-                step()
-        runs.append(params)
-    for a, b in zip(*runs):
+    """``torch.compile(opt.step)`` traces the step, graph breaks included; it must run and stay
+    with the eager step (to rounding: the traced QR may order its sums otherwise)."""
+    make = lambda ps: Adapprox(ps, k_max=2, seed=0)  # noqa: E731
+    eager, compiled = eager_and_compiled(make, [(12, 10), (12, 10), (10,)], "eager", 3)
+    for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
@@ -322,22 +309,9 @@ def test_a_compiled_step_with_matrices_of_two_shapes():
     """Through AOT autograd (every backend but "eager"), the second shape recompiles the bucket
     step with dynamic shapes; a folded 3-D gradient's ``reshape(-1, n)`` then made a guard that
     dynamo could not place, and the step raised IndexError."""
-    import warnings
-
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(20, 33)), torch.nn.Parameter(torch.randn(12, 5, 4))]
-        opt = Adapprox(params, k_max=3, exact_small_matrices=False, seed=0)
-        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # dynamo's notes on graph breaks
-            for _ in range(3):
-                for p in params:
-                    p.grad = torch.randn_like(p)
-                step()
-        runs.append(params)
-    for a, b in zip(*runs):
+    make = lambda ps: Adapprox(ps, k_max=3, exact_small_matrices=False, seed=0)  # noqa: E731
+    eager, compiled = eager_and_compiled(make, [(20, 33), (12, 5, 4)], "aot_eager", 3)
+    for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
