@@ -316,7 +316,7 @@ class TritonBackend:
     name = "triton"
     orthonormalize = ReferenceBackend.orthonormalize  # the extension's CholeskyQR2 on CUDA when built
     orthonormalize_unchecked = ReferenceBackend.orthonormalize_unchecked
-    auto_device_types = ("cuda",)  # "auto" never picks the interpreter
+    auto_device_types = ("cuda",)  # "auto" picks it for CUDA tensors only: never the CPU interpreter
 
     @staticmethod
     def available(device: torch.device) -> Optional[str]:

@@ -427,13 +427,29 @@ def test_opcheck_custom_ops():
 
 
 def test_backend_resolution():
-    """"auto" never picks the interpreter; "triton" by name runs wherever the kernels can."""
+    """"auto" picks Triton for CUDA tensors only (never the interpreter on CPU); "triton" by
+    name runs wherever the kernels can."""
     from adapprox_kernels.triton_backend import TritonBackend
 
     assert resolve_backend("triton", DEVICE) is TritonBackend
     expected = TritonBackend if DEVICE.type == "cuda" else resolve_backend("reference", DEVICE)
     assert resolve_backend("auto", DEVICE) is expected
     assert TritonBackend.available(torch.device("meta")) is not None
+
+
+@pytest.mark.parametrize("value", ["true", "ON", "yes"])
+def test_interpreter_switch_read_as_triton_reads_it(value):
+    """Triton takes TRITON_INTERPRET=true (yes, on) as 1; the backend used to refuse CPU tensors
+    then, asking for the variable already set (until the kernels had been imported)."""
+    code = (
+        "import torch\n"
+        "from adapprox_kernels.backends import availability\n"
+        "why = availability(torch.device('cpu'))['triton']\n"
+        "assert why is None, why\n"
+    )
+    env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": value}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_package_imports_without_triton():

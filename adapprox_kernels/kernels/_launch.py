@@ -8,7 +8,6 @@ the first launch on a device and are cached.
 from __future__ import annotations
 
 import functools
-import os
 from collections import OrderedDict
 from typing import NamedTuple, Sequence
 
@@ -73,8 +72,9 @@ ELEMENTWISE_BLOCKS = Blocks(m=16, n=256, warps=4, stages=2)
 
 
 def interpreted() -> bool:
-    """True when kernels decorated now run under the Triton interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when kernels decorated now run under the Triton interpreter: ``TRITON_INTERPRET`` as
+    Triton reads it (``1``, ``true``, ``yes``, ``on``)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 def pow2_block(size: int, cap: int) -> int:
