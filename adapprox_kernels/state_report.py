@@ -85,16 +85,18 @@ class StateReport:
         )
 
     def __str__(self) -> str:
-        lines = [f"{'parameter':40s} {'shape':>16s} {'kind':>9s} {'rank':>7s} {'xi':>9s} {'state B':>11s} {'AdamW B':>11s}"]
+        w = max([len("parameter")] + [len(r.name) for r in self.rows])  # whole names: "….weight" vs "….bias"
+        head = f"{'shape':>16s} {'kind':>9s} {'rank':>7s} {'xi':>9s} {'state B':>11s} {'AdamW B':>11s}"
+        lines = [f"{'parameter':{w}s} {head}"]
         for r in self.rows:
             rank = "-" if r.rank is None else f"{r.rank:.2f}"
             xi = "-" if r.xi is None else f"{r.xi:.2e}"
             lines.append(
-                f"{r.name[:40]:40s} {str(tuple(r.shape)):>16s} {r.kind:>9s} {rank:>7s} {xi:>9s} "
+                f"{r.name:{w}s} {str(tuple(r.shape)):>16s} {r.kind:>9s} {rank:>7s} {xi:>9s} "
                 f"{r.state_bytes:>11d} {r.adamw_bytes:>11d}"
             )
         lines.append(
-            f"{'total':40s} {'':>16s} {'':>9s} {self.mean_rank:>7.2f} {'':>9s} {self.state_bytes:>11d} "
+            f"{'total':{w}s} {'':>16s} {'':>9s} {self.mean_rank:>7.2f} {'':>9s} {self.state_bytes:>11d} "
             f"{self.adamw_bytes:>11d}  ({100 * self.ratio_to_adamw:.1f}% of AdamW)"
         )
         return "\n".join(lines)
@@ -116,7 +118,8 @@ def report_rows(opt: torch.optim.Optimizer) -> list[StateRow]:
                     rank=state.get("rank"),
                     xi=None if xi is None or xi != xi else xi,
                     state_bytes=tensor_bytes(state),
-                    adamw_bytes=adamw_bytes(p),
+                    # AdamW's state is lazy too: a parameter that never had a gradient holds none.
+                    adamw_bytes=adamw_bytes(p) if state else 0,
                 )
             )
     return rows

@@ -158,6 +158,24 @@ def test_state_bytes(beta1):
     assert "factored" in str(report) and "% of AdamW" in str(report)
 
 
+def test_state_report_names_whole_rows_and_counts_adamw_lazily():
+    """Long names are printed whole (cut at 40 characters, a layer's weight and bias rows read
+    alike), and a parameter that never had a gradient holds no AdamW state either (counting it
+    made the ratio to AdamW look twice as good with half a model frozen)."""
+    layer = "decoder.layers.0.multihead_attn.in_proj_"
+    shapes = {"weight": (12, 10), "bias": (12,)}
+    params = {f"{layer}{kind}": torch.nn.Parameter(torch.randn(shape)) for kind, shape in shapes.items()}
+    frozen = torch.nn.Parameter(torch.randn(12, 10))
+    opt = Adapprox([*params.items(), ("frozen.weight", frozen)], k_max=2, seed=0)
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    report = opt.state_report()
+    assert report.adamw_bytes == 8 * (120 + 12) and [r.adamw_bytes for r in report.rows][-1] == 0
+    printed = [line.split()[0] for line in str(report).splitlines()[1:-1]]
+    assert printed == [*params, "frozen.weight"]
+
+
 def make_model():
     torch.manual_seed(1)
     return torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.Tanh(), torch.nn.Linear(40, 20), torch.nn.LayerNorm(20))
