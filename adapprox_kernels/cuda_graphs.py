@@ -63,9 +63,11 @@ class CallGraphs:
     """Runs a keyed call eagerly the first ``eager_runs`` times its key comes up (a key unseen
     for ``forget_after`` steps starts over: ranks in transition are not worth a capture), then
     captures it and replays it from then on. Holds graphs of at most ``capacity`` calls (a batch
-    of deferred calls counts as its calls; least recently used dropped first). ``counts``
-    tallies ``eager`` / ``captured`` / ``replayed`` calls and ``failed`` captures (a key whose
-    capture failed runs eagerly for good, after one warning)."""
+    of deferred calls counts as its calls) besides those run in this step or the last: the least
+    recently run are dropped first, but a step that needs more keeps them all, rather than drop
+    some and capture them again every step. ``counts`` tallies ``eager`` / ``captured`` /
+    ``replayed`` calls and ``failed`` captures (a key whose capture failed runs eagerly for
+    good, after one warning)."""
 
     def __init__(self, eager_runs: int = 2, forget_after: int = 16, capacity: int = 32):
         self.eager_runs, self.forget_after, self.capacity = eager_runs, forget_after, capacity
@@ -76,6 +78,8 @@ class CallGraphs:
         # its key up once and keeps no LRU order that would take more lookups)
         self._graphs: dict[Hashable, list] = {}
         self._uses = 0
+        # _uses when the last step began and when this one did: graphs run since are kept.
+        self._last_step_from = self._step_from = 0
         self._step = 0
         self._seen: dict[Hashable, tuple[int, int]] = {}  # key -> (last step seen, eager runs)
         self._queue: list[Deferred] = []  # deferred calls not run yet
@@ -85,6 +89,7 @@ class CallGraphs:
         if self._queue:
             raise RuntimeError("CallGraphs.next_step: deferred calls were never run")
         self._step += 1
+        self._last_step_from, self._step_from = self._step_from, self._uses
         self._seen = {k: v for k, v in self._seen.items() if v[0] >= self._step - self.forget_after}
 
     def defer(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor]) -> Deferred:
@@ -203,9 +208,16 @@ class CallGraphs:
         self._uses += 1
         self._graphs[key] = [captured, calls, self._uses]
         self._seen.pop(key, None)
-        while sum(calls for _, calls, _ in self._graphs.values()) > self.capacity and len(self._graphs) > 1:
-            least_recent = min(self._graphs.items(), key=lambda item: item[1][2])[0]
-            del self._graphs[least_recent]
+        # Failed captures hold nothing and stay (their keys run eagerly for good).
+        held = sum(calls for graph, calls, _ in self._graphs.values() if graph is not None)
+        if held <= self.capacity:
+            return
+        stale = [item for item in self._graphs.items() if item[1][0] is not None and item[1][2] <= self._last_step_from]
+        for old, (_, calls, _) in sorted(stale, key=lambda item: item[1][2]):
+            if held <= self.capacity:
+                break
+            del self._graphs[old]
+            held -= calls
 
     def __len__(self) -> int:
         return sum(c is not None for c, _, _ in self._graphs.values())

@@ -539,26 +539,63 @@ def test_deferred_calls_run_together_in_queue_order():
     assert c.outputs is None and len(graphs.keys) == 5
 
 
+class _StubCaptures(CallGraphs):
+    """CallGraphs whose "capture" runs the call once and stores a graph that replays nothing:
+    its own keys, counts and cache without a GPU."""
+
+    class _NoGraph:
+        def replay(self) -> None:
+            pass
+
+    def _capture(self, key, fn, inputs, calls):
+        from adapprox_kernels.cuda_graphs import _Captured
+
+        static = [t.clone() for t in inputs]
+        outputs = fn(*static)
+        self._store(key, _Captured(self._NoGraph(), static, outputs, []), calls)
+        self.counts["captured"] += 1
+        return outputs
+
+
 def test_graph_cache_counts_a_batch_as_its_calls():
-    """``capacity`` bounds the calls the kept graphs hold (their memory), the least recently
-    stored or run out first."""
-    graphs = CallGraphs(capacity=4)
-    graphs._store("a", None, 1)
-    graphs._store("batch", None, 3)
-    assert list(graphs._graphs) == ["a", "batch"]
-    graphs._store("b", None, 1)
-    assert list(graphs._graphs) == ["batch", "b"]
+    """``capacity`` bounds the calls the kept graphs hold (their memory), beyond those run in
+    this step or the last: the least recently run go first; failed captures hold nothing and
+    stay."""
+    from adapprox_kernels.cuda_graphs import _Captured
+
+    def graph():
+        return _Captured(_StubCaptures._NoGraph(), [], (), [])
 
     graphs = CallGraphs(capacity=4)
-    for key in "abc":
-        graphs._store(key, None, 1)
-    ran = []
-    graphs._run_signed("a", lambda: ran.append("a"), [], 1)  # a failed capture runs eagerly, and counts as a use
-    assert ran == ["a"]
-    graphs._store("batch", None, 2)  # "b" is now the least recent
-    assert sorted(graphs._graphs) == ["a", "batch", "c"]
-    graphs._store("huge", None, 9)  # more than the capacity: kept alone
-    assert list(graphs._graphs) == ["huge"]
+    graphs._store("a", graph(), 1)
+    graphs._store("batch", graph(), 3)
+    graphs._store("b", graph(), 1)
+    assert list(graphs._graphs) == ["a", "batch", "b"]  # all run in this step
+    graphs.next_step()
+    graphs.next_step()
+    graphs._run_signed("a", lambda: (), [], 1, graphs._graphs["a"])  # a replay is a use
+    graphs._store("c", graph(), 1)
+    assert list(graphs._graphs) == ["a", "b", "c"]  # "batch": the least recently run, and enough
+    graphs._store("failed", None, 5)
+    graphs.next_step()
+    graphs.next_step()
+    graphs._store("huge", graph(), 9)  # more than the capacity: kept, the rest goes
+    assert sorted(graphs._graphs) == ["failed", "huge"]
+
+
+def test_graph_cache_keeps_what_each_step_runs():
+    """More graphed calls a step than the capacity (per-layer param groups give ~80 buckets):
+    the steps settle into replays. Dropping the least recently used dropped what the next
+    step needed, which then captured again, every step."""
+    graphs = _StubCaptures(capacity=4)
+    x = torch.zeros(1)
+    for _ in range(5):
+        counts = dict(graphs.counts)
+        for key in range(6):
+            graphs.run(key, lambda v: (v + 1,), [x])
+        graphs.next_step()
+    assert graphs.counts["captured"] == 6 and len(graphs) == 6
+    assert graphs.counts["replayed"] - counts.get("replayed", 0) == 6  # the last step
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
