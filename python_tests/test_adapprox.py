@@ -139,8 +139,9 @@ def test_sigmoid_policy_grows_only_at_checks():
         w2.grad = g
         opt2.step()
         ranks.append(opt2.state[w2]["rank"])
-    assert ranks[0] == ranks[1] == ranks[2] == 1.0 and ranks[3] > 1.0 and ranks[4] == ranks[3]
-    assert ranks == sorted(ranks)
+    assert ranks[0] == ranks[1] == ranks[2] == 1.0  # no check before step 4
+    assert ranks[3] > 1.0 and ranks[3] == ranks[4] == ranks[5] == ranks[6]  # grew at step 4, then waits
+    assert ranks[7] > ranks[6] and ranks[8] == ranks[7]  # and grew again at step 8 (noise: ξ stays large)
 
 
 @pytest.mark.parametrize("beta1", [0.9, 0.0])
@@ -652,12 +653,18 @@ def test_cosine_guidance_bounded_and_changes_the_step():
     assert not torch.equal(w_plain, w_cos)
 
 
-def test_warm_start_keeps_error_close_to_cold():
+def test_warm_start_keeps_error_close_to_cold(monkeypatch):
+    """Warm starts (from step 2, with one power iteration) keep ξ within 20% of the cold l = 5."""
+    import adapprox_kernels.adapprox as mod
+
+    iters, real = [], mod.subspace_iteration
+    monkeypatch.setattr(mod, "subspace_iteration", lambda op, x, n, orth: iters.append(n) or real(op, x, n, orth))
     torch.manual_seed(0)
     base = torch.rand(64, 1) @ torch.rand(1, 96)
     grads = [base + 0.05 * torch.randn(64, 96) for _ in range(15)]
     _, cold = run(dict(k_init=6, k_max=6, k_min=6, seed=0), torch.zeros(64, 96), grads)
     _, warm = run(dict(k_init=6, k_max=6, k_min=6, seed=0, warm_start=True, warm_power_iters=1), torch.zeros(64, 96), grads)
+    assert iters == [5] * 15 + [5] + [1] * 14  # the warm run really was warm (the first step is cold)
     xi_cold = next(iter(cold.state.values()))["xi"]
     xi_warm = next(iter(warm.state.values()))["xi"]
     assert math.isfinite(xi_warm) and xi_warm <= 1.2 * xi_cold + 1e-6
@@ -915,6 +922,7 @@ def test_sigmoid_policy_checks_each_matrix_on_its_own_step_count():
     a, b, b_alone = (torch.nn.Parameter(torch.zeros(48, 64)) for _ in range(3))
     opt, opt_alone = Adapprox([a, b], **kw), Adapprox([b_alone], **kw)
     gen = torch.Generator().manual_seed(0)
+    alone = []  # b_alone's rank after each of its steps
     for t in range(1, 13):
         a.grad, gb = torch.randn(48, 64, generator=gen), torch.randn(48, 64, generator=gen)  # noise: ξ ≫ ξ_thresh
         b.grad = gb if t % 3 else None
@@ -922,6 +930,9 @@ def test_sigmoid_policy_checks_each_matrix_on_its_own_step_count():
         if b.grad is not None:
             b_alone.grad = gb.clone()
             opt_alone.step()
+            alone.append(opt_alone.state[b_alone]["rank"])
+    grew_at = [i + 1 for i in range(1, len(alone)) if alone[i] > alone[i - 1]]
+    assert len(alone) == 8 and grew_at == [3, 6], alone  # each of its own checks
     ranks = [o.state[w]["rank"] for o, w in ((opt, a), (opt, b), (opt_alone, b_alone))]
     assert ranks[1] == ranks[2] > 1.0 and ranks[0] > 1.0, ranks
     assert not math.isnan(opt.state[b]["xi"])

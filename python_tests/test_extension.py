@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import types
 
 import pytest
 import torch
@@ -127,8 +128,13 @@ def test_disable_switch(monkeypatch):
 
 
 def test_unavailable_extension_falls_back(monkeypatch):
+    # An fp32 CUDA tensor is what would go to the extension; only its device and dtype are read.
+    cuda_fp32 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    monkeypatch.setattr(ext, "_MODULE", object())
+    assert ext.uses_extension(cuda_fp32)
     monkeypatch.setattr(ext, "_MODULE", None)
     monkeypatch.setattr(ext, "_ERROR", "not built (test)")
+    assert not ext.uses_extension(cuda_fp32)
     y = torch.randn(2, 9, 4)
     assert not ext.uses_extension(y)
     assert torch.equal(ext.orthonormalize(y), householder_orthonormalize(y))
