@@ -127,7 +127,8 @@ def test_full_rank_is_adafactor_momentum_in_the_gradient_basis(shape):
     # The first gradient's left singular vectors, column by column up to sign (any orthogonal
     # basis would pass the oracle's orthonormality, and Adafactor depends on the basis).
     singular = torch.linalg.svd(oriented[0]).U
-    torch.testing.assert_close((basis.T @ singular).abs(), torch.eye(min(shape), dtype=torch.float64), atol=1e-8, rtol=0)
+    eye = torch.eye(min(shape), dtype=torch.float64)
+    torch.testing.assert_close((basis.T @ singular).abs(), eye, atol=1e-8, rtol=0)
     want = _adafactor_momentum_oracle(oriented, basis, lr, 0.9, 0.95, 1e-8)
     for got, exp in zip(disps, want):
         torch.testing.assert_close(got, exp.T if shape[0] > shape[1] else exp, rtol=1e-10, atol=1e-12)
