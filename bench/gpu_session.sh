@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh compare DIR LABEL [SIZE]   # this tree's step against the checkout in DIR
 #   bash bench/gpu_session.sh step                   # bench_step.py (GPU part), then traffic_bound.py on it
 #   bash bench/gpu_session.sh tune                   # tune_blocks.py --quick: tiles, and the rank loop unrolled
+#   bash bench/gpu_session.sh tune-dot               # the same with V's tiles rebuilt by a dot instead
 #
 # DIR for "compare": e.g. `git archive <commit> adapprox_kernels bench | tar -x -C ab_base` made
 # beforehand (with ab_base in .git/info/exclude, and carried to the machine); its extension is
@@ -41,10 +42,13 @@ step)
     python3 bench/traffic_bound.py --results "$latest" --out "$OUT"
     ;;
 tune)
-    python3 bench/tune_blocks.py --quick --default-precision-only --out "$OUT"
+    python3 bench/tune_blocks.py --quick --default-precision-only --rebuild loop unroll --out "$OUT"
+    ;;
+tune-dot)
+    python3 bench/tune_blocks.py --quick --default-precision-only --rebuild loop dot --out "$OUT"
     ;;
 *)
-    sed -n '2,13p' "$0"
+    sed -n '2,14p' "$0"
     exit 2
     ;;
 esac

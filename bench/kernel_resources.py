@@ -132,13 +132,15 @@ class Launch(NamedTuple):
     grads: tuple = ("*fp32", "*bf16")
 
 
-RANK = 8  # the rank the product launches are compiled for (K_UNROLL = 8 where Blocks.unroll >= 8)
+RANK = 8  # the rank the product launches are compiled for (K_UNROLL = 8 where Blocks.unroll >= 8, K_DOT = 16 where
+# Blocks.dot_from <= 8)
 TRANSPOSED = (UNIT_STRIDES - {"stride_gn"}) | {"stride_gm"}  # Vᵀ @ Y reads G's transposed view
 
 
 def _product(label: str, blocks: _launch.Blocks, precision: str, norms: bool, **kw) -> Launch:
     consts = dict(G_ALIGN=4, BLOCK_R=16, HAS_LOWRANK=True, PRECISION=precision, ROUND_TF32=False,
-                  BLOCK_M=blocks.m, BLOCK_N=blocks.n, WITH_NORMS=norms, K_UNROLL=blocks.rank_unroll(RANK))  # fmt: skip
+                  BLOCK_M=blocks.m, BLOCK_N=blocks.n, WITH_NORMS=norms, K_UNROLL=blocks.rank_unroll(RANK),
+                  K_DOT=blocks.rank_dot(RANK), REBUILD_TF32X3=precision != "ieee")  # fmt: skip
     return Launch(label, v_matmul._v_matmul_kernel, consts, blocks, **kw)
 
 
@@ -166,12 +168,15 @@ def launches(precision: str) -> list[Launch]:
 
 
 def candidates(precision: str) -> list[Launch]:
-    """Other product configurations (fp32 gradients, 4 warps, 3 stages), with and without the
-    rank loop unrolled (``Blocks.unroll``): what a GPU session should time next."""
+    """Other product configurations (fp32 gradients, 4 warps, 3 stages): the rank loop at run
+    time, unrolled (``Blocks.unroll``) or replaced by a dot (``Blocks.dot_from``): what a GPU
+    session should time next."""
     out = []
-    for norms, (m, n), unroll in itertools.product((False, True), ((32, 64), (64, 32), (64, 64), (128, 64)), (0, 8)):
-        label = f"candidate: V @ X{' (+ sums)' if norms else ''}, unroll {unroll}"
-        out.append(_product(label, _launch.Blocks(m, n, 64, 4, 3, unroll), precision, norms, grads=("*fp32",)))
+    rebuilds = {"loop": {}, "unroll 8": dict(unroll=8), "dot": dict(dot_from=1)}
+    for norms, (m, n), rebuild in itertools.product((False, True), ((32, 64), (64, 32), (64, 64), (128, 64)), rebuilds):
+        label = f"candidate: V @ X{' (+ sums)' if norms else ''}, rebuild by {rebuild}"
+        blocks = _launch.Blocks(m, n, 64, 4, 3, **rebuilds[rebuild])
+        out.append(_product(label, blocks, precision, norms, grads=("*fp32",)))
     return out
 
 

@@ -3,12 +3,13 @@
 
 For GPT-2 124M/345M same-shaped groups (fp32 gradients, ranks k = 1 and 8, sketch width
 k + 5) it times ``V @ X`` (also with the first pass's sums), ``Vᵀ @ Y`` and the update pass
-for every configuration, the rank loop at run time or unrolled (``Blocks.unroll``), with
-``triton.testing.do_bench`` and reports GB/s against a device-to-device copy of the same
-bytes. ``PRODUCT_BLOCKS`` and ``ELEMENTWISE_BLOCKS`` in ``adapprox_kernels/kernels/_launch.py``
+for every configuration, V's tiles rebuilt by the rank loop at run time, unrolled
+(``Blocks.unroll``) or by one dot (``Blocks.dot_from``), with ``triton.testing.do_bench`` and
+reports GB/s against a device-to-device copy of the same bytes. ``PRODUCT_BLOCKS`` and ``ELEMENTWISE_BLOCKS`` in ``adapprox_kernels/kernels/_launch.py``
 come from this sweep (``FIRST_PASS_BLOCKS`` from ``bench_step.py``; this sweep times it too).
 
-``python bench/tune_blocks.py [--quick]`` writes ``bench/results/tune_blocks_<device>.json``.
+``python bench/tune_blocks.py [--quick] [--rebuild loop dot]`` writes
+``bench/results/tune_blocks_<device>[_<rebuilds>].json`` (the suffix when not all three).
 """
 
 from __future__ import annotations
@@ -42,16 +43,23 @@ DEFAULTS = {"v_matmul": PRODUCT_BLOCKS, "v_rmatmul": PRODUCT_BLOCKS, "v_matmul+s
             "apply_update": ELEMENTWISE_BLOCKS}  # fmt: skip
 
 
-def product_configs(quick: bool) -> list[Blocks]:
+# How a product rebuilds V's tiles: the Blocks fields that choose it.
+REBUILDS = {"loop": {}, "unroll": dict(unroll=16), "dot": dict(dot_from=1)}
+
+
+def product_configs(quick: bool, rebuilds=tuple(REBUILDS)) -> list[Blocks]:
     """Tiles × warps with the rank loop at run time (one stage count: it does not change that
-    code, see ``Blocks.unroll``), and the same unrolled up to rank 16 over stage counts."""
+    code, see ``Blocks.unroll``), and over stage counts with the loop unrolled up to rank 16
+    or replaced by a dot (either lets the main loop be pipelined)."""
     tiles = [(32, 64), (64, 64), (64, 128), (128, 64), (128, 128)] if quick else [
         (m, n) for m in (32, 64, 128) for n in (32, 64, 128)
     ]
-    stages = (2, 3) if quick else (2, 3, 4)
-    loop = [Blocks(m, n, 64, w, 2) for (m, n), w in itertools.product(tiles, (4, 8))]
-    unrolled = [Blocks(m, n, 64, w, s, 16) for (m, n), w, s in itertools.product(tiles, (4, 8), stages)]
-    return loop + unrolled
+    configs = []
+    for rebuild in rebuilds:
+        stages = (2,) if rebuild == "loop" else (2, 3) if quick else (2, 3, 4)
+        configs += [Blocks(m, n, 64, w, s, **REBUILDS[rebuild])
+                    for (m, n), w, s in itertools.product(tiles, (4, 8), stages)]  # fmt: skip
+    return configs
 
 
 def update_configs(quick: bool) -> list[Blocks]:
@@ -63,11 +71,12 @@ def update_configs(quick: bool) -> list[Blocks]:
 
 def same_code(a: Blocks, b: Blocks) -> bool:
     """Whether two configurations compile to the same product kernel: the stage count only
-    matters once the rank loop is unrolled."""
-    return a == b or (a.unroll == b.unroll == 0 and a._replace(stages=0) == b._replace(stages=0))
+    matters once the rank loop is unrolled or a dot."""
+    loop = a.unroll == b.unroll == a.dot_from == b.dot_from == 0
+    return a == b or (loop and a._replace(stages=0) == b._replace(stages=0))
 
 
-def sweep(device, quick: bool, precisions: tuple) -> list[dict]:
+def sweep(device, quick: bool, precisions: tuple, rebuilds: tuple) -> list[dict]:
     from triton.testing import do_bench
 
     from adapprox_kernels.kernels.apply_update import apply_update
@@ -95,7 +104,7 @@ def sweep(device, quick: bool, precisions: tuple) -> list[dict]:
         # The default precision and tf32 rounded to nearest (within the sketch's own noise in
         # bench/product_precision.py) over every tile shape; the others at the default tiles.
         for precision in precisions:
-            for blocks in product_configs(quick):
+            for blocks in product_configs(quick, rebuilds):
                 for name, fn, thin_in in (("v_matmul", v_matmul, x), ("v_rmatmul", v_rmatmul, y)):
                     cases.append((name, blocks, precision,
                                   lambda f=fn, t=thin_in, b=blocks, p=precision: f(grads, q, u, t, 0.999, blocks=b, precision=p),
@@ -151,6 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
     parser.add_argument("--default-precision-only", action="store_true", help="skip the tf32_rn sweep")
+    parser.add_argument("--rebuild", nargs="+", choices=list(REBUILDS), default=list(REBUILDS),
+                        help="how the products rebuild V's tiles (default: all three)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -158,9 +169,11 @@ def main() -> None:
         return
     device = torch.device("cuda")
     precisions = (None,) if args.default_precision_only else (None, "tf32_rn")
-    result = {"meta": metadata(device), "rows": sweep(device, args.quick, precisions)}
+    rebuilds = tuple(r for r in REBUILDS if r in args.rebuild)
+    result = {"meta": metadata(device), "rows": sweep(device, args.quick, precisions, rebuilds)}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["meta"]["device"]).strip("-").lower()
-    write_json(result, args.out, f"tune_blocks_{slug}.json")
+    suffix = "" if rebuilds == tuple(REBUILDS) else "_" + "-".join(rebuilds)
+    write_json(result, args.out, f"tune_blocks_{slug}{suffix}.json")
 
 
 if __name__ == "__main__":

@@ -196,22 +196,28 @@ def test_kernel_resources_reads_registers_and_pipelining_from_sm90_code(tmp_path
     assert "| dense sums | bf16 |" in path.with_suffix(".md").read_text()
 
 
-def test_tune_blocks_times_the_unrolled_rank_loop_over_stages_only():
+def test_tune_blocks_times_the_pipelined_rebuilds_over_stages_only():
     """bench/tune_blocks.py: stage counts are swept only where they change the code (the rank
-    loop unrolled); each default launch configuration is among the configurations swept."""
+    loop unrolled, or a dot); each default launch configuration is among the configurations
+    swept; ``--rebuild`` picks the rebuilds."""
     from bench.tune_blocks import DEFAULTS, product_configs, same_code
 
     from adapprox_kernels.kernels._launch import Blocks
 
     configs = product_configs(quick=True)
-    assert len({c.stages for c in configs if not c.unroll}) == 1
-    assert {c.stages for c in configs if c.unroll} == {2, 3}
+    loop = [c for c in configs if not c.unroll and not c.dot_from]
+    assert len({c.stages for c in loop}) == 1
+    assert {c.stages for c in configs if c.unroll} == {c.stages for c in configs if c.dot_from} == {2, 3}
+    assert not any(c.unroll and c.dot_from for c in configs)
+    assert product_configs(quick=True, rebuilds=("loop", "dot")) == [c for c in configs if not c.unroll]
     for name, default in DEFAULTS.items():
         if name != "apply_update":
-            assert any(same_code(c, default) for c in configs), name
+            assert any(same_code(c, default) for c in loop), name
     assert same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 3))
     assert not same_code(Blocks(64, 64, 64, 4, 2, 16), Blocks(64, 64, 64, 4, 3, 16))
     assert not same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 2, 16))
+    assert not same_code(Blocks(64, 64, 64, 4, 2, dot_from=1), Blocks(64, 64, 64, 4, 3, dot_from=1))
+    assert not same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 2, dot_from=1))
 
 
 @pytest.mark.parametrize("script", ["profile_step.py", "compare_step.py"])

@@ -115,6 +115,31 @@ def test_unrolled_rank_loop_gives_the_same_bits(k):
     assert torch.equal(rprod, v_rmatmul(grads, q, u, y, BETA2, blocks=loop))
 
 
+@pytest.mark.parametrize("k, dot_from", [(1, 1), (3, 1), (16, 8), (17, 1), (5, 6)])
+def test_rebuild_by_dot_matches_the_reference(k, dot_from):
+    """``Blocks.dot_from``: the rebuilt tile of V as one dot of factor tiles padded to
+    ``max(16, next power of two of k)`` columns (k = 17: 32) matches the reference, with the
+    first pass's sums and in both products, also when ``unroll`` is set (the dot wins); below
+    ``dot_from`` the loop runs, to the bit. The padded columns must read as 0: the factors'
+    columns past k hold garbage here, as a wider stack's would."""
+    from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
+
+    grads, q, u, g32, v = _inputs(2, 21, 35, k, torch.float32)
+    wide_q = torch.cat([q, torch.full((2, 21, 40), 1e6, device=DEVICE)], dim=2)[:, :, :k]
+    wide_u = torch.cat([u, torch.full((2, 35, 40), -1e6, device=DEVICE)], dim=2)[:, :, :k]
+    x, y = torch.randn(2, 35, 6, device=DEVICE), torch.randn(2, 21, 6, device=DEVICE)
+    loop, dot = _blocks(True), _blocks(True)._replace(unroll=16, dot_from=dot_from)
+    assert dot.rank_dot(k) == (max(16, 1 << (k - 1).bit_length()) if k >= dot_from else 0)
+    prod, sums = v_matmul(grads, wide_q, wide_u, x, BETA2, eps=EPS, blocks=dot)
+    rprod = v_rmatmul(grads, wide_q, wide_u, y, BETA2, blocks=dot)
+    _close(prod, v @ x)
+    _close(rprod, v.transpose(1, 2) @ y)
+    torch.testing.assert_close(sums[:, 0], v.square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(sums[:, 1], (g32 / (v.sqrt() + EPS)).square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
+    if k < dot_from:
+        assert torch.equal(prod, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[0])
+
+
 def test_tf32_rounding_of_the_reference():
     one_ulp = 2.0**-10  # tf32's spacing at 1
     x = torch.tensor([1 + 1.75 * one_ulp, -(1 + 0.5 * one_ulp), 1 + 1.5 * one_ulp, 3.0, 0.0, float("inf")])
@@ -476,11 +501,18 @@ from adapprox_kernels.kernels.v_matmul import _v_matmul_kernel as fn
 out = {}
 for precision, round_tf32 in (("tf32x3", False), ("tf32", False), ("tf32", True)):
     consts = dict(G_ALIGN=4, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, HAS_LOWRANK=True, WITH_NORMS=True,
-                  PRECISION=precision, ROUND_TF32=round_tf32, K_UNROLL=0)
+                  PRECISION=precision, ROUND_TF32=round_tf32, K_UNROLL=0, K_DOT=0, REBUILD_TF32X3=True)
     ptx = compile_sm90(fn, consts).asm["ptx"]
     out[precision + ("_rn" if round_tf32 else "")] = dict(
         rna=len(re.findall(r"cvt\\.rna\\.tf32", ptx)), wgmma=len(re.findall(r"wgmma[^\\n]*tf32", ptx))
     )
+# V's tiles rebuilt by a tf32x3 dot of 16 factor columns (Blocks.dot_from) at rank 8
+consts.update(PRECISION="tf32x3", ROUND_TF32=False, K_DOT=16)
+kernel = compile_sm90(fn, consts)
+out["rebuild_by_dot"] = dict(
+    wgmma=len(re.findall(r"wgmma[^\\n]*tf32", kernel.asm["ptx"])),
+    async_copies=kernel.asm["ttgir"].count("async_copy_global_to_local"),
+)
 print(json.dumps(out))
 """
 
@@ -509,6 +541,10 @@ def test_product_kernel_compiles_for_hopper_and_tf32_truncates():
     assert ptx["tf32"]["rna"] == 0 and ptx["tf32_rn"]["rna"] == 0
     assert ptx["tf32x3"]["rna"] > 0 and ptx["tf32x3"]["wgmma"] == 3 * ptx["tf32"]["wgmma"] > 0
     assert ptx["tf32_rn"]["wgmma"] == ptx["tf32"]["wgmma"]
+    # The dot rebuild adds tf32x3 wgmma for its 16 columns to the product's for the tile's 64
+    # (BLOCK_N), and the main loop is pipelined.
+    assert ptx["rebuild_by_dot"]["wgmma"] == ptx["tf32x3"]["wgmma"] * (64 + 16) // 64, ptx
+    assert ptx["rebuild_by_dot"]["async_copies"] > 0, ptx
 
 
 _HOPPER_ELEMENTWISE = """

@@ -33,7 +33,12 @@ class Blocks(NamedTuple):
     time (0: none; each power of two up to it is a kernel of its own). Only then is a
     product's main loop software-pipelined, so that ``num_stages`` matters at all: with the
     rank loop inside it, Triton 3.6 and 3.8 compile the same code for every stage count
-    (``bench/kernel_resources.py``). Not on by default until a GPU measures it."""
+    (``bench/kernel_resources.py``). Not on by default until a GPU measures it.
+
+    ``dot_from`` (products only): the smallest rank whose rebuild of V is one tensor-core dot
+    per tile (``tf32x3``, close to fp32, where the products' own dots use tf32; 0: never), in
+    place of k FMAs per entry; it also leaves no loop inside the main loop. Takes precedence
+    over ``unroll``. Not on by default until a GPU measures it."""
 
     m: int = 64
     n: int = 64
@@ -41,6 +46,7 @@ class Blocks(NamedTuple):
     warps: int = 4
     stages: int = 3
     unroll: int = 0
+    dot_from: int = 0
 
     def tile(self, m: int, n: int) -> tuple[int, int]:
         return pow2_block(m, self.m), pow2_block(n, self.n)
@@ -50,7 +56,11 @@ class Blocks(NamedTuple):
 
     def rank_unroll(self, k: int) -> int:
         """The products' ``K_UNROLL`` for rank ``k``: 0 (a run-time loop) or a power of two >= k."""
-        return triton.next_power_of_2(k) if 0 < k <= self.unroll else 0
+        return triton.next_power_of_2(k) if 0 < k <= self.unroll and not self.rank_dot(k) else 0
+
+    def rank_dot(self, k: int) -> int:
+        """The products' ``K_DOT`` for rank ``k``: 0 (no dot) or a power of two >= max(k, 16)."""
+        return max(MIN_DOT, triton.next_power_of_2(k)) if 0 < self.dot_from <= k else 0
 
 
 # V @ X and Vᵀ @ Y: 128×64 tiles. On the H100 (bench/results/tune_blocks_*.json, GPT-2 groups at

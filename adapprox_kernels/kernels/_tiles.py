@@ -43,15 +43,35 @@ def lowrank_tile(
     a_base, b_base, rows, cols, n_rows, n_cols, K,
     stride_ar, stride_ak, stride_br, stride_bk,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, K_UNROLL: tl.constexpr = 0,
+    K_DOT: tl.constexpr = 0, DOT_TF32X3: tl.constexpr = 0,
 ):  # fmt: skip
-    """``(A Bᵀ)[rows, cols]`` for ``A: (n_rows, K)``, ``B: (n_cols, K)``: one fp32 outer
-    product per column pair. K is small (the rank), so this costs K FMAs per entry, and it is
-    exact fp32: a tensor-core dot would pad K to 16 and round every rebuilt entry of V to tf32
-    (~1e-3 relative, as large as the default ξ threshold), an error no later sum averages out.
+    """``(A Bᵀ)[rows, cols]`` for ``A: (n_rows, K)``, ``B: (n_cols, K)`` (fp32), by default one
+    outer product per column pair: K FMAs per entry, exact fp32. A plain tf32 dot would round
+    every rebuilt entry of V (~1e-3 relative, as large as the default ξ threshold), an error no
+    later sum averages out.
 
     ``K_UNROLL``: 0 loops over K at run time; a power of two ``>= K`` unrolls the loop at
     compile time (columns from K on masked off). A loop left inside the products' main loop
-    keeps Triton from software-pipelining that loop (``bench/kernel_resources.py``)."""
+    keeps Triton from software-pipelining that loop (``bench/kernel_resources.py``).
+
+    ``K_DOT``: a power of two ``>= max(K, 16)`` makes the tile one ``tl.dot`` of the
+    ``BLOCK_R × K_DOT`` and ``K_DOT × BLOCK_C`` factor tiles (columns from K on read as 0), in
+    ``tf32x3`` when ``DOT_TF32X3`` (tensor cores, close to fp32), else ``ieee``: the rebuild no
+    longer costs K FMAs per entry, and no loop is left inside the caller's. Overrides
+    ``K_UNROLL``. (Flags are ints: Triton 3.6 rejects a string constexpr's default.)"""
+    if K_DOT > 0:
+        ks = tl.arange(0, K_DOT)
+        a = tl.load(
+            a_base + rows[:, None].to(tl.int64) * stride_ar + ks[None, :] * stride_ak,
+            mask=(rows[:, None] < n_rows) & (ks[None, :] < K), other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        b_t = tl.load(
+            b_base + ks[:, None] * stride_bk + cols[None, :].to(tl.int64) * stride_br,
+            mask=(ks[:, None] < K) & (cols[None, :] < n_cols), other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        if DOT_TF32X3:
+            return tl.dot(a, b_t, input_precision="tf32x3")
+        return tl.dot(a, b_t, input_precision="ieee")
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     a_ptrs = a_base + rows.to(tl.int64) * stride_ar
     b_ptrs = b_base + cols.to(tl.int64) * stride_br
@@ -71,17 +91,19 @@ def v_tile(
     stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk,
     beta2, one_minus_beta2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOWRANK: tl.constexpr, K_UNROLL: tl.constexpr = 0,
+    K_DOT: tl.constexpr = 0, DOT_TF32X3: tl.constexpr = 0,
 ):  # fmt: skip
     """The gradient tile and ``V = β2·relu(Q Uᵀ) + (1−β2)·G²`` on ``rows × cols`` (fp32).
 
     Out-of-range entries come back as ``G = V = 0``. ``HAS_LOWRANK=False`` (first step,
-    ``K = 0``) skips the factors entirely; ``K_UNROLL`` as in :func:`lowrank_tile`."""
+    ``K = 0``) skips the factors entirely; ``K_UNROLL``, ``K_DOT`` and ``DOT_TF32X3`` as in
+    :func:`lowrank_tile`."""
     g = load_tile(g_base, rows, cols, stride_gm, stride_gn, M, N)
     v = one_minus_beta2 * (g * g)
     if HAS_LOWRANK:
         qu = lowrank_tile(
             q_base, u_base, rows, cols, M, N, K, stride_qm, stride_qk, stride_un, stride_uk,
-            BLOCK_M, BLOCK_N, K_UNROLL,
+            BLOCK_M, BLOCK_N, K_UNROLL, K_DOT, DOT_TF32X3,
         )  # fmt: skip
         v = beta2 * tl.maximum(qu, 0.0) + v
     return g, v

@@ -47,7 +47,7 @@ def _v_matmul_kernel(
     beta2, one_minus_beta2, eps,
     G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, WITH_NORMS: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
-    K_UNROLL: tl.constexpr,
+    K_UNROLL: tl.constexpr, K_DOT: tl.constexpr, REBUILD_TF32X3: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -72,7 +72,7 @@ def _v_matmul_kernel(
         g, v = v_tile(
             g_base, q_base, u_base, rows, cols, M, N, K,
             stride_gm, stride_gn, stride_qm, stride_qk, stride_un, stride_uk, beta2, one_minus_beta2,
-            BLOCK_M, BLOCK_N, HAS_LOWRANK, K_UNROLL,
+            BLOCK_M, BLOCK_N, HAS_LOWRANK, K_UNROLL, K_DOT, REBUILD_TF32X3,
         )  # fmt: skip
         x = load_tile(x_base, cols, rs, stride_xn, stride_xr, N, R)
         if ROUND_TF32:
@@ -133,7 +133,9 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
         float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
         G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION="tf32" if precision == "tf32_rn" else precision,
-        ROUND_TF32=precision == "tf32_rn", K_UNROLL=blocks.rank_unroll(k),
+        ROUND_TF32=precision == "tf32_rn", K_UNROLL=blocks.rank_unroll(k), K_DOT=blocks.rank_dot(k),
+        # Never plain tf32 for the rebuilt tiles (see lowrank_tile): tf32x3 where tensor cores have tf32.
+        REBUILD_TF32X3=precision != "ieee" and dot_precision(table.device) == "tf32x3",
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     product = out[0] if split == 1 else out.sum(dim=0)
