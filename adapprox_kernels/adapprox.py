@@ -46,9 +46,22 @@ from .transfer import lr_and_decay
 PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee", "tf32_range", "tf32_rn")
 
 
+# Read from hundreds of tensors and states a step: C getters for map(), not Python loops.
+_dtype, _grad = operator.attrgetter("dtype"), operator.attrgetter("grad")
+_rank, _exp_avg_sq = operator.itemgetter("rank"), operator.itemgetter("exp_avg_sq")
+
+
 def _round_rank(k: float) -> int:
     """Round half up (Python's round() would round 2.5 to 2)."""
     return int(math.floor(k + 0.5))
+
+
+def _round_ranks(states: list[dict[str, Any]], cap: int) -> list[int]:
+    """``min(round(k), cap)`` of each state's rank; a bucket's matrices mostly share one
+    rank, so each distinct rank is rounded once."""
+    ranks = list(map(_rank, states))
+    rounded = {k: min(_round_rank(k), cap) for k in set(ranks)}
+    return list(map(rounded.__getitem__, ranks))
 
 
 def matrix_shape(p: torch.Tensor) -> tuple[int, int] | None:
@@ -87,9 +100,6 @@ def _narrowed(q: torch.Tensor, u: torch.Tensor, k: int) -> tuple[tuple[torch.Ten
     replay overwrites."""
     fmt = torch.contiguous_format
     return q[:, :, :k].clone(memory_format=fmt).unbind(0), u[:, :, :k].clone(memory_format=fmt).unbind(0)
-
-
-_dtype = operator.attrgetter("dtype")
 
 
 def _addresses(tensors: list[torch.Tensor]) -> tuple:
@@ -612,8 +622,8 @@ class Adapprox(SketchOptimizer):
         non-finite check's values), then the update pass in ``finish()``, which also writes V;
         graphed, both are deferred to run with the other buckets' passes."""
         beta2 = group["betas"][1]
-        grads = [p.grad for p in bucket]
-        sqs = [s["exp_avg_sq"] for s in states]
+        grads = list(map(_grad, bucket))
+        sqs = list(map(_exp_avg_sq, states))
         exp_avgs = _first_moments(bucket, states, group["betas"][0])
         kw = self._step_kwargs(group)
         eps = kw.pop("eps")
@@ -686,7 +696,8 @@ class Adapprox(SketchOptimizer):
         """The bucket's Gaussian sketch ``(B, n, width)``, on its factors' device and in their
         dtype, from that device's sketch RNG; ``width`` covers the bucket's largest rank."""
         m, n = matrix_shape(bucket[0])
-        width = sketch_width(max(_round_rank(s["rank"]) for s in states), group["oversample"], m, n)
+        # The largest rounded rank: rounding is monotonic, so round the largest rank only.
+        width = sketch_width(_round_rank(max(map(_rank, states))), group["oversample"], m, n)
         q = local(states[0]["Q"])
         gen = self._generator(q.device)
         return torch.randn(len(bucket), n, width, generator=gen, device=q.device, dtype=q.dtype)
@@ -715,27 +726,33 @@ class Adapprox(SketchOptimizer):
         qs, us = [s["Q"] for s in states], [s["U"] for s in states]
         if stacks is not None and _is_each(qs, stacks[0]) and _is_each(us, stacks[1]):
             q_prev, u_prev = stacks[0][0]._base, stacks[1][0]._base
+            prev_cols = [u_prev.shape[2]] * len(us)  # the matrices of one tensor: one width
         else:
             width_prev = max(q.shape[1] for q in qs)
             q_prev, u_prev = _stack_padded(local_list(qs), width_prev), _stack_padded(local_list(us), width_prev)
-        grads = local_list(p.grad for p in bucket)
+            prev_cols = [u.shape[1] for u in us]
+        # A bucket's parameters share their layout (see _buckets): where the first is a plain
+        # tensor, so are all, and their gradients and state; no per-tensor DTensor test.
+        as_local = list if shards is None else local_list
+        grads = as_local(map(_grad, bucket))
         if bucket[0].dim() > 2:  # folded to (m, n), as matrix_shape sees it
             grads = [g.flatten(1) for g in grads]
-        params = local_list(bucket)
+        params = as_local(bucket)
         exp_avgs = _first_moments(bucket, states, beta1)
-        exp_avgs = None if exp_avgs is None else local_list(exp_avgs)
+        exp_avgs = None if exp_avgs is None else as_local(exp_avgs)
 
-        ranks = [_round_rank(s["rank"]) for s in states]
         if sketch is None:
             sketch = self._draw_sketch(group, bucket, states)
         width = sketch.shape[-1]
-        prev_cols = [s["U"].shape[1] for s in states]
         warm = group["warm_start"] and min(prev_cols) > 0
         iters = group["warm_power_iters"] if warm else group["power_iters"]
-        used = [min(k, width) for k in ranks]
+        used = _round_ranks(states, width)
         # The sigmoid policy decides each matrix's rank on its own step count: same-shaped
         # matrices skip different steps (no gradient, a skipped non-finite step, added later).
-        due = [group["rank_policy"] == "step" or s["step"] % group["rank_interval"] == 0 for s in states]
+        if group["rank_policy"] == "step":
+            due = [True] * len(states)
+        else:
+            due = [s["step"] % group["rank_interval"] == 0 for s in states]
         measure = any(due)
         # Only the Triton kernels have a product precision to choose.
         precision = {"precision": group["product_precision"]} if getattr(backend, "name", None) == "triton" else {}
@@ -881,10 +898,18 @@ class Adapprox(SketchOptimizer):
         lo = min(group["k_min"], cap)  # k_min and k_max may have changed since the last decision
         if group["rank_policy"] == "step":
             k_min, beta3 = group["k_min"], group["betas"][2]
+            # The new rank depends on ξ only through ξ > threshold, and a bucket's matrices
+            # mostly share their rank: computed once per distinct input, not per matrix (this
+            # runs after the step's sync, while the GPU waits).
+            new_rank: dict[tuple, float] = {}
             for s, used, xi in zip(states, rec.used, xis):
                 s["xi"] = xi
-                rank = rank_moment(s["rank"], next_rank_step(used, xi, thresh, k_min, cap), beta3)
-                s["rank"] = rank if lo <= rank <= cap else float(min(max(rank, lo), cap))
+                key = (s["rank"], used, xi > thresh)
+                rank = new_rank.get(key)
+                if rank is None:
+                    rank = rank_moment(key[0], next_rank_step(used, xi, thresh, k_min, cap), beta3)
+                    rank = new_rank[key] = rank if lo <= rank <= cap else float(min(max(rank, lo), cap))
+                s["rank"] = rank
         else:
             for s, due, xi in zip(states, rec.due, xis):
                 rank = s["rank"]
@@ -895,7 +920,7 @@ class Adapprox(SketchOptimizer):
         for b, (_, _, rank) in kept.items():
             states[b]["rank"] = rank
         # Keep round(k_t) columns; growth past this sketch's width waits for the next step.
-        self._store_factors(rec, [min(_round_rank(s["rank"]), width) for s in states])
+        self._store_factors(rec, _round_ranks(states, width))
         for b, (q, u, _) in kept.items():
             states[b]["Q"], states[b]["U"] = q, u
 
@@ -908,18 +933,22 @@ class Adapprox(SketchOptimizer):
             return
         # One copy per distinct rank; each state tensor is one matrix of it (no memory shared
         # between parameters beyond the copy's own storage, whose size is what they hold).
+        k = keeps[0]
+        if keeps.count(k) == len(keeps):  # the usual case, one rank for all: one narrowing copy
+            ahead = rec.narrowed
+            qs, us = ahead[1:] if ahead is not None and ahead[0] == k else _narrowed(rec.q, rec.u, k)
+            if not torch.compiler.is_compiling():
+                self._factor_stacks[id(states)] = (qs, us)
+            for s, qb, ub in zip(states, qs, us):
+                s["Q"], s["U"] = qb, ub
+            return
         by_keep: dict[int, list[int]] = defaultdict(list)
         for b, k in enumerate(keeps):
             by_keep[k].append(b)
         for k, idx in by_keep.items():
-            if len(idx) == len(states):  # the usual case, one rank for all: one narrowing copy
-                ahead = rec.narrowed
-                qs, us = ahead[1:] if ahead is not None and ahead[0] == k else _narrowed(rec.q, rec.u, k)
-                if not torch.compiler.is_compiling():
-                    self._factor_stacks[id(states)] = (qs, us)
-            else:  # stack, not rec.q[idx]: a list index is copied to the device, which waits
-                qs = torch.stack([rec.q[b, :, :k] for b in idx]).unbind(0)
-                us = torch.stack([rec.u[b, :, :k] for b in idx]).unbind(0)
+            # stack, not rec.q[idx]: a list index is copied to the device, which waits
+            qs = torch.stack([rec.q[b, :, :k] for b in idx]).unbind(0)
+            us = torch.stack([rec.u[b, :, :k] for b in idx]).unbind(0)
             for b, qb, ub in zip(idx, qs, us):
                 states[b]["Q"], states[b]["U"] = qb, ub
 

@@ -26,6 +26,7 @@ bucket's ranks move, a batch's key changes every few steps: until a batch has co
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import torch
 from .transfer import keeping_constants
 
 Outputs = tuple  # of tensors, None, or (for a batch of deferred calls) tuples of those
+_signature = operator.attrgetter("shape", "dtype", "device")  # (t.shape, t.dtype, t.device)
 
 
 @dataclass
@@ -146,7 +148,7 @@ class CallGraphs:
 
     @staticmethod
     def _signed(key: Hashable, inputs: Sequence[torch.Tensor]) -> Hashable:
-        return key, tuple((t.shape, t.dtype, t.device) for t in inputs)
+        return key, tuple(map(_signature, inputs))
 
     def _run_signed(
         self,

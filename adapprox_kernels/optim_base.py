@@ -25,6 +25,7 @@ import numbers
 import operator
 import warnings
 from collections import defaultdict
+from itertools import islice, repeat
 from typing import Any
 
 import torch
@@ -49,8 +50,10 @@ def to_host(tensors: list[torch.Tensor | list[float] | None]) -> list[list[float
     for idxs in by_device.values():
         # cat promotes to a dtype that holds every value: one conversion, not one per tensor
         flat = torch.cat([tensors[i] for i in idxs]).double().tolist()
-        for i in idxs:
-            out[i], flat = flat[: len(tensors[i])], flat[len(tensors[i]) :]
+        end = 0
+        for i in idxs:  # numel(), not len(): Tensor.__len__ is Python, and this runs after the sync
+            start, end = end, end + tensors[i].numel()
+            out[i] = flat[start:end]
     return out
 
 
@@ -386,8 +389,12 @@ class SketchOptimizer(Optimizer):
     def _grads_to_update(self, group: dict[str, Any]) -> list[torch.Tensor]:
         """The group's parameters with a (non-empty) gradient, checked: dense, floating point.
         Hundreds of parameters a step: the checks are ``map``s over C methods."""
-        params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+        params = list(group["params"])
         grads = list(map(_grad, params))
+        # Every parameter with a non-empty gradient is the usual case: no Python loop for it.
+        if not (all(map(operator.is_not, grads, repeat(None))) and all(map(torch.Tensor.numel, params))):
+            params = [p for p, g in zip(params, grads) if g is not None and p.numel() > 0]
+            grads = list(map(_grad, params))
         # Both: a parameter's grad_dtype may let its gradient have another dtype.
         if any(map(_is_sparse, grads)) or not all(map(torch.Tensor.is_floating_point, [*params, *grads])):
             name = type(self).__name__
@@ -468,7 +475,7 @@ class SketchOptimizer(Optimizer):
         all_flags = iter(all_flags)
         work = []
         for group, params in groups:
-            flags = [next(all_flags) for _ in params]
+            flags = list(islice(all_flags, len(params)))
             if group["nonfinite"] == "raise" and any(flags):
                 p = params[flags.index(True)]
                 what = "non-finite gradient (inf or NaN)"
