@@ -418,6 +418,15 @@ def _named_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
     return out
 
 
+def _saved_names(model: torch.nn.Module, named: list[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """Name in a checkpoint -> FQN (of ``named``, :func:`_named_params`' list): the FQN itself or,
+    for checkpoints written before the FQNs left the wrappers' segments out, the parameter's
+    ``named_parameters()`` name (``_orig_mod.0.weight``), which a wrapped model's still loads by.
+    An FQN wins where the two coincide."""
+    wrapped = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
+    return {**{wrapped[p]: fqn for fqn, p in named}, **{fqn: fqn for fqn, _ in named}}
+
+
 def optimizer_state_dict(model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """The Adapprox state keyed by parameter FQN, ready for ``torch.distributed.checkpoint.save``.
 
@@ -443,7 +452,8 @@ def _load_target(model, optimizer, metadata, key: str) -> dict[str, Any]:
     param groups' options (options added since the checkpoint was written are filled from the
     defaults by ``load_state_dict``, as torch.optim does)."""
     saved = metadata.state_dict_metadata
-    params = dict(_named_params(model, optimizer))
+    named = _named_params(model, optimizer)
+    params, fqns = dict(named), _saved_names(model, named)
     state, groups, rng = {}, {}, {}
     for k, md in saved.items():
         if not k.startswith(f"{key}."):
@@ -451,9 +461,10 @@ def _load_target(model, optimizer, metadata, key: str) -> dict[str, Any]:
         section, _, rest = k[len(key) + 1 :].partition(".")
         if section == "state":
             fqn, name = rest.rsplit(".", 1)  # state names have no dots, FQNs may
-            if fqn not in params:
+            if fqn not in fqns:
                 raise ValueError(f"the checkpoint has optimizer state for {fqn!r}, not a parameter of this optimizer")
-            state.setdefault(fqn, {})[name] = _empty_like_saved(params[fqn], name, md) if hasattr(md, "size") else 0
+            p = params[fqns[fqn]]
+            state.setdefault(fqn, {})[name] = _empty_like_saved(p, name, md) if hasattr(md, "size") else 0
         elif section == "param_groups":
             index, name = rest.split(".", 1)
             groups.setdefault(int(index), {})[name] = _placeholder(md)
@@ -496,13 +507,16 @@ def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dic
     this process give it): a dict that another rank wrote with ``torch.save`` would load its
     shards here."""
     named = _named_params(model, optimizer)
-    index = {n: i for i, (n, _) in enumerate(named)}
+    position = {n: i for i, (n, _) in enumerate(named)}
+    # By the saved name: an FQN, or an older checkpoint's name with the wrappers' segments.
+    fqns = _saved_names(model, named)
+    index = {saved: position[fqn] for saved, fqn in fqns.items()}
     groups = state_dict["param_groups"]
     _check_group_count(len(groups), optimizer)
     new_groups, offset = [], 0
     for saved, group in zip(groups, optimizer.param_groups):
         mine = [n for n, _ in named[offset : offset + len(group["params"])]]
-        if sorted(saved["params"]) != sorted(mine):
+        if sorted(fqns.get(n, n) for n in saved["params"]) != sorted(mine):
             raise ValueError(f"param group parameters differ: checkpoint {saved['params']}, optimizer {mine}")
         # The saved names are in the checkpoint's order: this optimizer's own (if any) stay.
         options = {k: v for k, v in saved.items() if k != "param_names"}

@@ -286,6 +286,11 @@ class SketchOptimizer(Optimizer):
             # do (another optimizer's, e.g. AdamW's two betas, would fail steps later). The run
             # options stay ours; keys we do not know (a scheduler's initial_lr) are not ours to check.
             own = {k: v for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
+            # A scheduler's writes are not checked, and the step takes any real lr: a tensor filled in
+            # place (torch.optim's habit) or a NumPy number (a LambdaLR's). Its value is checked here.
+            lr = own.get("lr")
+            if (torch.is_tensor(lr) and lr.numel() == 1) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool)):
+                own["lr"] = float(lr)
             try:
                 self._check_hyperparameters({**self.defaults, **own})
             except ValueError as err:

@@ -105,15 +105,15 @@ def gpu_peak(size: str, cfg: dict, device: torch.device) -> dict:
                       galore_rank=peers.GALORE_RANK[size])  # fmt: skip
     batch = torch.randint(0, peers.GPT2[size].vocab_size, (1, 1025), device=device)
 
-    def step() -> None:
+    def step(model, opt) -> None:  # arguments, not a closure: both are deleted below
         opt.zero_grad(set_to_none=True)
         model.loss(batch).backward()
         opt.step()
 
-    step()
+    step(model, opt)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    step()
+    step(model, opt)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del model, opt

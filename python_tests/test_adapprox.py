@@ -315,6 +315,43 @@ def test_another_optimizers_checkpoint_is_refused_on_load(peer):
     assert not opt.state
 
 
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_a_checkpoint_with_a_schedulers_lr_loads_and_resumes(kind):
+    """A scheduler's writes are not checked, and the step takes them: a tensor lr filled in
+    place, or a LambdaLR's NumPy number. The checkpoint of such a run must load (the saved
+    groups' check refused it, as another optimizer's) and resume bit for bit."""
+    import numpy as np
+
+    def run(resume_at=None):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(20, 33), (7,)]]
+
+        def make():
+            opt = Adapprox(params, k_max=4, seed=0)
+            if kind == "tensor":
+                opt.param_groups[0]["lr"] = torch.tensor(1e-3)
+            return opt
+
+        opt = make()
+        for step in range(4):
+            if step == resume_at:
+                saved = copy.deepcopy(opt.state_dict())
+                opt = make()
+                opt.load_state_dict(saved)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            lr = opt.param_groups[0]["lr"]
+            if kind == "tensor":
+                lr.mul_(0.5)
+            else:
+                opt.param_groups[0]["lr"] = lr * np.float32(0.5)
+        return params
+
+    for a, b in zip(run(), run(resume_at=2)):
+        assert torch.equal(a, b)
+
+
 def test_a_compiled_step_follows_the_eager_one():
     """``torch.compile(opt.step)`` traces the step, graph breaks included; it must run and stay
     with the eager step (to rounding: the traced QR may order its sums otherwise)."""

@@ -747,3 +747,26 @@ def test_checkpoint_names_are_the_fqns_of_get_model_state_dict(tmp_path):
     loaded = _optimizer(plain)
     load_optimizer_state(plain, loaded, tmp_path / "ckpt")
     _assert_same_state(loaded, opt)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_checkpoint_of_a_wrapped_model_written_before_fqns_loads(tmp_path):
+    """Checkpoints written before the FQNs left the wrappers' segments out name a compiled (or
+    DDP) model's parameters ``_orig_mod.0.weight``: they must still load into that model (they
+    were refused as state for parameters the optimizer does not have)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = _model()
+    wrapped = torch.compile(model)  # its names only
+    opt = _optimizer(model)
+    _train(model, opt, range(1))
+    saved = optimizer_state_dict(wrapped, opt)
+    old = dict(
+        saved,
+        state={f"_orig_mod.{n}": s for n, s in saved["state"].items()},
+        param_groups=[dict(g, params=[f"_orig_mod.{n}" for n in g["params"]]) for g in saved["param_groups"]],
+    )
+    dcp.save({"optim": old}, checkpoint_id=str(tmp_path / "old"))
+    loaded = _optimizer(model)
+    load_optimizer_state(wrapped, loaded, tmp_path / "old")
+    _assert_same_state(loaded, opt)
