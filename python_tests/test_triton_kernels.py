@@ -4,6 +4,8 @@ Runs on CPU tensors under the Triton interpreter when there is no GPU (see trito
 shapes are small because the interpreter costs milliseconds per program and loop iteration.
 Small ``Blocks`` reach the multi-tile, multi-r-block and split paths."""
 
+import importlib
+import pkgutil
 import subprocess
 import sys
 
@@ -530,6 +532,27 @@ def _compile_for_hopper(script: str) -> dict:
         pytest.skip("no ptxas in this triton install")
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_no_jitted_helper_has_a_string_default():
+    """Triton 3.6 (the GPU machine's) fails to compile a call that leaves out a string-typed
+    constexpr default, which the interpreter and 3.8 accept: every default of a jitted function
+    in the kernels is a number or a bool (flags as ints)."""
+    import inspect
+
+    import triton
+
+    from adapprox_kernels import kernels
+
+    found = 0
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"adapprox_kernels.kernels.{info.name}")
+        for name, fn in vars(module).items():
+            if isinstance(fn, triton.runtime.jit.KernelInterface):  # compiled or interpreted
+                found += 1
+                for param in inspect.signature(fn.fn).parameters.values():
+                    assert not isinstance(param.default, str), f"{info.name}.{name}({param.name}={param.default!r})"
+    assert found >= 10
 
 
 def test_product_kernel_compiles_for_hopper_and_tf32_truncates():
