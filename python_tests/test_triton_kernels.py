@@ -117,13 +117,14 @@ def test_unrolled_rank_loop_gives_the_same_bits(k):
     assert torch.equal(rprod, v_rmatmul(grads, q, u, y, BETA2, blocks=loop))
 
 
-@pytest.mark.parametrize("k, dot_from", [(1, 1), (3, 1), (16, 8), (17, 1), (5, 6)])
+@pytest.mark.parametrize("k, dot_from", [(1, 1), (3, 1), (16, 8), (17, 1), (5, 6), (65, 1)])
 def test_rebuild_by_dot_matches_the_reference(k, dot_from):
     """``Blocks.dot_from``: the rebuilt tile of V as one dot of factor tiles padded to
     ``max(16, next power of two of k)`` columns (k = 17: 32) matches the reference, with the
     first pass's sums and in both products, also when ``unroll`` is set (the dot wins); below
-    ``dot_from`` the loop runs, to the bit. The padded columns must read as 0: the factors'
-    columns past k hold garbage here, as a wider stack's would."""
+    ``dot_from`` and above ``MAX_DOT_RANK`` the loop runs, to the bit. The padded columns must
+    read as 0: the factors' columns past k hold garbage here, as a wider stack's would."""
+    from adapprox_kernels.kernels._launch import MAX_DOT_RANK
     from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
 
     grads, q, u, g32, v = _inputs(2, 21, 35, k, torch.float32)
@@ -131,14 +132,15 @@ def test_rebuild_by_dot_matches_the_reference(k, dot_from):
     wide_u = torch.cat([u, torch.full((2, 35, 40), -1e6, device=DEVICE)], dim=2)[:, :, :k]
     x, y = torch.randn(2, 35, 6, device=DEVICE), torch.randn(2, 21, 6, device=DEVICE)
     loop, dot = _blocks(True), _blocks(True)._replace(unroll=16, dot_from=dot_from)
-    assert dot.rank_dot(k) == (max(16, 1 << (k - 1).bit_length()) if k >= dot_from else 0)
+    dotted = dot_from <= k <= MAX_DOT_RANK
+    assert dot.rank_dot(k) == (max(16, 1 << (k - 1).bit_length()) if dotted else 0)
     prod, sums = v_matmul(grads, wide_q, wide_u, x, BETA2, eps=EPS, blocks=dot)
     rprod = v_rmatmul(grads, wide_q, wide_u, y, BETA2, blocks=dot)
     _close(prod, v @ x)
     _close(rprod, v.transpose(1, 2) @ y)
     torch.testing.assert_close(sums[:, 0], v.square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
     torch.testing.assert_close(sums[:, 1], (g32 / (v.sqrt() + EPS)).square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
-    if k < dot_from:
+    if not dotted:
         assert torch.equal(prod, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[0])
 
 
@@ -515,6 +517,12 @@ out["rebuild_by_dot"] = dict(
     wgmma=len(re.findall(r"wgmma[^\\n]*tf32", kernel.asm["ptx"])),
     async_copies=kernel.asm["ttgir"].count("async_copy_global_to_local"),
 )
+# The widest dot rebuild at the default tiles (sketch blocks of 64): the shared memory it needs
+from adapprox_kernels.kernels._launch import FIRST_PASS_BLOCKS, MAX_DOT_RANK, PRODUCT_BLOCKS
+for name, blocks, norms in (("first_pass", FIRST_PASS_BLOCKS, True), ("product", PRODUCT_BLOCKS, False)):
+    blocks = blocks._replace(dot_from=1)
+    consts.update(BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_R=blocks.r, WITH_NORMS=norms, K_DOT=blocks.rank_dot(MAX_DOT_RANK))
+    out["widest_dot_shared_" + name] = compile_sm90(fn, consts, warps=blocks.warps, stages=blocks.stages).metadata.shared
 print(json.dumps(out))
 """
 
@@ -568,6 +576,10 @@ def test_product_kernel_compiles_for_hopper_and_tf32_truncates():
     # (BLOCK_N), and the main loop is pipelined.
     assert ptx["rebuild_by_dot"]["wgmma"] == ptx["tf32x3"]["wgmma"] * (64 + 16) // 64, ptx
     assert ptx["rebuild_by_dot"]["async_copies"] > 0, ptx
+    # Blocks.rank_dot stops at MAX_DOT_RANK: one power of two more overflows an H100 block's
+    # shared memory (the largest a block can opt in to: 227 KiB)
+    assert 0 < ptx["widest_dot_shared_first_pass"] <= 227 * 1024, ptx
+    assert 0 < ptx["widest_dot_shared_product"] <= 227 * 1024, ptx
 
 
 _HOPPER_ELEMENTWISE = """

@@ -19,6 +19,11 @@ from ..transfer import handed_out, to_device_nowait
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on GPUs
+# The widest rank a product rebuilds V's tiles by one dot (``Blocks.dot_from``): the pipelined
+# factor tiles sit in shared memory, and at 128 columns they overflow an H100 block's 227 KiB
+# with the default product tiles (compiled for sm_90 with 64-column sketch blocks: 278,528 B at
+# 128×64 and 2 stages, 262,144 B at 64×64 and 3; at 64 columns both take 163,840 B).
+MAX_DOT_RANK = 64
 
 
 class Blocks(NamedTuple):
@@ -38,7 +43,8 @@ class Blocks(NamedTuple):
     ``dot_from`` (products only): the smallest rank whose rebuild of V is one tensor-core dot
     per tile (``tf32x3``, close to fp32, where the products' own dots use tf32; 0: never), in
     place of k FMAs per entry; it also leaves no loop inside the main loop. Takes precedence
-    over ``unroll``. Not on by default until a GPU measures it."""
+    over ``unroll``. Ranks above ``MAX_DOT_RANK`` keep the loop. Not on by default until a GPU
+    measures it."""
 
     m: int = 64
     n: int = 64
@@ -60,7 +66,7 @@ class Blocks(NamedTuple):
 
     def rank_dot(self, k: int) -> int:
         """The products' ``K_DOT`` for rank ``k``: 0 (no dot) or a power of two >= max(k, 16)."""
-        return max(MIN_DOT, triton.next_power_of_2(k)) if 0 < self.dot_from <= k else 0
+        return max(MIN_DOT, triton.next_power_of_2(k)) if 0 < self.dot_from <= k <= MAX_DOT_RANK else 0
 
 
 # V @ X and Vᵀ @ Y: 128×64 tiles. On the H100 (bench/results/tune_blocks_*.json, GPT-2 groups at
