@@ -162,7 +162,8 @@ setup(
     description="Adapprox and AdaMeM optimizers with fused Triton kernels and a batched S-RSI extension",
     packages=find_packages(include=["adapprox_kernels", "adapprox_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    # 2.6: torch.optim takes named_parameters() (param_names), which the optimizers build on
+    install_requires=["torch>=2.6", "numpy"],
     # "main": what python -m adapprox_kernels.train imports, its peers' packages included
     # (transformers: Hugging Face's Adafactor for adafactor-m; also a galore-torch import).
     extras_require={

@@ -225,13 +225,16 @@ class Adapprox(SketchOptimizer):
         cosine_guidance: scale the momentum part of each step (not the weight decay) by the cosine
             similarity of the update and the momentum (only with β1 > 0), bounded by ``cosine_max_scale``.
         exact_small_matrices: keep a dense (exact) second moment for matrices with
-            ``min(m, n) <= k_max + oversample``.
+            ``min(m, n) <= k_max + oversample``. Wider matrices are factored even where their
+            factors at ``k_init`` outsize V (``k_init·(m+n) > m·n``) until the rank adapts down;
+            a ``k_init`` of at most half the width avoids that (docs/algorithm.md).
         nonfinite: ``"raise"`` (default: a ``FloatingPointError`` naming the parameter, before
             anything is modified) or ``"skip"`` (that parameter's step is skipped, its state left
             untouched, and ``state["nonfinite_skips"]`` counts it).
         backend: ``"auto"``, ``"reference"`` or any registered backend.
-        seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG;
-            under an initialized torch.distributed, rank 0's draw, broadcast to all ranks).
+        seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG,
+            which that draw moves on; under an initialized torch.distributed, rank 0's draw,
+            broadcast to all ranks).
         warm_start: start S-RSI from last step's ``U`` (its columns, topped up with Gaussian
             ones) instead of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default

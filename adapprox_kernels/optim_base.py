@@ -126,6 +126,16 @@ def _holding(sharded: bool, rank: dict[str, int] | None) -> str:
     return f"DTensor shards of rank {rank['rank']} of {rank['world_size']}"
 
 
+def as_python(v: Any) -> Any:
+    """NumPy scalars (``np.float32(1e-3)``, ``np.int64(8)``, also inside ``betas``) as the
+    Python numbers they hold, which the checks and the step expect; anything else as it is."""
+    if isinstance(v, (tuple, list)):
+        return type(v)(map(as_python, v))
+    if isinstance(v, numbers.Number) and type(v) not in (int, float, complex) and hasattr(v, "item"):  # np.float64 too
+        return v.item()
+    return v
+
+
 def as_tuple(v: Any) -> Any:
     """A list as a tuple (hashable, as it goes into the graph keys); anything else as it is, for
     the checks to name."""
@@ -140,7 +150,7 @@ class SketchOptimizer(Optimizer):
             isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and -(2**63) <= seed < 2**64
         )  # the range torch.Generator.manual_seed takes
         check(valid_seed, f"Invalid seed: {seed!r} (need None or an int in [-2**63, 2**64))")
-        super().__init__(params, defaults)
+        super().__init__(params, {k: as_python(v) for k, v in defaults.items()})
         # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used.
         self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
@@ -176,7 +186,8 @@ class SketchOptimizer(Optimizer):
         take two steps per step)."""
         self._check_hyperparameters(self.defaults)
         where = f"param_groups[{len(self.param_groups)}]"
-        own = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        own = {k: as_python(v) for k, v in param_group.items() if k not in ("params", "param_names")}
+        param_group = {**param_group, **own}
         if own:
             try:
                 self._check_hyperparameters({**self.defaults, **own})
@@ -296,7 +307,9 @@ class SketchOptimizer(Optimizer):
             except ValueError as err:
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: the saved param_groups[{i}] does not fit: {err}. "
-                    "Was it saved by another optimizer?"
+                    "Either the checkpoint is another optimizer's, or the value was written into param_groups "
+                    "after construction (by a scheduler, say; such writes are checked only here): mend it in the "
+                    "saved dict's param_groups before loading"
                 ) from None
         same_groups = sizes == [len(g["params"]) for g in self.param_groups]
         if same_groups:  # (torch.optim raises where the groups differ)
@@ -405,9 +418,12 @@ class SketchOptimizer(Optimizer):
             name = type(self).__name__
             for p in params:
                 if p.grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients")
+                    raise RuntimeError(f"{name} does not support sparse gradients ({self._param_name(p)})")
                 if not (p.is_floating_point() and p.grad.is_floating_point()):
-                    raise TypeError(f"{name} needs floating-point parameters and gradients, got {p.dtype}/{p.grad.dtype}")
+                    raise TypeError(
+                        f"{name} needs floating-point parameters and gradients; {self._param_name(p)} is "
+                        f"{p.dtype} with a {p.grad.dtype} gradient"
+                    )
         return params
 
     def _nonfinite(

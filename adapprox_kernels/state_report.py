@@ -95,9 +95,12 @@ class StateReport:
                 f"{r.name:{w}s} {str(tuple(r.shape)):>16s} {r.kind:>9s} {rank:>7s} {xi:>9s} "
                 f"{r.state_bytes:>11d} {r.adamw_bytes:>11d}"
             )
+        # No factored matrix (or no state yet): no mean rank, no ratio; "-", as in the rows.
+        mean_rank = "-" if self.mean_rank != self.mean_rank else f"{self.mean_rank:.2f}"
+        ratio = f"  ({100 * self.ratio_to_adamw:.1f}% of AdamW)" if self.adamw_bytes else ""
         lines.append(
-            f"{'total':{w}s} {'':>16s} {'':>9s} {self.mean_rank:>7.2f} {'':>9s} {self.state_bytes:>11d} "
-            f"{self.adamw_bytes:>11d}  ({100 * self.ratio_to_adamw:.1f}% of AdamW)"
+            f"{'total':{w}s} {'':>16s} {'':>9s} {mean_rank:>7s} {'':>9s} {self.state_bytes:>11d} "
+            f"{self.adamw_bytes:>11d}{ratio}"
         )
         return "\n".join(lines)
 

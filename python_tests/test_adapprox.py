@@ -177,6 +177,19 @@ def test_state_report_names_whole_rows_and_counts_adamw_lazily():
     assert printed == [*params, "frozen.weight"]
 
 
+def test_state_report_total_without_a_factored_matrix_prints_no_nan():
+    """Before the first step (no state) and for vectors alone (no rank) the total row has no
+    mean rank and no ratio to AdamW to show: "-", not "nan"."""
+    bias = torch.nn.Parameter(torch.randn(12))
+    opt = Adapprox([bias], k_max=2, seed=0)
+    for _ in range(2):
+        total = str(opt.state_report()).splitlines()[-1]
+        assert "nan" not in total.lower() and total.split()[1] == "-", total
+        bias.grad = torch.randn_like(bias)
+        opt.step()
+    assert "(100.0% of AdamW)" in total
+
+
 def make_model():
     torch.manual_seed(1)
     return torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.Tanh(), torch.nn.Linear(40, 20), torch.nn.LayerNorm(20))
@@ -652,12 +665,45 @@ def test_bad_param_group_values_are_refused(override, match):
 def test_integer_params_and_sparse_grads_are_refused():
     w = torch.nn.Parameter(torch.randn(4, 4))
     w.grad = torch.randn(4, 4).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse"):
-        Adapprox([w]).step()
+    with pytest.raises(RuntimeError, match=r"sparse gradients \(w\)"):
+        Adapprox([("w", w)]).step()
     counts = torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)
     counts.grad = torch.zeros(3, dtype=torch.int64)
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match=r"floating-point .*; param_groups\[0\]\['params'\]\[1\] is torch.int64"):
         Adapprox([torch.nn.Parameter(torch.randn(2)), counts]).step()
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
+    """AdamW takes ``lr=np.float32(1e-3)`` and so do we: NumPy scalars, in the constructor and
+    in a param group (``betas`` too), are stored as Python numbers and step as them."""
+    import numpy as np
+
+    def run(**kw):
+        w = torch.nn.Parameter(torch.ones(12, 10))
+        opt = Adapprox([w], seed=0, **kw)
+        opt.add_param_group({"params": [b := torch.nn.Parameter(torch.ones(10))], "weight_decay": kw["lr"] * 0})
+        w.grad, b.grad = torch.full_like(w, 0.5), torch.full_like(b, 0.5)
+        opt.step()
+        return w, opt
+
+    w_np, opt = run(lr=np.float32(1e-3), betas=(np.float64(0.9), np.float32(0.999), 0.9), k_max=np.int64(4))
+    group, added = opt.param_groups
+    assert type(group["lr"]) is float and type(group["k_max"]) is int and type(added["weight_decay"]) is float
+    assert all(type(b) is float for b in group["betas"])
+    w_py, _ = run(lr=float(np.float32(1e-3)), betas=(0.9, float(np.float32(0.999)), 0.9), k_max=4)
+    assert torch.equal(w_np, w_py)
+
+
+def test_a_checkpoint_with_a_bad_written_value_says_so():
+    """A value written into param_groups after construction (a LambdaLR stepped past its end
+    gives a negative lr) is checked only on load; the error says where such a value may come
+    from, not only that the checkpoint may be another optimizer's."""
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    opt = Adapprox([w], k_max=2)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lr"] = -2e-4
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -0.0002.*written into param_groups"):
+        Adapprox([w], k_max=2).load_state_dict(saved)
 
 
 def test_closure_and_param_names_in_report():
