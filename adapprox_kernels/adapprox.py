@@ -213,7 +213,7 @@ class Adapprox(SketchOptimizer):
         betas: ``(β1, β2, β3)``: momentum of updates (0 keeps no first moment), second-moment
             decay, rank-moment decay.
         eps: ε added to ``√V`` (> 0: V has exact zeros where G does and relu clamps).
-        clip_threshold: d, the update-RMS clipping threshold.
+        clip_threshold: d, the update-RMS clipping threshold (``None``: no clipping).
         weight_decay: λ, decoupled: ``W ← W − α(M + λW)``.
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
         k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
@@ -265,7 +265,7 @@ class Adapprox(SketchOptimizer):
         lr: float = 1e-3,
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9),
         eps: float = 1e-8,
-        clip_threshold: float = 1.0,
+        clip_threshold: float | None = 1.0,
         weight_decay: float = 0.1,
         k_init: int | None = None,
         k_max: int = 256,
@@ -307,8 +307,8 @@ class Adapprox(SketchOptimizer):
         # gradient, a scale that rounds to inf multiplies the update by it.
         f32 = torch.finfo(torch.float32)
         _check(
-            is_real(clip) and clip >= f32.tiny,
-            f"Invalid clip_threshold: {clip!r} (need a finite value >= {f32.tiny:.3g}, float32's smallest normal)",
+            clip is None or (is_real(clip) and clip >= f32.tiny),
+            f"Invalid clip_threshold: {clip!r} (need None or a finite value >= {f32.tiny:.3g}, float32's smallest normal)",
         )
         _check(
             is_real(scale) and 1.0 <= scale <= f32.max,
@@ -602,8 +602,9 @@ class Adapprox(SketchOptimizer):
 
     def _step_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1 = group["betas"][0]
+        clip = group["clip_threshold"]
         return dict(
-            eps=group["eps"], clip_threshold=group["clip_threshold"], lr=group["lr"], beta1=beta1,
+            eps=group["eps"], clip_threshold=math.inf if clip is None else clip, lr=group["lr"], beta1=beta1,
             weight_decay=group["weight_decay"],
             cosine_max_scale=group["cosine_max_scale"] if group["cosine_guidance"] and beta1 > 0 else None,
         )  # fmt: skip

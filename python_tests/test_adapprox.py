@@ -60,6 +60,20 @@ def test_full_rank_matches_dense_formula(beta1, exact_small, shape):
     assert ("Q" in state) == (not exact_small)
 
 
+@pytest.mark.parametrize("exact_small", [False, True])
+def test_no_clipping_with_clip_threshold_none(exact_small):
+    """``clip_threshold=None`` (as AdaMeM takes it): the update is never scaled down, factored
+    or dense. The first steps' updates have an RMS near 1/√(1−β2) = 10, so d = 1 clips them."""
+    w0, grads = torch.randn(12, 20), [torch.randn(12, 20) * (1 + i) for i in range(4)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99, 0.9), eps=1e-8, weight_decay=0.1)
+    options = dict(kw, k_max=64, exact_small_matrices=exact_small, seed=0)
+    w, _ = run(dict(options, clip_threshold=None), w0, grads, dtype=torch.float64)
+    want = dense_adapprox(w0, grads, kw["lr"], kw["betas"], kw["eps"], math.inf, kw["weight_decay"])
+    torch.testing.assert_close(w.double(), want, rtol=1e-5, atol=1e-8)
+    clipped, _ = run(dict(options, clip_threshold=1.0), w0, grads, dtype=torch.float64)
+    assert not torch.allclose(clipped, w, rtol=1e-3)
+
+
 @pytest.mark.parametrize("beta1", [0.9, 0.0])
 @pytest.mark.parametrize("shape", [(), (1,), (5,)])
 def test_scalars_and_vectors_match_dense_formula(beta1, shape):

@@ -52,9 +52,10 @@ BASE = dict(lr=1e-2, k_max=4, oversample=2, power_iters=2, betas=(0.9, 0.9, 0.0)
 CONFIGS = {
     "fp32-cold": (torch.float32, {}),
     "bf16-warm-cosine": (torch.bfloat16, dict(warm_start=True, cosine_guidance=True)),
-    "fp16-no-momentum-sigmoid": (
+    "fp16-no-momentum-sigmoid-unclipped": (
         torch.float16,
-        dict(betas=(0.0, 0.9, 0.0), rank_policy="sigmoid", rank_interval=2, k_init=2, weight_decay=0.0),
+        dict(betas=(0.0, 0.9, 0.0), rank_policy="sigmoid", rank_interval=2, k_init=2, weight_decay=0.0,
+             clip_threshold=None),
     ),
 }
 
