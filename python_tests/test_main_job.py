@@ -1,6 +1,7 @@
 """The README's main job and the diagnostics command, end to end on a tiny budget."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def test_main_job_tiny(tmp_path, capsys):
     assert runs["galore"]["state_bytes"] > runs["adafactor"]["state_bytes"]  # projector matrices counted
     assert len(runs["adamw"]["val_loss"]) == 2
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison.png", "results.json"]  # no probe left
 
 
 def test_corpus_errors(tmp_path):
@@ -101,12 +103,18 @@ def test_validation_split_shorter_than_a_window():
         ByteBatches(bytes(12_000), 1024, 2)  # passes the 10,000-byte minimum, 600 validation bytes
 
 
+def no_run(*args):
+    raise AssertionError("a run started before the usage error was reported")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--lr", "adamw=abc"], "positive number"),
         (["--lr", "1e-3"], "expected name=value"),
         (["--lr", "adaprox=3e-3"], "choose from adapprox, adamw"),
+        (["--lr", "adamw=1e-3,adamw=2e-3"], "'adamw=2e-3': a second learning rate for adamw"),
+        (["--lr", "adamw=1e-3,adapprox=3e-3"], "--lr adapprox: not in --optimizers (adamw)"),
         (["--eval-every", "0"], "--eval-every: expected an integer >= 1"),
         (["--steps", "0"], "--steps: expected an integer >= 1"),
         (["--eval-batches", "0"], "--eval-batches: expected an integer >= 1"),
@@ -119,19 +127,35 @@ def test_validation_split_shorter_than_a_window():
         (["--size", "gpt2-124m", "--seq-len", "1024", "--data", "12K"], "validation (5%) split has 600 bytes"),
         (["--optimizers", ""], "none given; choose from adapprox"),
         (["--optimizers", "adamw,sgd"], "unknown sgd; choose from adapprox"),
+        (["--out", "SMALL/sub"], "small.txt/sub: Not a directory"),
+        (["--out", "SMALL"], "small.txt: File exists"),
     ],
 )
 def test_bad_options_are_usage_errors(extra, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # the same answer on a GPU machine
+    monkeypatch.setattr(main_module, "train_one", no_run)  # every one is reported before any run
     (tmp_path / "small.txt").write_bytes(b"x" * 100)
     (tmp_path / "12k.txt").write_bytes(b"x" * 12_000)
-    extra = [{"SMALL": str(tmp_path / "small.txt"), "12K": str(tmp_path / "12k.txt")}.get(a, a) for a in extra]
+    paths = {"SMALL": tmp_path / "small.txt", "SMALL/sub": tmp_path / "small.txt" / "sub", "12K": tmp_path / "12k.txt"}
+    extra = [str(paths[a]) if a in paths else a for a in extra]
     base = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--max-bytes", "20000",
             "--optimizers", "adamw", "--out", str(tmp_path / "out")]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         main(base + extra)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_out_folder_that_refuses_files_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "read-only"
+    out.mkdir(mode=0o555)
+    if os.access(out, os.W_OK):
+        pytest.skip("this user writes into read-only folders (root)")
+    monkeypatch.setattr(main_module, "train_one", no_run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--optimizers", "adamw", "--steps", "2", "--max-bytes", "20000", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"--out {out}: Permission denied" in capsys.readouterr().err
 
 
 def test_commit_is_the_packages_own(tmp_path, monkeypatch):
@@ -148,10 +172,6 @@ def test_commit_is_the_packages_own(tmp_path, monkeypatch):
 
 def test_missing_peer_package_is_a_usage_error_before_any_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "galore_torch", None)  # as if galore-torch were not installed
-
-    def no_run(*args):
-        raise AssertionError("a run started before the missing package was reported")
-
     monkeypatch.setattr(main_module, "train_one", no_run)
     argv = ["--optimizers", "adamw,galore", "--steps", "2", "--max-bytes", "20000", "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:

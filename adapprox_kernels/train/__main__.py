@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def optimizer_names(text: str) -> list[str]:
 
 
 def lr_overrides(text: str) -> dict[str, float]:
-    """An argparse type: ``name=value,...`` learning rates, each positive and finite."""
+    """An argparse type: ``name=value,...`` learning rates, each positive and finite, one per name."""
     lrs = {}
     for item in filter(None, (i.strip() for i in text.split(","))):
         name, eq, value = (part.strip() for part in item.partition("="))
@@ -52,6 +53,8 @@ def lr_overrides(text: str) -> dict[str, float]:
             raise argparse.ArgumentTypeError(f"{item!r}: expected name=value, e.g. adamw=1e-3")
         if name not in OPTIMIZERS:
             raise argparse.ArgumentTypeError(f"{item!r}: unknown optimizer; choose from {', '.join(OPTIMIZERS)}")
+        if name in lrs:
+            raise argparse.ArgumentTypeError(f"{item!r}: a second learning rate for {name}")
         try:
             lrs[name] = float(value)
         except ValueError:
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-batches", type=positive, default=8)
     ap.add_argument("--optimizers", type=optimizer_names, default=",".join(OPTIMIZERS),
                     help=f"comma list of {', '.join(OPTIMIZERS)}")  # fmt: skip
-    ap.add_argument("--lr", type=lr_overrides, default="", help="overrides, e.g. 'adamw=1e-3,adapprox=3e-3'")
+    ap.add_argument("--lr", type=lr_overrides, default="",
+                    help="overrides for the chosen --optimizers, e.g. 'adamw=1e-3,adapprox=3e-3'")  # fmt: skip
     ap.add_argument("--k-max", type=positive, default=3,
                     help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")  # fmt: skip
     ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,6 +112,18 @@ def load_corpus(ap: argparse.ArgumentParser, args: argparse.Namespace, seq_len: 
     except (OSError, ValueError) as e:
         ap.error(str(e))
     return corpus
+
+
+def out_dir(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """``--out``, created and checked writable before any run starts, not after all of them have
+    trained; otherwise a usage error."""
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # an existing folder may still refuse files; leaves none
+    except OSError as e:
+        ap.error(f"--out {args.out}: {e.strerror or e}")  # not e.filename: the probe's random name
+    return out
 
 
 def print_table(runs: list[dict]) -> None:
@@ -135,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     if seq_len > model_cfg.seq_len:
         ap.error(f"--seq-len {seq_len} is longer than the {args.size} model's context ({model_cfg.seq_len})")
     lrs = default_lrs() | args.lr
+    unused = [name for name in args.lr if name not in args.optimizers]
+    if unused:  # a rate for an optimizer that does not run is a slip: say so rather than drop it
+        ap.error(f"--lr {', '.join(unused)}: not in --optimizers ({', '.join(args.optimizers)})")
     missing = missing_peers(args.optimizers)
     if missing:  # now, not when its turn comes after the others have trained for minutes
         ap.error("; ".join(missing) + " (or choose others with --optimizers)")
+    out = out_dir(ap, args)
     corpus = load_corpus(ap, args, seq_len)
     print(f"corpus: {len(corpus):,} bytes from {args.data or 'the Python standard library'}; "
           f"model {args.size}; {args.steps} steps of {args.batch_size}x{seq_len} on {args.device}")  # fmt: skip
@@ -151,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(train_one(cfg, model_cfg, data))
     print()
     print_table(runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = dict(environment(args.device), args=vars(args), corpus_bytes=len(corpus))
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     plot_runs(runs, out / "comparison.png")
