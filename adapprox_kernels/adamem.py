@@ -11,8 +11,10 @@ transposed, a >2-D one folded to ``(shape[0], rest)`` first), with ``r = min(ran
   (n); ``W ← W(1 − ηλ) − η (P N1 + δ N2)``.
 
 State per matrix: ``P`` (m·r), ``exp_avg`` (r·n), ``row_sq`` (r), ``col_sq`` (n),
-``resid_col_sq`` (n), in fp32 (fp64 for fp64 parameters). Vectors and scalars keep a dense
-second moment (plain Adafactor without momentum: the one-sided rule on a 1×n matrix).
+``resid_col_sq`` (n), in fp32 (fp64 for fp64 parameters), and ``param_shape``, the parameter's
+own shape (a tuple: a (30, 20) and a (20, 30) weight keep alike-shaped tensors, so only it tells
+their states apart on load). Vectors and scalars keep a dense second moment (plain Adafactor
+without momentum: the one-sided rule on a 1×n matrix).
 Same-shaped matrices of a param group go through the projection and the update in one batched
 call. ``docs/adamem.md`` explains every choice the paper leaves open.
 
@@ -330,6 +332,7 @@ class AdaMeM(SketchOptimizer):
             return state
         (m, n), _ = _oriented_shape(p)
         r = min(group["rank"], m)
+        state["param_shape"] = tuple(p.shape)  # the orientation, which no tensor's shape shows
         state["rank"] = r
         state["xi"] = float("nan")  # ‖S‖/‖G‖ on the last projection step
         state["P"] = torch.zeros(m, r, **kw)  # replaced on the first step
@@ -348,6 +351,23 @@ class AdaMeM(SketchOptimizer):
             "step": None, "rank": None, "P": (m, r), "exp_avg": (r, n), "row_sq": (r,), "col_sq": (n,),
             "resid_col_sq": (n,),
         }  # fmt: skip
+
+    def _saved_mismatches(self, p: torch.Tensor, state: dict[str, Any]) -> list[str]:
+        """The saved ``param_shape`` (where there is one: older checkpoints have none): the state
+        of a (30, 20) weight has the shapes of a (20, 30) one's, both oriented to 20×30, and
+        would train in the wrong basis."""
+        saved = state.get("param_shape")
+        if saved is not None and tuple(saved) != tuple(p.shape):
+            return [f"it was saved for a parameter of shape {tuple(saved)}"]
+        return []
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The base class's; a matrix state saved without ``param_shape`` (by a version that did
+        not record it) takes this parameter's, so that the run's next checkpoint has it."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            if "P" in state:
+                state.setdefault("param_shape", tuple(p.shape))
 
     # ----------------------------------------------------------------------------------- step
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:

@@ -354,6 +354,7 @@ class SketchOptimizer(Optimizer):
                 problems.append(f"{key!r} is a {type(state[key]).__name__}, not {want}")
             elif shape is not None and tuple(state[key].shape) != shape:
                 problems.append(f"{key!r} is {tuple(state[key].shape)}, not {shape}")
+        problems += self._saved_mismatches(p, state)
         if problems:
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: the saved state of {self._param_name(p)} "
@@ -364,6 +365,11 @@ class SketchOptimizer(Optimizer):
     def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
         """What a saved state of ``p`` must hold: entry -> its shape (None: not a tensor)."""
         raise NotImplementedError
+
+    def _saved_mismatches(self, p: torch.Tensor, state: dict[str, Any]) -> list[str]:
+        """What else in a saved state of ``p`` does not fit it, in words (a subclass's checks
+        beyond the shapes of :meth:`_saved_shapes`). None by default."""
+        return []
 
     def _check_saved_shards(self, p: torch.Tensor, state: dict[str, Any] | None, saved_on: dict | None) -> None:
         """``ValueError`` unless ``state`` holds what ``p`` needs: whole tensors for a plain

@@ -3,6 +3,7 @@ odd shapes, and the two projections."""
 
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -195,7 +196,10 @@ def _make(seed, dtype_last=torch.bfloat16):
     return params + [extra], opt
 
 
-def test_resume_is_bit_exact():
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "without_param_shape"])
+def test_resume_is_bit_exact(legacy):
+    """``legacy``: a checkpoint written before matrix states recorded ``param_shape`` loads and
+    resumes as before, and its states take the parameters' shapes (so the next checkpoint has them)."""
     grads = _grads(SHAPES + [(10, 14)], 8)
     params, opt = _make(seed=11)
     _run(opt, params, grads)
@@ -206,6 +210,10 @@ def test_resume_is_bit_exact():
     torch.save({"params": [p.detach() for p in params2], "opt": opt2.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
+    if legacy:
+        for i, p in enumerate(params2):
+            if p.dim() >= 2:
+                assert ckpt["opt"]["state"][i].pop("param_shape") == tuple(p.shape)
     params3, opt3 = _make(seed=99)  # a different seed: the checkpoint's RNG must win
     with torch.no_grad():
         for p, saved in zip(params3, ckpt["params"]):
@@ -224,6 +232,28 @@ def test_resume_is_bit_exact():
                 assert torch.equal(sa[k], sb[k]), k
             else:
                 assert sa[k] == sb[k] or (sa[k] != sa[k] and sb[k] != sb[k]), k
+
+
+@pytest.mark.parametrize("saved, here", [((30, 20), (20, 30)), ((3, 4, 5), (20, 3)), ((3, 4, 5), (3, 20))])
+def test_another_shapes_state_is_refused_on_load(saved, here):
+    """A (30, 20) weight's state has the tensor shapes of a (20, 30) one's (both are oriented to
+    20×30; (3, 4, 5) and (20, 3) fold and orient to 3×20), so it used to load and train with its
+    momentum and statistics in the wrong basis. Refused, naming the parameter and both shapes,
+    and nothing is loaded; so is another shape with the same matrix view ((3, 4, 5) and (3, 20)).
+    The same checkpoint (read back with weights_only) fits its own shape."""
+    (w,) = _params([saved])
+    opt = AdaMeM([w], rank=2, seed=0)
+    _run(opt, [w], _grads([saved], 2))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    target = AdaMeM([("enc.weight", _params([here])[0])], rank=2, seed=1)
+    shapes = rf"enc\.weight \(shape {re.escape(str(here))}\).*saved for a parameter of shape {re.escape(str(saved))}"
+    with pytest.raises(ValueError, match=shapes):
+        target.load_state_dict(ckpt)
+    assert not target.state
+    AdaMeM(_params([saved]), rank=2).load_state_dict(ckpt)
 
 
 # ------------------------------------------------------------------------ validation, non-finite
