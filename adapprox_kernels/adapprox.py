@@ -243,7 +243,9 @@ class Adapprox(SketchOptimizer):
             passes from CUDA graphs (each bucket's S-RSI in a graph of its own, every update
             in one), once they have come up twice with the same ranks, hyperparameters (the
             learning rate and weight decay may change) and tensor addresses; the results are
-            the same bits as without. Needs CUDA and the Triton backend; see ``docs/kernels.md``.
+            the same bits as without. Needs CUDA and the Triton backend (elsewhere the steps
+            run eagerly, as without it, so one configuration serves a CPU test run); see
+            ``docs/kernels.md``.
         product_precision: tensor-core precision of the Triton backend's ``V @ X`` / ``Vᵀ @ Y``
             products (S-RSI only; the update and ξ stay exact fp32): None (the device default,
             ``"tf32x3"``, about fp32, on GPUs with tf32), ``"tf32"`` (faster, ~1e-3 relative
