@@ -233,8 +233,9 @@ class Adapprox(SketchOptimizer):
             untouched, and ``state["nonfinite_skips"]`` counts it).
         backend: ``"auto"``, ``"reference"`` or any registered backend.
         seed: seed of the optimizer's own sketch RNG (default: drawn from torch's global RNG,
-            which that draw moves on; under an initialized torch.distributed, rank 0's draw,
-            broadcast to all ranks).
+            which that draw moves on; under torch.distributed, rank 0's draw, broadcast to all
+            ranks, at the first step if the process group came later). Under DDP or FSDP2
+            every rank must have the same seed (FSDP2's are checked; see docs/distributed.md).
         warm_start: start S-RSI from last step's ``U`` (its columns, topped up with Gaussian
             ones) instead of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
@@ -300,6 +301,18 @@ class Adapprox(SketchOptimizer):
         )  # fmt: skip
         super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The base class's, refusing DTensor parameters laid out in a way the sharded step cannot
+        serve (:meth:`RowShards.of`: HSDP's 2-D mesh, ``Shard(1)``) before any state exists (the
+        constructor's arrive this way too)."""
+        super().add_param_group(param_group)
+        try:
+            for p in self.param_groups[-1]["params"]:
+                RowShards.of(p)
+        except NotImplementedError:
+            self.param_groups.pop()
+            raise
 
     @staticmethod
     def _check_hyperparameters(h: dict[str, Any]) -> None:

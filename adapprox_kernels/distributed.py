@@ -28,6 +28,7 @@ sharded state with ``torch.distributed.checkpoint`` on any number of ranks (resh
 from __future__ import annotations
 
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -72,14 +73,40 @@ def chunk_rows(rows: int, parts: int) -> list[int]:
     return [max(0, min(size, rows - i * size)) for i in range(parts)]
 
 
+def group_size() -> int:
+    """Ranks in the default process group; 1 without an initialized one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def shared_seed(seed: int) -> int:
     """Rank 0's ``seed`` on every rank of the default process group (the sketch RNG must draw the
-    same Gaussian sketch everywhere); ``seed`` itself without an initialized process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    same Gaussian sketch everywhere); ``seed`` itself without a process group of several ranks."""
+    if group_size() == 1:
         return seed
     box = [seed]
     dist.broadcast_object_list(box, src=0)
     return int(box[0])
+
+
+def check_same_seed(seed: int, params: Iterable[torch.Tensor], owner: str) -> None:
+    """``ValueError`` unless every rank sharing a DTensor of ``params`` (the process groups of its
+    mesh, not the default group: other pipeline stages may use other seeds) has ``seed``. Each
+    rank sketches its own rows of a sharded matrix: per-rank seeds would draw another Gaussian
+    sketch on every rank, another algorithm, without an error. One ``all_gather_object`` per
+    mesh and mesh dimension; none without DTensors."""
+    for mesh in dict.fromkeys(p.device_mesh for p in params if is_dtensor(p)):
+        for dim in range(mesh.ndim):
+            group = mesh.get_group(dim)
+            seeds = [None] * dist.get_world_size(group)
+            dist.all_gather_object(seeds, seed, group=group)
+            for i, other in enumerate(seeds):
+                if other != seed:
+                    raise ValueError(
+                        f"{owner}: the ranks of a DTensor parameter's device mesh have different sketch seeds: "
+                        f"rank {dist.get_rank()} (this one) seed={seed}, rank {dist.get_global_rank(group, i)} "
+                        f"seed={other}. Each rank sketches its rows of a sharded matrix, so all must draw the same "
+                        "sketch: pass the same seed on every rank (not seed + rank), or seed=None (rank 0's is used)."
+                    )
 
 
 def process_rank() -> dict[str, int] | None:
@@ -470,6 +497,12 @@ def _load_target(model, optimizer, metadata, key: str) -> dict[str, Any]:
             groups.setdefault(int(index), {})[name] = _placeholder(md)
         elif section == "sketch_rng":
             rng[rest] = _placeholder(md)
+    if not groups:  # every optimizer has a param group: a model-only checkpoint, or another key
+        tops = sorted({k.split(".", 1)[0] for k in saved})
+        raise ValueError(
+            f"the checkpoint has no optimizer state under key={key!r} (its top-level keys: {tops}); pass the key "
+            "that optimizer_state_dict(...) was saved under"
+        )
     _check_group_count(len(groups), optimizer)
     return {"state": state, "param_groups": [groups[i] for i in range(len(groups))], "sketch_rng": rng}
 
@@ -502,6 +535,8 @@ def _empty_like_saved(p: torch.Tensor, name: str, md) -> torch.Tensor:
 def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dict[str, Any]) -> None:
     """Load :func:`optimizer_state_dict`'s layout (FQN keys) into ``optimizer``, matching
     parameters by FQN; the sketch RNG state goes to this rank's device of the saved type.
+    Without a sketch RNG (``get_optimizer_state_dict``'s layout) the optimizer keeps its own,
+    with a warning: the state resumes, the sketches differ from the uninterrupted run's.
 
     DTensor state is taken as this rank's (as :func:`optimizer_state_dict` or ``dcp.load`` in
     this process give it): a dict that another rank wrote with ``torch.save`` would load its
@@ -522,18 +557,26 @@ def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dic
         options = {k: v for k, v in saved.items() if k != "param_names"}
         new_groups.append(dict(options, params=[index[n] for n in mine]))
         offset += len(group["params"])
-    rng = dict(state_dict["sketch_rng"])
-    seed = rng.pop("seed")
-    devices = {str(local(p).device) for _, p in named}
-    states = {dev: rng[torch.device(dev).type] for dev in devices if torch.device(dev).type in rng}
-    optimizer.load_state_dict(
-        {
-            "state": {index[n]: s for n, s in state_dict["state"].items()},
-            "param_groups": new_groups,
-            "sketch_rng": {"seed": seed, "states": states},
-            "dtensor_rank": process_rank(),
-        }
-    )
+    loaded = {
+        "state": {index[n]: s for n, s in state_dict["state"].items()},
+        "param_groups": new_groups,
+        "dtensor_rank": process_rank(),
+    }
+    rng = dict(state_dict.get("sketch_rng") or {})
+    if "seed" in rng:
+        seed = rng.pop("seed")
+        devices = {str(local(p).device) for _, p in named}
+        states = {dev: rng[torch.device(dev).type] for dev in devices if torch.device(dev).type in rng}
+        loaded["sketch_rng"] = {"seed": seed, "states": states}
+    else:
+        warnings.warn(
+            "the checkpoint has no sketch RNG: it was not written by adapprox_kernels.distributed."
+            "optimizer_state_dict (torch's get_optimizer_state_dict drops it). The state loads; the optimizer keeps "
+            "its own seed and generators, so its Gaussian sketches from here on differ from the uninterrupted "
+            "run's: the same algorithm, not the same numbers.",
+            stacklevel=2,
+        )
+    optimizer.load_state_dict(loaded)
 
 
 def load_optimizer_state(
@@ -555,7 +598,9 @@ __all__ = [
     "CollectiveLog",
     "RowShardedOperator",
     "RowShards",
+    "check_same_seed",
     "chunk_rows",
+    "group_size",
     "is_dtensor",
     "load_optimizer_state",
     "load_optimizer_state_dict",

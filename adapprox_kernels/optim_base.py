@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .distributed import is_dtensor, local, nonfinite_flags, process_rank, shared_seed
+from .distributed import check_same_seed, group_size, is_dtensor, local, nonfinite_flags, process_rank, shared_seed
 
 NONFINITE_POLICIES = ("raise", "skip")
 _grad, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
@@ -145,21 +145,31 @@ def as_tuple(v: Any) -> Any:
 class SketchOptimizer(Optimizer):
     """Base class; subclasses implement ``_init_state`` and ``_step_group``."""
 
+    # A drawn seed that no process group has shared yet (none existed at construction): the
+    # first step takes rank 0's. A class attribute, for copies unpickled from older pickles.
+    _seed_unshared = False
+
     def __init__(self, params, defaults: dict[str, Any], seed: int | None):
         valid_seed = seed is None or (
             isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and -(2**63) <= seed < 2**64
         )  # the range torch.Generator.manual_seed takes
         check(valid_seed, f"Invalid seed: {seed!r} (need None or an int in [-2**63, 2**64))")
+        # Set before the groups arrive: add_param_group checks a given seed where there are DTensors.
+        self._seed = None if seed is None else int(seed)
         super().__init__(params, {k: as_python(v) for k, v in defaults.items()})
-        # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used.
-        self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item())) if seed is None else int(seed)
+        if seed is None:
+            # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used
+            # (taken at the first step where the process group is initialized after this).
+            self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            self._seed_unshared = group_size() == 1
         self._generators: dict[str, torch.Generator] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles defaults, state and groups only; a copy must also draw the same
-        # sketches as the original from here on.
+        # sketches as the original from here on (torch.optim's __setstate__ sets what it holds).
         state = super().__getstate__()
         state["sketch_rng"] = self._rng_state()
+        state["_seed_unshared"] = self._seed_unshared
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -183,7 +193,8 @@ class SketchOptimizer(Optimizer):
         the group's own values and the defaults it takes (the constructor's arguments arrive
         this way too). torch.optim checks none, so ``{"params": ps, "lr": -1}`` would train.
         A parameter listed twice in the group is an error (torch.optim only warns, and it would
-        take two steps per step)."""
+        take two steps per step), and so is a seed that differs between the ranks sharing the
+        group's DTensors (FSDP2; see :func:`~adapprox_kernels.distributed.check_same_seed`)."""
         self._check_hyperparameters(self.defaults)
         where = f"param_groups[{len(self.param_groups)}]"
         own = {k: as_python(v) for k, v in param_group.items() if k not in ("params", "param_names")}
@@ -200,6 +211,13 @@ class SketchOptimizer(Optimizer):
         if len(set(params)) != len(params):
             self.param_groups.pop()
             raise ValueError(f"{where}: a parameter appears more than once; it would take two steps per step")
+        # A drawn seed is shared once the constructor's groups are in, or at the first step.
+        if self._seed is not None and not self._seed_unshared:
+            try:
+                check_same_seed(self._seed, params, type(self).__name__)
+            except ValueError:
+                self.param_groups.pop()
+                raise
 
     @staticmethod
     def _check_hyperparameters(h: dict[str, Any]) -> None:
@@ -332,6 +350,7 @@ class SketchOptimizer(Optimizer):
             group.update(options)
         if rng is not None:
             self._restore_rng(rng)
+            self._seed_unshared = False  # the checkpoint's seed, common to the ranks, is kept
 
     def _state_dtype(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.dtype:
         """The dtype ``p``'s state entry ``key`` is kept in: by default float64 for a float64
@@ -493,6 +512,8 @@ class SketchOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._seed_unshared:  # the process group came after the constructor: before any sketch
+            self._seed, self._seed_unshared = shared_seed(self._seed), False
         groups = [(group, self._grads_to_update(group)) for group in self.param_groups]
         known = self._run_ahead(groups)
         # Every group's flags from one host sync per device (not one per group).

@@ -7,6 +7,8 @@ from typing import Iterator
 
 import torch
 
+from .distributed import is_dtensor, local
+
 
 def tensor_bytes(state: dict) -> int:
     """Bytes held by the tensors of one parameter's optimizer state."""
@@ -29,13 +31,15 @@ def reachable_tensors(value) -> Iterator[torch.Tensor]:
 
 
 def held_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes the optimizer's state keeps alive: each storage its tensors use, once, at full size.
+    """Bytes the optimizer's state keeps alive in this process: each storage its tensors use,
+    once, at full size; of a DTensor (FSDP2), its local part's (this rank's shards).
 
     A view holds its whole buffer: Adapprox's factors of same-shaped layers are views of one
     stacked buffer, GaLore's projector is a slice of a full SVD factor."""
     storages = {}
     for t in reachable_tensors(list(opt.state.values())):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storage = local(t).untyped_storage()  # a DTensor has no storage of its own
+        storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
 
 
@@ -53,6 +57,7 @@ class StateRow:
     xi: float | None
     state_bytes: int
     adamw_bytes: int
+    sharded: bool = False  # its state holds DTensors (FSDP2): the sizes are global
 
 
 class StateReport:
@@ -63,6 +68,10 @@ class StateReport:
 
     @property
     def state_bytes(self) -> int:
+        """Bytes of every parameter's state tensors at their global shapes. Under FSDP2 that is
+        the whole state, as one process would hold it (the replicated ``U`` counted once), not
+        this rank's: each rank holds its rows of ``Q`` and of the moments, plus all of ``U``
+        (:func:`held_bytes` counts this process's)."""
         return sum(r.state_bytes for r in self.rows)
 
     @property
@@ -102,6 +111,11 @@ class StateReport:
             f"{'total':{w}s} {'':>16s} {'':>9s} {mean_rank:>7s} {'':>9s} {self.state_bytes:>11d} "
             f"{self.adamw_bytes:>11d}{ratio}"
         )
+        if any(r.sharded for r in self.rows):
+            lines.append(
+                "(DTensor state, FSDP2: global sizes, the whole state as one process holds it; each rank holds its "
+                "rows of Q and of the moments, plus all of U, which held_bytes(opt) counts)"
+            )
         return "\n".join(lines)
 
 
@@ -123,6 +137,7 @@ def report_rows(opt: torch.optim.Optimizer) -> list[StateRow]:
                     state_bytes=tensor_bytes(state),
                     # AdamW's state is lazy too: a parameter that never had a gradient holds none.
                     adamw_bytes=adamw_bytes(p) if state else 0,
+                    sharded=any(map(is_dtensor, state.values())),
                 )
             )
     return rows

@@ -28,11 +28,13 @@ from adapprox_kernels.distributed import (
     RowShards,
     chunk_rows,
     load_optimizer_state,
+    local,
     log_collectives,
     optimizer_state_dict,
 )
 from adapprox_kernels.reference import clipped_update, second_moment
 from adapprox_kernels.srsi import srsi
+from adapprox_kernels.state_report import held_bytes, tensor_bytes
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 
@@ -183,7 +185,8 @@ def _fsdp(world: int, backend: str = "auto", **options) -> tuple[nn.Module, Adap
 
 def _fsdp_job(rank, world, out, first, last, save_at=None, load=None, backend="auto", **options) -> None:
     """FSDP2 training of steps ``first..last-1`` (after loading checkpoint ``load``); saves a
-    checkpoint after step ``save_at``; rank 0 writes the snapshot and collective logs to ``out``."""
+    checkpoint after step ``save_at``; rank 0 writes the snapshot, collective logs, state report
+    and held bytes to ``out``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -202,7 +205,15 @@ def _fsdp_job(rank, world, out, first, last, save_at=None, load=None, backend="a
     logs = _train(model, opt, range(first, last), rank, world, save)
     snap = _snapshot(model, opt)
     if rank == 0:
-        torch.save({"snapshot": snap, "logs": logs}, out)
+        report = opt.state_report()
+        tensors = [local(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        torch.save(
+            {
+                "snapshot": snap, "logs": logs, "report": str(report), "state_bytes": report.state_bytes,
+                "held": _attempt(held_bytes, opt), "local_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            },
+            out,
+        )  # fmt: skip
 
 
 def _operator_job(rank, world, out) -> None:
@@ -426,6 +437,53 @@ def _plain_state_dict_job(rank, world, out) -> None:
     torch.save(res, f"{out}.res.{rank}")
 
 
+def _early_optimizers(rank: int) -> list[tuple[nn.Module, Adapprox]]:
+    """Made before the process group exists, with ``seed=None``: each rank draws its own seed
+    (from a global RNG seeded per rank, as per-rank augmentation does)."""
+    models = [_model(), _model()]
+    torch.manual_seed(1000 + rank)
+    return [(model, _optimizer(model, seed=None)) for model in models]
+
+
+def _late_group_job(rank, world, out, early) -> None:
+    """:func:`_early_optimizers`' two, once the process group exists: the first steps; the second
+    first loads a state dict saved with ``seed=SEED``. Their seeds and first steps' collectives."""
+    (model, opt), (loading_model, loading) = early
+    drawn = opt._seed
+    logs = _train(model, opt, range(1), rank, world)
+    saved_model = _model()
+    saved = _optimizer(saved_model)
+    _train(saved_model, saved, range(1))
+    loading.load_state_dict(saved.state_dict())
+    loaded_logs = _train(loading_model, loading, range(1, 2), rank, world)
+    res = {"drawn": drawn, "seed": opt._seed, "logs": logs, "loaded": loading._seed, "loaded_logs": loaded_logs}
+    torch.save(res, f"{out}.{rank}")
+
+
+def _seed_check_job(rank, world, out) -> None:
+    """Per-rank seeds (``SEED + rank``) with a DTensor parameter, given to the constructor and to
+    ``add_param_group``; the same seed; per-rank seeds with plain parameters (DDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = nn.Parameter(distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (world,)), [Shard(0)]))
+
+    def construct(seed):
+        Adapprox([w], seed=seed)
+        return "constructed"
+
+    with log_collectives() as log:
+        opt = Adapprox([nn.Parameter(torch.randn(8, 4))], seed=SEED + rank)
+    res = {
+        "constructor": _attempt(construct, SEED + rank),
+        "add_param_group": _attempt(opt.add_param_group, {"params": [w]}),
+        "groups": len(opt.param_groups),
+        "same seed": _attempt(construct, SEED),
+        "plain": log.records,
+    }
+    torch.save(res, f"{out}.{rank}")
+
+
 def _init_group(rank: int, world: int, port: int) -> None:
     # A bounded timeout: ranks that disagree (a bug) then fail a collective instead of hanging.
     dist.init_process_group(
@@ -435,9 +493,12 @@ def _init_group(rank: int, world: int, port: int) -> None:
 
 def _two_rank_worker(rank, world, port, tmp) -> None:
     torch.set_num_threads(1)
+    early = _early_optimizers(rank)
     _init_group(rank, world, port)
     try:
         _fsdp_job(rank, world, os.path.join(tmp, "fsdp.pt"), 0, STEPS, save_at=SAVE_AT)
+        _late_group_job(rank, world, os.path.join(tmp, "late_group.pt"), early)
+        _seed_check_job(rank, world, os.path.join(tmp, "seed_check.pt"))
         if _triton_on_cpu():
             _triton_shards_job(rank, world, os.path.join(tmp, "fsdp_triton.pt"))
         _operator_job(rank, world, os.path.join(tmp, "operator.pt"))
@@ -626,6 +687,42 @@ def test_fsdp2_four_ranks_and_checkpoint_from_two(two_ranks, reference_run, tmp_
     _assert_same_run(torch.load(tmp_path / "resumed.pt", weights_only=False)["snapshot"], reference_run)
 
 
+def test_seed_drawn_before_the_process_group_is_rank_0s_from_the_first_step(two_ranks):
+    """``seed=None`` with the optimizer made before ``init_process_group``: each rank drew its
+    own seed (DDP replicas drifted apart); the first step takes rank 0's (one broadcast), unless
+    a checkpoint loaded before it brought its own (common to the ranks): no collective then."""
+    per_rank = _per_rank(two_ranks / "late_group.pt")
+    assert per_rank[0]["drawn"] != per_rank[1]["drawn"]
+    assert [r["seed"] for r in per_rank] == [per_rank[0]["drawn"]] * 2
+    assert all({op for op, _ in r["logs"][0]} == {"broadcast_"} for r in per_rank), per_rank[0]["logs"]
+    assert [r["loaded"] for r in per_rank] == [SEED, SEED]
+    assert [r["loaded_logs"] for r in per_rank] == [[[]], [[]]]
+
+
+def test_per_rank_seeds_are_refused_for_dtensor_parameters(two_ranks):
+    """``seed=SEED + rank`` would sketch each rank's rows of a matrix with another Gaussian
+    sketch: with DTensor parameters the constructor and ``add_param_group`` (which leaves no group
+    behind) raise on every rank, naming both seeds. Plain parameters (DDP) are not checked: no
+    collective (docs/distributed.md says every rank must pass the same seed)."""
+    for rank, r in enumerate(_per_rank(two_ranks / "seed_check.pt")):
+        for how in ("constructor", "add_param_group"):
+            assert r[how].startswith("ValueError: Adapprox: the ranks of a DTensor parameter's device mesh"), r[how]
+            assert f"rank {rank} (this one) seed={SEED + rank}, rank {1 - rank} seed={SEED + 1 - rank}" in r[how]
+            assert "pass the same seed on every rank (not seed + rank), or seed=None" in r[how]
+        assert r["groups"] == 1
+        assert r["same seed"] == "constructed"
+        assert r["plain"] == []
+
+
+def test_state_report_and_held_bytes_under_fsdp2(two_ranks, reference_run):
+    """Under FSDP2 ``state_report()`` counts the state at its global sizes, as one process
+    holds it, and says so; ``held_bytes`` counts this rank's shards (it failed on DTensors)."""
+    got = torch.load(two_ranks / "fsdp.pt", weights_only=False)
+    assert got["state_bytes"] == sum(tensor_bytes(s) for s in reference_run["state"].values())
+    assert got["report"].splitlines()[-1].startswith("(DTensor state, FSDP2: global sizes"), got["report"]
+    assert got["held"] == got["local_bytes"] < got["state_bytes"], got
+
+
 def test_replicated_dtensor_parameter(two_ranks):
     """A Replicate() DTensor weight steps like a plain one; only the non-finite flag is reduced."""
     got = torch.load(two_ranks / "comm.pt", weights_only=False)["replicated"]
@@ -770,3 +867,53 @@ def test_checkpoint_of_a_wrapped_model_written_before_fqns_loads(tmp_path):
     loaded = _optimizer(model)
     load_optimizer_state(wrapped, loaded, tmp_path / "old")
     _assert_same_state(loaded, opt)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_checkpoint_without_optimizer_state_or_sketch_rng(tmp_path):
+    """No optimizer state under ``key`` (a model-only checkpoint, another key) is a ``ValueError``
+    listing the checkpoint's keys, before anything is loaded. A checkpoint written with torch's
+    ``get_optimizer_state_dict`` has no sketch RNG: its state loads with a warning, and the
+    optimizer keeps its own seed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = _model()
+    opt = _optimizer(model)
+    _train(model, opt, range(1))
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "model"))
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path / "torch"))
+    loaded = _optimizer(model, seed=0)
+    with pytest.raises(ValueError, match=r"no optimizer state under key='optim' \(its top-level keys: \['model'\]\)"):
+        load_optimizer_state(model, loaded, tmp_path / "model")
+    with pytest.raises(ValueError, match=r"no optimizer state under key='optimizer' \(.*\['optim'\]\)"):
+        load_optimizer_state(model, loaded, tmp_path / "torch", key="optimizer")
+    assert not loaded.state
+    with pytest.warns(UserWarning, match="the checkpoint has no sketch RNG"):
+        load_optimizer_state(model, loaded, tmp_path / "torch")
+    assert loaded._seed == 0
+    _assert_same_state(loaded, opt)
+
+
+def test_unsupported_dtensor_layouts_are_refused_before_any_state():
+    """HSDP's 2-D mesh and ``Shard(1)`` raise ``NotImplementedError`` when they are given (to the
+    constructor or ``add_param_group``), leaving no group nor state behind; they were refused
+    in the first step, after part of their state was written (more on every retry). A 1-rank
+    process group in this process suffices."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        hsdp = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+        for mesh, placements in ((hsdp, [Replicate(), Shard(0)]), (init_device_mesh("cpu", (1,)), [Shard(1)])):
+            w = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, placements))
+            with pytest.raises(NotImplementedError, match="sharded by rows"):
+                Adapprox([w], seed=SEED)
+            opt = Adapprox([nn.Parameter(torch.randn(4, 4))], seed=SEED)
+            for _ in range(2):
+                with pytest.raises(NotImplementedError, match="sharded by rows"):
+                    opt.add_param_group({"params": [w]})
+            assert len(opt.param_groups) == 1 and not opt.state
+    finally:
+        dist.destroy_process_group()
