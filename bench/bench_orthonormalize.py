@@ -178,7 +178,7 @@ def main(argv=None) -> None:
         print(f"\n{result['not_measured']}")
     slug = "".join(c if c.isalnum() else "_" for c in result["environment"]["device"]).strip("_").lower()
     out = args.out or os.path.join(RESULTS_DIR, f"orthonormalize_{slug}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)  # a bare file name: the current folder
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")

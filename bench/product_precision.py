@@ -39,7 +39,8 @@ from adapprox_kernels.backends import ReferenceBackend, register_backend  # noqa
 from adapprox_kernels.reference import ReferenceSecondMoment, tf32_rounded  # noqa: E402
 from adapprox_kernels.train.data import ByteBatches, read_corpus  # noqa: E402
 from adapprox_kernels.train.model import GPT, SIZES  # noqa: E402
-from adapprox_kernels.train.runner import environment, warmup_cosine  # noqa: E402
+from adapprox_kernels.train.runner import warmup_cosine  # noqa: E402
+from bench.common import metadata  # noqa: E402  (device, torch / triton / CUDA versions, commit)
 
 class EmulatedTF32Moment(ReferenceSecondMoment):
     """The reference operator with tf32 products; with ``exact_projection`` it also offers the
@@ -158,9 +159,10 @@ def main() -> None:
     summary["rank_decisions"] = len(rows) * len(rows[0]["rank"])
     print(json.dumps(summary, indent=1))
     names = [n for n, p in model.named_parameters() if "Q" in ref.state.get(p, {})]
-    meta = dict(environment(device), args=vars(args), size=cfg.__dict__, matrices=names)
+    meta = metadata(device, args=vars(args), size=cfg.__dict__, matrices=names)
     device_name = torch.cuda.get_device_name().lower().replace(" ", "-") if device == "cuda" else "cpu"
     out = Path(args.out) / f"product_precision_{'warm' if args.warm else 'cold'}_{device_name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, summary=summary, rows=rows), indent=1))
     print(f"wrote {out}")
 

@@ -116,8 +116,10 @@ def fmt_per_matrix(row: dict) -> str:
 
 def plot(rows: list[dict], device: torch.device, out) -> None:
     plt = common.pyplot()
-    fig, axes = plt.subplots(1, len(RANKS), figsize=(4.2 * len(RANKS), 3.8), sharey=True)
-    for ax, k in zip(axes, RANKS):
+    ranks = list(dict.fromkeys(r["k"] for r in rows))  # --ranks: the paper's by default, any others too
+    fig, axes = plt.subplots(1, len(ranks), figsize=(4.2 * len(ranks), 3.8), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, k in zip(axes, ranks):
         done = [r for r in rows if r["k"] == k and r["status"] == "measured"]
         for variant in dict.fromkeys(r["variant"] for r in done):
             rs = sorted((r for r in done if r["variant"] == variant), key=lambda r: r["m"])
@@ -126,7 +128,8 @@ def plot(rows: list[dict], device: torch.device, out) -> None:
             err = [[a - r["per_matrix_p20_s"] for a, r in zip(med, rs)],
                    [r["per_matrix_p80_s"] - a for a, r in zip(med, rs)]]  # fmt: skip
             ax.errorbar(ms, med, yerr=err, marker="o", ms=3, capsize=2, label=variant)
-        ax.plot(SIZES, PAPER_A100[k], "k--", marker="x", label="paper, A100")
+        if k in PAPER_A100:
+            ax.plot(SIZES, PAPER_A100[k], "k--", marker="x", label="paper, A100")
         ax.set(xscale="log", yscale="log", xlabel="m = n", title=f"k = {k}")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(f"seconds per matrix ({common.device_name(device)[:30]})")
@@ -139,7 +142,8 @@ def markdown(rows: list[dict]) -> str:
     cell = {(r["k"], r["variant"], r["m"]): r for r in rows}
     lines, reasons = [], {}
     for k in dict.fromkeys(r["k"] for r in rows):
-        lines.append((k, "**paper, A100**", *(f"{t * 1e3:.2g} ms" for t in PAPER_A100[k])))
+        if k in PAPER_A100:
+            lines.append((k, "**paper, A100**", *(f"{t * 1e3:.2g} ms" for t in PAPER_A100[k])))
         for variant in dict.fromkeys(r["variant"] for r in rows if r["k"] == k):
             cells = []
             for m in SIZES:

@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     record = json.loads(args.results.read_text()) if args.results else {}
+    if args.results and not isinstance(record.get("gpu"), dict):  # a CPU run's file: "NOT MEASURED: ..."
+        raise SystemExit(f"{args.results} has no GPU measurements to compare with: {record.get('gpu')}")
     table = rows(record.get("gpu"))
     headers = list(dict.fromkeys(k for row in table for k in row))
     text = markdown_table(headers, [[row.get(h, "") for h in headers] for row in table])

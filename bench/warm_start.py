@@ -24,6 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# As a script without a GPU the Triton pass count runs under the interpreter, which must be on
+# before adapprox_kernels imports triton: triton.language's own jit functions (tl.cdiv, ...) take
+# the mode in force when they are decorated. bench_step.py sets it before importing this module.
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from adapprox_kernels import Adapprox  # noqa: E402
 from adapprox_kernels.backends import ReferenceBackend, register_backend  # noqa: E402
@@ -205,8 +210,6 @@ if __name__ == "__main__":
 
     argparse.ArgumentParser(description=__doc__.strip().splitlines()[0]).parse_args()  # --help; no options
     torch.set_num_threads(1)
-    if not torch.cuda.is_available():  # lets the Triton pass count run under the interpreter
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     res = run()
     print(summary(res))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "xi_per_step"} for k, v in res["configs"].items()}))

@@ -91,7 +91,9 @@ def test_adafactor_factorization_is_torchs_and_exact_on_rank_one():
 
 def test_product_precision_study_runs_on_cpu(tmp_path, monkeypatch):
     """The shadow study's CPU path (emulated tf32) end to end, a few steps of the tiny model; the
-    shadow that differs only by sketch seed must differ, the others start from the same sketch."""
+    shadow that differs only by sketch seed must differ, the others start from the same sketch.
+    The file goes to a folder ``--out`` names even if it does not exist yet, with the metadata
+    of bench/common.py (device, torch / triton versions, commit)."""
     import sys
 
     from adapprox_kernels import backends
@@ -99,10 +101,13 @@ def test_product_precision_study_runs_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
     monkeypatch.setattr(backends, "_PREFERENCE", list(backends._PREFERENCE))
-    argv = ["product_precision.py", "--size", "tiny", "--steps", "3", "--summary-from", "1", "--out", str(tmp_path)]
+    out = tmp_path / "new"
+    argv = ["product_precision.py", "--size", "tiny", "--steps", "3", "--summary-from", "1", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     product_precision.main()
-    data = json.loads((tmp_path / "product_precision_cold_cpu.json").read_text())
+    data = json.loads((out / "product_precision_cold_cpu.json").read_text())
+    meta = common.metadata("cpu")
+    assert data["meta"]["device"] and all(data["meta"][k] == meta[k] for k in ("torch", "triton", "commit"))
     labels = {"fp32_seed1", "trunc_all", "trunc_range", "nearest_all", "nearest_range"}
     assert labels <= set(data["summary"]) and len(data["rows"]) == 3
     assert data["rows"][-1]["fp32_seed1"]["param_gap"] > 0
@@ -170,6 +175,53 @@ def test_traffic_bound_counts_bytes_as_the_step_moves_them():
     assert adapprox_bytes(shapes, no_momentum) == 600 * (5 * 4 + 2 * 4) + 180 * (2 * 4 + 3 * 4 + 2 * 4)
     assert adapprox_bytes(shapes, step, param=2, grad=2) == 600 * (5 * 2 + 4 * 2) + 180 * (2 * 2 + 3 * 4 + 4 * 2)
     assert thin_bytes(shapes, step) == 4 * (20 + 30) * 3  # the factored matrix's (m + n) x (k + p), fp32
+
+
+def test_traffic_bound_says_a_cpu_bench_step_file_has_nothing_to_compare(tmp_path, monkeypatch):
+    """``--results`` with the file bench_step.py writes without a GPU (its ``gpu`` part a
+    "NOT MEASURED" line): a message, not a traceback, and no file claiming to be a GPU's."""
+    import sys
+
+    from bench import traffic_bound
+
+    results = tmp_path / "bench_step_cpu.json"
+    results.write_text(json.dumps({"meta": common.metadata("cpu"), "gpu": "NOT MEASURED: no CUDA device in this run"}))
+    monkeypatch.setattr(sys, "argv", ["traffic_bound.py", "--results", str(results), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        traffic_bound.main()
+    assert "no GPU measurements" in str(exit_info.value.code) and "NOT MEASURED" in str(exit_info.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_warm_start_runs_as_a_script_without_triton_interpret():
+    """``python bench/warm_start.py`` on a machine without a GPU, TRITON_INTERPRET unset: the
+    script turns the interpreter on before triton is imported, and the Triton backend's own
+    pass count (the last column) is measured."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "bench/warm_start.py"], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = run.stdout.splitlines()[1:5]  # the four configurations under the header
+    assert [line.split()[-1] for line in table] == [line.split()[-2] for line in table]  # measured = counted
+
+
+def test_orthonormalize_out_may_be_a_bare_file_name(monkeypatch, tmp_path):
+    """``bench_orthonormalize.py --out FILE`` names the JSON file; a name without a folder is
+    written to the current one."""
+    from bench import bench_orthonormalize
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--device", "cpu", "--models", "gpt2-124m", "--layers", "1", "--ranks", "1", "--benches", "orthonormalize",
+            "--reps", "1", "--out", "orth.json"]  # fmt: skip
+    bench_orthonormalize.main(args)
+    data = json.loads((tmp_path / "orth.json").read_text())
+    assert {r["method"] for r in data["rows"]} == {"cholqr_torch", "qr_batched", "qr_loop"}
+    assert data["environment"]["commit"] == common.metadata("cpu")["commit"]
 
 
 def test_kernel_resources_reads_registers_and_pipelining_from_sm90_code(tmp_path):
@@ -251,6 +303,20 @@ def test_table1_console_shows_per_matrix_times_as_its_table_does(monkeypatch, ca
     per_matrix = {key: batched[f"per_matrix_{key}"] for key in ("median_s", "p20_s", "p80_s")}
     assert common.fmt_time(per_matrix) in console  # as the .md shows it
     assert common.fmt_time(batched) not in console  # the whole call's time, ×4
+
+
+def test_table1_takes_a_rank_the_paper_has_no_row_for(monkeypatch, tmp_path):
+    """``--ranks`` takes any k: one without a paper row gets its own rows, plot and table."""
+    from adapprox_kernels.backends import BACKENDS
+    from bench import table1_srsi_time
+
+    monkeypatch.setattr(table1_srsi_time, "BACKENDS", {"reference": BACKENDS["reference"]})
+    monkeypatch.setattr(table1_srsi_time, "SIZES", (32,))
+    monkeypatch.setattr(table1_srsi_time, "CPU_SIZES", (32,))
+    assert table1_srsi_time.main(["--ranks", "2", "--batch", "2", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "table1_srsi_time_cpu.md").read_text()
+    assert "| 2 | reference batched ×2 |" in md and "paper" not in md
+    assert (tmp_path / "table1_srsi_time_cpu.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("script", ["table6_7_error_ratio", "fig2_rank_sweep"])
