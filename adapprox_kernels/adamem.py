@@ -317,6 +317,7 @@ class AdaMeM(SketchOptimizer):
     def _reset_step_caches(self) -> None:
         # ξ of the buckets that refreshed their projection this step, read once in _end_step.
         self._xi_pending: list[tuple[list[dict[str, Any]], torch.Tensor]] = []
+        _eager_matrix_steps()
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -408,10 +409,7 @@ class AdaMeM(SketchOptimizer):
             s["exp_avg_sq"].copy_(new)
         self._apply(group, bucket, upd)
 
-    # Eager even inside torch.compile(opt.step): with two matrix shapes in a group, dynamo's
-    # resume function after the projection's graph break stepped the second bucket with a
-    # wrong update (silently, where the shapes have one size; torch 2.14.1).
-    @torch.compiler.disable
+    # Eager even inside torch.compile(opt.step) (see _eager_matrix_steps).
     def _matrix_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int) -> None:
         states = [self.state[p] for p in bucket]
         _, transposed = _oriented_shape(bucket[0])
@@ -455,3 +453,15 @@ class AdaMeM(SketchOptimizer):
         """Per parameter: kind (``lowrank`` / ``dense``), rank, last ξ = ‖S‖/‖G‖ and state bytes,
         with totals next to AdamW's."""
         return StateReport(report_rows(self))
+
+
+def _eager_matrix_steps() -> None:
+    """``AdaMeM._matrix_step`` eager even inside ``torch.compile(opt.step)``: with two matrix
+    shapes in a group, dynamo's resume function after the projection's graph break stepped the
+    second bucket with a wrong update (silently, where the shapes have one size; torch 2.14.1).
+    Done once, when the first optimizer is made (or unpickled), not as a decorator at import:
+    ``torch.compiler.disable`` imports torch._dynamo, which takes a second and imports triton,
+    whose own functions are then decorated for good, before a user may set TRITON_INTERPRET."""
+    if "_matrix_step_is_eager" not in AdaMeM.__dict__:
+        AdaMeM._matrix_step = torch.compiler.disable(AdaMeM._matrix_step)
+        AdaMeM._matrix_step_is_eager = True

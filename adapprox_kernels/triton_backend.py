@@ -9,7 +9,7 @@ call the launchers directly) -> :class:`TritonSecondMoment`, the
 
 Where it runs: CUDA tensors whenever triton imports (``"auto"`` picks it there, and only
 there). CPU tensors run only under the Triton interpreter — ``TRITON_INTERPRET=1`` set before
-the kernels are first imported — and only when asked for by name (``backend="triton"``): the
+triton is first imported (it decorates its own functions then) — and only when asked for by name (``backend="triton"``): the
 interpreter is for testing, orders of magnitude slower than the reference.
 """
 
@@ -32,7 +32,13 @@ def _triton_import_error() -> Optional[str]:
 
 
 def _kernels_interpreted() -> bool:
-    """Whether the kernels run (or, not imported yet, would run) under the interpreter."""
+    """Whether the kernels run (or, not imported yet, would run) under the interpreter. Also
+    triton.language's own jitted functions (``tl.sum``), which the kernels call, must be
+    interpreted: they are decorated when triton is first imported, for good."""
+    import triton.language.standard
+
+    if type(triton.language.standard.sum).__name__ != "InterpretedFunction":
+        return False
     module = sys.modules.get("adapprox_kernels.kernels.v_matmul")
     if module is None:
         from .kernels._launch import interpreted
@@ -328,7 +334,7 @@ class TritonBackend:
         if device.type == "cpu":
             if _kernels_interpreted():
                 return None
-            return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before the kernels are first used"
+            return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is first imported"
         return f"no Triton kernels for {device.type} tensors"
 
     @staticmethod

@@ -481,6 +481,27 @@ def test_interpreter_switch_read_as_triton_reads_it(value):
     assert done.returncode == 0, done.stderr
 
 
+def test_interpreter_needs_the_variable_before_triton_is_imported():
+    """triton.language's own jitted functions (``tl.sum``) are decorated when triton is first
+    imported: set later, TRITON_INTERPRET does not make the kernels run on CPU, and the
+    backend says so rather than failing inside a kernel. And importing the package (AdaMeM
+    included) imports neither triton nor torch._dynamo, so the variable may still be set after
+    it, and the import stays quick."""
+    code = (
+        "import os, sys, torch\n"
+        "import adapprox_kernels\n"
+        "assert 'triton' not in sys.modules and 'torch._dynamo' not in sys.modules, 'imported at import'\n"
+        "import triton.language\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from adapprox_kernels.backends import availability\n"
+        "why = availability(torch.device('cpu'))['triton']\n"
+        "assert why is not None and 'before triton is first imported' in why, why\n"
+    )
+    env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_package_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
