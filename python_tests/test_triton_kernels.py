@@ -466,6 +466,13 @@ def test_backend_resolution():
     assert TritonBackend.available(torch.device("meta")) is not None
 
 
+def _run_python(code: str, **env: str) -> None:
+    """``code`` in a fresh interpreter (this one's path, one thread, ``env`` added) exits 0."""
+    env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("value", ["true", "ON", "yes"])
 def test_interpreter_switch_read_as_triton_reads_it(value):
     """Triton takes TRITON_INTERPRET=true (yes, on) as 1; the backend used to refuse CPU tensors
@@ -476,9 +483,7 @@ def test_interpreter_switch_read_as_triton_reads_it(value):
         "why = availability(torch.device('cpu'))['triton']\n"
         "assert why is None, why\n"
     )
-    env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": value}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
+    _run_python(code, TRITON_INTERPRET=value)
 
 
 def test_interpreter_needs_the_variable_before_triton_is_imported():
@@ -497,9 +502,7 @@ def test_interpreter_needs_the_variable_before_triton_is_imported():
         "why = availability(torch.device('cpu'))['triton']\n"
         "assert why is not None and 'before triton is first imported' in why, why\n"
     )
-    env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
+    _run_python(code)
 
 
 def test_package_imports_without_triton():
@@ -513,9 +516,7 @@ def test_package_imports_without_triton():
         "p = torch.nn.Parameter(torch.randn(12, 10)); p.grad = torch.randn(12, 10)\n"
         "adapprox_kernels.Adapprox([p], k_max=2, oversample=1).step()\n"
     )
-    env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
+    _run_python(code)
 
 
 _HOPPER_PTX = """
