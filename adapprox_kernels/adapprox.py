@@ -32,6 +32,7 @@ from .distributed import RowShards, is_dtensor, local, local_list
 from .optim_base import SketchOptimizer, as_tuple, check_kinds, check_shared, is_int, is_real, is_sequence, to_host
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
+from .reference import clip_threshold_or_inf
 from .srsi import (
     column_mask,
     ratio_from_sq_norms,
@@ -617,10 +618,9 @@ class Adapprox(SketchOptimizer):
 
     def _step_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1 = group["betas"][0]
-        clip = group["clip_threshold"]
         return dict(
-            eps=group["eps"], clip_threshold=math.inf if clip is None else clip, lr=group["lr"], beta1=beta1,
-            weight_decay=group["weight_decay"],
+            eps=group["eps"], clip_threshold=clip_threshold_or_inf(group["clip_threshold"]), lr=group["lr"],
+            beta1=beta1, weight_decay=group["weight_decay"],
             cosine_max_scale=group["cosine_max_scale"] if group["cosine_guidance"] and beta1 > 0 else None,
         )  # fmt: skip
 

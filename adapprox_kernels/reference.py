@@ -10,6 +10,7 @@ zero-padded to a common ``K`` (zero columns add nothing to ``Q Uᵀ``).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -55,6 +56,11 @@ def clipped_update(
     if reduce is not None:
         sq_sum, numel = reduce(torch.stack([sq_sum, torch.full_like(sq_sum, numel)]))
     return upd.div_(_per_matrix(clip_divisor(sq_sum, numel, clip_threshold), upd))
+
+
+def clip_threshold_or_inf(clip_threshold: float | None) -> float:
+    """``None`` (no clipping) as the threshold :func:`clipped_update` understands: ∞."""
+    return math.inf if clip_threshold is None else clip_threshold
 
 
 def clip_divisor(sq_sum: torch.Tensor, numel: int | torch.Tensor, clip_threshold: float) -> torch.Tensor:

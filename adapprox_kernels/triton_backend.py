@@ -9,8 +9,8 @@ call the launchers directly) -> :class:`TritonSecondMoment`, the
 
 Where it runs: CUDA tensors whenever triton imports (``"auto"`` picks it there, and only
 there). CPU tensors run only under the Triton interpreter — ``TRITON_INTERPRET=1`` set before
-triton is first imported (it decorates its own functions then) — and only when asked for by name (``backend="triton"``): the
-interpreter is for testing, orders of magnitude slower than the reference.
+triton is first imported (it decorates its own functions then) — and only when asked for by
+name (``backend="triton"``): the interpreter is for testing, orders of magnitude slower than the reference.
 """
 
 import functools
