@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # As a script without a GPU the Triton pass count runs under the interpreter, which must be on
-# before adapprox_kernels imports triton: triton.language's own jit functions (tl.cdiv, ...) take
-# the mode in force when they are decorated. bench_step.py sets it before importing this module.
+# before anything imports triton: triton.language's own jit functions (tl.cdiv, ...) take the
+# mode in force when they are decorated. bench_step.py sets it before importing this module.
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
