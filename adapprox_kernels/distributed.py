@@ -434,9 +434,12 @@ def _reshard(model: torch.nn.Module) -> None:
 
 def _named_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
     """``(FQN, parameter)`` in the optimizer's order (the index torch.optim's state dict uses);
-    FQNs as :func:`_fqn` makes them."""
+    FQNs as :func:`_fqn` makes them. A tied parameter goes by its first name, as in
+    ``get_optimizer_state_dict``."""
     _reshard(model)
-    names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
+    names: dict[torch.Tensor, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(p, n)
     out = []
     for p in (p for g in optimizer.param_groups for p in g["params"]):
         if p not in names:
@@ -446,12 +449,17 @@ def _named_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
 
 
 def _saved_names(model: torch.nn.Module, named: list[tuple[str, torch.Tensor]]) -> dict[str, str]:
-    """Name in a checkpoint -> FQN (of ``named``, :func:`_named_params`' list): the FQN itself or,
-    for checkpoints written before the FQNs left the wrappers' segments out, the parameter's
-    ``named_parameters()`` name (``_orig_mod.0.weight``), which a wrapped model's still loads by.
-    An FQN wins where the two coincide."""
-    wrapped = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
-    return {**{wrapped[p]: fqn for fqn, p in named}, **{fqn: fqn for fqn, _ in named}}
+    """Name in a checkpoint -> FQN (of ``named``, :func:`_named_params`' list): the FQN itself,
+    or a name older checkpoints used: the parameter's ``named_parameters()`` name with the
+    wrappers' segments (``_orig_mod.0.weight``), and for a tied parameter any of its names (they
+    keyed it by its last). An FQN wins where names coincide."""
+    fqn_of = {p: fqn for fqn, p in named}
+    names = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p in fqn_of:
+            names.setdefault(n, fqn_of[p])
+            names.setdefault(_fqn(model, n), fqn_of[p])
+    return {**names, **{fqn: fqn for fqn, _ in named}}
 
 
 def optimizer_state_dict(model: torch.nn.Module, optimizer) -> dict[str, Any]:

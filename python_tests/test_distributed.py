@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -844,6 +845,47 @@ def test_checkpoint_names_are_the_fqns_of_get_model_state_dict(tmp_path):
     loaded = _optimizer(plain)
     load_optimizer_state(plain, loaded, tmp_path / "ckpt")
     _assert_same_state(loaded, opt)
+
+
+class _Tied(nn.Module):
+    """An embedding and an output head sharing one weight, as GPT-2's."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed, self.mid = nn.Embedding(11, 6), nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.embed(tokens))))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_tied_weights_go_by_their_first_name(tmp_path):
+    """A tied weight is keyed by its first name, as ``get_optimizer_state_dict`` keys it, so a
+    checkpoint written by either loads (it was keyed by its last name: torch's was refused as
+    state for a parameter the optimizer does not have). Those older checkpoints still load."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = _Tied()
+    opt = Adapprox(model.parameters(), k_init=2, exact_small_matrices=False, seed=SEED)
+    model(torch.arange(11)).square().mean().backward()
+    opt.step()
+    ours, torchs = optimizer_state_dict(model, opt), get_optimizer_state_dict(model, opt)
+    assert list(ours["state"]) == list(torchs["state"]) == ["embed.weight", "mid.weight", "mid.bias"]
+    assert ours["param_groups"][0]["params"] == torchs["param_groups"][0]["params"]
+
+    older = dict(ours, state={{"embed.weight": "head.weight"}.get(n, n): s for n, s in ours["state"].items()})
+    older["param_groups"] = [dict(g, params=["head.weight", *g["params"][1:]]) for g in ours["param_groups"]]
+    for name, saved in (("ours", ours), ("torch", torchs), ("older", older)):
+        dcp.save({"optim": saved}, checkpoint_id=str(tmp_path / name))
+        loaded = Adapprox(model.parameters(), k_init=2, exact_small_matrices=False, seed=SEED)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "the checkpoint has no sketch RNG")
+            load_optimizer_state(model, loaded, tmp_path / name)
+        _assert_same_state(loaded, opt)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
