@@ -102,7 +102,10 @@ def ratio_from_sq_norms(total: torch.Tensor, resid: torch.Tensor) -> torch.Tenso
 def column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
     """``(B, 1, width)`` bool, true where column ``j < ranks[b]``.
 
-    Built on the host and copied without waiting for the GPU. Cached: ranks change rarely."""
+    Built on the host and copied without waiting for the GPU. Cached: ranks change rarely.
+    Traced by torch.compile without the cache (dynamo would warn that it ignores it)."""
+    if torch.compiler.is_compiling():
+        return _column_mask.__wrapped__(ranks, width, device)
     return handed_out(_column_mask(ranks, width, device))
 
 
