@@ -142,6 +142,20 @@ def as_tuple(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
+def _max_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """``(len(grads),)``: each (non-empty) gradient's largest magnitude, NaN where it holds a
+    NaN. Finite iff every entry is (a 2-norm of a finite fp16 gradient can overflow). One
+    foreach launch on a GPU; on CPU, where the foreach inf-norm is ~5× slower than ``aminmax``
+    (a few ms a step for a small model), from the extremes."""
+    if grads[0].device.type == "cpu":
+        mins, maxs = zip(*map(torch.aminmax, grads))
+        return torch.maximum(torch.stack(maxs), torch.stack(mins).neg())  # stack promotes dtypes
+    norms = torch._foreach_norm(grads, float("inf"))
+    if any(n.dtype != norms[0].dtype for n in norms):  # mixed dtypes: rare
+        norms = [n.float() for n in norms]
+    return torch.stack(norms)
+
+
 class SketchOptimizer(Optimizer):
     """Base class; subclasses implement ``_init_state`` and ``_step_group``."""
 
@@ -474,12 +488,7 @@ class SketchOptimizer(Optimizer):
                     bad = nonfinite_flags(grads)  # as values: NaN marks a bad one
                     checks.append((ps, [float("nan") if b else 0.0 for b in bad]))
                     continue
-                # The max-norm is finite iff every entry is (a 2-norm of a finite fp16 gradient
-                # can overflow); NaN propagates through it.
-                norms = torch._foreach_norm(grads, float("inf"))
-                if any(n.dtype != norms[0].dtype for n in norms):  # mixed dtypes: rare
-                    norms = [n.float() for n in norms]
-                checks.append((ps, torch.stack(norms)))
+                checks.append((ps, _max_norms(grads)))
         flags = [False] * len(params)
         position = None
         # Read as they are and tested on the host: no isfinite launches per check.
