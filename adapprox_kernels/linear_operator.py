@@ -1,11 +1,14 @@
 """The small operator interface that S-RSI is written against.
 
-S-RSI never needs the entries of the matrix it compresses, only four things: the products
-``A @ X`` and ``Aᵀ @ Y`` with thin matrices, ``‖A‖_F²`` and ``‖A − Q Uᵀ‖_F²``. Anything that
-provides them (a dense tensor, the fused Triton operator that rebuilds V tile by tile, a
-row-sharded operator) reuses the same iteration code in :mod:`adapprox_kernels.srsi`. An
-operator may also offer ``project(y)``, an ``Aᵀ @ Y`` more precise than its ``rmatmul``, which
-S-RSI then uses for its last product (the one that becomes the factor ``U``).
+S-RSI never needs the entries of the matrix it compresses, only four operations: the products
+``A @ X`` and ``Aᵀ @ Y`` with thin matrices (``matmul``, ``rmatmul``), ``‖A‖_F²`` (``sq_norm``)
+and ``‖A − Q Uᵀ‖_F²`` (``residual_sq_norm``), and three attributes: ``shape`` ``(B, m, n)``,
+``dtype`` and ``device`` (S-RSI sizes its sketch from the shape and draws it in that dtype on
+that device). Anything that provides them (a dense tensor, the fused Triton operator that
+rebuilds V tile by tile, a row-sharded operator) reuses the same iteration code in
+:mod:`adapprox_kernels.srsi`. An operator may also offer ``project(y)``, an ``Aᵀ @ Y`` more
+precise than its ``rmatmul``, which S-RSI then uses for its last product (the one that becomes
+the factor ``U``).
 
 Every operator is *batched*: it stands for ``B`` same-shaped matrices ``A[b]`` of shape
 ``(m, n)``, and all tensors carry that leading batch dimension.
