@@ -45,6 +45,7 @@ from .transfer import lr_and_decay
 
 
 PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee", "tf32_range", "tf32_rn")
+_SQRT_MAX = {dtype: math.sqrt(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}
 
 
 # Read from hundreds of tensors and states a step: C getters for map(), not Python loops.
@@ -402,6 +403,13 @@ class Adapprox(SketchOptimizer):
 
     def _state_dtype(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.dtype:
         return p.dtype if key == "exp_avg" else super()._state_dtype(p, key, value)
+
+    def _gradient_limit(self, p: torch.Tensor) -> float:
+        """``√max`` of the compute dtype (≈ 1.8e19 in fp32): a larger entry's square overflows
+        ``V_t``, which for a dense V stays inf for good and freezes that weight (as AdamW's
+        does), so the non-finite policy takes such a gradient: raised before anything changes,
+        or skipped. (Smaller ones can still overflow S-RSI's products: see docs/algorithm.md.)"""
+        return _SQRT_MAX[torch.float64 if p.dtype == torch.float64 else torch.float32]
 
     def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
         shape = matrix_shape(p)

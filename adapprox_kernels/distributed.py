@@ -27,6 +27,7 @@ sharded state with ``torch.distributed.checkpoint`` on any number of ranks (resh
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -118,18 +119,20 @@ def process_rank() -> dict[str, int] | None:
     return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
 
 
-def nonfinite_flags(grads: Sequence[torch.Tensor]) -> list[bool]:
-    """Per DTensor gradient (all on one mesh): does any rank's part hold inf or NaN?
+def nonfinite_flags(grads: Sequence[torch.Tensor], limits: Sequence[float] | None = None) -> list[bool]:
+    """Per DTensor gradient (all on one mesh): does any rank's part hold inf or NaN, or an
+    entry above its ``limits`` value (one per gradient, if given)?
 
     Each rank checks its own rows (an empty shard has nothing to check, and the max-norm of an
     empty tensor is undefined); one all-reduce of the flags (not of the norms: a NaN may not
     survive a max-reduction)."""
     parts = [local(g) for g in grads]
-    norms = torch.zeros(len(parts), device=parts[0].device)
+    norms = torch.zeros(len(parts), device=parts[0].device, dtype=torch.float64)
     nonempty = [i for i, t in enumerate(parts) if t.numel()]
     if nonempty:
-        norms[nonempty] = torch.stack(torch._foreach_norm([parts[i] for i in nonempty], float("inf"))).float()
-    bad = (~torch.isfinite(norms)).float()
+        norms[nonempty] = torch.stack(torch._foreach_norm([parts[i] for i in nonempty], float("inf"))).double()
+    bound = torch.tensor(limits if limits is not None else math.inf, dtype=torch.float64, device=norms.device)
+    bad = (~(norms <= bound)).float()  # NaN compares false
     mesh = grads[0].device_mesh
     for dim in range(mesh.ndim):
         dist.all_reduce(bad, group=mesh.get_group(dim))

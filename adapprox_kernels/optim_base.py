@@ -476,6 +476,7 @@ class SketchOptimizer(Optimizer):
             return []
         # (parameters, values) pairs: a non-finite value marks a bad gradient.
         checks = list(known)
+        limited = type(self)._gradient_limit is not SketchOptimizer._gradient_limit
         if sum(len(ps) for ps, _ in known) < len(params):  # some gradients have no values yet
             covered = {id(p) for ps, _ in known for p in ps}
             by_device: dict[tuple, list[torch.Tensor]] = defaultdict(list)
@@ -485,14 +486,13 @@ class SketchOptimizer(Optimizer):
             for ps in by_device.values():
                 grads = [p.grad for p in ps]
                 if is_dtensor(grads[0]):  # FSDP2: each rank checks its rows, one all-reduce
-                    bad = nonfinite_flags(grads)  # as values: NaN marks a bad one
+                    bad = nonfinite_flags(grads, [self._gradient_limit(p) for p in ps] if limited else None)
                     checks.append((ps, [float("nan") if b else 0.0 for b in bad]))
                     continue
                 checks.append((ps, _max_norms(grads)))
         flags = [False] * len(params)
         position = None
         # Read as they are and tested on the host: no isfinite launches per check.
-        limited = type(self)._gradient_limit is not SketchOptimizer._gradient_limit
         for c, ((ps, _), values) in enumerate(zip(checks, to_host([values for _, values in checks]))):
             max_norms = limited and c >= len(known)  # the known values are other sums
             if all(map(math.isfinite, values)) and not max_norms:  # the usual case: nothing per parameter

@@ -959,3 +959,31 @@ def test_unsupported_dtensor_layouts_are_refused_before_any_state():
             assert len(opt.param_groups) == 1 and not opt.state
     finally:
         dist.destroy_process_group()
+
+
+def test_gradient_limit_holds_for_dtensor_parameters():
+    """Gradient entries whose squares overflow V (above √max ≈ 1.8e19 in fp32) take the
+    non-finite policy on DTensor parameters too, as on plain ones (their check is each rank's
+    own, all-reduced); smaller ones step. A 1-rank process group in this process suffices."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(0)]))
+        opt = Adapprox([w], seed=SEED, k_max=2, exact_small_matrices=False)
+        for entry in (1e19, 2e19):
+            g = torch.randn(8, 6)
+            g[3, 4] = entry
+            w.grad = distribute_tensor(g, mesh, [Shard(0)])
+            if entry < 1.8e19:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", ".*overflowed float32")  # S-RSI squares V
+                    opt.step()
+            else:
+                with pytest.raises(FloatingPointError, match="above 1.84e"):
+                    opt.step()
+        assert opt.state[w]["step"] == 1
+    finally:
+        dist.destroy_process_group()

@@ -5,6 +5,7 @@ Two same-shaped matrices share one batched launch but get different gradient str
 their ranks drift apart (the factors are zero-padded to a common width inside the batch)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -282,7 +283,29 @@ def _run_with_bad_gradient(backend, policy, bad, steps=3, bad_step=1, graphs_sta
 
 
 # A matrix batched with another, a lone factored matrix, a dense (too small) one, a vector.
-BAD = [(0, float("nan")), (2, float("inf")), (3, float("-inf")), (4, float("nan"))]
+# (parameter, entry): NaN and inf, and finite entries whose squares overflow V (above √max ≈
+# 1.8e19 in fp32), which would freeze a dense V at inf: the kernels flag them from the RMS sum.
+BAD = [(0, float("nan")), (2, float("inf")), (3, float("-inf")), (4, float("nan")), (0, 2e19), (4, -3e19)]
+
+
+@pytest.mark.parametrize("index", [0, 4])
+def test_gradients_just_below_the_limit_step_alike(index):
+    """An entry of 1.8e19 (its square still fits in fp32) is a gradient like any other: both
+    backends step, with finite state, and agree."""
+    runs = []
+    for backend in ("reference", "triton"):
+        params = _params(torch.float32)
+        opt = Adapprox(params, backend=backend, seed=3, **BASE)
+        for step in range(2):
+            for p, g in zip(params, _grads(step, torch.float32)):
+                p.grad = g
+            params[index].grad.view(-1)[3] = 1.8e19
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*overflowed float32")  # matrix 0: S-RSI squares V
+                opt.step()
+        assert all(torch.isfinite(v).all() for v in opt.state[params[index]].values() if torch.is_tensor(v))
+        runs.append((params, opt))
+    _assert_same_run(*runs[0], *runs[1], torch.float32)
 
 
 @pytest.mark.parametrize("bad", BAD)
@@ -341,7 +364,6 @@ def test_one_host_sync_per_step_on_cuda(warm, graphs):
     updates were launched behind the device gate). Anything else (an index or a mask copied
     from the host each step) shows up here; with ``cuda_graphs``, the checked step is a replay.
     Two param groups (the usual decay / no-decay split) still check their gradients together."""
-    import warnings
 
     params = _params(torch.float32)
     groups = [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}]

@@ -160,9 +160,11 @@ def residual_sq(
 @triton.jit
 def raw_update(g, v, mask, eps):
     """``G / (√V + ε)`` where ``mask`` holds, 0 elsewhere (so that ε = 0 gives no 0/0 on
-    padding). Any block shape: the helpers from here on serve the 2-D tiles of the factored
-    kernels and the flat blocks of the dense ones."""
-    return tl.where(mask, g / (tl.sqrt(v) + eps), 0.0)
+    padding). NaN where V overflowed, i.e. G² did (entries above √(fp32 max) ≈ 1.8e19), not
+    0: the update's RMS sum then flags the gradient as the optimizer's max-norm check would.
+    Any block shape: the helpers from here on serve the 2-D tiles of the factored kernels and
+    the flat blocks of the dense ones."""
+    return tl.where(mask, g / (tl.sqrt(v) + eps) + v * 0.0, 0.0)  # inf·0 is NaN
 
 
 @triton.jit
