@@ -147,6 +147,9 @@ def apply_updates(
     if cosine_max_scale is not None and exp_avgs is not None:
         avg = _stacked(avg)
         avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale, reduce)
+    # A one-element tensor lr (a scheduler's) read as a number, as lr_and_decay does: ``alpha``
+    # takes a 0-d tensor but not a (1,) one, and the decay is then rounded once from float64.
+    lr = float(lr)
     decay = 1 - lr * weight_decay  # x·1 == x exactly: no launch without weight decay
     if in_place_ok(params, upd.dtype):
         if decay != 1:

@@ -353,6 +353,21 @@ def test_nonfinite_skip_then_buckets_with_different_steps():
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("beta2", [0.95, 1 - 1e-8, 1 - 1e-12])
+@pytest.mark.parametrize("grad", [0.0, 1e-20])
+def test_zero_and_tiny_gradients_stay_finite_with_beta2_near_1(beta2, grad):
+    """With 1 − β2^t below ~1e-7, the clamp of the Adafactor denominator used to underflow to 0
+    (tiny·bias2), and zero gradients wrote NaN (0/0). A zero gradient is a zero step."""
+    shapes = [(8, 16), (16, 8), (5,)]
+    params = _params(shapes)
+    before = [p.detach().clone() for p in params]
+    opt = AdaMeM(params, lr=0.01, betas=(0.9, beta2), rank=4, update_proj_gap=2, seed=0)
+    _run(opt, params, [[torch.full(s, grad) for s in shapes]] * 3)
+    assert all(torch.isfinite(p).all() for p in params)
+    if grad == 0.0:
+        assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
 # --------------------------------------------------------------------------------- odd shapes
 @pytest.mark.parametrize("shape", [(1, 13), (13, 1), (20, 7), (3, 4, 5), (1,), ()])
 def test_odd_shapes_run_and_stay_finite(shape):

@@ -1086,3 +1086,25 @@ def test_state_dropped_between_steps_is_made_anew(how):
         fresh.grad = grads[i].clone()
         Adapprox([fresh], k_max=2, seed=0).step()
         torch.testing.assert_close(params[i].detach(), fresh.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [Adapprox, AdaMeM])
+def test_a_one_element_tensor_lr_steps_as_its_float(cls):
+    """torch.optim takes a (1,)-shaped tensor lr written into a group, and so does our
+    load_state_dict; the step passed it as ``alpha``, which takes only a number or a 0-d tensor."""
+    lr = 2.0**-10  # exact in float32: the tensor holds the float's value
+
+    def run(group_lr):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(20, 33), (7,)]]
+        kw = dict(k_max=4, backend="reference") if cls is Adapprox else dict(rank=4)
+        opt = cls(params, weight_decay=0.1, seed=0, **kw)
+        opt.param_groups[0]["lr"] = group_lr
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return params
+
+    for a, b in zip(run(lr), run(torch.tensor([lr]))):
+        assert torch.equal(a, b)
