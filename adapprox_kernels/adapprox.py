@@ -675,7 +675,9 @@ class Adapprox(SketchOptimizer):
             return ()
 
         baked, read = self._baked_hyperparameters(group), _addresses([*grads, *sqs])
-        sums_call = self._graphs.defer(("dense sums", baked, read), sums_graph, ())
+        # Keyed by what it reads (β2, ε), not β1 or the clip, which a scheduler may change every
+        # step (OneCycleLR cycles β1): those would make it a new graph each step.
+        sums_call = self._graphs.defer(("dense sums", beta2, eps, read), sums_graph, ())
         queued = []
 
         def prepare(gate: torch.Tensor | None) -> None:
@@ -783,12 +785,13 @@ class Adapprox(SketchOptimizer):
         measure = any(due)
         # Only the Triton kernels have a product precision to choose.
         precision = {"precision": group["product_precision"]} if getattr(backend, "name", None) == "triton" else {}
+        eps = group["eps"]
         # The ranks enter as column masks (data, not shapes), so a graph serves any ranks.
         used_mask = column_mask(tuple(used), width, q_prev.device)
         prev_mask = column_mask(tuple(prev_cols), width, q_prev.device)
 
         def second_moment(q_prev: torch.Tensor, u_prev: torch.Tensor):
-            return backend.second_moment(grads, q_prev, u_prev, beta2, eps=group["eps"], **precision)
+            return backend.second_moment(grads, q_prev, u_prev, beta2, eps=eps, **precision)
 
         def start(u_prev: torch.Tensor, sketch: torch.Tensor, prev_mask: torch.Tensor) -> torch.Tensor:
             return _warm_sketch(u_prev, sketch, prev_mask) if warm else sketch
@@ -823,7 +826,9 @@ class Adapprox(SketchOptimizer):
             # Deferred (see cuda_graphs.py): S-RSI runs with the dense sums passes queued before
             # it, the update with every other update, queued by prepare() while the GPU runs S-RSI.
             baked, read = self._baked_hyperparameters(group), _addresses(grads)
-            srsi_key = ("srsi", m, n, warm, iters, baked, read)
+            # S-RSI reads β2, ε and the precision of the group (second_moment), not β1 or the
+            # clip, which a scheduler may change every step: keyed by those, it keeps replaying.
+            srsi_key = ("srsi", m, n, warm, iters, beta2, eps, tuple(precision.values()), read)
             srsi_call = self._graphs.defer(srsi_key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
             queued = []
 

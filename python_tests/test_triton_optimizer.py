@@ -400,15 +400,18 @@ def _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt):
             assert torch.equal(got, want) if torch.is_tensor(want) else got == want or want != want, (i, key)
 
 
-def _graph_run(dtype, options, graphs, steps, fixed_grads, graphs_stand_in=None):
-    """``steps`` steps with a new learning rate each; gradients copied into the same tensors
-    from the second step on when ``fixed_grads`` (the addresses a graph needs), new ones else."""
+def _graph_run(dtype, options, graphs, steps, fixed_grads, graphs_stand_in=None, cycle_beta1=False):
+    """``steps`` steps with a new learning rate each (and β1, as OneCycleLR cycles it, if
+    ``cycle_beta1``); gradients copied into the same tensors from the second step on when
+    ``fixed_grads`` (the addresses a graph needs), new ones else."""
     params = _params(dtype)
     opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs, **options)
     if graphs_stand_in is not None:
         opt._graphs = graphs_stand_in
     for step in range(steps):
         opt.param_groups[0]["lr"] = options["lr"] / (1 + step)
+        if cycle_beta1:
+            opt.param_groups[0]["betas"] = (0.85 + 0.01 * step, *opt.param_groups[0]["betas"][1:])
         for p, g in zip(params, _grads(step, dtype)):
             if fixed_grads and p.grad is not None:
                 p.grad.copy_(g)
@@ -421,13 +424,15 @@ def _graph_run(dtype, options, graphs, steps, fixed_grads, graphs_stand_in=None)
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("fixed_grads", [True, False])
-def test_cuda_graphs_give_the_eager_bits(name, fixed_grads):
+@pytest.mark.parametrize("cycle_beta1", [False, True])
+def test_cuda_graphs_give_the_eager_bits(name, fixed_grads, cycle_beta1):
     """Replayed steps write the same parameters and state as eager ones, with the learning rate
-    changing every step; the ranks settle within a few steps, after which the graphs replay."""
+    (and β1) changing every step; the ranks settle within a few steps, after which the graphs
+    replay (with β1 changing, S-RSI's and the dense sums')."""
     dtype, extra = CONFIGS[name]
     options = {**BASE, **extra}
-    eager_params, eager_opt = _graph_run(dtype, options, False, 10, fixed_grads)
-    graph_params, graph_opt = _graph_run(dtype, options, True, 10, fixed_grads)
+    eager_params, eager_opt = _graph_run(dtype, options, False, 10, fixed_grads, cycle_beta1=cycle_beta1)
+    graph_params, graph_opt = _graph_run(dtype, options, True, 10, fixed_grads, cycle_beta1=cycle_beta1)
     if fixed_grads:
         assert graph_opt.cuda_graph_counts.get("replayed", 0) > 0, graph_opt.cuda_graph_counts
     assert graph_opt.cuda_graph_counts.get("failed", 0) == 0
@@ -659,6 +664,31 @@ def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
     else:
         assert sorted(key[0] for key in calls.keys) == sorted((phases[0] + phases[1]) * 5)
     _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt)
+
+
+class _KeysThrough(_CallsThrough):
+    """:class:`_CallsThrough` that keeps whole keys (one by one calls: no batches)."""
+
+    def __init__(self):
+        super().__init__(eager_runs=100)
+
+    def _run_signed(self, key, fn, inputs, calls, entry=None):
+        self.keys.append(key)
+        return fn(*[t.clone() for t in inputs])
+
+
+def test_graph_keys_of_srsi_and_dense_sums_hold_while_beta1_cycles(monkeypatch):
+    """OneCycleLR writes a new β1 every step. S-RSI and the dense sums pass read only β2, ε
+    and the product precision, so their keys (and graphs) stay the same; the updates, which
+    read β1, get a new key each step. Before, every key held every hyperparameter: nothing
+    could replay under such a scheduler."""
+    monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
+    calls = _KeysThrough()
+    steps = 4
+    _graph_run(torch.float32, BASE, True, steps, fixed_grads=True, graphs_stand_in=calls, cycle_beta1=True)
+    later = [signed[0] for signed in calls.keys[len(calls.keys) // steps :]]  # the gradients' addresses are fixed
+    distinct = {kind: len({key for key in later if key[0] == kind}) for kind in ("srsi", "dense sums", "update")}
+    assert distinct == {"srsi": 2, "dense sums": 3, "update": 2 * (steps - 1)}
 
 
 def test_a_second_moment_beyond_float32_on_triton_warns_and_keeps_the_weights_finite():
