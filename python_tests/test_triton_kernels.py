@@ -626,7 +626,8 @@ for mom in (True, False):
         st_v=len(re.findall(r"st\\.global[^\\n]*\\.v", code)), st=len(re.findall(r"st\\.global", code)),
     )
     ptx(apply_update._apply_update_kernel, dict(tiles, W_ALIGN=8, MOM_ALIGN=8, HAS_MOMENTUM=mom, WITH_RESIDUAL=True))
-ptx(dense_moment._dense_sums_kernel, dict(G_ALIGN=8, V_ALIGN=4, BLOCK=4096))
+code = ptx(dense_moment._dense_sums_kernel, dict(G_ALIGN=8, V_ALIGN=4, BLOCK=4096))
+out["dense_sums_times_zero"] = len(re.findall(r"(?:mul|fma)[^\\n]*0f00000000", code))
 ptx(update_cosine._update_cosine_kernel, dict(tiles, MOM_ALIGN=8))
 ptx(v_norms._v_norms_kernel, dict(tiles, WITH_RESIDUAL=True))
 print(json.dumps(out))
@@ -637,8 +638,10 @@ def test_elementwise_kernels_compile_for_hopper():
     """The update, reduction and dense kernels compiled for sm_90 (bf16 weights, fp16 momenta):
     the interpreter accepts code the compiler does not. The dense update, reading flat blocks,
     loads and stores 16 bytes at a time; its only scalar loads are the table offsets (G, V, W
-    and M, or no M), the clip divisor and [α, 1 − αλ]."""
+    and M, or no M), the clip divisor and [α, 1 − αλ]. The sums pass keeps raw_update's
+    ``V·0`` (NaN where V overflowed: the gradient limit's flag), not folded to 0."""
     counts = _compile_for_hopper(_HOPPER_ELEMENTWISE)
+    assert counts["dense_sums_times_zero"] > 0, counts
     for mom, scalars in ((True, 7), (False, 6)):
         c = counts[f"dense_apply_{mom}"]
         assert c["ld"] - c["ld_v4"] == scalars and c["ld_v4"] > 0, c
