@@ -112,10 +112,14 @@ def adafactor_precondition(
     sq = stat.square()
     row_sq.mul_(beta2).add_(sq.mean(dim=2), alpha=1 - beta2)
     col_sq.mul_(beta2).add_(sq.mean(dim=1), alpha=1 - beta2)
-    # An all-zero row statistic (zero gradients so far) gives V̂ = 0, not 0/0. Clamped after
-    # the bias correction: tiny·bias2 underflows to 0 for bias2 below ~1e-7 (β2 near 1).
-    denom = (row_sq.mean(dim=1, keepdim=True) * bias2).clamp_min(torch.finfo(row_sq.dtype).tiny)
-    v = row_sq.unsqueeze(2) * (col_sq / denom).unsqueeze(1)
+    # An all-zero row statistic (zero gradients so far) gives V̂ = 0, not 0/0. With β2 near 1,
+    # bias2 = 1 − β2^t is ~1e-12 early on and mean·bias2 can underflow (to 0 for zero
+    # gradients): there the bias correction divides col_sq first.
+    tiny = torch.finfo(row_sq.dtype).tiny
+    mean = row_sq.mean(dim=1, keepdim=True).clamp_min(tiny)
+    denom = mean * bias2
+    scaled = torch.where(denom >= tiny, col_sq / denom, col_sq / bias2 / mean)
+    v = row_sq.unsqueeze(2) * scaled.unsqueeze(1)
     return clipped_update(x, v, eps, clip_threshold)
 
 

@@ -674,7 +674,8 @@ class Adapprox(SketchOptimizer):
             backend.apply_dense_step(op, bucket, exp_avgs, **kw, lr_decay=lr_decay)
             return ()
 
-        baked, read = self._baked_hyperparameters(group), _addresses([*grads, *sqs])
+        # Flat passes: the shape is in the key, since no input carries it.
+        baked, read = self._baked_hyperparameters(group), (sqs[0].shape, _addresses([*grads, *sqs]))
         # Keyed by what it reads (β2, ε), not β1 or the clip, which a scheduler may change every
         # step (OneCycleLR cycles β1): those would make it a new graph each step.
         sums_call = self._graphs.defer(("dense sums", beta2, eps, read), sums_graph, ())

@@ -27,7 +27,6 @@ sharded state with ``torch.distributed.checkpoint`` on any number of ranks (resh
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -131,8 +130,10 @@ def nonfinite_flags(grads: Sequence[torch.Tensor], limits: Sequence[float] | Non
     nonempty = [i for i, t in enumerate(parts) if t.numel()]
     if nonempty:
         norms[nonempty] = torch.stack(torch._foreach_norm([parts[i] for i in nonempty], float("inf"))).double()
-    bound = torch.tensor(limits if limits is not None else math.inf, dtype=torch.float64, device=norms.device)
-    bad = (~(norms <= bound)).float()  # NaN compares false
+    ok = torch.isfinite(norms)
+    if limits is not None:  # one number (the usual case) needs no copy to the device
+        ok &= norms <= (limits[0] if len(set(limits)) == 1 else norms.new_tensor(limits))
+    bad = (~ok).float()
     mesh = grads[0].device_mesh
     for dim in range(mesh.ndim):
         dist.all_reduce(bad, group=mesh.get_group(dim))

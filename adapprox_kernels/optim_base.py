@@ -146,14 +146,12 @@ def _max_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """``(len(grads),)``: each (non-empty) gradient's largest magnitude, NaN where it holds a
     NaN. Finite iff every entry is (a 2-norm of a finite fp16 gradient can overflow). One
     foreach launch on a GPU; on CPU, where the foreach inf-norm is ~5× slower than ``aminmax``
-    (a few ms a step for a small model), from the extremes."""
+    (a few ms a step for a small model), from the extremes. Mixed dtypes come out in the widest
+    (``torch.stack`` promotes): an fp64 gradient's entries above fp32's range stay finite."""
     if grads[0].device.type == "cpu":
         mins, maxs = zip(*map(torch.aminmax, grads))
-        return torch.maximum(torch.stack(maxs), torch.stack(mins).neg())  # stack promotes dtypes
-    norms = torch._foreach_norm(grads, float("inf"))
-    if any(n.dtype != norms[0].dtype for n in norms):  # mixed dtypes: rare
-        norms = [n.float() for n in norms]
-    return torch.stack(norms)
+        return torch.maximum(torch.stack(maxs), torch.stack(mins).neg())
+    return torch.stack(torch._foreach_norm(grads, float("inf")))
 
 
 class SketchOptimizer(Optimizer):

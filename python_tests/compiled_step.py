@@ -12,7 +12,9 @@ def eager_and_compiled(make_optimizer, shapes, backend: str, steps: int) -> list
     Dynamo may note graph breaks, not that it traced through a cache of ours (it ignores
     caches, which could be wrong)."""
     runs = []
-    torch._dynamo.utils.warn_once_cache.clear()  # dynamo warns of each thing once per process
+    # Dynamo warns of each thing once per process (its private cache; without it, a test run
+    # that had warned before would pass here unchecked).
+    getattr(torch._dynamo.utils, "warn_once_cache", set()).clear()
     for compiled in (False, True):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]

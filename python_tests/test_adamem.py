@@ -368,6 +368,25 @@ def test_zero_and_tiny_gradients_stay_finite_with_beta2_near_1(beta2, grad):
         assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 
+@pytest.mark.parametrize("beta2", [0.95, 1 - 1e-8, 1 - 1e-12])
+@pytest.mark.parametrize("scale", [1e-8, 1e-3, 1.0])
+def test_adafactor_estimate_with_beta2_near_1_matches_float64(beta2, scale):
+    """The first step's rank-1 estimate V̂ and update in fp32 against fp64: with bias2 = 1 − β2
+    ~1e-12, mean(row_sq)·bias2 is subnormal for small gradients, and a clamp applied to that
+    product (or the product itself) lost the estimate: updates of 0.92 where fp64 gives 0.5."""
+    from adapprox_kernels.adamem import adafactor_precondition
+
+    gen = torch.Generator().manual_seed(0)
+    stat = scale * torch.randn(2, 4, 9, generator=gen, dtype=torch.float64)
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        s = stat.to(dtype)
+        row_sq, col_sq = torch.zeros(2, 4, dtype=dtype), torch.zeros(2, 9, dtype=dtype)
+        kw = dict(beta2=beta2, bias2=1 - beta2, eps=1e-30, clip_threshold=math.inf)
+        out[dtype] = adafactor_precondition(s, s, row_sq, col_sq, **kw)
+    torch.testing.assert_close(out[torch.float32], out[torch.float64].float(), rtol=1e-4, atol=0)
+
+
 # --------------------------------------------------------------------------------- odd shapes
 @pytest.mark.parametrize("shape", [(1, 13), (13, 1), (20, 7), (3, 4, 5), (1,), ()])
 def test_odd_shapes_run_and_stay_finite(shape):

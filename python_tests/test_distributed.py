@@ -31,6 +31,7 @@ from adapprox_kernels.distributed import (
     load_optimizer_state,
     local,
     log_collectives,
+    nonfinite_flags,
     optimizer_state_dict,
 )
 from adapprox_kernels.reference import clipped_update, second_moment
@@ -968,6 +969,7 @@ def test_gradient_limit_holds_for_dtensor_parameters():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    inf, nan = float("inf"), float("nan")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
@@ -985,5 +987,10 @@ def test_gradient_limit_holds_for_dtensor_parameters():
                 with pytest.raises(FloatingPointError, match="above 1.84e"):
                     opt.step()
         assert opt.state[w]["step"] == 1
+        # inf and NaN are flagged with or without limits (inf <= inf would pass a limit of inf)
+        values = ([1.0, inf], [-inf, 0.0], [nan, 1.0], [1.0, 2.0])
+        grads = [distribute_tensor(torch.tensor(v), mesh, [Shard(0)]) for v in values]
+        assert nonfinite_flags(grads) == [True, True, True, False]
+        assert nonfinite_flags(grads, [1.5, inf, inf, 1.5]) == [True, True, True, True]
     finally:
         dist.destroy_process_group()

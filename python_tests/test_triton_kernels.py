@@ -530,7 +530,8 @@ for precision, round_tf32 in (("tf32x3", False), ("tf32", False), ("tf32", True)
                   PRECISION=precision, ROUND_TF32=round_tf32, K_UNROLL=0, K_DOT=0, REBUILD_TF32X3=True)
     ptx = compile_sm90(fn, consts).asm["ptx"]
     out[precision + ("_rn" if round_tf32 else "")] = dict(
-        rna=len(re.findall(r"cvt\\.rna\\.tf32", ptx)), wgmma=len(re.findall(r"wgmma[^\\n]*tf32", ptx))
+        rna=len(re.findall(r"cvt\\.rna\\.tf32", ptx)), wgmma=len(re.findall(r"wgmma[^\\n]*tf32", ptx)),
+        times_zero=len(re.findall(r"(?:mul|fma)[^\\n]*0f00000000", ptx)),
     )
 # V's tiles rebuilt by a tf32x3 dot of 16 factor columns (Blocks.dot_from) at rank 8
 consts.update(PRECISION="tf32x3", ROUND_TF32=False, K_DOT=16)
@@ -594,6 +595,8 @@ def test_product_kernel_compiles_for_hopper_and_tf32_truncates():
     assert ptx["tf32"]["rna"] == 0 and ptx["tf32_rn"]["rna"] == 0
     assert ptx["tf32x3"]["rna"] > 0 and ptx["tf32x3"]["wgmma"] == 3 * ptx["tf32"]["wgmma"] > 0
     assert ptx["tf32_rn"]["wgmma"] == ptx["tf32"]["wgmma"]
+    # The first pass's sums keep raw_update's V·0 (the gradient limit's flag), not folded to 0.
+    assert ptx["tf32x3"]["times_zero"] > 0, ptx
     # The dot rebuild adds tf32x3 wgmma for its 16 columns to the product's for the tile's 64
     # (BLOCK_N), and the main loop is pipelined.
     assert ptx["rebuild_by_dot"]["wgmma"] == ptx["tf32x3"]["wgmma"] * (64 + 16) // 64, ptx

@@ -691,6 +691,62 @@ def test_graph_keys_of_srsi_and_dense_sums_hold_while_beta1_cycles(monkeypatch):
     assert distinct == {"srsi": 2, "dense sums": 3, "update": 2 * (steps - 1)}
 
 
+class _FirstCallUnderKey(CallGraphs):
+    """Replays, for each key, the first call made under it (on copies of this call's inputs),
+    as a captured graph holds the Python values its call read, which the key must name; keeps
+    which kinds of call were replayed."""
+
+    def __init__(self):
+        super().__init__(eager_runs=100)
+        self.first, self.replayed = {}, []
+
+    def _run_signed(self, key, fn, inputs, calls, entry=None):
+        if key in self.first:
+            self.replayed.append(key[0][0])
+        return self.first.setdefault(key, fn)(*[t.clone() for t in inputs])
+
+
+# One hyperparameter off its value at a time, after two steps with all at theirs (the first
+# has no factors yet; the gradients keep their addresses throughout): a key that leaves it out
+# matches step 1's and replays that call.
+_ONE_AT_A_TIME = [
+    {}, {}, {"betas": (0.8, 0.9, 0.0)}, {"betas": (0.9, 0.95, 0.0)}, {"eps": 1e-6}, {"clip_threshold": 0.5},
+    {"power_iters": 3},
+]
+
+
+def test_graph_keys_name_every_hyperparameter_their_calls_read(monkeypatch):
+    """Replaying the first call made under each key while one hyperparameter at a time moves
+    off its value gives the eager bits: no key leaves out a value its call reads (on a GPU, a
+    stale constant in a replayed graph). S-RSI and the dense sums do replay where only β1 or
+    the clip moved (the dense sums also where the power iterations did), which they do not read."""
+    options = BASE
+
+    def run(graphs_stand_in):
+        params = _params(torch.float32)
+        opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs_stand_in is not None, **options)
+        if graphs_stand_in is not None:
+            opt._graphs = graphs_stand_in
+        for step, changed in enumerate(_ONE_AT_A_TIME):
+            opt.param_groups[0].update({k: opt.defaults[k] for k in ("betas", "eps", "clip_threshold", "power_iters")})
+            opt.param_groups[0].update(changed)
+            for p, g in zip(params, _grads(step, torch.float32)):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)  # the addresses a graph needs
+            opt.step()
+        return params, opt
+
+    eager = run(None)
+    monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
+    graphs = _FirstCallUnderKey()
+    _assert_same_bits(*eager, *run(graphs))
+    # The two factored buckets' S-RSI at the β1 and clip steps; the three dense buckets' sums
+    # at step 1 and the β1, clip and power-iteration steps.
+    assert graphs.replayed.count("srsi") >= 2 * 2 and graphs.replayed.count("dense sums") >= 3 * 4, graphs.replayed
+
+
 def test_a_second_moment_beyond_float32_on_triton_warns_and_keeps_the_weights_finite():
     """As on the reference path (test_adapprox.py): the kernels' sums overflow, ξ is NaN, the
     previous factors stay; the weights take this step's sound update and stay finite."""
