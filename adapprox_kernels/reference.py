@@ -64,8 +64,11 @@ def clip_threshold_or_inf(clip_threshold: float | None) -> float:
 
 
 def clip_divisor(sq_sum: torch.Tensor, numel: int | torch.Tensor, clip_threshold: float) -> torch.Tensor:
-    """``max(1, RMS/d)`` per matrix from ``Σ Upd²`` (``(B,)``) over ``numel`` entries."""
-    return (sq_sum / numel).sqrt_().div_(clip_threshold).clamp_min_(1.0)
+    """``max(1, RMS/d)`` per matrix from ``Σ Upd²`` (``(B,)``) over ``numel`` entries. At most
+    the dtype's largest finite value: a threshold near float32's smallest normal must clip the
+    update to ~0, not overflow, since the Triton kernels read an inf or NaN divisor as a bad
+    gradient (they then write nothing, not even the decay). NaN stays NaN."""
+    return (sq_sum / numel).sqrt_().div_(clip_threshold).clamp_(1.0, torch.finfo(sq_sum.dtype).max)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -756,3 +756,16 @@ def test_a_second_moment_beyond_float32_on_triton_warns_and_keeps_the_weights_fi
     assert warned
     state = opt.state[p]
     assert torch.isfinite(p).all() and torch.isfinite(state["Q"]).all() and torch.isfinite(state["U"]).all()
+
+
+@pytest.mark.parametrize("shape", [(12, 17), (8,)])
+def test_a_clip_threshold_near_the_smallest_normal_still_decays(shape):
+    """``clip_threshold`` is accepted down to float32's smallest normal, where RMS/d overflowed:
+    the reference then clipped the update to 0 and applied the decay, while the kernels read
+    the inf divisor as a bad gradient and wrote nothing. Both now clip to ~0 and decay."""
+    for backend in ("reference", "triton"):
+        p = torch.nn.Parameter(torch.ones(shape, device=DEVICE))
+        opt = Adapprox([p], backend=backend, clip_threshold=2e-38, weight_decay=0.5, lr=0.1, k_max=3, seed=0)
+        p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+        opt.step()
+        torch.testing.assert_close(p.detach(), torch.full(shape, 0.95, device=DEVICE), msg=backend)
