@@ -32,7 +32,7 @@ import torch
 from .adapprox import matrix_shape
 from .distributed import is_dtensor
 from .linear_operator import DenseOperator
-from .optim_base import SketchOptimizer, as_tuple, check, check_kinds, check_shared, is_real, to_host
+from .optim_base import SketchOptimizer, as_tuple, check, check_kinds, check_shared, compute_dtype, is_real, to_host
 from .reference import apply_updates, clip_threshold_or_inf, clipped_update
 from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration
 from .state_report import StateReport, report_rows
@@ -311,7 +311,7 @@ class AdaMeM(SketchOptimizer):
         (‖G‖_F², S-RSI's products, the statistics) stays finite; above it, the step would write
         NaN (entries of ~1e17 on a 64×256 matrix), so the non-finite policy takes such a
         gradient: raised before anything changes, or skipped."""
-        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(p)
         return math.sqrt(torch.finfo(dtype).max / max(p.numel(), 1))
 
     def _reset_step_caches(self) -> None:
@@ -324,7 +324,7 @@ class AdaMeM(SketchOptimizer):
         state = self.state[p]
         if state:
             return state
-        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(p)
         kw = dict(dtype=dtype, device=p.device)
         state["step"] = 0
         state["nonfinite_skips"] = 0

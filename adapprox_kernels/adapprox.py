@@ -29,7 +29,9 @@ import torch
 from .backends import backend_names, resolve_backend
 from .cuda_graphs import CallGraphs
 from .distributed import RowShards, is_dtensor, local, local_list
-from .optim_base import SketchOptimizer, as_tuple, check_kinds, check_shared, is_int, is_real, is_sequence, to_host
+from .optim_base import (
+    SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, is_real, is_sequence, to_host,
+)
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
 from .reference import clip_threshold_or_inf
@@ -378,7 +380,7 @@ class Adapprox(SketchOptimizer):
             return state
         beta1 = group["betas"][0]
         shape = matrix_shape(p)
-        factor_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        factor_dtype = compute_dtype(p)
         state["step"] = 0
         state["nonfinite_skips"] = 0
         if shape is not None and not self._is_dense_matrix(shape, group):
@@ -409,7 +411,7 @@ class Adapprox(SketchOptimizer):
         ``V_t``, which for a dense V stays inf for good and freezes that weight (as AdamW's
         does), so the non-finite policy takes such a gradient: raised before anything changes,
         or skipped. (Smaller ones can still overflow S-RSI's products: see docs/algorithm.md.)"""
-        return _SQRT_MAX[torch.float64 if p.dtype == torch.float64 else torch.float32]
+        return _SQRT_MAX[compute_dtype(p)]
 
     def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
         shape = matrix_shape(p)

@@ -142,6 +142,12 @@ def as_tuple(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
+def compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of ``p``'s arithmetic and floating state: float64 for a float64 parameter,
+    float32 otherwise (bf16 and fp16 included)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 def _max_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """``(len(grads),)``: each (non-empty) gradient's largest magnitude, NaN where it holds a
     NaN. Finite iff every entry is (a 2-norm of a finite fp16 gradient can overflow). One
@@ -369,7 +375,7 @@ class SketchOptimizer(Optimizer):
         parameter and float32 otherwise (factors, second moments), other dtypes unchanged."""
         if not value.is_floating_point():
             return value.dtype
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
+        return compute_dtype(p)
 
     def _check_saved_state(self, p: torch.Tensor, state: dict[str, Any] | None) -> None:
         """``ValueError`` unless ``state`` (None: the parameter had none) has every entry that

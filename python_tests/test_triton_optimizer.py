@@ -666,15 +666,20 @@ def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
     _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt)
 
 
-class _KeysThrough(_CallsThrough):
-    """:class:`_CallsThrough` that keeps whole keys (one by one calls: no batches)."""
+class _FirstCallUnderKey(CallGraphs):
+    """Replays, for each key, the first call made under it (on copies of this call's inputs),
+    as a captured graph holds the Python values its call read, which the key must name; keeps
+    every key (calls run one by one: no batches) and which kinds of call were replayed."""
 
     def __init__(self):
         super().__init__(eager_runs=100)
+        self.first, self.keys, self.replayed = {}, [], []
 
     def _run_signed(self, key, fn, inputs, calls, entry=None):
         self.keys.append(key)
-        return fn(*[t.clone() for t in inputs])
+        if key in self.first:
+            self.replayed.append(key[0][0])
+        return self.first.setdefault(key, fn)(*[t.clone() for t in inputs])
 
 
 def test_graph_keys_of_srsi_and_dense_sums_hold_while_beta1_cycles(monkeypatch):
@@ -683,27 +688,12 @@ def test_graph_keys_of_srsi_and_dense_sums_hold_while_beta1_cycles(monkeypatch):
     read β1, get a new key each step. Before, every key held every hyperparameter: nothing
     could replay under such a scheduler."""
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
-    calls = _KeysThrough()
+    calls = _FirstCallUnderKey()
     steps = 4
     _graph_run(torch.float32, BASE, True, steps, fixed_grads=True, graphs_stand_in=calls, cycle_beta1=True)
     later = [signed[0] for signed in calls.keys[len(calls.keys) // steps :]]  # the gradients' addresses are fixed
     distinct = {kind: len({key for key in later if key[0] == kind}) for kind in ("srsi", "dense sums", "update")}
     assert distinct == {"srsi": 2, "dense sums": 3, "update": 2 * (steps - 1)}
-
-
-class _FirstCallUnderKey(CallGraphs):
-    """Replays, for each key, the first call made under it (on copies of this call's inputs),
-    as a captured graph holds the Python values its call read, which the key must name; keeps
-    which kinds of call were replayed."""
-
-    def __init__(self):
-        super().__init__(eager_runs=100)
-        self.first, self.replayed = {}, []
-
-    def _run_signed(self, key, fn, inputs, calls, entry=None):
-        if key in self.first:
-            self.replayed.append(key[0][0])
-        return self.first.setdefault(key, fn)(*[t.clone() for t in inputs])
 
 
 # One hyperparameter off its value at a time, after two steps with all at theirs (the first
