@@ -43,7 +43,7 @@ from .srsi import (
     truncate_columns,
 )
 from .state_report import StateReport, report_rows
-from .transfer import lr_and_decay
+from .transfer import update_scalars
 
 
 PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee", "tf32_range", "tf32_rn")
@@ -425,15 +425,16 @@ class Adapprox(SketchOptimizer):
         return need
 
     def _baked_hyperparameters(self, group: dict[str, Any]) -> tuple:
-        """The group's hyperparameters that a captured step holds as constants (all but α and
-        λ, which it reads from the device), hashable: part of the graph key. Computed once a
-        step per group (``_run_ahead`` empties the cache)."""
+        """The group's hyperparameters that a captured step holds as constants, hashable: part
+        of the graph key. All but α, λ and β1, which the update reads from the device
+        (``transfer.update_scalars``); of β1 only whether it is 0 (no momentum at all) counts.
+        Computed once a step per group (``_run_ahead`` empties the cache)."""
         baked = self._baked.get(id(group))
         if baked is None:
+            values = {k: tuple(group[k]) if isinstance(group[k], list) else group[k] for k in self.defaults}
+            values["betas"] = (values["betas"][0] > 0, *values["betas"][1:])
             baked = self._baked[id(group)] = tuple(
-                (k, tuple(group[k]) if isinstance(group[k], list) else group[k])
-                for k in sorted(self.defaults)
-                if k not in ("lr", "weight_decay")
+                (k, values[k]) for k in sorted(values) if k not in ("lr", "weight_decay")
             )
         return baked
 
@@ -670,23 +671,23 @@ class Adapprox(SketchOptimizer):
         def sums_graph():
             return (backend.dense_second_moment(grads, sqs, beta2, eps).first_pass(),)
 
-        def update_graph(sums, lr_decay, gate=None):
+        def update_graph(sums, scalars, gate=None):
             op = backend.dense_second_moment(grads, sqs, beta2, eps)
             op.first_pass_sums = _gated_sums(sums, gate)
-            backend.apply_dense_step(op, bucket, exp_avgs, **kw, lr_decay=lr_decay)
+            backend.apply_dense_step(op, bucket, exp_avgs, **kw, scalars=scalars)
             return ()
 
         # Flat passes: the shape is in the key, since no input carries it.
         baked, read = self._baked_hyperparameters(group), (sqs[0].shape, _addresses([*grads, *sqs]))
-        # Keyed by what it reads (β2, ε), not β1 or the clip, which a scheduler may change every
-        # step (OneCycleLR cycles β1): those would make it a new graph each step.
+        # Keyed by what it reads (β2, ε), not the clip, nor β1, which a scheduler may change
+        # every step (OneCycleLR cycles it) and the update reads from the device.
         sums_call = self._graphs.defer(("dense sums", beta2, eps, read), sums_graph, ())
         queued = []
 
         def prepare(gate: torch.Tensor | None) -> None:
             key = ("dense", gate is not None, baked, read, _addresses([*bucket, *(exp_avgs or [])]))
-            lr_decay = lr_and_decay(group["lr"], group["weight_decay"], sqs[0].device)
-            inputs = (sums_call.outputs[0], lr_decay, *(() if gate is None else (gate,)))
+            scalars = update_scalars(group["lr"], group["weight_decay"], group["betas"][0], sqs[0].device)
+            inputs = (sums_call.outputs[0], scalars, *(() if gate is None else (gate,)))
             queued.append(self._graphs.defer(key, update_graph, inputs))
 
         def finish(gate: torch.Tensor | None) -> None:
@@ -806,31 +807,32 @@ class Adapprox(SketchOptimizer):
             q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, _deferred_orthonormalize(backend, failures))
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 
-        def update(op, q, u, used_mask, lr_decay=None):
+        def update(op, q, u, used_mask, scalars=None):
             """Updates W (and M) in place; ξ ``(B,)`` or None. It needs only V_t, so it runs
             before the rank decision; a fused backend also returns ξ's numerator from its pass."""
             factors = (q * used_mask.to(q.dtype), u * used_mask.to(u.dtype)) if measure else None
-            kw = self._step_kwargs(group) | ({} if lr_decay is None else {"lr_decay": lr_decay})
+            kw = self._step_kwargs(group) | ({} if scalars is None else {"scalars": scalars})
             resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
             return ratio_from_sq_norms(op.sq_norm(), resid) if measure else _finite_marks(u)
 
         if self._graphable(group, backend, q_prev, shards):
             # Two graphs, S-RSI and the update, since the non-finite check may come in between.
-            # Everything but the inputs and α is read or written where the key says it is.
+            # Everything but the inputs (among them α, λ and β1) is read or written where the
+            # key says it is.
             def srsi_graph(q_prev, u_prev, sketch, prev_mask):
                 op, q, u, failed = srsi(q_prev, u_prev, sketch, prev_mask)
                 return q, u, op.first_pass_sums, failed
 
-            def update_graph(q_prev, u_prev, sums, q, u, used_mask, lr_decay, gate=None):
+            def update_graph(q_prev, u_prev, sums, q, u, used_mask, scalars, gate=None):
                 op = second_moment(q_prev, u_prev)
                 op.first_pass_sums = _gated_sums(sums, gate)
-                return (update(op, q, u, used_mask, lr_decay),)
+                return (update(op, q, u, used_mask, scalars),)
 
             # Deferred (see cuda_graphs.py): S-RSI runs with the dense sums passes queued before
             # it, the update with every other update, queued by prepare() while the GPU runs S-RSI.
             baked, read = self._baked_hyperparameters(group), _addresses(grads)
             # S-RSI reads β2, ε and the precision of the group (second_moment), not β1 or the
-            # clip, which a scheduler may change every step: keyed by those, it keeps replaying.
+            # clip: keyed by those, it keeps replaying while a scheduler changes β1 every step.
             srsi_key = ("srsi", m, n, warm, iters, beta2, eps, tuple(precision.values()), read)
             srsi_call = self._graphs.defer(srsi_key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
             queued = []
@@ -842,8 +844,8 @@ class Adapprox(SketchOptimizer):
                 q, u, sums, _ = srsi_call.outputs
                 gated = gate is not None
                 update_key = ("update", m, n, measure, gated, baked, read, _addresses([*params, *(exp_avgs or [])]))
-                lr_decay = lr_and_decay(group["lr"], group["weight_decay"], q_prev.device)
-                inputs = (q_prev, u_prev, sums, q, u, used_mask, lr_decay, *(() if gate is None else (gate,)))
+                scalars = update_scalars(group["lr"], group["weight_decay"], group["betas"][0], q_prev.device)
+                inputs = (q_prev, u_prev, sums, q, u, used_mask, scalars, *(() if gate is None else (gate,)))
                 queued.append(self._graphs.defer(update_key, update_graph, inputs))
 
             def run_update(q, u, gate):

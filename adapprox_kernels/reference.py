@@ -150,7 +150,7 @@ def apply_updates(
     if cosine_max_scale is not None and exp_avgs is not None:
         avg = _stacked(avg)
         avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale, reduce)
-    # A one-element tensor lr (a scheduler's) read as a number, as lr_and_decay does: ``alpha``
+    # A one-element tensor lr (a scheduler's) read as a number, as update_scalars does: ``alpha``
     # takes a 0-d tensor but not a (1,) one, and the decay is then rounded once from float64.
     lr = float(lr)
     decay = 1 - lr * weight_decay  # x·1 == x exactly: no launch without weight decay

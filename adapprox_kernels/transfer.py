@@ -45,15 +45,17 @@ def to_device_nowait(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return handed_out(t.to(device, non_blocking=True))
 
 
-def lr_and_decay(lr: float, weight_decay: float, device: torch.device) -> torch.Tensor:
-    """``[α, 1 − α·λ]`` as an fp32 ``(2,)`` tensor on ``device``, for the update pass: the decay
-    factor is computed in float64 and rounded once, as a launch constant would be. Cached: α
-    changes at most once a step. Keyed by value: a tensor ``lr`` that a scheduler fills in
-    place hashes by identity, and would keep its first value."""
-    return _lr_and_decay(float(lr), float(weight_decay), device)
+def update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.device) -> torch.Tensor:
+    """``[α, 1 − α·λ, β1, 1 − β1]`` as an fp32 ``(4,)`` tensor on ``device``, for the update
+    passes, which read them from the device so that a captured CUDA graph replays with new
+    values (schedulers write α, and OneCycleLR / CyclicLR β1, every step). The derived entries
+    are computed in float64 and rounded once, as launch constants would be. Cached: they change
+    at most once a step. Keyed by value: a tensor ``lr`` that a scheduler fills in place hashes
+    by identity, and would keep its first value."""
+    return _update_scalars(float(lr), float(weight_decay), float(beta1), device)
 
 
 @functools.lru_cache(maxsize=64)
-def _lr_and_decay(lr: float, weight_decay: float, device: torch.device) -> torch.Tensor:
-    values = torch.tensor([lr, 1.0 - lr * weight_decay], dtype=torch.float32)
+def _update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.device) -> torch.Tensor:
+    values = torch.tensor([lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1], dtype=torch.float32)
     return to_device_nowait(values, device)

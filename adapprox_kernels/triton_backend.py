@@ -366,33 +366,34 @@ class TritonBackend:
     @staticmethod
     def apply_dense_step(
         op: TritonDenseMoment, params, exp_avgs, *, clip_threshold, lr, beta1, weight_decay,
-        lr_decay: Optional[torch.Tensor] = None,
+        scalars: Optional[torch.Tensor] = None,
     ) -> None:  # fmt: skip
         """A dense bucket's update in one pass: ``V_t`` written over the stored ``V_{t−1}``, the
         clipped update (its RMS from :meth:`TritonDenseMoment.first_pass`), momentum of updates
-        and decoupled weight decay; ``lr_decay`` as in :meth:`apply_step`."""
+        and decoupled weight decay; ``scalars`` as in :meth:`apply_step`."""
         clip = reference.clip_divisor(op.first_pass()[:, 1], op.numel, clip_threshold)
         _kernel("dense_moment").dense_apply(
             op.table, op.sqs, params, exp_avgs, clip, beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1,
-            weight_decay=weight_decay, lr_decay=lr_decay,
+            weight_decay=weight_decay, scalars=scalars,
         )  # fmt: skip
 
     @staticmethod
     def apply_step(
         op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None,
-        reduce: Optional[reference.Reduce] = None, lr_decay: Optional[torch.Tensor] = None,
+        reduce: Optional[reference.Reduce] = None, scalars: Optional[torch.Tensor] = None,
     ):  # fmt: skip
         """Clipping, momentum of updates, optional cosine guidance and weight decay in one pass
         over G (two with cosine guidance); returns ``‖V − q uᵀ‖²`` for ``residual_factors``.
 
         ``reduce``: the matrices are this rank's rows of row-sharded ones (see distributed.py);
         the RMS sums, the cosine sums and the residual are summed over the ranks with it.
-        ``lr_decay``: ``[α, 1 − α·λ]`` on the device, read by the fused pass in place of ``lr``
-        and ``weight_decay`` (a CUDA-graphed step; eager launches only)."""
+        ``scalars``: ``[α, 1 − α·λ, β1, 1 − β1]`` on the device (``transfer.update_scalars``),
+        read by the fused passes in place of ``lr``, ``weight_decay`` and ``beta1`` (a
+        CUDA-graphed step; eager launches only)."""
         if reduce is not None and not isinstance(op, TritonSecondMoment):
             raise TypeError("a row-sharded step needs the Triton operator on every rank with rows")
-        if lr_decay is not None and not (isinstance(op, TritonSecondMoment) and op._eager):
-            raise ValueError("lr_decay needs the Triton operator, launched eagerly")
+        if scalars is not None and not (isinstance(op, TritonSecondMoment) and op._eager):
+            raise ValueError("scalars needs the Triton operator, launched eagerly")
         if not isinstance(op, TritonSecondMoment):
             return ReferenceBackend.apply_step(
                 op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
@@ -414,7 +415,7 @@ class TritonBackend:
         if cosine_max_scale is not None and moms:
             if op._eager:
                 sums = _kernel("update_cosine").update_cosine_sums(
-                    op.table, op.q, op.u, moms, clip, beta2=op.beta2, eps=op.eps, beta1=beta1
+                    op.table, op.q, op.u, moms, clip, beta2=op.beta2, eps=op.eps, beta1=beta1, scalars=scalars
                 )
             else:
                 sums = torch.ops.adapprox_kernels.update_cosine_sums(op.grads, op.q, op.u, moms, clip, op.beta2, op.eps, beta1)
@@ -427,7 +428,7 @@ class TritonBackend:
         if op._eager:
             resid = _kernel("apply_update").apply_update(
                 op.table, op.q, op.u, weights, moms or None, clip, scale, q_new, u_new,
-                beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1, weight_decay=weight_decay, lr_decay=lr_decay,
+                beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1, weight_decay=weight_decay, scalars=scalars,
             )  # fmt: skip
         else:
             resid = torch.ops.adapprox_kernels.apply_update(

@@ -8,12 +8,17 @@ into those buffers and returns that run's outputs, through CallGraphs' own looku
 The step's own work (sketches, keys, the gate, the reads, the rank decisions and the narrowing
 copies) runs as usual, on CPU tensors.
 
-    TRITON_INTERPRET=1 python bench/host_step.py [--layers 12] [--width 32] [--steps 200] [--out DIR]
+    TRITON_INTERPRET=1 python bench/host_step.py [--layers 12] [--width 32] [--steps 200]
+        [--schedule onecycle] [--out DIR]
 
 Prints and writes (``host_step_*.json``) the median host time per step, split at the step's
 device reads: before the first (the preamble, S-RSI and the launched updates) and after the
 last (the rank decisions and new factors: on a GPU, time it stands idle). The GPT-2 layout of
 ``bench_step.py`` at a small width, vocabulary 96 and context 64; warm start, k = 1.
+``--schedule onecycle`` steps a ``OneCycleLR`` after each step, which writes a new α and β1
+into the groups every step; ``eager_calls`` counts the graphable calls per step that ran
+without a graph (each one runs its kernels in the interpreter here, so ``ms`` then measures
+the interpreter too, not the host alone).
 """
 
 from __future__ import annotations
@@ -62,14 +67,19 @@ class StubGraphs(CallGraphs):
         return outputs
 
 
-def measure(layers: int, width: int, steps: int) -> dict:
-    """``{"ms", "before_first_read_ms", "after_last_read_ms", "reads", "graph_calls"}``:
-    medians per step over ``steps`` steps after 10 warm-up steps."""
+def measure(layers: int, width: int, steps: int, schedule: str = "none") -> dict:
+    """``{"ms", "before_first_read_ms", "after_last_read_ms", "reads", "graph_calls",
+    "eager_calls"}``: medians (the calls: means) per step over ``steps`` steps after 10
+    warm-up steps."""
     params = make_params(gpt2_shapes(width, layers, vocab=96, ctx=64), torch.device("cpu"))
     decay = [p for p in params if p.dim() >= 2]
     groups = [{"params": decay}, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = Adapprox(groups, k_max=1, warm_start=True, cuda_graphs=True, seed=0, backend="triton")
     opt._graphs = StubGraphs()
+    warmup = 10
+    scheduler = None
+    if schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=warmup + steps + 1)
     # The graph path on CPU tensors: only its CUDA check stands in the way.
     graphable = Adapprox._graphable
     Adapprox._graphable = staticmethod(lambda group, *args: group["cuda_graphs"])
@@ -85,9 +95,11 @@ def measure(layers: int, width: int, steps: int) -> dict:
 
     base_module.to_host = adapprox_module.to_host = timed_to_host
     try:
-        for _ in range(10):
+        for _ in range(warmup):
             opt.step()
-        calls_before = opt._graphs.counts["replayed"]
+            if scheduler is not None:
+                scheduler.step()
+        counts_before = opt._graphs.counts.copy()
         totals, befores, afters, n_reads = [], [], [], []
         for _ in range(steps):
             reads.clear()
@@ -98,7 +110,9 @@ def measure(layers: int, width: int, steps: int) -> dict:
             befores.append(reads[0][0] - start)
             afters.append(end - reads[-1][1])
             n_reads.append(len(reads))
-        calls = (opt._graphs.counts["replayed"] - calls_before) / steps
+            if scheduler is not None:
+                scheduler.step()
+        counts = opt._graphs.counts - counts_before
     finally:
         Adapprox._graphable = graphable
         base_module.to_host = adapprox_module.to_host = to_host
@@ -108,7 +122,8 @@ def measure(layers: int, width: int, steps: int) -> dict:
 
     return {
         "ms": ms(totals), "before_first_read_ms": ms(befores), "after_last_read_ms": ms(afters),
-        "reads": statistics.median(n_reads), "graph_calls": calls,
+        "reads": statistics.median(n_reads), "graph_calls": counts["replayed"] / steps,
+        "eager_calls": counts["eager"] / steps,
     }  # fmt: skip
 
 
@@ -117,17 +132,24 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--schedule", choices=("none", "onecycle"), default="none")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = measure(args.layers, args.width, args.steps)
-    record = {"meta": metadata("cpu"), "layers": args.layers, "width": args.width, "steps": args.steps, **result}
+    result = measure(args.layers, args.width, args.steps, args.schedule)
+    record = {
+        "meta": metadata("cpu"), "layers": args.layers, "width": args.width, "steps": args.steps,
+        "schedule": args.schedule, **result,
+    }  # fmt: skip
     print(
         f"host time per step {result['ms']:.3f} ms: {result['before_first_read_ms']:.3f} before the first device "
         f"read, {result['after_last_read_ms']:.3f} after the last; {result['reads']:g} reads, "
-        f"{result['graph_calls']:g} graph calls per step"
+        f"{result['graph_calls']:g} graph calls and {result['eager_calls']:g} eager ones per step"
     )
-    write_json(record, args.out, f"host_step_{args.layers}x{args.width}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    schedule = "" if args.schedule == "none" else f"_{args.schedule}"
+    write_json(
+        record, args.out, f"host_step_{args.layers}x{args.width}{schedule}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from adapprox_kernels.kernels import _launch, apply_update, dense_moment, update
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 227 * 1024  # what one SM of an H100 can give to programs
 MAX_PROGRAMS_PER_SM = 32
-FLOATS = {"beta2", "one_minus_beta2", "eps", "beta1", "one_minus_beta1"}
+FLOATS = {"beta2", "one_minus_beta2", "eps"}
 # What the JIT specializes on a real launch: unit inner strides become constants, and sizes
 # and outer strides of the GPT-2 shapes are multiples of 16.
 UNIT_STRIDES = frozenset({"stride_gn", "stride_qk", "stride_uk", "stride_xr", "stride_or", "stride_wn", "stride_mn",

@@ -146,19 +146,24 @@ def test_compare_step_takes_turns_and_records_every_run(tmp_path, monkeypatch):
     assert record["median_ms"]["current"] == 5.25
 
 
-def test_host_step_times_a_graphed_step_with_the_replays_stubbed(tmp_path):
+@pytest.mark.parametrize("schedule", ["none", "onecycle"])
+def test_host_step_times_a_graphed_step_with_the_replays_stubbed(tmp_path, schedule):
     """bench/host_step.py on a tiny GPT-2 layout: every step replays (stubbed) graphs, reads
-    the device once, and the two parts it reports fit inside the step."""
+    the device once, and the two parts it reports fit inside the step; with OneCycleLR writing
+    a new α and β1 every step, no call runs without its graph either."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "bench/host_step.py", "--layers", "1", "--width", "16", "--steps", "3", "--out", str(tmp_path)]
+    cmd = [sys.executable, "bench/host_step.py", "--layers", "1", "--width", "16", "--steps", "3", "--out", str(tmp_path),
+           "--schedule", schedule]  # fmt: skip
     subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, check=True, capture_output=True)
     (path,) = tmp_path.glob("host_step_1x16_*.json")
     record = json.loads(path.read_text())
+    assert record["schedule"] == schedule
     assert record["reads"] == 1 and record["graph_calls"] >= 3  # S-RSI per factored shape, dense sums, updates
+    assert record["eager_calls"] == 0
     assert 0 < record["before_first_read_ms"] + record["after_last_read_ms"] <= record["ms"]
 
 

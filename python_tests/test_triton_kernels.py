@@ -641,11 +641,12 @@ def test_elementwise_kernels_compile_for_hopper():
     """The update, reduction and dense kernels compiled for sm_90 (bf16 weights, fp16 momenta):
     the interpreter accepts code the compiler does not. The dense update, reading flat blocks,
     loads and stores 16 bytes at a time; its only scalar loads are the table offsets (G, V, W
-    and M, or no M), the clip divisor and [α, 1 − αλ]. The sums pass keeps raw_update's
-    ``V·0`` (NaN where V overflowed: the gradient limit's flag), not folded to 0."""
+    and M, or no M), the clip divisor, [α, 1 − αλ] and, with M, [β1, 1 − β1]. The sums pass
+    keeps raw_update's ``V·0`` (NaN where V overflowed: the gradient limit's flag), not folded
+    to 0."""
     counts = _compile_for_hopper(_HOPPER_ELEMENTWISE)
     assert counts["dense_sums_times_zero"] > 0, counts
-    for mom, scalars in ((True, 7), (False, 6)):
+    for mom, scalars in ((True, 9), (False, 6)):
         c = counts[f"dense_apply_{mom}"]
         assert c["ld"] - c["ld_v4"] == scalars and c["ld_v4"] > 0, c
         assert c["st"] == c["st_v"] > 0, c

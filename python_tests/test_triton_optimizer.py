@@ -265,7 +265,7 @@ def _run_with_bad_gradient(backend, policy, bad, steps=3, bad_step=1, graphs_sta
     params = _params(torch.float32)
     opt = Adapprox(params, backend=backend, seed=3, nonfinite=policy, **BASE, cuda_graphs=graphs_stand_in is not None)
     if graphs_stand_in is not None:
-        opt._graphs = graphs_stand_in
+        _use_graphs(opt, graphs_stand_in)
     for step in range(steps):
         grads = _grads(step, torch.float32)
         for p, g in zip(params, grads):
@@ -407,7 +407,7 @@ def _graph_run(dtype, options, graphs, steps, fixed_grads, graphs_stand_in=None,
     params = _params(dtype)
     opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs, **options)
     if graphs_stand_in is not None:
-        opt._graphs = graphs_stand_in
+        _use_graphs(opt, graphs_stand_in)
     for step in range(steps):
         opt.param_groups[0]["lr"] = options["lr"] / (1 + step)
         if cycle_beta1:
@@ -428,7 +428,7 @@ def _graph_run(dtype, options, graphs, steps, fixed_grads, graphs_stand_in=None,
 def test_cuda_graphs_give_the_eager_bits(name, fixed_grads, cycle_beta1):
     """Replayed steps write the same parameters and state as eager ones, with the learning rate
     (and β1) changing every step; the ranks settle within a few steps, after which the graphs
-    replay (with β1 changing, S-RSI's and the dense sums')."""
+    replay."""
     dtype, extra = CONFIGS[name]
     options = {**BASE, **extra}
     eager_params, eager_opt = _graph_run(dtype, options, False, 10, fixed_grads, cycle_beta1=cycle_beta1)
@@ -441,7 +441,8 @@ def test_cuda_graphs_give_the_eager_bits(name, fixed_grads, cycle_beta1):
 
 def test_graph_key_of_a_named_group_is_hashable():
     """Groups carry lists (``param_names``, betas given as a list): the key must still hash,
-    and must not depend on α or λ, which a replay reads from the device."""
+    and must not depend on α, λ or β1 (only on whether β1 is 0), which a replay reads from the
+    device."""
     model = torch.nn.Linear(8, 8)
     opt = Adapprox(model.named_parameters(), betas=[0.9, 0.999, 0.9], cuda_graphs=True)
     group = opt.param_groups[0]
@@ -450,9 +451,12 @@ def test_graph_key_of_a_named_group_is_hashable():
     group["lr"], group["weight_decay"] = 0.5, 0.0
     opt._baked.clear()  # as each step does: the key is computed once a step
     assert opt._baked_hyperparameters(group) == key
-    group["eps"] = 1e-6
+    group["betas"] = (0.8, 0.999, 0.9)  # a replay reads β1 from the device too
     opt._baked.clear()
-    assert opt._baked_hyperparameters(group) != key
+    assert opt._baked_hyperparameters(group) == key
+    for changed in ({"betas": (0.0, 0.999, 0.9)}, {"eps": 1e-6}):  # β1 = 0: no momentum at all
+        opt._baked.clear()
+        assert opt._baked_hyperparameters({**group, **changed}) != key
 
 
 def test_cuda_graphs_need_a_bool():
@@ -533,6 +537,13 @@ class _CallsThrough(CallGraphs):
     def _run_signed(self, key, fn, inputs, calls, entry=None):
         self.keys.append(key[0])
         return fn(*[t.clone() for t in inputs])
+
+
+def _use_graphs(opt: Adapprox, graphs: CallGraphs) -> None:
+    """``opt`` runs its graphable calls through the stand-in ``graphs``, which may look at its
+    param groups (see :class:`_FirstCallUnderKey`)."""
+    opt._graphs = graphs
+    graphs.groups = opt.param_groups
 
 
 def test_deferred_calls_run_together_in_queue_order():
@@ -667,33 +678,56 @@ def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
 
 
 class _FirstCallUnderKey(CallGraphs):
-    """Replays, for each key, the first call made under it (on copies of this call's inputs),
-    as a captured graph holds the Python values its call read, which the key must name; keeps
-    every key (calls run one by one: no batches) and which kinds of call were replayed."""
+    """Replays, for each key, the first call made under it (on copies of this call's inputs)
+    with the param groups' hyperparameters set back to their values at that call, as a captured
+    graph holds the Python values its call read, which the key must name (only the inputs, such
+    as ``[α, 1 − αλ, β1, 1 − β1]``, are read anew); keeps every key (calls run one by one: no
+    batches) and which kinds of call were replayed."""
 
     def __init__(self):
         super().__init__(eager_runs=100)
-        self.first, self.keys, self.replayed = {}, [], []
+        self.first, self.keys, self.replayed, self.groups = {}, [], [], []
 
     def _run_signed(self, key, fn, inputs, calls, entry=None):
         self.keys.append(key)
-        if key in self.first:
-            self.replayed.append(key[0][0])
-        return self.first.setdefault(key, fn)(*[t.clone() for t in inputs])
+        inputs = [t.clone() for t in inputs]
+        if key not in self.first:
+            self.first[key] = (fn, [dict(g) for g in self.groups])
+            return fn(*inputs)
+        self.replayed.append(key[0][0])
+        first_fn, then = self.first[key]
+        now = [dict(g) for g in self.groups]
+        for group, values in zip(self.groups, then):
+            group.update(values)
+        try:
+            return first_fn(*inputs)
+        finally:
+            for group, values in zip(self.groups, now):
+                group.update(values)
 
 
-def test_graph_keys_of_srsi_and_dense_sums_hold_while_beta1_cycles(monkeypatch):
-    """OneCycleLR writes a new β1 every step. S-RSI and the dense sums pass read only β2, ε
-    and the product precision, so their keys (and graphs) stay the same; the updates, which
-    read β1, get a new key each step. Before, every key held every hyperparameter: nothing
-    could replay under such a scheduler."""
+@pytest.mark.parametrize("cosine", [False, True])
+def test_graph_keys_hold_while_beta1_cycles(monkeypatch, cosine):
+    """OneCycleLR writes a new α and β1 every step. S-RSI and the dense sums pass do not read
+    β1, and the updates (and cosine guidance's sums) read α and β1 from the device: every key
+    stays the same, and replaying each key's first call gives the eager bits. Before, the
+    updates held β1 as a launch constant, and got a new key each step."""
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
     calls = _FirstCallUnderKey()
     steps = 4
-    _graph_run(torch.float32, BASE, True, steps, fixed_grads=True, graphs_stand_in=calls, cycle_beta1=True)
+    options = {**BASE, "cosine_guidance": cosine, "cosine_max_scale": 1e3}  # a scale that is not clamped
+    eager = _graph_run(torch.float32, options, False, steps, fixed_grads=True, cycle_beta1=True)
+    graphed = _graph_run(torch.float32, options, True, steps, fixed_grads=True, graphs_stand_in=calls, cycle_beta1=True)
+    _assert_same_bits(*eager, *graphed)
     later = [signed[0] for signed in calls.keys[len(calls.keys) // steps :]]  # the gradients' addresses are fixed
-    distinct = {kind: len({key for key in later if key[0] == kind}) for kind in ("srsi", "dense sums", "update")}
-    assert distinct == {"srsi": 2, "dense sums": 3, "update": 2 * (steps - 1)}
+    kinds = ("srsi", "dense sums", "dense", "update")
+    dense = 0 if cosine else 3  # cosine guidance keeps the dense buckets on the plain-PyTorch path
+    distinct = {kind: len({key for key in later if key[0] == kind}) for kind in kinds}
+    assert distinct == {"srsi": 2, "dense sums": dense, "dense": dense, "update": 2}
+    # The dense buckets replay from step 1 on, the factored ones from step 2 (step 0 has no factors).
+    replayed = {kind: calls.replayed.count(kind) for kind in kinds}
+    assert replayed == {"srsi": 2 * (steps - 2), "dense sums": dense * (steps - 1), "dense": dense * (steps - 1),
+                        "update": 2 * (steps - 2)}
 
 
 # One hyperparameter off its value at a time, after two steps with all at theirs (the first
@@ -716,7 +750,7 @@ def test_graph_keys_name_every_hyperparameter_their_calls_read(monkeypatch):
         params = _params(torch.float32)
         opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs_stand_in is not None, **options)
         if graphs_stand_in is not None:
-            opt._graphs = graphs_stand_in
+            _use_graphs(opt, graphs_stand_in)
         for step, changed in enumerate(_ONE_AT_A_TIME):
             opt.param_groups[0].update({k: opt.defaults[k] for k in ("betas", "eps", "clip_threshold", "power_iters")})
             opt.param_groups[0].update(changed)
@@ -733,8 +767,10 @@ def test_graph_keys_name_every_hyperparameter_their_calls_read(monkeypatch):
     graphs = _FirstCallUnderKey()
     _assert_same_bits(*eager, *run(graphs))
     # The two factored buckets' S-RSI at the β1 and clip steps; the three dense buckets' sums
-    # at step 1 and the β1, clip and power-iteration steps.
-    assert graphs.replayed.count("srsi") >= 2 * 2 and graphs.replayed.count("dense sums") >= 3 * 4, graphs.replayed
+    # at step 1 and the β1, clip and power-iteration steps; every update at the β1 step.
+    replayed = {kind: graphs.replayed.count(kind) for kind in ("srsi", "dense sums", "dense", "update")}
+    assert replayed["srsi"] >= 2 * 2 and replayed["dense sums"] >= 3 * 4, replayed
+    assert replayed["update"] >= 2 and replayed["dense"] >= 3, replayed
 
 
 def test_a_second_moment_beyond_float32_on_triton_warns_and_keeps_the_weights_finite():

@@ -202,25 +202,27 @@ def gated(mask, clip):
 
 
 @triton.jit
-def update_and_average(g, v, mask, eps, clip, mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM: tl.constexpr):
+def update_and_average(g, v, mask, eps, clip, mom_ptrs, scalars_ptr, HAS_MOMENTUM: tl.constexpr):
     """The clipped update ``G/(√V+ε) / clip`` and the new momentum of updates
     ``β1·M + (1−β1)·Upd`` (M read at ``mom_ptrs``; the update itself when there is no
-    momentum), both fp32, 0 outside ``mask``."""
+    momentum), both fp32, 0 outside ``mask``. β1 and ``1 − β1`` are read from the device
+    (``scalars_ptr + 2``, ``+ 3``; see ``transfer.update_scalars``)."""
     upd = raw_update(g, v, mask, eps) / clip
     if HAS_MOMENTUM:
-        avg = beta1 * tl.load(mom_ptrs, mask=mask, other=0.0).to(tl.float32) + one_minus_beta1 * upd
+        mom = tl.load(mom_ptrs, mask=mask, other=0.0).to(tl.float32)
+        avg = tl.load(scalars_ptr + 2) * mom + tl.load(scalars_ptr + 3) * upd
     else:
         avg = upd
     return upd, avg
 
 
 @triton.jit
-def store_step(avg, mask, w_ptrs, mom_ptrs, lr_decay_ptr, scale, HAS_MOMENTUM: tl.constexpr):
+def store_step(avg, mask, w_ptrs, mom_ptrs, scalars_ptr, scale, HAS_MOMENTUM: tl.constexpr):
     """Writes the new momentum ``avg`` (when kept) and ``W ← W·(1 − α·λ) − α·scale·avg``, each
-    rounded to its tensor's dtype. α and ``1 − α·λ`` come from the device (``lr_decay_ptr``),
-    so a captured CUDA graph replays with a new α."""
+    rounded to its tensor's dtype. α and ``1 − α·λ`` are read from the device (``scalars_ptr``,
+    ``+ 1``), so a captured CUDA graph replays with a new α."""
     if HAS_MOMENTUM:
         tl.store(mom_ptrs, round_to(avg, mom_ptrs.dtype.element_ty), mask=mask)
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-    new_w = w * tl.load(lr_decay_ptr + 1) - tl.load(lr_decay_ptr) * (avg * scale)
+    new_w = w * tl.load(scalars_ptr + 1) - tl.load(scalars_ptr) * (avg * scale)
     tl.store(w_ptrs, round_to(new_w, w_ptrs.dtype.element_ty), mask=mask)

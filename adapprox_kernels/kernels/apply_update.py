@@ -5,8 +5,8 @@
 * the momentum of updates ``M_t = β1·M_{t−1} + (1−β1)·Upd`` (optional, stored in M's dtype);
 * the step ``W ← W·(1 − α·λ) − α·s·M_t`` (decoupled weight decay; ``s`` the cosine-guidance
   factor of each matrix, 1 without guidance), written in W's dtype (fp32, bf16, fp16) with
-  round-to-nearest-even; all arithmetic fp32. α and ``1 − α·λ`` are read from a device tensor,
-  not passed as launch constants, so that a captured CUDA graph replays with a new α;
+  round-to-nearest-even; all arithmetic fp32. α, ``1 − α·λ`` and β1 are read from a device
+  tensor, not passed as launch constants, so that a captured CUDA graph replays with new ones;
 * optionally ξ's numerator ``‖V − Q_t U_tᵀ‖_F²`` for the new factors, from the same V tiles.
 
 A matrix whose clip divisor is not finite is not written at all (see ``_tiles.gated``):
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..transfer import lr_and_decay
+from ..transfer import update_scalars
 from ._launch import (
     ELEMENTWISE_BLOCKS,
     Blocks,
@@ -40,7 +40,7 @@ from ._tiles import gated, inside, program_v_tile, residual_sq, store_step, tile
 @triton.jit
 def _apply_update_kernel(
     g_ptr, g_off_ptr, q_ptr, u_ptr, w_ptr, w_off_ptr, mom_ptr, mom_off_ptr, clip_ptr, scale_ptr,
-    qn_ptr, un_ptr, resid_ptr, lr_decay_ptr,
+    qn_ptr, un_ptr, resid_ptr, scalars_ptr,
     M, N, K, K_NEW,
     stride_gm, stride_gn,
     stride_qb, stride_qm, stride_qk,
@@ -49,7 +49,7 @@ def _apply_update_kernel(
     stride_mm, stride_mn,
     stride_qnb, stride_qnm, stride_qnk,
     stride_unb, stride_unn, stride_unk,
-    beta2, one_minus_beta2, eps, beta1, one_minus_beta1,
+    beta2, one_minus_beta2, eps,
     G_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, WITH_RESIDUAL: tl.constexpr,
@@ -61,9 +61,9 @@ def _apply_update_kernel(
     clip = tl.load(clip_ptr + b)
     mask = gated(inside(rows, cols, M, N), clip)
     mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
-    _, avg = update_and_average(g, v, mask, eps, clip, mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM)
+    _, avg = update_and_average(g, v, mask, eps, clip, mom_ptrs, scalars_ptr, HAS_MOMENTUM)
     w_ptrs = tile_ptrs(w_ptr + tl.load(w_off_ptr + b) * W_ALIGN, rows, cols, stride_wm, stride_wn)
-    store_step(avg, mask, w_ptrs, mom_ptrs, lr_decay_ptr, tl.load(scale_ptr + b), HAS_MOMENTUM)
+    store_step(avg, mask, w_ptrs, mom_ptrs, scalars_ptr, tl.load(scale_ptr + b), HAS_MOMENTUM)
     if WITH_RESIDUAL:
         resid = residual_sq(
             v, qn_ptr, un_ptr, b, rows, cols, M, N, K_NEW,
@@ -88,7 +88,7 @@ def apply_update(
     lr: float,
     beta1: float,
     weight_decay: float,
-    lr_decay: torch.Tensor | None = None,
+    scalars: torch.Tensor | None = None,
     blocks: Blocks = ELEMENTWISE_BLOCKS,
 ) -> torch.Tensor | None:
     """Write ``params`` (and ``exp_avgs`` when given) in place; returns the ``(B,)`` residual
@@ -97,9 +97,10 @@ def apply_update(
     ``grads``, ``params``, ``exp_avgs``: ``B × (m, n)`` (params and exp_avgs each of one
     dtype: fp32, bf16 or fp16); ``q: (B, m, K)``, ``u: (B, n, K)`` the previous factors;
     ``clip: (B,)`` the update divisor ``max(1, RMS/d)``; ``scale: (B,)`` the cosine-guidance
-    step factor (default 1); ``q_new: (B, m, k)``, ``u_new: (B, n, k)``. ``lr_decay``: an fp32
-    ``(2,)`` device tensor ``[α, 1 − α·λ]`` read instead of ``lr`` and ``weight_decay`` (what a
-    CUDA graph replays with; see :func:`lr_and_decay`)."""
+    step factor (default 1); ``q_new: (B, m, k)``, ``u_new: (B, n, k)``. ``scalars``: an fp32
+    ``(4,)`` device tensor ``[α, 1 − α·λ, β1, 1 − β1]`` read instead of ``lr``,
+    ``weight_decay`` and ``beta1`` (what a CUDA graph replays with; see
+    :func:`~adapprox_kernels.transfer.update_scalars`)."""
     table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads")
     m, n = table.shape
     batch = len(table)
@@ -107,9 +108,9 @@ def apply_update(
     check_factor(q, "q", batch, m, table.device)
     check_factor(u, "u", batch, n, table.device)
     check_vector(clip, "clip", batch, table.device)
-    if lr_decay is None:
-        lr_decay = lr_and_decay(lr, weight_decay, table.device)
-    check_vector(lr_decay, "lr_decay", 2, table.device)
+    if scalars is None:
+        scalars = update_scalars(lr, weight_decay, beta1, table.device)
+    check_vector(scalars, "scalars", 4, table.device)
     if scale is None:
         scale = torch.ones(batch, dtype=torch.float32, device=table.device)
     check_vector(scale, "scale", batch, table.device)
@@ -124,10 +125,10 @@ def apply_update(
     _apply_update_kernel[(tiles, batch)](
         table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
         weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
-        pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, lr_decay,
+        pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, scalars,
         m, n, k, k_new,
         *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
-        float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1),
+        float(beta2), 1.0 - float(beta2), float(eps),
         G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
         BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..transfer import lr_and_decay
+from ..transfer import update_scalars
 from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, check_vector, step_tables
 from ._tiles import gated, raw_update, store_step, update_and_average
 
@@ -60,8 +60,8 @@ def _dense_sums_kernel(
 
 @triton.jit
 def _dense_apply_kernel(
-    g_ptr, g_off_ptr, v_ptr, v_off_ptr, w_ptr, w_off_ptr, mom_ptr, mom_off_ptr, clip_ptr, lr_decay_ptr,
-    NUMEL, beta2, one_minus_beta2, eps, beta1, one_minus_beta1,
+    g_ptr, g_off_ptr, v_ptr, v_off_ptr, w_ptr, w_off_ptr, mom_ptr, mom_off_ptr, clip_ptr, scalars_ptr,
+    NUMEL, beta2, one_minus_beta2, eps,
     G_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr,
     BLOCK: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
 ):  # fmt: skip
@@ -73,9 +73,9 @@ def _dense_apply_kernel(
     mask = gated(mask, clip)
     tl.store(v_ptrs, v, mask=mask)
     mom_ptrs = mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN + offs
-    _, avg = update_and_average(g, v, mask, eps, clip, mom_ptrs, beta1, one_minus_beta1, HAS_MOMENTUM)
+    _, avg = update_and_average(g, v, mask, eps, clip, mom_ptrs, scalars_ptr, HAS_MOMENTUM)
     w_ptrs = w_ptr + tl.load(w_off_ptr + b) * W_ALIGN + offs
-    store_step(avg, mask, w_ptrs, mom_ptrs, lr_decay_ptr, 1.0, HAS_MOMENTUM)
+    store_step(avg, mask, w_ptrs, mom_ptrs, scalars_ptr, 1.0, HAS_MOMENTUM)
 
 
 def _tables(grads, sqs) -> tuple[MatrixTable, MatrixTable]:
@@ -127,25 +127,25 @@ def dense_apply(
     lr: float,
     beta1: float,
     weight_decay: float,
-    lr_decay: torch.Tensor | None = None,
+    scalars: torch.Tensor | None = None,
     block: int = DENSE_BLOCK,
 ) -> None:
     """Writes ``V_t`` into ``exp_avg_sqs`` and steps ``params`` (and ``exp_avgs`` when given) in
     place; all ``B`` tensors of one shape, params and exp_avgs each of one dtype (fp32, bf16,
     fp16). ``clip: (B,)`` is ``max(1, RMS/d)`` from :func:`dense_sums` (a tensor whose ``clip`` is
-    not finite is not written: V, W and M stay as they are); ``lr_decay`` as in
+    not finite is not written: V, W and M stay as they are); ``scalars`` as in
     :func:`~.apply_update.apply_update`."""
     table, v = _tables(grads, exp_avg_sqs)
     weights, moms = step_tables(params, exp_avgs, table, flat=True)
     check_vector(clip, "clip", len(table), table.device)
-    if lr_decay is None:
-        lr_decay = lr_and_decay(lr, weight_decay, table.device)
-    check_vector(lr_decay, "lr_decay", 2, table.device)
+    if scalars is None:
+        scalars = update_scalars(lr, weight_decay, beta1, table.device)
+    check_vector(scalars, "scalars", 4, table.device)
     programs, block = _grid_block(table.numel, block)
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
     _dense_apply_kernel[(programs, len(table))](
         table.base, table.offsets, v.base, v.offsets, weights.base, weights.offsets, mom_table.base, mom_table.offsets,
-        clip, lr_decay, table.numel, float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1),
+        clip, scalars, table.numel, float(beta2), 1.0 - float(beta2), float(eps),
         G_ALIGN=table.align, V_ALIGN=v.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
         BLOCK=block, HAS_MOMENTUM=moms is not None,
         num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,

@@ -13,19 +13,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ..transfer import update_scalars
 from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_vector, pointer_arg
 from ._tiles import inside, program_v_tile, tile_ptrs, tile_sum, update_and_average
 
 
 @triton.jit
 def _update_cosine_kernel(
-    g_ptr, g_off_ptr, q_ptr, u_ptr, mom_ptr, mom_off_ptr, clip_ptr, out_ptr,
+    g_ptr, g_off_ptr, q_ptr, u_ptr, mom_ptr, mom_off_ptr, clip_ptr, scalars_ptr, out_ptr,
     M, N, K,
     stride_gm, stride_gn,
     stride_qb, stride_qm, stride_qk,
     stride_ub, stride_un, stride_uk,
     stride_mm, stride_mn,
-    beta2, one_minus_beta2, eps, beta1, one_minus_beta1,
+    beta2, one_minus_beta2, eps,
     G_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr,
 ):  # fmt: skip
@@ -35,7 +36,7 @@ def _update_cosine_kernel(
     )  # fmt: skip
     mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
     mask = inside(rows, cols, M, N)
-    upd, avg = update_and_average(g, v, mask, eps, tl.load(clip_ptr + b), mom_ptrs, beta1, one_minus_beta1, True)
+    upd, avg = update_and_average(g, v, mask, eps, tl.load(clip_ptr + b), mom_ptrs, scalars_ptr, True)
     tiles = tl.num_programs(0)
     tl.store(out_ptr + (b * 3) * tiles + tile, tile_sum(upd * avg))
     tl.store(out_ptr + (b * 3 + 1) * tiles + tile, tile_sum(upd * upd))
@@ -52,11 +53,13 @@ def update_cosine_sums(
     beta2: float,
     eps: float,
     beta1: float,
+    scalars: torch.Tensor | None = None,
     blocks: Blocks = ELEMENTWISE_BLOCKS,
 ) -> torch.Tensor:
     """``(B, 3)`` fp32: ``[Σ Upd·M_t, Σ Upd², Σ M_t²]`` per matrix. ``grads``, ``exp_avgs``:
     ``B × (m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``; ``clip: (B,)`` the divisor
-    ``max(1, RMS/d)`` of each matrix's update."""
+    ``max(1, RMS/d)`` of each matrix's update; ``scalars``: as in
+    :func:`~.apply_update.apply_update` (only β1 is read), else built from ``beta1``."""
     table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads")
     moms = exp_avgs if isinstance(exp_avgs, MatrixTable) else MatrixTable(exp_avgs, "exp_avgs")
     m, n = table.shape
@@ -66,14 +69,17 @@ def update_cosine_sums(
     check_factor(q, "q", batch, m, table.device)
     check_factor(u, "u", batch, n, table.device)
     check_vector(clip, "clip", batch, table.device)
+    if scalars is None:
+        scalars = update_scalars(0.0, 0.0, beta1, table.device)
+    check_vector(scalars, "scalars", 4, table.device)
     k = q.shape[2]
     block_m, block_n = blocks.tile(m, n)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.empty(batch, 3, tiles, dtype=torch.float32, device=table.device)
     _update_cosine_kernel[(tiles, batch)](
-        table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, out,
-        m, n, k, *table.stride, *q.stride(), *u.stride(), *moms.stride,
-        float(beta2), 1.0 - float(beta2), float(eps), float(beta1), 1.0 - float(beta1),
+        table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, scalars,
+        out, m, n, k, *table.stride, *q.stride(), *u.stride(), *moms.stride,
+        float(beta2), 1.0 - float(beta2), float(eps),
         G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LOWRANK=k > 0,
         num_warps=blocks.warps, num_stages=blocks.stages,
