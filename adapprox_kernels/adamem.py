@@ -237,6 +237,7 @@ class AdaMeM(SketchOptimizer):
             (Adam-style, as GaLore's Adafactor).
         bias_correction: Adam's bias corrections ``1 − β^t`` of the momentum and the statistics.
         clip_threshold: ``None`` (the paper) or d: each direction is scaled to RMS ≤ d.
+        maximize: step up the gradient, as torch.optim's ``maximize``: the step on ``−G``.
         nonfinite: ``"raise"`` (a ``FloatingPointError`` naming the parameter, before anything is
             modified) or ``"skip"`` (that parameter's step is skipped, its state untouched and
             ``state["nonfinite_skips"]`` counts it).
@@ -266,12 +267,13 @@ class AdaMeM(SketchOptimizer):
         clip_threshold: float | None = None,
         nonfinite: str = "raise",
         seed: int | None = None,
+        maximize: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=as_tuple(betas), rank=rank, update_proj_gap=update_proj_gap, residual_scale=residual_scale,
             eps=eps, weight_decay=weight_decay, projection=projection, oversample=oversample,
             power_iters=power_iters, momentum_transfer=momentum_transfer, second_moment=second_moment,
-            bias_correction=bias_correction, clip_threshold=clip_threshold, nonfinite=nonfinite,
+            bias_correction=bias_correction, clip_threshold=clip_threshold, nonfinite=nonfinite, maximize=maximize,
         )  # fmt: skip
         super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
@@ -299,7 +301,7 @@ class AdaMeM(SketchOptimizer):
             h,
             ints={"rank": 1, "update_proj_gap": 1, "oversample": 0, "power_iters": 1},
             reals=("residual_scale", "weight_decay"),
-            flags=("bias_correction",),
+            flags=("bias_correction", "maximize"),
             choices={
                 "projection": PROJECTIONS, "momentum_transfer": MOMENTUM_TRANSFERS,
                 "second_moment": SECOND_MOMENT_SOURCES,
@@ -399,7 +401,7 @@ class AdaMeM(SketchOptimizer):
         there is no momentum part to weigh it against)."""
         states = [self.state[p] for p in bucket]
         v = torch.stack([s["exp_avg_sq"] for s in states])
-        g = torch.stack([p.grad.reshape(1, -1).to(v.dtype) for p in bucket])
+        g = _signed(torch.stack([p.grad.reshape(1, -1).to(v.dtype) for p in bucket]), group)
         beta2 = group["betas"][1]
         upd = one_sided_precondition(
             g, v, beta2=beta2, bias2=1 - beta2**step if group["bias_correction"] else 1.0, eps=group["eps"],
@@ -415,7 +417,7 @@ class AdaMeM(SketchOptimizer):
         _, transposed = _oriented_shape(bucket[0])
         keys = ("P", "exp_avg", "row_sq", "col_sq", "resid_col_sq")
         proj, exp_avg, row_sq, col_sq, resid_col_sq = (torch.stack([s[k] for s in states]) for k in keys)
-        g = torch.stack([p.grad.reshape(matrix_shape(p)).to(proj.dtype) for p in bucket])
+        g = _signed(torch.stack([p.grad.reshape(matrix_shape(p)).to(proj.dtype) for p in bucket]), group)
         if transposed:
             g = g.mT
 
@@ -453,6 +455,11 @@ class AdaMeM(SketchOptimizer):
         """Per parameter: kind (``lowrank`` / ``dense``), rank, last ξ = ‖S‖/‖G‖ and state bytes,
         with totals next to AdamW's."""
         return StateReport(report_rows(self))
+
+
+def _signed(g: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """The stacked gradients ``g`` (a fresh tensor), negated in place for ``maximize``."""
+    return g.neg_() if group["maximize"] else g
 
 
 def _eager_matrix_steps() -> None:

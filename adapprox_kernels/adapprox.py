@@ -219,6 +219,8 @@ class Adapprox(SketchOptimizer):
         eps: ε added to ``√V`` (> 0: V has exact zeros where G does and relu clamps).
         clip_threshold: d, the update-RMS clipping threshold (``None``: no clipping).
         weight_decay: λ, decoupled: ``W ← W − α(M + λW)``.
+        maximize: step up the gradient, as torch.optim's ``maximize``: the same bits as the step
+            on ``−G`` (the update's clip divisor carries the sign: no extra pass over G).
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
         k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
         oversample: p, extra sketch columns. power_iters: l, subspace iterations.
@@ -293,6 +295,7 @@ class Adapprox(SketchOptimizer):
         warm_power_iters: int = 1,
         cuda_graphs: bool = False,
         product_precision: str | None = None,
+        maximize: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=as_tuple(betas), eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
@@ -301,7 +304,7 @@ class Adapprox(SketchOptimizer):
             cosine_guidance=cosine_guidance, cosine_max_scale=cosine_max_scale,
             exact_small_matrices=exact_small_matrices, nonfinite=nonfinite, backend=backend,
             warm_start=warm_start, warm_power_iters=warm_power_iters, cuda_graphs=cuda_graphs,
-            product_precision=product_precision,
+            product_precision=product_precision, maximize=maximize,
         )  # fmt: skip
         super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
@@ -349,7 +352,7 @@ class Adapprox(SketchOptimizer):
             h,
             ints={"oversample": 0, "power_iters": 1, "warm_power_iters": 1, "rank_interval": 1},
             reals=("weight_decay", "xi_thresh"),
-            flags=("cosine_guidance", "exact_small_matrices", "warm_start", "cuda_graphs"),
+            flags=("cosine_guidance", "exact_small_matrices", "warm_start", "cuda_graphs", "maximize"),
             choices={
                 "rank_policy": RANK_POLICIES, "backend": backend_names(), "product_precision": PRODUCT_PRECISIONS,
             },
@@ -630,8 +633,8 @@ class Adapprox(SketchOptimizer):
     def _step_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1 = group["betas"][0]
         return dict(
-            eps=group["eps"], clip_threshold=clip_threshold_or_inf(group["clip_threshold"]), lr=group["lr"],
-            beta1=beta1, weight_decay=group["weight_decay"],
+            eps=group["eps"], clip_threshold=clip_threshold_or_inf(group["clip_threshold"], group["maximize"]),
+            lr=group["lr"], beta1=beta1, weight_decay=group["weight_decay"],
             cosine_max_scale=group["cosine_max_scale"] if group["cosine_guidance"] and beta1 > 0 else None,
         )  # fmt: skip
 

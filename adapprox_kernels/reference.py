@@ -58,17 +58,23 @@ def clipped_update(
     return upd.div_(_per_matrix(clip_divisor(sq_sum, numel, clip_threshold), upd))
 
 
-def clip_threshold_or_inf(clip_threshold: float | None) -> float:
-    """``None`` (no clipping) as the threshold :func:`clipped_update` understands: ∞."""
-    return math.inf if clip_threshold is None else clip_threshold
+def clip_threshold_or_inf(clip_threshold: float | None, maximize: bool = False) -> float:
+    """``None`` (no clipping) as the threshold :func:`clipped_update` understands: ∞; negated
+    for ``maximize`` (see :func:`clip_divisor`)."""
+    threshold = math.inf if clip_threshold is None else clip_threshold
+    return -threshold if maximize else threshold
 
 
 def clip_divisor(sq_sum: torch.Tensor, numel: int | torch.Tensor, clip_threshold: float) -> torch.Tensor:
-    """``max(1, RMS/d)`` per matrix from ``Σ Upd²`` (``(B,)``) over ``numel`` entries. At most
-    the dtype's largest finite value: a threshold near float32's smallest normal must clip the
-    update to ~0, not overflow, since the Triton kernels read an inf or NaN divisor as a bad
-    gradient (they then write nothing, not even the decay). NaN stays NaN."""
-    return (sq_sum / numel).sqrt_().div_(clip_threshold).clamp_(1.0, torch.finfo(sq_sum.dtype).max)
+    """``max(1, RMS/d)`` per matrix from ``Σ Upd²`` (``(B,)``) over ``numel`` entries, with
+    ``d = |clip_threshold|``; negated where the threshold is negative (``maximize``): dividing
+    by it negates the update, which is then exactly the update of −G (the RMS, V and ξ do not
+    depend on G's sign), at no cost in any pass. At most the dtype's largest finite value: a
+    threshold near float32's smallest normal must clip the update to ~0, not overflow, since
+    the Triton kernels read an inf or NaN divisor as a bad gradient (they then write nothing,
+    not even the decay). NaN stays NaN."""
+    divisor = (sq_sum / numel).sqrt_().div_(abs(clip_threshold)).clamp_(1.0, torch.finfo(sq_sum.dtype).max)
+    return divisor.neg_() if clip_threshold < 0 else divisor
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

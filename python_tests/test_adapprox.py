@@ -1108,3 +1108,53 @@ def test_a_one_element_tensor_lr_steps_as_its_float(cls):
 
     for a, b in zip(run(lr), run(torch.tensor([lr]))):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (Adapprox, dict(k_max=4)),
+        (Adapprox, dict(k_max=4, cosine_guidance=True, warm_start=True)),
+        (Adapprox, dict(k_max=4, betas=(0.0, 0.999, 0.9), clip_threshold=None)),
+        (AdaMeM, dict(rank=4, update_proj_gap=2, clip_threshold=1.0)),
+    ],
+)
+def test_maximize_steps_as_the_negated_gradient(cls, kw):
+    """torch.optim's ``maximize``: the same bits as the step on −G, parameters and every state
+    entry, in every kind of bucket (factored, a small dense matrix, a vector), with the update
+    clipped (the first steps' RMS is far above 1) or not."""
+    shapes = [(20, 33), (3, 50), (7,)]
+
+    def run(maximize: bool, sign: float):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = cls(params, weight_decay=0.1, seed=0, maximize=maximize, **kw)
+        for _ in range(4):
+            for p in params:
+                p.grad = sign * torch.randn(p.shape, generator=gen)
+            opt.step()
+        return params, opt
+
+    up_params, up_opt = run(True, 1.0)
+    down_params, down_opt = run(False, -1.0)
+    for i, (a, b) in enumerate(zip(up_params, down_params)):
+        assert torch.equal(a, b), f"param {i}"
+        for key, want in down_opt.state[b].items():
+            got = up_opt.state[a][key]
+            assert torch.equal(got, want) if torch.is_tensor(want) else got == want, (i, key)
+    assert not torch.equal(up_params[0], run(False, 1.0)[0][0])  # it is not the plain step
+
+
+@pytest.mark.parametrize("cls", [Adapprox, AdaMeM])
+def test_maximize_climbs_and_needs_a_bool(cls):
+    """Maximizing ``−‖W − T‖²`` takes W to T, as minimizing ``‖W − T‖²`` does."""
+    target = torch.randn(12, 10, generator=torch.Generator().manual_seed(0))
+    w = torch.nn.Parameter(torch.zeros(12, 10))
+    opt = cls([w], lr=0.05, weight_decay=0.0, seed=0, maximize=True)
+    for _ in range(200):
+        opt.zero_grad()
+        (-(w - target).square().sum()).backward()
+        opt.step()
+    assert (w - target).norm() < 0.1 * target.norm()
+    with pytest.raises(ValueError, match="maximize"):
+        cls([w], maximize="yes")
