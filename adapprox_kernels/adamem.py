@@ -33,7 +33,7 @@ from .adapprox import matrix_shape
 from .distributed import is_dtensor
 from .linear_operator import DenseOperator
 from .optim_base import SketchOptimizer, as_tuple, check, check_kinds, check_shared, compute_dtype, is_real, to_host
-from .reference import apply_updates, clip_threshold_or_inf, clipped_update
+from .reference import apply_updates, signed_clip_threshold, clipped_update
 from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration
 from .state_report import StateReport, report_rows
 
@@ -189,7 +189,7 @@ def adamem_directions(
     ``(P N1, N2)``, each ``(B, m, n)``; the step is ``−η (P N1 + δ N2)``; see :func:`split_gradient`
     for R and S.
     """
-    clip = clip_threshold_or_inf(clip_threshold)
+    clip = signed_clip_threshold(clip_threshold)
     bias1 = 1 - beta1**step if bias_correction else 1.0
     bias2 = 1 - beta2**step if bias_correction else 1.0
     r_proj, resid = split_gradient(g, proj)
@@ -405,7 +405,7 @@ class AdaMeM(SketchOptimizer):
         beta2 = group["betas"][1]
         upd = one_sided_precondition(
             g, v, beta2=beta2, bias2=1 - beta2**step if group["bias_correction"] else 1.0, eps=group["eps"],
-            clip_threshold=clip_threshold_or_inf(group["clip_threshold"]),
+            clip_threshold=signed_clip_threshold(group["clip_threshold"]),
         )  # fmt: skip
         for s, new in zip(states, v):
             s["exp_avg_sq"].copy_(new)

@@ -34,7 +34,7 @@ from .optim_base import (
 )
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
-from .reference import clip_threshold_or_inf
+from .reference import signed_clip_threshold
 from .srsi import (
     column_mask,
     ratio_from_sq_norms,
@@ -633,7 +633,7 @@ class Adapprox(SketchOptimizer):
     def _step_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1 = group["betas"][0]
         return dict(
-            eps=group["eps"], clip_threshold=clip_threshold_or_inf(group["clip_threshold"], group["maximize"]),
+            eps=group["eps"], clip_threshold=signed_clip_threshold(group["clip_threshold"], group["maximize"]),
             lr=group["lr"], beta1=beta1, weight_decay=group["weight_decay"],
             cosine_max_scale=group["cosine_max_scale"] if group["cosine_guidance"] and beta1 > 0 else None,
         )  # fmt: skip

@@ -45,7 +45,8 @@ def second_moment(grad: torch.Tensor, q: torch.Tensor, u: torch.Tensor, beta2: f
 def clipped_update(
     grad: torch.Tensor, v: torch.Tensor, eps: float, clip_threshold: float, reduce: Reduce | None = None
 ) -> torch.Tensor:
-    """``Upd = G / (√V + ε)`` scaled by ``1 / max(1, RMS(Upd)/d)`` per matrix (lines 344–345).
+    """``Upd = G / (√V + ε)`` scaled by ``1 / max(1, RMS(Upd)/d)`` per matrix (lines 344–345),
+    negated where ``clip_threshold`` is (``maximize``: see :func:`clip_divisor`).
 
     ``grad`` and ``v`` are ``(B, *shape)``; RMS is taken over each matrix. With ``reduce``, they
     are this rank's rows and the sum of squares and the size are summed over the ranks."""
@@ -58,9 +59,9 @@ def clipped_update(
     return upd.div_(_per_matrix(clip_divisor(sq_sum, numel, clip_threshold), upd))
 
 
-def clip_threshold_or_inf(clip_threshold: float | None, maximize: bool = False) -> float:
-    """``None`` (no clipping) as the threshold :func:`clipped_update` understands: ∞; negated
-    for ``maximize`` (see :func:`clip_divisor`)."""
+def signed_clip_threshold(clip_threshold: float | None, maximize: bool = False) -> float:
+    """The threshold :func:`clipped_update` and :func:`clip_divisor` take: ``None`` (no
+    clipping) as ∞, negated for ``maximize`` (the divisor then carries the sign)."""
     threshold = math.inf if clip_threshold is None else clip_threshold
     return -threshold if maximize else threshold
 

@@ -47,7 +47,8 @@ def to_device_nowait(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.device) -> torch.Tensor:
     """``[α, 1 − α·λ, β1, 1 − β1]`` as an fp32 ``(4,)`` tensor on ``device``, for the update
-    passes, which read them from the device so that a captured CUDA graph replays with new
+    passes, which read them at these offsets (``kernels._tiles.store_step`` and
+    ``update_and_average``) from the device so that a captured CUDA graph replays with new
     values (schedulers write α, and OneCycleLR / CyclicLR β1, every step). The derived entries
     are computed in float64 and rounded once, as launch constants would be. Cached: they change
     at most once a step. Keyed by value: a tensor ``lr`` that a scheduler fills in place hashes

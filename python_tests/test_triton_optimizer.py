@@ -752,15 +752,16 @@ def test_graph_keys_hold_while_beta1_cycles(monkeypatch, cosine):
 # matches step 1's and replays that call.
 _ONE_AT_A_TIME = [
     {}, {}, {"betas": (0.8, 0.9, 0.0)}, {"betas": (0.9, 0.95, 0.0)}, {"eps": 1e-6}, {"clip_threshold": 0.5},
-    {"power_iters": 3},
+    {"power_iters": 3}, {"maximize": True},
 ]
 
 
 def test_graph_keys_name_every_hyperparameter_their_calls_read(monkeypatch):
     """Replaying the first call made under each key while one hyperparameter at a time moves
     off its value gives the eager bits: no key leaves out a value its call reads (on a GPU, a
-    stale constant in a replayed graph). S-RSI and the dense sums do replay where only β1 or
-    the clip moved (the dense sums also where the power iterations did), which they do not read."""
+    stale constant in a replayed graph). S-RSI and the dense sums do replay where only β1, the
+    clip or ``maximize`` moved (the dense sums also where the power iterations did), which they
+    do not read."""
     options = BASE
 
     def run(graphs_stand_in):
@@ -769,7 +770,8 @@ def test_graph_keys_name_every_hyperparameter_their_calls_read(monkeypatch):
         if graphs_stand_in is not None:
             _use_graphs(opt, graphs_stand_in)
         for step, changed in enumerate(_ONE_AT_A_TIME):
-            opt.param_groups[0].update({k: opt.defaults[k] for k in ("betas", "eps", "clip_threshold", "power_iters")})
+            changeable = ("betas", "eps", "clip_threshold", "power_iters", "maximize")
+            opt.param_groups[0].update({k: opt.defaults[k] for k in changeable})
             opt.param_groups[0].update(changed)
             for p, g in zip(params, _grads(step, torch.float32)):
                 if p.grad is None:
@@ -783,10 +785,11 @@ def test_graph_keys_name_every_hyperparameter_their_calls_read(monkeypatch):
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
     graphs = _FirstCallUnderKey()
     _assert_same_bits(*eager, *run(graphs))
-    # The two factored buckets' S-RSI at the β1 and clip steps; the three dense buckets' sums
-    # at step 1 and the β1, clip and power-iteration steps; every update at the β1 step.
+    # The two factored buckets' S-RSI at the β1, clip and maximize steps; the three dense
+    # buckets' sums at step 1 and the β1, clip, power-iteration and maximize steps; every
+    # update at the β1 step.
     replayed = {kind: graphs.replayed.count(kind) for kind in ("srsi", "dense sums", "dense", "update")}
-    assert replayed["srsi"] >= 2 * 2 and replayed["dense sums"] >= 3 * 4, replayed
+    assert replayed["srsi"] >= 2 * 3 and replayed["dense sums"] >= 3 * 5, replayed
     assert replayed["update"] >= 2 and replayed["dense"] >= 3, replayed
 
 

@@ -1,7 +1,8 @@
 """The update pass: one read of G (and M, W), one write of W (and M), fusing
 
 * ``Upd = G/(√V+ε) / clip`` with V rebuilt in registers (the exact ``V_t``, not its
-  compression) and ``clip = max(1, RMS(Upd)/d)`` from the first ``V @ Ω`` pass;
+  compression) and ``clip = ±max(1, RMS(Upd)/d)`` (negative for ``maximize``) from the first
+  ``V @ Ω`` pass;
 * the momentum of updates ``M_t = β1·M_{t−1} + (1−β1)·Upd`` (optional, stored in M's dtype);
 * the step ``W ← W·(1 − α·λ) − α·s·M_t`` (decoupled weight decay; ``s`` the cosine-guidance
   factor of each matrix, 1 without guidance), written in W's dtype (fp32, bf16, fp16) with
@@ -96,7 +97,7 @@ def apply_update(
 
     ``grads``, ``params``, ``exp_avgs``: ``B × (m, n)`` (params and exp_avgs each of one
     dtype: fp32, bf16 or fp16); ``q: (B, m, K)``, ``u: (B, n, K)`` the previous factors;
-    ``clip: (B,)`` the update divisor ``max(1, RMS/d)``; ``scale: (B,)`` the cosine-guidance
+    ``clip: (B,)`` the update divisor ``±max(1, RMS/d)``; ``scale: (B,)`` the cosine-guidance
     step factor (default 1); ``q_new: (B, m, k)``, ``u_new: (B, n, k)``. ``scalars``: an fp32
     ``(4,)`` device tensor ``[α, 1 − α·λ, β1, 1 − β1]`` read instead of ``lr``,
     ``weight_decay`` and ``beta1`` (what a CUDA graph replays with; see

@@ -132,7 +132,7 @@ def dense_apply(
 ) -> None:
     """Writes ``V_t`` into ``exp_avg_sqs`` and steps ``params`` (and ``exp_avgs`` when given) in
     place; all ``B`` tensors of one shape, params and exp_avgs each of one dtype (fp32, bf16,
-    fp16). ``clip: (B,)`` is ``max(1, RMS/d)`` from :func:`dense_sums` (a tensor whose ``clip`` is
+    fp16). ``clip: (B,)`` is ``±max(1, RMS/d)`` from :func:`dense_sums` (a tensor whose ``clip`` is
     not finite is not written: V, W and M stay as they are); ``scalars`` as in
     :func:`~.apply_update.apply_update`."""
     table, v = _tables(grads, exp_avg_sqs)

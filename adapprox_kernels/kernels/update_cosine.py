@@ -58,7 +58,7 @@ def update_cosine_sums(
 ) -> torch.Tensor:
     """``(B, 3)`` fp32: ``[Σ Upd·M_t, Σ Upd², Σ M_t²]`` per matrix. ``grads``, ``exp_avgs``:
     ``B × (m, n)``; ``q: (B, m, K)``, ``u: (B, n, K)``; ``clip: (B,)`` the divisor
-    ``max(1, RMS/d)`` of each matrix's update; ``scalars``: as in
+    ``±max(1, RMS/d)`` of each matrix's update; ``scalars``: as in
     :func:`~.apply_update.apply_update` (only β1 is read), else built from ``beta1``."""
     table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads")
     moms = exp_avgs if isinstance(exp_avgs, MatrixTable) else MatrixTable(exp_avgs, "exp_avgs")
