@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from adapprox_kernels import Adapprox, DenseOperator
+from adapprox_kernels import AdaMeM, Adapprox, DenseOperator
 from adapprox_kernels.backends import ReferenceBackend
 from adapprox_kernels.cholqr import cholqr_orthonormalize
 from adapprox_kernels.distributed import (
@@ -54,21 +54,29 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 13), nn.Tanh(), nn.Linear(13, 1))
 
 
-def _optimizer(model: nn.Module, seed: int | None = SEED, backend: str = "auto", **options) -> Adapprox:
-    """Two groups covering both rank policies, momentum with cosine guidance, warm starts, and
-    a factored 1×13 matrix (exact_small_matrices=False)."""
+# The options of the two param groups (layer 2's is the second) and those common to both.
+GROUP_OPTIONS = (
+    {"cosine_guidance": True},
+    {"betas": (0.0, 0.999, 0.5), "warm_start": True, "rank_policy": "sigmoid", "rank_interval": 2},
+)
+OPTIONS = dict(
+    lr=1e-2, betas=(0.9, 0.999, 0.5), k_init=2, k_max=5, oversample=2, power_iters=3, exact_small_matrices=False,
+    xi_thresh=0.01,
+)  # fmt: skip
+
+
+def _groups(model: nn.Module) -> list[dict]:
+    """:func:`_optimizer`'s param groups: layer 2's parameters and the others."""
     named = dict(model.named_parameters())
     first = [p for n, p in named.items() if not n.startswith("2.")]
     second = [p for n, p in named.items() if n.startswith("2.")]
-    return Adapprox(
-        [
-            {"params": first, "cosine_guidance": True},
-            {"params": second, "betas": (0.0, 0.999, 0.5), "warm_start": True, "rank_policy": "sigmoid",
-             "rank_interval": 2},
-        ],
-        lr=1e-2, betas=(0.9, 0.999, 0.5), k_init=2, k_max=5, oversample=2, power_iters=3,
-        exact_small_matrices=False, xi_thresh=0.01, seed=seed, backend=backend, **options,
-    )  # fmt: skip
+    return [{"params": first, **GROUP_OPTIONS[0]}, {"params": second, **GROUP_OPTIONS[1]}]
+
+
+def _optimizer(model: nn.Module, seed: int | None = SEED, backend: str = "auto", **options) -> Adapprox:
+    """Two groups covering both rank policies, momentum with cosine guidance, warm starts, and
+    a factored 1×13 matrix (exact_small_matrices=False)."""
+    return Adapprox(_groups(model), **OPTIONS, seed=seed, backend=backend, **options)
 
 
 def _loss(model: nn.Module, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -320,6 +328,73 @@ def _ddp_job(rank, world, out) -> None:
     torch.save({"snapshot": _snapshot(model, opt), "seed": opt._seed, "logs": logs, "names": names}, f"{out}.{rank}")
 
 
+ADAMEM_OPTIONS = dict(lr=1e-2, rank=2, update_proj_gap=2, oversample=2, power_iters=2)
+
+
+def _zero_setup(cls, model: nn.Module) -> tuple[list[dict], dict]:
+    """The param groups and options ZeRO hands ``cls``: :func:`_optimizer`'s for Adapprox, one
+    group for AdaMeM; seed ``SEED``."""
+    if cls is Adapprox:
+        return _groups(model), dict(OPTIONS, seed=SEED)
+    return [{"params": list(model.parameters())}], dict(ADAMEM_OPTIONS, seed=SEED)
+
+
+def _zero_job(rank, world, out) -> None:
+    """ZeRO-1: ``ZeroRedundancyOptimizer(optimizer_class=Adapprox)`` on a DDP model, steps
+    0..SAVE_AT-1; ``consolidate_state_dict(to=0)``, rank 0 saves ``state_dict()``, every rank
+    loads it and steps on to STEPS ("continued"). The checkpoint resumed by a new model and
+    ZeRO optimizer, as a new process would ("new"), and by one that then also loads this rank's
+    own ``zero.optim.state_dict()`` ("own"). AdaMeM, STEPS steps. Per run, each rank writes its
+    partition (names per param group), the parameters and the state its optimizer holds."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    def make(cls, model_state=None):
+        model = _model()
+        if model_state is not None:
+            model.load_state_dict(model_state)
+        ddp = DistributedDataParallel(model)
+        groups, options = _zero_setup(cls, model)
+        return model, ddp, ZeroRedundancyOptimizer(groups, optimizer_class=cls, **options)
+
+    def held(model, zero):
+        names = {p: n for n, p in model.named_parameters()}
+        return {
+            "partition": [[names[p] for p in group["params"]] for group in zero.optim.param_groups],
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "state": {
+                names[p]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                for p, s in zero.optim.state.items() if s
+            },
+        }  # fmt: skip
+
+    ckpt, res = f"{out}.ckpt", {}
+    model, ddp, zero = make(Adapprox)
+    _train(ddp, zero, range(SAVE_AT), rank, world)
+    zero.consolidate_state_dict(to=0)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optim": zero.state_dict()}, ckpt)
+    torch.save(zero.optim.state_dict(), f"{ckpt}.{rank}")  # this rank's partition, with its sketch RNG
+    dist.barrier()
+    saved = torch.load(ckpt, weights_only=False)
+    res["saved keys"] = sorted(saved["optim"])
+    # (ZeRO's load_state_dict empties the other ranks' entries of the dict it is given: a new copy each time.)
+    zero.load_state_dict(torch.load(ckpt, weights_only=False)["optim"])
+    _train(ddp, zero, range(SAVE_AT, STEPS), rank, world)
+    res["continued"] = held(model, zero)
+    for how in ("new", "own"):
+        model, ddp, zero = make(Adapprox, saved["model"])
+        zero.load_state_dict(torch.load(ckpt, weights_only=False)["optim"])
+        if how == "own":
+            zero.optim.load_state_dict(torch.load(f"{ckpt}.{rank}", weights_only=False))
+        _train(ddp, zero, range(SAVE_AT, STEPS), rank, world)
+        res[how] = held(model, zero)
+    model, ddp, zero = make(AdaMeM)
+    _train(ddp, zero, range(STEPS), rank, world)
+    res["adamem"] = held(model, zero)
+    torch.save(res, f"{out}.{rank}")
+
+
 def _triton_shards_job(rank, world, out) -> None:
     """FSDP2 with the Triton backend on each rank's rows (the interpreter on CPU), with
     ``product_precision="tf32_range"`` (exact fp32 under the interpreter); counts the sharded
@@ -518,6 +593,7 @@ def _two_rank_worker(rank, world, port, tmp) -> None:
         _ddp_job(rank, world, os.path.join(tmp, "ddp.pt"))
         _eval_checkpoint_job(rank, world, os.path.join(tmp, "eval_ckpt.pt"), os.path.join(tmp, "ckpt"))
         _plain_state_dict_job(rank, world, os.path.join(tmp, "plain_sd.pt"))
+        _zero_job(rank, world, os.path.join(tmp, "zero.pt"))
         _mixed_layout_job(rank, world, os.path.join(tmp, "mixed.pt"))  # last: a failure may leave ranks apart
     finally:
         dist.destroy_process_group()
@@ -685,6 +761,97 @@ def test_ddp_replicas_agree_with_single_process(two_ranks):
         assert torch.equal(a["params"][name], b["params"][name]), name
     _assert_same_run(a, _plain_run(range(STEPS), seed=per_rank[0]["seed"]))
     assert all(r["names"] == sorted(a["params"]) for r in per_rank), per_rank[0]["names"]
+
+
+def _zero_emulation(cls, partitions, steps, fresh_at=None, world=2) -> dict:
+    """What ZeRO on ``world`` DDP ranks computes, in one process: one ``cls`` optimizer per
+    partition (``partitions[rank]``: names per param group, in ZeRO's order), all seeded ``SEED``,
+    stepping on the gradient DDP all-reduces (each rank's gradient of its slice of the batch
+    over ``world``, summed in rank order). With ``fresh_at``, before that step each is replaced
+    by a new one that loads its state dict without the sketch RNG, as a new process loads
+    ZeRO's consolidated dict. Run on one thread, as the ranks are."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        named = dict(model.named_parameters())
+        groups, options = _zero_setup(cls, model)
+
+        def make(partition):
+            return cls([{**g, "params": [named[n] for n in names]} for g, names in zip(groups, partition)], **options)
+
+        opts = [make(partition) for partition in partitions]
+        for step in steps:
+            if step == fresh_at:
+                saved = [{k: v for k, v in opt.state_dict().items() if k != "sketch_rng"} for opt in opts]
+                opts = [make(partition) for partition in partitions]
+                for opt, state_dict in zip(opts, saved):
+                    opt.load_state_dict(state_dict)
+            per_rank = []
+            for rank in range(world):
+                _loss(model, step, rank, world).backward()
+                per_rank.append([p.grad for p in model.parameters()])
+                model.zero_grad()
+            for p, *grads in zip(model.parameters(), *per_rank):
+                p.grad = sum(g / world for g in grads)
+            for opt in opts:
+                opt.step()
+            model.zero_grad()
+        state = {}
+        for opt in opts:
+            for p, s in opt.state.items():
+                state[next(n for n, q in named.items() if q is p)] = s
+        return {"params": named, "state": state}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _assert_identical(got: dict, want: dict, what: str) -> None:
+    """Bit-identical parameters and optimizer state."""
+    for name, p in want["params"].items():
+        assert torch.equal(got["params"][name], p), f"{what}: parameter {name}"
+    assert sorted(got["state"]) == sorted(want["state"]), what
+    for name, s in want["state"].items():
+        assert got["state"][name].keys() == s.keys(), f"{what}: {name}"
+        for key, v in s.items():
+            g = got["state"][name][key]
+            assert torch.equal(g, v) if torch.is_tensor(v) else g == v, f"{what}: {name}.{key}: {g} != {v}"
+
+
+def test_zero_redundancy_optimizer_partitions_the_state_and_matches_per_partition_optimizers(two_ranks):
+    """``ZeroRedundancyOptimizer(optimizer_class=Adapprox)`` on 2 DDP ranks: the replicas stay
+    bit-identical; each parameter's state is on the one rank ZeRO assigned it to; the run is,
+    bit for bit, one Adapprox per partition in one process (each with the seed, stepping on DDP's
+    averaged gradient), before and after ``consolidate_state_dict`` + ``load_state_dict``. The
+    consolidated dict has no sketch RNG: resumed by a new optimizer, each partition's sketches
+    restart from the seed (other numbers than the uninterrupted run); loading this rank's own
+    ``zero.optim.state_dict()`` as well resumes bit for bit. AdaMeM (no checkpoint) likewise."""
+    per_rank = _per_rank(two_ranks / "zero.pt")
+    names = sorted(n for n, _ in _model().named_parameters())
+    runs = ("continued", "new", "own", "adamem")
+    for run in runs:
+        mine = [r[run] for r in per_rank]
+        for name in names:
+            assert torch.equal(mine[0]["params"][name], mine[1]["params"][name]), f"{run}: replicas differ at {name}"
+        for r in mine:  # the state of exactly the parameters of the rank's partition, on every rank some
+            assert r["state"] and sorted(r["state"]) == sorted(n for group in r["partition"] for n in group), run
+        assert sorted([*mine[0]["state"], *mine[1]["state"]]) == names, f"{run}: each parameter on one rank"
+
+    def run_of(run):
+        rank0, rank1 = (r[run] for r in per_rank)
+        return {"params": rank0["params"], "state": {**rank0["state"], **rank1["state"]}}
+
+    partitions = [r["continued"]["partition"] for r in per_rank]
+    assert all(r[run]["partition"] == r["continued"]["partition"] for r in per_rank for run in ("new", "own"))
+    want = _zero_emulation(Adapprox, partitions, range(STEPS))
+    _assert_identical(run_of("continued"), want, "continued")
+    _assert_identical(run_of("own"), want, "own")
+    # A new optimizer loading the consolidated dict: the same state, the sketches drawn anew from the seed.
+    assert per_rank[0]["saved keys"] == ["param_groups", "state"]
+    _assert_identical(run_of("new"), _zero_emulation(Adapprox, partitions, range(STEPS), fresh_at=SAVE_AT), "new")
+    assert not all(torch.equal(run_of("new")["params"][n], want["params"][n]) for n in names), "other sketches"
+    adamem_partitions = [r["adamem"]["partition"] for r in per_rank]
+    _assert_identical(run_of("adamem"), _zero_emulation(AdaMeM, adamem_partitions, range(STEPS)), "adamem")
 
 
 @pytest.mark.slow
