@@ -100,8 +100,9 @@ def state_bytes(opt) -> int:
 
 
 def optimizer_factories(ranks, backend: str) -> dict:
-    """name -> params -> optimizer. Ranks are pinned (k_init = k_min = k_max) so the timing is
-    at a known k; with random gradients the step rule would hold them at k_max anyway."""
+    """name -> params -> optimizer, or ``(optimizer, step)`` where the timed step does more than
+    ``optimizer.step()``. Ranks are pinned (k_init = k_min = k_max) so the timing is at a known
+    k; with random gradients the step rule would hold them at k_max anyway."""
     out = {
         "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),  # fused on CPU too (torch >= 2.4)
         "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
@@ -114,6 +115,10 @@ def optimizer_factories(ranks, backend: str) -> dict:
             out[f"adapprox_k{k}_cold_graphs"] = lambda ps, c=common: Adapprox(ps, cuda_graphs=True, **c)
             out[f"adapprox_k{k}_warm_graphs"] = lambda ps, c=common: Adapprox(
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, **c
+            )
+            # Under OneCycleLR, which writes a new α and β1 every step (its step timed with it).
+            out[f"adapprox_k{k}_warm_graphs_onecycle"] = lambda ps, c=common: with_one_cycle(
+                Adapprox(ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, **c)
             )
             out[f"adapprox_k{k}_warm_graphs_tf32"] = lambda ps, c=common: Adapprox(
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="tf32", **c
@@ -137,6 +142,18 @@ def optimizer_factories(ranks, backend: str) -> dict:
     return out
 
 
+def with_one_cycle(opt: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, object]:
+    """``(opt, step)``: ``step`` is ``opt.step()`` then a ``OneCycleLR`` step (momentum cycled,
+    its default); long enough for any warm-up and timing."""
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=100_000)
+
+    def step() -> None:
+        opt.step()
+        scheduler.step()
+
+    return opt, step
+
+
 # ----------------------------------------------------------------------------- step time + memory
 def bench_steps(shapes, factories, device, baseline: str, reps: int = 15) -> dict:
     """Step time (and on CUDA the step's peak memory above what was allocated before it) of
@@ -146,20 +163,21 @@ def bench_steps(shapes, factories, device, baseline: str, reps: int = 15) -> dic
     for name, factory in factories.items():
         params = make_params(shapes, device)
         opt = factory(params)
+        opt, step = opt if isinstance(opt, tuple) else (opt, opt.step)
         for _ in range(3):  # state allocated; warm start has previous factors
-            opt.step()
-        entry = ms(time_fn(opt.step))
+            step()
+        entry = ms(time_fn(step))
         entry["state_bytes"] = state_bytes(opt)
         if device.type == "cuda":
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            opt.step()
+            step()
             torch.cuda.synchronize()
             entry["step_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
         results[name] = entry
         print(f"  {name:<22} {entry['median_ms']:9.3f} ms  (p20 {entry['p20_ms']:.3f}, p80 {entry['p80_ms']:.3f})", flush=True)
-        del opt, params
+        del opt, step, params
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -353,3 +353,4 @@ def test_bench_step_smoke_finishes_on_cpu():
                          env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "adapprox_k2_warm_graphs_ieee" in run.stdout and "apply_update (no momentum)" in run.stdout
+    assert "adapprox_k2_warm_graphs_onecycle" in run.stdout
