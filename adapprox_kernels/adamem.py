@@ -33,7 +33,7 @@ from .adapprox import matrix_shape
 from .distributed import is_dtensor
 from .linear_operator import DenseOperator
 from .optim_base import SketchOptimizer, as_tuple, check, check_kinds, check_shared, compute_dtype, is_real, to_host
-from .reference import apply_updates, signed_clip_threshold, clipped_update
+from .reference import apply_updates, clipped_update, signed_clip_threshold
 from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration
 from .state_report import StateReport, report_rows
 

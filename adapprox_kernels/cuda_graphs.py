@@ -103,9 +103,9 @@ class CallGraphs:
 
     def flush(self) -> None:
         """Runs every queued call, in queue order, as one batch: its key is the calls' keys and
-        the way their inputs alias (an input several calls share, such as one group's ``[α,
-        1 − α·λ, β1, 1 − β1]``, is loaded once). Until the batch has come up ``eager_runs`` times, the calls
-        run one by one, through their own graphs."""
+        the way their inputs alias (an input several calls share, such as one group's
+        ``[α, 1 − α·λ, β1, 1 − β1]``, is loaded once). Until the batch has come up
+        ``eager_runs`` times, the calls run one by one, through their own graphs."""
         calls, self._queue = self._queue, []
         if not calls:
             return
