@@ -238,6 +238,8 @@ class AdaMeM(SketchOptimizer):
         bias_correction: Adam's bias corrections ``1 − β^t`` of the momentum and the statistics.
         clip_threshold: ``None`` (the paper) or d: each direction is scaled to RMS ≤ d.
         maximize: step up the gradient, as torch.optim's ``maximize``: the step on ``−G``.
+        bf16_stochastic_round: write bfloat16 weights rounded at random (unbiased), as
+            :class:`~adapprox_kernels.Adapprox` does.
         nonfinite: ``"raise"`` (a ``FloatingPointError`` naming the parameter, before anything is
             modified) or ``"skip"`` (that parameter's step is skipped, its state untouched and
             ``state["nonfinite_skips"]`` counts it).
@@ -268,12 +270,14 @@ class AdaMeM(SketchOptimizer):
         nonfinite: str = "raise",
         seed: int | None = None,
         maximize: bool = False,
+        bf16_stochastic_round: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=as_tuple(betas), rank=rank, update_proj_gap=update_proj_gap, residual_scale=residual_scale,
             eps=eps, weight_decay=weight_decay, projection=projection, oversample=oversample,
             power_iters=power_iters, momentum_transfer=momentum_transfer, second_moment=second_moment,
             bias_correction=bias_correction, clip_threshold=clip_threshold, nonfinite=nonfinite, maximize=maximize,
+            bf16_stochastic_round=bf16_stochastic_round,
         )  # fmt: skip
         super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
@@ -301,7 +305,7 @@ class AdaMeM(SketchOptimizer):
             h,
             ints={"rank": 1, "update_proj_gap": 1, "oversample": 0, "power_iters": 1},
             reals=("residual_scale", "weight_decay"),
-            flags=("bias_correction", "maximize"),
+            flags=("bias_correction", "maximize", "bf16_stochastic_round"),
             choices={
                 "projection": PROJECTIONS, "momentum_transfer": MOMENTUM_TRANSFERS,
                 "second_moment": SECOND_MOMENT_SOURCES,
@@ -392,9 +396,12 @@ class AdaMeM(SketchOptimizer):
 
     def _apply(self, group: dict[str, Any], bucket: list[torch.Tensor], upd: torch.Tensor) -> None:
         """``W ← W(1 − ηλ) − η·upd``; ``upd: (B, …)`` holds each parameter's numel."""
+        states = [self.state[p] for p in bucket]
+        bucket_id = (tuple(bucket[0].shape), states[0].get("rank", 0))  # as _step_group tells them apart
         apply_updates(
-            bucket, upd, None, lr=group["lr"], beta1=0.0, weight_decay=group["weight_decay"], cosine_max_scale=None
-        )
+            bucket, upd, None, lr=group["lr"], beta1=0.0, weight_decay=group["weight_decay"], cosine_max_scale=None,
+            rounding_key=self._rounding_key(group, bucket_id, states),
+        )  # fmt: skip
 
     def _vector_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int) -> None:
         """Dense Adafactor without momentum: the one-sided rule on a ``1×numel`` view (no δ:

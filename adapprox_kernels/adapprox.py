@@ -43,7 +43,7 @@ from .srsi import (
     truncate_columns,
 )
 from .state_report import StateReport, report_rows
-from .transfer import update_scalars
+from .transfer import rounding_key_tensor, update_scalars
 
 
 PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee", "tf32_range", "tf32_rn")
@@ -207,6 +207,20 @@ def _gated_sums(sums: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return sums if gate is None else torch.where(gate, sums, float("nan"))
 
 
+def _key_and_gate_inputs(key: int | None, gate: torch.Tensor | None, device: torch.device) -> tuple:
+    """A graphed update's inputs after the scalars: this step's stochastic-rounding key as a
+    device tensor (a graph replays it with each step's key), then the device gate, each only
+    where there is one (whether there is is part of the graph's key)."""
+    return (*(() if key is None else (rounding_key_tensor(key, device),)), *(() if gate is None else (gate,)))
+
+
+def _key_and_gate(rest: tuple, has_key: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(key, gate)`` from the inputs :func:`_key_and_gate_inputs` made, None where absent."""
+    key = rest[0] if has_key else None
+    gates = rest[1:] if has_key else rest
+    return key, gates[0] if gates else None
+
+
 class Adapprox(SketchOptimizer):
     """Adam whose second moment is a low-rank factorization of adaptive rank.
 
@@ -221,6 +235,11 @@ class Adapprox(SketchOptimizer):
         weight_decay: λ, decoupled: ``W ← W − α(M + λW)``.
         maximize: step up the gradient, as torch.optim's ``maximize``: the same bits as the step
             on ``−G`` (the update's clip divisor carries the sign: no extra pass over G).
+        bf16_stochastic_round: write bfloat16 weights rounded at random (unbiased), not to
+            nearest, which drops an update below half a bf16 ulp for good: for training with
+            bf16 weights and no fp32 copy. The random bits come from a counter-based hash of
+            the step count, the group, the shape and the element's index, the same on every
+            backend and after a resume; other dtypes are rounded to nearest as before.
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
         k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
         oversample: p, extra sketch columns. power_iters: l, subspace iterations.
@@ -296,6 +315,7 @@ class Adapprox(SketchOptimizer):
         cuda_graphs: bool = False,
         product_precision: str | None = None,
         maximize: bool = False,
+        bf16_stochastic_round: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=as_tuple(betas), eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
@@ -304,7 +324,7 @@ class Adapprox(SketchOptimizer):
             cosine_guidance=cosine_guidance, cosine_max_scale=cosine_max_scale,
             exact_small_matrices=exact_small_matrices, nonfinite=nonfinite, backend=backend,
             warm_start=warm_start, warm_power_iters=warm_power_iters, cuda_graphs=cuda_graphs,
-            product_precision=product_precision, maximize=maximize,
+            product_precision=product_precision, maximize=maximize, bf16_stochastic_round=bf16_stochastic_round,
         )  # fmt: skip
         super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
@@ -352,7 +372,10 @@ class Adapprox(SketchOptimizer):
             h,
             ints={"oversample": 0, "power_iters": 1, "warm_power_iters": 1, "rank_interval": 1},
             reals=("weight_decay", "xi_thresh"),
-            flags=("cosine_guidance", "exact_small_matrices", "warm_start", "cuda_graphs", "maximize"),
+            flags=(
+                "cosine_guidance", "exact_small_matrices", "warm_start", "cuda_graphs", "maximize",
+                "bf16_stochastic_round",
+            ),
             choices={
                 "rank_policy": RANK_POLICIES, "backend": backend_names(), "product_precision": PRODUCT_PRECISIONS,
             },
@@ -661,23 +684,25 @@ class Adapprox(SketchOptimizer):
         kw = self._step_kwargs(group)
         eps = kw.pop("eps")
         del kw["cosine_max_scale"]  # None here (see _dense_on_kernels)
+        rounding_key = self._rounding_key(group, tuple(bucket[0].shape), states)
         if not self._graphable(group, backend, sqs[0], None):
             op = backend.dense_second_moment(grads, sqs, beta2, eps)
             sums = op.first_pass()
 
             def apply(gate: torch.Tensor | None) -> None:
                 op.first_pass_sums = _gated_sums(sums, gate)
-                backend.apply_dense_step(op, bucket, exp_avgs, **kw)
+                backend.apply_dense_step(op, bucket, exp_avgs, **kw, rounding_key=rounding_key)
 
             return _Started(states, lambda: sums, apply)
 
         def sums_graph():
             return (backend.dense_second_moment(grads, sqs, beta2, eps).first_pass(),)
 
-        def update_graph(sums, scalars, gate=None):
+        def update_graph(sums, scalars, *rest):
+            key, gate = _key_and_gate(rest, rounding_key is not None)
             op = backend.dense_second_moment(grads, sqs, beta2, eps)
             op.first_pass_sums = _gated_sums(sums, gate)
-            backend.apply_dense_step(op, bucket, exp_avgs, **kw, scalars=scalars)
+            backend.apply_dense_step(op, bucket, exp_avgs, **kw, scalars=scalars, rounding_key=key)
             return ()
 
         # Flat passes: the shape is in the key, since no input carries it.
@@ -690,7 +715,7 @@ class Adapprox(SketchOptimizer):
         def prepare(gate: torch.Tensor | None) -> None:
             key = ("dense", gate is not None, baked, read, _addresses([*bucket, *(exp_avgs or [])]))
             scalars = update_scalars(group["lr"], group["weight_decay"], group["betas"][0], sqs[0].device)
-            inputs = (sums_call.outputs[0], scalars, *(() if gate is None else (gate,)))
+            inputs = (sums_call.outputs[0], scalars, *_key_and_gate_inputs(rounding_key, gate, sqs[0].device))
             queued.append(self._graphs.defer(key, update_graph, inputs))
 
         def finish(gate: torch.Tensor | None) -> None:
@@ -726,7 +751,8 @@ class Adapprox(SketchOptimizer):
         upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"), reduce)
         exp_avgs = _first_moments(bucket, states, kw["beta1"])
         exp_avgs = None if exp_avgs is None else local_list(exp_avgs)
-        apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce)
+        rounding_key = self._rounding_key(group, tuple(bucket[0].shape), states)
+        apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce, rounding_key=rounding_key)
 
     def _draw_sketch(self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]):
         """The bucket's Gaussian sketch ``(B, n, width)``, on its factors' device and in their
@@ -810,11 +836,13 @@ class Adapprox(SketchOptimizer):
             q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, _deferred_orthonormalize(backend, failures))
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 
-        def update(op, q, u, used_mask, scalars=None):
+        rounding_key = self._rounding_key(group, tuple(bucket[0].shape), states)
+
+        def update(op, q, u, used_mask, scalars=None, key=rounding_key):
             """Updates W (and M) in place; ξ ``(B,)`` or None. It needs only V_t, so it runs
             before the rank decision; a fused backend also returns ξ's numerator from its pass."""
             factors = (q * used_mask.to(q.dtype), u * used_mask.to(u.dtype)) if measure else None
-            kw = self._step_kwargs(group) | ({} if scalars is None else {"scalars": scalars})
+            kw = self._step_kwargs(group) | ({} if scalars is None else {"scalars": scalars}) | {"rounding_key": key}
             resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
             return ratio_from_sq_norms(op.sq_norm(), resid) if measure else _finite_marks(u)
 
@@ -826,10 +854,11 @@ class Adapprox(SketchOptimizer):
                 op, q, u, failed = srsi(q_prev, u_prev, sketch, prev_mask)
                 return q, u, op.first_pass_sums, failed
 
-            def update_graph(q_prev, u_prev, sums, q, u, used_mask, scalars, gate=None):
+            def update_graph(q_prev, u_prev, sums, q, u, used_mask, scalars, *rest):
+                key, gate = _key_and_gate(rest, rounding_key is not None)
                 op = second_moment(q_prev, u_prev)
                 op.first_pass_sums = _gated_sums(sums, gate)
-                return (update(op, q, u, used_mask, scalars),)
+                return (update(op, q, u, used_mask, scalars, key),)
 
             # Deferred (see cuda_graphs.py): S-RSI runs with the dense sums passes queued before
             # it, the update with every other update, queued by prepare() while the GPU runs S-RSI.
@@ -848,7 +877,8 @@ class Adapprox(SketchOptimizer):
                 gated = gate is not None
                 update_key = ("update", m, n, measure, gated, baked, read, _addresses([*params, *(exp_avgs or [])]))
                 scalars = update_scalars(group["lr"], group["weight_decay"], group["betas"][0], q_prev.device)
-                inputs = (q_prev, u_prev, sums, q, u, used_mask, scalars, *(() if gate is None else (gate,)))
+                keys_gate = _key_and_gate_inputs(rounding_key, gate, q_prev.device)
+                inputs = (q_prev, u_prev, sums, q, u, used_mask, scalars, *keys_gate)
                 queued.append(self._graphs.defer(update_key, update_graph, inputs))
 
             def run_update(q, u, gate):

@@ -313,26 +313,28 @@ class RowShards:
 
     def apply_step(
         self, op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale,
-        residual_factors=None,
+        residual_factors=None, rounding_key=None,
     ):  # fmt: skip
         """The clipped update and the weight write on this rank's rows (``params`` and
         ``exp_avgs`` are local views); the RMS and cosine sums are all-reduced. With
         ``residual_factors=(q, u)`` (``q``: this rank's rows) returns ``‖V − q uᵀ‖²`` (``(B,)``).
 
         Either local operator issues the same all-reduces in the same order (RMS, cosine sums,
-        residual), so ranks may differ in which one they run (see :meth:`second_moment`)."""
+        residual), so ranks may differ in which one they run (see :meth:`second_moment`).
+        ``rounding_key``: bf16 stochastic rounding, each rank numbering the elements of its own
+        rows from 0 (so other random bits than one process draws, as unbiased)."""
         local_op = op.local
         if not hasattr(local_op, "clipped_update"):  # a fused backend's operator
             return self.local_backend.apply_step(
                 local_op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
                 weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
-                reduce=self.all_reduce,
+                reduce=self.all_reduce, rounding_key=rounding_key,
             )  # fmt: skip
         resid = local_op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
         upd = local_op.clipped_update(eps, clip_threshold, reduce=self.all_reduce)
         reference.apply_updates(
             params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay,
-            cosine_max_scale=cosine_max_scale, reduce=self.all_reduce,
+            cosine_max_scale=cosine_max_scale, reduce=self.all_reduce, rounding_key=rounding_key,
         )  # fmt: skip
         return None if resid is None else self.all_reduce(resid)
 

@@ -242,6 +242,17 @@ class SketchOptimizer(Optimizer):
         """``ValueError`` naming the first bad value of ``h`` (one value per option)."""
         raise NotImplementedError
 
+    def _rounding_key(self, group: dict[str, Any], bucket: tuple, states: list[dict[str, Any]]) -> int | None:
+        """The key of a bucket's stochastic rounding this step (``bf16_stochastic_round``; see
+        ``reference.rounding_noise``), from its group's position, what tells the group's buckets
+        apart (``bucket``: ints, e.g. the shape) and its step count: the same on every backend
+        and rank, and after a resume (step counts are saved). None where the group rounds to
+        nearest."""
+        if not group["bf16_stochastic_round"]:
+            return None
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        return hash((index, bucket, states[0]["step"])) & 0xFFFFFFFF  # an int tuple's hash is not salted
+
     # ----------------------------------------------------------------------------- sketch RNG
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)

@@ -136,11 +136,14 @@ def apply_updates(
     weight_decay: float,
     cosine_max_scale: float | None,
     reduce: Reduce | None = None,
+    rounding_key: int | None = None,
 ) -> None:
     """Lines 346–349 for each matrix ``b``: momentum of updates, optional cosine guidance,
     decoupled weight decay. ``upd`` is fp32 ``(B, *param.shape)``; each parameter is written in
     its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own. ``reduce``: see
-    :func:`clipped_update` (only the cosine guidance reduces over the matrix)."""
+    :func:`clipped_update` (only the cosine guidance reduces over the matrix). With
+    ``rounding_key``, bfloat16 parameters are rounded at random (:func:`stochastic_round_bf16`),
+    the others to nearest."""
     upd = upd.reshape(len(params), *params[0].shape)
     # A handful of kernel launches per bucket rather than a few per parameter: foreach ops in
     # place (see in_place_ok), or batched arithmetic in fp32 and one foreach copy back (rounding
@@ -169,7 +172,46 @@ def apply_updates(
         new = stack_as(params, upd.dtype)
         if decay != 1:
             new.mul_(decay)
-        torch._foreach_copy_(params, new.add_(_stacked(avg), alpha=-lr).unbind(0))
+        rows = new.add_(_stacked(avg), alpha=-lr).unbind(0)
+        if rounding_key is not None and any(p.dtype == torch.bfloat16 for p in params):
+            rounded = stochastic_round_bf16(new, rounding_key).unbind(0)
+            rows = [r if p.dtype == torch.bfloat16 else x for p, r, x in zip(params, rounded, rows)]
+        torch._foreach_copy_(params, rows)
+
+
+_U32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 ``x`` in ``[0, 2³²)``, elementwise: Wellons' lowbias32
+    form with the multipliers 0x21f0aaad and 0x735a2d97, both below 2³¹, so that no int64
+    product overflows. The Triton kernels compute the same on uint32 (``kernels._tiles``)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _U32
+    return x ^ (x >> 15)
+
+
+def rounding_noise(key: int, batch: int, numel: int, device: torch.device) -> torch.Tensor:
+    """``(batch, numel)`` int32 in ``[0, 2¹⁶)``, the random low bits of stochastic rounding:
+    for element ``i`` of matrix ``b``, the top 16 bits of ``hash32(hash32(key + b) + i)`` (all
+    sums mod 2³²). A counter-based stream: any backend draws the same bits for the same key
+    and element, and nothing is stored."""
+    keys = hash32((key + torch.arange(batch, device=device, dtype=torch.int64)) & _U32)
+    idx = torch.arange(numel, device=device, dtype=torch.int64)
+    return (hash32((keys[:, None] + idx) & _U32) >> 16).to(torch.int32)
+
+
+def stochastic_round_bf16(x: torch.Tensor, key: int) -> torch.Tensor:
+    """fp32 ``x: (B, …)`` rounded to bfloat16 values at random, still fp32 (the low 16 bits
+    zero): ``|x|`` goes up to the next bf16 value with probability equal to the part of the gap
+    it has covered, else down, so the expected result is ``x`` (round-to-nearest drops an update
+    below half a bf16 ulp for good). Noise from :func:`rounding_noise`; inf and NaN stay."""
+    flat = x.reshape(len(x), -1).contiguous()
+    noise = rounding_noise(key, flat.shape[0], flat.shape[1], x.device)
+    bits = (flat.view(torch.int32) + noise) & -0x10000  # no int32 overflow for finite values
+    return torch.where(flat.isfinite(), bits.view(torch.float32), flat).view_as(x)
 
 
 def _stacked(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

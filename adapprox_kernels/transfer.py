@@ -56,6 +56,12 @@ def update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.d
     return _update_scalars(float(lr), float(weight_decay), float(beta1), device)
 
 
+def rounding_key_tensor(key: int, device: torch.device) -> torch.Tensor:
+    """The key of a bucket's stochastic rounding (``reference.rounding_noise``) as an int64
+    ``(1,)`` tensor on ``device``, which the update kernels read (a new one every step)."""
+    return to_device_nowait(torch.tensor([key], dtype=torch.int64), device)
+
+
 @functools.lru_cache(maxsize=64)
 def _update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.device) -> torch.Tensor:
     values = torch.tensor([lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1], dtype=torch.float32)

@@ -21,6 +21,8 @@ import torch
 
 from . import reference
 from .backends import ReferenceBackend, register_backend
+from .transfer import rounding_key_tensor
+
 
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> Optional[str]:
@@ -366,21 +368,22 @@ class TritonBackend:
     @staticmethod
     def apply_dense_step(
         op: TritonDenseMoment, params, exp_avgs, *, clip_threshold, lr, beta1, weight_decay,
-        scalars: Optional[torch.Tensor] = None,
+        scalars: Optional[torch.Tensor] = None, rounding_key: int | torch.Tensor | None = None,
     ) -> None:  # fmt: skip
         """A dense bucket's update in one pass: ``V_t`` written over the stored ``V_{t−1}``, the
         clipped update (its RMS from :meth:`TritonDenseMoment.first_pass`), momentum of updates
-        and decoupled weight decay; ``scalars`` as in :meth:`apply_step`."""
+        and decoupled weight decay; ``scalars`` and ``rounding_key`` as in :meth:`apply_step`."""
         clip = reference.clip_divisor(op.first_pass()[:, 1], op.numel, clip_threshold)
         _kernel("dense_moment").dense_apply(
             op.table, op.sqs, params, exp_avgs, clip, beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1,
-            weight_decay=weight_decay, scalars=scalars,
+            weight_decay=weight_decay, scalars=scalars, rounding_key=_key_on(rounding_key, op.table.device),
         )  # fmt: skip
 
     @staticmethod
     def apply_step(
         op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None,
         reduce: Optional[reference.Reduce] = None, scalars: Optional[torch.Tensor] = None,
+        rounding_key: int | torch.Tensor | None = None,
     ):  # fmt: skip
         """Clipping, momentum of updates, optional cosine guidance and weight decay in one pass
         over G (two with cosine guidance); returns ``‖V − q uᵀ‖²`` for ``residual_factors``.
@@ -389,7 +392,9 @@ class TritonBackend:
         the RMS sums, the cosine sums and the residual are summed over the ranks with it.
         ``scalars``: ``[α, 1 − α·λ, β1, 1 − β1]`` on the device (``transfer.update_scalars``),
         read by the fused passes in place of ``lr``, ``weight_decay`` and ``beta1`` (a
-        CUDA-graphed step; eager launches only)."""
+        CUDA-graphed step; eager launches only). ``rounding_key``: bf16 weights are rounded at
+        random with this key (``reference.stochastic_round_bf16``), an int or, in a graphed
+        step, ``transfer.rounding_key_tensor``'s device tensor."""
         if reduce is not None and not isinstance(op, TritonSecondMoment):
             raise TypeError("a row-sharded step needs the Triton operator on every rank with rows")
         if scalars is not None and not (isinstance(op, TritonSecondMoment) and op._eager):
@@ -398,6 +403,7 @@ class TritonBackend:
             return ReferenceBackend.apply_step(
                 op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
                 weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
+                rounding_key=rounding_key,
             )  # fmt: skip
         if eps != op.eps:
             raise ValueError(f"apply_step got eps={eps}, the operator was built with eps={op.eps}")
@@ -429,8 +435,11 @@ class TritonBackend:
             resid = _kernel("apply_update").apply_update(
                 op.table, op.q, op.u, weights, moms or None, clip, scale, q_new, u_new,
                 beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1, weight_decay=weight_decay, scalars=scalars,
+                rounding_key=_key_on(rounding_key, op.table.device),
             )  # fmt: skip
         else:
+            if rounding_key is not None and weights[0].dtype == torch.bfloat16:
+                raise NotImplementedError("bf16_stochastic_round under torch.compile(opt.step): compile the model only")
             resid = torch.ops.adapprox_kernels.apply_update(
                 op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, lr, beta1, weight_decay
             )
@@ -440,6 +449,11 @@ class TritonBackend:
         if residual_factors is None:
             return None
         return resid if reduce is None else reduce(resid)
+
+
+def _key_on(key: int | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A stochastic-rounding key as the kernels read it: a device tensor."""
+    return key if key is None or torch.is_tensor(key) else rounding_key_tensor(key, device)
 
 
 register_backend(TritonBackend, prefer=True)

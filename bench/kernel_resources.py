@@ -156,14 +156,14 @@ def launches(precision: str) -> list[Launch]:
         _product("V @ X", pb, precision, False),
         _product("Vᵀ @ Y", pb, precision, False, unit=TRANSPOSED),
         Launch("update (momentum, ξ numerator)", apply_update._apply_update_kernel,
-               dict(tile, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=True, WITH_RESIDUAL=True), eb),
+               dict(tile, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=True, WITH_RESIDUAL=True, STOCHASTIC=False), eb),
         Launch("update (no momentum)", apply_update._apply_update_kernel,
-               dict(tile, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=False, WITH_RESIDUAL=False), eb),
+               dict(tile, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=False, WITH_RESIDUAL=False, STOCHASTIC=False), eb),
         Launch("cosine-guidance sums", update_cosine._update_cosine_kernel, dict(tile, MOM_ALIGN=4), eb),
         Launch("V norms (outside the step)", v_norms._v_norms_kernel, dict(tile, WITH_RESIDUAL=True), eb),
         Launch("dense sums", dense_moment._dense_sums_kernel, flat, eb),
         Launch("dense update", dense_moment._dense_apply_kernel,
-               dict(flat, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=True), eb),
+               dict(flat, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=True, STOCHASTIC=False), eb),
     ]  # fmt: skip
 
 

@@ -1158,3 +1158,53 @@ def test_maximize_climbs_and_needs_a_bool(cls):
     assert (w - target).norm() < 0.1 * target.norm()
     with pytest.raises(ValueError, match="maximize"):
         cls([w], maximize="yes")
+
+
+def _bf16_run(stochastic: bool, steps: int, lr=1e-4, resume_at=None, dtype=torch.bfloat16, cls=Adapprox):
+    """A factored (32×48) and a dense (512,) parameter at 1.0, a constant gradient: each step
+    moves them by about ``lr``, below half a bf16 ulp at 1.0 (2⁻⁸)."""
+    params = [torch.nn.Parameter(torch.ones(s, dtype=dtype)) for s in [(32, 48), (512,)]]
+    kw = dict(k_max=4) if cls is Adapprox else dict(rank=4)
+
+    def make():
+        return cls(params, lr=lr, weight_decay=0.0, seed=0, bf16_stochastic_round=stochastic, **kw)
+
+    opt = make()
+    for step in range(steps):
+        if step == resume_at:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = make()
+            opt.load_state_dict(saved)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    return params
+
+
+@pytest.mark.parametrize("cls", [Adapprox, AdaMeM])
+def test_bf16_stochastic_round_keeps_the_updates_round_to_nearest_drops(cls):
+    """200 steps of up to 1e-4 from 1.0 (the gradient is constant, so the steps do not depend
+    on the weights): round-to-nearest never leaves 1.0 (each step is below half an ulp);
+    stochastic rounding lands, on average, where fp32 weights go (Adapprox 0.981, AdaMeM's
+    matrix 0.9965), factored and dense alike. Each weight's rounding errors add up as a random walk (about 0.009 after
+    200 steps), so the mean of 512 or more is within 2e-3 by over five standard deviations."""
+    assert all(torch.equal(p, torch.ones_like(p)) for p in _bf16_run(False, 200, cls=cls))
+    exact = _bf16_run(False, 200, dtype=torch.float32, cls=cls)
+    assert exact[0].mean() < 1 - 2e-3  # the steps add up to more than the tolerance below
+    for p, want in zip(_bf16_run(True, 200, cls=cls), exact):
+        assert abs(p.float().mean().item() - want.mean().item()) < 2e-3, (p.float().mean(), want.mean())
+
+
+def test_bf16_stochastic_round_resumes_bit_exactly_and_leaves_other_dtypes_alone():
+    """The random bits follow the step count, so a run resumed from a state_dict draws the same
+    ones as an uninterrupted run; fp32 parameters are written as without the option."""
+    whole, resumed = _bf16_run(True, 6), _bf16_run(True, 6, resume_at=3)
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed))
+    opt = Adapprox([torch.nn.Parameter(torch.zeros(3))], bf16_stochastic_round=True)
+    group = opt.param_groups[0]
+    keys = {opt._rounding_key(group, shape, [{"step": step}]) for shape in [(3,), (4, 5)] for step in (1, 2)}
+    assert len(keys) == 4  # new bits every step and for every bucket
+    on, off = _bf16_run(True, 4, dtype=torch.float32), _bf16_run(False, 4, dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
+    with pytest.raises(ValueError, match="bf16_stochastic_round"):
+        Adapprox([torch.nn.Parameter(torch.zeros(3))], bf16_stochastic_round=1)

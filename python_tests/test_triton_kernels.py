@@ -360,6 +360,141 @@ def test_update_passes_write_nothing_where_the_clip_is_not_finite(dense, bad_cli
             assert not torch.equal(got_all[1], before[1]), f"{name} of the other matrix was not written"
 
 
+try:  # the autouse fixture skips every test of the module without triton
+    import triton
+    import triton.language as tl
+
+    from adapprox_kernels.kernels import _tiles
+except ImportError:
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _hash32_kernel(x_ptr, out_ptr, key_ptr, seed_ptr, N, BLOCK: tl.constexpr):
+        """``_tiles.hash32`` of int64 values in ``[0, 2³²)`` (read as uint32), and the seed
+        ``matrix_seed(key, b)`` of each program ``b``."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < N, other=0).to(tl.uint32)
+        tl.store(out_ptr + offs, _tiles.hash32(x).to(tl.int64), mask=offs < N)
+        seed = _tiles.matrix_seed(key_ptr, tl.program_id(0).to(tl.int64), True)
+        tl.store(seed_ptr + tl.program_id(0), seed.to(tl.int64))
+
+
+def test_hash32_matches_the_reference():
+    """The kernels' uint32 hash wraps mod 2³² exactly as the reference's int64 one (no
+    promotion to int64, a logical shift), extremes included; the per-matrix seed is
+    ``hash32((key + b) mod 2³²)``, here with a key that wraps."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.cat([torch.tensor([0, 1, 2**16 - 1, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]),
+                   torch.randint(0, 2**32, (3000,), generator=gen)]).to(DEVICE)  # fmt: skip
+    out = torch.full_like(x, -1)
+    key = torch.tensor([2**32 - 2], device=DEVICE)
+    seeds = torch.full((4,), -1, dtype=torch.int64, device=DEVICE)
+    block = 1024
+    assert x.numel() <= 4 * block
+    _hash32_kernel[(4,)](x, out, key, seeds, x.numel(), BLOCK=block)
+    assert torch.equal(out, reference.hash32(x))
+    assert torch.equal(seeds, reference.hash32((2**32 - 2 + torch.arange(4, device=DEVICE)) % 2**32))
+    assert len(set(out.tolist())) == len(set(x.tolist()))  # a bijection of uint32
+
+
+def _bf16_start(shape, batch, seed, special=False):
+    """``batch`` fp32 tensors of bf16 values (a bf16 copy holds them exactly); ``special``: an
+    inf and a -inf among them (which stochastic rounding keeps)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = [torch.randn(*shape, generator=gen).to(torch.bfloat16).float() for _ in range(batch)]
+    if special:
+        out[0].view(-1)[0], out[-1].view(-1)[-1] = float("inf"), float("-inf")
+    return out
+
+
+def _assert_stochastic_rounding(run, starts, key):
+    """``run(params, key)`` steps ``params`` in place. With bf16 params and ``key`` the result is
+    ``reference.stochastic_round_bf16`` of what fp32 params from the same values become, bit for
+    bit; without a key, their round to nearest even; fp32 params ignore the key."""
+    f32 = [p.clone().to(DEVICE) for p in starts]
+    run(f32, None)
+    new = torch.stack(f32)
+    f32_key = [p.clone().to(DEVICE) for p in starts]
+    run(f32_key, torch.tensor([key], device=DEVICE))
+    assert torch.equal(torch.stack(f32_key), new), "fp32 weights must ignore the rounding key"
+
+    def bf16(rounding_key):
+        ps = [p.to(torch.bfloat16).to(DEVICE) for p in starts]
+        run(ps, rounding_key)
+        return torch.stack(ps)
+
+    got = bf16(torch.tensor([key], device=DEVICE))
+    want = reference.stochastic_round_bf16(new, key).to(torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (got != want).sum()
+    nearest = new.to(torch.bfloat16)
+    assert torch.equal(bf16(None).view(torch.int16), nearest.view(torch.int16))
+    finite = new.isfinite()
+    if finite.sum() >= 300:  # it does round at random: away from nearest with probability 1/4 on average
+        assert 0.15 < (got != nearest)[finite].float().mean().item() < 0.35
+    assert torch.equal(got[~finite], nearest[~finite])
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+@pytest.mark.parametrize("batch,shape,key", [(2, (37, 129), 2**32 - 1), (3, (1, 130), 123456789)])
+def test_apply_update_stochastic_rounding(batch, shape, key, momentum):
+    """Stochastic rounding of bf16 weights in the update pass: the noise of element ``(i, j)``
+    of matrix ``b`` is ``hash32(hash32(key + b) + i·n + j)`` (the key here wraps at b = 1)."""
+    from adapprox_kernels.kernels.apply_update import apply_update
+
+    grads, q, u, g32, v = _inputs(batch, *shape, 2, torch.float32, seed=2)
+    clip = _clip(g32, v, 0.5)
+    moms = [torch.randn(*shape, device=DEVICE) for _ in range(batch)] if momentum else None
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8 if momentum else 0.0, weight_decay=0.1)
+    scale = torch.linspace(1.0, 1.5, batch, device=DEVICE)
+
+    def run(params, rounding_key):
+        ms = [m.clone() for m in moms] if momentum else None
+        apply_update(grads, q, u, params, ms, clip, scale, blocks=_blocks(True), rounding_key=rounding_key, **kw)
+
+    _assert_stochastic_rounding(run, _bf16_start(shape, batch, 4, special=True), key)
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+@pytest.mark.parametrize("shape", [(7,), (3, 50)])
+def test_dense_apply_stochastic_rounding(shape, momentum):
+    """The same in the dense pass, whose counter is the element's flat offset (several blocks
+    per tensor, a partial last one)."""
+    from adapprox_kernels.kernels.dense_moment import dense_apply
+
+    gen = torch.Generator().manual_seed(6)
+    grads = [torch.randn(*shape, generator=gen).to(DEVICE) for _ in range(3)]
+    sqs = [torch.rand(*shape, generator=gen).to(DEVICE) for _ in range(3)]
+    moms = [torch.randn(*shape, generator=gen).to(DEVICE) for _ in range(3)] if momentum else None
+    clip = torch.tensor([1.0, 1.2, 2.0], device=DEVICE)
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8 if momentum else 0.0, weight_decay=0.1)
+
+    def run(params, rounding_key):
+        ms = [m.clone() for m in moms] if momentum else None
+        dense_apply(grads, [v.clone() for v in sqs], params, ms, clip, block=16, rounding_key=rounding_key, **kw)
+
+    _assert_stochastic_rounding(run, _bf16_start(shape, 3, 8, special=len(shape) > 1), 2**31 + 5)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_bad_rounding_key(dense):
+    from adapprox_kernels.kernels.apply_update import apply_update
+    from adapprox_kernels.kernels.dense_moment import dense_apply
+
+    grads, q, u, _, _ = _inputs(2, 6, 5, 1, torch.float32)
+    params = [g.to(torch.bfloat16) for g in grads]
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)
+    for bad in (torch.tensor([3], dtype=torch.int32), torch.tensor([3.0]), torch.tensor([1, 2]), torch.tensor(3), 3):
+        bad = bad.to(DEVICE) if torch.is_tensor(bad) else bad
+        with pytest.raises(ValueError, match="rounding_key: expected an int64 \\(1,\\) tensor"):
+            if dense:
+                sqs = [torch.ones(6, 5, device=DEVICE) for _ in range(2)]
+                dense_apply(grads, sqs, params, None, torch.ones(2, device=DEVICE), rounding_key=bad, **kw)
+            else:
+                apply_update(grads, q, u, params, None, torch.ones(2, device=DEVICE), rounding_key=bad, **kw)
+
+
 def test_dense_moment_errors():
     from adapprox_kernels.kernels.dense_moment import dense_apply, dense_sums
 
@@ -612,7 +747,8 @@ import json, re
 from bench.kernel_resources import compile_sm90
 from adapprox_kernels.kernels import apply_update, dense_moment, update_cosine, v_norms
 
-HALF = {"g_ptr": "*bf16", "w_ptr": "*bf16", "mom_ptr": "*fp16"}  # the round-to-dtype stores
+# the round-to-dtype stores; the stochastic-rounding key (unread unless STOCHASTIC)
+HALF = {"g_ptr": "*bf16", "w_ptr": "*bf16", "mom_ptr": "*fp16", "key_ptr": "*i64"}
 
 
 def ptx(fn, consts):
@@ -622,13 +758,15 @@ def ptx(fn, consts):
 tiles = dict(BLOCK_M=32, BLOCK_N=128, HAS_LOWRANK=True, G_ALIGN=8)
 out = {}
 for mom in (True, False):
-    flat = dict(G_ALIGN=8, V_ALIGN=4, W_ALIGN=8, MOM_ALIGN=8, BLOCK=4096, HAS_MOMENTUM=mom)
-    code = ptx(dense_moment._dense_apply_kernel, flat)
-    out[f"dense_apply_{mom}"] = dict(
-        ld_v4=len(re.findall(r"ld\\.global[^\\n]*\\.v4", code)), ld=len(re.findall(r"ld\\.global", code)),
-        st_v=len(re.findall(r"st\\.global[^\\n]*\\.v", code)), st=len(re.findall(r"st\\.global", code)),
-    )
-    ptx(apply_update._apply_update_kernel, dict(tiles, W_ALIGN=8, MOM_ALIGN=8, HAS_MOMENTUM=mom, WITH_RESIDUAL=True))
+    for sr in (False, True):
+        flat = dict(G_ALIGN=8, V_ALIGN=4, W_ALIGN=8, MOM_ALIGN=8, BLOCK=4096, HAS_MOMENTUM=mom, STOCHASTIC=sr)
+        code = ptx(dense_moment._dense_apply_kernel, flat)
+        out[f"dense_apply_{mom}" + ("_sr" if sr else "")] = dict(
+            ld_v4=len(re.findall(r"ld\\.global[^\\n]*\\.v4", code)), ld=len(re.findall(r"ld\\.global", code)),
+            st_v=len(re.findall(r"st\\.global[^\\n]*\\.v", code)), st=len(re.findall(r"st\\.global", code)),
+        )
+        consts = dict(tiles, W_ALIGN=8, MOM_ALIGN=8, HAS_MOMENTUM=mom, WITH_RESIDUAL=True, STOCHASTIC=sr)
+        ptx(apply_update._apply_update_kernel, consts)
 code = ptx(dense_moment._dense_sums_kernel, dict(G_ALIGN=8, V_ALIGN=4, BLOCK=4096))
 out["dense_sums_times_zero"] = len(re.findall(r"(?:mul|fma)[^\\n]*0f00000000", code))
 ptx(update_cosine._update_cosine_kernel, dict(tiles, MOM_ALIGN=8))
@@ -643,10 +781,12 @@ def test_elementwise_kernels_compile_for_hopper():
     loads and stores 16 bytes at a time; its only scalar loads are the table offsets (G, V, W
     and M, or no M), the clip divisor, [α, 1 − αλ] and, with M, [β1, 1 − β1]. The sums pass
     keeps raw_update's ``V·0`` (NaN where V overflowed: the gradient limit's flag), not folded
-    to 0."""
+    to 0. The stochastic-rounding variants (bf16 W) compile too, adding one scalar load (the
+    key) and keeping the wide stores."""
     counts = _compile_for_hopper(_HOPPER_ELEMENTWISE)
     assert counts["dense_sums_times_zero"] > 0, counts
     for mom, scalars in ((True, 9), (False, 6)):
-        c = counts[f"dense_apply_{mom}"]
-        assert c["ld"] - c["ld_v4"] == scalars and c["ld_v4"] > 0, c
-        assert c["st"] == c["st_v"] > 0, c
+        for suffix, extra in (("", 0), ("_sr", 1)):
+            c = counts[f"dense_apply_{mom}{suffix}"]
+            assert c["ld"] - c["ld_v4"] == scalars + extra and c["ld_v4"] > 0, c
+            assert c["st"] == c["st_v"] > 0, c

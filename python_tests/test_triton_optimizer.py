@@ -96,6 +96,33 @@ def test_maximize_steps_as_the_negated_gradient(name):
     _assert_same_bits(*runs[0], *runs[1])
 
 
+def test_bf16_stochastic_round_on_triton_draws_the_references_bits():
+    """bf16 weights rounded at random: the kernels hash the same key and element indices as the
+    reference, so where the two backends' fp32 weights agree (all but a few ulps of fp32) the
+    bf16 weights are the same bits; rounded to nearest on one side only, about half would
+    differ. Through a state_dict round trip (the bits follow the step count)."""
+    options = {**BASE, "bf16_stochastic_round": True}
+    ref_params, _ = _run("reference", torch.bfloat16, options, steps=4, round_trip_at=2)
+    tri_params, _ = _run("triton", torch.bfloat16, options, steps=4, round_trip_at=2)
+    near_params, _ = _run("triton", torch.bfloat16, BASE, steps=4, round_trip_at=2)
+    same = sum(int((r == t).sum()) for r, t in zip(ref_params, tri_params))
+    near = sum(int((r == t).sum()) for r, t in zip(ref_params, near_params))
+    total = sum(p.numel() for p in ref_params)
+    assert same >= 0.99 * total and near < 0.9 * total, (same, near, total)
+
+
+def test_bf16_stochastic_round_is_refused_under_compile(monkeypatch):
+    """Inside ``torch.compile(opt.step)`` the update goes through the custom op, which takes no
+    rounding key: a clear error rather than weights silently rounded to nearest."""
+    p = torch.nn.Parameter(torch.randn(20, 33).to(torch.bfloat16).to(DEVICE))
+    opt = Adapprox([p], backend="triton", bf16_stochastic_round=True, k_max=4, seed=0)
+    p.grad = torch.randn(20, 33).to(torch.bfloat16).to(DEVICE)
+    opt.step()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as dynamo traces it
+    with pytest.raises(NotImplementedError, match="bf16_stochastic_round"):
+        opt.step()
+
+
 def test_beta1_turned_on_mid_run_matches_reference():
     """β1 = 0 for two steps, then 0.9: each backend makes the first moments then (zeros) and
     the runs agree, factored and dense buckets alike."""
@@ -745,6 +772,19 @@ def test_graph_keys_hold_while_beta1_cycles(monkeypatch, cosine):
     replayed = {kind: calls.replayed.count(kind) for kind in kinds}
     assert replayed == {"srsi": 2 * (steps - 2), "dense sums": dense * (steps - 1), "dense": dense * (steps - 1),
                         "update": 2 * (steps - 2)}
+
+
+def test_graphed_stochastic_rounding_reads_each_steps_key(monkeypatch):
+    """Under CUDA graphs the rounding key is an input, a new one every step: replaying each
+    key's first call gives the eager bits (a key held in the graph would round every step
+    with the first step's bits)."""
+    monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
+    options = {**BASE, "bf16_stochastic_round": True}
+    eager = _graph_run(torch.bfloat16, options, False, 4, fixed_grads=True)
+    calls = _FirstCallUnderKey()
+    graphed = _graph_run(torch.bfloat16, options, True, 4, fixed_grads=True, graphs_stand_in=calls)
+    _assert_same_bits(*eager, *graphed)
+    assert calls.replayed.count("update") >= 2 and calls.replayed.count("dense") >= 3, calls.replayed
 
 
 # One hyperparameter off its value at a time, after two steps with all at theirs (the first

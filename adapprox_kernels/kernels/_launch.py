@@ -247,6 +247,15 @@ def check_vector(x: torch.Tensor, name: str, batch: int, device: torch.device) -
         raise ValueError(f"{name}: expected float32 ({batch},) on {device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
 
 
+def check_rounding_key(key: torch.Tensor | None, device: torch.device) -> None:
+    """``key`` must be ``None`` or an int64 ``(1,)`` tensor on ``device``."""
+    if key is None:
+        return
+    if not torch.is_tensor(key) or key.shape != (1,) or key.dtype != torch.int64 or key.device != device:
+        got = f"{key.dtype} {tuple(key.shape)} on {key.device}" if torch.is_tensor(key) else type(key).__name__
+        raise ValueError(f"rounding_key: expected an int64 (1,) tensor on {device}, got {got}")
+
+
 def pointer_arg(t: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """``t``, or ``fallback`` when ``t`` holds no elements (the first step's ``K = 0`` factors):
     an empty tensor may have a null data pointer, which the GPU launcher rejects even for an

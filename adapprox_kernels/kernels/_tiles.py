@@ -1,6 +1,7 @@
 """``@triton.jit`` building blocks shared by the kernels: masked tile loads, the rebuilt tile of
-V, the clipped-update elements, the weight (and momentum) write and a round-to-nearest-even
-store conversion.
+V, the clipped-update elements, the weight (and momentum) write, a round-to-nearest-even
+store conversion and the optional stochastic rounding of bf16 weights (a counter-based hash:
+the same bits as :func:`adapprox_kernels.reference.stochastic_round_bf16`).
 
 Every load is cast to fp32 right after it (the Triton interpreter reads bf16 wrongly
 otherwise, and all arithmetic is fp32 anyway). Offsets are int64 so that matrices with more
@@ -217,12 +218,58 @@ def update_and_average(g, v, mask, eps, clip, mom_ptrs, scalars_ptr, HAS_MOMENTU
 
 
 @triton.jit
-def store_step(avg, mask, w_ptrs, mom_ptrs, scalars_ptr, scale, HAS_MOMENTUM: tl.constexpr):
+def hash32(x):
+    """``reference.hash32`` on a uint32 tensor (Wellons' lowbias32): every product wraps mod
+    2³². Both multipliers are below 2³¹, so Triton types them int32 and ``uint32 · int32``
+    stays uint32 (a literal of 2³¹ or more would be uint32 too, 2³² or more int64); ``>>`` on
+    uint32 is a logical shift."""
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def matrix_seed(key_ptr, b, STOCHASTIC: tl.constexpr):
+    """The stochastic-rounding seed of matrix ``b`` of a launch: ``hash32((key + b) mod 2³²)``
+    (uint32), ``key`` the int64 read at ``key_ptr`` (from the device, so that a captured CUDA
+    graph replays with a new one); 0, ``key_ptr`` unread, unless ``STOCHASTIC``."""
+    seed = tl.full((), 0, tl.uint32)
+    if STOCHASTIC:
+        seed = hash32((tl.load(key_ptr) + b).to(tl.uint32))
+    return seed
+
+
+@triton.jit
+def stochastic_round_bf16(x, noise):
+    """fp32 ``x`` rounded to a bfloat16 value at random, still fp32 (low 16 bits zero):
+    ``bits(x) + noise``, ``noise`` uint32 in ``[0, 2¹⁶)``, with the low 16 bits cleared; inf and
+    NaN unchanged. ``|x|`` rounds away from 0 with probability equal to the part of the gap it
+    has covered (the largest finite values may go to inf, as in the reference)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + noise) >> 16) << 16
+    return tl.where(tl.abs(x) < float("inf"), bits.to(tl.float32, bitcast=True), x)
+
+
+@triton.jit
+def store_step(
+    avg, mask, w_ptrs, mom_ptrs, scalars_ptr, scale, seed, idx,
+    HAS_MOMENTUM: tl.constexpr, STOCHASTIC: tl.constexpr = 0,
+):  # fmt: skip
     """Writes the new momentum ``avg`` (when kept) and ``W ← W·(1 − α·λ) − α·scale·avg``, each
     rounded to its tensor's dtype. α and ``1 − α·λ`` are read from the device (``scalars_ptr``,
-    ``+ 1``), so a captured CUDA graph replays with a new α."""
+    ``+ 1``), so a captured CUDA graph replays with a new α.
+
+    ``STOCHASTIC`` (set for bf16 weights only): the new fp32 weight is rounded to bf16 at
+    random first (:func:`stochastic_round_bf16`, which the store then converts exactly), with
+    noise the top 16 bits of ``hash32(seed + idx)`` (mod 2³²); ``seed`` from
+    :func:`matrix_seed`, ``idx`` the elements' flat indices within their matrix (int64; any
+    shape, as ``avg``). Both are unused otherwise."""
     if HAS_MOMENTUM:
         tl.store(mom_ptrs, round_to(avg, mom_ptrs.dtype.element_ty), mask=mask)
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     new_w = w * tl.load(scalars_ptr + 1) - tl.load(scalars_ptr) * (avg * scale)
+    if STOCHASTIC:
+        new_w = stochastic_round_bf16(new_w, hash32(seed + idx.to(tl.uint32)) >> 16)
     tl.store(w_ptrs, round_to(new_w, w_ptrs.dtype.element_ty), mask=mask)

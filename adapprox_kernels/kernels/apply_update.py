@@ -8,6 +8,10 @@
   factor of each matrix, 1 without guidance), written in W's dtype (fp32, bf16, fp16) with
   round-to-nearest-even; all arithmetic fp32. α, ``1 − α·λ`` and β1 are read from a device
   tensor, not passed as launch constants, so that a captured CUDA graph replays with new ones;
+* optionally, for bf16 weights, stochastic rounding of the new weight instead (given a
+  ``rounding_key``, also read from the device): the same bits as
+  :func:`adapprox_kernels.reference.stochastic_round_bf16`, noise from a counter-based hash of
+  the key, the matrix's index in the launch and the element's flat index ``row·n + col``;
 * optionally ξ's numerator ``‖V − Q_t U_tᵀ‖_F²`` for the new factors, from the same V tiles.
 
 A matrix whose clip divisor is not finite is not written at all (see ``_tiles.gated``):
@@ -31,17 +35,27 @@ from ._launch import (
     MatrixTable,
     check_factor,
     check_new_factors,
+    check_rounding_key,
     check_vector,
     pointer_arg,
     step_tables,
 )
-from ._tiles import gated, inside, program_v_tile, residual_sq, store_step, tile_ptrs, update_and_average
+from ._tiles import (
+    gated,
+    inside,
+    matrix_seed,
+    program_v_tile,
+    residual_sq,
+    store_step,
+    tile_ptrs,
+    update_and_average,
+)
 
 
 @triton.jit
 def _apply_update_kernel(
     g_ptr, g_off_ptr, q_ptr, u_ptr, w_ptr, w_off_ptr, mom_ptr, mom_off_ptr, clip_ptr, scale_ptr,
-    qn_ptr, un_ptr, resid_ptr, scalars_ptr,
+    qn_ptr, un_ptr, resid_ptr, scalars_ptr, key_ptr,
     M, N, K, K_NEW,
     stride_gm, stride_gn,
     stride_qb, stride_qm, stride_qk,
@@ -54,6 +68,7 @@ def _apply_update_kernel(
     G_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, WITH_RESIDUAL: tl.constexpr,
+    STOCHASTIC: tl.constexpr = 0,
 ):  # fmt: skip
     tile, b, rows, cols, g, v = program_v_tile(
         g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
@@ -64,7 +79,11 @@ def _apply_update_kernel(
     mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
     _, avg = update_and_average(g, v, mask, eps, clip, mom_ptrs, scalars_ptr, HAS_MOMENTUM)
     w_ptrs = tile_ptrs(w_ptr + tl.load(w_off_ptr + b) * W_ALIGN, rows, cols, stride_wm, stride_wn)
-    store_step(avg, mask, w_ptrs, mom_ptrs, scalars_ptr, tl.load(scale_ptr + b), HAS_MOMENTUM)
+    idx = rows[:, None].to(tl.int64) * N + cols[None, :]  # flat index in the matrix: stochastic rounding's counter
+    store_step(
+        avg, mask, w_ptrs, mom_ptrs, scalars_ptr, tl.load(scale_ptr + b), matrix_seed(key_ptr, b, STOCHASTIC), idx,
+        HAS_MOMENTUM, STOCHASTIC,
+    )  # fmt: skip
     if WITH_RESIDUAL:
         resid = residual_sq(
             v, qn_ptr, un_ptr, b, rows, cols, M, N, K_NEW,
@@ -91,6 +110,7 @@ def apply_update(
     weight_decay: float,
     scalars: torch.Tensor | None = None,
     blocks: Blocks = ELEMENTWISE_BLOCKS,
+    rounding_key: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Write ``params`` (and ``exp_avgs`` when given) in place; returns the ``(B,)`` residual
     sums ``‖V − q_new u_newᵀ‖_F²`` when new factors are given, else ``None``.
@@ -101,7 +121,11 @@ def apply_update(
     step factor (default 1); ``q_new: (B, m, k)``, ``u_new: (B, n, k)``. ``scalars``: an fp32
     ``(4,)`` device tensor ``[α, 1 − α·λ, β1, 1 − β1]`` read instead of ``lr``,
     ``weight_decay`` and ``beta1`` (what a CUDA graph replays with; see
-    :func:`~adapprox_kernels.transfer.update_scalars`)."""
+    :func:`~adapprox_kernels.transfer.update_scalars`). ``rounding_key``: an int64 ``(1,)``
+    device tensor holding a key in ``[0, 2³²)``; bf16 params are then rounded stochastically,
+    bit for bit as ``reference.stochastic_round_bf16(new_fp32, key)`` on the ``(B, m, n)``
+    stack (read from the device, so a CUDA graph replays with a new key each step); ignored for
+    other dtypes, and without it every dtype rounds to nearest even."""
     table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads")
     m, n = table.shape
     batch = len(table)
@@ -115,6 +139,7 @@ def apply_update(
     if scale is None:
         scale = torch.ones(batch, dtype=torch.float32, device=table.device)
     check_vector(scale, "scale", batch, table.device)
+    check_rounding_key(rounding_key, table.device)
     with_residual = check_new_factors(q_new, u_new, batch, m, n, table.device)
     if not with_residual:
         q_new, u_new = q, u
@@ -127,12 +152,14 @@ def apply_update(
         table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
         weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
         pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, scalars,
+        scalars if rounding_key is None else rounding_key,  # a placeholder the kernel never reads
         m, n, k, k_new,
         *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
         float(beta2), 1.0 - float(beta2), float(eps),
         G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
         BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
+        STOCHASTIC=rounding_key is not None and weights.dtype == torch.bfloat16,
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     weights.writeback()

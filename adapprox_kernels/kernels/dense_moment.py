@@ -7,8 +7,9 @@
   changes;
 * :func:`dense_apply` rebuilds ``V_t``, writes it over ``V_{t−1}``, and applies the same clipped
   update, momentum of updates and decoupled weight decay as the factored update pass
-  (:mod:`.apply_update`), writing W and M in their own dtypes; a tensor whose clip divisor is
-  not finite is not written at all.
+  (:mod:`.apply_update`), writing W and M in their own dtypes (bf16 weights optionally rounded
+  stochastically, the element's counter its flat offset); a tensor whose clip divisor is not
+  finite is not written at all.
 
 The step is elementwise but for the per-tensor RMS, so shape does not matter: every tensor is
 read as a flat array (no view, no 2-D tile with one live row for a vector). Grid: one program
@@ -22,8 +23,8 @@ import triton
 import triton.language as tl
 
 from ..transfer import update_scalars
-from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, check_vector, step_tables
-from ._tiles import gated, raw_update, store_step, update_and_average
+from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, check_rounding_key, check_vector, step_tables
+from ._tiles import gated, matrix_seed, raw_update, store_step, update_and_average
 
 # Elements per program: as many as one tile of the other elementwise passes (4096).
 DENSE_BLOCK = ELEMENTWISE_BLOCKS.m * ELEMENTWISE_BLOCKS.n
@@ -60,10 +61,10 @@ def _dense_sums_kernel(
 
 @triton.jit
 def _dense_apply_kernel(
-    g_ptr, g_off_ptr, v_ptr, v_off_ptr, w_ptr, w_off_ptr, mom_ptr, mom_off_ptr, clip_ptr, scalars_ptr,
+    g_ptr, g_off_ptr, v_ptr, v_off_ptr, w_ptr, w_off_ptr, mom_ptr, mom_off_ptr, clip_ptr, scalars_ptr, key_ptr,
     NUMEL, beta2, one_minus_beta2, eps,
     G_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr,
-    BLOCK: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, STOCHASTIC: tl.constexpr = 0,
 ):  # fmt: skip
     offs, mask, v_ptrs, g, v = _dense_block(
         g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, beta2, one_minus_beta2, G_ALIGN, V_ALIGN, BLOCK
@@ -75,7 +76,8 @@ def _dense_apply_kernel(
     mom_ptrs = mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN + offs
     _, avg = update_and_average(g, v, mask, eps, clip, mom_ptrs, scalars_ptr, HAS_MOMENTUM)
     w_ptrs = w_ptr + tl.load(w_off_ptr + b) * W_ALIGN + offs
-    store_step(avg, mask, w_ptrs, mom_ptrs, scalars_ptr, 1.0, HAS_MOMENTUM)
+    seed = matrix_seed(key_ptr, b, STOCHASTIC)
+    store_step(avg, mask, w_ptrs, mom_ptrs, scalars_ptr, 1.0, seed, offs, HAS_MOMENTUM, STOCHASTIC)
 
 
 def _tables(grads, sqs) -> tuple[MatrixTable, MatrixTable]:
@@ -129,15 +131,20 @@ def dense_apply(
     weight_decay: float,
     scalars: torch.Tensor | None = None,
     block: int = DENSE_BLOCK,
+    rounding_key: torch.Tensor | None = None,
 ) -> None:
     """Writes ``V_t`` into ``exp_avg_sqs`` and steps ``params`` (and ``exp_avgs`` when given) in
     place; all ``B`` tensors of one shape, params and exp_avgs each of one dtype (fp32, bf16,
     fp16). ``clip: (B,)`` is ``±max(1, RMS/d)`` from :func:`dense_sums` (a tensor whose ``clip`` is
     not finite is not written: V, W and M stay as they are); ``scalars`` as in
-    :func:`~.apply_update.apply_update`."""
+    :func:`~.apply_update.apply_update`. ``rounding_key`` (int64 ``(1,)`` on the device): bf16
+    params are rounded stochastically, bit for bit as
+    ``reference.stochastic_round_bf16(new_fp32, key)`` on the ``(B, numel)`` stack of the flat
+    tensors; ignored for other dtypes."""
     table, v = _tables(grads, exp_avg_sqs)
     weights, moms = step_tables(params, exp_avgs, table, flat=True)
     check_vector(clip, "clip", len(table), table.device)
+    check_rounding_key(rounding_key, table.device)
     if scalars is None:
         scalars = update_scalars(lr, weight_decay, beta1, table.device)
     check_vector(scalars, "scalars", 4, table.device)
@@ -145,9 +152,11 @@ def dense_apply(
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
     _dense_apply_kernel[(programs, len(table))](
         table.base, table.offsets, v.base, v.offsets, weights.base, weights.offsets, mom_table.base, mom_table.offsets,
-        clip, scalars, table.numel, float(beta2), 1.0 - float(beta2), float(eps),
+        clip, scalars, scalars if rounding_key is None else rounding_key,  # a placeholder the kernel never reads
+        table.numel, float(beta2), 1.0 - float(beta2), float(eps),
         G_ALIGN=table.align, V_ALIGN=v.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
         BLOCK=block, HAS_MOMENTUM=moms is not None,
+        STOCHASTIC=rounding_key is not None and weights.dtype == torch.bfloat16,
         num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
     )  # fmt: skip
     for written in (v, weights, moms):
