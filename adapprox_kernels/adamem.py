@@ -397,10 +397,9 @@ class AdaMeM(SketchOptimizer):
     def _apply(self, group: dict[str, Any], bucket: list[torch.Tensor], upd: torch.Tensor) -> None:
         """``W ← W(1 − ηλ) − η·upd``; ``upd: (B, …)`` holds each parameter's numel."""
         states = [self.state[p] for p in bucket]
-        bucket_id = (tuple(bucket[0].shape), states[0].get("rank", 0))  # as _step_group tells them apart
         apply_updates(
             bucket, upd, None, lr=group["lr"], beta1=0.0, weight_decay=group["weight_decay"], cosine_max_scale=None,
-            rounding_key=self._rounding_key(group, bucket_id, states),
+            rounding_key=self._rounding_key(group, bucket, states, kind=states[0].get("rank", 0)),  # as buckets differ
         )  # fmt: skip
 
     def _vector_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int) -> None:

@@ -34,7 +34,7 @@ from .optim_base import (
 )
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
-from .reference import signed_clip_threshold
+from .reference import mix32, signed_clip_threshold
 from .srsi import (
     column_mask,
     ratio_from_sq_norms,
@@ -684,14 +684,15 @@ class Adapprox(SketchOptimizer):
         kw = self._step_kwargs(group)
         eps = kw.pop("eps")
         del kw["cosine_max_scale"]  # None here (see _dense_on_kernels)
-        rounding_key = self._rounding_key(group, tuple(bucket[0].shape), states)
+        rounding_key = self._rounding_key(group, bucket, states)
+        rounding = {} if rounding_key is None else {"rounding_key": rounding_key}
         if not self._graphable(group, backend, sqs[0], None):
             op = backend.dense_second_moment(grads, sqs, beta2, eps)
             sums = op.first_pass()
 
             def apply(gate: torch.Tensor | None) -> None:
                 op.first_pass_sums = _gated_sums(sums, gate)
-                backend.apply_dense_step(op, bucket, exp_avgs, **kw, rounding_key=rounding_key)
+                backend.apply_dense_step(op, bucket, exp_avgs, **kw, **rounding)
 
             return _Started(states, lambda: sums, apply)
 
@@ -702,7 +703,8 @@ class Adapprox(SketchOptimizer):
             key, gate = _key_and_gate(rest, rounding_key is not None)
             op = backend.dense_second_moment(grads, sqs, beta2, eps)
             op.first_pass_sums = _gated_sums(sums, gate)
-            backend.apply_dense_step(op, bucket, exp_avgs, **kw, scalars=scalars, rounding_key=key)
+            rounding = {} if key is None else {"rounding_key": key}
+            backend.apply_dense_step(op, bucket, exp_avgs, **kw, scalars=scalars, **rounding)
             return ()
 
         # Flat passes: the shape is in the key, since no input carries it.
@@ -751,7 +753,9 @@ class Adapprox(SketchOptimizer):
         upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"), reduce)
         exp_avgs = _first_moments(bucket, states, kw["beta1"])
         exp_avgs = None if exp_avgs is None else local_list(exp_avgs)
-        rounding_key = self._rounding_key(group, tuple(bucket[0].shape), states)
+        rounding_key = self._rounding_key(group, bucket, states)
+        if rounding_key is not None and shards is not None:  # each shard its own bits
+            rounding_key = mix32((rounding_key, shards.local_rows.start))
         apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce, rounding_key=rounding_key)
 
     def _draw_sketch(self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]):
@@ -836,13 +840,14 @@ class Adapprox(SketchOptimizer):
             q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, _deferred_orthonormalize(backend, failures))
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 
-        rounding_key = self._rounding_key(group, tuple(bucket[0].shape), states)
+        rounding_key = self._rounding_key(group, bucket, states, kind=1)
 
         def update(op, q, u, used_mask, scalars=None, key=rounding_key):
             """Updates W (and M) in place; ξ ``(B,)`` or None. It needs only V_t, so it runs
             before the rank decision; a fused backend also returns ξ's numerator from its pass."""
             factors = (q * used_mask.to(q.dtype), u * used_mask.to(u.dtype)) if measure else None
-            kw = self._step_kwargs(group) | ({} if scalars is None else {"scalars": scalars}) | {"rounding_key": key}
+            kw = self._step_kwargs(group) | ({} if scalars is None else {"scalars": scalars})
+            kw |= {} if key is None else {"rounding_key": key}
             resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
             return ratio_from_sq_norms(op.sq_norm(), resid) if measure else _finite_marks(u)
 

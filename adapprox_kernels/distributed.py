@@ -321,14 +321,16 @@ class RowShards:
 
         Either local operator issues the same all-reduces in the same order (RMS, cosine sums,
         residual), so ranks may differ in which one they run (see :meth:`second_moment`).
-        ``rounding_key``: bf16 stochastic rounding, each rank numbering the elements of its own
-        rows from 0 (so other random bits than one process draws, as unbiased)."""
+        ``rounding_key``: bf16 stochastic rounding; each shard mixes its first row into the key,
+        since it numbers its elements from 0 (other bits than one process draws, as unbiased)."""
         local_op = op.local
+        if rounding_key is not None:  # each shard its own bits: element indices are local
+            rounding_key = reference.mix32((rounding_key, self.local_rows.start))
         if not hasattr(local_op, "clipped_update"):  # a fused backend's operator
             return self.local_backend.apply_step(
                 local_op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
                 weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
-                reduce=self.all_reduce, rounding_key=rounding_key,
+                reduce=self.all_reduce, **({} if rounding_key is None else {"rounding_key": rounding_key}),
             )  # fmt: skip
         resid = local_op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
         upd = local_op.clipped_update(eps, clip_threshold, reduce=self.all_reduce)

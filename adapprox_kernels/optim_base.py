@@ -32,6 +32,7 @@ import torch
 from torch.optim import Optimizer
 
 from .distributed import check_same_seed, group_size, is_dtensor, local, nonfinite_flags, process_rank, shared_seed
+from .reference import mix32
 
 NONFINITE_POLICIES = ("raise", "skip")
 _grad, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
@@ -242,16 +243,20 @@ class SketchOptimizer(Optimizer):
         """``ValueError`` naming the first bad value of ``h`` (one value per option)."""
         raise NotImplementedError
 
-    def _rounding_key(self, group: dict[str, Any], bucket: tuple, states: list[dict[str, Any]]) -> int | None:
-        """The key of a bucket's stochastic rounding this step (``bf16_stochastic_round``; see
-        ``reference.rounding_noise``), from its group's position, what tells the group's buckets
-        apart (``bucket``: ints, e.g. the shape) and its step count: the same on every backend
-        and rank, and after a resume (step counts are saved). None where the group rounds to
-        nearest."""
-        if not group["bf16_stochastic_round"]:
+    def _rounding_key(
+        self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]], kind: int = 0
+    ) -> int | None:
+        """The key of a bf16 bucket's stochastic rounding this step (``bf16_stochastic_round``;
+        see ``reference.rounding_noise``), from the seed, the group's position, the bucket's
+        ``kind`` (what else tells one shape's buckets apart), device and shape, and its step
+        count: the same on every backend and rank, and after a resume (seed and step counts are
+        saved). None where the group rounds to nearest or the bucket is not bf16."""
+        p = bucket[0]
+        if not group["bf16_stochastic_round"] or p.dtype != torch.bfloat16:
             return None
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        return hash((index, bucket, states[0]["step"])) & 0xFFFFFFFF  # an int tuple's hash is not salted
+        device = -1 if p.device.index is None else p.device.index
+        return mix32((self._seed, index, kind, device, p.dim(), *p.shape, states[0]["step"]))
 
     # ----------------------------------------------------------------------------- sketch RNG
     def _generator(self, device: torch.device) -> torch.Generator:

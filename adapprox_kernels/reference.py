@@ -182,10 +182,11 @@ def apply_updates(
 _U32 = 0xFFFFFFFF
 
 
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash of int64 ``x`` in ``[0, 2³²)``, elementwise: Wellons' lowbias32
-    form with the multipliers 0x21f0aaad and 0x735a2d97, both below 2³¹, so that no int64
-    product overflows. The Triton kernels compute the same on uint32 (``kernels._tiles``)."""
+def hash32(x):
+    """A 32-bit integer hash of ``x`` in ``[0, 2³²)``, a Python int or an int64 tensor
+    (elementwise): Wellons' lowbias32 form with the multipliers 0x21f0aaad and 0x735a2d97, both
+    below 2³¹, so that no int64 product overflows. The Triton kernels compute the same on
+    uint32 (``kernels._tiles``)."""
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & _U32
     x = x ^ (x >> 15)
@@ -193,25 +194,42 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def rounding_noise(key: int, batch: int, numel: int, device: torch.device) -> torch.Tensor:
-    """``(batch, numel)`` int32 in ``[0, 2¹⁶)``, the random low bits of stochastic rounding:
-    for element ``i`` of matrix ``b``, the top 16 bits of ``hash32(hash32(key + b) + i)`` (all
-    sums mod 2³²). A counter-based stream: any backend draws the same bits for the same key
-    and element, and nothing is stored."""
-    keys = hash32((key + torch.arange(batch, device=device, dtype=torch.int64)) & _U32)
-    idx = torch.arange(numel, device=device, dtype=torch.int64)
-    return (hash32((keys[:, None] + idx) & _U32) >> 16).to(torch.int32)
+def mix32(values: Sequence[int]) -> int:
+    """Python ints folded into one 32-bit key by :func:`hash32`'s steps (each value's low and
+    high 32 bits in turn): the same in every process and Python version, unlike ``hash``."""
+    h = 0
+    for v in values:
+        for part in (v & _U32, (v >> 32) & _U32):
+            h = hash32((h + part) & _U32)
+    return h
 
 
-def stochastic_round_bf16(x: torch.Tensor, key: int) -> torch.Tensor:
+def rounding_noise(key: int, b: int, start: int, count: int, device: torch.device) -> torch.Tensor:
+    """``(count,)`` int32 in ``[0, 2¹⁶)``, the random low bits of stochastic rounding for the
+    elements ``start … start + count − 1`` of matrix ``b`` of a bucket whose key is ``key``:
+    for element ``i``, the top 16 bits of ``hash32(hash32(key + b) + i)`` (sums mod 2³²). A
+    counter-based stream: any backend draws the same bits for the same key and element, and
+    nothing is stored."""
+    seed = hash32((key + b) & _U32)
+    idx = torch.arange(start, start + count, device=device, dtype=torch.int64)
+    return (hash32((seed + idx) & _U32) >> 16).to(torch.int32)
+
+
+def stochastic_round_bf16(x: torch.Tensor, key: int, chunk: int = 1 << 20) -> torch.Tensor:
     """fp32 ``x: (B, …)`` rounded to bfloat16 values at random, still fp32 (the low 16 bits
     zero): ``|x|`` goes up to the next bf16 value with probability equal to the part of the gap
     it has covered, else down, so the expected result is ``x`` (round-to-nearest drops an update
-    below half a bf16 ulp for good). Noise from :func:`rounding_noise`; inf and NaN stay."""
+    below half a bf16 ulp for good). Noise from :func:`rounding_noise`, made ``chunk`` elements
+    of a matrix at a time (its int64 temporaries are ~25 bytes an element); inf and NaN stay."""
     flat = x.reshape(len(x), -1).contiguous()
-    noise = rounding_noise(key, flat.shape[0], flat.shape[1], x.device)
-    bits = (flat.view(torch.int32) + noise) & -0x10000  # no int32 overflow for finite values
-    return torch.where(flat.isfinite(), bits.view(torch.float32), flat).view_as(x)
+    out = torch.empty_like(flat)
+    for b, row in enumerate(flat):
+        for start in range(0, row.numel(), chunk):
+            part = row[start : start + chunk]
+            noise = rounding_noise(key, b, start, part.numel(), x.device)
+            bits = (part.view(torch.int32) + noise) & -0x10000  # no int32 overflow for finite values
+            out[b, start : start + part.numel()] = torch.where(part.isfinite(), bits.view(torch.float32), part)
+    return out.view_as(x)
 
 
 def _stacked(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1200,10 +1200,14 @@ def test_bf16_stochastic_round_resumes_bit_exactly_and_leaves_other_dtypes_alone
     ones as an uninterrupted run; fp32 parameters are written as without the option."""
     whole, resumed = _bf16_run(True, 6), _bf16_run(True, 6, resume_at=3)
     assert all(torch.equal(a, b) for a, b in zip(whole, resumed))
-    opt = Adapprox([torch.nn.Parameter(torch.zeros(3))], bf16_stochastic_round=True)
+    buckets = [[torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16))] for s in [(20,), (4, 5)]]
+    opt = Adapprox([p for bucket in buckets for p in bucket], bf16_stochastic_round=True)
     group = opt.param_groups[0]
-    keys = {opt._rounding_key(group, shape, [{"step": step}]) for shape in [(3,), (4, 5)] for step in (1, 2)}
-    assert len(keys) == 4  # new bits every step and for every bucket
+    keys = {opt._rounding_key(group, b, [{"step": step}], kind) for b in buckets for step in (1, 2) for kind in (0, 1)}
+    assert len(keys) == 8  # new bits every step and for every bucket
+    assert opt._rounding_key(group, [torch.zeros(4, 5)], [{"step": 1}]) is None  # fp32: to nearest
+    other_seed = Adapprox(buckets[0], bf16_stochastic_round=True, seed=opt._seed + 1)
+    assert other_seed._rounding_key(other_seed.param_groups[0], buckets[0], [{"step": 1}]) not in keys
     on, off = _bf16_run(True, 4, dtype=torch.float32), _bf16_run(False, 4, dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
     with pytest.raises(ValueError, match="bf16_stochastic_round"):
