@@ -238,7 +238,7 @@ class Adapprox(SketchOptimizer):
         bf16_stochastic_round: write bfloat16 weights rounded at random (unbiased), not to
             nearest, which drops an update below half a bf16 ulp for good: for training with
             bf16 weights and no fp32 copy. The random bits come from a counter-based hash of
-            the step count, the group, the shape and the element's index, the same on every
+            the seed, the step count, the bucket and the element's index, the same on every
             backend and after a resume; other dtypes are rounded to nearest as before.
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
         k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
