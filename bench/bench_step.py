@@ -120,6 +120,11 @@ def optimizer_factories(ranks, backend: str) -> dict:
             out[f"adapprox_k{k}_warm_graphs_onecycle"] = lambda ps, c=common: with_one_cycle(
                 Adapprox(ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, **c)
             )
+            # bf16 weights (and gradients), rounded to nearest or at random (bf16_stochastic_round).
+            for sr in (False, True):
+                out[f"adapprox_k{k}_warm_graphs_bf16{'_sr' if sr else ''}"] = lambda ps, c=common, sr=sr: Adapprox(
+                    as_bf16(ps), warm_start=True, warm_power_iters=1, cuda_graphs=True, bf16_stochastic_round=sr, **c
+                )
             out[f"adapprox_k{k}_warm_graphs_tf32"] = lambda ps, c=common: Adapprox(
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="tf32", **c
             )
@@ -140,6 +145,13 @@ def optimizer_factories(ranks, backend: str) -> dict:
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="ieee", **c
             )
     return out
+
+
+def as_bf16(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """``params`` and their gradients cast to bfloat16 in place (a pure-bf16 run's layout)."""
+    for p in params:
+        p.data, p.grad = p.data.bfloat16(), p.grad.bfloat16()
+    return params
 
 
 def with_one_cycle(opt: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, object]:
