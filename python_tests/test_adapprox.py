@@ -608,6 +608,45 @@ def test_nonfinite_skip_counts_and_keeps_state():
     assert not torch.equal(b, b_before) and opt.state[b]["step"] == 2
 
 
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=4)), (AdaMeM, dict(rank=2))])
+def test_grad_scaler_skips_overflowed_steps_and_unscales_the_rest(cls, kw):
+    """Loss scaling with ``torch.amp.GradScaler``: a step whose scaled gradients overflowed is
+    skipped by the scaler, which halves the scale (the optimizer never sees the inf, so its
+    default ``nonfinite="raise"`` stays quiet); every other step equals the optimizer's step on
+    the unscaled gradients bit for bit (a power-of-two scale unscales exactly), so the skipped
+    step left no trace, the sketch RNG included."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(12, 10), (10, 12), (10,)]
+    steps = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
+    overflow = 1
+    runs = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = cls(params, seed=0, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+        scaler.scale(torch.ones(()))  # what scaler.scale(loss) does first: the scale tensor
+        scales = []
+        for i, grads in enumerate(steps):
+            if not scaled:
+                if i != overflow:
+                    for p, g in zip(params, grads):
+                        p.grad = g.clone()
+                    opt.step()
+                continue
+            scale = scaler.get_scale()
+            for p, g in zip(params, grads):
+                p.grad = g * scale  # what backward of the scaled loss gives
+            if i == overflow:
+                params[0].grad[3, 4] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scale)
+        runs.append(params)
+    assert scales == [2.0**12, 2.0**12, 2.0**11, 2.0**11]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
