@@ -142,18 +142,20 @@ def apply_update_op(
     lr: float,
     beta1: float,
     weight_decay: float,
+    rounding_key: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Writes ``params`` (and ``exp_avgs``; an empty list means no momentum) in place;
-    returns ``‖V − q_new u_newᵀ‖²`` ``(B,)`` when new factors are given, else an empty tensor."""
+    returns ``‖V − q_new u_newᵀ‖²`` ``(B,)`` when new factors are given, else an empty tensor.
+    ``rounding_key``: bf16 ``params`` are rounded at random with it (``transfer.rounding_key_tensor``)."""
     resid = _kernel("apply_update").apply_update(
         grads, q, u, params, exp_avgs or None, clip, scale, q_new, u_new,
-        beta2=beta2, eps=eps, lr=lr, beta1=beta1, weight_decay=weight_decay,
+        beta2=beta2, eps=eps, lr=lr, beta1=beta1, weight_decay=weight_decay, rounding_key=rounding_key,
     )  # fmt: skip
     return resid if resid is not None else _empty(clip)
 
 
 @apply_update_op.register_fake
-def _(grads, q, u, params, exp_avgs, clip, scale, q_new, u_new, beta2, eps, lr, beta1, weight_decay):
+def _(grads, q, u, params, exp_avgs, clip, scale, q_new, u_new, beta2, eps, lr, beta1, weight_decay, rounding_key=None):
     return clip.new_empty(clip.shape[0]) if q_new is not None else clip.new_empty(0)
 
 
@@ -438,11 +440,10 @@ class TritonBackend:
                 rounding_key=_key_on(rounding_key, op.table.device),
             )  # fmt: skip
         else:
-            if rounding_key is not None and weights[0].dtype == torch.bfloat16:
-                raise NotImplementedError("bf16_stochastic_round under torch.compile(opt.step): compile the model only")
             resid = torch.ops.adapprox_kernels.apply_update(
-                op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, lr, beta1, weight_decay
-            )
+                op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, lr, beta1, weight_decay,
+                _key_on(rounding_key, op.q.device),
+            )  # fmt: skip
         op.g_passes += 1
         for original, copy in staged:
             original.copy_(copy.view_as(original))

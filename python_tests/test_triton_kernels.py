@@ -576,6 +576,7 @@ def test_opcheck_custom_ops():
     params = [torch.randn(5, 7, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
     moms = [torch.randn(5, 7, device=DEVICE) for _ in range(2)]
     clip, scale = torch.ones(2, device=DEVICE), torch.full((2,), 1.5, device=DEVICE)
+    key = torch.tensor([12345], dtype=torch.int64, device=DEVICE)  # bf16 params: stochastic rounding
     cases = [
         (tb.v_matmul_op, (grads, q, u, x, BETA2, EPS, True)),
         (tb.v_matmul_op, (grads, q, u, x, BETA2, EPS, False)),
@@ -585,6 +586,7 @@ def test_opcheck_custom_ops():
         (tb.update_cosine_sums_op, (grads, q, u, moms, clip, BETA2, EPS, 0.9)),
         (tb.apply_update_op, (grads, q, u, params, moms, clip, scale, qn, un, BETA2, EPS, 0.1, 0.9, 0.1)),
         (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0)),
+        (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0, key)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

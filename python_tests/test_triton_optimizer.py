@@ -111,16 +111,23 @@ def test_bf16_stochastic_round_on_triton_draws_the_references_bits():
     assert same >= 0.99 * total and near < 0.9 * total, (same, near, total)
 
 
-def test_bf16_stochastic_round_is_refused_under_compile(monkeypatch):
-    """Inside ``torch.compile(opt.step)`` the update goes through the custom op, which takes no
-    rounding key: a clear error rather than weights silently rounded to nearest."""
-    p = torch.nn.Parameter(torch.randn(20, 33).to(torch.bfloat16).to(DEVICE))
-    opt = Adapprox([p], backend="triton", bf16_stochastic_round=True, k_max=4, seed=0)
-    p.grad = torch.randn(20, 33).to(torch.bfloat16).to(DEVICE)
-    opt.step()
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as dynamo traces it
-    with pytest.raises(NotImplementedError, match="bf16_stochastic_round"):
-        opt.step()
+def test_bf16_stochastic_round_through_the_custom_op(monkeypatch):
+    """Inside ``torch.compile(opt.step)`` (as dynamo traces it: ``is_compiling()`` true) the
+    update goes through the ``apply_update`` custom op, which takes the rounding key too: the
+    same bits as the eager launch (it used to refuse, in mid-step), where rounding to nearest
+    would differ."""
+    runs = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", (lambda c: lambda: c)(compiling))
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(20, 33).to(torch.bfloat16).to(DEVICE))
+        opt = Adapprox([p], backend="triton", bf16_stochastic_round=True, k_max=4, seed=0)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            p.grad = torch.randn(20, 33, generator=gen).to(torch.bfloat16).to(DEVICE)
+            opt.step()
+        runs.append(p.detach().clone())
+    assert torch.equal(*runs)
 
 
 def test_beta1_turned_on_mid_run_matches_reference():
