@@ -399,7 +399,7 @@ class AdaMeM(SketchOptimizer):
         states = [self.state[p] for p in bucket]
         apply_updates(
             bucket, upd, None, lr=group["lr"], beta1=0.0, weight_decay=group["weight_decay"], cosine_max_scale=None,
-            rounding_key=self._rounding_key(group, bucket, states, kind=states[0].get("rank", 0)),  # as buckets differ
+            rounding_keys=self._rounding_keys(group, bucket, states),
         )  # fmt: skip
 
     def _vector_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int) -> None:

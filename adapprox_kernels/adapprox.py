@@ -34,7 +34,7 @@ from .optim_base import (
 )
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
-from .reference import mix32, signed_clip_threshold
+from .reference import shard_keys, signed_clip_threshold
 from .srsi import (
     column_mask,
     ratio_from_sq_norms,
@@ -43,7 +43,7 @@ from .srsi import (
     truncate_columns,
 )
 from .state_report import StateReport, report_rows
-from .transfer import rounding_key_tensor, update_scalars
+from .transfer import rounding_keys_tensor, update_scalars
 
 
 PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee", "tf32_range", "tf32_rn")
@@ -207,18 +207,18 @@ def _gated_sums(sums: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return sums if gate is None else torch.where(gate, sums, float("nan"))
 
 
-def _key_and_gate_inputs(key: int | None, gate: torch.Tensor | None, device: torch.device) -> tuple:
-    """A graphed update's inputs after the scalars: this step's stochastic-rounding key as a
-    device tensor (a graph replays it with each step's key), then the device gate, each only
-    where there is one (whether there is is part of the graph's key)."""
-    return (*(() if key is None else (rounding_key_tensor(key, device),)), *(() if gate is None else (gate,)))
+def _key_and_gate_inputs(keys: list[int] | None, gate: torch.Tensor | None, device: torch.device) -> tuple:
+    """A graphed update's inputs after the scalars: this step's stochastic-rounding keys (one
+    per matrix) as a device tensor (a graph replays it with each step's keys), then the device
+    gate, each only where there is one (whether there is is part of the graph's key)."""
+    return (*(() if keys is None else (rounding_keys_tensor(keys, device),)), *(() if gate is None else (gate,)))
 
 
 def _key_and_gate(rest: tuple, has_key: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(key, gate)`` from the inputs :func:`_key_and_gate_inputs` made, None where absent."""
-    key = rest[0] if has_key else None
+    """``(keys, gate)`` from the inputs :func:`_key_and_gate_inputs` made, None where absent."""
+    keys = rest[0] if has_key else None
     gates = rest[1:] if has_key else rest
-    return key, gates[0] if gates else None
+    return keys, gates[0] if gates else None
 
 
 class Adapprox(SketchOptimizer):
@@ -238,8 +238,8 @@ class Adapprox(SketchOptimizer):
         bf16_stochastic_round: write bfloat16 weights rounded at random (unbiased), not to
             nearest, which drops an update below half a bf16 ulp for good: for training with
             bf16 weights and no fp32 copy. The random bits come from a counter-based hash of
-            the seed, the step count, the bucket and the element's index, the same on every
-            backend and after a resume; other dtypes are rounded to nearest as before.
+            the seed, the parameter, its step count and the element's index, the same on every
+            backend, data-parallel rank and after a resume; other dtypes are rounded to nearest.
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
         k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
         oversample: p, extra sketch columns. power_iters: l, subspace iterations.
@@ -684,8 +684,8 @@ class Adapprox(SketchOptimizer):
         kw = self._step_kwargs(group)
         eps = kw.pop("eps")
         del kw["cosine_max_scale"]  # None here (see _dense_on_kernels)
-        rounding_key = self._rounding_key(group, bucket, states)
-        rounding = {} if rounding_key is None else {"rounding_key": rounding_key}
+        rounding_keys = self._rounding_keys(group, bucket, states)
+        rounding = {} if rounding_keys is None else {"rounding_keys": rounding_keys}
         if not self._graphable(group, backend, sqs[0], None):
             op = backend.dense_second_moment(grads, sqs, beta2, eps)
             sums = op.first_pass()
@@ -700,10 +700,10 @@ class Adapprox(SketchOptimizer):
             return (backend.dense_second_moment(grads, sqs, beta2, eps).first_pass(),)
 
         def update_graph(sums, scalars, *rest):
-            key, gate = _key_and_gate(rest, rounding_key is not None)
+            keys, gate = _key_and_gate(rest, rounding_keys is not None)
             op = backend.dense_second_moment(grads, sqs, beta2, eps)
             op.first_pass_sums = _gated_sums(sums, gate)
-            rounding = {} if key is None else {"rounding_key": key}
+            rounding = {} if keys is None else {"rounding_keys": keys}
             backend.apply_dense_step(op, bucket, exp_avgs, **kw, scalars=scalars, **rounding)
             return ()
 
@@ -717,7 +717,7 @@ class Adapprox(SketchOptimizer):
         def prepare(gate: torch.Tensor | None) -> None:
             key = ("dense", gate is not None, baked, read, _addresses([*bucket, *(exp_avgs or [])]))
             scalars = update_scalars(group["lr"], group["weight_decay"], group["betas"][0], sqs[0].device)
-            inputs = (sums_call.outputs[0], scalars, *_key_and_gate_inputs(rounding_key, gate, sqs[0].device))
+            inputs = (sums_call.outputs[0], scalars, *_key_and_gate_inputs(rounding_keys, gate, sqs[0].device))
             queued.append(self._graphs.defer(key, update_graph, inputs))
 
         def finish(gate: torch.Tensor | None) -> None:
@@ -753,10 +753,10 @@ class Adapprox(SketchOptimizer):
         upd = clipped_update(g, v, kw.pop("eps"), kw.pop("clip_threshold"), reduce)
         exp_avgs = _first_moments(bucket, states, kw["beta1"])
         exp_avgs = None if exp_avgs is None else local_list(exp_avgs)
-        rounding_key = self._rounding_key(group, bucket, states)
-        if rounding_key is not None and shards is not None:  # each shard its own bits
-            rounding_key = mix32((rounding_key, shards.local_rows.start))
-        apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce, rounding_key=rounding_key)
+        rounding_keys = self._rounding_keys(group, bucket, states)
+        if rounding_keys is not None and shards is not None:  # each shard its own bits
+            rounding_keys = shard_keys(rounding_keys, shards.local_rows.start)
+        apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce, rounding_keys=rounding_keys)
 
     def _draw_sketch(self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]):
         """The bucket's Gaussian sketch ``(B, n, width)``, on its factors' device and in their
@@ -840,14 +840,14 @@ class Adapprox(SketchOptimizer):
             q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, _deferred_orthonormalize(backend, failures))
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 
-        rounding_key = self._rounding_key(group, bucket, states, kind=1)
+        rounding_keys = self._rounding_keys(group, bucket, states)
 
-        def update(op, q, u, used_mask, scalars=None, key=rounding_key):
+        def update(op, q, u, used_mask, scalars=None, keys=rounding_keys):
             """Updates W (and M) in place; ξ ``(B,)`` or None. It needs only V_t, so it runs
             before the rank decision; a fused backend also returns ξ's numerator from its pass."""
             factors = (q * used_mask.to(q.dtype), u * used_mask.to(u.dtype)) if measure else None
             kw = self._step_kwargs(group) | ({} if scalars is None else {"scalars": scalars})
-            kw |= {} if key is None else {"rounding_key": key}
+            kw |= {} if keys is None else {"rounding_keys": keys}
             resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
             return ratio_from_sq_norms(op.sq_norm(), resid) if measure else _finite_marks(u)
 
@@ -860,10 +860,10 @@ class Adapprox(SketchOptimizer):
                 return q, u, op.first_pass_sums, failed
 
             def update_graph(q_prev, u_prev, sums, q, u, used_mask, scalars, *rest):
-                key, gate = _key_and_gate(rest, rounding_key is not None)
+                keys, gate = _key_and_gate(rest, rounding_keys is not None)
                 op = second_moment(q_prev, u_prev)
                 op.first_pass_sums = _gated_sums(sums, gate)
-                return (update(op, q, u, used_mask, scalars, key),)
+                return (update(op, q, u, used_mask, scalars, keys),)
 
             # Deferred (see cuda_graphs.py): S-RSI runs with the dense sums passes queued before
             # it, the update with every other update, queued by prepare() while the GPU runs S-RSI.
@@ -882,7 +882,7 @@ class Adapprox(SketchOptimizer):
                 gated = gate is not None
                 update_key = ("update", m, n, measure, gated, baked, read, _addresses([*params, *(exp_avgs or [])]))
                 scalars = update_scalars(group["lr"], group["weight_decay"], group["betas"][0], q_prev.device)
-                keys_gate = _key_and_gate_inputs(rounding_key, gate, q_prev.device)
+                keys_gate = _key_and_gate_inputs(rounding_keys, gate, q_prev.device)
                 inputs = (q_prev, u_prev, sums, q, u, used_mask, scalars, *keys_gate)
                 queued.append(self._graphs.defer(update_key, update_graph, inputs))
 

@@ -313,7 +313,7 @@ class RowShards:
 
     def apply_step(
         self, op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale,
-        residual_factors=None, rounding_key=None,
+        residual_factors=None, rounding_keys=None,
     ):  # fmt: skip
         """The clipped update and the weight write on this rank's rows (``params`` and
         ``exp_avgs`` are local views); the RMS and cosine sums are all-reduced. With
@@ -321,22 +321,22 @@ class RowShards:
 
         Either local operator issues the same all-reduces in the same order (RMS, cosine sums,
         residual), so ranks may differ in which one they run (see :meth:`second_moment`).
-        ``rounding_key``: bf16 stochastic rounding; each shard mixes its first row into the key,
-        since it numbers its elements from 0 (other bits than one process draws, as unbiased)."""
+        ``rounding_keys``: bf16 stochastic rounding, a key per matrix; each shard mixes its
+        first row into them (``reference.shard_keys``)."""
         local_op = op.local
-        if rounding_key is not None:  # each shard its own bits: element indices are local
-            rounding_key = reference.mix32((rounding_key, self.local_rows.start))
+        if rounding_keys is not None:  # each shard its own bits: element indices are local
+            rounding_keys = reference.shard_keys(rounding_keys, self.local_rows.start)
         if not hasattr(local_op, "clipped_update"):  # a fused backend's operator
             return self.local_backend.apply_step(
                 local_op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
                 weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
-                reduce=self.all_reduce, **({} if rounding_key is None else {"rounding_key": rounding_key}),
+                reduce=self.all_reduce, **({} if rounding_keys is None else {"rounding_keys": rounding_keys}),
             )  # fmt: skip
         resid = local_op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
         upd = local_op.clipped_update(eps, clip_threshold, reduce=self.all_reduce)
         reference.apply_updates(
             params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay,
-            cosine_max_scale=cosine_max_scale, reduce=self.all_reduce, rounding_key=rounding_key,
+            cosine_max_scale=cosine_max_scale, reduce=self.all_reduce, rounding_keys=rounding_keys,
         )  # fmt: skip
         return None if resid is None else self.all_reduce(resid)
 

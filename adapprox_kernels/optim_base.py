@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -56,6 +57,13 @@ def to_host(tensors: list[torch.Tensor | list[float] | None]) -> list[list[float
             start, end = end, end + tensors[i].numel()
             out[i] = flat[start:end]
     return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _slot_key(seed: int, group_index: int, slot: int) -> int:
+    """The step-independent part of a parameter's rounding key (``_rounding_keys``), folded
+    once: a key then costs two hashes a step."""
+    return mix32((seed, group_index, slot))
 
 
 def check(ok: bool, msg: str) -> None:
@@ -243,20 +251,21 @@ class SketchOptimizer(Optimizer):
         """``ValueError`` naming the first bad value of ``h`` (one value per option)."""
         raise NotImplementedError
 
-    def _rounding_key(
-        self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]], kind: int = 0
-    ) -> int | None:
-        """The key of a bf16 bucket's stochastic rounding this step (``bf16_stochastic_round``;
-        see ``reference.rounding_noise``), from the seed, the group's position, the bucket's
-        ``kind`` (what else tells one shape's buckets apart), device and shape, and its step
-        count: the same on every backend and rank, and after a resume (seed and step counts are
-        saved). None where the group rounds to nearest or the bucket is not bf16."""
-        p = bucket[0]
-        if not group["bf16_stochastic_round"] or p.dtype != torch.bfloat16:
+    def _rounding_keys(
+        self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]
+    ) -> list[int] | None:
+        """Each parameter's key of stochastic rounding this step (``bf16_stochastic_round``; see
+        ``reference.rounding_noise``): the seed, the group's position, the parameter's position
+        in the group and its own step count, folded by ``mix32``. So no parameter draws the same
+        bits on two steps, nor two parameters the same bits, whichever others share its bucket
+        or skipped a step; and every backend, every data-parallel rank (whatever its device) and
+        a resumed run draw the same ones (seed, order and step counts are saved). None where the
+        group rounds to nearest or the bucket is not bf16."""
+        if not group["bf16_stochastic_round"] or bucket[0].dtype != torch.bfloat16:
             return None
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        device = -1 if p.device.index is None else p.device.index
-        return mix32((self._seed, index, kind, device, p.dim(), *p.shape, states[0]["step"]))
+        slots = {p: i for i, p in enumerate(group["params"])}  # tensors hash by identity
+        return [mix32((s["step"],), _slot_key(self._seed, index, slots[p])) for p, s in zip(bucket, states)]
 
     # ----------------------------------------------------------------------------- sketch RNG
     def _generator(self, device: torch.device) -> torch.Generator:

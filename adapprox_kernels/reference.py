@@ -136,14 +136,14 @@ def apply_updates(
     weight_decay: float,
     cosine_max_scale: float | None,
     reduce: Reduce | None = None,
-    rounding_key: int | None = None,
+    rounding_keys: Sequence[int] | None = None,
 ) -> None:
     """Lines 346–349 for each matrix ``b``: momentum of updates, optional cosine guidance,
     decoupled weight decay. ``upd`` is fp32 ``(B, *param.shape)``; each parameter is written in
     its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own. ``reduce``: see
     :func:`clipped_update` (only the cosine guidance reduces over the matrix). With
-    ``rounding_key``, bfloat16 parameters are rounded at random (:func:`stochastic_round_bf16`),
-    the others to nearest."""
+    ``rounding_keys`` (one per parameter), bfloat16 parameters are rounded at random
+    (:func:`stochastic_round_bf16`), the others to nearest."""
     upd = upd.reshape(len(params), *params[0].shape)
     # A handful of kernel launches per bucket rather than a few per parameter: foreach ops in
     # place (see in_place_ok), or batched arithmetic in fp32 and one foreach copy back (rounding
@@ -173,8 +173,8 @@ def apply_updates(
         if decay != 1:
             new.mul_(decay)
         rows = new.add_(_stacked(avg), alpha=-lr).unbind(0)
-        if rounding_key is not None and any(p.dtype == torch.bfloat16 for p in params):
-            rounded = stochastic_round_bf16(new, rounding_key).unbind(0)
+        if rounding_keys is not None and any(p.dtype == torch.bfloat16 for p in params):
+            rounded = stochastic_round_bf16(new, rounding_keys).unbind(0)
             rows = [r if p.dtype == torch.bfloat16 else x for p, r, x in zip(params, rounded, rows)]
         torch._foreach_copy_(params, rows)
 
@@ -194,39 +194,48 @@ def hash32(x):
     return x ^ (x >> 15)
 
 
-def mix32(values: Sequence[int]) -> int:
+def mix32(values: Sequence[int], start: int = 0) -> int:
     """Python ints folded into one 32-bit key by :func:`hash32`'s steps (each value's low and
-    high 32 bits in turn): the same in every process and Python version, unlike ``hash``."""
-    h = 0
+    high 32 bits in turn): the same in every process and Python version, unlike ``hash``.
+    ``start``: a key already folded, to go on from (``mix32(b, mix32(a)) == mix32((*a, *b))``)."""
+    h = start
     for v in values:
         for part in (v & _U32, (v >> 32) & _U32):
             h = hash32((h + part) & _U32)
     return h
 
 
-def rounding_noise(key: int, b: int, start: int, count: int, device: torch.device) -> torch.Tensor:
+def shard_keys(keys: Sequence[int], first_row: int) -> list[int]:
+    """The rounding keys of a row shard of each matrix (see ``distributed.RowShards``), which
+    numbers its elements from 0: its first row folded into each key, so that each shard draws
+    its own bits (other bits than one process draws for the whole matrix, as unbiased)."""
+    return [mix32((first_row,), k) for k in keys]
+
+
+def rounding_noise(key: int, start: int, count: int, device: torch.device) -> torch.Tensor:
     """``(count,)`` int32 in ``[0, 2¹⁶)``, the random low bits of stochastic rounding for the
-    elements ``start … start + count − 1`` of matrix ``b`` of a bucket whose key is ``key``:
-    for element ``i``, the top 16 bits of ``hash32(hash32(key + b) + i)`` (sums mod 2³²). A
-    counter-based stream: any backend draws the same bits for the same key and element, and
-    nothing is stored."""
-    seed = hash32((key + b) & _U32)
+    elements ``start … start + count − 1`` of a matrix whose key this step is ``key`` (each
+    matrix its own, see ``SketchOptimizer._rounding_keys``): for element ``i``, the top 16 bits
+    of ``hash32(hash32(key) + i)`` (sums mod 2³²). A counter-based stream: any backend draws the
+    same bits for the same key and element, and nothing is stored."""
+    seed = hash32(key & _U32)
     idx = torch.arange(start, start + count, device=device, dtype=torch.int64)
     return (hash32((seed + idx) & _U32) >> 16).to(torch.int32)
 
 
-def stochastic_round_bf16(x: torch.Tensor, key: int, chunk: int = 1 << 20) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, keys: Sequence[int], chunk: int = 1 << 20) -> torch.Tensor:
     """fp32 ``x: (B, …)`` rounded to bfloat16 values at random, still fp32 (the low 16 bits
     zero): ``|x|`` goes up to the next bf16 value with probability equal to the part of the gap
     it has covered, else down, so the expected result is ``x`` (round-to-nearest drops an update
-    below half a bf16 ulp for good). Noise from :func:`rounding_noise`, made ``chunk`` elements
-    of a matrix at a time (its int64 temporaries are ~25 bytes an element); inf and NaN stay."""
+    below half a bf16 ulp for good). Noise from :func:`rounding_noise` with ``keys[b]`` for
+    ``x[b]``, made ``chunk`` elements of a matrix at a time (its int64 temporaries are ~25 bytes
+    an element); inf and NaN stay."""
     flat = x.reshape(len(x), -1).contiguous()
     out = torch.empty_like(flat)
     for b, row in enumerate(flat):
         for start in range(0, row.numel(), chunk):
             part = row[start : start + chunk]
-            noise = rounding_noise(key, b, start, part.numel(), x.device)
+            noise = rounding_noise(keys[b], start, part.numel(), x.device)
             bits = (part.view(torch.int32) + noise) & -0x10000  # no int32 overflow for finite values
             out[b, start : start + part.numel()] = torch.where(part.isfinite(), bits.view(torch.float32), part)
     return out.view_as(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -56,10 +56,10 @@ def update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.d
     return _update_scalars(float(lr), float(weight_decay), float(beta1), device)
 
 
-def rounding_key_tensor(key: int, device: torch.device) -> torch.Tensor:
-    """The key of a bucket's stochastic rounding (``reference.rounding_noise``) as an int64
-    ``(1,)`` tensor on ``device``, which the update kernels read (a new one every step)."""
-    return to_device_nowait(torch.tensor([key], dtype=torch.int64), device)
+def rounding_keys_tensor(keys: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The keys of a bucket's stochastic rounding, one per matrix (``reference.rounding_noise``),
+    as an int64 ``(B,)`` tensor on ``device``, which the update kernels read (new ones every step)."""
+    return to_device_nowait(torch.tensor(keys, dtype=torch.int64), device)
 
 
 @functools.lru_cache(maxsize=64)

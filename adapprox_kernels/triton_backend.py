@@ -21,7 +21,7 @@ import torch
 
 from . import reference
 from .backends import ReferenceBackend, register_backend
-from .transfer import rounding_key_tensor
+from .transfer import rounding_keys_tensor
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,20 +142,21 @@ def apply_update_op(
     lr: float,
     beta1: float,
     weight_decay: float,
-    rounding_key: Optional[torch.Tensor] = None,
+    rounding_keys: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Writes ``params`` (and ``exp_avgs``; an empty list means no momentum) in place;
     returns ``‖V − q_new u_newᵀ‖²`` ``(B,)`` when new factors are given, else an empty tensor.
-    ``rounding_key``: bf16 ``params`` are rounded at random with it (``transfer.rounding_key_tensor``)."""
+    ``rounding_keys``: bf16 ``params`` are rounded at random with these, a key per matrix
+    (``transfer.rounding_keys_tensor``)."""
     resid = _kernel("apply_update").apply_update(
         grads, q, u, params, exp_avgs or None, clip, scale, q_new, u_new,
-        beta2=beta2, eps=eps, lr=lr, beta1=beta1, weight_decay=weight_decay, rounding_key=rounding_key,
+        beta2=beta2, eps=eps, lr=lr, beta1=beta1, weight_decay=weight_decay, rounding_keys=rounding_keys,
     )  # fmt: skip
     return resid if resid is not None else _empty(clip)
 
 
 @apply_update_op.register_fake
-def _(grads, q, u, params, exp_avgs, clip, scale, q_new, u_new, beta2, eps, lr, beta1, weight_decay, rounding_key=None):
+def _(grads, q, u, params, exp_avgs, clip, scale, q_new, u_new, beta2, eps, lr, beta1, weight_decay, rounding_keys=None):
     return clip.new_empty(clip.shape[0]) if q_new is not None else clip.new_empty(0)
 
 
@@ -370,22 +371,22 @@ class TritonBackend:
     @staticmethod
     def apply_dense_step(
         op: TritonDenseMoment, params, exp_avgs, *, clip_threshold, lr, beta1, weight_decay,
-        scalars: Optional[torch.Tensor] = None, rounding_key: int | torch.Tensor | None = None,
+        scalars: Optional[torch.Tensor] = None, rounding_keys: Sequence[int] | torch.Tensor | None = None,
     ) -> None:  # fmt: skip
         """A dense bucket's update in one pass: ``V_t`` written over the stored ``V_{t−1}``, the
         clipped update (its RMS from :meth:`TritonDenseMoment.first_pass`), momentum of updates
-        and decoupled weight decay; ``scalars`` and ``rounding_key`` as in :meth:`apply_step`."""
+        and decoupled weight decay; ``scalars`` and ``rounding_keys`` as in :meth:`apply_step`."""
         clip = reference.clip_divisor(op.first_pass()[:, 1], op.numel, clip_threshold)
         _kernel("dense_moment").dense_apply(
             op.table, op.sqs, params, exp_avgs, clip, beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1,
-            weight_decay=weight_decay, scalars=scalars, rounding_key=_key_on(rounding_key, op.table.device),
+            weight_decay=weight_decay, scalars=scalars, rounding_keys=_keys_on(rounding_keys, op.table.device),
         )  # fmt: skip
 
     @staticmethod
     def apply_step(
         op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None,
         reduce: Optional[reference.Reduce] = None, scalars: Optional[torch.Tensor] = None,
-        rounding_key: int | torch.Tensor | None = None,
+        rounding_keys: Sequence[int] | torch.Tensor | None = None,
     ):  # fmt: skip
         """Clipping, momentum of updates, optional cosine guidance and weight decay in one pass
         over G (two with cosine guidance); returns ``‖V − q uᵀ‖²`` for ``residual_factors``.
@@ -394,9 +395,9 @@ class TritonBackend:
         the RMS sums, the cosine sums and the residual are summed over the ranks with it.
         ``scalars``: ``[α, 1 − α·λ, β1, 1 − β1]`` on the device (``transfer.update_scalars``),
         read by the fused passes in place of ``lr``, ``weight_decay`` and ``beta1`` (a
-        CUDA-graphed step; eager launches only). ``rounding_key``: bf16 weights are rounded at
-        random with this key (``reference.stochastic_round_bf16``), an int or, in a graphed
-        step, ``transfer.rounding_key_tensor``'s device tensor."""
+        CUDA-graphed step; eager launches only). ``rounding_keys``: bf16 weights are rounded at
+        random with these keys, one per matrix (``reference.stochastic_round_bf16``): ints or,
+        in a graphed step, ``transfer.rounding_keys_tensor``'s device tensor."""
         if reduce is not None and not isinstance(op, TritonSecondMoment):
             raise TypeError("a row-sharded step needs the Triton operator on every rank with rows")
         if scalars is not None and not (isinstance(op, TritonSecondMoment) and op._eager):
@@ -405,7 +406,7 @@ class TritonBackend:
             return ReferenceBackend.apply_step(
                 op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
                 weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
-                rounding_key=rounding_key,
+                rounding_keys=rounding_keys,
             )  # fmt: skip
         if eps != op.eps:
             raise ValueError(f"apply_step got eps={eps}, the operator was built with eps={op.eps}")
@@ -437,12 +438,12 @@ class TritonBackend:
             resid = _kernel("apply_update").apply_update(
                 op.table, op.q, op.u, weights, moms or None, clip, scale, q_new, u_new,
                 beta2=op.beta2, eps=op.eps, lr=lr, beta1=beta1, weight_decay=weight_decay, scalars=scalars,
-                rounding_key=_key_on(rounding_key, op.table.device),
+                rounding_keys=_keys_on(rounding_keys, op.table.device),
             )  # fmt: skip
         else:
             resid = torch.ops.adapprox_kernels.apply_update(
                 op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, lr, beta1, weight_decay,
-                _key_on(rounding_key, op.q.device),
+                _keys_on(rounding_keys, op.q.device),
             )  # fmt: skip
         op.g_passes += 1
         for original, copy in staged:
@@ -452,9 +453,9 @@ class TritonBackend:
         return resid if reduce is None else reduce(resid)
 
 
-def _key_on(key: int | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """A stochastic-rounding key as the kernels read it: a device tensor."""
-    return key if key is None or torch.is_tensor(key) else rounding_key_tensor(key, device)
+def _keys_on(keys: Sequence[int] | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Stochastic-rounding keys as the kernels read them: a device tensor."""
+    return keys if keys is None or torch.is_tensor(keys) else rounding_keys_tensor(keys, device)
 
 
 register_backend(TritonBackend, prefer=True)

@@ -1239,14 +1239,27 @@ def test_bf16_stochastic_round_resumes_bit_exactly_and_leaves_other_dtypes_alone
     ones as an uninterrupted run; fp32 parameters are written as without the option."""
     whole, resumed = _bf16_run(True, 6), _bf16_run(True, 6, resume_at=3)
     assert all(torch.equal(a, b) for a, b in zip(whole, resumed))
-    buckets = [[torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16))] for s in [(20,), (4, 5)]]
-    opt = Adapprox([p for bucket in buckets for p in bucket], bf16_stochastic_round=True)
-    group = opt.param_groups[0]
-    keys = {opt._rounding_key(group, b, [{"step": step}], kind) for b in buckets for step in (1, 2) for kind in (0, 1)}
-    assert len(keys) == 8  # new bits every step and for every bucket
-    assert opt._rounding_key(group, [torch.zeros(4, 5)], [{"step": 1}]) is None  # fp32: to nearest
-    other_seed = Adapprox(buckets[0], bf16_stochastic_round=True, seed=opt._seed + 1)
-    assert other_seed._rounding_key(other_seed.param_groups[0], buckets[0], [{"step": 1}]) not in keys
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in [(20,), (4, 5), (4, 5), (4, 5)]]
+    opt = Adapprox([{"params": params[:3]}, {"params": params[3:]}], bf16_stochastic_round=True)
+    steps = [{"step": 1}, {"step": 2}]
+
+    def keys(opt, group, bucket, states):
+        return opt._rounding_keys(opt.param_groups[group], bucket, states)
+
+    # A key per parameter and step, whatever shares its bucket: (4, 5) #1 at step 2 keeps its
+    # bits in a bucket with #2 at step 1 (steps differ after a skipped step); the first
+    # parameter of another group or another seed draws others.
+    pair = keys(opt, 0, params[1:3], steps[::-1])
+    assert keys(opt, 0, params[1:2], steps[1:]) == pair[:1] and keys(opt, 0, params[2:3], steps[:1]) == pair[1:]
+    drawn = {k for p in params[:3] for s in steps for k in keys(opt, 0, [p], [s])}
+    assert len(drawn) == 6 and keys(opt, 1, params[3:], steps[:1])[0] not in drawn
+    other_seed = Adapprox(params, bf16_stochastic_round=True, seed=opt._seed + 1)
+    assert not drawn & {k for p in params[:3] for s in steps for k in keys(other_seed, 0, [p], [s])}
+    # Not the device: data-parallel ranks, each on its own GPU, must keep their replicas equal.
+    elsewhere = [torch.nn.Parameter(p.detach().to("meta")) for p in params]
+    moved = Adapprox([{"params": elsewhere[:3]}, {"params": elsewhere[3:]}], bf16_stochastic_round=True, seed=opt._seed)
+    assert keys(moved, 0, elsewhere[1:3], steps) == keys(opt, 0, params[1:3], steps)
+    assert opt._rounding_keys(opt.param_groups[0], [torch.zeros(4, 5)], steps[:1]) is None  # fp32: to nearest
     on, off = _bf16_run(True, 4, dtype=torch.float32), _bf16_run(False, 4, dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
     with pytest.raises(ValueError, match="bf16_stochastic_round"):

@@ -373,7 +373,7 @@ if triton is not None:
     @triton.jit
     def _hash32_kernel(x_ptr, out_ptr, key_ptr, seed_ptr, N, BLOCK: tl.constexpr):
         """``_tiles.hash32`` of int64 values in ``[0, 2³²)`` (read as uint32), and the seed
-        ``matrix_seed(key, b)`` of each program ``b``."""
+        ``matrix_seed(keys, b)`` of each program ``b``."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < N, other=0).to(tl.uint32)
         tl.store(out_ptr + offs, _tiles.hash32(x).to(tl.int64), mask=offs < N)
@@ -383,19 +383,19 @@ if triton is not None:
 
 def test_hash32_matches_the_reference():
     """The kernels' uint32 hash wraps mod 2³² exactly as the reference's int64 one (no
-    promotion to int64, a logical shift), extremes included; the per-matrix seed is
-    ``hash32((key + b) mod 2³²)``, here with a key that wraps."""
+    promotion to int64, a logical shift), extremes included; the seed of matrix ``b`` is
+    ``hash32(keys[b])``, keys at the ends of ``[0, 2³²)`` included."""
     gen = torch.Generator().manual_seed(11)
     x = torch.cat([torch.tensor([0, 1, 2**16 - 1, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]),
                    torch.randint(0, 2**32, (3000,), generator=gen)]).to(DEVICE)  # fmt: skip
     out = torch.full_like(x, -1)
-    key = torch.tensor([2**32 - 2], device=DEVICE)
+    keys = torch.tensor([2**32 - 2, 2**32 - 1, 0, 123456789], device=DEVICE)
     seeds = torch.full((4,), -1, dtype=torch.int64, device=DEVICE)
     block = 1024
     assert x.numel() <= 4 * block
-    _hash32_kernel[(4,)](x, out, key, seeds, x.numel(), BLOCK=block)
+    _hash32_kernel[(4,)](x, out, keys, seeds, x.numel(), BLOCK=block)
     assert torch.equal(out, reference.hash32(x))
-    assert torch.equal(seeds, reference.hash32((2**32 - 2 + torch.arange(4, device=DEVICE)) % 2**32))
+    assert torch.equal(seeds, reference.hash32(keys))
     assert len(set(out.tolist())) == len(set(x.tolist()))  # a bijection of uint32
 
 
@@ -409,24 +409,25 @@ def _bf16_start(shape, batch, seed, special=False):
     return out
 
 
-def _assert_stochastic_rounding(run, starts, key):
-    """``run(params, key)`` steps ``params`` in place. With bf16 params and ``key`` the result is
-    ``reference.stochastic_round_bf16`` of what fp32 params from the same values become, bit for
-    bit; without a key, their round to nearest even; fp32 params ignore the key."""
+def _assert_stochastic_rounding(run, starts, keys):
+    """``run(params, keys)`` steps ``params`` in place. With bf16 params and ``keys`` (one per
+    matrix) the result is ``reference.stochastic_round_bf16`` of what fp32 params from the same
+    values become, bit for bit; without keys, their round to nearest even; fp32 params ignore
+    the keys."""
     f32 = [p.clone().to(DEVICE) for p in starts]
     run(f32, None)
     new = torch.stack(f32)
     f32_key = [p.clone().to(DEVICE) for p in starts]
-    run(f32_key, torch.tensor([key], device=DEVICE))
-    assert torch.equal(torch.stack(f32_key), new), "fp32 weights must ignore the rounding key"
+    run(f32_key, torch.tensor(keys, device=DEVICE))
+    assert torch.equal(torch.stack(f32_key), new), "fp32 weights must ignore the rounding keys"
 
-    def bf16(rounding_key):
+    def bf16(rounding_keys):
         ps = [p.to(torch.bfloat16).to(DEVICE) for p in starts]
-        run(ps, rounding_key)
+        run(ps, rounding_keys)
         return torch.stack(ps)
 
-    got = bf16(torch.tensor([key], device=DEVICE))
-    want = reference.stochastic_round_bf16(new, key).to(torch.bfloat16)
+    got = bf16(torch.tensor(keys, device=DEVICE))
+    want = reference.stochastic_round_bf16(new, keys).to(torch.bfloat16)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (got != want).sum()
     nearest = new.to(torch.bfloat16)
     assert torch.equal(bf16(None).view(torch.int16), nearest.view(torch.int16))
@@ -437,10 +438,11 @@ def _assert_stochastic_rounding(run, starts, key):
 
 
 @pytest.mark.parametrize("momentum", [False, True])
-@pytest.mark.parametrize("batch,shape,key", [(2, (37, 129), 2**32 - 1), (3, (1, 130), 123456789)])
-def test_apply_update_stochastic_rounding(batch, shape, key, momentum):
+@pytest.mark.parametrize("shape,keys", [((37, 129), [2**32 - 1, 0]), ((1, 130), [123456789, 5, 2**31])])
+def test_apply_update_stochastic_rounding(shape, keys, momentum):
     """Stochastic rounding of bf16 weights in the update pass: the noise of element ``(i, j)``
-    of matrix ``b`` is ``hash32(hash32(key + b) + i·n + j)`` (the key here wraps at b = 1)."""
+    of matrix ``b`` is ``hash32(hash32(keys[b]) + i·n + j)`` (the sum wraps mod 2³²)."""
+    batch = len(keys)
     from adapprox_kernels.kernels.apply_update import apply_update
 
     grads, q, u, g32, v = _inputs(batch, *shape, 2, torch.float32, seed=2)
@@ -449,11 +451,11 @@ def test_apply_update_stochastic_rounding(batch, shape, key, momentum):
     kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8 if momentum else 0.0, weight_decay=0.1)
     scale = torch.linspace(1.0, 1.5, batch, device=DEVICE)
 
-    def run(params, rounding_key):
+    def run(params, rounding_keys):
         ms = [m.clone() for m in moms] if momentum else None
-        apply_update(grads, q, u, params, ms, clip, scale, blocks=_blocks(True), rounding_key=rounding_key, **kw)
+        apply_update(grads, q, u, params, ms, clip, scale, blocks=_blocks(True), rounding_keys=rounding_keys, **kw)
 
-    _assert_stochastic_rounding(run, _bf16_start(shape, batch, 4, special=True), key)
+    _assert_stochastic_rounding(run, _bf16_start(shape, batch, 4, special=True), keys)
 
 
 @pytest.mark.parametrize("momentum", [False, True])
@@ -470,29 +472,30 @@ def test_dense_apply_stochastic_rounding(shape, momentum):
     clip = torch.tensor([1.0, 1.2, 2.0], device=DEVICE)
     kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8 if momentum else 0.0, weight_decay=0.1)
 
-    def run(params, rounding_key):
+    def run(params, rounding_keys):
         ms = [m.clone() for m in moms] if momentum else None
-        dense_apply(grads, [v.clone() for v in sqs], params, ms, clip, block=16, rounding_key=rounding_key, **kw)
+        dense_apply(grads, [v.clone() for v in sqs], params, ms, clip, block=16, rounding_keys=rounding_keys, **kw)
 
-    _assert_stochastic_rounding(run, _bf16_start(shape, 3, 8, special=len(shape) > 1), 2**31 + 5)
+    _assert_stochastic_rounding(run, _bf16_start(shape, 3, 8, special=len(shape) > 1), [2**31 + 5, 7, 2**32 - 2])
 
 
 @pytest.mark.parametrize("dense", [False, True])
-def test_bad_rounding_key(dense):
+def test_bad_rounding_keys(dense):
     from adapprox_kernels.kernels.apply_update import apply_update
     from adapprox_kernels.kernels.dense_moment import dense_apply
 
     grads, q, u, _, _ = _inputs(2, 6, 5, 1, torch.float32)
     params = [g.to(torch.bfloat16) for g in grads]
     kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)
-    for bad in (torch.tensor([3], dtype=torch.int32), torch.tensor([3.0]), torch.tensor([1, 2]), torch.tensor(3), 3):
+    bads = (torch.tensor([3, 4], dtype=torch.int32), torch.tensor([3.0, 4.0]), torch.tensor([1]), torch.tensor([1, 2, 3]))
+    for bad in (*bads, torch.tensor(3), 3, [3, 4]):
         bad = bad.to(DEVICE) if torch.is_tensor(bad) else bad
-        with pytest.raises(ValueError, match="rounding_key: expected an int64 \\(1,\\) tensor"):
+        with pytest.raises(ValueError, match="rounding_keys: expected an int64 \\(2,\\) tensor"):
             if dense:
                 sqs = [torch.ones(6, 5, device=DEVICE) for _ in range(2)]
-                dense_apply(grads, sqs, params, None, torch.ones(2, device=DEVICE), rounding_key=bad, **kw)
+                dense_apply(grads, sqs, params, None, torch.ones(2, device=DEVICE), rounding_keys=bad, **kw)
             else:
-                apply_update(grads, q, u, params, None, torch.ones(2, device=DEVICE), rounding_key=bad, **kw)
+                apply_update(grads, q, u, params, None, torch.ones(2, device=DEVICE), rounding_keys=bad, **kw)
 
 
 def test_dense_moment_errors():
@@ -576,7 +579,7 @@ def test_opcheck_custom_ops():
     params = [torch.randn(5, 7, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
     moms = [torch.randn(5, 7, device=DEVICE) for _ in range(2)]
     clip, scale = torch.ones(2, device=DEVICE), torch.full((2,), 1.5, device=DEVICE)
-    key = torch.tensor([12345], dtype=torch.int64, device=DEVICE)  # bf16 params: stochastic rounding
+    keys = torch.tensor([12345, 2**32 - 1], dtype=torch.int64, device=DEVICE)  # bf16 params: stochastic rounding
     cases = [
         (tb.v_matmul_op, (grads, q, u, x, BETA2, EPS, True)),
         (tb.v_matmul_op, (grads, q, u, x, BETA2, EPS, False)),
@@ -586,7 +589,7 @@ def test_opcheck_custom_ops():
         (tb.update_cosine_sums_op, (grads, q, u, moms, clip, BETA2, EPS, 0.9)),
         (tb.apply_update_op, (grads, q, u, params, moms, clip, scale, qn, un, BETA2, EPS, 0.1, 0.9, 0.1)),
         (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0)),
-        (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0, key)),
+        (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0, keys)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

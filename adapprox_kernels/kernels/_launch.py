@@ -247,13 +247,13 @@ def check_vector(x: torch.Tensor, name: str, batch: int, device: torch.device) -
         raise ValueError(f"{name}: expected float32 ({batch},) on {device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
 
 
-def check_rounding_key(key: torch.Tensor | None, device: torch.device) -> None:
-    """``key`` must be ``None`` or an int64 ``(1,)`` tensor on ``device``."""
-    if key is None:
+def check_rounding_keys(keys: torch.Tensor | None, batch: int, device: torch.device) -> None:
+    """``keys`` must be ``None`` or an int64 ``(batch,)`` tensor on ``device``: one key per matrix."""
+    if keys is None:
         return
-    if not torch.is_tensor(key) or key.shape != (1,) or key.dtype != torch.int64 or key.device != device:
-        got = f"{key.dtype} {tuple(key.shape)} on {key.device}" if torch.is_tensor(key) else type(key).__name__
-        raise ValueError(f"rounding_key: expected an int64 (1,) tensor on {device}, got {got}")
+    if not torch.is_tensor(keys) or keys.shape != (batch,) or keys.dtype != torch.int64 or keys.device != device:
+        got = f"{keys.dtype} {tuple(keys.shape)} on {keys.device}" if torch.is_tensor(keys) else type(keys).__name__
+        raise ValueError(f"rounding_keys: expected an int64 ({batch},) tensor on {device}, got {got}")
 
 
 def pointer_arg(t: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:

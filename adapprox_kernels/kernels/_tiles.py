@@ -232,12 +232,13 @@ def hash32(x):
 
 @triton.jit
 def matrix_seed(key_ptr, b, STOCHASTIC: tl.constexpr):
-    """The stochastic-rounding seed of matrix ``b`` of a launch: ``hash32((key + b) mod 2³²)``
-    (uint32), ``key`` the int64 read at ``key_ptr`` (from the device, so that a captured CUDA
-    graph replays with a new one); 0, ``key_ptr`` unread, unless ``STOCHASTIC``."""
+    """The stochastic-rounding seed of matrix ``b`` of a launch: ``hash32(key_b)`` (uint32),
+    ``key_b`` the int64 at ``key_ptr + b``, each matrix's own key (read from the device, so
+    that a captured CUDA graph replays with new ones); 0, ``key_ptr`` unread, unless
+    ``STOCHASTIC``."""
     seed = tl.full((), 0, tl.uint32)
     if STOCHASTIC:
-        seed = hash32((tl.load(key_ptr) + b).to(tl.uint32))
+        seed = hash32(tl.load(key_ptr + b).to(tl.uint32))
     return seed
 
 

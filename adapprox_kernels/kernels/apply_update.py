@@ -9,9 +9,9 @@
   round-to-nearest-even; all arithmetic fp32. α, ``1 − α·λ`` and β1 are read from a device
   tensor, not passed as launch constants, so that a captured CUDA graph replays with new ones;
 * optionally, for bf16 weights, stochastic rounding of the new weight instead (given a
-  ``rounding_key``, also read from the device): the same bits as
+  key per matrix, ``rounding_keys``, also read from the device): the same bits as
   :func:`adapprox_kernels.reference.stochastic_round_bf16`, noise from a counter-based hash of
-  the key, the matrix's index in the launch and the element's flat index ``row·n + col``;
+  the matrix's key and the element's flat index ``row·n + col``;
 * optionally ξ's numerator ``‖V − Q_t U_tᵀ‖_F²`` for the new factors, from the same V tiles.
 
 A matrix whose clip divisor is not finite is not written at all (see ``_tiles.gated``):
@@ -35,7 +35,7 @@ from ._launch import (
     MatrixTable,
     check_factor,
     check_new_factors,
-    check_rounding_key,
+    check_rounding_keys,
     check_vector,
     pointer_arg,
     step_tables,
@@ -110,7 +110,7 @@ def apply_update(
     weight_decay: float,
     scalars: torch.Tensor | None = None,
     blocks: Blocks = ELEMENTWISE_BLOCKS,
-    rounding_key: torch.Tensor | None = None,
+    rounding_keys: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Write ``params`` (and ``exp_avgs`` when given) in place; returns the ``(B,)`` residual
     sums ``‖V − q_new u_newᵀ‖_F²`` when new factors are given, else ``None``.
@@ -121,11 +121,11 @@ def apply_update(
     step factor (default 1); ``q_new: (B, m, k)``, ``u_new: (B, n, k)``. ``scalars``: an fp32
     ``(4,)`` device tensor ``[α, 1 − α·λ, β1, 1 − β1]`` read instead of ``lr``,
     ``weight_decay`` and ``beta1`` (what a CUDA graph replays with; see
-    :func:`~adapprox_kernels.transfer.update_scalars`). ``rounding_key``: an int64 ``(1,)``
-    device tensor holding a key in ``[0, 2³²)``; bf16 params are then rounded stochastically,
-    bit for bit as ``reference.stochastic_round_bf16(new_fp32, key)`` on the ``(B, m, n)``
-    stack (read from the device, so a CUDA graph replays with a new key each step); ignored for
-    other dtypes, and without it every dtype rounds to nearest even."""
+    :func:`~adapprox_kernels.transfer.update_scalars`). ``rounding_keys``: an int64 ``(B,)``
+    device tensor, each matrix's key in ``[0, 2³²)``; bf16 params are then rounded
+    stochastically, bit for bit as ``reference.stochastic_round_bf16(new_fp32, keys)`` on the
+    ``(B, m, n)`` stack (read from the device, so a CUDA graph replays with new keys each step);
+    ignored for other dtypes, and without it every dtype rounds to nearest even."""
     table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads")
     m, n = table.shape
     batch = len(table)
@@ -139,7 +139,7 @@ def apply_update(
     if scale is None:
         scale = torch.ones(batch, dtype=torch.float32, device=table.device)
     check_vector(scale, "scale", batch, table.device)
-    check_rounding_key(rounding_key, table.device)
+    check_rounding_keys(rounding_keys, batch, table.device)
     with_residual = check_new_factors(q_new, u_new, batch, m, n, table.device)
     if not with_residual:
         q_new, u_new = q, u
@@ -152,14 +152,14 @@ def apply_update(
         table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
         weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
         pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, scalars,
-        scalars if rounding_key is None else rounding_key,  # a placeholder the kernel never reads
+        scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
         m, n, k, k_new,
         *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
         float(beta2), 1.0 - float(beta2), float(eps),
         G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
         BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
-        STOCHASTIC=rounding_key is not None and weights.dtype == torch.bfloat16,
+        STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     weights.writeback()

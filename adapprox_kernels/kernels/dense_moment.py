@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..transfer import update_scalars
-from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, check_rounding_key, check_vector, step_tables
+from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, check_rounding_keys, check_vector, step_tables
 from ._tiles import gated, matrix_seed, raw_update, store_step, update_and_average
 
 # Elements per program: as many as one tile of the other elementwise passes (4096).
@@ -131,20 +131,20 @@ def dense_apply(
     weight_decay: float,
     scalars: torch.Tensor | None = None,
     block: int = DENSE_BLOCK,
-    rounding_key: torch.Tensor | None = None,
+    rounding_keys: torch.Tensor | None = None,
 ) -> None:
     """Writes ``V_t`` into ``exp_avg_sqs`` and steps ``params`` (and ``exp_avgs`` when given) in
     place; all ``B`` tensors of one shape, params and exp_avgs each of one dtype (fp32, bf16,
     fp16). ``clip: (B,)`` is ``±max(1, RMS/d)`` from :func:`dense_sums` (a tensor whose ``clip`` is
     not finite is not written: V, W and M stay as they are); ``scalars`` as in
-    :func:`~.apply_update.apply_update`. ``rounding_key`` (int64 ``(1,)`` on the device): bf16
-    params are rounded stochastically, bit for bit as
-    ``reference.stochastic_round_bf16(new_fp32, key)`` on the ``(B, numel)`` stack of the flat
+    :func:`~.apply_update.apply_update`. ``rounding_keys`` (int64 ``(B,)`` on the device, a key per
+    tensor): bf16 params are rounded stochastically, bit for bit as
+    ``reference.stochastic_round_bf16(new_fp32, keys)`` on the ``(B, numel)`` stack of the flat
     tensors; ignored for other dtypes."""
     table, v = _tables(grads, exp_avg_sqs)
     weights, moms = step_tables(params, exp_avgs, table, flat=True)
     check_vector(clip, "clip", len(table), table.device)
-    check_rounding_key(rounding_key, table.device)
+    check_rounding_keys(rounding_keys, len(table), table.device)
     if scalars is None:
         scalars = update_scalars(lr, weight_decay, beta1, table.device)
     check_vector(scalars, "scalars", 4, table.device)
@@ -152,11 +152,11 @@ def dense_apply(
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
     _dense_apply_kernel[(programs, len(table))](
         table.base, table.offsets, v.base, v.offsets, weights.base, weights.offsets, mom_table.base, mom_table.offsets,
-        clip, scalars, scalars if rounding_key is None else rounding_key,  # a placeholder the kernel never reads
+        clip, scalars, scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
         table.numel, float(beta2), 1.0 - float(beta2), float(eps),
         G_ALIGN=table.align, V_ALIGN=v.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
         BLOCK=block, HAS_MOMENTUM=moms is not None,
-        STOCHASTIC=rounding_key is not None and weights.dtype == torch.bfloat16,
+        STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
         num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
     )  # fmt: skip
     for written in (v, weights, moms):
