@@ -1259,6 +1259,13 @@ def test_bf16_stochastic_round_resumes_bit_exactly_and_leaves_other_dtypes_alone
     elsewhere = [torch.nn.Parameter(p.detach().to("meta")) for p in params]
     moved = Adapprox([{"params": elsewhere[:3]}, {"params": elsewhere[3:]}], bf16_stochastic_round=True, seed=opt._seed)
     assert keys(moved, 0, elsewhere[1:3], steps) == keys(opt, 0, params[1:3], steps)
+    # The keys follow the positions: a group's list reordered in place gives each parameter the
+    # key that a fresh optimizer over the new order would (the kept hashes are redone).
+    before = keys(opt, 0, params[1:3], steps)
+    listed = opt.param_groups[0]["params"]
+    listed[1], listed[2] = listed[2], listed[1]
+    fresh = Adapprox([{"params": list(listed)}, {"params": params[3:]}], bf16_stochastic_round=True, seed=opt._seed)
+    assert keys(opt, 0, params[1:3], steps) == keys(fresh, 0, params[1:3], steps) != before
     assert opt._rounding_keys(opt.param_groups[0], [torch.zeros(4, 5)], steps[:1]) is None  # fp32: to nearest
     on, off = _bf16_run(True, 4, dtype=torch.float32), _bf16_run(False, 4, dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
