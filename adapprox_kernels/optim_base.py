@@ -256,6 +256,10 @@ class SketchOptimizer(Optimizer):
         if not group["bf16_stochastic_round"] or bucket[0].dtype != torch.bfloat16:
             return None
         params = group["params"]
+        if torch.compiler.is_compiling():  # dynamo traces no id(): the same keys, found by identity
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            slots = [next(i for i, q in enumerate(params) if q is p) for p in bucket]
+            return [(mix32((self._seed, index, s)) + state["step"]) & 0xFFFFFFFF for s, state in zip(slots, states)]
         slot_of, prefixes = self._key_prefixes(group)
         slots = [slot_of.get(id(p), -1) for p in bucket]
         if not all(s >= 0 and params[s] is p for s, p in zip(slots, bucket)):  # the list was edited in place

@@ -24,13 +24,20 @@ from .backends import ReferenceBackend, register_backend
 from .transfer import rounding_keys_tensor
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_OUTCOME: list[Optional[str]] = []  # the import's error (None: none), once tried
+
+
 def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # a broken install can raise more than ImportError
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    # Memoized by hand, not by functools.lru_cache: a step under torch.compile calls this
+    # (resolve_backend), and dynamo warns of every lru_cache it traces through.
+    if not _IMPORT_OUTCOME:
+        try:
+            import triton  # noqa: F401
+
+            _IMPORT_OUTCOME.append(None)
+        except Exception as exc:  # a broken install can raise more than ImportError
+            _IMPORT_OUTCOME.append(f"{type(exc).__name__}: {exc}")
+    return _IMPORT_OUTCOME[0]
 
 
 def _kernels_interpreted() -> bool:

@@ -613,8 +613,9 @@ def test_grad_scaler_skips_overflowed_steps_and_unscales_the_rest(cls, kw):
     """Loss scaling with ``torch.amp.GradScaler``: a step whose scaled gradients overflowed is
     skipped by the scaler, which halves the scale (the optimizer never sees the inf, so its
     default ``nonfinite="raise"`` stays quiet); every other step equals the optimizer's step on
-    the unscaled gradients bit for bit (a power-of-two scale unscales exactly), so the skipped
-    step left no trace, the sketch RNG included."""
+    the unscaled gradients bit for bit (a power-of-two scale unscales exactly). The scaler's
+    skip is its own (``opt.step()`` is not called): what is checked is that the scaled steps
+    around it unscale exactly and that the optimizer needs nothing else from the scaler."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(12, 10), (10, 12), (10,)]
     steps = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]

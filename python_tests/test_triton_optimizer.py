@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from compiled_step import eager_and_compiled
 from triton_env import DEVICE, triton_kernels  # noqa: F401  (autouse fixture)
 
 from adapprox_kernels import Adapprox
@@ -111,23 +112,21 @@ def test_bf16_stochastic_round_on_triton_draws_the_references_bits():
     assert same >= 0.99 * total and near < 0.9 * total, (same, near, total)
 
 
-def test_bf16_stochastic_round_through_the_custom_op(monkeypatch):
-    """Inside ``torch.compile(opt.step)`` (as dynamo traces it: ``is_compiling()`` true) the
-    update goes through the ``apply_update`` custom op, which takes the rounding key too: the
-    same bits as the eager launch (it used to refuse, in mid-step), where rounding to nearest
-    would differ."""
-    runs = []
-    for compiling in (False, True):
-        monkeypatch.setattr(torch.compiler, "is_compiling", (lambda c: lambda: c)(compiling))
-        torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.randn(20, 33).to(torch.bfloat16).to(DEVICE))
-        opt = Adapprox([p], backend="triton", bf16_stochastic_round=True, k_max=4, seed=0)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            p.grad = torch.randn(20, 33, generator=gen).to(torch.bfloat16).to(DEVICE)
-            opt.step()
-        runs.append(p.detach().clone())
-    assert torch.equal(*runs)
+def test_bf16_stochastic_round_under_torch_compile():
+    """``torch.compile(opt.step)`` with bf16 weights rounded at random on the Triton backend: the
+    update goes through the ``apply_update`` custom op, which takes the keys too (it used to
+    refuse, in mid-step), so the compiled steps give the eager bits, matrix by matrix of a
+    bucket of two (rounded to nearest, about a tenth of the weights differ after two steps); and dynamo traces no id()
+    nor lru_cache on the way (``eager_and_compiled`` fails on its warning)."""
+
+    def make(params, stochastic=True):
+        return Adapprox(params, backend="triton", bf16_stochastic_round=stochastic, k_max=4, seed=0)
+
+    shapes = [(20, 33), (20, 33), (7,)]
+    eager, compiled = eager_and_compiled(make, shapes, "eager", 2, torch.bfloat16, DEVICE)
+    nearest, _ = eager_and_compiled(lambda ps: make(ps, False), shapes, "eager", 2, torch.bfloat16, DEVICE)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert all((a != b).float().mean() > 0.05 for a, b in zip(eager[:2], nearest[:2]))  # ~0.1 here
 
 
 def test_beta1_turned_on_mid_run_matches_reference():
