@@ -238,6 +238,31 @@ class SketchOptimizer(Optimizer):
                 self.param_groups.pop()
                 raise
 
+    def _check_groups(self) -> None:
+        """Each group's hyperparameters, as the step is about to read them, pass the constructor's
+        checks: a value written into ``param_groups`` mid-run (``group["lr"] = float("nan")``,
+        ``group["nonfinite"] = "ignore"``) is refused before the step changes anything, not
+        trained on (torch.optim checks none) nor found only when a checkpoint fails to load.
+        Checked where the values changed since the last step (a scheduler changes lr every
+        step: comparing is cheaper than checking). An lr tensor (which a scheduler fills in
+        place) is left to the step, which reads it as a number: checking it would sync."""
+        checked = self.__dict__.setdefault("_checked_groups", {})  # not pickled: checked anew
+        names = tuple(self.defaults)
+        for i, group in enumerate(self.param_groups):
+            # The values themselves, compared by identity first (a tensor is never compared by value).
+            values = list(map(group.get, names))
+            if checked.get(i) == values:
+                continue
+            own = {k: as_tuple(as_python(v)) for k, v in zip(names, values) if not torch.is_tensor(v)}
+            try:
+                self._check_hyperparameters({**self.defaults, **own})
+            except ValueError as err:
+                raise ValueError(
+                    f"{type(self).__name__}.step: param_groups[{i}] was changed to a bad value: {err}; "
+                    "nothing was updated"
+                ) from None
+            checked[i] = values
+
     @staticmethod
     def _check_hyperparameters(h: dict[str, Any]) -> None:
         """``ValueError`` naming the first bad value of ``h`` (one value per option)."""
@@ -565,6 +590,7 @@ class SketchOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_groups()
         if self._seed_unshared:  # the process group came after the constructor: before any sketch
             self._seed, self._seed_unshared = shared_seed(self._seed), False
         groups = [(group, self._grads_to_update(group)) for group in self.param_groups]

@@ -4,6 +4,7 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from compiled_step import eager_and_compiled
@@ -715,6 +716,36 @@ def test_bad_param_group_values_are_refused(override, match):
     assert len(opt.param_groups) == 1  # nothing added
     opt.add_param_group({"params": [b], "lr": 1e-2, "k_max": 2})  # good values pass
     assert opt.param_groups[1]["k_max"] == 2 and opt.param_groups[1]["betas"] == (0.9, 0.999, 0.9)
+
+
+@pytest.mark.parametrize(
+    "cls,kw,bad,match",
+    [
+        (Adapprox, dict(k_max=4), {"lr": float("nan")}, "learning rate"),
+        (Adapprox, dict(k_max=4), {"nonfinite": "ignore"}, "nonfinite"),
+        (Adapprox, dict(k_max=4), {"betas": (0.9, 1.5, 0.9)}, "index 1"),
+        (AdaMeM, dict(rank=2), {"projection": "SVD"}, "projection"),
+        (AdaMeM, dict(rank=2), {"update_proj_gap": 0}, "update_proj_gap"),
+    ],
+)
+def test_a_bad_value_written_into_param_groups_mid_run_is_refused_before_the_step(cls, kw, bad, match):
+    """Written into ``param_groups`` after construction (as a scheduler or a user's code does),
+    a bad value is refused by the next step, naming the group, with nothing changed (it used to
+    train on: a NaN lr wrote NaN weights, ``"SVD"`` ran S-RSI, ``update_proj_gap=0`` raised a
+    ZeroDivisionError after the step counts had moved, and only loading the checkpoint said
+    why); good values written the same way (a scheduler's lr, a NumPy number) pass."""
+    a, b = torch.nn.Parameter(torch.randn(6, 10)), torch.nn.Parameter(torch.randn(10))
+    opt = cls([{"params": [b]}, {"params": [a]}], seed=0, **kw)
+    a.grad, b.grad = torch.randn(6, 10), torch.randn(10)
+    opt.step()
+    opt.param_groups[1]["lr"] = np.float32(2e-3)  # good: a LambdaLR may write one
+    opt.step()
+    before = copy.deepcopy(opt.state_dict()), a.detach().clone(), b.detach().clone()
+    opt.param_groups[1].update(bad)
+    with pytest.raises(ValueError, match=rf"param_groups\[1\] was changed to a bad value: .*{match}"):
+        opt.step()
+    assert torch.equal(a, before[1]) and torch.equal(b, before[2])
+    assert [s["step"] for s in opt.state.values()] == [s["step"] for s in before[0]["state"].values()]
 
 
 def test_integer_params_and_sparse_grads_are_refused():
