@@ -398,8 +398,8 @@ class SketchOptimizer(Optimizer):
             # do (another optimizer's, e.g. AdamW's two betas, would fail steps later). The run
             # options stay ours; keys we do not know (a scheduler's initial_lr) are not ours to check.
             own = {k: v for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
-            # A scheduler's writes are not checked, and the step takes any real lr: a tensor filled in
-            # place (torch.optim's habit) or a NumPy number (a LambdaLR's). Its value is checked here.
+            # The step takes any real lr: a tensor filled in place (torch.optim's habit; the step
+            # leaves it unchecked, see _check_groups) or a NumPy number (a LambdaLR's). Checked here by value.
             lr = own.get("lr")
             if (torch.is_tensor(lr) and lr.numel() == 1) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool)):
                 own["lr"] = float(lr)
@@ -409,8 +409,8 @@ class SketchOptimizer(Optimizer):
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: the saved param_groups[{i}] does not fit: {err}. "
                     "Either the checkpoint is another optimizer's, or the value was written into param_groups "
-                    "after construction (by a scheduler, say; such writes are checked only here): mend it in the "
-                    "saved dict's param_groups before loading"
+                    "after the last step (or by a version that did not check such writes): mend it in the saved "
+                    "dict's param_groups before loading"
                 ) from None
         same_groups = sizes == [len(g["params"]) for g in self.param_groups]
         if same_groups:  # (torch.optim raises where the groups differ)
