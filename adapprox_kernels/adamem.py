@@ -13,8 +13,10 @@ transposed, a >2-D one folded to ``(shape[0], rest)`` first), with ``r = min(ran
 State per matrix: ``P`` (m·r), ``exp_avg`` (r·n), ``row_sq`` (r), ``col_sq`` (n),
 ``resid_col_sq`` (n), in fp32 (fp64 for fp64 parameters), and ``param_shape``, the parameter's
 own shape (a tuple: a (30, 20) and a (20, 30) weight keep alike-shaped tensors, so only it tells
-their states apart on load). Vectors and scalars keep a dense second moment (plain Adafactor
-without momentum: the one-sided rule on a 1×n matrix).
+their states apart on load), and ``proj_pending``, true while the matrix's last projection
+refresh found no gradient to take P from (see ``AdaMeM._matrix_step``). Vectors and scalars
+keep a dense second moment (plain Adafactor without momentum: the one-sided rule on a 1×n
+matrix).
 Same-shaped matrices of a param group go through the projection and the update in one batched
 call. ``docs/adamem.md`` explains every choice the paper leaves open.
 
@@ -142,27 +144,70 @@ def one_sided_precondition(
 # measured with S-RSI and SVD projections on fp32 and fp64 G from 16×64 to 2048×2048, ranks 1–8,
 # spread singular values included. The floor keeps a 4.6× margin.
 NOISE_FLOOR = 256.0
+# A gradient that arrived in bf16 or fp16 was rounded to that dtype before the cast: an error E
+# whose entries are independent and uniform within half the dtype's spacing at each entry. E
+# sets the noise: about ‖E‖_F in S, and at most about ‖E‖_2 in a row of R beyond G's rank
+# (:func:`gradient_rounding_noise` estimates both). Measured on exactly low-rank G from 2×3 to
+# 768×2048 (bench/adamem_noise_floors.py): S at most 0.98 of its estimate, such rows at most
+# 1.12 of theirs. Roundings that repeat (G with many equal rows) are not independent: rows up to
+# 2.5, above the floor. The margin is thin on purpose: rows of R near the noise are mostly real
+# on decaying spectra, and each one dropped loses an O(1) part of the step (docs/adamem.md).
+GRADIENT_NOISE_MARGIN = 1.25
 
 
-def split_gradient(g: torch.Tensor, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """The largest relative error of rounding to nearest in ``dtype``."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gradient_rounding_noise(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimates of ``(‖E‖_2, ‖E‖_F)``, each ``(B,)``, for the error E of rounding ``g: (B, m, n)``
+    to ``dtype``: each entry's error has variance ``spacing²/12`` (the spacing of ``dtype``'s
+    numbers there; 0 at an exact zero); ``‖E‖_2`` ≲ largest row + largest column norm of E
+    (Bandeira–van Handel), from those variances."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(g)  # |g| in [2^(e-1), 2^e), where dtype's spacing is eps·2^(e-1)
+    spacing = torch.ldexp(torch.full_like(g, info.eps / 2), exponent).clamp_min(info.smallest_normal * info.eps)
+    var = torch.where(g == 0, 0.0, spacing.square() / 12)
+    row_var, col_var = var.sum(dim=2), var.sum(dim=1)
+    return row_var.amax(dim=1).sqrt() + col_var.amax(dim=1).sqrt(), row_var.sum(dim=1).sqrt()
+
+
+def noise_floors(g: torch.Tensor, grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row floor, residual floor)``, each ``(B,)``: the norms at or below which a row of
+    ``R = PᵀG``, and ``S`` as a whole, are rounding noise (see :func:`split_gradient`).
+
+    ``g: (B, m, n)`` in the compute dtype; ``grad_dtype``: the dtype the gradients arrived in,
+    whose own rounding counts where it is coarser."""
+    row_floor = resid_floor = NOISE_FLOOR * unit_roundoff(g.dtype) * torch.linalg.vector_norm(g, dim=(1, 2))
+    if grad_dtype is not None and unit_roundoff(grad_dtype) > unit_roundoff(g.dtype):
+        spectral, frobenius = gradient_rounding_noise(g, grad_dtype)
+        row_floor = torch.maximum(row_floor, GRADIENT_NOISE_MARGIN * spectral)
+        resid_floor = torch.maximum(resid_floor, GRADIENT_NOISE_MARGIN * frobenius)
+    return row_floor, resid_floor
+
+
+def split_gradient(
+    g: torch.Tensor, proj: torch.Tensor, floors: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``R = Pᵀ G`` ``(B, r, n)`` and ``S = G − P R`` ``(B, m, n)``, with the parts that are
     rounding noise set to exactly zero: the rows of R, and S as a whole, whose norm is at most
-    ``NOISE_FLOOR·u·‖G‖_F`` (S always when ``r = m``).
+    ``floors`` (default: :func:`noise_floors` of ``g`` alone); S always when ``r = m``.
 
     Adafactor scales each row of R and one-sided Adafactor each column of S to an O(1) step
     whatever its size, so an exactly low-rank G (a small-batch fine-tune: rank ≤ tokens per
     batch, below r) would otherwise step along pure rounding noise, larger than its real step
-    and even uphill (measured: cos(step, G) = −0.2 in fp32 where fp64 gives 0.8). A part that
-    is real but below the floor cannot be told from the noise in this precision."""
+    and even uphill (measured: cos(step, G) = −0.2 in fp32 where fp64 gives 0.8; 0.1 for a
+    bf16 gradient). A real part at or below the floor is dropped with the noise."""
     m, r = proj.shape[-2:]
-    floor = NOISE_FLOOR * torch.finfo(g.dtype).eps / 2 * torch.linalg.vector_norm(g, dim=(1, 2))
+    row_floor, resid_floor = noise_floors(g) if floors is None else floors
     r_proj = proj.mT @ g
     if r == m:
         resid = torch.zeros_like(g)
     else:
         resid = g - proj @ r_proj
-        resid = resid * (torch.linalg.vector_norm(resid, dim=(1, 2)) > floor).view(-1, 1, 1).to(g.dtype)
-    r_proj = r_proj * (torch.linalg.vector_norm(r_proj, dim=2) > floor.unsqueeze(1)).unsqueeze(2).to(g.dtype)
+        resid = resid * (torch.linalg.vector_norm(resid, dim=(1, 2)) > resid_floor).view(-1, 1, 1).to(g.dtype)
+    r_proj = r_proj * (torch.linalg.vector_norm(r_proj, dim=2) > row_floor.unsqueeze(1)).unsqueeze(2).to(g.dtype)
     return r_proj, resid
 
 
@@ -181,18 +226,19 @@ def adamem_directions(
     clip_threshold: float | None = None,
     second_moment: str = "momentum",
     bias_correction: bool = True,
+    floors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lines 6–10 of Algorithm 1 for a batch with a given projection; updates the state in place.
 
     ``g: (B, m, n)`` with ``m <= n``, ``proj: (B, m, r)`` orthonormal, ``exp_avg: (B, r, n)``,
     ``row_sq: (B, r)``, ``col_sq, resid_col_sq: (B, n)``. Returns the two descent directions
     ``(P N1, N2)``, each ``(B, m, n)``; the step is ``−η (P N1 + δ N2)``; see :func:`split_gradient`
-    for R and S.
+    for R and S and ``floors``.
     """
     clip = signed_clip_threshold(clip_threshold)
     bias1 = 1 - beta1**step if bias_correction else 1.0
     bias2 = 1 - beta2**step if bias_correction else 1.0
-    r_proj, resid = split_gradient(g, proj)
+    r_proj, resid = split_gradient(g, proj, floors)
     exp_avg.mul_(beta1).add_(r_proj, alpha=1 - beta1)
     m_hat = exp_avg / bias1
     stat = m_hat if second_moment == "momentum" else r_proj
@@ -321,8 +367,9 @@ class AdaMeM(SketchOptimizer):
         return math.sqrt(torch.finfo(dtype).max / max(p.numel(), 1))
 
     def _reset_step_caches(self) -> None:
-        # ξ of the buckets that refreshed their projection this step, read once in _end_step.
-        self._xi_pending: list[tuple[list[dict[str, Any]], torch.Tensor]] = []
+        # (states, ξ, found a subspace) of the buckets that refreshed their projection this
+        # step, read once in _end_step.
+        self._xi_pending: list[tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]] = []
         _eager_matrix_steps()
 
     # ---------------------------------------------------------------------------------- state
@@ -342,6 +389,7 @@ class AdaMeM(SketchOptimizer):
         state["param_shape"] = tuple(p.shape)  # the orientation, which no tensor's shape shows
         state["rank"] = r
         state["xi"] = float("nan")  # ‖S‖/‖G‖ on the last projection step
+        state["proj_pending"] = False  # P is refreshed on this matrix's next step, not on schedule
         state["P"] = torch.zeros(m, r, **kw)  # replaced on the first step
         state["exp_avg"] = torch.zeros(r, n, **kw)
         state["row_sq"] = torch.zeros(r, **kw)
@@ -360,37 +408,46 @@ class AdaMeM(SketchOptimizer):
         }  # fmt: skip
 
     def _saved_mismatches(self, p: torch.Tensor, state: dict[str, Any]) -> list[str]:
-        """The saved ``param_shape`` (where there is one: older checkpoints have none): the state
-        of a (30, 20) weight has the shapes of a (20, 30) one's, both oriented to 20×30, and
-        would train in the wrong basis."""
+        """The saved ``param_shape`` and ``proj_pending`` (a bool), where there are (older
+        checkpoints have neither): the state of a (30, 20) weight has the shapes of a (20, 30)
+        one's, both oriented to 20×30, and would train in the wrong basis."""
+        problems = []
         saved = state.get("param_shape")
         if saved is not None and tuple(saved) != tuple(p.shape):
-            return [f"it was saved for a parameter of shape {tuple(saved)}"]
-        return []
+            problems.append(f"it was saved for a parameter of shape {tuple(saved)}")
+        pending = state.get("proj_pending", False)
+        if not isinstance(pending, bool):
+            problems.append(f"'proj_pending' is a {type(pending).__name__}, not a bool")
+        return problems
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """The base class's; a matrix state saved without ``param_shape`` (by a version that did
-        not record it) takes this parameter's, so that the run's next checkpoint has it."""
+        """The base class's; a matrix state saved without ``param_shape`` or ``proj_pending`` (by
+        a version that did not record them) takes this parameter's shape and no pending refresh,
+        so that the run's next checkpoint has both."""
         super().load_state_dict(state_dict)
         for p, state in self.state.items():
             if "P" in state:
                 state.setdefault("param_shape", tuple(p.shape))
+                state.setdefault("proj_pending", False)
 
     # ----------------------------------------------------------------------------------- step
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        # One batched call per (kind, shape, rank, step count, dtype, device): the members
-        # share the projection schedule and the bias corrections (step counts differ after a
-        # skipped non-finite step). The parameter's own shape, not its matrix view: (16, 8) and
-        # (16, 8, 1) fold alike but are written back each in its own shape.
+        # One batched call per (kind, shape, rank, step count, refresh, dtype, device): the
+        # members share the bias corrections (step counts differ after a skipped non-finite
+        # step) and whether P is recomputed (on schedule, or pending from a step without a
+        # gradient to take it from). The parameter's own shape, not its matrix view: (16, 8)
+        # and (16, 8, 1) fold alike but are written back each in its own shape.
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             state = self._init_state(p, group)
             state["step"] += 1
-            key = ("P" in state, tuple(p.shape), state.get("rank"), state["step"], p.dtype, p.device)
+            lowrank = "P" in state
+            refresh = lowrank and ((state["step"] - 1) % group["update_proj_gap"] == 0 or state["proj_pending"])
+            key = (lowrank, tuple(p.shape), state.get("rank"), state["step"], refresh, p.dtype, p.device)
             buckets[key].append(p)
-        for (lowrank, _, _, step, _, _), bucket in buckets.items():
+        for (lowrank, _, _, step, refresh, _, _), bucket in buckets.items():
             if lowrank:
-                self._matrix_step(group, bucket, step)
+                self._matrix_step(group, bucket, step, refresh)
             else:
                 self._vector_step(group, bucket, step)
 
@@ -418,7 +475,13 @@ class AdaMeM(SketchOptimizer):
         self._apply(group, bucket, upd)
 
     # Eager even inside torch.compile(opt.step) (see _eager_matrix_steps).
-    def _matrix_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int) -> None:
+    def _matrix_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int, refresh: bool) -> None:
+        """One step of a bucket of matrices; ``refresh``: recompute P first.
+
+        A matrix whose gradient has no row of ``P_newᵀ G`` above the noise floor (all zero:
+        LoRA's A on its first step, B being 0) has no subspace to take, and ``P_new`` would be
+        an arbitrary basis kept for T steps: it keeps its P and momentum, and ``_end_step``
+        marks its refresh pending, so its next step recomputes P."""
         states = [self.state[p] for p in bucket]
         _, transposed = _oriented_shape(bucket[0])
         keys = ("P", "exp_avg", "row_sq", "col_sq", "resid_col_sq")
@@ -426,22 +489,29 @@ class AdaMeM(SketchOptimizer):
         g = _signed(torch.stack([p.grad.reshape(matrix_shape(p)).to(proj.dtype) for p in bucket]), group)
         if transposed:
             g = g.mT
+        # The gradients' own rounding (bf16, fp16) counts in the floors (a gradient has its
+        # parameter's dtype, one per bucket).
+        floors = noise_floors(g, bucket[0].dtype)
 
-        if (step - 1) % group["update_proj_gap"] == 0:
+        if refresh:
             p_new = top_left_subspace(
                 g, proj.shape[-1], group["projection"], group["oversample"], group["power_iters"],
                 self._generator(g.device),
             )  # fmt: skip
+            found = (torch.linalg.vector_norm(p_new.mT @ g, dim=2) > floors[0].unsqueeze(1)).any(dim=1)
             if group["momentum_transfer"] == "rotate":
-                rotate_momentum(proj, p_new, exp_avg, row_sq)
-            proj = p_new
-            self._xi_pending.append((states, error_ratio(DenseOperator(g), proj, (proj.mT @ g).mT)))
+                rotated = exp_avg.clone(), row_sq.clone()
+                rotate_momentum(proj, p_new, *rotated)
+                exp_avg = torch.where(found.view(-1, 1, 1), rotated[0], exp_avg)
+                row_sq = torch.where(found.view(-1, 1), rotated[1], row_sq)
+            proj = torch.where(found.view(-1, 1, 1), p_new, proj)
+            self._xi_pending.append((states, error_ratio(DenseOperator(g), proj, (proj.mT @ g).mT), found))
 
         beta1, beta2 = group["betas"]
         low, resid = adamem_directions(
             g, proj, exp_avg, row_sq, col_sq, resid_col_sq, beta1=beta1, beta2=beta2, step=step, eps=group["eps"],
             clip_threshold=group["clip_threshold"], second_moment=group["second_moment"],
-            bias_correction=group["bias_correction"],
+            bias_correction=group["bias_correction"], floors=floors,
         )  # fmt: skip
         for b, s in enumerate(states):
             for k, full in zip(keys, (proj, exp_avg, row_sq, col_sq, resid_col_sq)):
@@ -450,11 +520,15 @@ class AdaMeM(SketchOptimizer):
         self._apply(group, bucket, upd.mT if transposed else upd)
 
     def _end_step(self) -> None:
-        """Every ξ of the step from one host read per device (not one per bucket)."""
+        """Every ξ and refresh outcome of the step from one host read per device (not one per
+        bucket): a matrix whose refresh found no gradient keeps its ξ and is marked pending."""
         pending, self._xi_pending = self._xi_pending, []
-        for (states, _), xis in zip(pending, to_host([xi for _, xi in pending])):
-            for s, xi in zip(states, xis):
-                s["xi"] = xi
+        values = to_host([t for _, xi, found in pending for t in (xi, found)])
+        for (states, _, _), xis, founds in zip(pending, values[::2], values[1::2]):
+            for s, xi, found in zip(states, xis, founds):
+                s["proj_pending"] = not found
+                if found:
+                    s["xi"] = xi
 
     # -------------------------------------------------------------------------- observability
     def state_report(self) -> StateReport:

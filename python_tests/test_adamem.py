@@ -196,31 +196,42 @@ def _make(seed, dtype_last=torch.bfloat16):
     return params + [extra], opt
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["current", "without_param_shape"])
-def test_resume_is_bit_exact(legacy):
-    """``legacy``: a checkpoint written before matrix states recorded ``param_shape`` loads and
-    resumes as before, and its states take the parameters' shapes (so the next checkpoint has them)."""
+@pytest.mark.parametrize("case", ["current", "legacy", "deferred_refresh"])
+def test_resume_is_bit_exact(case):
+    """``legacy``: a checkpoint written before matrix states recorded ``param_shape`` and
+    ``proj_pending`` loads and resumes as before, and its states take the parameters' shapes
+    (so the next checkpoint has them). ``deferred_refresh``: two matrices had zero gradients on
+    steps 1–2, so the checkpoint holds their refreshes pending, which the resumed run makes."""
     grads = _grads(SHAPES + [(10, 14)], 8)
+    split = 4
+    if case == "deferred_refresh":
+        for gs in grads[:2]:
+            gs[0].zero_()
+            gs[-1].zero_()  # the bf16 one, in the "rotate" group
+        split = 2
     params, opt = _make(seed=11)
     _run(opt, params, grads)
 
     params2, opt2 = _make(seed=11)
-    _run(opt2, params2, grads[:4])
+    _run(opt2, params2, grads[:split])
     buf = io.BytesIO()
     torch.save({"params": [p.detach() for p in params2], "opt": opt2.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    if legacy:
+    pending = [i for i, s in ckpt["opt"]["state"].items() if s.get("proj_pending")]
+    assert pending == ([0, len(params2) - 1] if case == "deferred_refresh" else [])
+    if case == "legacy":
         for i, p in enumerate(params2):
             if p.dim() >= 2:
                 assert ckpt["opt"]["state"][i].pop("param_shape") == tuple(p.shape)
+                assert ckpt["opt"]["state"][i].pop("proj_pending") is False
     params3, opt3 = _make(seed=99)  # a different seed: the checkpoint's RNG must win
     with torch.no_grad():
         for p, saved in zip(params3, ckpt["params"]):
             p.copy_(saved)
     opt3.load_state_dict(ckpt["opt"])
     assert opt3.state[params3[-1]]["exp_avg"].dtype == torch.float32  # not cast to bf16
-    _run(opt3, params3, grads[4:])
+    _run(opt3, params3, grads[split:])
 
     for a, b in zip(params, params3):
         assert torch.equal(a, b)
@@ -254,6 +265,16 @@ def test_another_shapes_state_is_refused_on_load(saved, here):
         target.load_state_dict(ckpt)
     assert not target.state
     AdaMeM(_params([saved]), rank=2).load_state_dict(ckpt)
+
+
+def test_a_pending_refresh_that_is_not_a_bool_is_refused_on_load():
+    (w,) = _params([(6, 10)])
+    opt = AdaMeM([w], rank=2, seed=0)
+    _run(opt, [w], _grads([(6, 10)], 1))
+    ckpt = opt.state_dict()
+    ckpt["state"][0]["proj_pending"] = torch.tensor(True)
+    with pytest.raises(ValueError, match="'proj_pending' is a Tensor, not a bool"):
+        AdaMeM(_params([(6, 10)]), rank=2).load_state_dict(ckpt)
 
 
 # ------------------------------------------------------------------------ validation, non-finite
@@ -477,17 +498,90 @@ def test_exactly_low_rank_gradient_steps_as_in_float64(projection, scale):
     torch.testing.assert_close(step32, step64, rtol=1e-3, atol=1e-3 * step64.abs().max().item())
 
 
-def test_a_small_real_residual_is_kept():
-    """A residual of 1e-4·‖G‖ (far above fp32's noise, ~1e-6) still takes its one-sided step."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, rank", [((64, 128), 1), ((96, 256), 2)])
+def test_exactly_low_rank_gradient_in_low_precision_steps_as_in_float64(dtype, shape, rank):
+    """A gradient that arrives in bf16/fp16 carries its own rounding (u = 2^-8 / 2^-11 of each
+    entry), which the cast to fp32 does not remove: its noise floor used to be fp32's, and the
+    step went mostly along that noise (cos with the fp64 step 0.1)."""
+    gen = torch.Generator().manual_seed(5)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    g64 = torch.randn(shape[0], rank, **f64) @ torch.randn(rank, shape[1], **f64) * 1e-3
+    step = _first_step(g64.to(dtype), rank=4).double().flatten()
+    want = _first_step(g64, rank=4).flatten()
+    assert torch.nn.functional.cosine_similarity(step, want, dim=0) > 0.999
+
+
+@pytest.mark.parametrize("dtype, size", [(torch.float32, 1e-4), (torch.bfloat16, 5e-3), (torch.float16, 6e-4)])
+def test_a_small_real_residual_is_kept(dtype, size):
+    """A residual a few times the rounding noise of G's dtype (fp32: ~1e-6·‖G‖; a bf16 / fp16
+    gradient: ~1.5e-3 / 1.9e-4·‖G‖) still takes its one-sided step."""
     gen = torch.Generator().manual_seed(4)
     low = torch.randn(32, 2, generator=gen) @ torch.randn(2, 80, generator=gen)
     noise = torch.randn(32, 80, generator=gen)
-    g = low + 1e-4 * low.norm() / noise.norm() * noise
-    with_resid, without = _first_step(g, rank=4), _first_step(g, rank=4, residual_scale=0.0)
+    g = (low + size * low.norm() / noise.norm() * noise).to(dtype)
+    with_resid, without = _first_step(g, rank=2).float(), _first_step(g, rank=2, residual_scale=0.0).float()
     assert (with_resid - without).norm() > 0.1 * without.norm()
 
 
+def test_bf16_gradient_rows_near_the_rounding_noise_are_kept():
+    """A full-rank bf16 gradient with σᵢ ∝ i⁻²: its tail rows of R are real and only a few times
+    the bf16 noise, so a floor far above the noise drops them and turns the step (cos 0.63 with a
+    floor 1.5× the estimate, 0.46 at 5×; 0.92 with fp32's floor alone, 0.84 here)."""
+    gen = torch.Generator().manual_seed(7)
+    m, n = 192, 384
+    u, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+    g = ((u * torch.arange(1, m + 1, dtype=torch.float64) ** -2.0) @ v.T).float()
+    want = _first_step(g, rank=48).double().flatten()
+    step = _first_step(g.bfloat16(), rank=48).double().flatten()
+    assert torch.nn.functional.cosine_similarity(step, want, dim=0) > 0.75
+
+
 # ------------------------------------------------------------------------------------ projection
+@pytest.mark.parametrize("transfer", ["keep", "rotate"])
+def test_a_refresh_without_gradient_is_made_on_the_next_step(transfer, monkeypatch):
+    """LoRA's A has a zero gradient on step 1 (B starts at 0): P used to be an arbitrary basis
+    kept for T steps, here [e1, e2], orthogonal to every later gradient, and the momentum stayed
+    0. P is now recomputed on the matrix's next step, and the schedule stays the group's (steps
+    1, T+1, …): a twin matrix in the same group with a gradient on step 1 keeps its P."""
+    from adapprox_kernels import adamem
+
+    calls = []
+    real = adamem.top_left_subspace
+    monkeypatch.setattr(adamem, "top_left_subspace", lambda g, *a: calls.append(g.shape[0]) or real(g, *a))
+    w, twin = _params([(6, 10), (6, 10)])
+    opt = AdaMeM([w, twin], rank=2, update_proj_gap=3, momentum_transfer=transfer, seed=0)
+    g = torch.zeros(6, 10)
+    g[4:] = torch.randn(2, 10)
+    w.grad, twin.grad = torch.zeros(6, 10), g.clone()
+    opt.step()
+    state = opt.state[w]
+    assert state["proj_pending"] and not opt.state[twin]["proj_pending"]
+    assert torch.equal(state["P"], torch.zeros(6, 2)) and state["xi"] != state["xi"]  # kept as made
+    twin_p = opt.state[twin]["P"].clone()
+    for _ in range(3):
+        w.grad, twin.grad = g.clone(), g.clone()
+        opt.step()
+    assert calls == [2, 1, 2]  # step 1 (both), step 2 (w alone), step 4 (both, on schedule)
+    assert not state["proj_pending"] and state["exp_avg"].norm() > 0
+    torch.testing.assert_close(state["P"] @ state["P"].T @ g, g)  # P spans the gradient's rows
+    torch.testing.assert_close(state["P"], twin_p)
+    assert 0 <= state["xi"] < 1e-6
+
+
+def test_a_refresh_waits_out_several_zero_gradients_and_nonfinite_skips():
+    (w,) = _params([(6, 10)])
+    opt = AdaMeM([w], rank=2, update_proj_gap=100, nonfinite="skip", seed=0)
+    g = torch.randn(6, 2) @ torch.randn(2, 10)
+    for grad in (torch.zeros(6, 10), torch.zeros(6, 10), torch.full((6, 10), float("nan")), g):
+        w.grad = grad
+        opt.step()
+    state = opt.state[w]
+    assert state["step"] == 3 and state["nonfinite_skips"] == 1 and not state["proj_pending"]
+    torch.testing.assert_close(state["P"] @ state["P"].T @ g, g)
+
+
 def test_srsi_subspace_matches_svd_on_low_rank():
     m, n, k = 30, 50, 5
     g = (torch.randn(2, m, k, dtype=torch.float64) @ torch.randn(2, k, n, dtype=torch.float64))
@@ -611,8 +705,8 @@ def test_cuda_matches_cpu():
 
 
 def test_one_host_read_of_xi_per_step(monkeypatch):
-    """The ξ of every bucket that refreshed its projection reaches the host in one read per
-    step, not one per bucket; each parameter gets its own."""
+    """The ξ (and whether a subspace was found) of every bucket that refreshed its projection
+    reaches the host in one read per step, not one per bucket; each parameter gets its own."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in [(12, 20), (12, 20), (30, 16), (7,)]]
     opt = AdaMeM(params, rank=2, seed=0)
@@ -622,7 +716,7 @@ def test_one_host_read_of_xi_per_step(monkeypatch):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     opt.step()
-    # one for the non-finite check (4 gradients), one for the ξ of both matrix buckets (2 + 1)
-    assert reads == [torch.Size([4]), torch.Size([3])]
+    # one for the non-finite check (4 gradients), one for the ξ and flags of both matrix buckets (2·(2 + 1))
+    assert reads == [torch.Size([4]), torch.Size([6])]
     xis = [opt.state[p]["xi"] for p in params[:3]]
     assert all(0 < xi < 1 for xi in xis) and len(set(xis)) == 3

@@ -1,0 +1,143 @@
+"""AdaMeM's noise floors for gradients that arrive in bf16 or fp16 (``adamem.noise_floors``).
+
+Two measurements, on the CPU by default (they are about numbers, not time):
+
+* ``noise``: exactly low-rank G (rank k < r) rounded to the dtype. The rows of ``R = PᵀG`` beyond
+  k and the residual S are then pure rounding noise; their largest norm over shapes 2×3 to
+  768×2048, ranks 1–8 and four kinds of factors, as a fraction of ``gradient_rounding_noise``'s
+  estimate (the floor is ``GRADIENT_NOISE_MARGIN`` times it, so a fraction above the margin is
+  noise that gets through). Tiny shapes get 2000 draws each.
+* ``cosine``: cos(first step on the rounded gradient, first step on the exact fp32 gradient), with
+  the package's floors and with fp32's floor alone (the rule before gradients' own rounding
+  counted), on decaying spectra (σᵢ ∝ i^-a, full rank) and exactly low-rank gradients.
+
+``python bench/adamem_noise_floors.py`` writes ``bench/results/adamem_noise_floors_<device>.json``
+and ``.csv``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from adapprox_kernels import adamem  # noqa: E402
+from bench.common import measured, metadata, parser, setup, write_results  # noqa: E402
+
+DTYPES = (torch.bfloat16, torch.float16)
+KINDS = ("gaussian", "heavy_tailed", "zero_rows", "repeated_rows")
+
+
+def low_rank(batch: int, m: int, n: int, k: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """``(batch, m, n)`` fp64 matrices of rank ≤ k; ``kind`` shapes the left factor's rows."""
+    a = torch.randn(batch, m, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(batch, k, n, generator=gen, dtype=torch.float64)
+    if kind == "heavy_tailed":  # entries over many binades
+        a, b = a**3, b * torch.randn(batch, k, n, generator=gen, dtype=torch.float64).exp()
+    elif kind == "zero_rows":
+        a = a * (torch.rand(batch, m, 1, generator=gen) > 0.7)
+    elif kind == "repeated_rows":  # the same rounding in every repeated row: not independent
+        a[:, m // 4 :] = a[:, m // 4 : m // 4 + 1]
+    return a @ b
+
+
+def noise_rows(device: torch.device, gen: torch.Generator) -> list[dict]:
+    rows = []
+    shapes = [(2, 3, 2000), (2, 8, 2000), (4, 8, 2000), (16, 64, 20), (64, 128, 5), (256, 512, 1), (768, 2048, 1)]
+    for dtype in DTYPES:
+        for kind in KINDS:
+            for projection in ("svd", "srsi"):
+                worst_row = worst_resid = 0.0
+                over = total = 0
+                for m, n, batch in shapes:
+                    for k in (1, 2, 4, 8):
+                        r = min(k + 4, m - 1)
+                        if k >= r:
+                            continue
+                        g = low_rank(batch, m, n, k, kind, gen).to(dtype).to(device, torch.float32)
+                        proj = adamem.top_left_subspace(g, r, projection, generator=torch.Generator(device).manual_seed(0))
+                        r_proj = proj.mT @ g
+                        spectral, frobenius = adamem.gradient_rounding_noise(g, dtype)
+                        row = torch.linalg.vector_norm(r_proj[:, k:], dim=2).amax(dim=1) / spectral
+                        resid = torch.linalg.vector_norm(g - proj @ r_proj, dim=(1, 2)) / frobenius
+                        worst_row, worst_resid = max(worst_row, row.max().item()), max(worst_resid, resid.max().item())
+                        over += int((row > adamem.GRADIENT_NOISE_MARGIN).sum() + (resid > adamem.GRADIENT_NOISE_MARGIN).sum())
+                        total += 2 * batch
+                rows.append(dict(
+                    measure="noise", dtype=str(dtype).removeprefix("torch."), kind=kind, projection=projection,
+                    max_noise_row_over_estimate=round(worst_row, 3), max_residual_over_estimate=round(worst_resid, 3),
+                    fraction_over_margin=over / total, **measured(),
+                ))  # fmt: skip
+                print(rows[-1])
+    return rows
+
+
+def first_step(g: torch.Tensor, rank: int, grad_dtype: torch.dtype | None) -> torch.Tensor:
+    """``P N1 + N2`` of AdaMeM's first step (S-RSI projection, default betas) on ``g: (1, m, n)``."""
+    n = g.shape[-1]
+    proj = adamem.top_left_subspace(g, rank, generator=torch.Generator(g.device).manual_seed(0))
+
+    def zeros(*shape):
+        return torch.zeros(1, *shape, device=g.device)
+
+    floors = adamem.noise_floors(g, grad_dtype)
+    low, resid = adamem.adamem_directions(
+        g, proj, zeros(rank, n), zeros(rank), zeros(n), zeros(n), beta1=0.9, beta2=0.95, step=1, eps=1e-8,
+        floors=floors,
+    )  # fmt: skip
+    return (low + resid).flatten()
+
+
+def spectrum(m: int, n: int, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``(m, n)`` fp64 with singular values ``sigma`` and random singular vectors."""
+    u, _ = torch.linalg.qr(torch.randn(m, len(sigma), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(sigma), generator=gen, dtype=torch.float64))
+    return (u * sigma) @ v.T
+
+
+def cosine_rows(device: torch.device, gen: torch.Generator, draws: int = 3) -> list[dict]:
+    """Mean and least cosine over ``draws`` gradients per case."""
+    cases = []
+    for m, n, r in [(192, 384, 48), (768, 3072, 256)]:
+        for a in (1.0, 1.5, 2.0):
+            sigma = torch.arange(1, m + 1, dtype=torch.float64) ** -a
+            cases.append((f"{m}x{n} full rank, σ_i ∝ i^-{a}", r, lambda m=m, n=n, sigma=sigma: spectrum(m, n, sigma, gen)))
+    for m, n, k in [(64, 128, 1), (256, 512, 2), (768, 3072, 16)]:
+        cases.append((f"{m}x{n} rank {k}", 4 * k, lambda m=m, n=n, k=k: low_rank(1, m, n, k, "gaussian", gen)[0]))
+    rows = []
+    for name, rank, draw in cases:
+        cos: dict[tuple, list[float]] = {}
+        for _ in range(draws):
+            exact = draw().to(device, torch.float32).unsqueeze(0)
+            want = first_step(exact, rank, None)
+            for dtype in DTYPES:
+                g = exact.to(dtype).float()
+                for rule, grad_dtype in (("package", dtype), ("fp32_floor_only", None)):
+                    got = first_step(g, rank, grad_dtype)
+                    cos.setdefault((dtype, rule), []).append(torch.nn.functional.cosine_similarity(got, want, dim=0).item())
+        for dtype in DTYPES:
+            stats = {}
+            for rule in ("package", "fp32_floor_only"):
+                values = cos[dtype, rule]
+                stats |= {f"cos_{rule}_mean": round(sum(values) / draws, 3), f"cos_{rule}_min": round(min(values), 3)}
+            rows.append(dict(
+                measure="cosine", case=name, rank=rank, dtype=str(dtype).removeprefix("torch."), draws=draws,
+                **stats, **measured(),
+            ))  # fmt: skip
+            print(rows[-1])
+    return rows
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    device = setup(args)
+    gen = torch.Generator().manual_seed(0)
+    rows = noise_rows(device, gen) + cosine_rows(device, gen)
+    meta = metadata(device, margin=adamem.GRADIENT_NOISE_MARGIN)
+    print(write_results("adamem_noise_floors", device, rows, meta, args.out))
+
+
+if __name__ == "__main__":
+    main()
