@@ -162,15 +162,17 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 def gradient_rounding_noise(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimates of ``(‖E‖_2, ‖E‖_F)``, each ``(B,)``, for the error E of rounding ``g: (B, m, n)``
-    to ``dtype``: each entry's error has variance ``spacing²/12`` (the spacing of ``dtype``'s
-    numbers there; 0 at an exact zero); ``‖E‖_2`` ≲ largest row + largest column norm of E
-    (Bandeira–van Handel), from those variances."""
+    (fp32) to ``dtype``: each entry's error has variance ``spacing²/12``, the spacing of
+    ``dtype``'s numbers there (at a zero, its subnormals': it may be an underflow), and
+    ``‖E‖_2`` ≲ largest row + largest column norm of E (Bandeira–van Handel)."""
     info = torch.finfo(dtype)
-    _, exponent = torch.frexp(g)  # |g| in [2^(e-1), 2^e), where dtype's spacing is eps·2^(e-1)
-    spacing = torch.ldexp(torch.full_like(g, info.eps / 2), exponent).clamp_min(info.smallest_normal * info.eps)
-    var = torch.where(g == 0, 0.0, spacing.square() / 12)
-    row_var, col_var = var.sum(dim=2), var.sum(dim=1)
-    return row_var.amax(dim=1).sqrt() + col_var.amax(dim=1).sqrt(), row_var.sum(dim=1).sqrt()
+    # 2^⌊log2|g|⌋ from g's exponent bits, where dtype's spacing is eps·2^⌊log2|g|⌋ (frexp took
+    # 4× as long on the CPU).
+    binade = (g.view(torch.int32) & 0x7F800000).view(torch.float32).clamp_min_(info.smallest_normal)
+    var = binade.square_()  # times eps²/12
+    row_var, col_var = var.sum(dim=2), var.sum(dim=1)  # (a norm over dim 1 took 10× as long)
+    spectral = row_var.amax(dim=1).sqrt() + col_var.amax(dim=1).sqrt()
+    return info.eps / math.sqrt(12) * spectral, info.eps / math.sqrt(12) * row_var.sum(dim=1).sqrt()
 
 
 def noise_floors(g: torch.Tensor, grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

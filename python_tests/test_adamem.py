@@ -524,6 +524,22 @@ def test_a_small_real_residual_is_kept(dtype, size):
     assert (with_resid - without).norm() > 0.1 * without.norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 1e-6], ids=["normal", "fp16_subnormal"])
+def test_gradient_rounding_noise_estimates_the_real_rounding_error(dtype, scale):
+    """‖E‖_F from the spacings against the real error of rounding to ``dtype`` (at 1e-6 most fp16
+    values are subnormal, with a fixed spacing of 2⁻²⁴); ‖E‖_2 at most about the row + column estimate."""
+    from adapprox_kernels.adamem import gradient_rounding_noise
+
+    gen = torch.Generator().manual_seed(8)
+    exact = torch.randn(3, 96, 160, generator=gen) * torch.tensor([1.0, 2**-0.5, 1e3]).view(3, 1, 1) * scale
+    rounded = exact.to(dtype).float()
+    err = (rounded - exact).double()
+    spectral, frobenius = gradient_rounding_noise(rounded, dtype)
+    torch.testing.assert_close(frobenius.double(), torch.linalg.vector_norm(err, dim=(1, 2)), rtol=0.05, atol=0)
+    assert (torch.linalg.matrix_norm(err, ord=2) < 1.1 * spectral).all()
+
+
 def test_bf16_gradient_rows_near_the_rounding_noise_are_kept():
     """A full-rank bf16 gradient with σᵢ ∝ i⁻²: its tail rows of R are real and only a few times
     the bf16 noise, so a floor far above the noise drops them and turns the step (cos 0.63 with a
