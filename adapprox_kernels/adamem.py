@@ -403,7 +403,13 @@ class AdaMeM(SketchOptimizer):
         if matrix_shape(p) is None:
             return {"step": None, "exp_avg_sq": (p.numel(),)}
         (m, n), _ = _oriented_shape(p)
-        r = state["P"].shape[-1] if "P" in state else min(state.get("rank", 0), m)
+        if torch.is_tensor(state.get("P")):
+            r = state["P"].shape[-1]
+        elif isinstance(state.get("rank"), int):
+            r = min(state["rank"], m)
+        else:  # another optimizer's state (AdamW's): no rank to check the shapes against
+            return {"step": None, "rank": None, **dict.fromkeys(("P", "exp_avg", "row_sq"), ...), "col_sq": (n,),
+                    "resid_col_sq": (n,)}  # fmt: skip
         return {
             "step": None, "rank": None, "P": (m, r), "exp_avg": (r, n), "row_sq": (r,), "col_sq": (n,),
             "resid_col_sq": (n,),

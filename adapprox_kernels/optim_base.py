@@ -454,7 +454,7 @@ class SketchOptimizer(Optimizer):
             elif (shape is not None) != torch.is_tensor(state[key]):  # e.g. torch.optim's tensor step
                 want = "a tensor" if shape is not None else "a number"
                 problems.append(f"{key!r} is a {type(state[key]).__name__}, not {want}")
-            elif shape is not None and tuple(state[key].shape) != shape:
+            elif shape not in (None, ...) and tuple(state[key].shape) != shape:
                 problems.append(f"{key!r} is {tuple(state[key].shape)}, not {shape}")
         problems += self._saved_mismatches(p, state)
         if problems:
@@ -465,7 +465,8 @@ class SketchOptimizer(Optimizer):
             )
 
     def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
-        """What a saved state of ``p`` must hold: entry -> its shape (None: not a tensor)."""
+        """What a saved state of ``p`` must hold: entry -> its shape (None: not a tensor; ``...``:
+        a tensor whose shape the state does not tell)."""
         raise NotImplementedError
 
     def _saved_mismatches(self, p: torch.Tensor, state: dict[str, Any]) -> list[str]:

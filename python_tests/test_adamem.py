@@ -267,6 +267,19 @@ def test_another_shapes_state_is_refused_on_load(saved, here):
     AdaMeM(_params([saved]), rank=2).load_state_dict(ckpt)
 
 
+def test_an_adamw_checkpoint_is_refused_naming_what_it_lacks():
+    """Another optimizer's state has no rank: the message names the missing entries, and no
+    shape made up from a rank of 0 (it used to say "'exp_avg' is (30, 20), not (0, 30)")."""
+    (w,) = _params([(30, 20)])
+    w.grad = torch.randn(30, 20)
+    adamw = torch.optim.AdamW([w])
+    adamw.step()
+    with pytest.raises(ValueError) as info:
+        AdaMeM([w], rank=4).load_state_dict(adamw.state_dict())
+    assert "no 'rank'; no 'P'; no 'row_sq'; no 'col_sq'" in str(info.value)
+    assert "exp_avg" not in str(info.value)
+
+
 def test_a_pending_refresh_that_is_not_a_bool_is_refused_on_load():
     (w,) = _params([(6, 10)])
     opt = AdaMeM([w], rank=2, seed=0)
