@@ -153,6 +153,9 @@ NOISE_FLOOR = 256.0
 # 2.5, above the floor. The margin is thin on purpose: rows of R near the noise are mostly real
 # on decaying spectra, and each one dropped loses an O(1) part of the step (docs/adamem.md).
 GRADIENT_NOISE_MARGIN = 1.25
+# The grids an fp32 gradient's values may lie on, coarsest first: the fp32 mantissa bits that
+# each leaves zero.
+_GRIDS = ((torch.bfloat16, 0xFFFF), (torch.float16, 0x1FFF))
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -160,29 +163,57 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-def gradient_rounding_noise(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Estimates of ``(‖E‖_2, ‖E‖_F)``, each ``(B,)``, for the error E of rounding ``g: (B, m, n)``
-    (fp32) to ``dtype``: each entry's error has variance ``spacing²/12``, the spacing of
-    ``dtype``'s numbers there (at a zero, its subnormals': it may be an underflow), and
-    ``‖E‖_2`` ≲ largest row + largest column norm of E (Bandeira–van Handel)."""
-    info = torch.finfo(dtype)
-    # 2^⌊log2|g|⌋ from g's exponent bits, where dtype's spacing is eps·2^⌊log2|g|⌋ (frexp took
-    # 4× as long on the CPU).
-    binade = (g.view(torch.int32) & 0x7F800000).view(torch.float32).clamp_min_(info.smallest_normal)
-    var = binade.square_()  # times eps²/12
-    row_var, col_var = var.sum(dim=2), var.sum(dim=1)  # (a norm over dim 1 took 10× as long)
-    spectral = row_var.amax(dim=1).sqrt() + col_var.amax(dim=1).sqrt()
-    return info.eps / math.sqrt(12) * spectral, info.eps / math.sqrt(12) * row_var.sum(dim=1).sqrt()
+def _smallest_binade(dtype: torch.dtype) -> float:
+    """The spacing-defining binade below which ``dtype``'s numbers are evenly spaced (its
+    subnormals'), and at least 2^-63, whose square is still an fp32 normal number (bf16's
+    2^-126 squares to 0: entries below 1e-19 count as 2^-63)."""
+    return max(torch.finfo(dtype).smallest_normal, 2.0**-63)
+
+
+def _rounding_grid(g: torch.Tensor, grad_dtype: torch.dtype | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """``(eps, smallest binade)`` of the dtype that ``g: (B, m, n)`` (fp32) was rounded to:
+    ``grad_dtype`` where it is bf16 or fp16; else, per matrix ``(B, 1, 1)``, bf16's or fp16's
+    where every entry of 16-odd rows lies on that grid (zeros aside, a real fp32 gradient does
+    with chance 2^-16 per entry; under autocast an fp32 weight's gradient is a bf16 product cast
+    up), and eps 0 where none does."""
+    for dtype, _ in _GRIDS:
+        if grad_dtype == dtype:
+            return torch.finfo(dtype).eps, _smallest_binade(dtype)
+    eps, tiny = torch.zeros_like(g[:, :1, :1]), torch.full_like(g[:, :1, :1], _smallest_binade(torch.float32))
+    low = (g[:, :: max(1, g.shape[1] // 16)].view(torch.int32) & 0xFFFF).flatten(1)
+    for dtype, bits in reversed(_GRIDS):  # the coarsest last, so it wins where both hold
+        on = ((low if bits == 0xFFFF else low & bits).amax(dim=1) == 0).view(-1, 1, 1)
+        eps = torch.where(on, torch.finfo(dtype).eps, eps)
+        tiny = torch.where(on, _smallest_binade(dtype), tiny)
+    return eps, tiny
+
+
+def gradient_rounding_noise(g: torch.Tensor, grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimates of ``(‖E‖_2, ‖E‖_F)``, each ``(B,)``, for the error E of the rounding that
+    ``g: (B, m, n)`` (fp32) went through once (see :func:`_rounding_grid`; 0 where none is
+    seen): each entry's error has variance ``spacing²/12``, the spacing of the rounding dtype's
+    numbers there (at a zero, its subnormals': it may be an underflow), and ``‖E‖_2`` ≲
+    largest row + largest column norm of E (Bandeira–van Handel)."""
+    if g.dtype != torch.float32:
+        raise ValueError(f"gradient_rounding_noise reads fp32 bits; got {g.dtype}")
+    eps, tiny = _rounding_grid(g, grad_dtype)
+    # 2^⌊log2|g|⌋ from g's exponent bits, where the spacing is eps·2^⌊log2|g|⌋ (frexp took 4×
+    # as long on the CPU).
+    binade = (g.view(torch.int32) & 0x7F800000).view(torch.float32)
+    var = binade.clamp_min_(tiny).square_()
+    row_var, col_var = var.sum(dim=2), var.sum(dim=1)  # times (eps²/12); a norm over dim 1 took 10× as long
+    scale = (eps if isinstance(eps, float) else eps.view(-1)) / math.sqrt(12)
+    return scale * (row_var.amax(dim=1).sqrt() + col_var.amax(dim=1).sqrt()), scale * row_var.sum(dim=1).sqrt()
 
 
 def noise_floors(g: torch.Tensor, grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(row floor, residual floor)``, each ``(B,)``: the norms at or below which a row of
     ``R = PᵀG``, and ``S`` as a whole, are rounding noise (see :func:`split_gradient`).
 
-    ``g: (B, m, n)`` in the compute dtype; ``grad_dtype``: the dtype the gradients arrived in,
-    whose own rounding counts where it is coarser."""
+    ``g: (B, m, n)`` in the compute dtype; ``grad_dtype``: the dtype the gradients arrived in.
+    An fp32 ``g``'s own earlier rounding to bf16 or fp16 counts too (:func:`_rounding_grid`)."""
     row_floor = resid_floor = NOISE_FLOOR * unit_roundoff(g.dtype) * torch.linalg.vector_norm(g, dim=(1, 2))
-    if grad_dtype is not None and unit_roundoff(grad_dtype) > unit_roundoff(g.dtype):
+    if g.dtype == torch.float32:
         spectral, frobenius = gradient_rounding_noise(g, grad_dtype)
         row_floor = torch.maximum(row_floor, GRADIENT_NOISE_MARGIN * spectral)
         resid_floor = torch.maximum(resid_floor, GRADIENT_NOISE_MARGIN * frobenius)

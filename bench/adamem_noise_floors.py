@@ -4,12 +4,15 @@ Two measurements, on the CPU by default (they are about numbers, not time):
 
 * ``noise``: exactly low-rank G (rank k < r) rounded to the dtype. The rows of ``R = PᵀG`` beyond
   k and the residual S are then pure rounding noise; their largest norm over shapes 2×3 to
-  768×2048, ranks 1–8 and four kinds of factors, as a fraction of ``gradient_rounding_noise``'s
+  768×2048 (r = min(k + 4, m)), ranks 1–8 and four kinds of factors, as a fraction of
+  ``gradient_rounding_noise``'s
   estimate (the floor is ``GRADIENT_NOISE_MARGIN`` times it, so a fraction above the margin is
   noise that gets through). Tiny shapes get 2000 draws each.
 * ``cosine``: cos(first step on the rounded gradient, first step on the exact fp32 gradient), with
   the package's floors and with fp32's floor alone (the rule before gradients' own rounding
-  counted), on decaying spectra (σᵢ ∝ i^-a, full rank) and exactly low-rank gradients.
+  counted), on decaying spectra (σᵢ ∝ i^-a, full rank) and exactly low-rank gradients. The
+  rounded gradient goes in as fp32 values on the dtype's grid, as autocast gives them: the
+  package has to recognise the grid (a bf16 or fp16 parameter's gradient declares it).
 
 ``python bench/adamem_noise_floors.py`` writes ``bench/results/adamem_noise_floors_<device>.json``
 and ``.csv``.
@@ -53,7 +56,7 @@ def noise_rows(device: torch.device, gen: torch.Generator) -> list[dict]:
                 over = total = 0
                 for m, n, batch in shapes:
                     for k in (1, 2, 4, 8):
-                        r = min(k + 4, m - 1)
+                        r = min(k + 4, m)  # r = m: no residual, rows beyond k still noise
                         if k >= r:
                             continue
                         g = low_rank(batch, m, n, k, kind, gen).to(dtype).to(device, torch.float32)
@@ -62,6 +65,7 @@ def noise_rows(device: torch.device, gen: torch.Generator) -> list[dict]:
                         spectral, frobenius = adamem.gradient_rounding_noise(g, dtype)
                         row = torch.linalg.vector_norm(r_proj[:, k:], dim=2).amax(dim=1) / spectral
                         resid = torch.linalg.vector_norm(g - proj @ r_proj, dim=(1, 2)) / frobenius
+                        assert row.isfinite().all() and resid.isfinite().all()
                         worst_row, worst_resid = max(worst_row, row.max().item()), max(worst_resid, resid.max().item())
                         over += int((row > adamem.GRADIENT_NOISE_MARGIN).sum() + (resid > adamem.GRADIENT_NOISE_MARGIN).sum())
                         total += 2 * batch
@@ -74,15 +78,19 @@ def noise_rows(device: torch.device, gen: torch.Generator) -> list[dict]:
     return rows
 
 
-def first_step(g: torch.Tensor, rank: int, grad_dtype: torch.dtype | None) -> torch.Tensor:
-    """``P N1 + N2`` of AdaMeM's first step (S-RSI projection, default betas) on ``g: (1, m, n)``."""
+def first_step(g: torch.Tensor, rank: int, own_rounding: bool) -> torch.Tensor:
+    """``P N1 + N2`` of AdaMeM's first step (S-RSI projection, default betas) on ``g: (1, m, n)``,
+    with the package's floors or (``own_rounding=False``) fp32's floor alone."""
     n = g.shape[-1]
     proj = adamem.top_left_subspace(g, rank, generator=torch.Generator(g.device).manual_seed(0))
 
     def zeros(*shape):
         return torch.zeros(1, *shape, device=g.device)
 
-    floors = adamem.noise_floors(g, grad_dtype)
+    if own_rounding:
+        floors = adamem.noise_floors(g)
+    else:
+        floors = (adamem.NOISE_FLOOR * adamem.unit_roundoff(g.dtype) * torch.linalg.vector_norm(g, dim=(1, 2)),) * 2
     low, resid = adamem.adamem_directions(
         g, proj, zeros(rank, n), zeros(rank), zeros(n), zeros(n), beta1=0.9, beta2=0.95, step=1, eps=1e-8,
         floors=floors,
@@ -111,11 +119,11 @@ def cosine_rows(device: torch.device, gen: torch.Generator, draws: int = 3) -> l
         cos: dict[tuple, list[float]] = {}
         for _ in range(draws):
             exact = draw().to(device, torch.float32).unsqueeze(0)
-            want = first_step(exact, rank, None)
+            want = first_step(exact, rank, True)
             for dtype in DTYPES:
                 g = exact.to(dtype).float()
-                for rule, grad_dtype in (("package", dtype), ("fp32_floor_only", None)):
-                    got = first_step(g, rank, grad_dtype)
+                for rule, own_rounding in (("package", True), ("fp32_floor_only", False)):
+                    got = first_step(g, rank, own_rounding)
                     cos.setdefault((dtype, rule), []).append(torch.nn.functional.cosine_similarity(got, want, dim=0).item())
         for dtype in DTYPES:
             stats = {}

@@ -511,18 +511,44 @@ def test_exactly_low_rank_gradient_steps_as_in_float64(projection, scale):
     torch.testing.assert_close(step32, step64, rtol=1e-3, atol=1e-3 * step64.abs().max().item())
 
 
+@pytest.mark.parametrize("arrives_as", ["parameter_dtype", "fp32_on_its_grid"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape, rank", [((64, 128), 1), ((96, 256), 2)])
-def test_exactly_low_rank_gradient_in_low_precision_steps_as_in_float64(dtype, shape, rank):
+@pytest.mark.parametrize("shape, rank", [((64, 128), 1), ((96, 256), 2), ((160, 48), 1)])
+def test_exactly_low_rank_gradient_in_low_precision_steps_as_in_float64(dtype, shape, rank, arrives_as):
     """A gradient that arrives in bf16/fp16 carries its own rounding (u = 2^-8 / 2^-11 of each
     entry), which the cast to fp32 does not remove: its noise floor used to be fp32's, and the
-    step went mostly along that noise (cos with the fp64 step 0.1)."""
+    step went mostly along that noise (cos with the fp64 step 0.1). Also for an fp32 parameter
+    whose gradient lies on that grid (autocast's; ``test_autocast_gradient_is_recognised``), and
+    for a tall matrix (its G transposed)."""
     gen = torch.Generator().manual_seed(5)
     f64 = dict(generator=gen, dtype=torch.float64)
     g64 = torch.randn(shape[0], rank, **f64) @ torch.randn(rank, shape[1], **f64) * 1e-3
-    step = _first_step(g64.to(dtype), rank=4).double().flatten()
+    g = g64.to(dtype) if arrives_as == "parameter_dtype" else g64.to(dtype).float()
+    step = _first_step(g, rank=4).double().flatten()
     want = _first_step(g64, rank=4).flatten()
     assert torch.nn.functional.cosine_similarity(step, want, dim=0) > 0.999
+
+
+def test_autocast_gradient_is_recognised():
+    """Under autocast an fp32 weight's gradient is a bf16 product cast up: three tokens give a
+    rank-3 gradient plus bf16 noise, and the step takes the three rows alone, as on the exact
+    gradient (fp64), where fp32's floor alone stepped along the noise too."""
+    from adapprox_kernels.adamem import gradient_rounding_noise
+
+    torch.manual_seed(9)
+    lin = torch.nn.Linear(96, 48, bias=False)
+    x, target = torch.randn(3, 96), torch.randn(3, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(x)
+    (out.float() - target).square().sum().backward()
+    g = lin.weight.grad
+    assert g.dtype == torch.float32 and gradient_rounding_noise(g.unsqueeze(0))[1].item() > 0
+    x64 = x.double().bfloat16().double()  # what autocast multiplied
+    delta = 2 * (out.double() - target.double())
+    exact = delta.T @ x64
+    step = _first_step(g, rank=8).double().flatten()
+    want = _first_step(exact, rank=8).flatten()
+    assert torch.nn.functional.cosine_similarity(step, want, dim=0) > 0.99
 
 
 @pytest.mark.parametrize("dtype, size", [(torch.float32, 1e-4), (torch.bfloat16, 5e-3), (torch.float16, 6e-4)])
