@@ -80,11 +80,13 @@ def _optimizer(model: nn.Module, seed: int | None = SEED, backend: str = "auto",
 
 
 def _loss(model: nn.Module, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Step ``step``'s batch, this rank's equal slice of it (FSDP2 and DDP average gradients)."""
+    """Step ``step``'s batch, this rank's equal slice of it (FSDP2 and DDP average gradients),
+    in the model's dtype."""
     gen = torch.Generator().manual_seed(100 + step)
     x, y = torch.randn(BATCH, 16, generator=gen), torch.randn(BATCH, 1, generator=gen)
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    return nn.functional.mse_loss(model(x[rows]), y[rows])
+    dtype = next(model.parameters()).dtype
+    return nn.functional.mse_loss(model(x[rows].to(dtype)).float(), y[rows])
 
 
 def _train(model, opt, steps, rank=0, world=1, after_step=None) -> list:
@@ -190,11 +192,13 @@ def _spawn(fn, world: int, *args) -> None:
         mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
 
 
-def _fsdp(world: int, backend: str = "auto", **options) -> tuple[nn.Module, Adapprox]:
+def _fsdp(
+    world: int, backend: str = "auto", dtype: torch.dtype = torch.float32, **options
+) -> tuple[nn.Module, Adapprox]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = _model().to(dtype)
     mesh = init_device_mesh("cpu", (world,))
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -427,6 +431,33 @@ def _triton_shards_job(rank, world, out) -> None:
     torch.save({"fused": sum(fused), "precisions": precisions, "projected": len(projected)}, f"{out}.fused.{rank}")
 
 
+def _bf16_rounding_job(rank, world, out) -> None:
+    """FSDP2 on bf16 weights with ``bf16_stochastic_round``, ``SAVE_AT`` steps: per step, the
+    fp32 rows of each parameter this rank rounded (what ``reference.stochastic_round_bf16``
+    got) and the bf16 rows it held after the step."""
+    from adapprox_kernels import reference
+
+    model, opt = _fsdp(world, "reference", dtype=torch.bfloat16, bf16_stochastic_round=True)
+    # Each bucket holds one parameter and its local shape is unique: the shape names it.
+    name_of = {(1, *local(p).shape): n for n, p in model.named_parameters()}
+    assert len(name_of) == len(list(model.parameters()))
+    real, calls, steps = reference.stochastic_round_bf16, [], []
+
+    def recording(x, keys, *args, **kwargs):
+        calls.append((name_of[tuple(x.shape)], x.clone()))
+        return real(x, keys, *args, **kwargs)
+
+    def after_step(step):
+        held = {n: local(p).detach().clone() for n, p in model.named_parameters()}
+        steps.append({"rounded": list(calls), "held": held})
+        calls.clear()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reference, "stochastic_round_bf16", recording)
+        _train(model, opt, range(SAVE_AT), rank, world, after_step)
+    torch.save(steps, f"{out}.{rank}")
+
+
 MIXED_SHAPE = (12, 10)
 
 
@@ -586,6 +617,7 @@ def _two_rank_worker(rank, world, port, tmp) -> None:
         _fsdp_job(rank, world, os.path.join(tmp, "fsdp.pt"), 0, STEPS, save_at=SAVE_AT)
         _late_group_job(rank, world, os.path.join(tmp, "late_group.pt"), early)
         _seed_check_job(rank, world, os.path.join(tmp, "seed_check.pt"))
+        _bf16_rounding_job(rank, world, os.path.join(tmp, "bf16_rounding.pt"))
         if _triton_on_cpu():
             _triton_shards_job(rank, world, os.path.join(tmp, "fsdp_triton.pt"))
         _operator_job(rank, world, os.path.join(tmp, "operator.pt"))
@@ -891,6 +923,35 @@ def test_per_rank_seeds_are_refused_for_dtensor_parameters(two_ranks):
         assert r["groups"] == 1
         assert r["same seed"] == "constructed"
         assert r["plain"] == []
+
+
+def test_fsdp2_bf16_stochastic_rounding_folds_each_shards_first_row_into_the_key(two_ranks):
+    """Under FSDP2 each rank numbers its rows' elements from 0 and folds its first row into the
+    single process's key of the parameter and step (``SketchOptimizer._rounding_keys``): the
+    bf16 rows each rank holds after each step are its fp32 rows rounded at random with that
+    key, bit for bit, so the shards of a matrix draw bits of their own."""
+    from adapprox_kernels.reference import mix32, stochastic_round_bf16
+
+    model = _model().to(torch.bfloat16)
+    plain = _optimizer(model, bf16_stochastic_round=True)
+    per_rank = _per_rank(two_ranks / "bf16_rounding.pt")
+    names = sorted(n for n, _ in model.named_parameters())
+    unsharded_differs = False
+    for step, ranks in enumerate(zip(*per_rank), start=1):
+        assert all(sorted(n for n, _ in r["rounded"]) == names for r in ranks), "each parameter rounded once"
+        for name, p in model.named_parameters():
+            group = next(g for g in plain.param_groups if any(q is p for q in g["params"]))
+            key = plain._rounding_keys(group, [p], [{"step": step}])[0]
+            first = 0  # the shard's first row: the rows of the ranks before it (7 + 6 of 13, 1 + 0 of 1)
+            for rank, r in enumerate(ranks):
+                x, held = dict(r["rounded"])[name], r["held"][name]
+                # shard_keys written out, so that the test does not take the rule from the code it checks
+                want = stochastic_round_bf16(x, [mix32((first,), key)])[0].to(torch.bfloat16)
+                assert torch.equal(held, want), f"step {step}, rank {rank}: {name}"
+                unsharded_differs |= not torch.equal(held, stochastic_round_bf16(x, [key])[0].to(torch.bfloat16))
+                first += held.shape[0]
+            assert first == p.shape[0], name
+    assert unsharded_differs, "the whole matrix's key should round some shard otherwise"
 
 
 def test_state_report_and_held_bytes_under_fsdp2(two_ranks, reference_run):
