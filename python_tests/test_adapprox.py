@@ -1303,3 +1303,15 @@ def test_bf16_stochastic_round_resumes_bit_exactly_and_leaves_other_dtypes_alone
     assert all(torch.equal(a, b) for a, b in zip(on, off))
     with pytest.raises(ValueError, match="bf16_stochastic_round"):
         Adapprox([torch.nn.Parameter(torch.zeros(3))], bf16_stochastic_round=1)
+
+
+def test_row_shards_never_share_a_rounding_key_across_steps():
+    """A row shard's key folds in its first row after the parameter's key (``prefix + step``):
+    folded before it, the row was added to the unhashed key, so the shard at row r drew on step
+    t the stream of the shard at row 0 on step t + r."""
+    from adapprox_kernels.reference import shard_keys
+
+    prefix = 0x9E3779B9
+    drawn = [k for step in range(1, 65) for row in range(0, 64, 7) for k in shard_keys([prefix + step], row)]
+    assert len(set(drawn)) == len(drawn)
+    assert shard_keys([prefix + 1], 0) != [prefix + 1]  # a shard draws other bits than the whole matrix

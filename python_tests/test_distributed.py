@@ -926,8 +926,8 @@ def test_per_rank_seeds_are_refused_for_dtensor_parameters(two_ranks):
 
 
 def test_fsdp2_bf16_stochastic_rounding_folds_each_shards_first_row_into_the_key(two_ranks):
-    """Under FSDP2 each rank numbers its rows' elements from 0 and folds its first row into the
-    single process's key of the parameter and step (``SketchOptimizer._rounding_keys``): the
+    """Under FSDP2 each rank numbers its rows' elements from 0 and folds the single process's key
+    of the parameter and step (``SketchOptimizer._rounding_keys``) and its first row together: the
     bf16 rows each rank holds after each step are its fp32 rows rounded at random with that
     key, bit for bit, so the shards of a matrix draw bits of their own."""
     from adapprox_kernels.reference import mix32, stochastic_round_bf16
@@ -946,7 +946,7 @@ def test_fsdp2_bf16_stochastic_rounding_folds_each_shards_first_row_into_the_key
             for rank, r in enumerate(ranks):
                 x, held = dict(r["rounded"])[name], r["held"][name]
                 # shard_keys written out, so that the test does not take the rule from the code it checks
-                want = stochastic_round_bf16(x, [mix32((first,), key)])[0].to(torch.bfloat16)
+                want = stochastic_round_bf16(x, [mix32((key, first))])[0].to(torch.bfloat16)
                 assert torch.equal(held, want), f"step {step}, rank {rank}: {name}"
                 unsharded_differs |= not torch.equal(held, stochastic_round_bf16(x, [key])[0].to(torch.bfloat16))
                 first += held.shape[0]
