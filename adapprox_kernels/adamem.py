@@ -170,22 +170,24 @@ def _smallest_binade(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).smallest_normal, 2.0**-63)
 
 
-def _rounding_grid(g: torch.Tensor, grad_dtype: torch.dtype | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+def _rounding_grid(g: torch.Tensor, grad_dtype: torch.dtype | None) -> tuple[torch.Tensor | float, float]:
     """``(eps, smallest binade)`` of the dtype that ``g: (B, m, n)`` (fp32) was rounded to:
     ``grad_dtype`` where it is bf16 or fp16; else, per matrix ``(B, 1, 1)``, bf16's or fp16's
     where every entry of 16-odd rows lies on that grid (zeros aside, a real fp32 gradient does
     with chance 2^-16 per entry; under autocast an fp32 weight's gradient is a bf16 product cast
-    up), and eps 0 where none does."""
+    up), and eps 0 where none does, or where the rows sampled are all zero. A detected grid
+    keeps fp32's smallest binade: GradScaler's unscaling moves fp16's underflow down by its
+    scale, which the bits do not tell."""
     for dtype, _ in _GRIDS:
         if grad_dtype == dtype:
             return torch.finfo(dtype).eps, _smallest_binade(dtype)
-    eps, tiny = torch.zeros_like(g[:, :1, :1]), torch.full_like(g[:, :1, :1], _smallest_binade(torch.float32))
-    low = (g[:, :: max(1, g.shape[1] // 16)].view(torch.int32) & 0xFFFF).flatten(1)
-    for dtype, bits in reversed(_GRIDS):  # the coarsest last, so it wins where both hold
-        on = ((low if bits == 0xFFFF else low & bits).amax(dim=1) == 0).view(-1, 1, 1)
+    eps = torch.zeros_like(g[:, :1, :1])
+    bits = g[:, :: max(1, g.shape[1] // 16)].view(torch.int32).flatten(1)
+    low, seen = bits & 0xFFFF, (bits & 0x7FFFFFFF).amax(dim=1) != 0
+    for dtype, mask in reversed(_GRIDS):  # the coarsest last, so it wins where both hold
+        on = (((low if mask == 0xFFFF else low & mask).amax(dim=1) == 0) & seen).view(-1, 1, 1)
         eps = torch.where(on, torch.finfo(dtype).eps, eps)
-        tiny = torch.where(on, _smallest_binade(dtype), tiny)
-    return eps, tiny
+    return eps, _smallest_binade(torch.float32)
 
 
 def gradient_rounding_noise(g: torch.Tensor, grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,9 +530,8 @@ class AdaMeM(SketchOptimizer):
         g = _signed(torch.stack([p.grad.reshape(matrix_shape(p)).to(proj.dtype) for p in bucket]), group)
         if transposed:
             g = g.mT
-        # The gradients' own rounding (bf16, fp16) counts in the floors (a gradient has its
-        # parameter's dtype, one per bucket).
-        floors = noise_floors(g, bucket[0].dtype)
+        # The gradients' own rounding (bf16, fp16) counts in the floors.
+        floors = noise_floors(g, bucket[0].grad.dtype)
 
         if refresh:
             p_new = top_left_subspace(

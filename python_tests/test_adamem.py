@@ -579,6 +579,25 @@ def test_gradient_rounding_noise_estimates_the_real_rounding_error(dtype, scale)
     assert (torch.linalg.matrix_norm(err, ord=2) < 1.1 * spectral).all()
 
 
+def test_rounding_grid_is_read_per_matrix_and_only_from_nonzero_rows():
+    """fp32 gradients: a real one, one on bf16's grid, one on fp16's grid unscaled by a
+    GradScaler (2¹⁶; its values mostly below fp16's normals, so fp16's subnormal spacing would
+    inflate the estimate 100-fold), and a real one whose sampled rows are all zero."""
+    from adapprox_kernels.adamem import gradient_rounding_noise
+
+    gen = torch.Generator().manual_seed(10)
+    exact = torch.randn(4, 64, 96, generator=gen)
+    exact[2] *= 1e-6
+    exact[3, 0::4] = 0  # the rows a 64-row matrix samples
+    g = exact.clone()
+    g[1] = exact[1].bfloat16().float()
+    g[2] = (exact[2] * 2**16).half().float() / 2**16
+    _, frobenius = gradient_rounding_noise(g)
+    err = torch.linalg.vector_norm((g - exact).double(), dim=(1, 2))
+    assert frobenius[0] == 0 and frobenius[3] == 0
+    torch.testing.assert_close(frobenius[1:3].double(), err[1:3], rtol=0.05, atol=0)
+
+
 def test_bf16_gradient_rows_near_the_rounding_noise_are_kept():
     """A full-rank bf16 gradient with σᵢ ∝ i⁻²: its tail rows of R are real and only a few times
     the bf16 noise, so a floor far above the noise drops them and turns the step (cos 0.63 with a
