@@ -34,7 +34,9 @@ import torch
 from .adapprox import matrix_shape
 from .distributed import is_dtensor
 from .linear_operator import DenseOperator
-from .optim_base import SketchOptimizer, as_tuple, check, check_kinds, check_shared, compute_dtype, is_real, to_host
+from .optim_base import (
+    SketchOptimizer, as_tuple, check, check_kinds, check_shared, compute_dtype, is_int, is_real, to_host,
+)  # fmt: skip
 from .reference import apply_updates, clipped_update, signed_clip_threshold
 from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration
 from .state_report import StateReport, report_rows
@@ -449,13 +451,16 @@ class AdaMeM(SketchOptimizer):
         }  # fmt: skip
 
     def _saved_mismatches(self, p: torch.Tensor, state: dict[str, Any]) -> list[str]:
-        """The saved ``param_shape`` and ``proj_pending`` (a bool), where there are (older
+        """The saved ``rank`` (an int >= 1), ``param_shape`` and ``proj_pending`` (a bool), where there are (older
         checkpoints have neither): the state of a (30, 20) weight has the shapes of a (20, 30)
         one's, both oriented to 20×30, and would train in the wrong basis."""
         problems = []
         saved = state.get("param_shape")
         if saved is not None and tuple(saved) != tuple(p.shape):
             problems.append(f"it was saved for a parameter of shape {tuple(saved)}")
+        rank = state.get("rank")
+        if not torch.is_tensor(rank) and "rank" in state and not (is_int(rank) and rank >= 1):
+            problems.append(f"'rank' is {rank!r}, not an int >= 1")
         pending = state.get("proj_pending", False)
         if not isinstance(pending, bool):
             problems.append(f"'proj_pending' is a {type(pending).__name__}, not a bool")

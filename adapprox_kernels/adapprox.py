@@ -163,8 +163,8 @@ class _Pending:
 class _Started:
     """A bucket after S-RSI (or a dense bucket after its sums pass), before its update.
     ``sums()`` ``(B, 2)``: ``[‖V‖², Σ (G/(√V+ε))²]`` per matrix from the first pass when the
-    backend reduces them there (else None); the second is NaN or inf exactly where a gradient
-    holds NaN or inf. A call, since a graphed pass is deferred (see ``cuda_graphs.py``): the
+    backend reduces them there (else None); the second is NaN exactly where a gradient holds
+    NaN or inf. A call, since a graphed pass is deferred (see ``cuda_graphs.py``): the
     first read runs every queued pass. ``prepare(gate)`` queues a graphed update (the host
     prepares it while the GPU runs S-RSI: ``_run_ahead`` calls it before the non-finite check's
     sync, and a failed check discards it); ``finish(gate)`` applies or queues the update, if
@@ -450,6 +450,13 @@ class Adapprox(SketchOptimizer):
             need["exp_avg"] = tuple(p.shape)
         return need
 
+    def _saved_mismatches(self, p: torch.Tensor, state: dict[str, Any]) -> list[str]:
+        """A saved rank that is a finite number >= 1 (the rank policy reads it as one)."""
+        rank = state.get("rank")
+        if not torch.is_tensor(rank) and "rank" in state and not (is_real(rank) and rank >= 1):
+            return [f"'rank' is {rank!r}, not a finite number >= 1"]
+        return []
+
     def _baked_hyperparameters(self, group: dict[str, Any]) -> tuple:
         """The group's hyperparameters that a captured step holds as constants, hashable: part
         of the graph key. All but α, λ and β1, which the update reads from the device
@@ -493,13 +500,14 @@ class Adapprox(SketchOptimizer):
         key = (tuple(map(id, params)), tuple(map(torch.Tensor.data_ptr, params)))
         cached = self._bucket_cache.get(key)
         if cached is not None:
-            state_map, size, buckets, states = cached
+            state_map, size, buckets, states, idle = cached
             # Each parameter's state is still the dict the buckets hold (``opt.state[p] = {}``
             # replaces it), and none was emptied: ~30 µs for 150 parameters.
             if (
                 state_map is self.state and len(self.state) == size and all(states)
                 and all(map(operator.is_, map(self.state.__getitem__, params), states))
             ):  # fmt: skip
+                self._compact_factors(idle)
                 return buckets, []
         new = [p for p in params if not self.state[p]]
         buckets: dict[tuple, tuple[list[torch.Tensor], list[dict[str, Any]]]] = {}
@@ -515,20 +523,23 @@ class Adapprox(SketchOptimizer):
             bucket, bucket_states = buckets.setdefault(kind, ([], []))
             bucket.append(p)
             bucket_states.append(state)
-        self._compact_factors(group, params)
+        active = set(map(id, params))
+        idle = [p for p in group["params"] if id(p) not in active]
+        self._compact_factors(idle)
         if len(self._bucket_cache) >= 8:  # a few groups' lists; the rare other list is recomputed
             self._bucket_cache.clear()
-        self._bucket_cache[key] = (self.state, len(self.state), buckets, states)
+        self._bucket_cache[key] = (self.state, len(self.state), buckets, states, idle)
         return buckets, new
 
-    def _compact_factors(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """Copies out the factors of the group's parameters that sit out this step (no
-        gradient), where they are views of a stack that other parameters have moved on from
-        (see :meth:`_decide_ranks`): such a view would keep the whole stack alive, in memory and
-        in every checkpoint. Runs where the parameter lists change, not every step."""
-        active = set(map(id, params))
-        for p in group["params"]:
-            state = self.state.get(p) if id(p) not in active else None
+    def _compact_factors(self, idle: list[torch.Tensor]) -> None:
+        """Copies out the factors of the parameters that sit out this step (no gradient),
+        where they are views of a stack that other parameters move on from (see
+        :meth:`_store_factors`): such a view would keep the whole stack alive, in memory and in
+        every checkpoint. Every step, remembered buckets too: with a pattern of who sits out
+        that repeats (experts of a mixture, routed in turn), a parameter back from an idle step
+        gets a view of a new stack, and idles again with it."""
+        for p in idle:
+            state = self.state.get(p)
             for key in ("Q", "U") if state else ():
                 factor = state.get(key)
                 if torch.is_tensor(factor) and factor._base is not None and factor._base.numel() > factor.numel():
@@ -539,8 +550,10 @@ class Adapprox(SketchOptimizer):
     ) -> list[tuple[list[torch.Tensor], torch.Tensor | list[float]]]:
         """S-RSI of the factored buckets whose first product also reduces the update's RMS
         (Triton kernels, whole fp32 matrices), and the sums pass of the dense buckets on the
-        kernels, before the non-finite check: that sum is NaN or inf exactly where a gradient
-        holds NaN or inf, so the check needs no pass over G of its own. The updates wait for
+        kernels, before the non-finite check: that sum is NaN exactly where a gradient holds NaN
+        or inf (or entries whose squares overflow V), so the check needs no pass over G of its
+        own; +inf is a finite gradient's sum overflowing (V underflowed to 0 with a tiny ε),
+        which the clip divisor's cap handles as the reference does. The updates wait for
         the check, or, where every bucket ran ahead, are launched behind a device gate
         (:meth:`_launch_gated`); what runs ahead changes nothing a user sees but the sketch
         RNG, the step counts and new state, which :meth:`_discard_run_ahead` restores."""
@@ -603,7 +616,7 @@ class Adapprox(SketchOptimizer):
         ξ and the orthonormalizer's flags come back together. A failed check then finds nothing
         modified, and :meth:`_discard_run_ahead` undoes the rest."""
         values = [sums for _, sums, _ in known]
-        gate = torch.isfinite(torch.cat(values)).all()
+        gate = torch.isnan(torch.cat(values)).any().logical_not()  # NaN marks a bad gradient (_run_ahead)
         for _, _, started in known:
             started.finish(gate)
             started.done = True
@@ -996,8 +1009,11 @@ class Adapprox(SketchOptimizer):
             states[b]["rank"] = rank
         # Keep round(k_t) columns; growth past this sketch's width waits for the next step.
         self._store_factors(rec, _round_ranks(states, width))
-        for b, (q, u, _) in kept.items():
-            states[b]["Q"], states[b]["U"] = q, u
+        # Copies, each matrix's own: the kept factors are views of last step's stack, which
+        # the others moved on from, and the others' of a stack that holds discarded columns.
+        for b, s in enumerate(states if kept else ()):
+            q, u = kept[b][:2] if b in kept else (s["Q"], s["U"])
+            s["Q"], s["U"] = q.clone(), u.clone()
 
     def _store_factors(self, rec: "_Pending", keeps: list[int]) -> None:
         """Each matrix's new factors at its first ``keeps[b]`` columns, into its state."""

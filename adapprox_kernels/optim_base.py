@@ -216,7 +216,8 @@ class SketchOptimizer(Optimizer):
         group's DTensors (FSDP2; see :func:`~adapprox_kernels.distributed.check_same_seed`)."""
         self._check_hyperparameters(self.defaults)
         where = f"param_groups[{len(self.param_groups)}]"
-        own = {k: as_python(v) for k, v in param_group.items() if k not in ("params", "param_names")}
+        # Lists as tuples: a list edited in place would look unchanged to _check_groups.
+        own = {k: as_tuple(as_python(v)) for k, v in param_group.items() if k not in ("params", "param_names")}
         param_group = {**param_group, **own}
         if own:
             try:
@@ -245,7 +246,9 @@ class SketchOptimizer(Optimizer):
         trained on (torch.optim checks none) nor found only when a checkpoint fails to load.
         Checked where the values changed since the last step (a scheduler changes lr every
         step: comparing is cheaper than checking). An lr tensor (which a scheduler fills in
-        place) is left to the step, which reads it as a number: checking it would sync."""
+        place) is left to the step, which reads it as a number: checking it would sync. A list
+        written in (``group["betas"] = [0.9, …]``) is stored as a tuple once checked: edited in
+        place later, it would compare equal to itself and go unchecked."""
         checked = self.__dict__.setdefault("_checked_groups", {})  # not pickled: checked anew
         names = tuple(self.defaults)
         for i, group in enumerate(self.param_groups):
@@ -261,7 +264,10 @@ class SketchOptimizer(Optimizer):
                     f"{type(self).__name__}.step: param_groups[{i}] was changed to a bad value: {err}; "
                     "nothing was updated"
                 ) from None
-            checked[i] = values
+            for k, v in zip(names, values):
+                if isinstance(v, list):
+                    group[k] = own[k]
+            checked[i] = list(map(group.get, names))
 
     @staticmethod
     def _check_hyperparameters(h: dict[str, Any]) -> None:
@@ -444,7 +450,8 @@ class SketchOptimizer(Optimizer):
 
     def _check_saved_state(self, p: torch.Tensor, state: dict[str, Any] | None) -> None:
         """``ValueError`` unless ``state`` (None: the parameter had none) has every entry that
-        :meth:`_saved_shapes` asks for, at that shape."""
+        :meth:`_saved_shapes` asks for, at that shape: tensors of floating point, a step count
+        that is an int >= 0 (a float or a string loaded, and failed at the next step)."""
         if not state:
             return
         problems = []
@@ -454,6 +461,10 @@ class SketchOptimizer(Optimizer):
             elif (shape is not None) != torch.is_tensor(state[key]):  # e.g. torch.optim's tensor step
                 want = "a tensor" if shape is not None else "a number"
                 problems.append(f"{key!r} is a {type(state[key]).__name__}, not {want}")
+            elif shape is None and key == "step" and not (is_int(state[key]) and state[key] >= 0):
+                problems.append(f"'step' is {state[key]!r}, not an int >= 0")
+            elif shape is not None and not state[key].is_floating_point():
+                problems.append(f"{key!r} holds {state[key].dtype}, not floating point")
             elif shape not in (None, ...) and tuple(state[key].shape) != shape:
                 problems.append(f"{key!r} is {tuple(state[key].shape)}, not {shape}")
         problems += self._saved_mismatches(p, state)
@@ -505,7 +516,8 @@ class SketchOptimizer(Optimizer):
     def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         """Work started before the non-finite check because it also answers it: ``(params,
         values)`` pairs, ``values`` ``(len(params),)`` on the device (or already read, as a
-        list) and non-finite exactly where a parameter's gradient holds inf or NaN; those
+        list) and NaN exactly where a parameter's gradient holds inf or NaN (+inf is no bad
+        gradient: a finite one whose sum of squares overflowed); those
         gradients are not read again for the check. Nothing a user sees may change until the check passes: a failed check calls
         :meth:`_discard_run_ahead`. Nothing by default."""
         return []
@@ -540,7 +552,7 @@ class SketchOptimizer(Optimizer):
     ) -> list[bool]:
         """One flag per parameter: does its gradient hold inf or NaN, or an entry above
         :meth:`_gradient_limit`? ``known``: the ``(params, values)`` pairs of
-        :meth:`_run_ahead` (where a value is not a max-norm, only its finiteness counts).
+        :meth:`_run_ahead` (where a value is not a max-norm, only whether it is NaN counts).
         One host sync per device."""
         if not params:
             return []
@@ -564,12 +576,17 @@ class SketchOptimizer(Optimizer):
         position = None
         # Read as they are and tested on the host: no isfinite launches per check.
         for c, ((ps, _), values) in enumerate(zip(checks, to_host([values for _, values in checks]))):
-            max_norms = limited and c >= len(known)  # the known values are other sums
-            if all(map(math.isfinite, values)) and not max_norms:  # the usual case: nothing per parameter
+            if c < len(known):  # other sums, NaN where a gradient is bad: not compared with the limit
+                if not any(map(math.isnan, values)):  # the usual case: nothing per parameter
+                    continue
+                bad = list(map(math.isnan, values))
+            elif all(map(math.isfinite, values)) and not limited:
                 continue
+            else:
+                bad = [not (math.isfinite(v) and (not limited or v <= self._gradient_limit(p))) for p, v in zip(ps, values)]
             position = position or {id(p): i for i, p in enumerate(params)}
-            for p, v in zip(ps, values):
-                flags[position[id(p)]] = not (math.isfinite(v) and (not max_norms or v <= self._gradient_limit(p)))
+            for p, b in zip(ps, bad):
+                flags[position[id(p)]] = b
         return flags
 
     def _gradient_limit(self, p: torch.Tensor) -> float:

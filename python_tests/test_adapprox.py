@@ -1,5 +1,6 @@
 """The Adapprox optimizer (reference backend) against the dense formula and torch.optim habits."""
 
+import contextlib
 import copy
 import io
 import math
@@ -11,6 +12,7 @@ from compiled_step import eager_and_compiled
 
 from adapprox_kernels import AdaMeM, Adapprox
 from adapprox_kernels import optim_base
+from adapprox_kernels.state_report import held_bytes
 
 
 def dense_adapprox(w0, grads, lr, betas, eps, d, wd):
@@ -322,6 +324,33 @@ def test_a_state_that_does_not_fit_is_refused_on_load():
     with pytest.raises(ValueError, match="param_groups.*betas.*another optimizer"):
         AdaMeM([w], rank=2).load_state_dict(saved["adapprox"])
     assert not target.state and target.param_groups[0]["k_max"] == 2
+
+
+@pytest.mark.parametrize(
+    "cls,kw,edit,match",
+    [
+        (Adapprox, dict(k_max=2), {"step": 4.0}, r"'step' is 4.0, not an int >= 0"),
+        (Adapprox, dict(k_max=2), {"step": -5}, r"'step' is -5, not an int >= 0"),
+        (Adapprox, dict(k_max=2), {"rank": float("nan")}, r"'rank' is nan, not a finite number >= 1"),
+        (Adapprox, dict(k_max=2), {"rank": "2"}, r"'rank' is '2', not a finite number >= 1"),
+        (Adapprox, dict(k_max=2), {"Q": torch.zeros(12, 2, dtype=torch.int64)}, r"'Q' holds torch.int64"),
+        (AdaMeM, dict(rank=2), {"step": "1"}, r"'step' is '1', not an int >= 0"),
+        (AdaMeM, dict(rank=2), {"rank": 2.0}, r"'rank' is 2.0, not an int >= 1"),
+    ],
+)
+def test_a_saved_number_or_dtype_the_step_cannot_read_is_refused_on_load(cls, kw, edit, match):
+    """These loaded, and the next step raised a TypeError or ValueError (or, for a negative
+    step count, ran on): refused by load_state_dict, naming the entry, with nothing loaded."""
+    w = torch.nn.Parameter(torch.randn(12, 10))
+    opt = cls([w], seed=0, **kw)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0] = {**saved["state"][0], **edit}
+    target = cls([w], seed=0, **kw)
+    with pytest.raises(ValueError, match=rf"params'\]\[0\] .*{match}"):
+        target.load_state_dict(saved)
+    assert not target.state
 
 
 @pytest.mark.parametrize("peer", [torch.optim.AdamW, torch.optim.Adam])
@@ -748,6 +777,23 @@ def test_a_bad_value_written_into_param_groups_mid_run_is_refused_before_the_ste
     assert [s["step"] for s in opt.state.values()] == [s["step"] for s in before[0]["state"].values()]
 
 
+def test_list_valued_options_are_stored_as_tuples_so_no_edit_escapes_the_check():
+    """A list was stored as given, and an in-place edit (``group["betas"][1] = nan``) compared
+    equal to the list the step had checked: it trained to NaN weights. Lists from a group, and
+    lists written in mid-run, are stored as tuples, which cannot be edited in place."""
+    a, b = torch.nn.Parameter(torch.randn(6, 10)), torch.nn.Parameter(torch.randn(6, 10))
+    opt = Adapprox([{"params": [a], "betas": [0.9, 0.999, 0.9], "sigmoid": [8.0, 10.0, 0.5, 0.0]}], k_max=4)
+    opt.add_param_group({"params": [b], "betas": [0.0, 0.999, 0.9]})
+    assert [g["betas"] for g in opt.param_groups] == [(0.9, 0.999, 0.9), (0.0, 0.999, 0.9)]
+    assert opt.param_groups[0]["sigmoid"] == (8.0, 10.0, 0.5, 0.0)
+    a.grad = b.grad = torch.randn(6, 10)
+    opt.param_groups[1]["betas"] = [0.5, 0.99, 0.9]  # written in as a list: checked, then a tuple
+    opt.step()
+    assert opt.param_groups[1]["betas"] == (0.5, 0.99, 0.9)
+    opt.step()  # unchanged since: not re-checked, still a tuple
+    assert opt.param_groups[1]["betas"] == (0.5, 0.99, 0.9)
+
+
 def test_integer_params_and_sparse_grads_are_refused():
     w = torch.nn.Parameter(torch.randn(4, 4))
     w.grad = torch.randn(4, 4).to_sparse()
@@ -1050,6 +1096,20 @@ def test_parameters_that_sit_out_keep_no_stack_alive():
     assert len(saved.getvalue()) == len(compact.getvalue())
 
 
+def test_parameters_that_sit_out_in_a_repeating_pattern_keep_no_stack_alive():
+    """Half the layers get gradients every other step (experts routed in turn): once the
+    pattern repeats, its buckets are remembered, and a layer back from an idle step idles
+    again with a view of the stack its bucket-mates moved on from; held memory stays the
+    state's own size (it reached 1.5× here)."""
+    ps = [torch.nn.Parameter(torch.randn(16, 16)) for _ in range(8)]
+    opt = Adapprox(ps, k_max=2, betas=(0.0, 0.999, 0.9), seed=0)
+    for t in range(6):
+        for i, p in enumerate(ps):
+            p.grad = torch.randn(16, 16) if t % 2 == 0 or i < 4 else None
+        opt.step()
+        assert held_bytes(opt) == opt.state_report().state_bytes, t
+
+
 def overflowing_second_moment_run(backend: str, device="cpu", **options) -> tuple[torch.nn.Parameter, Adapprox, list]:
     """Four steps on a 20 × 30 matrix whose gradients (1e12) are finite but whose V (1e24)
     has squares beyond float32: S-RSI, which squares V, overflows."""
@@ -1073,6 +1133,20 @@ def test_a_second_moment_beyond_float32_warns_and_keeps_the_weights_finite():
     state = opt.state[p]
     assert torch.isfinite(p).all() and torch.isfinite(state["Q"]).all() and torch.isfinite(state["U"]).all()
     assert math.isnan(state["xi"]) and state["rank"] == 3.0
+
+
+def test_factors_kept_after_an_overflow_keep_no_stack_alive():
+    """The overflowing matrix keeps last step's factors, views of the stack its bucket-mate
+    moves on from: they are copied out, so held memory stays the state's own size."""
+    a, b = (torch.nn.Parameter(torch.zeros(20, 30)) for _ in range(2))
+    opt = Adapprox([a, b], k_max=3, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1.0, 1e12):
+        a.grad, b.grad = scale * torch.randn(20, 30, generator=gen), torch.randn(20, 30, generator=gen)
+        with pytest.warns(RuntimeWarning, match="overflowed") if scale > 1 else contextlib.nullcontext():
+            opt.step()
+    assert torch.isfinite(opt.state[a]["Q"]).all()
+    assert held_bytes(opt) == opt.state_report().state_bytes
 
 
 def test_an_overflow_between_the_sigmoid_policys_checks_keeps_the_factors():

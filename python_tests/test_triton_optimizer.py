@@ -358,6 +358,27 @@ def test_gradients_just_below_the_limit_step_alike(index):
     _assert_same_run(*runs[0], *runs[1], torch.float32)
 
 
+def test_a_finite_gradient_whose_update_squares_overflow_steps_as_on_the_reference():
+    """Entries of 3e-20 with β2 = 1 − 1e-7: (1 − β2)·G² underflows, V is 0, each update entry is
+    G/ε ≈ 2.5e18 and the RMS sum overflows to +inf in every matrix and the dense one. That is
+    no bad gradient (the clip divisor's cap takes it, as on the reference); the kernels' sums
+    flagged it, and the step raised "gradient entries above 1.84e+19" on the Triton backend."""
+    runs = []
+    for backend in ("reference", "triton"):
+        params = _params(torch.float32)
+        opt = Adapprox(params, backend=backend, seed=3, **{**BASE, "betas": (0.9, 1 - 1e-7, 0.0), "eps": 1.2e-38})
+        for step in range(2):
+            for p, g in zip(params, _grads(step, torch.float32)):
+                p.grad = 3e-20 * g.sign()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*overflowed float32")
+                warnings.filterwarnings("ignore", "overflow encountered")  # the interpreter's sums
+                opt.step()
+        assert all(s["nonfinite_skips"] == 0 and s["step"] == 2 for s in opt.state.values())
+        runs.append((params, opt))
+    _assert_same_run(*runs[0], *runs[1], torch.float32)
+
+
 @pytest.mark.parametrize("bad", BAD)
 def test_nonfinite_raise_on_triton_changes_nothing(bad):
     """S-RSI ran before the check found the bad gradient; the raised step leaves parameters,

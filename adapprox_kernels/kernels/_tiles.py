@@ -196,8 +196,8 @@ def round_to_tf32(x):
 @triton.jit
 def gated(mask, clip):
     """``mask`` where a matrix's clip divisor is finite, else all false: its update pass writes
-    nothing. The divisor is not finite exactly where the update's RMS sum is not, i.e. where the
-    gradient holds inf or NaN; the optimizer also makes it NaN for every matrix of a step that
+    nothing. The divisor (capped at fp32's largest value) is not finite exactly where the
+    update's RMS sum is NaN, i.e. where the gradient holds inf or NaN; the optimizer also makes it NaN for every matrix of a step that
     found such a gradient anywhere, so that step's launched updates write nothing."""
     return tl.where(clip * 0.0 == 0.0, mask, False)  # inf·0 and NaN·0 are NaN
 

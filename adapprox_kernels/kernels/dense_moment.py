@@ -3,7 +3,7 @@
 
 * :func:`dense_sums` reads G and ``V_{t−1}`` and writes nothing but the per-tensor sums
   ``[‖V_t‖², Σ (G/(√V_t+ε))²]``: the update's RMS, and the optimizer's non-finite gradient
-  check (the second sum is NaN or inf exactly where G holds NaN or inf), before any state
+  check (the second sum is NaN exactly where G holds NaN or inf), before any state
   changes;
 * :func:`dense_apply` rebuilds ``V_t``, writes it over ``V_{t−1}``, and applies the same clipped
   update, momentum of updates and decoupled weight decay as the factored update pass
