@@ -528,6 +528,7 @@ def test_apply_update_writes_non_contiguous_params():
 
 def test_launcher_errors():
     from adapprox_kernels.kernels.apply_update import apply_update
+    from adapprox_kernels.kernels.update_cosine import update_cosine_sums
     from adapprox_kernels.kernels.v_matmul import v_matmul
 
     grads, q, u, _, _ = _inputs(2, 6, 5, 2, torch.float32)
@@ -550,6 +551,13 @@ def test_launcher_errors():
     with pytest.raises(ValueError, match="both"):
         apply_update(grads, q, u, [g.clone() for g in grads], None, torch.ones(2, device=DEVICE), q_new=q,
                      beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)  # fmt: skip
+    # A narrower u was read past its rows by the update passes (v_matmul and v_norms checked it).
+    with pytest.raises(ValueError, match="same number of columns"):
+        apply_update(grads, q, u[..., :1], [g.clone() for g in grads], None, torch.ones(2, device=DEVICE),
+                     beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="same number of columns"):
+        update_cosine_sums(grads, q, u[..., :1], [g.clone() for g in grads], torch.ones(2, device=DEVICE),
+                           beta2=BETA2, eps=EPS, beta1=0.9)  # fmt: skip
 
 
 def test_operator_matches_reference_operator():

@@ -227,6 +227,15 @@ def check_factor(x: torch.Tensor, name: str, batch: int, rows: int, device: torc
         raise ValueError(f"{name} is on {x.device}, the gradients on {device}")
 
 
+def check_factors(q: torch.Tensor, u: torch.Tensor, batch: int, m: int, n: int, device: torch.device) -> None:
+    """``q: (batch, m, K)`` and ``u: (batch, n, K)`` fp32 on ``device``, with one ``K``: a
+    kernel reads ``K`` columns of both (a narrower ``u`` would be read past its rows)."""
+    check_factor(q, "q", batch, m, device)
+    check_factor(u, "u", batch, n, device)
+    if q.shape[2] != u.shape[2]:
+        raise ValueError(f"q and u need the same number of columns, got {q.shape[2]} and {u.shape[2]}")
+
+
 def check_new_factors(q_new, u_new, batch: int, m: int, n: int, device: torch.device) -> bool:
     """Checks the optional ``(q_new: (B, m, k), u_new: (B, n, k))`` whose residual
     ``‖V − q_new u_newᵀ‖²`` a pass also reduces; returns whether they were given."""

@@ -33,7 +33,7 @@ from ._launch import (
     ELEMENTWISE_BLOCKS,
     Blocks,
     MatrixTable,
-    check_factor,
+    check_factors,
     check_new_factors,
     check_rounding_keys,
     check_vector,
@@ -130,8 +130,7 @@ def apply_update(
     m, n = table.shape
     batch = len(table)
     weights, moms = step_tables(params, exp_avgs, table)
-    check_factor(q, "q", batch, m, table.device)
-    check_factor(u, "u", batch, n, table.device)
+    check_factors(q, u, batch, m, n, table.device)
     check_vector(clip, "clip", batch, table.device)
     if scalars is None:
         scalars = update_scalars(lr, weight_decay, beta1, table.device)

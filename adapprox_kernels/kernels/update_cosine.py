@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..transfer import update_scalars
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_vector, pointer_arg
+from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factors, check_vector, pointer_arg
 from ._tiles import inside, program_v_tile, tile_ptrs, tile_sum, update_and_average
 
 
@@ -66,8 +66,7 @@ def update_cosine_sums(
     batch = len(table)
     if moms.shape != table.shape or len(moms) != batch or moms.device != table.device:
         raise ValueError(f"exp_avgs: need {batch} matrices {table.shape} on {table.device}")
-    check_factor(q, "q", batch, m, table.device)
-    check_factor(u, "u", batch, n, table.device)
+    check_factors(q, u, batch, m, n, table.device)
     check_vector(clip, "clip", batch, table.device)
     if scalars is None:
         scalars = update_scalars(0.0, 0.0, beta1, table.device)

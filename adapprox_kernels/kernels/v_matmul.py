@@ -28,6 +28,7 @@ from ._launch import (
     Blocks,
     MatrixTable,
     check_factor,
+    check_factors,
     dot_precision,
     pointer_arg,
     reduction_split,
@@ -105,10 +106,7 @@ def _as_table(grads: Sequence[torch.Tensor] | MatrixTable) -> MatrixTable:
 def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
     m, n = table.shape
     batch = len(table)
-    check_factor(q, "q", batch, m, table.device)
-    check_factor(u, "u", batch, n, table.device)
-    if q.shape[2] != u.shape[2]:
-        raise ValueError(f"q and u need the same number of columns, got {q.shape[2]} and {u.shape[2]}")
+    check_factors(q, u, batch, m, n, table.device)
     sg_m, sg_n = table.stride
     if transpose:  # Vᵀ = β2·relu(U Qᵀ) + (1−β2)·(Gᵀ)²
         m, n, sg_m, sg_n, q, u = n, m, sg_n, sg_m, u, q

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factor, check_new_factors, pointer_arg
+from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factors, check_new_factors, pointer_arg
 from ._tiles import inside, program_v_tile, raw_update, residual_sq, tile_sum
 
 
@@ -64,13 +64,10 @@ def v_norms(
     table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads")
     m, n = table.shape
     batch = len(table)
-    check_factor(q, "q", batch, m, table.device)
-    check_factor(u, "u", batch, n, table.device)
+    check_factors(q, u, batch, m, n, table.device)
     with_residual = check_new_factors(q_new, u_new, batch, m, n, table.device)
     if not with_residual:
         q_new, u_new = q, u
-    if q.shape[2] != u.shape[2]:
-        raise ValueError(f"q and u need the same number of columns, got {q.shape[2]} and {u.shape[2]}")
     k, k_new = q.shape[2], q_new.shape[2]
     block_m, block_n = blocks.tile(m, n)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
