@@ -34,7 +34,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from .transfer import keeping_constants
+from .transfer import forget_constants, keeping_constants
 
 Outputs = tuple  # of tensors, None, or (for a batch of deferred calls) tuples of those
 _signature = operator.attrgetter("shape", "dtype", "device")  # (t.shape, t.dtype, t.device)
@@ -197,6 +197,7 @@ class CallGraphs:
             current.wait_stream(side)
         except Exception as err:  # noqa: BLE001 - any capture failure means: stay eager
             current.wait_stream(side)
+            forget_constants()  # those first made inside the capture hold nothing
             warnings.warn(f"CUDA graph capture failed, this step shape runs eagerly: {err}", RuntimeWarning)
             self._store(key, None, calls)
             self.counts["failed"] += 1

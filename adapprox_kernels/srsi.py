@@ -15,7 +15,7 @@ import torch
 
 from .linear_operator import LinearOperator
 from .rank_policy import next_rank_step
-from .transfer import handed_out, to_device_nowait
+from .transfer import constant_cache, handed_out, to_device_nowait
 
 Orthonormalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -113,6 +113,9 @@ def column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> tor
 def _column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
     keep = (torch.arange(width).unsqueeze(0) < torch.tensor(ranks).unsqueeze(1)).unsqueeze(1)
     return to_device_nowait(keep, device)
+
+
+constant_cache(_column_mask.cache_clear)
 
 
 def truncate_columns(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:

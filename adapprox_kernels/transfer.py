@@ -5,12 +5,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 # Open collectors of `keeping_constants` blocks, innermost last.
 _collectors: list[list[torch.Tensor]] = []
+# How to empty each cache of device constants (see forget_constants).
+_cache_clearers: list[Callable[[], None]] = []
+
+
+def constant_cache(clear: Callable[[], None]) -> None:
+    """Registers ``clear``, which empties a cache of device constants, with :func:`forget_constants`."""
+    _cache_clearers.append(clear)
+
+
+def forget_constants() -> None:
+    """Empties every cache of device constants. After a failed CUDA graph capture: a constant
+    first made inside it was only recorded into the graph, never copied, and the caches would
+    hand out its unfilled memory to every later call (wrong offsets, masks and scalars)."""
+    for clear in _cache_clearers:
+        clear()
 
 
 @contextlib.contextmanager
@@ -66,3 +81,6 @@ def rounding_keys_tensor(keys: Sequence[int], device: torch.device) -> torch.Ten
 def _update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.device) -> torch.Tensor:
     values = torch.tensor([lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1], dtype=torch.float32)
     return to_device_nowait(values, device)
+
+
+constant_cache(_update_scalars.cache_clear)

@@ -4,7 +4,9 @@ parameters and every state tensor after several steps, with a state_dict round t
 Two same-shaped matrices share one batched launch but get different gradient structure, so
 their ranks drift apart (the factors are zero-padded to a common width inside the batch)."""
 
+import contextlib
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -695,6 +697,51 @@ def test_graph_cache_counts_a_batch_as_its_calls():
     graphs.next_step()
     graphs._store("huge", graph(), 9)  # more than the capacity: kept, the rest goes
     assert sorted(graphs._graphs) == ["failed", "huge"]
+
+
+def test_a_failed_capture_forgets_the_device_constants_made_inside_it(monkeypatch):
+    """A constant first made inside a capture (here a column mask) is only recorded into the
+    graph, never copied: when the capture fails, its cache must not hand it to later calls.
+    CUDA stands in for fakes; the call runs eagerly after the failure, as a real one does."""
+    srsi = importlib.import_module("adapprox_kernels.srsi")  # the package's srsi is the function
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class FailingGraph:
+        def capture_begin(self):
+            pass
+
+        def capture_end(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FailingGraph)
+    srsi._column_mask.cache_clear()
+    masks = []
+
+    def call(t):
+        masks.append(srsi.column_mask((1, 2), 2, t.device))
+        return (t * masks[-1].sum(),)
+
+    graphs = CallGraphs()
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        (out,) = graphs._capture("key", call, [torch.ones(3)], 1)
+    assert torch.equal(out, torch.full((3,), 3.0)) and graphs.counts["failed"] == 1
+    captured, eager = masks
+    assert eager is not captured  # made anew, not the capture's unfilled one from the cache
+    # The other caches of device constants go too: offset tables and update scalars.
+    from adapprox_kernels import transfer
+    from adapprox_kernels.kernels import _launch
+
+    _launch.MatrixTable([torch.ones(2, 3)], "grads")
+    transfer.update_scalars(0.1, 0.0, 0.9, torch.device("cpu"))
+    assert _launch._TABLES and transfer._update_scalars.cache_info().currsize
+    transfer.forget_constants()
+    assert not _launch._TABLES and not transfer._update_scalars.cache_info().currsize
 
 
 def test_graph_cache_keeps_what_each_step_runs():

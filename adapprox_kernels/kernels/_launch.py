@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import torch
 import triton
 
-from ..transfer import handed_out, to_device_nowait
+from ..transfer import constant_cache, handed_out, to_device_nowait
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -140,6 +140,7 @@ def reduction_split(programs: int, reduction_blocks: int, device: torch.device, 
 # not a host sync).
 _TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _TABLE_CACHE_SIZE = 256
+constant_cache(_TABLES.clear)
 
 
 class MatrixTable:
