@@ -488,7 +488,7 @@ class AdaMeM(SketchOptimizer):
             state = self._init_state(p, group)
             state["step"] += 1
             lowrank = "P" in state
-            refresh = lowrank and ((state["step"] - 1) % group["update_proj_gap"] == 0 or state["proj_pending"])
+            refresh = lowrank and _refresh_due(state["step"], group["update_proj_gap"], state["proj_pending"])
             key = (lowrank, tuple(p.shape), state.get("rank"), state["step"], refresh, p.dtype, p.device)
             buckets[key].append(p)
         for (lowrank, _, _, step, refresh, _, _), bucket in buckets.items():
@@ -527,7 +527,8 @@ class AdaMeM(SketchOptimizer):
         A matrix whose gradient has no row of ``P_newᵀ G`` above the noise floor (all zero:
         LoRA's A on its first step, B being 0) has no subspace to take, and ``P_new`` would be
         an arbitrary basis kept for T steps: it keeps its P and momentum, and ``_end_step``
-        marks its refresh pending, so its next step recomputes P."""
+        marks its refresh pending, so its next step recomputes P (then after 2, 4, 8, … steps
+        into the period while it stays pending: :func:`_refresh_due`)."""
         states = [self.state[p] for p in bucket]
         _, transposed = _oriented_shape(bucket[0])
         keys = ("P", "exp_avg", "row_sq", "col_sq", "resid_col_sq")
@@ -580,6 +581,16 @@ class AdaMeM(SketchOptimizer):
         """Per parameter: kind (``lowrank`` / ``dense``), rank, last ξ = ‖S‖/‖G‖ and state bytes,
         with totals next to AdamW's."""
         return StateReport(report_rows(self))
+
+
+def _refresh_due(step: int, gap: int, pending: bool) -> bool:
+    """Is P recomputed on this step? On schedule (steps 1, T+1, 2T+1, …), and while a refresh
+    is pending (the last one found no gradient to take P from), 1, 2, 4, 8, … steps into the
+    period: a gradient that stays zero (a module unused for a while) costs about log2(T)
+    projections and host reads a period, not one a step, and one that comes back c steps into
+    the period is taken up within c more steps (or at the next scheduled refresh)."""
+    since = (step - 1) % gap
+    return since == 0 or (pending and since & (since - 1) == 0)
 
 
 def _signed(g: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:

@@ -72,7 +72,7 @@ def matrix_shape(p: torch.Tensor) -> tuple[int, int] | None:
     """How a parameter is seen: ``(m, n)`` for ≥2-D (folded), ``None`` for vectors/scalars."""
     if p.dim() < 2:
         return None
-    return p.shape[0], p.numel() // p.shape[0]
+    return p.shape[0], math.prod(p.shape[1:])  # not numel() // m: a (0, 5) weight has m = 0
 
 
 def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_mask: torch.Tensor) -> torch.Tensor:

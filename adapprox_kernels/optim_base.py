@@ -64,15 +64,19 @@ def check(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def is_int(v: Any) -> bool:
     """An int, but not a bool (``isinstance(True, int)`` holds)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def is_real(v: Any) -> bool:
-    """A finite int or float, not a bool, nor a tensor: the step reads hyperparameters as
-    Python numbers, on the host."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """An int or float finite in float32, not a bool, nor a tensor: the step reads
+    hyperparameters as Python numbers, on the host, and multiplies by them in float32 (an lr
+    of 1e39 passed as finite, and the step raised after it had moved the state)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX
 
 
 def is_sequence(v: Any, length: int) -> bool:

@@ -304,6 +304,8 @@ def test_a_pending_refresh_that_is_not_a_bool_is_refused_on_load():
         (dict(update_proj_gap=0), "update_proj_gap"),
         (dict(residual_scale=-1.0), "residual_scale"),
         (dict(residual_scale=float("inf")), "residual_scale"),
+        (dict(residual_scale=1e39), "residual_scale"),  # the step raised after moving the momentum
+        (dict(lr=2**1000), "learning rate"),
         (dict(eps=0.0), "epsilon"),
         (dict(eps=1e-300), "epsilon"),
         (dict(weight_decay=-0.1), "weight_decay"),
@@ -642,6 +644,27 @@ def test_a_refresh_without_gradient_is_made_on_the_next_step(transfer, monkeypat
     torch.testing.assert_close(state["P"] @ state["P"].T @ g, g)  # P spans the gradient's rows
     torch.testing.assert_close(state["P"], twin_p)
     assert 0 <= state["xi"] < 1e-6
+
+
+def test_a_gradient_that_stays_zero_is_retried_at_powers_of_two_into_the_period(monkeypatch):
+    """A module unused for a while: its pending refresh was retried, with a projection and a
+    host read, on every step. Now on steps 1, 2, 4, 8, … into each period of T = 16 (14
+    projections in 40 steps, not 40); the gradient that comes back on step 43 (10 steps into
+    the period) is taken up on step 49, at the next scheduled refresh."""
+    from adapprox_kernels import adamem
+
+    refreshed = []
+    real = adamem.top_left_subspace
+    (w,) = _params([(6, 10)])
+    opt = AdaMeM([w], rank=2, update_proj_gap=16, seed=0)
+    monkeypatch.setattr(adamem, "top_left_subspace", lambda g, *a: refreshed.append(opt.state[w]["step"]) or real(g, *a))
+    g = torch.randn(6, 2) @ torch.randn(2, 10)
+    for step in range(1, 50):
+        w.grad = g.clone() if step >= 43 else torch.zeros(6, 10)
+        opt.step()
+    assert refreshed == [1, 2, 3, 5, 9, 17, 18, 19, 21, 25, 33, 34, 35, 37, 41, 49]
+    assert not opt.state[w]["proj_pending"]
+    torch.testing.assert_close(opt.state[w]["P"] @ opt.state[w]["P"].T @ g, g)
 
 
 def test_a_refresh_waits_out_several_zero_gradients_and_nonfinite_skips():

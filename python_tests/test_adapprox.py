@@ -326,6 +326,19 @@ def test_a_state_that_does_not_fit_is_refused_on_load():
     assert not target.state and target.param_groups[0]["k_max"] == 2
 
 
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
+def test_a_state_loaded_into_a_now_empty_weight_is_refused(cls, kw):
+    """A (3, 5) weight's state loaded where the weight is (0, 5): a ValueError naming it (the
+    matrix view divided by the 0 rows: ZeroDivisionError)."""
+    a = torch.nn.Parameter(torch.randn(3, 5))
+    opt = cls([a], seed=0, **kw)
+    a.grad = torch.randn(3, 5)
+    opt.step()
+    target = cls([torch.nn.Parameter(torch.randn(0, 5))], seed=0, **kw)
+    with pytest.raises(ValueError, match=r"\(shape \(0, 5\)\) does not fit it"):
+        target.load_state_dict(opt.state_dict())
+
+
 @pytest.mark.parametrize(
     "cls,kw,edit,match",
     [
@@ -683,6 +696,7 @@ def test_grad_scaler_skips_overflowed_steps_and_unscales_the_rest(cls, kw):
     [
         (dict(lr=-1.0), "learning rate"),
         (dict(lr=float("nan")), "learning rate"),
+        (dict(lr=1e39), "learning rate"),  # finite, but not in float32, as the step multiplies
         (dict(betas=(0.9, 0.999)), "betas"),
         (dict(betas=(1.0, 0.999, 0.9)), "index 0"),
         (dict(betas=(0.9, -0.1, 0.9)), "index 1"),
