@@ -164,7 +164,7 @@ class _Started:
     """A bucket after S-RSI (or a dense bucket after its sums pass), before its update.
     ``sums()`` ``(B, 2)``: ``[‖V‖², Σ (G/(√V+ε))²]`` per matrix from the first pass when the
     backend reduces them there (else None); the second is NaN exactly where a gradient holds
-    NaN or inf. A call, since a graphed pass is deferred (see ``cuda_graphs.py``): the
+    NaN or inf, or entries whose squares overflow V. A call, since a graphed pass is deferred (see ``cuda_graphs.py``): the
     first read runs every queued pass. ``prepare(gate)`` queues a graphed update (the host
     prepares it while the GPU runs S-RSI: ``_run_ahead`` calls it before the non-finite check's
     sync, and a failed check discards it); ``finish(gate)`` applies or queues the update, if
@@ -388,6 +388,7 @@ class Adapprox(SketchOptimizer):
         self._graphs = CallGraphs(capacity=64)
         self._baked: dict[int, tuple] = {}  # id(group) -> _baked_hyperparameters, this step
         self._bucket_cache: dict[tuple, tuple] = {}  # see _buckets
+        self._last_buckets: dict[int, tuple] = {}  # id(group) -> its _bucket_cache entry of the last step
         # id(a bucket's states) -> (Q's, U's) that the last rank decision made as the matrices
         # of one tensor each (see _decide_ranks, _factored_srsi); rebuilt every step.
         self._factor_stacks: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
@@ -507,7 +508,11 @@ class Adapprox(SketchOptimizer):
                 state_map is self.state and len(self.state) == size and all(states)
                 and all(map(operator.is_, map(self.state.__getitem__, params), states))
             ):  # fmt: skip
-                self._compact_factors(idle)
+                # The same parameters sat out last step too: they were compacted then, and no
+                # view has come to them since (frozen layers cost nothing a step).
+                if self._last_buckets.get(id(group)) is not cached:
+                    self._compact_factors(idle)
+                self._last_buckets[id(group)] = cached
                 return buckets, []
         new = [p for p in params if not self.state[p]]
         buckets: dict[tuple, tuple[list[torch.Tensor], list[dict[str, Any]]]] = {}
@@ -528,16 +533,16 @@ class Adapprox(SketchOptimizer):
         self._compact_factors(idle)
         if len(self._bucket_cache) >= 8:  # a few groups' lists; the rare other list is recomputed
             self._bucket_cache.clear()
-        self._bucket_cache[key] = (self.state, len(self.state), buckets, states, idle)
+        self._bucket_cache[key] = self._last_buckets[id(group)] = (self.state, len(self.state), buckets, states, idle)
         return buckets, new
 
     def _compact_factors(self, idle: list[torch.Tensor]) -> None:
         """Copies out the factors of the parameters that sit out this step (no gradient),
         where they are views of a stack that other parameters move on from (see
         :meth:`_store_factors`): such a view would keep the whole stack alive, in memory and in
-        every checkpoint. Every step, remembered buckets too: with a pattern of who sits out
-        that repeats (experts of a mixture, routed in turn), a parameter back from an idle step
-        gets a view of a new stack, and idles again with it."""
+        every checkpoint. Wherever who sits out changed since the group's last step, remembered
+        buckets too: with a pattern that repeats (experts of a mixture, routed in turn), a
+        parameter back from an idle step gets a view of a new stack, and idles again with it."""
         for p in idle:
             state = self.state.get(p)
             for key in ("Q", "U") if state else ():

@@ -72,6 +72,12 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_integral(v: Any) -> bool:
+    """An int of any kind (NumPy's too, which a checkpoint rewritten by other tools may hold),
+    not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def is_real(v: Any) -> bool:
     """An int or float finite in float32, not a bool, nor a tensor: the step reads
     hyperparameters as Python numbers, on the host, and multiplies by them in float32 (an lr
@@ -220,8 +226,12 @@ class SketchOptimizer(Optimizer):
         group's DTensors (FSDP2; see :func:`~adapprox_kernels.distributed.check_same_seed`)."""
         self._check_hyperparameters(self.defaults)
         where = f"param_groups[{len(self.param_groups)}]"
-        # Lists as tuples: a list edited in place would look unchanged to _check_groups.
-        own = {k: as_tuple(as_python(v)) for k, v in param_group.items() if k not in ("params", "param_names")}
+        # The options' lists as tuples: a list edited in place would look unchanged to
+        # _check_groups (a key of the user's own keeps its list).
+        own = {
+            k: as_tuple(as_python(v)) if k in self.defaults else as_python(v)
+            for k, v in param_group.items() if k not in ("params", "param_names")
+        }  # fmt: skip
         param_group = {**param_group, **own}
         if own:
             try:
@@ -465,7 +475,7 @@ class SketchOptimizer(Optimizer):
             elif (shape is not None) != torch.is_tensor(state[key]):  # e.g. torch.optim's tensor step
                 want = "a tensor" if shape is not None else "a number"
                 problems.append(f"{key!r} is a {type(state[key]).__name__}, not {want}")
-            elif shape is None and key == "step" and not (is_int(state[key]) and state[key] >= 0):
+            elif shape is None and key == "step" and not (_is_integral(state[key]) and state[key] >= 0):
                 problems.append(f"'step' is {state[key]!r}, not an int >= 0")
             elif shape is not None and not state[key].is_floating_point():
                 problems.append(f"{key!r} holds {state[key].dtype}, not floating point")
@@ -560,7 +570,7 @@ class SketchOptimizer(Optimizer):
         One host sync per device."""
         if not params:
             return []
-        # (parameters, values) pairs: a non-finite value marks a bad gradient.
+        # (parameters, values) pairs: a non-finite max-norm, or a NaN run-ahead sum, marks a bad gradient.
         checks = list(known)
         limited = type(self)._gradient_limit is not SketchOptimizer._gradient_limit
         if sum(len(ps) for ps, _ in known) < len(params):  # some gradients have no values yet

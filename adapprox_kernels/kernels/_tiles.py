@@ -197,7 +197,8 @@ def round_to_tf32(x):
 def gated(mask, clip):
     """``mask`` where a matrix's clip divisor is finite, else all false: its update pass writes
     nothing. The divisor (capped at fp32's largest value) is not finite exactly where the
-    update's RMS sum is NaN, i.e. where the gradient holds inf or NaN; the optimizer also makes it NaN for every matrix of a step that
+    update's RMS sum is NaN, i.e. where the gradient holds inf or NaN (or entries whose squares
+    overflow V: :func:`raw_update`); the optimizer also makes it NaN for every matrix of a step that
     found such a gradient anywhere, so that step's launched updates write nothing."""
     return tl.where(clip * 0.0 == 0.0, mask, False)  # inf·0 and NaN·0 are NaN
 
