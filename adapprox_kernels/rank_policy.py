@@ -25,7 +25,10 @@ def step_rank_delta(k_max: int) -> int:
 
 
 def next_rank_step(rank: int, xi: float, xi_thresh: float, k_min: int, k_max: int) -> int:
-    """Algorithm 2's rule: grow by Δk when ξ > ξ_thresh, else shrink by Δk; clamp to bounds."""
+    """Algorithm 2's rule: grow by Δk when ξ > ξ_thresh, else shrink by Δk; clamp to bounds.
+    A NaN ξ (nothing measured) keeps the rank."""
+    if xi != xi:
+        return min(max(rank, k_min), k_max)
     delta = step_rank_delta(k_max)
     k_next = rank + delta if xi > xi_thresh else rank - delta
     return min(max(k_next, k_min), k_max)
@@ -37,7 +40,10 @@ def rank_moment(k_prev: float, k_next: int, beta3: float) -> float:
 
 
 def sigmoid_increment(xi: float, eta: float, omega: float, tau: float, phi: float) -> float:
-    """The arXiv policy's growth f(ξ) (our documented form, see the module docstring)."""
+    """The arXiv policy's growth f(ξ) (our documented form, see the module docstring); 0 for a
+    NaN ξ (nothing measured)."""
+    if xi != xi:
+        return 0.0
     z = -omega * (xi - tau)
     # exp overflows past ~709; the sigmoid is 0 there anyway.
     s = 0.0 if z > 700 else 1.0 / (1.0 + math.exp(z))

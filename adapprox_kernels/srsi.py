@@ -146,7 +146,7 @@ def as_rsi(
     ``ranks[b]`` columns. ``sketch`` (``(B, n, r)``) replaces the Gaussian start (warm start).
 
     Returns the full-width ``Q: (B, m, r)``, ``U: (B, n, r)``, ``ξ: (B,)`` and the proposed next
-    ranks (before the rank moment).
+    ranks (before the rank moment), at most ``min(k_max, m, n)``, as the optimizer caps them.
     """
     b, m, n = op.shape
     if len(ranks) != b:
@@ -158,5 +158,6 @@ def as_rsi(
     used = [min(k, q.shape[-1]) for k in ranks]
     xi = error_ratio(op, truncate_columns(q, used), truncate_columns(u, used))
     xi_host = xi.tolist()
-    k_next = [next_rank_step(k, x, xi_thresh, k_min, k_max) for k, x in zip(used, xi_host)]
+    cap = min(k_max, m, n)
+    k_next = [next_rank_step(k, x, xi_thresh, min(k_min, cap), cap) for k, x in zip(used, xi_host)]
     return q, u, xi, k_next

@@ -108,6 +108,22 @@ def test_as_rsi_per_matrix_ranks():
     assert truncate_columns(q, [2, 6])[0, :, 2:].abs().max() == 0
 
 
+def test_as_rsi_caps_the_next_rank_at_the_matrix_size():
+    """k_max = 256 on a 10×12 matrix: the rank grows by Δk of min(k_max, m, n) = 10, i.e. 1, to
+    9 (it proposed 8 + Δk(256) = 14, more than the matrix has), as the optimizer does."""
+    gen = torch.Generator().manual_seed(0)
+    op = DenseOperator(torch.randn(1, 10, 12, generator=gen))
+    *_, k_next = as_rsi(op, [8], k_min=1, k_max=256, xi_thresh=1e-6, generator=gen)
+    assert k_next == [9]
+
+
+def test_a_nan_xi_keeps_the_rank():
+    """Nothing measured: no step of the rule, no sigmoid growth (it raised on int(NaN))."""
+    assert next_rank_step(10, float("nan"), 1e-3, 1, 256) == 10
+    assert next_rank_step(300, float("nan"), 1e-3, 1, 256) == 256  # still clamped
+    assert sigmoid_increment(float("nan"), 8.0, 10.0, 0.5, 0.0) == 0.0
+
+
 def test_as_rsi_validates():
     with pytest.raises(ValueError, match="one rank per matrix"):
         as_rsi(DenseOperator(torch.randn(2, 5, 5)), [1], k_min=1, k_max=4, xi_thresh=0.1)
