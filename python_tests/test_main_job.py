@@ -14,7 +14,8 @@ from adapprox_kernels.train import __main__ as main_module
 from adapprox_kernels.train import optimizers, runner
 from adapprox_kernels.train.__main__ import build_parser, main
 from adapprox_kernels.train.data import ByteBatches, corpus_files, default_corpus_dir, read_corpus
-from adapprox_kernels.train.model import GPTConfig
+from adapprox_kernels.train.model import GPT, GPTConfig
+from adapprox_kernels.train.plot import plot_runs
 from adapprox_kernels.train.runner import RunConfig, environment, train_one, warmup_cosine
 
 
@@ -127,6 +128,7 @@ def no_run(*args):
         (["--size", "gpt2-124m", "--seq-len", "1024", "--data", "12K"], "validation (5%) split has 600 bytes"),
         (["--optimizers", ""], "none given; choose from adapprox"),
         (["--optimizers", "adamw,sgd"], "unknown sgd; choose from adapprox"),
+        (["--optimizers", "adamw,adapprox,adamw"], "--optimizers: adamw given more than once"),
         (["--out", "SMALL/sub"], "small.txt/sub: Not a directory"),
         (["--out", "SMALL"], "small.txt: File exists"),
     ],
@@ -205,3 +207,105 @@ def test_schedule_warmup_then_cosine():
     f = warmup_cosine(10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+TINY = ["--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+        "--max-bytes", "20000"]  # fmt: skip
+
+
+def strict_json(path: Path):
+    """The file parsed as strict JSON: a NaN or Infinity token is an error."""
+
+    def refuse(token):
+        raise ValueError(f"{token} in {path.name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_failing_run_is_recorded_and_the_job_goes_on(tmp_path, capsys):
+    # AdamW diverges to NaN at this lr; Adapprox refuses the non-finite gradient (nonfinite='raise').
+    argv = TINY + ["--optimizers", "adapprox,adamw", "--lr", "adamw=1e6,adapprox=1e6", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "adapprox failed: FloatingPointError: " in err
+    table = {line.split()[0]: line for line in out.splitlines() if line.startswith(("adapprox ", "adamw "))}
+    assert "1e+06 failed: FloatingPointError: " in table["adapprox"] and " nan " in table["adamw"]
+    runs = {r["name"]: r for r in strict_json(tmp_path / "results.json")["runs"]}
+    assert runs["adapprox"]["error"].startswith("FloatingPointError: ") and runs["adapprox"]["lr"] == 1e6
+    assert "error" not in runs["adamw"] and runs["adamw"]["final_val_loss"] is None  # NaN, finished
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def test_results_are_written_after_every_run(tmp_path, monkeypatch):
+    def train_then_get_killed(cfg, model_cfg, data):
+        if cfg.optimizer == "adafactor":
+            raise KeyboardInterrupt  # not an Exception: the job stops, as on Ctrl-C
+        return {"name": cfg.optimizer, "lr": cfg.lr, "val_loss": [2.0], "eval_steps": [3], "ranks": []}
+
+    monkeypatch.setattr(main_module, "train_one", train_then_get_killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(TINY + ["--optimizers", "adamw,adafactor", "--out", str(tmp_path)])
+    assert [r["name"] for r in strict_json(tmp_path / "results.json")["runs"]] == ["adamw"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no partial file left
+
+
+def test_results_json_is_strict_with_nan_losses(tmp_path):
+    assert main(TINY + ["--optimizers", "adamw", "--lr", "adamw=1e6", "--out", str(tmp_path)]) == 0
+    runs = strict_json(tmp_path / "results.json")["runs"]
+    assert runs[0]["final_val_loss"] is None and runs[0]["val_loss"] == [None]
+    plot_runs(runs, tmp_path / "again.png")  # the figure can be redrawn from the file
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+
+
+def test_galore_projects_only_the_attention_and_mlp_weights():
+    model = GPT(GPTConfig(seq_len=16, n_layer=2, n_head=2, d_model=32))
+    opt = optimizers.build_optimizer("galore", model, 1e-3, "cpu", 3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    projected = sorted(names[id(p)] for g in opt.param_groups if "rank" in g for p in g["params"])
+    expected = sorted(f"blocks.{i}.{m}.weight" for i in range(2) for m in ("qkv", "proj", "fc", "fc_out"))
+    assert projected == expected
+    grouped = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(names.values())  # every parameter once: embeddings, vectors via AdamW
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
+
+
+def test_seed_reaches_the_optimizers_own_rngs(monkeypatch):
+    built = []
+
+    def build(*args):
+        built.append(optimizers.build_optimizer(*args))
+        return built[-1]
+
+    monkeypatch.setattr(runner, "build_optimizer", build)
+    model_cfg = GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32)
+    for name, seed in [("adapprox", 7), ("adamem", 7), ("adapprox", 0)]:
+        cfg = RunConfig(
+            optimizer=name, lr=1e-3, steps=1, warmup=1, eval_every=1, eval_batches=1, k_max=3, device="cpu", seed=seed
+        )  # fmt: skip
+        train_one(cfg, model_cfg, ByteBatches(bytes(range(256)) * 8, 16, 2))
+    assert [opt._seed for opt in built] == [7, 7, 0]
+
+
+@pytest.mark.parametrize("module", ["tqdm", "matplotlib"])
+def test_missing_main_extra_is_a_usage_error_before_any_run(module, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    monkeypatch.setattr(main_module, "train_one", no_run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY + ["--optimizers", "adamw", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert f"needs {module}: pip install 'adapprox_kernels[main]' (or pip install {module})" in err
+
+
+def test_weight_decay_is_as_documented():
+    model = GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32))
+    decay = {
+        name: max(g["weight_decay"] for g in optimizers.build_optimizer(name, model, 1e-3, "cpu", 3).param_groups)
+        for name in optimizers.OPTIMIZERS
+    }  # fmt: skip
+    assert decay == {"adapprox": 0.1, "adamw": 0.1, "came": 0.01, "adafactor": 0.0, "adamem": 0.0,
+                     "adafactor-m": 0.0, "galore": 0.0}  # fmt: skip
+    stated = "AdamW and Adapprox 0.1 on matrices and embeddings, CAME 0.01"
+    assert stated in " ".join(optimizers.__doc__.split())
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "Weight decay differs" in readme and "AdamW and Adapprox 0.1, CAME 0.01, the others none" in readme

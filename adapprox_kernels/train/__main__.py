@@ -2,16 +2,19 @@
 
 Prints a table (validation loss, optimizer-state bytes and their ratio to AdamW, iteration and
 optimizer-step time, final mean rank), and writes ``results.json`` and ``comparison.png`` to
-``--out``.
+``--out``. A run that raises is recorded as failed and the job goes on (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
+import os
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,6 +44,9 @@ def optimizer_names(text: str) -> list[str]:
     if unknown or not names:
         what = f"unknown {', '.join(unknown)}" if unknown else "none given"
         raise argparse.ArgumentTypeError(f"{what}; choose from {', '.join(OPTIMIZERS)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a second run would only overwrite the first one's row
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} given more than once")
     return names
 
 
@@ -103,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def missing_main_extra() -> list[str]:
+    """The packages of setup.py's ``main`` extra that the job itself needs (progress bars, the
+    plot) and that do not import; checked before any run, not after all of them have trained."""
+    missing = []
+    for module in ("tqdm", "matplotlib"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    return missing
+
+
 def load_corpus(ap: argparse.ArgumentParser, args: argparse.Namespace, seq_len: int) -> bytes:
     """The corpus, checked before any run starts: it exists, is big enough, and both of its
     splits hold a window of ``seq_len``; otherwise a usage error."""
@@ -126,13 +144,36 @@ def out_dir(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     return out
 
 
+def finite_or_none(value):
+    """``value`` with NaN and ±inf floats (in lists and dicts too) as None: strict JSON has no
+    token for them, and a diverged run's losses are NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_results(path: Path, meta: dict, runs: list[dict]) -> None:
+    """Strict JSON, replaced whole: a job killed while writing keeps the previous file."""
+    text = json.dumps(finite_or_none({"meta": meta, "runs": runs}), indent=1, allow_nan=False)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def print_table(runs: list[dict]) -> None:
-    adamw = next((r["state_bytes"] for r in runs if r["name"] == "adamw"), None)
+    adamw = next((r["state_bytes"] for r in runs if r["name"] == "adamw" and "error" not in r), None)
     head = (f"{'optimizer':12s} {'lr':>8s} {'val loss':>9s} {'best val':>9s} {'state bytes':>12s} {'vs AdamW':>9s} "
             f"{'iteration ms':>12s} {'step ms':>8s} {'mean rank':>9s}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in runs:
+        if "error" in r:
+            print(f"{r['name']:12s} {r['lr']:>8.2g} failed: {r['error']}")
+            continue
         ratio = f"{100 * r['state_bytes'] / adamw:.1f}%" if adamw else "-"
         rank = f"{r['final_mean_rank']:.2f}" if r.get("final_mean_rank") is not None else "-"
         print(
@@ -154,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     unused = [name for name in args.lr if name not in args.optimizers]
     if unused:  # a rate for an optimizer that does not run is a slip: say so rather than drop it
         ap.error(f"--lr {', '.join(unused)}: not in --optimizers ({', '.join(args.optimizers)})")
+    missing = missing_main_extra()
+    if missing:
+        ap.error(f"the main job needs {' and '.join(missing)}: pip install 'adapprox_kernels[main]' "
+                 f"(or pip install {' '.join(missing)})")  # fmt: skip
     missing = missing_peers(args.optimizers)
     if missing:  # now, not when its turn comes after the others have trained for minutes
         ap.error("; ".join(missing) + " (or choose others with --optimizers)")
@@ -161,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(ap, args, seq_len)
     print(f"corpus: {len(corpus):,} bytes from {args.data or 'the Python standard library'}; "
           f"model {args.size}; {args.steps} steps of {args.batch_size}x{seq_len} on {args.device}")  # fmt: skip
+    meta = dict(environment(args.device), args=vars(args), corpus_bytes=len(corpus))
     runs = []
     for name in args.optimizers:
         cfg = RunConfig(
@@ -168,14 +214,20 @@ def main(argv: list[str] | None = None) -> int:
             eval_batches=args.eval_batches, k_max=args.k_max, device=args.device, seed=args.seed,
         )  # fmt: skip
         data = ByteBatches(corpus, seq_len, args.batch_size, seed=args.seed)
-        runs.append(train_one(cfg, model_cfg, data))
+        try:
+            runs.append(train_one(cfg, model_cfg, data))
+        except Exception as e:  # noqa: BLE001 - one optimizer's failure must not cost the others' runs
+            runs.append({"name": name, "lr": cfg.lr, "config": asdict(cfg), "error": f"{type(e).__name__}: {e}"})
+            print(f"{name} failed: {runs[-1]['error']}", file=sys.stderr)
+        write_results(out / "results.json", meta, runs)  # after every run: a killed job keeps the finished ones
     print()
     print_table(runs)
-    meta = dict(environment(args.device), args=vars(args), corpus_bytes=len(corpus))
-    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     plot_runs(runs, out / "comparison.png")
     print(f"\nwrote {out / 'results.json'} and {out / 'comparison.png'}")
-    return 0
+    failed = [r["name"] for r in runs if "error" in r]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

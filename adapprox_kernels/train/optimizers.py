@@ -5,6 +5,10 @@ torch's Adafactor treats ``lr`` as a relative step size, and CAME's README recom
 lr than AdamW's. Each default below is the one the project's plan for the main job set for this
 small-model setting, except AdaMeM's, picked from 600-step CPU runs at 5e-3 / 2e-3 / 1e-3 / 5e-4
 (validation loss 2.717 / 2.456 / 2.290 / 2.255). Override with ``--lr name=value``.
+
+Weight decay, also as set for each (never on biases and LayerNorm weights): AdamW and Adapprox
+0.1 on matrices and embeddings, CAME 0.01, Adafactor, Adafactor with momentum, AdaMeM and
+GaLore none. ``seed`` (the job's ``--seed``) seeds Adapprox's and AdaMeM's own sketch RNGs.
 """
 
 from __future__ import annotations
@@ -39,32 +43,32 @@ def _lowrank_rank(model: nn.Module) -> int:
     return max(model.cfg.d_model // 4, 1)
 
 
-def _adamw(model, lr, device, k_max):
+def _adamw(model, lr, device, k_max, seed):
     return torch.optim.AdamW(_groups(model, 0.1), lr=lr, betas=(0.9, 0.999), fused=device.startswith("cuda"))
 
 
-def _adapprox(model, lr, device, k_max):
+def _adapprox(model, lr, device, k_max, seed):
     # On a GPU, steps whose shapes repeat replay from CUDA graphs (same results, less host time).
     return Adapprox(
-        _groups(model, 0.1), lr=lr, k_init=k_max, k_max=k_max, seed=0, cuda_graphs=device.startswith("cuda")
+        _groups(model, 0.1), lr=lr, k_init=k_max, k_max=k_max, seed=seed, cuda_graphs=device.startswith("cuda")
     )
 
 
-def _adafactor(model, lr, device, k_max):
+def _adafactor(model, lr, device, k_max, seed):
     return torch.optim.Adafactor(_groups(model, 0.0), lr=lr)
 
 
-def _came(model, lr, device, k_max):
+def _came(model, lr, device, k_max, seed):
     from came_pytorch import CAME  # the came-pytorch package, settings from its README
 
     return CAME(_plain(_groups(model, 0.01)), lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
 
 
-def _adamem(model, lr, device, k_max):
-    return AdaMeM(_groups(model, 0.0), lr=lr, rank=_lowrank_rank(model), seed=0)
+def _adamem(model, lr, device, k_max, seed):
+    return AdaMeM(_groups(model, 0.0), lr=lr, rank=_lowrank_rank(model), seed=seed)
 
 
-def _adafactor_momentum(model, lr, device, k_max):
+def _adafactor_momentum(model, lr, device, k_max, seed):
     # torch's Adafactor has no β1; Hugging Face's (transformers, installed with galore-torch)
     # does. Absolute lr, no parameter scaling; its β2 follows its fixed 1 − t^−0.8 schedule.
     from transformers.optimization import Adafactor
@@ -74,12 +78,19 @@ def _adafactor_momentum(model, lr, device, k_max):
     )
 
 
-def _galore(model, lr, device, k_max):
+def _galore(model, lr, device, k_max, seed):
     from galore_torch import GaLoreAdamW  # the galore-torch package, settings from its README
 
+    # As in that README, only the attention and MLP Linear weights are projected; the embeddings
+    # (and the vectors) take plain AdamW steps.
+    linear = [m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)]
+    projected = {id(p) for p in linear}
     groups = _plain(_groups(model, 0.0))
-    groups[0].update(rank=_lowrank_rank(model), update_proj_gap=200, scale=0.25, proj_type="std")
-    return GaLoreAdamW(groups, lr=lr, no_deprecation_warning=True)
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in projected]
+    galore = {"params": linear, "weight_decay": 0.0, "rank": _lowrank_rank(model), "update_proj_gap": 200,
+              "scale": 0.25, "proj_type": "std"}  # fmt: skip
+    return GaLoreAdamW([galore, *(g for g in groups if g["params"])], lr=lr, no_deprecation_warning=True)
 
 
 OPTIMIZERS: dict[str, Callable] = {
@@ -122,5 +133,7 @@ def default_lrs() -> dict[str, float]:
     }  # fmt: skip
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, device: str, k_max: int) -> torch.optim.Optimizer:
-    return OPTIMIZERS[name](model, lr, device, k_max)
+def build_optimizer(
+    name: str, model: nn.Module, lr: float, device: str, k_max: int, seed: int = 0
+) -> torch.optim.Optimizer:
+    return OPTIMIZERS[name](model, lr, device, k_max, seed)

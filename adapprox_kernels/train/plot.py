@@ -6,17 +6,21 @@ from pathlib import Path
 
 
 def plot_runs(runs: list[dict], path: Path) -> None:
+    """Failed runs (those with an ``error``) have no curves and are left out. Losses may be None
+    (results.json's NaN): matplotlib leaves a gap there."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    runs = [r for r in runs if "error" not in r]
     fig, (ax_loss, ax_rank) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
         ax_loss.plot(r["eval_steps"], r["val_loss"], marker="o", ms=3, label=f"{r['name']} (lr {r['lr']:g})")
     ax_loss.set(xlabel="step", ylabel="validation loss (nats/byte)", title="Validation loss")
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
+    if runs:
+        ax_loss.legend()
     ranked = [r for r in runs if r["ranks"]]
     for r in ranked:
         for kind in sorted(r["ranks"][-1]):

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .. import __version__
 from ..adapprox import Adapprox
@@ -79,39 +78,42 @@ def _sync(device: str) -> None:
 
 def train_one(cfg: RunConfig, model_cfg: GPTConfig, data: ByteBatches) -> dict:
     """Train a fresh model; returns the curves, timings, state bytes and ranks as plain data."""
+    from tqdm import tqdm  # here, not at import: the job checks its `main` extra before any run
+
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(cfg.device)
-    opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.device, cfg.k_max)
+    opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.device, cfg.k_max, cfg.seed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
     val = data.val_batches(cfg.eval_batches)
     out = dict(name=cfg.optimizer, lr=cfg.lr, config=asdict(cfg), eval_steps=[], val_loss=[], train_loss=[],
                rank_steps=[], ranks=[], step_times=[], opt_times=[])  # fmt: skip
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.optimizer:>10s}", dynamic_ncols=True)
-    for step in bar:
-        batch = data.train_batch().to(cfg.device)
-        _sync(cfg.device)
-        t0 = time.perf_counter()
-        loss = model.loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _sync(cfg.device)
-        t1 = time.perf_counter()
-        opt.step()
-        _sync(cfg.device)
-        t2 = time.perf_counter()
-        sched.step()
-        out["step_times"].append(t2 - t0)
-        out["opt_times"].append(t2 - t1)
-        out["train_loss"].append(loss.item())
-        if step % 10 == 0 or step == 1:
-            ranks = ranks_by_type(opt)
-            if ranks:
-                out["rank_steps"].append(step)
-                out["ranks"].append(ranks)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            out["eval_steps"].append(step)
-            out["val_loss"].append(evaluate(model, val, cfg.device))
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{out['val_loss'][-1]:.3f}")
+    # A with-block closes the bar when a step raises too, before the job prints the error.
+    with tqdm(range(1, cfg.steps + 1), desc=f"{cfg.optimizer:>10s}", dynamic_ncols=True) as bar:
+        for step in bar:
+            batch = data.train_batch().to(cfg.device)
+            _sync(cfg.device)
+            t0 = time.perf_counter()
+            loss = model.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _sync(cfg.device)
+            t1 = time.perf_counter()
+            opt.step()
+            _sync(cfg.device)
+            t2 = time.perf_counter()
+            sched.step()
+            out["step_times"].append(t2 - t0)
+            out["opt_times"].append(t2 - t1)
+            out["train_loss"].append(loss.item())
+            if step % 10 == 0 or step == 1:
+                ranks = ranks_by_type(opt)
+                if ranks:
+                    out["rank_steps"].append(step)
+                    out["ranks"].append(ranks)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                out["eval_steps"].append(step)
+                out["val_loss"].append(evaluate(model, val, cfg.device))
+                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{out['val_loss'][-1]:.3f}")
     warm = out["step_times"][5:] or out["step_times"]
     out["step_time_s"] = statistics.median(warm)
     out["opt_time_s"] = statistics.median(out["opt_times"][5:] or out["opt_times"])
