@@ -39,11 +39,13 @@ def shortened_job(args, device) -> Path:
 
 
 def summary_rows(runs: list[dict]) -> list[dict]:
+    runs = [r for r in runs if "error" not in r]  # a run that failed in the main job has no numbers
     adamw = next((r["state_bytes"] for r in runs if r["name"] == "adamw"), None)
     out = []
     for r in runs:
+        losses = [v for v in r["val_loss"] if v is not None]  # a diverged run's NaN losses are null
         out.append(dict(
-            optimizer=r["name"], lr=r["lr"], final_val_loss=r["final_val_loss"], best_val_loss=min(r["val_loss"]),
+            optimizer=r["name"], lr=r["lr"], final_val_loss=r["final_val_loss"], best_val_loss=min(losses, default=None),
             state_bytes=r["state_bytes"], vs_adamw=r["state_bytes"] / adamw if adamw else None,
             step_time_s=r["step_time_s"], opt_time_s=r["opt_time_s"], final_mean_rank=r.get("final_mean_rank"),
             final_ranks_by_type=json.dumps(r["ranks"][-1]) if r.get("ranks") else "",
@@ -52,7 +54,10 @@ def summary_rows(runs: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], job_meta: dict) -> str:
-    lines = [(r["optimizer"], f"{r['lr']:g}", f"{r['final_val_loss']:.4f}", f"{r['best_val_loss']:.4f}",
+    def loss(v):
+        return "—" if v is None else f"{v:.4f}"  # null: the run diverged
+
+    lines = [(r["optimizer"], f"{r['lr']:g}", loss(r["final_val_loss"]), loss(r["best_val_loss"]),
               f"{r['state_bytes']:,}", f"{100 * r['vs_adamw']:.1f}%" if r["vs_adamw"] else "—",
               common.fmt_seconds(r["step_time_s"]),
               f"{r['final_mean_rank']:.2f}" if r["final_mean_rank"] is not None else "—") for r in rows]  # fmt: skip

@@ -354,3 +354,18 @@ def test_bench_step_smoke_finishes_on_cpu():
     assert run.returncode == 0, run.stderr[-3000:]
     assert "adapprox_k2_warm_graphs_ieee" in run.stdout and "apply_update (no momentum)" in run.stdout
     assert "adapprox_k2_warm_graphs_onecycle" in run.stdout and "adapprox_k2_warm_graphs_bf16_sr" in run.stdout
+
+
+def test_fig3_4_summarizes_a_main_job_with_a_failed_and_a_diverged_run():
+    """The main job records a run that raised as ``{"error": …}`` and a diverged run's NaN
+    losses as null: the summary leaves the first out and shows the second's losses as —."""
+    from bench.fig3_4_training import markdown, summary_rows
+
+    runs = [
+        {"name": "adamw", "lr": 1e6, "final_val_loss": None, "val_loss": [None, None], "state_bytes": 10,
+         "step_time_s": 0.1, "opt_time_s": 0.01},
+        {"name": "adapprox", "lr": 1e6, "error": "FloatingPointError: non-finite gradient"},
+    ]  # fmt: skip
+    rows = summary_rows(runs)
+    assert [r["optimizer"] for r in rows] == ["adamw"] and rows[0]["best_val_loss"] is None
+    assert "| adamw | 1e+06 | — | — | 10 | 100.0% |" in markdown(rows, {"args": {}})
