@@ -62,15 +62,21 @@ def test_corpus_errors(tmp_path):
         read_corpus(tmp_path / "small.txt", 1000)
 
 
-def test_state_bytes_count_every_shared_buffer(monkeypatch):
-    # Adapprox keeps the factors of same-shaped layers as views of one buffer per stack.
-    built = []
+@pytest.fixture
+def built(monkeypatch):
+    """The optimizers ``train_one`` builds, in order."""
+    made = []
 
     def build(*args):
-        built.append(optimizers.build_optimizer(*args))
-        return built[-1]
+        made.append(optimizers.build_optimizer(*args))
+        return made[-1]
 
     monkeypatch.setattr(runner, "build_optimizer", build)
+    return made
+
+
+def test_state_bytes_count_every_shared_buffer(built):
+    # Adapprox keeps the factors of same-shaped layers as views of one buffer per stack.
     model_cfg = GPTConfig(seq_len=16, n_layer=3, n_head=2, d_model=32)
     cfg = RunConfig(
         optimizer="adapprox", lr=2e-3, steps=2, warmup=1, eval_every=2, eval_batches=1, k_max=3, device="cpu"
@@ -269,14 +275,7 @@ def test_galore_projects_only_the_attention_and_mlp_weights():
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
 
 
-def test_seed_reaches_the_optimizers_own_rngs(monkeypatch):
-    built = []
-
-    def build(*args):
-        built.append(optimizers.build_optimizer(*args))
-        return built[-1]
-
-    monkeypatch.setattr(runner, "build_optimizer", build)
+def test_seed_reaches_the_optimizers_own_rngs(built):
     model_cfg = GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32)
     for name, seed in [("adapprox", 7), ("adamem", 7), ("adapprox", 0)]:
         cfg = RunConfig(
