@@ -10,6 +10,8 @@
   parameter and count it in ``state["nonfinite_skips"]``), checked for all groups at once with
   one host sync per device; a subclass may also refuse finite gradients above
   ``_gradient_limit(p)`` this way (ones its arithmetic would overflow on);
+* ``torch.amp.GradScaler`` support without a host read of its inf flag before every step
+  (``_step_supports_amp_scaling``, :meth:`SketchOptimizer._unscale`);
 * ``step(closure)`` under ``torch.no_grad()``, which calls the subclass's
   ``_run_ahead(groups)`` (work that may start before the non-finite check because it yields
   the check as a by-product; ``_discard_run_ahead()`` undoes it), ``_step_group(group,
@@ -177,6 +179,16 @@ class SketchOptimizer(Optimizer):
     # A drawn seed that no process group has shared yet (none existed at construction): the
     # first step takes rank 0's. A class attribute, for copies unpickled from older pickles.
     _seed_unshared = False
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by ``torch.amp.GradScaler.step``: when true, it sets ``grad_scale`` and
+        ``found_inf`` (device tensors) on the optimizer and calls ``step()`` itself, instead of
+        unscaling and reading its inf flag on the host first (a second host sync per step, before
+        the step's own, with the GPU idle while the host then queues the step). The step
+        unscales in place and reads the flag only where its own check finds a bad gradient (see
+        :meth:`_unscale`). Not for DTensor (FSDP2) gradients, which take the scaler's own path."""
+        return not any(is_dtensor(p) for group in self.param_groups for p in group["params"])
 
     def __init__(self, params, defaults: dict[str, Any], seed: int | None):
         valid_seed = seed is None or (
@@ -603,6 +615,25 @@ class SketchOptimizer(Optimizer):
                 flags[position[id(p)]] = b
         return flags
 
+    def _unscale(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> torch.Tensor | None:
+        """Where ``torch.amp.GradScaler.step`` calls :meth:`step` (``_step_supports_amp_scaling``):
+        the gradients multiplied in place by its ``1/scale`` (fp32, as its own ``unscale_``
+        computes it: the same bits), unless ``scaler.unscale_(opt)`` already did (no
+        ``grad_scale`` then); returns its ``found_inf`` (a device tensor, > 0 where a gradient
+        overflowed), else None. The step's own non-finite check sees those gradients too, so
+        the flag is read only where it finds one, and a scaler's overflow then skips the whole
+        step, as the scaler would, whatever ``nonfinite`` says."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:
+            inv = scale.double().reciprocal().float()
+            by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+            for _, params in groups:
+                for p in params:
+                    by_device[p.grad.device].append(p.grad)
+            for device, grads in by_device.items():
+                torch._foreach_mul_(grads, inv.to(device))
+        return getattr(self, "found_inf", None)
+
     def _gradient_limit(self, p: torch.Tensor) -> float:
         """The largest gradient entry (in magnitude) the update can take; inf here."""
         return math.inf
@@ -626,11 +657,14 @@ class SketchOptimizer(Optimizer):
         if self._seed_unshared:  # the process group came after the constructor: before any sketch
             self._seed, self._seed_unshared = shared_seed(self._seed), False
         groups = [(group, self._grads_to_update(group)) for group in self.param_groups]
+        found_inf = self._unscale(groups)
         known = self._run_ahead(groups)
         # Every group's flags from one host sync per device (not one per group).
         all_flags = self._nonfinite([p for _, params in groups for p in params], known)
         if any(all_flags):
             self._discard_run_ahead()  # rare: the step starts over, without the bad gradients
+            if found_inf is not None and found_inf.item():  # the scaler's overflow: it skips the step
+                return loss
         all_flags = iter(all_flags)
         work = []
         for group, params in groups:

@@ -704,6 +704,51 @@ def test_grad_scaler_skips_overflowed_steps_and_unscales_the_rest(cls, kw):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=4)), (AdaMeM, dict(rank=2))])
+def test_grad_scaler_hands_the_step_its_scale_and_reads_its_flag_only_on_overflow(cls, kw, monkeypatch):
+    """The scaler steps the optimizer with ``grad_scale`` and ``found_inf`` set
+    (``_step_supports_amp_scaling``): the step unscales, and reads the flag (``.item()``, a host
+    sync on a GPU; the scaler's own path reads it before every step) only on the overflowed
+    step, which it skips whole, nothing changed, though ``nonfinite="raise"``. After
+    ``scaler.unscale_(opt)`` (to clip) it does not unscale again. Every step equals a plain step
+    on the unscaled (clipped) gradients, bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(12, 10), (10,)]
+    steps = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    items = []
+    item = torch.Tensor.item
+    runs = []
+    for scaled in (False, True):
+        params = [torch.nn.Parameter(torch.ones(s)) for s in shapes]
+        opt = cls(params, seed=0, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        scaler.scale(torch.ones(()))
+        for i, grads in enumerate(steps):
+            scale = scaler.get_scale() if scaled else 1.0
+            for p, g in zip(params, grads):
+                p.grad = g * scale
+            if i == 1:  # overflowed
+                if not scaled:
+                    continue
+                params[0].grad[0, 0] = float("inf")
+            if i == 2:  # clipped, the scaler's way: unscale first
+                if scaled:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, 0.5)
+            if not scaled:
+                opt.step()
+                continue
+            monkeypatch.setattr(torch.Tensor, "item", lambda t: items.append(i) or item(t))
+            scaler.step(opt)
+            monkeypatch.setattr(torch.Tensor, "item", item)
+            scaler.update()
+        runs.append((params, opt))
+    assert items == [1]
+    (plain, plain_opt), (params, opt) = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain, params))
+    assert [s["step"] for s in opt.state.values()] == [s["step"] for s in plain_opt.state.values()] == [2, 2]
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
