@@ -15,8 +15,9 @@ from adapprox_kernels import optim_base
 from adapprox_kernels.state_report import held_bytes
 
 
-def dense_adapprox(w0, grads, lr, betas, eps, d, wd):
-    """Algorithm 3 with an uncompressed V: what Adapprox must equal at full rank."""
+def dense_adapprox(w0, grads, lr, betas, eps, d, wd, cosine_max_scale=None):
+    """Algorithm 3 with an uncompressed V: what Adapprox must equal at full rank; with
+    ``cosine_max_scale``, the step ``M`` scaled by ``1 / max(1 − cos(Upd, M), 1/max_scale)``."""
     w, v, m = w0.clone().double(), torch.zeros_like(w0, dtype=torch.float64), torch.zeros_like(w0, dtype=torch.float64)
     b1, b2 = betas[0], betas[1]
     for g in grads:
@@ -25,7 +26,11 @@ def dense_adapprox(w0, grads, lr, betas, eps, d, wd):
         upd = g / (v.sqrt() + eps)
         upd = upd / max(1.0, (upd.square().mean().sqrt() / d).item())
         m = b1 * m + (1 - b1) * upd if b1 > 0 else upd
-        w = w - lr * (m + wd * w)
+        step = m
+        if cosine_max_scale is not None:
+            cos = (upd * m).sum() / (upd.norm() * m.norm())
+            step = m / max(1 - cos.item(), 1 / cosine_max_scale)
+        w = w - lr * (step + wd * w)
     return w
 
 
@@ -939,6 +944,44 @@ def test_cosine_guidance_bounded_and_changes_the_step():
     w_plain, _ = run(dict(k_max=4, seed=0), torch.zeros(20, 30), grads)
     w_cos, _ = run(dict(k_max=4, seed=0, cosine_guidance=True), torch.zeros(20, 30), grads)
     assert not torch.equal(w_plain, w_cos)
+
+
+@pytest.mark.parametrize("exact_small", [False, True])
+def test_cosine_guidance_at_full_rank_matches_the_dense_formula(exact_small):
+    """The cosine of this step's update with the running average scales the step, per matrix
+    (a factor computed from the update with itself, a constant, passed every other test)."""
+    w0, grads = torch.randn(12, 20), [torch.randn(12, 20) * (1 + i) for i in range(5)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99, 0.9), eps=1e-8, clip_threshold=1.0, weight_decay=0.1)
+    options = dict(kw, k_max=64, exact_small_matrices=exact_small, cosine_guidance=True, cosine_max_scale=3.0)
+    w, _ = run(dict(options, seed=0), w0, grads, dtype=torch.float64)
+    want = dense_adapprox(w0, grads, kw["lr"], kw["betas"], kw["eps"], 1.0, kw["weight_decay"], cosine_max_scale=3.0)
+    torch.testing.assert_close(w.double(), want, rtol=1e-5, atol=1e-8)
+
+
+def test_ranks_round_half_up_and_start_within_the_matrix():
+    """Round half up (Python's round() takes 2.5 to 2), and k_init = 64 on a 12×20 matrix
+    starts the rank moment from 12: after a step whose ξ shrinks it, 0.9·12 + 0.1·11 (from 64,
+    0.9·64 + 0.1·11 would be clamped back to 12)."""
+    from adapprox_kernels.adapprox import _round_rank
+
+    assert [_round_rank(k) for k in (2.5, 4.5, 2.49)] == [3, 5, 2]
+    w0, g = torch.zeros(12, 20), torch.randn(12, 1) @ torch.randn(1, 20)  # rank 1: ξ ≈ 0
+    w, opt = run(dict(k_max=64, exact_small_matrices=False, seed=0), w0, [g])
+    assert opt.state[w]["xi"] < 1e-3
+    assert opt.state[w]["rank"] == pytest.approx(0.9 * 12 + 0.1 * 11)
+
+
+def test_state_report_counts_each_tensors_own_bytes():
+    """A bf16 weight: fp32 factors, a bf16 first moment, and AdamW's two bf16 moments (a count
+    of 4 bytes an entry passed every fp32 test)."""
+    w = torch.nn.Parameter(torch.randn(70, 90, dtype=torch.bfloat16))
+    opt = Adapprox([w], k_max=6, seed=0)
+    w.grad = torch.randn(70, 90, dtype=torch.bfloat16)
+    opt.step()
+    k = opt.state[w]["Q"].shape[1]
+    (row,) = opt.state_report().rows
+    assert row.state_bytes == 4 * k * (70 + 90) + 2 * 70 * 90
+    assert row.adamw_bytes == 2 * 2 * 70 * 90
 
 
 def test_warm_start_keeps_error_close_to_cold(monkeypatch):

@@ -135,6 +135,7 @@ def test_step_rule_and_moment():
     assert step_rank_delta(256) == 6 and step_rank_delta(10) == 1
     assert next_rank_step(10, 0.5, 1e-3, 1, 256) == 16
     assert next_rank_step(10, 1e-4, 1e-3, 1, 256) == 4
+    assert next_rank_step(10, 1e-3, 1e-3, 1, 256) == 4  # ξ at the threshold is not above it
     assert next_rank_step(3, 1e-4, 1e-3, 1, 256) == 1  # clamped at k_min
     assert next_rank_step(255, 0.5, 1e-3, 1, 256) == 256  # clamped at k_max
     assert rank_moment(100.0, 94, 0.9) == pytest.approx(99.4)

@@ -399,6 +399,58 @@ def test_hash32_matches_the_reference():
     assert len(set(out.tolist())) == len(set(x.tolist()))  # a bijection of uint32
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rounding_kernel(x_ptr, bf16_ptr, tf32_ptr, N, BLOCK: tl.constexpr):
+        """``_tiles.round_to`` (to bf16) and ``_tiles.round_to_tf32`` of fp32 values."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+        tl.store(bf16_ptr + offs, _tiles.round_to(x, tl.bfloat16), mask=offs < N)
+        tl.store(tf32_ptr + offs, _tiles.round_to_tf32(x), mask=offs < N)
+
+
+def _exact_ties(low_bits, kept):
+    """fp32 values whose ``low_bits`` dropped bits are exactly half an ulp of the kept ones:
+    ``kept`` (the upper bits: sign, exponent, mantissa) with even and odd last mantissa bits,
+    at 1, large, small and subnormal exponents, both signs; plus neighbours just off the tie."""
+    half = 1 << (low_bits - 1)
+    bits = [(h << low_bits) | low for h in kept for low in (half, half - 1, half + 1)]
+    bits += [b | (1 << 31) for b in bits]
+    bits = torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32)
+    return bits.view(torch.float32).to(DEVICE)
+
+
+def _round_with_the_kernel(x):
+    bf16 = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+    tf32 = torch.empty_like(x)
+    _rounding_kernel[(1,)](x, bf16, tf32, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    return bf16, tf32
+
+
+def test_round_to_bf16_breaks_exact_ties_to_even():
+    """The kernels' fp32 -> bf16 rounding is PyTorch's, bit for bit, at exact ties: 1 + 2⁻⁸
+    (even mantissa below) rounds down to 1, 1 + 3·2⁻⁸ (odd below) up to 1 + 2⁻⁶ -- not half up.
+    Random data almost never lands on a tie."""
+    # upper 16 bits: 1 and 1 + 2⁻⁷, 2¹⁰⁰ and 2¹⁰⁰·(1 + 3·2⁻⁷), 2⁻¹⁰⁰ and next, subnormals, largest
+    x = _exact_ties(16, [0x3F80, 0x3F81, 0x7180, 0x7183, 0x0D80, 0x0D81, 0x0000, 0x0001, 0x7F7E, 0x7F7F])
+    bf16, _ = _round_with_the_kernel(x)
+    assert torch.equal(bf16.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    bf16, _ = _round_with_the_kernel(torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8)], device=DEVICE))
+    assert bf16.tolist() == [1.0, 1 + 2**-6, -1.0]
+
+
+def test_round_to_tf32_breaks_exact_ties_to_even():
+    """``_tiles.round_to_tf32`` is ``reference.tf32_rounded`` bit for bit at exact ties:
+    1 + 2⁻¹¹ (even mantissa below) rounds down to 1, 1 + 3·2⁻¹¹ (odd below) up to 1 + 2⁻⁹."""
+    # upper 19 bits: 1 and 1 + 2⁻¹⁰, 2¹⁰⁰ and 2¹⁰⁰·(1 + 3·2⁻¹⁰), 2⁻¹⁰⁰ and next, subnormals, largest
+    x = _exact_ties(13, [0x1FC00, 0x1FC01, 0x38C00, 0x38C03, 0x06C00, 0x06C01, 0x0, 0x1, 0x3FBFE, 0x3FBFF])
+    _, tf32 = _round_with_the_kernel(x)
+    assert torch.equal(tf32.view(torch.int32), reference.tf32_rounded(x).view(torch.int32))
+    _, tf32 = _round_with_the_kernel(torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11)], device=DEVICE))
+    assert tf32.tolist() == [1.0, 1 + 2**-9, -1.0]
+
+
 def _bf16_start(shape, batch, seed, special=False):
     """``batch`` fp32 tensors of bf16 values (a bf16 copy holds them exactly); ``special``: an
     inf and a -inf among them (which stochastic rounding keeps)."""
