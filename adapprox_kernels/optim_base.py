@@ -70,13 +70,8 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def is_int(v: Any) -> bool:
-    """An int, but not a bool (``isinstance(True, int)`` holds)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_integral(v: Any) -> bool:
     """An int of any kind (NumPy's too, which a checkpoint rewritten by other tools may hold),
-    not a bool."""
+    but not a bool (``isinstance(True, int)`` holds)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
@@ -487,7 +482,7 @@ class SketchOptimizer(Optimizer):
             elif (shape is not None) != torch.is_tensor(state[key]):  # e.g. torch.optim's tensor step
                 want = "a tensor" if shape is not None else "a number"
                 problems.append(f"{key!r} is a {type(state[key]).__name__}, not {want}")
-            elif shape is None and key == "step" and not (_is_integral(state[key]) and state[key] >= 0):
+            elif shape is None and key == "step" and not (is_int(state[key]) and state[key] >= 0):
                 problems.append(f"'step' is {state[key]!r}, not an int >= 0")
             elif shape is not None and not state[key].is_floating_point():
                 problems.append(f"{key!r} holds {state[key].dtype}, not floating point")
