@@ -451,9 +451,10 @@ class AdaMeM(SketchOptimizer):
         }  # fmt: skip
 
     def _saved_mismatches(self, p: torch.Tensor, state: dict[str, Any]) -> list[str]:
-        """The saved ``rank`` (an int >= 1), ``param_shape`` and ``proj_pending`` (a bool), where there are (older
-        checkpoints have neither): the state of a (30, 20) weight has the shapes of a (20, 30)
-        one's, both oriented to 20×30, and would train in the wrong basis."""
+        """The saved ``rank`` (an int >= 1), ``param_shape`` and ``proj_pending`` (a bool), where
+        there are (older checkpoints have neither of the last two): the state of a (30, 20)
+        weight has the shapes of a (20, 30) one's, both oriented to 20×30, and would train in
+        the wrong basis."""
         problems = []
         saved = state.get("param_shape")
         if saved is not None and tuple(saved) != tuple(p.shape):

@@ -164,8 +164,8 @@ class _Started:
     """A bucket after S-RSI (or a dense bucket after its sums pass), before its update.
     ``sums()`` ``(B, 2)``: ``[‖V‖², Σ (G/(√V+ε))²]`` per matrix from the first pass when the
     backend reduces them there (else None); the second is NaN exactly where a gradient holds
-    NaN or inf, or entries whose squares overflow V. A call, since a graphed pass is deferred (see ``cuda_graphs.py``): the
-    first read runs every queued pass. ``prepare(gate)`` queues a graphed update (the host
+    NaN or inf, or entries whose squares overflow V. A call, since a graphed pass is deferred
+    (see ``cuda_graphs.py``): the first read runs every queued pass. ``prepare(gate)`` queues a graphed update (the host
     prepares it while the GPU runs S-RSI: ``_run_ahead`` calls it before the non-finite check's
     sync, and a failed check discards it); ``finish(gate)`` applies or queues the update, if
     ``prepare`` has not, and queues the rank decisions; ``done`` once it has. ``gate``: None
