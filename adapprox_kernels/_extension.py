@@ -42,13 +42,22 @@ _MODULE, _ERROR = _load()
 
 if _MODULE is not None:
 
+    def _check_fake_input(y: torch.Tensor) -> None:
+        # The metadata checks of csrc/cholqr.cpp (TORCH_CHECK: RuntimeError), so that a trace
+        # rejects what the kernel would; the device is not checked (meta tensors infer shapes).
+        torch._check(y.dim() == 3, lambda: f"cholqr_orthonormalize expects a (B, m, r) tensor, got {y.dim()} dimensions")
+        torch._check(y.dtype == torch.float32, lambda: f"cholqr_orthonormalize expects float32, got {y.dtype}")
+        torch._check(y.shape[1] >= y.shape[2], lambda: f"cholqr_orthonormalize needs m >= r, got shape {tuple(y.shape)}")
+
     @torch.library.register_fake(OP_NAME)
     def _cholqr_fake(y: torch.Tensor) -> torch.Tensor:
         # Same shape, dtype and device as the input; contiguous like the CUDA result.
+        _check_fake_input(y)
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(UNCHECKED_OP_NAME)
     def _cholqr_unchecked_fake(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_fake_input(y)
         q = torch.empty_like(y, memory_format=torch.contiguous_format)
         return q, y.new_empty(y.shape[0], dtype=torch.bool)
 

@@ -5,9 +5,10 @@
 // algorithm and its plain-PyTorch reference are in adapprox_kernels/cholqr.py; this file runs the
 // same steps with batched cuBLAS GEMMs (through at::bmm) and, for sketches up to 64 columns, one
 // small kernel per pass that factors and inverts the r x r Gram matrices (cholqr_kernels.cu);
-// wider ones use cuSOLVER potrfBatched and cuBLAS trsmBatched. All on torch's current stream. Limits: one host sync per call (to decide whether any
-// matrix needs the Householder fallback; cholqr_orthonormalize_unchecked leaves that decision to
-// the caller and never syncs); fp64 work buffers of about 3x the fp32 input.
+// wider ones use cuSOLVER potrfBatched and cuBLAS trsmBatched. All on torch's current stream.
+// Limits: one host sync per call (to decide whether any matrix needs the Householder fallback;
+// cholqr_orthonormalize_unchecked leaves that decision to the caller and never syncs); fp64 work
+// buffers of about 4x the fp32 input (a pass's fp64 input and output are alive together).
 //
 // Exposed twice: as the dispatcher op adapprox_kernels::cholqr_orthonormalize (so torch.compile
 // traces it; its fake impl is in adapprox_kernels/_extension.py) and as a pybind11 function.

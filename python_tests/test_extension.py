@@ -181,6 +181,15 @@ def test_fake_impl_gives_shape_and_dtype():
     assert out.shape == y.shape and out.dtype == y.dtype and out.device.type == "meta"
 
 
+@needs_extension
+@pytest.mark.parametrize("shape,dtype", [((33, 7), torch.float32), ((4, 7, 33), torch.float32), ((4, 33, 7), torch.float64)])
+@pytest.mark.parametrize("name", ["cholqr_orthonormalize", "cholqr_orthonormalize_unchecked"])
+def test_fake_impl_rejects_what_the_kernel_rejects(name, shape, dtype):
+    """A trace must not accept inputs the CUDA kernel raises on (2-D, m < r, not float32)."""
+    with pytest.raises(RuntimeError, match="cholqr_orthonormalize"):
+        getattr(torch.ops.adapprox_kernels, name)(torch.empty(shape, dtype=dtype, device="meta"))
+
+
 @pytest.mark.parametrize("bad", [torch.randn(8, 3), torch.randn(2, 3, 8), torch.ones(2, 8, 3, dtype=torch.int64)])
 def test_bad_sketches_raise_valueerror(bad):
     with pytest.raises(ValueError):
