@@ -212,8 +212,13 @@ class SketchOptimizer(Optimizer):
         state = dict(state)
         rng = state.pop("sketch_rng", None)
         super().__setstate__(state)
+        # torch.optim's __setstate__ (run by load_state_dict, deepcopy and unpickling) adds a
+        # "differentiable" default, an option these optimizers do not take: it would show in
+        # repr and state_dict, and type(opt)(params, **opt.defaults) would raise TypeError.
+        self.defaults.pop("differentiable", None)
         # Fill options added after a checkpoint was written, as torch.optim does.
         for group in self.param_groups:
+            group.pop("differentiable", None)
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._generators = {}
@@ -377,6 +382,13 @@ class SketchOptimizer(Optimizer):
             hook.remove()
 
     def _add_own_entries(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # A NumPy number a scheduler wrote into a group (LambdaLR's lambda returning np.float64)
+        # as the Python number it holds: torch.load(weights_only=True) refuses NumPy scalars.
+        # (The saved groups are copies; the live ones keep what the scheduler wrote.)
+        for group in state_dict["param_groups"]:
+            for key, value in group.items():
+                if key not in ("params", "param_names"):
+                    group[key] = as_python(value)
         state_dict["sketch_rng"] = self._rng_state()
         if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
             state_dict["dtensor_rank"] = process_rank()

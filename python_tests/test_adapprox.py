@@ -1172,6 +1172,62 @@ def test_a_copied_optimizer_steps_like_the_original(how):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("cls, kw", [(Adapprox, {"k_max": 2}), (AdaMeM, {"rank": 2})])
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy", "pickle"])
+def test_no_differentiable_option_appears_after_a_load_or_a_copy(cls, kw, how):
+    """torch.optim's __setstate__ adds a "differentiable" default, which neither optimizer
+    takes: it showed in repr and in saved groups, and type(opt)(params, **opt.defaults)
+    raised TypeError."""
+    import pickle
+
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = cls([p], seed=0, **kw)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    if how == "load_state_dict":
+        opt.load_state_dict(opt.state_dict())
+    else:
+        opt = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert "differentiable" not in opt.defaults and "differentiable" not in opt.param_groups[0]
+    assert "differentiable" not in repr(opt)
+    cls([torch.nn.Parameter(torch.randn(6, 5))], **opt.defaults)
+
+
+@pytest.mark.parametrize("cls, kw", [(Adapprox, {"k_max": 2}), (AdaMeM, {"rank": 2})])
+def test_a_state_dict_after_a_numpy_lambda_lr_loads_with_weights_only(cls, kw):
+    """A LambdaLR whose lambda returns NumPy numbers writes them into param_groups; the saved
+    groups hold Python numbers, so torch.load(weights_only=True) reads the checkpoint, and the
+    resumed run is bit-exact."""
+    def run(steps, load=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 5)
+        opt = cls(model.parameters(), seed=0, **kw)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: np.float64(0.9) ** t)
+        if load is not None:
+            model.load_state_dict(load["model"])
+            opt.load_state_dict(load["opt"])
+            sched.load_state_dict(load["sched"])
+        for t in range(steps):
+            torch.manual_seed(100 + t + (0 if load is None else 3))
+            opt.zero_grad()
+            model(torch.randn(4, 6)).pow(2).sum().backward()
+            opt.step()
+            sched.step()
+        return model, opt, sched
+
+    model, opt, sched = run(3)
+    assert isinstance(opt.param_groups[0]["lr"], np.floating)  # what the scheduler wrote stays
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    ckpt["sched"] = sched.state_dict()
+    resumed, _, _ = run(2, load=ckpt)
+    whole, _, _ = run(5)
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_a_state_replaced_by_a_copy_is_the_one_stepped():
     """``opt.state[p] = dict(opt.state[p], ...)`` (an edited copy): the step reads and writes
     the new dict, not the one its buckets remembered."""
