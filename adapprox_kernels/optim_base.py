@@ -368,7 +368,9 @@ class SketchOptimizer(Optimizer):
             if state is None and len(by_type[device.type]) == 1:
                 state = by_type[device.type][0]
             if state is not None:
-                self._generator(device).set_state(state)
+                # set_state takes a CPU ByteTensor only (for every device's generator), and
+                # torch.load(..., map_location="cuda") moves the saved one with everything else.
+                self._generator(device).set_state(state.to("cpu"))
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus the sketch RNG and, where some parameter is a DTensor
@@ -457,8 +459,26 @@ class SketchOptimizer(Optimizer):
                 self._check_saved_state(p, state_dict["state"].get(idx))
                 self._check_saved_shards(p, state_dict["state"].get(idx), saved_on)
         tensors = [(p, state_dict["state"].get(idx, {})) for idx, p in zip(saved_ids, params)] if same_groups else []
-        self._loading = (self._loading, tensors, rng)
+        self._loading = (self._loading, tensors, None if rng is None else self._checked_rng(rng))
         return state_dict
+
+    def _checked_rng(self, rng: Any) -> dict[str, Any]:
+        """The saved ``sketch_rng``; ``ValueError`` before anything is loaded where it is not one
+        (a bad one used to fail in the post-hook, the state already loaded)."""
+        states = rng.get("states") if isinstance(rng, dict) else None
+        ok = isinstance(states, dict) and is_int(rng.get("seed"))
+        for key, value in states.items() if ok else ():
+            try:
+                torch.device(key)
+            except (RuntimeError, TypeError):
+                ok = False
+            ok = ok and torch.is_tensor(value) and value.dtype == torch.uint8 and value.dim() == 1
+        if not ok:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the saved sketch_rng is not "
+                "{'seed': int, 'states': {device: uint8 tensor}}"
+            )
+        return rng
 
     def _restore_saved_state(self) -> None:
         """Post-hook (the first): the saved tensors at this optimizer's precision, this
