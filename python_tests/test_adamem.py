@@ -389,6 +389,19 @@ def test_nonfinite_skip_then_buckets_with_different_steps():
     assert all(torch.isfinite(p).all() for p in params)
 
 
+def test_a_skipped_step_leaves_the_other_parameters_of_its_bucket_alone():
+    """After a skipped step the two same-shaped matrices have different step counts: each
+    steps with its own bias corrections, as it would alone (they share no batched call then)."""
+    params = _params([(6, 9), (6, 9)])
+    alone = torch.nn.Parameter(params[1].detach().clone())
+    grads = _grads([(6, 9), (6, 9)], 4)
+    grads[1][0] = torch.full((6, 9), float("nan"))
+    kw = dict(lr=0.01, rank=2, update_proj_gap=100, projection="svd", nonfinite="skip", seed=0)
+    _run(AdaMeM(params, **kw), params, grads)
+    _run(AdaMeM([alone], **kw), [alone], [[gs[1]] for gs in grads])
+    torch.testing.assert_close(params[1].detach(), alone.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("beta2", [0.95, 1 - 1e-8, 1 - 1e-12])
 @pytest.mark.parametrize("grad", [0.0, 1e-20])
 def test_zero_and_tiny_gradients_stay_finite_with_beta2_near_1(beta2, grad):
@@ -784,6 +797,18 @@ def test_closure_param_groups_and_report():
     report = opt.state_report()
     assert [r.kind for r in report.rows] == ["lowrank", "dense", "lowrank", "dense"]
     assert report.rows[0].name == "0.weight" and 0 <= report.rows[0].xi <= 1
+
+
+def test_report_shows_no_xi_before_a_projection_found_a_subspace():
+    """ξ is NaN in the state until a refresh finds a gradient to take P from (a zero gradient
+    first): the report has no ξ for it (None, "-" in the table), not "nan"."""
+    (w,) = _params([(6, 10)])
+    opt = AdaMeM([w], rank=2, seed=0)
+    w.grad = torch.zeros(6, 10)
+    opt.step()
+    assert opt.state[w]["xi"] != opt.state[w]["xi"]
+    report = opt.state_report()
+    assert report.rows[0].xi is None and "nan" not in str(report).lower()
 
 
 @pytest.mark.gpu

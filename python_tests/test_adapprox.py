@@ -667,6 +667,9 @@ def test_nonfinite_skip_counts_and_keeps_state():
     assert torch.equal(a, a_before) and torch.equal(opt.state[a]["Q"], q_before)
     assert opt.state[a]["nonfinite_skips"] == 1 and opt.state[a]["step"] == 1
     assert not torch.equal(b, b_before) and opt.state[b]["step"] == 2
+    a.grad, b.grad = torch.full((16, 20), float("nan")), torch.randn(16, 20)
+    opt.step()
+    assert opt.state[a]["nonfinite_skips"] == 2 and opt.state[a]["step"] == 1  # a count, not a flag
 
 
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=4)), (AdaMeM, dict(rank=2))])

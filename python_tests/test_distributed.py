@@ -1176,6 +1176,15 @@ def test_checkpoint_without_optimizer_state_or_sketch_rng(tmp_path):
     _assert_same_state(loaded, opt)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 5, 13])
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 8])
+def test_chunk_rows_is_torch_chunks_layout(rows, parts):
+    """Rows per rank as ``torch.chunk`` (FSDP2's ``Shard(0)``) gives them: the last ranks' short
+    or empty, never negative (5 rows on 4 ranks: 2, 2, 1, 0)."""
+    chunks = [len(c) for c in torch.arange(rows).chunk(parts)]
+    assert chunk_rows(rows, parts) == chunks + [0] * (parts - len(chunks))
+
+
 def test_unsupported_dtensor_layouts_are_refused_before_any_state():
     """HSDP's 2-D mesh and ``Shard(1)`` raise ``NotImplementedError`` when they are given (to the
     constructor or ``add_param_group``), leaving no group nor state behind; they were refused
@@ -1230,5 +1239,6 @@ def test_gradient_limit_holds_for_dtensor_parameters():
         grads = [distribute_tensor(torch.tensor(v), mesh, [Shard(0)]) for v in values]
         assert nonfinite_flags(grads) == [True, True, True, False]
         assert nonfinite_flags(grads, [1.5, inf, inf, 1.5]) == [True, True, True, True]
+        assert nonfinite_flags(grads[3:], [2.0]) == [False]  # at the limit: steps, as a plain tensor's gradient
     finally:
         dist.destroy_process_group()

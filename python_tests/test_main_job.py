@@ -25,6 +25,28 @@ def test_diagnostics_command():
     assert "backends on cpu:" in out and "reference  usable" in out
 
 
+def test_diagnostics_extension_line(monkeypatch):
+    """The extension's line: loaded with the CUDA devices it sees, loaded without a CUDA runtime
+    (the reason given), or not loaded (the saved error)."""
+    from adapprox_kernels import _extension
+    from adapprox_kernels.diagnostics import extension_line
+
+    class Module:
+        status = (2, None)
+
+        def cuda_runtime_status(self):
+            return self.status
+
+    module = Module()
+    monkeypatch.setattr(_extension, "extension_status", lambda: (True, None))
+    monkeypatch.setattr(_extension, "extension_module", lambda: module)
+    assert extension_line() == "loaded; 2 CUDA device(s)"
+    module.status = (0, "no driver")
+    assert extension_line() == "loaded, but no CUDA runtime here (no driver)"
+    monkeypatch.setattr(_extension, "extension_status", lambda: (False, "ImportError: gone"))
+    assert extension_line() == "not loaded (ImportError: gone)"
+
+
 def test_diagnostics_command_help():
     run = subprocess.run([sys.executable, "-m", "adapprox_kernels", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "usage: python -m adapprox_kernels" in run.stdout

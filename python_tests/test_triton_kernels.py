@@ -117,6 +117,25 @@ def test_unrolled_rank_loop_gives_the_same_bits(k):
     assert torch.equal(rprod, v_rmatmul(grads, q, u, y, BETA2, blocks=loop))
 
 
+@pytest.mark.parametrize("k", [3, 5])
+def test_unrolled_rank_loop_never_reads_the_columns_past_k(k):
+    """The unrolled rebuild runs to the next power of two of k: columns from k on are masked off
+    in both factors' loads (one mask is not enough: 0 × NaN is NaN). The factors here are views
+    of a wider stack whose columns past k hold NaN; the bits are the run-time loop's."""
+    from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
+
+    grads, q, u, _, _ = _inputs(2, 21, 35, k, torch.float32)
+    nan_q = torch.cat([q, torch.full((2, 21, 16), float("nan"), device=DEVICE)], dim=2)[:, :, :k]
+    nan_u = torch.cat([u, torch.full((2, 35, 16), float("nan"), device=DEVICE)], dim=2)[:, :, :k]
+    x, y = torch.randn(2, 35, 6, device=DEVICE), torch.randn(2, 21, 6, device=DEVICE)
+    loop, unrolled = _blocks(True), _blocks(True)._replace(unroll=16)
+    prod, sums = v_matmul(grads, nan_q, nan_u, x, BETA2, eps=EPS, blocks=unrolled)
+    want, want_sums = v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)
+    assert torch.equal(prod, want) and torch.equal(sums, want_sums)
+    rprod = v_rmatmul(grads, nan_q, nan_u, y, BETA2, blocks=unrolled)
+    assert torch.equal(rprod, v_rmatmul(grads, q, u, y, BETA2, blocks=loop))
+
+
 @pytest.mark.parametrize("k, dot_from", [(1, 1), (3, 1), (16, 8), (17, 1), (5, 6), (65, 1)])
 def test_rebuild_by_dot_matches_the_reference(k, dot_from):
     """``Blocks.dot_from``: the rebuilt tile of V as one dot of factor tiles padded to
@@ -622,6 +641,9 @@ def test_operator_matches_reference_operator():
     ref = reference.ReferenceSecondMoment(g32, q, u, BETA2)
     assert isinstance(op, LinearOperator) and op.shape == ref.shape and op.dtype == torch.float32
     torch.testing.assert_close(op.sq_norm(), ref.sq_norm(), rtol=1e-5, atol=0)  # reduction pass, no product yet
+    # The same pass gives the update's RMS numerator Σ (G/(√V+ε))², which apply_step reads.
+    want = (g32 / (v.sqrt() + EPS)).square().sum(dim=(1, 2))
+    torch.testing.assert_close(op.update_sq_norm(), want, rtol=1e-5, atol=0)
     x, y = torch.randn(2, 17, 4, device=DEVICE), torch.randn(2, 21, 4, device=DEVICE)
     torch.testing.assert_close(op.matmul(x), ref.matmul(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(op.rmatmul(y), ref.rmatmul(y), rtol=1e-5, atol=1e-5)

@@ -99,6 +99,24 @@ def test_maximize_steps_as_the_negated_gradient(name):
     _assert_same_bits(*runs[0], *runs[1])
 
 
+def test_a_non_contiguous_parameter_is_written_on_triton():
+    """A parameter whose storage is not row-major (a transposed view, a channels_last conv
+    weight) is staged into a contiguous copy for the kernels and copied back: it steps as on
+    the reference backend, its momentum too."""
+    runs = {}
+    for backend in ("reference", "triton"):
+        w = torch.nn.Parameter(torch.randn(33, 20, generator=torch.Generator().manual_seed(0)).to(DEVICE).t())
+        assert not w.is_contiguous()
+        opt = Adapprox([w], backend=backend, seed=0, **BASE)
+        for step in range(2):
+            w.grad = torch.randn(20, 33, generator=torch.Generator().manual_seed(step)).to(DEVICE)
+            opt.step()
+        runs[backend] = w, opt.state[w]["exp_avg"]
+    (tw, tm), (rw, rm) = runs["triton"], runs["reference"]
+    torch.testing.assert_close(tw, rw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tm, rm, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_stochastic_round_on_triton_draws_the_references_bits():
     """bf16 weights rounded at random: the kernels hash the same key and element indices as the
     reference, so where the two backends' fp32 weights agree (all but a few ulps of fp32) the
@@ -233,6 +251,7 @@ def _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype):
         (dict(warm_start=True, warm_power_iters=1), 3, (12, 10)),
         (dict(power_iters=2, cosine_guidance=True), 6, (12, 10)),  # + the cosine reduction
         (dict(power_iters=1, k_max=64), 5, (66, 67)),  # a 65-column sketch: each product reads G twice
+        (dict(power_iters=1, k_max=63), 3, (66, 67)),  # a 64-column sketch: once
     ],
 )
 def test_passes_over_g_per_step(monkeypatch, options, passes, shape):
@@ -693,6 +712,7 @@ def test_graph_cache_counts_a_batch_as_its_calls():
     graphs._store("c", graph(), 1)
     assert list(graphs._graphs) == ["a", "b", "c"]  # "batch": the least recently run, and enough
     graphs._store("failed", None, 5)
+    assert list(graphs._graphs) == ["a", "b", "c", "failed"]  # nothing held: nothing goes
     graphs.next_step()
     graphs.next_step()
     graphs._store("huge", graph(), 9)  # more than the capacity: kept, the rest goes
@@ -757,6 +777,124 @@ def test_graph_cache_keeps_what_each_step_runs():
         graphs.next_step()
     assert graphs.counts["captured"] == 6 and len(graphs) == 6
     assert graphs.counts["replayed"] - counts.get("replayed", 0) == 6  # the last step
+
+
+def test_graph_cache_keeps_graphs_run_in_the_last_step():
+    """Graphs run in the last step are kept beyond the capacity as this step's are (a key that
+    runs every other step would otherwise be captured again each time it comes up); unused for
+    a whole step, they go."""
+    from adapprox_kernels.cuda_graphs import _Captured
+
+    def graph():
+        return _Captured(_StubCaptures._NoGraph(), [], (), [])
+
+    graphs = CallGraphs(capacity=2)
+    graphs._store("a", graph(), 1)
+    graphs._store("b", graph(), 1)
+    graphs.next_step()
+    for key in ("a", "b"):
+        graphs._run_signed(key, lambda: (), [], 1, graphs._graphs[key])
+    graphs.next_step()
+    graphs._store("c", graph(), 1)
+    assert list(graphs._graphs) == ["a", "b", "c"]  # a and b ran in the last step
+    graphs.next_step()
+    graphs._store("d", graph(), 1)
+    assert list(graphs._graphs) == ["c", "d"]  # a and b: not in this step or the last
+
+
+def test_a_key_is_captured_after_eager_runs_and_forgotten_after_forget_after_steps():
+    """A key runs eagerly ``eager_runs`` times, then is captured and replayed; its eager runs
+    count while it comes back within ``forget_after`` steps, and start over after that."""
+    x = torch.zeros(1)
+
+    def call(v):
+        return (v + 1,)
+
+    graphs = _StubCaptures(eager_runs=2)
+    for _ in range(4):
+        graphs.run("key", call, [x])
+    assert dict(graphs.counts) == {"eager": 2, "captured": 1, "replayed": 1}
+    graphs = _StubCaptures(eager_runs=1, forget_after=2)
+    graphs.run("back in time", call, [x])
+    graphs.run("too late", call, [x])
+    graphs.next_step()
+    graphs.next_step()
+    graphs.run("back in time", call, [x])  # unseen for one step: its eager run counts
+    assert dict(graphs.counts) == {"eager": 2, "captured": 1}
+    graphs.next_step()
+    graphs.run("too late", call, [x])  # unseen for forget_after steps: starts over
+    assert dict(graphs.counts) == {"eager": 3, "captured": 1}
+
+
+def test_a_capture_replays_once_and_reads_buffers_of_its_own(monkeypatch):
+    """Capturing runs nothing on a GPU: the capturing call replays the graph once, or its step's
+    work would be left undone. The graph reads buffers of its own, which each replay loads: the
+    tensors the captured call was given stay the caller's (a replay that loaded its inputs into
+    them would write over them). CUDA stands in for fakes whose graph records the call's work
+    between capture_begin and capture_end, and replays it."""
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    recording: list = []  # the graph being captured, if any
+
+    class Graph:
+        def __init__(self):
+            self.work, self.replays = [], 0
+
+        def capture_begin(self):
+            recording.append(self.work)
+
+        def capture_end(self):
+            recording.pop()
+
+        def replay(self):
+            self.replays += 1
+            for kernel in self.work:
+                kernel()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+
+    def call(x):
+        out = torch.full_like(x, float("nan"))
+
+        def kernel():
+            torch.mul(x, 2, out=out)
+
+        if recording:
+            recording[-1].append(kernel)  # captured, not run
+        else:
+            kernel()
+        return (out,)
+
+    graphs = CallGraphs(eager_runs=0)
+    first = torch.ones(3)
+    (out,) = graphs.run("key", call, [first])
+    assert graphs.counts["captured"] == 1 and graphs._graphs[graphs._signed("key", [first])][0].graph.replays == 1
+    assert torch.equal(out, torch.full((3,), 2.0))  # this step's work was done
+    (again,) = graphs.run("key", call, [torch.full((3,), 5.0)])
+    assert graphs.counts["replayed"] == 1 and again is out and torch.equal(again, torch.full((3,), 10.0))
+    assert torch.equal(first, torch.ones(3))  # the captured call's input is still the caller's
+
+
+def test_device_constants_are_kept_with_a_graph_captured_around_them():
+    """A constant copied to the device inside :func:`keeping_constants` (inside a capture, the
+    copy is recorded into the graph, which writes the tensor at each replay) is collected, so
+    that the graph holds it after the cache that made it has let it go; the update scalars
+    are ``[α, 1 − α·λ, β1, 1 − β1]``, rounded once from float64."""
+    from adapprox_kernels import transfer
+
+    transfer.forget_constants()
+    cpu = torch.device("cpu")
+    with transfer.keeping_constants() as kept:
+        scalars = transfer.update_scalars(0.25, 0.1, 0.9, cpu)
+        keys = transfer.rounding_keys_tensor([1, 2], cpu)
+    assert any(t is scalars for t in kept) and any(t is keys for t in kept)
+    assert torch.equal(scalars, torch.tensor([0.25, 1 - 0.25 * 0.1, 0.9, 1 - 0.9], dtype=torch.float32))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
