@@ -289,6 +289,15 @@ def _operator_job(rank, world, out) -> None:
         res[f"orth_{name}_ops"] = log.records
         res[f"tsqr_{name}"] = sh.tsqr(mine)
     res["cases"] = cases
+    # A bad entry in the last rank's rows only: every rank must skip (or raise) alike.
+    from torch.distributed.tensor import DTensor
+
+    bad_rows = torch.zeros(m, n)
+    bad_rows[-1, 0] = float("nan")
+    res["nonfinite_flags"] = nonfinite_flags(
+        [DTensor.from_local(full[r], mesh, [Shard(0)]) for full in (bad_rows, torch.ones(m, n), 3 * torch.ones(m, n))],
+        [2.0] * 3,
+    )
     torch.save(res, f"{out}.{rank}")
 
 
@@ -708,6 +717,11 @@ def _check_operator(res):
         assert torch.equal(r["srsi_u"], res[0]["srsi_u"])
     q_ref, u_ref = srsi(dense, 3, 2, 3, torch.Generator().manual_seed(3))
     torch.testing.assert_close(rows("srsi_q") @ res[0]["srsi_u"].mT, q_ref @ u_ref.mT, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bad_gradient_on_one_ranks_rows_is_flagged_on_every_rank(two_ranks):
+    # NaN on the last rank's rows; entries of 1 within the limit of 2, entries of 3 above it.
+    assert [r["nonfinite_flags"] for r in _per_rank(two_ranks / "operator.pt")] == [[True, False, True]] * 2
 
 
 def test_row_sharded_orthonormalize(two_ranks):
