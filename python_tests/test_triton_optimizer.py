@@ -117,6 +117,49 @@ def test_a_non_contiguous_parameter_is_written_on_triton():
     torch.testing.assert_close(tm, rm, rtol=1e-5, atol=1e-6)
 
 
+class _LargeOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each op that makes a new floating-point tensor whose matrices (its last two
+    dimensions: a bucket stacks its members) hold at least ``numel`` elements. Not views, and
+    not the interpreter's own staging (``set_`` / byte copies of its arguments)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket not in (torch.ops.aten.set_, torch.ops.aten.view, torch.ops.aten._unsafe_view):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if torch.is_tensor(t) and t.is_floating_point() and t.shape[-2:].numel() >= self.numel and not t._is_view():
+                    self.seen.append((str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "options",
+    [dict(betas=(0.0, 0.999, 0.9)), dict(cosine_guidance=True, warm_start=True), dict(bf16_stochastic_round=True)],
+    ids=["no-momentum", "cosine-warm", "stochastic-round"],
+)
+def test_the_triton_step_makes_no_m_by_n_tensor(dtype, options):
+    """The design's promise: V (m×n fp32) is never materialized, nor any other m×n temporary
+    (a stacked or upcast copy of G): every new tensor of a step is as thin as the factors. The
+    reference backend, which materializes V, is caught by the same check."""
+    m, n = 40, 56
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(torch.randn(m, n, device=DEVICE).to(dtype)) for _ in range(3)]
+        opt = Adapprox(params, backend=backend, seed=0, k_max=4, exact_small_matrices=False, **options)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(m, n, device=DEVICE).to(dtype)
+            with _LargeOutputs(m * n // 2) as seen:
+                opt.step()
+        if backend == "triton":
+            assert seen.seen == [], seen.seen
+        else:
+            assert any(shape[-2:] == (m, n) and dt == torch.float32 for _, shape, dt in seen.seen)
+
+
 def test_bf16_stochastic_round_on_triton_draws_the_references_bits():
     """bf16 weights rounded at random: the kernels hash the same key and element indices as the
     reference, so where the two backends' fp32 weights agree (all but a few ulps of fp32) the
