@@ -398,7 +398,7 @@ class Adapprox(SketchOptimizer):
         # not run ahead, so that every backend draws the buckets' sketches in the same order.
         self._sketches: dict[tuple, torch.Tensor] = {}
         self._ahead_buckets: dict[int, dict[tuple, tuple]] = {}  # id(group) -> _buckets(...)[0]
-        self._ahead_undo: tuple[dict[str, Any] | None, list[torch.Tensor]] | None = None
+        self._ahead_undo: tuple[dict[str, Any] | None, list[torch.Tensor], list[dict[str, Any]]] | None = None
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -590,12 +590,15 @@ class Adapprox(SketchOptimizer):
         last = max((i for i, (*_, key, _, _, _, ahead) in enumerate(plan) if ahead and key[0]), default=-1)
         rng = self._rng_state() if last >= 0 else None  # the sketch RNG before the first draw
         known = []
+        moments = []  # states without a first moment that running ahead gives one (β1 turned on)
         for i, (group, key, bucket, states, backend, ahead) in enumerate(plan):
             factored = key[0]
             if not ahead:
                 if factored and i < last:
                     self._sketches[(id(group), key)] = self._draw_sketch(group, bucket, states)
                 continue
+            if group["betas"][0] > 0:
+                moments += [s for s in states if "exp_avg" not in s]
             for s in states:
                 s["step"] += 1
             start = self._factored_srsi if factored else self._dense_start
@@ -603,7 +606,7 @@ class Adapprox(SketchOptimizer):
             known.append((bucket, started))
             if factored:  # the GPU starts on it (and the queued dense sums) while the host
                 self._graphs.flush()  # prepares the next: one graph each, for the overlap
-        self._ahead_undo = (rng, new)
+        self._ahead_undo = (rng, new, moments)
         # The first read runs what is still queued (dense sums after the last factored bucket).
         known = [(bucket, started.sums()[:, 1], started) for bucket, started in known]
         if known and sum(len(b) for b, _, _ in known) == sum(len(ps) for _, ps in groups):
@@ -635,8 +638,10 @@ class Adapprox(SketchOptimizer):
         return [(bucket, checks) for (bucket, _, _), checks in zip(known, host)]
 
     def _discard_run_ahead(self) -> None:
-        rng, new = self._ahead_undo
+        rng, new, moments = self._ahead_undo
         self._ahead_undo = None
+        for s in moments:  # a first moment made for a step that does not happen (skipped or raised)
+            s.pop("exp_avg", None)
         self._graphs.discard_queued()  # the prepared updates
         self._pending.clear()  # the gated ones' (see _launch_gated), which wrote nothing
         for started in self._ahead.values():

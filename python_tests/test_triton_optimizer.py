@@ -468,6 +468,30 @@ def test_nonfinite_raise_on_the_first_triton_step_creates_no_state():
     assert not opt.state and all(torch.equal(a, p) for a, p in zip(before, params))
 
 
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_step_that_does_not_happen_leaves_no_first_moment(policy):
+    """β1 turned on after a step without momentum, then a bad gradient: the step that runs ahead
+    makes the first moments, and a raised step or a skipped parameter must not keep them, as on
+    the reference backend (the state and its state_dict stay as they were; found by a
+    differential campaign: the Triton run kept an ``exp_avg`` of zeros)."""
+    shapes = [(12, 17), (7,)]  # a factored and a dense bucket
+    keys = {}
+    for backend in ("reference", "triton"):
+        params = [torch.nn.Parameter(torch.ones(s, device=DEVICE)) for s in shapes]
+        opt = Adapprox(params, backend=backend, seed=0, k_max=2, oversample=1, betas=(0.0, 0.9, 0.0), nonfinite=policy)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.param_groups[0]["betas"] = (0.9, 0.9, 0.0)
+        for p in params:
+            p.grad = torch.full_like(p, float("nan"))
+        with pytest.raises(FloatingPointError) if policy == "raise" else contextlib.nullcontext():
+            opt.step()
+        keys[backend] = [sorted(opt.state[p]) for p in params]
+        assert all("exp_avg" not in opt.state[p] for p in params), (backend, keys[backend])
+    assert keys["triton"] == keys["reference"]
+
+
 @pytest.mark.parametrize("bad", BAD)
 def test_nonfinite_skip_on_triton_matches_reference(bad):
     """'skip' steps every other parameter (the bad one's batch mate too) as the reference does."""
