@@ -478,6 +478,21 @@ class AdaMeM(SketchOptimizer):
                 state.setdefault("proj_pending", False)
 
     # ----------------------------------------------------------------------------------- step
+    def _check_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        """Every step, so a quick test first (~1 µs a parameter; the full check is ~20): a
+        matrix's state names its shape, a vector's holds its size."""
+        for _, params in groups:
+            for p in params:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                if "P" in state:
+                    fits = state.get("param_shape") == tuple(p.shape)
+                else:
+                    fits = matrix_shape(p) is None and state["exp_avg_sq"].shape == (p.numel(),)
+                if not fits:
+                    self._check_state_fits(p, state)
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         # One batched call per (kind, shape, rank, step count, refresh, dtype, device): the
         # members share the bias corrections (step counts differ after a skipped non-finite

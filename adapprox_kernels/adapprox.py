@@ -497,8 +497,11 @@ class Adapprox(SketchOptimizer):
         moved or cast in place gets new storage) whose state is still there (the same
         ``self.state``, as many entries, none emptied; ``load_state_dict`` goes through
         ``__setstate__``, which forgets everything) fall into the same buckets. Sorting hundreds
-        of parameters and looking up their state (a Python hash per lookup) costs a step ~0.5 ms."""
-        key = (tuple(map(id, params)), tuple(map(torch.Tensor.data_ptr, params)))
+        of parameters and looking up their state (a Python hash per lookup) costs a step ~0.5 ms.
+        Where they are not remembered, each state made before is checked to fit its parameter's
+        shape (:meth:`_check_state_fits`): a parameter's shape changes with its storage, or with
+        its sizes (``p.data = p.data.t()``), both in the key."""
+        key = tuple(tuple(map(f, params)) for f in (id, torch.Tensor.data_ptr, torch.Tensor.size))
         cached = self._bucket_cache.get(key)
         if cached is not None:
             state_map, size, buckets, states, idle = cached
@@ -514,7 +517,12 @@ class Adapprox(SketchOptimizer):
                     self._compact_factors(idle)
                 self._last_buckets[id(group)] = cached
                 return buckets, []
-        new = [p for p in params if not self.state[p]]
+        new = []
+        for p in params:
+            if self.state[p]:
+                self._check_state_fits(p, self.state[p])
+            else:
+                new.append(p)
         buckets: dict[tuple, tuple[list[torch.Tensor], list[dict[str, Any]]]] = {}
         states = []  # in the order of params
         for p in params:

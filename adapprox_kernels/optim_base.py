@@ -13,6 +13,7 @@
 * ``torch.amp.GradScaler`` support without a host read of its inf flag before every step
   (``_step_supports_amp_scaling``, :meth:`SketchOptimizer._unscale`);
 * ``step(closure)`` under ``torch.no_grad()``, which calls the subclass's
+  ``_check_states(groups)`` (a state that no longer fits its parameter's shape),
   ``_run_ahead(groups)`` (work that may start before the non-finite check because it yields
   the check as a by-product; ``_discard_run_ahead()`` undoes it), ``_step_group(group,
   params)`` (the update, which makes the parameters' state by ``_init_state(p, group)`` where
@@ -502,11 +503,36 @@ class SketchOptimizer(Optimizer):
         return compute_dtype(p)
 
     def _check_saved_state(self, p: torch.Tensor, state: dict[str, Any] | None) -> None:
-        """``ValueError`` unless ``state`` (None: the parameter had none) has every entry that
-        :meth:`_saved_shapes` asks for, at that shape: tensors of floating point, a step count
-        that is an int >= 0 (a float or a string loaded, and failed at the next step)."""
+        """``ValueError`` unless ``state`` (None: the parameter had none) fits ``p``
+        (:meth:`_state_problems`)."""
+        problems = self._state_problems(p, state)
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the saved state of {self._param_name(p)} "
+                f"(shape {tuple(p.shape)}) does not fit it: {'; '.join(problems)}. Was it saved by another "
+                "optimizer, or for another model?"
+            )
+
+    def _check_state_fits(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """``ValueError`` before the step changes anything where ``p``'s state no longer fits it:
+        its shape changed since the state was made (``p.data = …`` of another shape, a transpose
+        among them). Stepping on would raise deep inside the step, or silently read the state
+        in the wrong layout, as a transposed AdaMeM matrix did."""
+        problems = self._state_problems(p, state)
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__}.step: the state of {self._param_name(p)} does not fit its shape "
+                f"{tuple(p.shape)}: {'; '.join(problems)}. Did the parameter change shape since its state "
+                "was made? `opt.state[p] = {}` makes its state anew at the next step."
+            )
+
+    def _state_problems(self, p: torch.Tensor, state: dict[str, Any] | None) -> list[str]:
+        """What in ``state`` (None: the parameter had none) does not fit ``p``, in words: every
+        entry that :meth:`_saved_shapes` asks for, at that shape: tensors of floating point, a
+        step count that is an int >= 0 (a float or a string loaded, and failed at the next
+        step); then :meth:`_saved_mismatches`."""
         if not state:
-            return
+            return []
         problems = []
         for key, shape in self._saved_shapes(p, state).items():
             if key not in state:
@@ -520,13 +546,7 @@ class SketchOptimizer(Optimizer):
                 problems.append(f"{key!r} holds {state[key].dtype}, not floating point")
             elif shape not in (None, ...) and tuple(state[key].shape) != shape:
                 problems.append(f"{key!r} is {tuple(state[key].shape)}, not {shape}")
-        problems += self._saved_mismatches(p, state)
-        if problems:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the saved state of {self._param_name(p)} "
-                f"(shape {tuple(p.shape)}) does not fit it: {'; '.join(problems)}. Was it saved by another "
-                "optimizer, or for another model?"
-            )
+        return problems + self._saved_mismatches(p, state)
 
     def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
         """What a saved state of ``p`` must hold: entry -> its shape (None: not a tensor; ``...``:
@@ -565,6 +585,11 @@ class SketchOptimizer(Optimizer):
 
     def _end_step(self) -> None:
         """Called once after every group's ``_step_group``; nothing by default."""
+
+    def _check_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        """``ValueError`` (:meth:`_check_state_fits`) before the step changes anything where a
+        parameter to update no longer fits its state. Nothing by default: Adapprox checks where
+        it forms its buckets, which every group does before any work starts."""
 
     def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         """Work started before the non-finite check because it also answers it: ``(params,
@@ -684,6 +709,7 @@ class SketchOptimizer(Optimizer):
         if self._seed_unshared:  # the process group came after the constructor: before any sketch
             self._seed, self._seed_unshared = shared_seed(self._seed), False
         groups = [(group, self._grads_to_update(group)) for group in self.param_groups]
+        self._check_states(groups)
         found_inf = self._unscale(groups)
         known = self._run_ahead(groups)
         # Every group's flags from one host sync per device (not one per group).

@@ -332,6 +332,40 @@ def test_a_state_that_does_not_fit_is_refused_on_load():
 
 
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
+@pytest.mark.parametrize(
+    "old,new",
+    [((12, 10), (10, 12)), ((12, 10), (120,)), ((12, 10), (12, 10, 1)), ((5,), (1, 5)), ((3, 4), (4, 3))],
+)
+@pytest.mark.parametrize("view", [False, True])
+def test_a_parameter_whose_shape_changed_under_its_state_is_refused(cls, kw, old, new, view):
+    """``p.data = …`` of another shape (a transposed view of the same storage among them):
+    a ValueError naming the parameter before anything changes, not an error from deep inside
+    the step, nor (AdaMeM's transposed matrix) a silent step in the wrong layout; a state made
+    anew then steps. Another group's parameter, stepped before, keeps its weights and state."""
+    torch.manual_seed(0)
+    other, p = torch.nn.Parameter(torch.randn(12, 10)), torch.nn.Parameter(torch.randn(old))
+    opt = cls([{"params": [other]}, {"params": [p]}], seed=0, **kw)
+    for _ in range(2):
+        other.grad, p.grad = torch.randn_like(other), torch.randn_like(p)
+        opt.step()
+    if view:  # same storage, so any cache keyed by where it lives must see the sizes too
+        p.data = p.data.reshape(new[::-1]).t() if len(new) == 2 else p.data.reshape(new)
+    else:
+        p.data = torch.randn(new)
+    other.grad, p.grad = torch.randn_like(other), torch.randn_like(p)
+    before = copy.deepcopy((other.detach(), p.detach(), opt.state_dict()))
+    with pytest.raises(ValueError, match=r"step: the state of param_groups\[1\]\['params'\]\[0\] does not fit"):
+        opt.step()
+    after = (other.detach(), p.detach(), opt.state_dict())
+    flat = [torch.utils._pytree.tree_flatten(x)[0] for x in (before, after)]
+    assert len(flat[0]) == len(flat[1])
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b or a != a and b != b for a, b in zip(*flat))
+    opt.state[p] = {}
+    opt.step()
+    assert opt.state[p]["step"] == 1 and torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
 def test_a_state_loaded_into_a_now_empty_weight_is_refused(cls, kw):
     """A (3, 5) weight's state loaded where the weight is (0, 5): a ValueError naming it (the
     matrix view divided by the 0 rows: ZeroDivisionError)."""
