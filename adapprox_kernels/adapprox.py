@@ -694,11 +694,12 @@ class Adapprox(SketchOptimizer):
 
     def _dense_on_kernels(self, group: dict[str, Any], bucket: list[torch.Tensor], backend) -> bool:
         """Does this dense bucket take the backend's fused passes (:meth:`_dense_start`)? Where
-        it has them (Triton), for fp32 state, whole tensors, eager steps, without cosine
-        guidance (whose sums only the factored kernels fuse); else :meth:`_dense_step`."""
+        it has them (Triton), for fp32 state and a parameter of a dtype they write (not fp64:
+        a parameter cast to fp64 after its state was made), whole tensors, eager steps, without
+        cosine guidance (whose sums only the factored kernels fuse); else :meth:`_dense_step`."""
         return (
             hasattr(backend, "dense_second_moment") and self.state[bucket[0]]["exp_avg_sq"].dtype == torch.float32
-            and not is_dtensor(bucket[0]) and not torch.compiler.is_compiling()
+            and bucket[0].dtype != torch.float64 and not is_dtensor(bucket[0]) and not torch.compiler.is_compiling()
             and not (group["cosine_guidance"] and group["betas"][0] > 0)
         )  # fmt: skip
 

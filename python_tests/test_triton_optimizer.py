@@ -239,6 +239,28 @@ def test_buckets_that_do_not_run_ahead_draw_their_sketch_in_order(layout):
         assert tri_opt.state[tp]["xi"] == pytest.approx(ref_opt.state[rp]["xi"], rel=1e-4)
 
 
+def test_parameters_cast_after_their_state_was_made_step_as_on_the_reference():
+    """``p.data = p.data.to(dtype)`` mid-run keeps the fp32 state: a dense bucket cast to fp64
+    took the fused passes, which write no fp64 parameter (a ValueError from the launcher),
+    while factored buckets and the reference backend step on; bf16 stays on the kernels."""
+    for dtype in (torch.float64, torch.bfloat16):
+        weights = {}
+        for backend in ("reference", "triton"):
+            params = _params(torch.float32)
+            opt = Adapprox(params, backend=backend, seed=3, k_max=2)
+            for step in range(3):
+                if step == 1:
+                    for p in params:
+                        p.grad, p.data = None, p.data.to(dtype)
+                for p, g in zip(params, _grads(step, dtype if step else torch.float32)):
+                    p.grad = g
+                opt.step()
+            weights[backend] = params
+        for ref, got in zip(weights["reference"], weights["triton"]):
+            assert got.dtype == dtype and got.shape == ref.shape
+            torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-5)
+
+
 def test_a_tensor_lr_changed_in_place_reaches_the_kernels():
     """``group["lr"]`` as a 0-d tensor that a scheduler fills in place (torch.optim's habit with
     tensor learning rates): the update passes must take each step's value. A cache keyed by the
