@@ -283,7 +283,9 @@ class SketchOptimizer(Optimizer):
             values = list(map(group.get, names))
             if checked.get(i) == values:
                 continue
-            own = {k: as_tuple(as_python(v)) for k, v in zip(names, values) if not torch.is_tensor(v)}
+            # Only an lr tensor is the step's to read unchecked; another option written as a tensor
+            # is refused, as the constructor refuses it (it trained on, and its checkpoint did not load).
+            own = {k: as_tuple(as_python(v)) for k, v in zip(names, values) if not (k == "lr" and torch.is_tensor(v))}
             try:
                 self._check_hyperparameters({**self.defaults, **own})
             except ValueError as err:

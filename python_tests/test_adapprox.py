@@ -869,6 +869,10 @@ def test_bad_param_group_values_are_refused(override, match):
         (Adapprox, dict(k_max=4), {"betas": (0.9, 1.5, 0.9)}, "index 1"),
         (AdaMeM, dict(rank=2), {"projection": "SVD"}, "projection"),
         (AdaMeM, dict(rank=2), {"update_proj_gap": 0}, "update_proj_gap"),
+        # Only an lr tensor (a scheduler fills one in place) goes unchecked: another option
+        # written as a tensor trained on (NaN weights here), and its checkpoint refused to load.
+        (Adapprox, dict(k_max=4), {"weight_decay": torch.tensor(float("nan"))}, "weight_decay"),
+        (AdaMeM, dict(rank=2), {"weight_decay": torch.tensor(0.01)}, "weight_decay"),
     ],
 )
 def test_a_bad_value_written_into_param_groups_mid_run_is_refused_before_the_step(cls, kw, bad, match):
