@@ -498,16 +498,18 @@ class AdaMeM(SketchOptimizer):
         # members share the bias corrections (step counts differ after a skipped non-finite
         # step) and whether P is recomputed (on schedule, or pending from a step without a
         # gradient to take it from). The parameter's own shape, not its matrix view: (16, 8)
-        # and (16, 8, 1) fold alike but are written back each in its own shape.
+        # and (16, 8, 1) fold alike but are written back each in its own shape. The gradient's
+        # dtype too (a parameter's grad_dtype may differ from its dtype): the noise floors take
+        # the rounding of the dtype the gradients arrived in, one per bucket.
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             state = self._init_state(p, group)
             state["step"] += 1
             lowrank = "P" in state
             refresh = lowrank and _refresh_due(state["step"], group["update_proj_gap"], state["proj_pending"])
-            key = (lowrank, tuple(p.shape), state.get("rank"), state["step"], refresh, p.dtype, p.device)
+            key = (lowrank, tuple(p.shape), state.get("rank"), state["step"], refresh, p.dtype, p.grad.dtype, p.device)
             buckets[key].append(p)
-        for (lowrank, _, _, step, refresh, _, _), bucket in buckets.items():
+        for (lowrank, _, _, step, refresh, *_), bucket in buckets.items():
             if lowrank:
                 self._matrix_step(group, bucket, step, refresh)
             else:

@@ -501,6 +501,34 @@ def test_batched_bucket_equals_one_by_one():
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("first", [torch.bfloat16, torch.float16])
+def test_a_gradient_of_another_dtype_in_the_bucket_leaves_the_noise_floors_alone(first):
+    """Same-shaped fp32 parameters, the first with a bf16 (or fp16) ``grad_dtype``: each is
+    stepped as in a group of its own. One bucket took the first gradient's dtype for all the
+    noise floors: a real fp32 gradient's rows of R at ~1e-3 of its largest were dropped as
+    bf16 noise (its step moved by up to 14 at lr 1), and a bf16 gradient got fp16's lower floor
+    (by up to 12)."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(16, 4, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(32, 4, generator=gen)).Q
+    exact = (u * torch.tensor([1.0, 3e-3, 2e-3, 1e-3])) @ v.T
+    grads = [torch.randn(16, 32, generator=gen).to(first), exact, exact.bfloat16()]
+
+    def steps(together: bool) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(torch.zeros(16, 32)) for _ in grads]
+        params[0].grad_dtype = first
+        params[2].grad_dtype = torch.bfloat16
+        groups = params if together else [{"params": [p]} for p in params]
+        opt = AdaMeM(groups, lr=1.0, rank=4, seed=0, projection="svd")
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        return [p.detach().clone() for p in params]
+
+    for a, b in zip(steps(True), steps(False)):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- rounding noise
 def _first_step(g, **kw):
     """``-Δw`` of one step from zero weights at lr 1, in ``g``'s dtype."""
