@@ -77,11 +77,14 @@ def matrix_shape(p: torch.Tensor) -> tuple[int, int] | None:
 
 def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_mask: torch.Tensor) -> torch.Tensor:
     """Warm-start sketch ``(B, n, r)``: where ``prev_mask`` (``(B, 1, r)``, see
-    :func:`~adapprox_kernels.srsi.column_mask`) holds, last step's ``U`` (V's dominant row
-    space), elsewhere the Gaussian columns."""
+    :func:`~adapprox_kernels.srsi.column_mask`) holds and last step's ``U`` (V's dominant row
+    space) has a nonzero column, that column, elsewhere the Gaussian columns. An all-zero column
+    carries no direction (after an all-zero V, e.g. LoRA A's gradient while B is 0, U = 0): as a
+    start it would leave Q's leading columns an arbitrary basis, kept as the factors (ξ ≈ 0.9
+    where a cold start has ~1e-7)."""
     width = gaussian.shape[-1]
     u = torch.nn.functional.pad(u_prev, (0, max(width - u_prev.shape[-1], 0)))[..., :width]
-    return torch.where(prev_mask, u.to(gaussian.dtype), gaussian)
+    return torch.where(prev_mask & (u != 0).any(dim=-2, keepdim=True), u.to(gaussian.dtype), gaussian)
 
 
 def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:

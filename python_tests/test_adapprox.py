@@ -1042,6 +1042,25 @@ def test_warm_start_keeps_error_close_to_cold(monkeypatch):
     assert math.isfinite(xi_warm) and xi_warm <= 1.2 * xi_cold + 1e-6
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_leading_all_zero_gradient_step_changes_nothing(warm):
+    """An all-zero first gradient (LoRA's A while B is 0) leaves V = 0 and U = 0. The next
+    steps then step as if it had not happened: a warm start took U's zero columns as its start,
+    and its one iteration kept an arbitrary basis as the factors (ξ 0.91 where V is exactly
+    rank 1 and the run without the zero step has ~1e-7; the weights then differed by 0.03)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(12, 1, generator=gen), torch.randn(1, 16, generator=gen)
+    grads = [a @ b * (1 + 0.3 * t) for t in range(4)]
+    kw = dict(k_init=2, k_min=2, k_max=2, exact_small_matrices=False, warm_start=warm, betas=(0.0, 0.999, 0.9),
+              weight_decay=0.0, lr=0.1, seed=3)  # fmt: skip
+    w = torch.randn(12, 16, generator=gen)
+    p, opt = run(kw, w, [torch.zeros(12, 16), grads[0]])
+    assert opt.state[p]["xi"] < 1e-5  # V is exactly rank 1
+    p, _ = run(kw, w, [torch.zeros(12, 16), *grads])
+    q, _ = run(kw, w, grads)
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5)
+
+
 def test_same_shapes_share_one_batched_srsi(monkeypatch):
     import adapprox_kernels.adapprox as mod
 
