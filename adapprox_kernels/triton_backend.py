@@ -70,27 +70,32 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("adapprox_kernels::v_matmul", mutates_args=())
 def v_matmul_op(
-    grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, x: torch.Tensor, beta2: float, eps: float, with_sums: bool
+    grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, x: torch.Tensor, beta2: float, eps: float, with_sums: bool,
+    precision: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``V @ x`` ``(B, m, r)`` and, with ``with_sums``, ``[‖V‖², Σ (G/(√V+ε))²]`` ``(B, 2)``."""
-    y, sums = _kernel("v_matmul").v_matmul(grads, q, u, x, beta2, eps=eps if with_sums else None)
+    """``V @ x`` ``(B, m, r)`` and, with ``with_sums``, ``[‖V‖², Σ (G/(√V+ε))²]`` ``(B, 2)``;
+    ``precision``: of the product's dots (see ``kernels.v_matmul``)."""
+    y, sums = _kernel("v_matmul").v_matmul(grads, q, u, x, beta2, eps=eps if with_sums else None, precision=precision)
     return y, sums if sums is not None else _empty(y)
 
 
 @v_matmul_op.register_fake
-def _(grads, q, u, x, beta2, eps, with_sums):
+def _(grads, q, u, x, beta2, eps, with_sums, precision=None):
     b, m, r = q.shape[0], q.shape[1], x.shape[2]
     return x.new_empty(b, m, r), x.new_empty(b, 2) if with_sums else x.new_empty(0)
 
 
 @torch.library.custom_op("adapprox_kernels::v_rmatmul", mutates_args=())
-def v_rmatmul_op(grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, y: torch.Tensor, beta2: float) -> torch.Tensor:
-    """``Vᵀ @ y``: ``(B, n, r)``."""
-    return _kernel("v_matmul").v_rmatmul(grads, q, u, y, beta2)
+def v_rmatmul_op(
+    grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, y: torch.Tensor, beta2: float,
+    precision: Optional[str] = None,
+) -> torch.Tensor:
+    """``Vᵀ @ y``: ``(B, n, r)``; ``precision`` as in :func:`v_matmul_op`."""
+    return _kernel("v_matmul").v_rmatmul(grads, q, u, y, beta2, precision=precision)
 
 
 @v_rmatmul_op.register_fake
-def _(grads, q, u, y, beta2):
+def _(grads, q, u, y, beta2, precision=None):
     return y.new_empty(u.shape[0], u.shape[1], y.shape[2])
 
 
@@ -215,8 +220,6 @@ class TritonSecondMoment:
         # step makes ~12 launches over the same gradients); traced code goes through the custom
         # ops, which torch.compile sees as opaque calls with known output shapes.
         self._eager = not torch.compiler.is_compiling()
-        if (precision, range_precision) != (None, None) and not self._eager:
-            raise NotImplementedError("product_precision applies to eager launches, not under torch.compile")
         self.precision = precision
         self.range_precision = range_precision or precision
         self.table = _kernel("_launch").MatrixTable(self.grads, "grads") if self._eager else None
@@ -251,7 +254,9 @@ class TritonSecondMoment:
                 precision=self.range_precision,
             )  # fmt: skip
         else:
-            y, sums = torch.ops.adapprox_kernels.v_matmul(self.grads, self.q, self.u, x, self.beta2, self.eps, first)
+            y, sums = torch.ops.adapprox_kernels.v_matmul(
+                self.grads, self.q, self.u, x, self.beta2, self.eps, first, self.range_precision
+            )
         self.g_passes += self._product_passes(x.shape[-1])
         if first:
             self.first_pass_sums = sums
@@ -268,7 +273,7 @@ class TritonSecondMoment:
         self.g_passes += self._product_passes(y.shape[-1])
         if self._eager:
             return _kernel("v_matmul").v_rmatmul(self.table, self.q, self.u, y, self.beta2, precision=precision)
-        return torch.ops.adapprox_kernels.v_rmatmul(self.grads, self.q, self.u, y, self.beta2)
+        return torch.ops.adapprox_kernels.v_rmatmul(self.grads, self.q, self.u, y, self.beta2, precision)
 
     def _norms(self, q_new: Optional[torch.Tensor] = None, u_new: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._eager:
@@ -315,7 +320,7 @@ class TritonDenseMoment:
         if dtype not in SUPPORTED_DTYPES or any(g.dtype != dtype for g in grads):  # rare: one fp32 copy each
             grads = [g.float() for g in grads]
         self.table = MatrixTable(grads, "grads", flat=True)
-        self.sqs = MatrixTable(exp_avg_sqs, "exp_avg_sqs", writable=True, flat=True)
+        self.sqs = MatrixTable(exp_avg_sqs, "exp_avg_sqs", flat=True)
         self.numel = self.table.numel
         self.beta2, self.eps = float(beta2), float(eps)
         self.first_pass_sums: Optional[torch.Tensor] = None  # (B, 2): ‖V_t‖², Σ Upd² (unclipped)

@@ -192,6 +192,23 @@ def test_bf16_stochastic_round_under_torch_compile():
     assert all((a != b).float().mean() > 0.05 for a, b in zip(eager[:2], nearest[:2]))  # ~0.1 here
 
 
+def test_product_precision_under_torch_compile():
+    """``torch.compile(opt.step)`` with a ``product_precision``: the compiled products go
+    through the custom ops, which take the precision too (they used to drop it, and a guard
+    meant to refuse it never fired: dynamo crashed inside the Triton launcher instead), so the
+    compiled steps give the eager bits; tf32_rn rounds the operands even on the interpreter, so
+    its second step (the first whose V has factors) differs from the default's."""
+
+    def make(params, precision="tf32_rn"):
+        return Adapprox(params, backend="triton", product_precision=precision, k_max=4, seed=0)
+
+    shapes = [(20, 33), (7,)]
+    eager, compiled = eager_and_compiled(make, shapes, "eager", 2, device=DEVICE)
+    default, _ = eager_and_compiled(lambda ps: make(ps, None), shapes, "eager", 2, device=DEVICE)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert not torch.equal(eager[0], default[0])
+
+
 def test_beta1_turned_on_mid_run_matches_reference():
     """β1 = 0 for two steps, then 0.9: each backend makes the first moments then (zeros) and
     the runs agree, factored and dense buckets alike."""
