@@ -346,15 +346,9 @@ class Adapprox(SketchOptimizer):
 
     @staticmethod
     def _check_hyperparameters(h: dict[str, Any]) -> None:
-        check_shared(h, betas=3)
-        clip, scale = h["clip_threshold"], h["cosine_max_scale"]
-        # Both are used in float32: a threshold that rounds to 0 divides 0 by 0 on a zero
-        # gradient, a scale that rounds to inf multiplies the update by it.
-        f32 = torch.finfo(torch.float32)
-        _check(
-            clip is None or (is_real(clip) and clip >= f32.tiny),
-            f"Invalid clip_threshold: {clip!r} (need None or a finite value >= {f32.tiny:.3g}, float32's smallest normal)",
-        )
+        check_shared(h, betas=3)  # clip_threshold too
+        # Used in float32: a scale that rounds to inf multiplies the update by it.
+        scale, f32 = h["cosine_max_scale"], torch.finfo(torch.float32)
         _check(
             is_real(scale) and 1.0 <= scale <= f32.max,
             f"Invalid cosine_max_scale: {scale!r} (need a value in [1, {f32.max:.3g}], float32's largest)",
@@ -579,23 +573,7 @@ class Adapprox(SketchOptimizer):
         self._pending.clear()  # left by a step that raised, if any
         self._graphs.discard_queued()
         self._sketches.clear()
-        new = []
-        plan = []  # (group, key, bucket, states, backend, runs ahead?), in the step's order
-        backends = {}  # (name, device) -> backend: resolved once a step, not per bucket
-        for group, params in groups:
-            buckets, made = self._buckets(params, group)
-            self._ahead_buckets[id(group)] = buckets
-            new += made
-            for key, (bucket, states) in buckets.items():
-                factored, _, dtype, device, _ = key
-                backend = backends.get((group["backend"], device))
-                if backend is None:
-                    backend = backends[group["backend"], device] = resolve_backend(group["backend"], device)
-                ahead = not is_dtensor(bucket[0]) and (  # sharded buckets all-reduce their flags: the plain check
-                    dtype != torch.float64 and getattr(backend, "name", None) == "triton"
-                    if factored else self._dense_on_kernels(group, bucket, backend)
-                )  # fmt: skip
-                plan.append((group, key, bucket, states, backend, ahead))
+        plan, new = self._plan(groups)
         # Sketches are drawn in bucket order whatever runs ahead: a factored bucket that waits
         # for _step_group but comes before one that runs ahead draws its sketch here.
         last = max((i for i, (*_, key, _, _, _, ahead) in enumerate(plan) if ahead and key[0]), default=-1)
@@ -625,6 +603,27 @@ class Adapprox(SketchOptimizer):
         for _, _, started in known:  # while the GPU runs them
             started.prepare(None)
         return [(bucket, sums) for bucket, sums, _ in known]
+
+    def _plan(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> tuple[list[tuple], list[torch.Tensor]]:
+        """The step's buckets in order, ``(group, key, bucket, states, backend, runs ahead?)``,
+        and the parameters whose state was made (see :meth:`_buckets`)."""
+        new, plan = [], []
+        backends = {}  # (name, device) -> backend: resolved once a step, not per bucket
+        for group, params in groups:
+            buckets, made = self._buckets(params, group)
+            self._ahead_buckets[id(group)] = buckets
+            new += made
+            for key, (bucket, states) in buckets.items():
+                factored, _, dtype, device, _ = key
+                backend = backends.get((group["backend"], device))
+                if backend is None:
+                    backend = backends[group["backend"], device] = resolve_backend(group["backend"], device)
+                ahead = not is_dtensor(bucket[0]) and (  # sharded buckets all-reduce their flags: the plain check
+                    dtype != torch.float64 and getattr(backend, "name", None) == "triton"
+                    if factored else self._dense_on_kernels(group, bucket, backend)
+                )  # fmt: skip
+                plan.append((group, key, bucket, states, backend, ahead))
+        return plan, new
 
     def _launch_gated(
         self, known: list[tuple[list[torch.Tensor], torch.Tensor, _Started]]
@@ -820,18 +819,7 @@ class Adapprox(SketchOptimizer):
         if shards is not None:
             # DTensor (FSDP2) parameters: the same step on this rank's rows; see distributed.py.
             backend = shards
-        # Previous factors, zero-padded to a common width (zero columns add nothing to Q Uᵀ).
-        # Where last step's rank decision stored them as the matrices of one tensor each, in
-        # this order, and they are still the state's, those tensors are the stacks: no copy.
-        stacks = None if torch.compiler.is_compiling() else self._factor_stacks.get(id(states))  # dynamo: no id()
-        qs, us = [s["Q"] for s in states], [s["U"] for s in states]
-        if stacks is not None and _is_each(qs, stacks[0]) and _is_each(us, stacks[1]):
-            q_prev, u_prev = stacks[0][0]._base, stacks[1][0]._base
-            prev_cols = [u_prev.shape[2]] * len(us)  # the matrices of one tensor: one width
-        else:
-            width_prev = max(q.shape[1] for q in qs)
-            q_prev, u_prev = _stack_padded(local_list(qs), width_prev), _stack_padded(local_list(us), width_prev)
-            prev_cols = [u.shape[1] for u in us]
+        q_prev, u_prev, prev_cols = self._previous_factors(states)
         # A bucket's parameters share their layout (see _buckets): where the first is a plain
         # tensor, so are all, and their gradients and state; no per-tensor DTensor test.
         as_local = list if shards is None else local_list
@@ -957,6 +945,20 @@ class Adapprox(SketchOptimizer):
             self._pending.append(_Pending(group, bucket, states, shards, cap, q, u, used, due, xi, failed, redo))
 
         return _Started(states, lambda: srsi_outputs()[2], finish, prepare)
+
+    def _previous_factors(self, states: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The bucket's previous factors ``(B, m, K)``, ``(B, n, K)``, zero-padded to a common
+        width (zero columns add nothing to Q Uᵀ), and each matrix's own width. Where last
+        step's rank decision stored them as the matrices of one tensor each, in this order, and
+        they are still the state's, those tensors are the stacks: no copy."""
+        stacks = None if torch.compiler.is_compiling() else self._factor_stacks.get(id(states))  # dynamo: no id()
+        qs, us = [s["Q"] for s in states], [s["U"] for s in states]
+        if stacks is not None and _is_each(qs, stacks[0]) and _is_each(us, stacks[1]):
+            u_prev = stacks[1][0]._base
+            return stacks[0][0]._base, u_prev, [u_prev.shape[2]] * len(us)  # one tensor: one width
+        width_prev = max(q.shape[1] for q in qs)
+        q_prev, u_prev = _stack_padded(local_list(qs), width_prev), _stack_padded(local_list(us), width_prev)
+        return q_prev, u_prev, [u.shape[1] for u in us]
 
     def _end_step(self) -> None:
         """Rank decisions and new factors of every bucket of the step, after one host sync per

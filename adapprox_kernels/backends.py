@@ -1,9 +1,10 @@
 """Which implementation runs the Adapprox step, and why the others cannot.
 
-A backend supplies three pieces to the optimizer (see :class:`ReferenceBackend`):
+A backend supplies three pieces to the optimizer (see :class:`ReferenceBackend`), and a
+``name`` (``"triton"`` is also passed ``precision=``, ``Adapprox(product_precision=…)``):
 
 * ``second_moment(grads, q, u, beta2, *, eps)`` -> a :class:`~adapprox_kernels.linear_operator.LinearOperator`
-  for ``V_t`` of a batch of same-shaped matrices, that also computes the clipped update
+  for ``V_t`` of a batch of same-shaped matrices, whose update ``apply_step`` computes
   (``eps`` lets a fused backend reduce the update's RMS in its first pass over G);
 * ``orthonormalize`` -> the batched QR used inside S-RSI; optionally
   ``orthonormalize_unchecked`` -> ``(q, failed)``, the same without a host sync, where
@@ -12,6 +13,9 @@ A backend supplies three pieces to the optimizer (see :class:`ReferenceBackend`)
 * ``apply_step(op, params, exp_avgs, ..., residual_factors=None)`` -> the momentum /
   weight-decay / weight write; with ``residual_factors=(q, u)`` it also returns ξ's numerator
   ``‖V − q uᵀ‖_F²`` per matrix (a fused backend gets it from the same pass).
+
+Optionally ``dense_second_moment`` and ``apply_dense_step``: the dense buckets' fused passes
+(vectors, small matrices; see ``TritonBackend``); without them those take the reference path.
 
 ``"reference"`` is plain PyTorch and works everywhere. Faster backends register themselves in
 :data:`BACKENDS` with an ``available(device)`` check that returns ``None`` or the reason they

@@ -20,16 +20,12 @@ def _version(module: str) -> str:
 
 def extension_line() -> str:
     """The compiled csrc/ extension: loaded, or the saved reason it is not."""
-    try:
-        from ._extension import extension_status
-    except ImportError:
-        return "not part of this install"
-    loaded, error = extension_status()
+    from . import _extension  # imported with the package (backends); its functions looked up per call
+
+    loaded, error = _extension.extension_status()
     if not loaded:
         return f"not loaded ({error})"
-    from ._extension import extension_module
-
-    devices, why = extension_module().cuda_runtime_status()
+    devices, why = _extension.extension_module().cuda_runtime_status()
     return f"loaded; {devices} CUDA device(s)" if why is None else f"loaded, but no CUDA runtime here ({why})"
 
 

@@ -333,7 +333,7 @@ class RowShards:
                 reduce=self.all_reduce, **({} if rounding_keys is None else {"rounding_keys": rounding_keys}),
             )  # fmt: skip
         resid = local_op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
-        upd = local_op.clipped_update(eps, clip_threshold, reduce=self.all_reduce)
+        upd = op.clipped_update(eps, clip_threshold)  # the RMS all-reduced (RowShardedOperator)
         reference.apply_updates(
             params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay,
             cosine_max_scale=cosine_max_scale, reduce=self.all_reduce, rounding_keys=rounding_keys,

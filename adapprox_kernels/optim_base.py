@@ -89,8 +89,8 @@ def is_sequence(v: Any, length: int) -> bool:
 
 
 def check_shared(h: dict[str, Any], betas: int) -> None:
-    """The options both optimizers have: ``lr``, ``betas`` (``betas`` of them), ``eps`` and
-    ``nonfinite``."""
+    """The options both optimizers have: ``lr``, ``betas`` (``betas`` of them), ``eps``,
+    ``nonfinite`` and ``clip_threshold``."""
     check(is_real(h["lr"]) and h["lr"] >= 0.0, f"Invalid learning rate: {h['lr']!r} (need a finite float >= 0)")
     names = ", ".join(f"beta{i + 1}" for i in range(betas))
     check(is_sequence(h["betas"], betas), f"betas must be ({names}), got {h['betas']!r}")
@@ -105,6 +105,12 @@ def check_shared(h: dict[str, Any], betas: int) -> None:
         f"Invalid epsilon value: {h['eps']!r} (need a finite eps >= {tiny:.3g}, float32's smallest normal number)",
     )
     check_kinds(h, choices={"nonfinite": NONFINITE_POLICIES})
+    # Used in float32: a threshold that rounds to 0 divides 0 by 0 on a zero gradient.
+    clip = h["clip_threshold"]
+    check(
+        clip is None or (is_real(clip) and clip >= tiny),
+        f"Invalid clip_threshold: {clip!r} (need None or a finite value >= {tiny:.3g}, float32's smallest normal)",
+    )
 
 
 def check_kinds(
@@ -438,24 +444,7 @@ class SketchOptimizer(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         sizes = [len(g["params"]) for g in state_dict["param_groups"]]
         for i, saved_group in enumerate(state_dict["param_groups"]):
-            # The saved groups replace ours: their hyperparameters pass the checks a group's
-            # do (another optimizer's, e.g. AdamW's two betas, would fail steps later). The run
-            # options stay ours; keys we do not know (a scheduler's initial_lr) are not ours to check.
-            own = {k: v for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
-            # The step takes any real lr: a tensor filled in place (torch.optim's habit; the step
-            # leaves it unchecked, see _check_groups) or a NumPy number (a LambdaLR's). Checked here by value.
-            lr = own.get("lr")
-            if (torch.is_tensor(lr) and lr.numel() == 1) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool)):
-                own["lr"] = float(lr)
-            try:
-                self._check_hyperparameters({**self.defaults, **own})
-            except ValueError as err:
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: the saved param_groups[{i}] does not fit: {err}. "
-                    "Either the checkpoint is another optimizer's, or the value was written into param_groups "
-                    "after the last step (or by a version that did not check such writes): mend it in the saved "
-                    "dict's param_groups before loading"
-                ) from None
+            self._check_saved_group(i, saved_group)
         same_groups = sizes == [len(g["params"]) for g in self.param_groups]
         if same_groups:  # (torch.optim raises where the groups differ)
             for idx, p in zip(saved_ids, params):
@@ -464,6 +453,27 @@ class SketchOptimizer(Optimizer):
         tensors = [(p, state_dict["state"].get(idx, {})) for idx, p in zip(saved_ids, params)] if same_groups else []
         self._loading = (self._loading, tensors, None if rng is None else self._checked_rng(rng))
         return state_dict
+
+    def _check_saved_group(self, i: int, saved_group: dict[str, Any]) -> None:
+        """``ValueError`` unless the saved ``param_groups[i]`` passes the checks a group's do: the
+        saved groups replace ours (another optimizer's, e.g. AdamW's two betas, would fail steps
+        later). The run options stay ours; keys we do not know (a scheduler's initial_lr) are not
+        ours to check."""
+        own = {k: v for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
+        # The step takes any real lr: a tensor filled in place (torch.optim's habit; the step
+        # leaves it unchecked, see _check_groups) or a NumPy number (a LambdaLR's). Checked here by value.
+        lr = own.get("lr")
+        if (torch.is_tensor(lr) and lr.numel() == 1) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool)):
+            own["lr"] = float(lr)
+        try:
+            self._check_hyperparameters({**self.defaults, **own})
+        except ValueError as err:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the saved param_groups[{i}] does not fit: {err}. "
+                "Either the checkpoint is another optimizer's, or the value was written into param_groups "
+                "after the last step (or by a version that did not check such writes): mend it in the saved "
+                "dict's param_groups before loading"
+            ) from None
 
     def _checked_rng(self, rng: Any) -> dict[str, Any]:
         """The saved ``sketch_rng``; ``ValueError`` before anything is loaded where it is not one
@@ -640,34 +650,47 @@ class SketchOptimizer(Optimizer):
         checks = list(known)
         limited = type(self)._gradient_limit is not SketchOptimizer._gradient_limit
         if sum(len(ps) for ps, _ in known) < len(params):  # some gradients have no values yet
-            covered = {id(p) for ps, _ in known for p in ps}
-            by_device: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-            for p in params:
-                if id(p) not in covered:
-                    by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(p)
-            for ps in by_device.values():
-                grads = [p.grad for p in ps]
-                if is_dtensor(grads[0]):  # FSDP2: each rank checks its rows, one all-reduce
-                    bad = nonfinite_flags(grads, [self._gradient_limit(p) for p in ps] if limited else None)
-                    checks.append((ps, [float("nan") if b else 0.0 for b in bad]))
-                    continue
-                checks.append((ps, _max_norms(grads)))
+            checks += self._max_norm_checks(params, known, limited)
         flags = [False] * len(params)
         position = None
         # Read as they are and tested on the host: no isfinite launches per check.
         for c, ((ps, _), values) in enumerate(zip(checks, to_host([values for _, values in checks]))):
-            if c < len(known):  # other sums, NaN where a gradient is bad: not compared with the limit
-                if not any(map(math.isnan, values)):  # the usual case: nothing per parameter
-                    continue
-                bad = list(map(math.isnan, values))
-            elif all(map(math.isfinite, values)) and not limited:
+            bad = self._bad_gradients(ps, values, c < len(known), limited)
+            if bad is None:  # the usual case: nothing per parameter
                 continue
-            else:
-                bad = [not (math.isfinite(v) and (not limited or v <= self._gradient_limit(p))) for p, v in zip(ps, values)]
             position = position or {id(p): i for i, p in enumerate(params)}
             for p, b in zip(ps, bad):
                 flags[position[id(p)]] = b
         return flags
+
+    def _max_norm_checks(
+        self, params: list[torch.Tensor], known: list[tuple[list[torch.Tensor], torch.Tensor]], limited: bool
+    ) -> list[tuple[list[torch.Tensor], torch.Tensor | list[float]]]:
+        """``(params, values)`` pairs for the gradients ``known`` does not cover, per device: their
+        max-norms, or for DTensor gradients (FSDP2) NaN where a rank's rows hold a bad entry."""
+        covered = {id(p) for ps, _ in known for p in ps}
+        by_device: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            if id(p) not in covered:
+                by_device[(p.grad.device, getattr(p.grad, "device_mesh", None))].append(p)
+        checks = []
+        for ps in by_device.values():
+            grads = [p.grad for p in ps]
+            if is_dtensor(grads[0]):  # FSDP2: each rank checks its rows, one all-reduce
+                bad = nonfinite_flags(grads, [self._gradient_limit(p) for p in ps] if limited else None)
+                checks.append((ps, [float("nan") if b else 0.0 for b in bad]))
+            else:
+                checks.append((ps, _max_norms(grads)))
+        return checks
+
+    def _bad_gradients(self, ps: list[torch.Tensor], values: list[float], ran_ahead: bool, limited: bool) -> list[bool] | None:
+        """One flag per parameter of ``ps`` from its value on the host, or None where none is bad.
+        ``ran_ahead``: other sums, NaN where a gradient is bad, not compared with the limit."""
+        if ran_ahead:
+            return list(map(math.isnan, values)) if any(map(math.isnan, values)) else None
+        if all(map(math.isfinite, values)) and not limited:
+            return None
+        return [not (math.isfinite(v) and (not limited or v <= self._gradient_limit(p))) for p, v in zip(ps, values)]
 
     def _unscale(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> torch.Tensor | None:
         """Where ``torch.amp.GradScaler.step`` calls :meth:`step` (``_step_supports_amp_scaling``):

@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import metadata  # noqa: E402  (the one place for result metadata)
+from bench.common import in_ms, metadata, time_call  # noqa: E402  (the one place for them)
 from adapprox_kernels import DenseOperator, srsi  # noqa: E402
 from adapprox_kernels import _extension as ext  # noqa: E402
 from adapprox_kernels.cholqr import cholqr_orthonormalize  # noqa: E402
@@ -51,19 +49,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 def time_ms(fn, device: torch.device, reps: int) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of ``fn()``."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=max(reps, 1) * 10))
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return statistics.median(times), q[1], q[7]
+    """(median, p20, p80) milliseconds of ``fn()`` (``bench.common.time_call``)."""
+    return in_ms(time_call(fn, device, reps=reps, gpu_rep=max(reps, 1) * 10))
 
 
 def orthonormalizers(device: torch.device) -> dict:

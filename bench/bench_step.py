@@ -28,7 +28,6 @@ import gc
 import json
 import os
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,13 +41,12 @@ if not torch.cuda.is_available():  # CPU: Triton code paths (pass counts, --smok
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import warm_start  # noqa: E402
-from common import metadata  # noqa: E402  (bench/common.py: the one place for result metadata)
+from common import in_ms, metadata, time_call  # noqa: E402  (bench/common.py: the one place for them)
 
 from adapprox_kernels import Adapprox  # noqa: E402
 
 MODELS = {"gpt2-124M": (768, 12), "gpt2-345M": (1024, 24)}
 RANKS = (1, 8)
-QUANTILES = (0.5, 0.2, 0.8)
 
 
 # ----------------------------------------------------------------------------- utilities
@@ -72,23 +70,9 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
 
 
 def timer(device: torch.device, reps: int = 15):
-    """``fn -> (median, p20, p80)`` in ms: do_bench on CUDA, ``reps`` calls by the wall clock elsewhere."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: tuple(do_bench(fn, warmup=25, rep=200, quantiles=list(QUANTILES)))
-
-    def wall(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        qs = statistics.quantiles(times, n=10, method="inclusive")
-        return statistics.median(times), qs[1], qs[7]
-
-    return wall
+    """``fn -> (median, p20, p80)`` in ms (``common.time_call``: do_bench on CUDA, ``reps`` calls
+    by the wall clock elsewhere)."""
+    return lambda fn: in_ms(time_call(fn, device, reps=reps, gpu_rep=200))
 
 
 def ms(t) -> dict:
@@ -303,7 +287,7 @@ def main() -> None:
 
     if args.smoke:
         models = {"tiny": gpt2_shapes(16, 1, vocab=40, ctx=24)}
-        # 2 timed calls (the fewest the quantiles take): 15 took over 5 minutes under the interpreter
+        # 2 timed calls: 15 took over 5 minutes under the interpreter
         print(json.dumps(gpu_section(device, models, ranks=(2,), reps=2), indent=1)[:2000])
         return
 

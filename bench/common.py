@@ -124,10 +124,13 @@ def _quantile(sorted_xs: Sequence[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
-def time_call(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 1, reps: int = 5) -> dict:
+def time_call(
+    fn: Callable[[], object], device: torch.device | str, *, warmup: int = 1, reps: int = 5, gpu_rep: int = 100
+) -> dict:
     """Median, p20 and p80 of the wall time of ``fn()`` in seconds.
 
-    GPU: ``triton.testing.do_bench`` (CUDA events, its own warm-up, L2 flush between runs).
+    GPU: ``triton.testing.do_bench`` (CUDA events, its own warm-up, L2 flush between runs,
+    ``gpu_rep`` ms of runs).
     CPU: ``warmup`` untimed calls, then ``reps`` calls each timed with ``time.perf_counter``
     (the CPU work is synchronous, so no barrier is needed).
     """
@@ -135,7 +138,7 @@ def time_call(fn: Callable[[], object], device: torch.device | str, *, warmup: i
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        med, p20, p80 = do_bench(fn, warmup=25, rep=gpu_rep, quantiles=[0.5, 0.2, 0.8])
         return dict(median_s=med / 1e3, p20_s=p20 / 1e3, p80_s=p80 / 1e3, timer="triton.testing.do_bench")
     import time
 
@@ -151,6 +154,11 @@ def time_call(fn: Callable[[], object], device: torch.device | str, *, warmup: i
         median_s=_quantile(times, 0.5), p20_s=_quantile(times, 0.2), p80_s=_quantile(times, 0.8),
         reps=reps, timer="time.perf_counter",
     )  # fmt: skip
+
+
+def in_ms(timing: dict) -> tuple[float, float, float]:
+    """``(median, p20, p80)`` in milliseconds of a :func:`time_call` result."""
+    return timing["median_s"] * 1e3, timing["p20_s"] * 1e3, timing["p80_s"] * 1e3
 
 
 def not_measured(reason: str) -> dict:

@@ -43,8 +43,8 @@ from adapprox_kernels.train.runner import warmup_cosine  # noqa: E402
 from bench.common import metadata  # noqa: E402  (device, torch / triton / CUDA versions, commit)
 
 class EmulatedTF32Moment(ReferenceSecondMoment):
-    """The reference operator with tf32 products; with ``exact_projection`` it also offers the
-    exact ``project`` that S-RSI uses for its last product."""
+    """The reference operator with tf32 products (:class:`ExactProjection` also offers the exact
+    ``project`` that S-RSI uses for its last product)."""
 
     def __init__(self, grad, q, u, beta2, rounding: str):
         super().__init__(grad, q, u, beta2)
@@ -94,7 +94,7 @@ def factored_states(opt: Adapprox, params) -> list[dict]:
     return [opt.state[p] for p in params if "Q" in opt.state.get(p, {})]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", default=None, choices=sorted(SIZES), help="default: gpt2-124m on a GPU, small on CPU")
     ap.add_argument("--steps", type=int, default=120)
@@ -104,9 +104,11 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["tf32", "tf32_range", "tf32_rn"], help="GPU shadows")
     ap.add_argument("--summary-from", type=int, default=20, help="first step of the mean ξ")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = SIZES[args.size or ("gpt2-124m" if device == "cuda" else "small")]
+    return ap.parse_args()
+
+
+def train(args: argparse.Namespace, device: str, cfg) -> tuple[list[dict], list[str], list[str]]:
+    """The reference run and its shadows: ``(rows, shadow labels, factored matrices' names)``."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     start = [p.detach().clone() for p in model.parameters()]
@@ -132,23 +134,36 @@ def main() -> None:
             opt.step()
         for sched in scheds:
             sched.step()
-        ref_states = factored_states(ref, list(model.parameters()))
-        row = dict(step=step, loss=loss.item(), xi=[s["xi"] for s in ref_states], rank=[s["rank"] for s in ref_states])
-        with torch.no_grad():
-            moved = sum((p - w0).square().sum() for p, w0 in zip(model.parameters(), start)).sqrt()
-            for label, (params, opt) in shadows.items():
-                gap = sum((s - p).square().sum() for p, s in zip(model.parameters(), params)).sqrt()
-                states = factored_states(opt, params)
-                row[label] = dict(param_gap=(gap / moved).item(), xi=[s["xi"] for s in states],
-                                  rank=[s["rank"] for s in states])  # fmt: skip
+        row = record(step, loss.item(), list(model.parameters()), ref, start, shadows)
         rows.append(row)
         if step % 20 == 0 or step == 1:
             parts = "  ".join(f"{label} {statistics.mean(row[label]['xi']):.2e}" for label in shadows)
             print(f"step {step:4d}  loss {row['loss']:.3f}  mean ξ: ref {statistics.mean(row['xi']):.2e}  {parts}",
                   flush=True)  # fmt: skip
-    tail = [r for r in rows if r["step"] >= args.summary_from]
+    names = [n for n, p in model.named_parameters() if "Q" in ref.state.get(p, {})]
+    return rows, list(shadows), names
+
+
+@torch.no_grad()
+def record(step: int, loss: float, weights: list, ref: Adapprox, start: list, shadows: dict) -> dict:
+    """One step's row: ξ and rank of the reference's factored matrices and, per shadow, those
+    and its parameter gap ``‖W_shadow − W_ref‖ / ‖W_ref − W_0‖``."""
+    ref_states = factored_states(ref, weights)
+    row = dict(step=step, loss=loss, xi=[s["xi"] for s in ref_states], rank=[s["rank"] for s in ref_states])
+    moved = sum((p - w0).square().sum() for p, w0 in zip(weights, start)).sqrt()
+    for label, (params, opt) in shadows.items():
+        gap = sum((s - p).square().sum() for p, s in zip(weights, params)).sqrt()
+        states = factored_states(opt, params)
+        row[label] = dict(param_gap=(gap / moved).item(), xi=[s["xi"] for s in states],
+                          rank=[s["rank"] for s in states])  # fmt: skip
+    return row
+
+
+def summarize(rows: list[dict], labels: list[str], summary_from: int) -> dict:
+    """Mean ξ from step ``summary_from`` on, rank decisions that differ, final parameter gap."""
+    tail = [r for r in rows if r["step"] >= summary_from]
     summary = {"reference": dict(mean_xi=statistics.mean(x for r in tail for x in r["xi"]))}
-    for label in shadows:
+    for label in labels:
         summary[label] = dict(
             mean_xi=statistics.mean(x for r in tail for x in r[label]["xi"]),
             rank_decisions_that_differ=sum(
@@ -157,8 +172,16 @@ def main() -> None:
             final_param_gap=rows[-1][label]["param_gap"],
         )
     summary["rank_decisions"] = len(rows) * len(rows[0]["rank"])
+    return summary
+
+
+def main() -> None:
+    args = parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = SIZES[args.size or ("gpt2-124m" if device == "cuda" else "small")]
+    rows, labels, names = train(args, device, cfg)
+    summary = summarize(rows, labels, args.summary_from)
     print(json.dumps(summary, indent=1))
-    names = [n for n, p in model.named_parameters() if "Q" in ref.state.get(p, {})]
     meta = metadata(device, args=vars(args), size=cfg.__dict__, matrices=names)
     device_name = torch.cuda.get_device_name().lower().replace(" ", "-") if device == "cuda" else "cpu"
     out = Path(args.out) / f"product_precision_{'warm' if args.warm else 'cold'}_{device_name}.json"

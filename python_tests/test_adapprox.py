@@ -1638,3 +1638,16 @@ def test_row_shards_never_share_a_rounding_key_across_steps():
     drawn = [k for step in range(1, 65) for row in range(0, 64, 7) for k in shard_keys([prefix + step], row)]
     assert len(set(drawn)) == len(drawn)
     assert shard_keys([prefix + 1], 0) != [prefix + 1]  # a shard draws other bits than the whole matrix
+
+
+def test_stochastic_round_bf16_in_chunks_draws_the_bits_of_one_pass():
+    """``reference.stochastic_round_bf16`` makes its noise ``chunk`` elements of a matrix at a
+    time (2**20 by default: only matrices above a million entries take more than one): any
+    chunking draws element i's bits from its own counter, as the Triton kernels do."""
+    from adapprox_kernels.reference import stochastic_round_bf16
+
+    x = torch.randn(3, 5, 9, generator=torch.Generator().manual_seed(0))
+    keys = [7, 2**32 - 1, 123456789]
+    whole = stochastic_round_bf16(x, keys)
+    for chunk in (1, 7, 44, 45):
+        assert torch.equal(stochastic_round_bf16(x, keys, chunk=chunk), whole)

@@ -155,7 +155,7 @@ class MatrixTable:
     of any one shape, read as flat arrays of ``numel`` elements (staging leaves every one of them
     contiguous)."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], name: str, *, writable: bool = False, flat: bool = False):
+    def __init__(self, tensors: Sequence[torch.Tensor], name: str, *, flat: bool = False):
         if len(tensors) == 0:
             raise ValueError(f"{name}: need at least one matrix")
         first = tensors[0]
@@ -172,7 +172,6 @@ class MatrixTable:
         self.originals = list(tensors)
         layout = first.stride() if first.is_contiguous() else None
         self.tensors = [t if layout is not None and t.stride() == layout else t.contiguous() for t in tensors]
-        self.writable = writable
         self.base = self.tensors[0]
         self.shape = tuple(first.shape)
         self.numel = first.numel()
@@ -210,8 +209,8 @@ def step_tables(
     """Writable tables of the weights and momenta an update pass writes (``None``: no momentum),
     each ``len(grads)`` matrices of the gradients' shape on their device (``flat``: see
     :class:`MatrixTable`)."""
-    weights = MatrixTable(params, "params", writable=True, flat=flat)
-    moms = MatrixTable(exp_avgs, "exp_avgs", writable=True, flat=flat) if exp_avgs is not None else None
+    weights = MatrixTable(params, "params", flat=flat)
+    moms = MatrixTable(exp_avgs, "exp_avgs", flat=flat) if exp_avgs is not None else None
     for name, other in (("params", weights), ("exp_avgs", moms)):
         if other is not None and (other.shape, len(other), other.device) != (grads.shape, len(grads), grads.device):
             raise ValueError(f"{name}: need {len(grads)} matrices {grads.shape} on {grads.device}")

@@ -82,7 +82,7 @@ def _dense_apply_kernel(
 
 def _tables(grads, sqs) -> tuple[MatrixTable, MatrixTable]:
     table = grads if isinstance(grads, MatrixTable) else MatrixTable(grads, "grads", flat=True)
-    v = sqs if isinstance(sqs, MatrixTable) else MatrixTable(sqs, "exp_avg_sqs", writable=True, flat=True)
+    v = sqs if isinstance(sqs, MatrixTable) else MatrixTable(sqs, "exp_avg_sqs", flat=True)
     if v.dtype != torch.float32:
         raise ValueError(f"exp_avg_sqs: expected float32, got {v.dtype}")
     if (v.shape, len(v), v.device) != (table.shape, len(table), table.device):
