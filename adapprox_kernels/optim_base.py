@@ -187,10 +187,21 @@ class SketchOptimizer(Optimizer):
         """Read by ``torch.amp.GradScaler.step``: when true, it sets ``grad_scale`` and
         ``found_inf`` (device tensors) on the optimizer and calls ``step()`` itself, instead of
         unscaling and reading its inf flag on the host first (a second host sync per step, before
-        the step's own, with the GPU idle while the host then queues the step). The step
-        unscales in place and reads the flag only where its own check finds a bad gradient (see
-        :meth:`_unscale`). Not for DTensor (FSDP2) gradients, which take the scaler's own path."""
-        return not any(is_dtensor(p) for group in self.param_groups for p in group["params"])
+        the step's own). The step then unscales in place and reads the flag only where its own
+        check finds a bad gradient (see :meth:`_unscale`).
+
+        Off unless ``opt.unscale_in_step = True`` was set, and never for DTensor (FSDP2)
+        gradients. Frameworks read this attribute as "a fused optimizer, which nothing may
+        unscale or clip before": PyTorch Lightning's mixed precision (``"bf16-mixed"`` too,
+        which has no scaler) then refuses ``gradient_clip_val``, and Accelerate (so the Hugging
+        Face Trainer) sees no skipped step on an fp16 overflow and steps the LR scheduler
+        anyway; for a plain training loop with a scaler it saves the sync. An instance
+        attribute, read with ``getattr`` (older pickles have none): a class one would hide the
+        optimizer's own from Lightning's ``LightningOptimizer``, a subclass of the optimizer's
+        class that forwards only the attributes it lacks."""
+        return bool(getattr(self, "unscale_in_step", False)) and not any(
+            is_dtensor(p) for group in self.param_groups for p in group["params"]
+        )
 
     def __init__(self, params, defaults: dict[str, Any], seed: int | None):
         valid_seed = seed is None or (
@@ -206,6 +217,7 @@ class SketchOptimizer(Optimizer):
             self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item()))
             self._seed_unshared = group_size() == 1
         self._generators: dict[str, torch.Generator] = {}
+        self.unscale_in_step = False  # see _step_supports_amp_scaling
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles defaults, state and groups only; a copy must also draw the same
@@ -213,6 +225,7 @@ class SketchOptimizer(Optimizer):
         state = super().__getstate__()
         state["sketch_rng"] = self._rng_state()
         state["_seed_unshared"] = self._seed_unshared
+        state["unscale_in_step"] = getattr(self, "unscale_in_step", False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -748,8 +748,8 @@ def test_grad_scaler_skips_overflowed_steps_and_unscales_the_rest(cls, kw):
 
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=4)), (AdaMeM, dict(rank=2))])
 def test_grad_scaler_hands_the_step_its_scale_and_reads_its_flag_only_on_overflow(cls, kw, monkeypatch):
-    """The scaler steps the optimizer with ``grad_scale`` and ``found_inf`` set
-    (``_step_supports_amp_scaling``): the step unscales, and reads the flag (``.item()``, a host
+    """With ``opt.unscale_in_step = True`` the scaler steps the optimizer with ``grad_scale``
+    and ``found_inf`` set (``_step_supports_amp_scaling``): the step unscales, and reads the flag (``.item()``, a host
     sync on a GPU; the scaler's own path reads it before every step) only on the overflowed
     step, which it skips whole, nothing changed, though ``nonfinite="raise"``. After
     ``scaler.unscale_(opt)`` (to clip) it does not unscale again. Every step equals a plain step
@@ -763,6 +763,7 @@ def test_grad_scaler_hands_the_step_its_scale_and_reads_its_flag_only_on_overflo
     for scaled in (False, True):
         params = [torch.nn.Parameter(torch.ones(s)) for s in shapes]
         opt = cls(params, seed=0, **kw)
+        opt.unscale_in_step = True
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
         scaler.scale(torch.ones(()))
         for i, grads in enumerate(steps):
@@ -1651,3 +1652,52 @@ def test_stochastic_round_bf16_in_chunks_draws_the_bits_of_one_pass():
     whole = stochastic_round_bf16(x, keys)
     for chunk in (1, 7, 44, 45):
         assert torch.equal(stochastic_round_bf16(x, keys, chunk=chunk), whole)
+
+
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=4)), (AdaMeM, dict(rank=2))])
+def test_unscale_in_step_is_off_by_default_and_gives_the_same_bits_on(cls, kw):
+    """``_step_supports_amp_scaling`` is off unless ``opt.unscale_in_step = True``, also as seen
+    through a wrapper that subclasses the optimizer's class and forwards what it lacks
+    (Lightning's ``LightningOptimizer``, whose mixed precision refuses gradient clipping while it
+    is on), and in copies. Off, the scaler unscales and skips an overflowed step itself, without
+    calling ``step()`` (how Accelerate, and so the HF Trainer, tell a skipped step and hold the LR
+    scheduler: with it on, they stepped the scheduler on skipped steps); every step is the same
+    bits either way."""
+    import copy
+    import pickle
+
+    class Wrapper:  # LightningOptimizer's way of wrapping
+        def __init__(self, opt):
+            self._optimizer = opt
+            self.__class__ = type("Wrapped" + type(opt).__name__, (Wrapper, type(opt)), {})
+
+        def __getattr__(self, item):
+            return getattr(self._optimizer, item)
+
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(12, 10), (10,)]
+    steps = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    runs = []
+    for in_step in (False, True):
+        params = [torch.nn.Parameter(torch.ones(s)) for s in shapes]
+        opt = cls(params, seed=0, **kw)
+        assert not opt._step_supports_amp_scaling and not Wrapper(opt)._step_supports_amp_scaling
+        if in_step:
+            opt.unscale_in_step = True
+            assert opt._step_supports_amp_scaling and Wrapper(opt)._step_supports_amp_scaling
+            assert copy.deepcopy(opt)._step_supports_amp_scaling
+            assert pickle.loads(pickle.dumps(opt))._step_supports_amp_scaling
+        calls = []
+        opt.register_step_pre_hook(lambda *_: calls.append(1))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        scaler.scale(torch.ones(()))
+        for i, grads in enumerate(steps):
+            for p, g in zip(params, grads):
+                p.grad = g * scaler.get_scale()
+            if i == 1:
+                params[0].grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        assert len(calls) == (3 if in_step else 2)  # off: the scaler skips the overflowed step
+        runs.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
