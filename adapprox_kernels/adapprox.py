@@ -386,6 +386,7 @@ class Adapprox(SketchOptimizer):
         self._baked: dict[int, tuple] = {}  # id(group) -> _baked_hyperparameters, this step
         self._bucket_cache: dict[tuple, tuple] = {}  # see _buckets
         self._last_buckets: dict[int, tuple] = {}  # id(group) -> its _bucket_cache entry of the last step
+        self._group_lists: list[tuple] | None = None  # (group, its params list, its length) at the last step
         # id(a bucket's states) -> (Q's, U's) that the last rank decision made as the matrices
         # of one tensor each (see _decide_ranks, _factored_srsi); rebuilt every step.
         self._factor_stacks: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
@@ -536,10 +537,29 @@ class Adapprox(SketchOptimizer):
         active = set(map(id, params))
         idle = [p for p in group["params"] if id(p) not in active]
         self._compact_factors(idle)
-        if len(self._bucket_cache) >= 8:  # a few groups' lists; the rare other list is recomputed
+        # Every group's list of the step, and a few more (who has a gradient may alternate); the
+        # rare other list is recomputed. (A fixed 8 missed every step with more groups.)
+        if len(self._bucket_cache) >= 8 + 2 * len(self.param_groups):
             self._bucket_cache.clear()
         self._bucket_cache[key] = self._last_buckets[id(group)] = (self.state, len(self.state), buckets, states, idle)
         return buckets, new
+
+    def _forget_removed_groups(self) -> None:
+        """Also forgets the remembered buckets (see :meth:`_buckets`) where a group left
+        ``param_groups`` or a parameter its group's list (model surgery) since the last step:
+        they may hold parameters of no group, with their gradients and state (GPU memory), for
+        as long as the optimizer lives. They are made anew at this step (~0.5 ms, once). The
+        record holds the groups, so that their ids stay theirs."""
+        super()._forget_removed_groups()
+        lists = [(group, group["params"], len(group["params"])) for group in self.param_groups]
+        seen = self._group_lists
+        if seen is not None and not (len(seen) == len(lists) and all(
+            group is was and params is had and size == count
+            for (group, params, size), (was, had, count) in zip(lists, seen)
+        )):  # fmt: skip
+            self._bucket_cache.clear()
+            self._last_buckets.clear()
+        self._group_lists = lists
 
     def _compact_factors(self, idle: list[torch.Tensor]) -> None:
         """Copies out the factors of the parameters that sit out this step (no gradient),

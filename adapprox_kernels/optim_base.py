@@ -350,7 +350,8 @@ class SketchOptimizer(Optimizer):
         """``({id(p): slot}, [hash of (seed, group index, slot) for each slot])`` of ``group``,
         the step-independent part of its rounding keys, kept from step to step (hashing every
         parameter each step would cost ~0.3 µs a parameter more) while the group's parameter
-        list, its length, its position and the seed stay the same."""
+        list, its length, its position and the seed stay the same. Each entry holds its group
+        (whose id no other group can take while it does) until :meth:`_forget_removed_groups`."""
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         params, memo = group["params"], self.__dict__.setdefault("_key_memo", {})  # not pickled: rebuilt
         kept = memo.get(id(group))
@@ -358,8 +359,20 @@ class SketchOptimizer(Optimizer):
             slots = {id(p): i for i, p in enumerate(params)}
             kept = memo[id(group)] = (params, (len(params), index, self._seed), slots, [
                 mix32((self._seed, index, i)) for i in range(len(params))
-            ])  # fmt: skip
+            ], group)  # fmt: skip
         return kept[2], kept[3]
+
+    def _forget_removed_groups(self) -> None:
+        """Drops what the step's memos keyed by group hold of groups no longer in
+        ``param_groups``: one popped from it (model surgery), or one that ``load_state_dict``
+        replaced (every load makes new group dicts). They hold its parameters (and, in a
+        subclass's, their gradients and state), which would otherwise live, and the memo grow,
+        as long as the optimizer. Once a step, for a few groups: cheap."""
+        memo = self.__dict__.get("_key_memo")
+        if memo:
+            live = set(map(id, self.param_groups))
+            for key in [key for key in memo if key not in live]:
+                del memo[key]
 
     # ----------------------------------------------------------------------------- sketch RNG
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -744,6 +757,7 @@ class SketchOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
+        self._forget_removed_groups()
         if self._seed_unshared:  # the process group came after the constructor: before any sketch
             self._seed, self._seed_unshared = shared_seed(self._seed), False
         groups = [(group, self._grads_to_update(group)) for group in self.param_groups]

@@ -1701,3 +1701,81 @@ def test_unscale_in_step_is_off_by_default_and_gives_the_same_bits_on(cls, kw):
         assert len(calls) == (3 if in_step else 2)  # off: the scaler skips the overflowed step
         runs.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("make", [
+    lambda groups: Adapprox(groups, k_max=3, seed=0, bf16_stochastic_round=True),
+    lambda groups: AdaMeM(groups, rank=3, seed=0, bf16_stochastic_round=True),
+], ids=["adapprox", "adamem"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["group", "params"])
+def test_a_removed_group_is_freed_with_its_state(make, dtype, how):
+    """Model surgery: a group popped from ``param_groups``, or parameters taken out of their
+    group's list (their state deleted, as torch.optim needs for a state dict), and their
+    module dropped are freed, as with torch.optim.AdamW, once training goes on: the bucket
+    memo of Adapprox and the rounding keys' memo held the parameters, their gradients and
+    their state (GPU memory) as long as the optimizer."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(24, 16).to(dtype), torch.nn.Linear(16, 40).to(dtype)
+    if how == "group":
+        opt = make([{"params": body.parameters()}, {"params": head.parameters()}])
+    else:
+        opt = make([{"params": [*body.parameters(), *head.parameters()]}])
+    for _ in range(2):
+        opt.zero_grad()
+        head(body(torch.randn(4, 24, dtype=dtype))).float().square().mean().backward()
+        opt.step()
+    if how == "group":
+        group = opt.param_groups.pop()
+    else:
+        group = {"params": list(head.parameters())}
+        kept = opt.param_groups[0]["params"]
+        kept[:] = [p for p in kept if not any(p is q for q in group["params"])]  # the list edited in place
+    states = [opt.state.pop(q) for q in group["params"]]
+    tensors = [*head.parameters(), *(p.grad for p in head.parameters())]
+    tensors += [v for state in states for v in state.values() if torch.is_tensor(v)]
+    assert len(tensors) > 4
+    refs = [weakref.ref(t) for t in tensors]
+    del group, states, head, tensors
+    for _ in range(2):
+        opt.zero_grad()
+        body(torch.randn(4, 24, dtype=dtype)).float().square().mean().backward()
+        opt.step()
+    gc.collect()
+    assert not any(ref() is not None for ref in refs)
+
+
+def test_repeated_loads_do_not_grow_the_rounding_keys_memo():
+    """``load_state_dict`` makes new group dicts: a memo keyed by group kept one entry (the
+    group's parameter ids and hashes) per load, for good."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)).to(torch.bfloat16)
+    opt = Adapprox(model.parameters(), k_max=3, seed=0, bf16_stochastic_round=True)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(4, 16, dtype=torch.bfloat16)).float().square().mean().backward()
+        opt.step()
+        opt.load_state_dict(opt.state_dict())
+    assert len(opt.__dict__["_key_memo"]) == 1
+
+
+def test_buckets_are_remembered_with_many_groups():
+    """Each group's bucket layout is remembered from step to step (sorting hundreds of
+    parameters costs ~0.5 ms a step), with more than 8 groups too (per-layer learning rates):
+    a memo of a fixed 8 entries, emptied when full, missed every step there."""
+    params = [torch.nn.Parameter(torch.randn(6, 5)) for _ in range(12)]
+    opt = Adapprox([{"params": [p], "lr": 1e-3 * (i + 1)} for i, p in enumerate(params)], k_max=2, seed=0)
+    made = []
+    init_state = opt._init_state
+    opt._init_state = lambda p, group: made.append(p) or init_state(p, group)
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        made.clear()
+        opt.step()
+        # (the second step makes them anew once: each group's was remembered at a state size
+        # of its own, while the first step made the state)
+        assert step < 2 or not made
