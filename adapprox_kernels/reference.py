@@ -74,7 +74,11 @@ def clip_divisor(sq_sum: torch.Tensor, numel: int | torch.Tensor, clip_threshold
     threshold near float32's smallest normal must clip the update to ~0, not overflow, since
     the Triton kernels read an inf or NaN divisor as a bad gradient (they then write nothing,
     not even the decay). NaN stays NaN."""
-    divisor = (sq_sum / numel).sqrt_().div_(abs(clip_threshold)).clamp_(1.0, torch.finfo(sq_sum.dtype).max)
+    rms = (sq_sum / numel).sqrt_()
+    if math.isinf(clip_threshold):  # no clipping: 1 (NaN where the sum is), not inf/inf = NaN where it overflowed
+        divisor = torch.where(rms.isnan(), rms, 1.0)
+    else:
+        divisor = rms.div_(abs(clip_threshold)).clamp_(1.0, torch.finfo(sq_sum.dtype).max)
     return divisor.neg_() if clip_threshold < 0 else divisor
 
 
@@ -109,7 +113,9 @@ def cosine_scale(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, 
     """The factor of :func:`cosine_guidance_factor` from ``⟨a, b⟩``, ``‖a‖``, ``‖b‖`` (``(B,)``)."""
     norms = norm_a * norm_b
     c = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(dot))
-    return 1.0 / (1.0 - c).clamp_min(1.0 / max_scale)
+    # At most max_scale also where 1/max_scale is subnormal (max_scale near float32's largest),
+    # whose reciprocal rounds to inf.
+    return (1.0 / (1.0 - c).clamp_min(1.0 / max_scale)).clamp_max_(max_scale)
 
 
 def stack_as(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -870,3 +870,15 @@ def test_one_host_read_of_xi_per_step(monkeypatch):
     assert reads == [torch.Size([4]), torch.Size([6])]
     xis = [opt.state[p]["xi"] for p in params[:3]]
     assert all(0 < xi < 1 for xi in xis) and len(set(xis)) == 3
+
+
+def test_no_clipping_keeps_an_update_whose_sum_of_squares_overflows():
+    """``clip_threshold=None`` (the default) divides by 1, also where Σ N1² overflows float32
+    (a huge momentum over a statistic that a tiny gradient replaced, β2 = 0): not by
+    inf/inf = NaN, which wrote NaN weights even at lr = 0."""
+    p = torch.nn.Parameter(torch.ones(1, 1))
+    opt = AdaMeM([p], lr=0.0, betas=(0.9999999, 0.0), rank=1, second_moment="gradient", seed=0)
+    for g in (1e19, 1e-38):
+        p.grad = torch.full((1, 1), g)
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(1, 1))

@@ -1779,3 +1779,27 @@ def test_buckets_are_remembered_with_many_groups():
         # (the second step makes them anew once: each group's was remembered at a state size
         # of its own, while the first step made the state)
         assert step < 2 or not made
+
+
+def test_clip_threshold_none_keeps_an_update_whose_sum_of_squares_overflows():
+    """``clip_threshold=None`` divides by 1, also where Σ Upd² overflows float32 (a finite
+    update: eps at its least, V underflowed to 0): not by inf/inf = NaN, which wrote NaN weights."""
+    tiny = torch.finfo(torch.float32).tiny
+    for clip in (None, 1.0):
+        p = torch.nn.Parameter(torch.ones(40, 30))
+        opt = Adapprox([p], lr=1e-3, betas=(0.9, math.nextafter(1.0, 0.0), 0.9), eps=tiny, clip_threshold=clip,
+                       weight_decay=0.0, backend="reference", seed=0)  # fmt: skip
+        p.grad = torch.full((40, 30), 1e-20)  # V = (1 − β2)·G² = 0 in fp32: Upd = G/ε ≈ 8.5e17
+        opt.step()
+        assert torch.isfinite(p).all(), clip
+
+
+def test_cosine_max_scale_at_float32_max_gives_finite_weights():
+    """The largest accepted ``cosine_max_scale``: ``1/s`` is subnormal and its reciprocal
+    rounded to inf, so a step with cos = 1 (a one-entry parameter's first step) wrote -inf."""
+    s = torch.finfo(torch.float32).max
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = Adapprox([p], lr=1e-40, weight_decay=0.0, cosine_guidance=True, cosine_max_scale=s, backend="reference", seed=0)
+    p.grad = torch.ones(1)
+    opt.step()
+    assert torch.isfinite(p).all()
