@@ -442,7 +442,9 @@ class SketchOptimizer(Optimizer):
           DTensor parameters: another rank's shards of the same shape would train on its
           moments; ``adapprox_kernels.distributed.load_optimizer_state`` reshards.
         * Saved tensors keep the precision this optimizer keeps them in (:meth:`_state_dtype`),
-          not the parameter's dtype that torch.optim casts every floating tensor to.
+          not the parameter's dtype that torch.optim casts every floating tensor to; and they
+          are copied, where torch.optim keeps the given tensors of matching dtype and device:
+          the dict handed in (a checkpoint kept in memory) never changes with the run.
         * The options that say how to run, not what to compute (``_RUN_OPTIONS``, e.g. the
           backend), stay this optimizer's: a GPU run's checkpoint resumes on a CPU.
 

@@ -1803,3 +1803,22 @@ def test_cosine_max_scale_at_float32_max_gives_finite_weights():
     p.grad = torch.ones(1)
     opt.step()
     assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2, betas=(0.9, 0.999, 0.9))), (AdaMeM, dict(rank=2))])
+def test_load_state_dict_copies_the_tensors_it_is_given(cls, kw):
+    """A checkpoint dict kept in memory (to roll back to) does not change as the run goes on:
+    the loaded state is a copy (torch.optim's keeps tensors of matching dtype and device, and
+    its in-place updates of the first moment would then write into the dict)."""
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    opt = cls([p], seed=0, **kw)
+    p.grad = torch.randn(8, 6)
+    opt.step()
+    saved = opt.state_dict()
+    kept = copy.deepcopy(saved)
+    again = cls([p], seed=0, **kw)
+    again.load_state_dict(saved)
+    p.grad = torch.randn(8, 6)
+    again.step()
+    flat = [torch.utils._pytree.tree_flatten(x)[0] for x in (saved, kept)]
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b or a != a and b != b for a, b in zip(*flat))
