@@ -331,6 +331,15 @@ def test_a_state_that_does_not_fit_is_refused_on_load():
     assert not target.state and target.param_groups[0]["k_max"] == 2
 
 
+def _same_leaves(a, b) -> bool:
+    """Do two nested structures (state dicts, tuples of tensors) hold the same leaves: equal
+    tensors, equal numbers (NaN equal to NaN, as a ξ not measured yet)?"""
+    flat_a, flat_b = torch.utils._pytree.tree_flatten(a)[0], torch.utils._pytree.tree_flatten(b)[0]
+    return len(flat_a) == len(flat_b) and all(
+        torch.equal(x, y) if torch.is_tensor(x) else x == y or x != x and y != y for x, y in zip(flat_a, flat_b)
+    )
+
+
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
 @pytest.mark.parametrize(
     "old,new",
@@ -357,9 +366,7 @@ def test_a_parameter_whose_shape_changed_under_its_state_is_refused(cls, kw, old
     with pytest.raises(ValueError, match=r"step: the state of param_groups\[1\]\['params'\]\[0\] does not fit"):
         opt.step()
     after = (other.detach(), p.detach(), opt.state_dict())
-    flat = [torch.utils._pytree.tree_flatten(x)[0] for x in (before, after)]
-    assert len(flat[0]) == len(flat[1])
-    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b or a != a and b != b for a, b in zip(*flat))
+    assert _same_leaves(before, after)
     opt.state[p] = {}
     opt.step()
     assert opt.state[p]["step"] == 1 and torch.isfinite(p).all()
@@ -1820,5 +1827,4 @@ def test_load_state_dict_copies_the_tensors_it_is_given(cls, kw):
     again.load_state_dict(saved)
     p.grad = torch.randn(8, 6)
     again.step()
-    flat = [torch.utils._pytree.tree_flatten(x)[0] for x in (saved, kept)]
-    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b or a != a and b != b for a, b in zip(*flat))
+    assert _same_leaves(saved, kept)
