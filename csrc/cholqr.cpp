@@ -195,7 +195,9 @@ std::tuple<int, std::optional<std::string>> cuda_runtime_status() {
 
 TORCH_LIBRARY_FRAGMENT(adapprox_kernels, m) {
   m.set_python_module("adapprox_kernels._extension");
-  m.def("cholqr_orthonormalize(Tensor y) -> Tensor");
+  // The checked op waits for the GPU (its one host sync): tagged so that torch.compile's CUDA
+  // graphs (mode="reduce-overhead", graph partitions) leave it out of a capture.
+  m.def("cholqr_orthonormalize(Tensor y) -> Tensor", {at::Tag::cudagraph_unsafe});
   m.def("cholqr_orthonormalize_unchecked(Tensor y) -> (Tensor, Tensor)");
 }
 

@@ -182,6 +182,15 @@ def test_fake_impl_gives_shape_and_dtype():
 
 
 @needs_extension
+def test_only_the_checked_op_is_cudagraph_unsafe():
+    """The checked op's host sync cannot sit inside a CUDA graph: torch.compile's CUDA graphs
+    leave it out by its tag. The optimizer's sync-free op is captured (cuda_graphs=True)."""
+    ops = torch.ops.adapprox_kernels
+    assert torch.Tag.cudagraph_unsafe in ops.cholqr_orthonormalize.default.tags
+    assert torch.Tag.cudagraph_unsafe not in ops.cholqr_orthonormalize_unchecked.default.tags
+
+
+@needs_extension
 @pytest.mark.parametrize("shape,dtype", [((33, 7), torch.float32), ((4, 7, 33), torch.float32), ((4, 33, 7), torch.float64)])
 @pytest.mark.parametrize("name", ["cholqr_orthonormalize", "cholqr_orthonormalize_unchecked"])
 def test_fake_impl_rejects_what_the_kernel_rejects(name, shape, dtype):
