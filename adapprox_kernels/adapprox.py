@@ -491,15 +491,16 @@ class Adapprox(SketchOptimizer):
         -> ``(parameters, their state)`` (each bucket is one batched call), read-only; and the
         parameters whose state this call made (state is lazy: this is where it is made).
 
-        Remembered from the last call: the same parameters on the same storage (a parameter
-        moved or cast in place gets new storage) whose state is still there (the same
+        Remembered from the last call: the same parameters on the same storage, of the same
+        dtype (a parameter moved or cast in place gets new storage, though a cast may land at
+        the old address) whose state is still there (the same
         ``self.state``, as many entries, none emptied; ``load_state_dict`` goes through
         ``__setstate__``, which forgets everything) fall into the same buckets. Sorting hundreds
         of parameters and looking up their state (a Python hash per lookup) costs a step ~0.5 ms.
         Where they are not remembered, each state made before is checked to fit its parameter's
         shape (:meth:`_check_state_fits`): a parameter's shape changes with its storage, or with
         its sizes (``p.data = p.data.t()``), both in the key."""
-        key = tuple(tuple(map(f, params)) for f in (id, torch.Tensor.data_ptr, torch.Tensor.size))
+        key = tuple(tuple(map(f, params)) for f in (id, torch.Tensor.data_ptr, torch.Tensor.size, _dtype))
         cached = self._bucket_cache.get(key)
         if cached is not None:
             state_map, size, buckets, states, idle = cached
@@ -974,8 +975,10 @@ class Adapprox(SketchOptimizer):
         stacks = None if torch.compiler.is_compiling() else self._factor_stacks.get(id(states))  # dynamo: no id()
         qs, us = [s["Q"] for s in states], [s["U"] for s in states]
         if stacks is not None and _is_each(qs, stacks[0]) and _is_each(us, stacks[1]):
-            u_prev = stacks[1][0]._base
-            return stacks[0][0]._base, u_prev, [u_prev.shape[2]] * len(us)  # one tensor: one width
+            q_prev, u_prev = stacks[0][0]._base, stacks[1][0]._base
+            # Views made under torch.inference_mode have no _base: stacked anew below.
+            if q_prev is not None and u_prev is not None:
+                return q_prev, u_prev, [u_prev.shape[2]] * len(us)  # one tensor: one width
         width_prev = max(q.shape[1] for q in qs)
         q_prev, u_prev = _stack_padded(local_list(qs), width_prev), _stack_padded(local_list(us), width_prev)
         return q_prev, u_prev, [u.shape[1] for u in us]

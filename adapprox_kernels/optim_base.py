@@ -214,7 +214,8 @@ class SketchOptimizer(Optimizer):
         if seed is None:
             # Under torch.distributed every rank must draw the same sketches: rank 0's seed is used
             # (taken at the first step where the process group is initialized after this).
-            self._seed = shared_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            # torch's CPU RNG whatever the default device (a CUDA one would sync; a meta one has no value).
+            self._seed = shared_seed(int(torch.randint(0, 2**62, (1,), device="cpu").item()))
             self._seed_unshared = group_size() == 1
         self._generators: dict[str, torch.Generator] = {}
         self.unscale_in_step = False  # see _step_supports_amp_scaling

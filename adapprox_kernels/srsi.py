@@ -111,7 +111,9 @@ def column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> tor
 
 @functools.lru_cache(maxsize=1024)
 def _column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
-    keep = (torch.arange(width).unsqueeze(0) < torch.tensor(ranks).unsqueeze(1)).unsqueeze(1)
+    # Made on the host whatever the default device (torch.set_default_device), then copied.
+    columns, ranks_ = torch.arange(width, device="cpu"), torch.tensor(ranks, device="cpu")
+    keep = (columns.unsqueeze(0) < ranks_.unsqueeze(1)).unsqueeze(1)
     return to_device_nowait(keep, device)
 
 

@@ -49,7 +49,9 @@ def handed_out(t: torch.Tensor) -> torch.Tensor:
 
 
 def to_device_nowait(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (a small CPU tensor) on ``device``.
+    """``t`` (a small CPU tensor) on ``device``. Callers make ``t`` with ``device="cpu"``: a
+    factory's default device is the user's (``torch.set_default_device("cuda")``), and a CUDA
+    ``t`` cannot be pinned (RuntimeError), nor read on the host right after a non-blocking copy.
 
     A plain copy from pageable memory waits for every kernel queued before it (a host sync).
     From pinned memory with ``non_blocking`` it is queued like a kernel; torch's pinned-memory
@@ -74,12 +76,12 @@ def update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.d
 def rounding_keys_tensor(keys: Sequence[int], device: torch.device) -> torch.Tensor:
     """The keys of a bucket's stochastic rounding, one per matrix (``reference.rounding_noise``),
     as an int64 ``(B,)`` tensor on ``device``, which the update kernels read (new ones every step)."""
-    return to_device_nowait(torch.tensor(keys, dtype=torch.int64), device)
+    return to_device_nowait(torch.tensor(keys, dtype=torch.int64, device="cpu"), device)
 
 
 @functools.lru_cache(maxsize=64)
 def _update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.device) -> torch.Tensor:
-    values = torch.tensor([lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1], dtype=torch.float32)
+    values = torch.tensor([lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1], dtype=torch.float32, device="cpu")
     return to_device_nowait(values, device)
 
 

@@ -1828,3 +1828,51 @@ def test_load_state_dict_copies_the_tensors_it_is_given(cls, kw):
     p.grad = torch.randn(8, 6)
     again.step()
     assert _same_leaves(saved, kept)
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2, backend="reference")), (AdaMeM, dict(rank=2))])
+def test_a_default_device_of_the_users_changes_nothing(cls, kw, seed):
+    """``torch.set_default_device("cuda")`` (or ``with torch.device(...)``) moves every factory
+    call made without a device. The step's host constants (column masks) must still be made on
+    the host: made on the GPU, ``pin_memory`` raised at every factored step; with CPU parameters,
+    a non-blocking GPU-to-host copy would be read before it landed. A drawn seed still comes
+    from torch's CPU RNG (a meta default raised; a CUDA one drew from another RNG). A meta
+    default stands in for the GPU's here (it runs anywhere and failed the same way); AdamW steps
+    under either."""
+    from adapprox_kernels.transfer import forget_constants
+
+    runs = []
+    for default in (None, "meta"):
+        forget_constants()  # the cached host constants are made anew
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((12, 10), (10,))]
+        with torch.device(default) if default else contextlib.nullcontext():
+            opt = cls(params, seed=seed, **kw)  # None: drawn from torch's RNG
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen, device="cpu")
+                opt.step()
+        runs.append((opt._seed, params))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2, backend="reference")), (AdaMeM, dict(rank=2))])
+def test_steps_under_inference_mode_give_the_same_bits(cls, kw):
+    """A run stepped under ``torch.inference_mode()``, as AdamW's can be: the same bits as
+    under ``no_grad``. Views made there have no ``_base``, and the second step read last step's
+    factor stacks from it (AttributeError)."""
+    runs = []
+    for mode in (contextlib.nullcontext, torch.inference_mode):
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((12, 10), (12, 10), (10,))]
+        opt = cls(params, seed=0, **kw)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            with mode():
+                opt.step()
+        runs.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

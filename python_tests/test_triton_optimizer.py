@@ -1173,3 +1173,24 @@ def test_a_clip_threshold_near_the_smallest_normal_still_decays(shape):
         p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
         opt.step()
         torch.testing.assert_close(p.detach(), torch.full(shape, 0.95, device=DEVICE), msg=backend)
+
+
+def test_a_default_device_of_the_users_reaches_no_kernel_constant():
+    """Under ``torch.set_default_device("cuda")`` the kernels' host-made constants (matrix
+    offset tables, stochastic rounding keys) are still made on the host and then copied: made
+    on the GPU, ``pin_memory`` raised at the first launch. A meta default stands in for the
+    GPU's here (it runs anywhere and failed the same way)."""
+    from adapprox_kernels.transfer import forget_constants
+
+    runs = []
+    for default in (None, "meta"):
+        forget_constants()  # the cached host constants are made anew
+        params = _params(torch.bfloat16)
+        opt = Adapprox(params, backend="triton", seed=3, bf16_stochastic_round=True, **BASE)
+        for step in range(2):
+            for p, g in zip(params, _grads(step, torch.bfloat16)):
+                p.grad = g
+            with torch.device(default) if default else contextlib.nullcontext():
+                opt.step()
+        runs.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -186,7 +186,7 @@ class MatrixTable:
         table = _TABLES.get(key)
         if table is None:
             offsets = [(a - addrs[0]) // (size * self.align) for a in addrs]
-            table = to_device_nowait(torch.tensor(offsets, dtype=torch.int64), self.device)
+            table = to_device_nowait(torch.tensor(offsets, dtype=torch.int64, device="cpu"), self.device)
             _TABLES[key] = table
             if len(_TABLES) > _TABLE_CACHE_SIZE:
                 _TABLES.popitem(last=False)
