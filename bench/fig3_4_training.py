@@ -71,7 +71,8 @@ def markdown(rows: list[dict], job_meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = common.parser(__doc__.split("\n\n")[0])
-    ap.add_argument("--from", dest="source", type=Path, default=DEFAULT_FROM, help="main job results.json")
+    ap.add_argument("--from", dest="source", type=Path, default=None,
+                    help=f"main job results.json (default {DEFAULT_FROM}, when it exists)")  # fmt: skip
     ap.add_argument("--rerun", action="store_true", help="run the shortened main job even if --from exists")
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--steps", type=int, default=200)
@@ -80,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="default: every optimizer of the main job")
     args = ap.parse_args(argv)
+    if args.source is not None and not args.source.is_file() and not args.rerun:
+        ap.error(f"--from {args.source}: no such file")  # a path given is not replaced by a 3-minute rerun
     device = common.setup(args)
-    source = args.source if args.source.exists() and not args.rerun else shortened_job(args, device)
+    source = args.source or DEFAULT_FROM
+    source = source if source.exists() and not args.rerun else shortened_job(args, device)
     data = json.loads(source.read_text())
     runs = data["runs"]
     rows = summary_rows(runs)

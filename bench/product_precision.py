@@ -104,7 +104,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--precisions", nargs="+", default=["tf32", "tf32_range", "tf32_rn"], help="GPU shadows")
     ap.add_argument("--summary-from", type=int, default=20, help="first step of the mean ξ")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    return ap.parse_args()
+    args = ap.parse_args()
+    if not 1 <= args.summary_from <= args.steps:  # before training, not a StatisticsError after it
+        ap.error(f"--summary-from {args.summary_from} must be within the run's steps, 1 to --steps {args.steps}")
+    return args
 
 
 def train(args: argparse.Namespace, device: str, cfg) -> tuple[list[dict], list[str], list[str]]:

@@ -67,9 +67,16 @@ def end_to_end_rows(paths) -> list[dict]:
             data = json.loads(Path(path).read_text())
             meta = data["meta"].get("main_job", data["meta"])
             size = meta.get("args", {}).get("size", "?")
-            return [dict(size=f"main job ({size})", scope="end-to-end iteration", label=r["name"], optimizer=r["name"],
-                         median_s=r["step_time_s"], optimizer_step_s=r["opt_time_s"], device=meta.get("device"),
-                         source=common.rel(path), **common.measured()) for r in data["runs"]]  # fmt: skip
+            rows = []
+            for r in data["runs"]:  # a run that raised in the main job has an error and no times
+                row = dict(size=f"main job ({size})", scope="end-to-end iteration", label=r["name"],
+                           optimizer=r["name"], device=meta.get("device"), source=common.rel(path))  # fmt: skip
+                if "error" in r:
+                    rows.append({**row, **common.not_measured(f"the run failed: {r['error']}")})
+                else:
+                    rows.append({**row, "median_s": r["step_time_s"], "optimizer_step_s": r["opt_time_s"],
+                                 **common.measured()})  # fmt: skip
+            return rows
     why = "no main-job results.json found (run python -m adapprox_kernels.train, or bench.fig3_4_training)"
     return [dict(size="main job", scope="end-to-end iteration", label="-", **common.not_measured(why))]
 
@@ -93,10 +100,11 @@ def markdown(rows: list[dict], scope: str) -> str:
     parts = [common.markdown_table([f"optimizer step, {scope}", *sizes], lines)]
     parts += [f"({i}) {why}" for why, i in reasons.items()]
     e2e = [r for r in rows if r["scope"] == "end-to-end iteration"]
-    if e2e[0]["status"] == "measured":
+    if "source" in e2e[0]:  # a main job's results.json was found
         paper = {name: f"{t:.2f} s" for name, t in PAPER_ITERATION_S.items()}
         lines = [(r["label"], common.fmt_seconds(r["median_s"]), common.fmt_seconds(r["optimizer_step_s"]),
-                  paper.get(r["label"], "—")) for r in e2e]  # fmt: skip
+                  paper.get(r["label"], "—")) if r["status"] == "measured" else
+                 (r["label"], r["reason"], "—", paper.get(r["label"], "—")) for r in e2e]  # fmt: skip
         head = [f"{e2e[0]['size']} on {e2e[0]['device']}", "iteration (median)", "of which optimizer step",
                 "paper, GPT-2 117M iteration"]  # fmt: skip
         parts += ["", common.markdown_table(head, lines), f"source: `{e2e[0]['source']}`"]

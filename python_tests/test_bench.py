@@ -114,6 +114,22 @@ def test_product_precision_study_runs_on_cpu(tmp_path, monkeypatch):
     assert all(math.isfinite(data["summary"][label]["mean_xi"]) for label in labels)
 
 
+@pytest.mark.parametrize("steps, summary_from", [("3", "20"), ("0", "1")])
+def test_product_precision_summary_steps_are_checked_before_training(steps, summary_from, monkeypatch, capsys):
+    """A short run (``--steps`` below the default ``--summary-from`` 20) is a usage error up
+    front, not a StatisticsError after the whole study has trained with nothing written."""
+    import sys
+
+    from bench import product_precision
+
+    monkeypatch.setattr(product_precision, "train", lambda *a: pytest.fail("trained before the usage error"))
+    argv = ["product_precision.py", "--size", "tiny", "--steps", steps, "--summary-from", summary_from]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        product_precision.main()
+    assert exit_info.value.code == 2 and "--summary-from" in capsys.readouterr().err
+
+
 def test_compare_step_takes_turns_and_records_every_run(tmp_path, monkeypatch):
     """compare_step's parent (the children need a GPU): each round runs the baseline, this
     checkout and fused AdamW, the order flipping every round; the file keeps every raw time."""
@@ -369,3 +385,47 @@ def test_fig3_4_summarizes_a_main_job_with_a_failed_and_a_diverged_run():
     rows = summary_rows(runs)
     assert [r["optimizer"] for r in rows] == ["adamw"] and rows[0]["best_val_loss"] is None
     assert "| adamw | 1e+06 | — | — | 10 | 100.0% |" in markdown(rows, {"args": {}})
+
+
+def test_table4_end_to_end_rows_take_a_main_job_with_a_failed_run(tmp_path):
+    """The main job records a run that raised as ``{"error": …}`` without times: Table 4's
+    end-to-end rows say it was not measured and why, instead of a KeyError after the timing."""
+    from bench.table4_step_time import end_to_end_rows, markdown
+
+    runs = [{"name": "adamw", "lr": 2e-3, "step_time_s": 0.15, "opt_time_s": 0.005},
+            {"name": "adapprox", "lr": 1e6, "error": "FloatingPointError: non-finite gradient"}]  # fmt: skip
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"device": "cpu", "args": {"size": "tiny"}}, "runs": runs}))
+    rows = end_to_end_rows([path])
+    assert [r["status"] for r in rows] == ["measured", common.NOT_MEASURED]
+    assert "FloatingPointError" in rows[1]["reason"]
+    block = dict(size="gpt2-124m", scope="block", label="adamw", median_s=1e-3, p20_s=1e-3, p80_s=1e-3,
+                 **common.measured())  # fmt: skip
+    md = markdown([block, *rows], "block")
+    assert "| adamw | 150 ms | 5 ms | 1.81 s |" in md and "| adapprox | the run failed: FloatingPointError" in md
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--threads", "0"], "--threads 0: expected at least 1"), (["--device", "foo"], "--device foo: expected cpu"),
+     (["--device", "mps"], "--device mps: expected cpu"), (["--out", "FILE/sub"], "Not a directory")],
+)  # fmt: skip
+def test_common_options_are_checked_before_measuring(extra, message, tmp_path):
+    """A bad --threads, --device or --out is a one-line error before a script measures anything
+    (--out was only created when the results were written, minutes later)."""
+    (tmp_path / "file").write_text("")
+    extra = [str(tmp_path / "file" / "sub") if a == "FILE/sub" else a for a in extra]
+    args = common.parser("test").parse_args(["--out", str(tmp_path / "out"), *extra])
+    with pytest.raises(SystemExit, match=message):
+        common.setup(args)
+
+
+def test_fig3_4_from_a_missing_file_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """``--from`` a path that does not exist (a typo) is refused, not replaced by a rerun of the
+    shortened main job whose figure would then stand for the file named."""
+    from bench import fig3_4_training
+
+    monkeypatch.setattr(fig3_4_training, "shortened_job", lambda *a: pytest.fail("ran the shortened job"))
+    with pytest.raises(SystemExit) as exit_info:
+        fig3_4_training.main(["--from", str(tmp_path / "typo.json"), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "typo.json: no such file" in capsys.readouterr().err

@@ -110,6 +110,24 @@ def test_state_bytes_count_every_shared_buffer(built):
     assert out["state_bytes"] == opt.state_report().state_bytes
 
 
+def test_corpus_reads_no_more_than_its_cap(tmp_path):
+    """A corpus file far larger than ``--max-bytes`` is not read whole (it may not fit in memory)."""
+    import tracemalloc
+
+    big = tmp_path / "big.txt"
+    with big.open("wb") as f:
+        f.write(b"abc" * 10_000)
+        f.truncate(64 << 20)  # 64 MiB, sparse
+    tracemalloc.start()
+    try:
+        corpus = read_corpus(big, 20_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert corpus == (b"abc" * 10_000)[:20_000]
+    assert peak < 4 << 20, f"peak {peak:,} bytes for a 20,000-byte corpus"
+
+
 def test_data_folder_under_a_site_packages_path(tmp_path):
     folder = tmp_path / "site-packages" / "corpus"
     folder.mkdir(parents=True)
@@ -152,6 +170,8 @@ def no_run(*args):
         (["--device", "cuda"], "torch sees 0 CUDA device(s)"),
         (["--device", "gpu"], "expected cpu, cuda or cuda:N"),
         (["--data", "/nonexistent"], "does not exist"),
+        (["--data", ""], "--data: an empty path"),  # not the current folder, reported as the default corpus
+        (["--seed", str(2**64)], "--seed: expected an integer in [-2**63, 2**64)"),
         (["--data", "SMALL"], "need at least 10,000"),
         (["--size", "gpt2-124m", "--seq-len", "1024", "--data", "12K"], "validation (5%) split has 600 bytes"),
         (["--optimizers", ""], "none given; choose from adapprox"),

@@ -70,6 +70,24 @@ def lr_overrides(text: str) -> dict[str, float]:
     return lrs
 
 
+def corpus_path(text: str) -> str:
+    """An argparse type: a path that is not empty (``Path("")`` is the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; leave --data out for the default corpus")
+    return text
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: an integer that torch's generators take, in ``[-2**63, 2**64)``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64), got {text!r}")
+    return value
+
+
 def device_name(text: str) -> str:
     """An argparse type: ``cpu``, or ``cuda`` / ``cuda:N`` where torch sees that GPU."""
     try:
@@ -86,7 +104,7 @@ def device_name(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m adapprox_kernels.train", description=__doc__)
     positive = int_at_least(1)
-    ap.add_argument("--data", default=None,
+    ap.add_argument("--data", type=corpus_path, default=None,
                     help="text file, or folder searched recursively for .py/.txt/.md/.rst files "
                          "(default: the Python standard library's .py sources)")  # fmt: skip
     ap.add_argument("--max-bytes", type=int_at_least(10_000), default=8_000_000, help="corpus size cap (>= 10,000)")
@@ -104,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--k-max", type=positive, default=3,
                     help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")  # fmt: skip
     ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_value, default=0)
     ap.add_argument("--out", default="runs/main", help="folder for results.json and comparison.png")
     return ap
 

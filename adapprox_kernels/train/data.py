@@ -39,12 +39,13 @@ def read_corpus(path: str | Path | None, max_bytes: int) -> bytes:
     """Concatenate the corpus files (see :func:`corpus_files`) up to ``max_bytes``."""
     chunks, total = [], 0
     for f in corpus_files(path):
-        data = f.read_bytes()
+        with f.open("rb") as file:  # no more than the cap: a corpus file may be far larger than memory
+            data = file.read(max_bytes - total)
         chunks.append(data)
         total += len(data)
         if total >= max_bytes:
             break
-    corpus = b"".join(chunks)[:max_bytes]
+    corpus = b"".join(chunks)
     if len(corpus) < 10_000:
         raise ValueError(f"corpus at {path or default_corpus_dir()} has only {len(corpus)} bytes; need at least 10,000")
     return corpus
