@@ -286,6 +286,15 @@ def adamem_directions(
     return proj @ n1, n2
 
 
+def _fill_legacy_entries(p: torch.Tensor, state: dict[str, Any]) -> None:
+    """A matrix state of a version that did not record ``param_shape`` or ``proj_pending`` takes
+    ``p``'s shape and no pending refresh (what that version did), so that the step finds both and
+    the next checkpoint has them."""
+    if "P" in state:
+        state.setdefault("param_shape", tuple(p.shape))
+        state.setdefault("proj_pending", False)
+
+
 def _oriented_shape(p: torch.Tensor) -> tuple[tuple[int, int], bool]:
     """``((m', n'), transposed)``: the matrix view with ``m' <= n'``; vectors are ``1×numel``."""
     shape = matrix_shape(p)
@@ -467,9 +476,7 @@ class AdaMeM(SketchOptimizer):
         so that the run's next checkpoint has both."""
         super().load_state_dict(state_dict)
         for p, state in self.state.items():
-            if "P" in state:
-                state.setdefault("param_shape", tuple(p.shape))
-                state.setdefault("proj_pending", False)
+            _fill_legacy_entries(p, state)
 
     # ----------------------------------------------------------------------------------- step
     def _check_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
@@ -481,11 +488,15 @@ class AdaMeM(SketchOptimizer):
                 if not state:
                     continue
                 if "P" in state:
-                    fits = state.get("param_shape") == tuple(p.shape)
+                    fits = state.get("param_shape") == tuple(p.shape) and "proj_pending" in state
                 else:
                     fits = matrix_shape(p) is None and state["exp_avg_sq"].shape == (p.numel(),)
                 if not fits:
                     self._check_state_fits(p, state)
+                    # A state of an older version that did not come through load_state_dict
+                    # (ZeroRedundancyOptimizer sets its optimizer's state directly; an unpickled
+                    # optimizer): the step reads proj_pending (KeyError).
+                    _fill_legacy_entries(p, state)
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         # One batched call per (kind, shape, rank, step count, refresh, dtype, device): the

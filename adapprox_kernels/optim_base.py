@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import operator
@@ -237,6 +238,11 @@ class SketchOptimizer(Optimizer):
         # "differentiable" default, an option these optimizers do not take: it would show in
         # repr and state_dict, and type(opt)(params, **opt.defaults) would raise TypeError.
         self.defaults.pop("differentiable", None)
+        # An optimizer pickled by an older version holds the defaults of its day: the options
+        # added since take the constructor's defaults (which keep the older behaviour), here and
+        # in the groups below (the step's check read them: KeyError). A no-op for a load.
+        for key, value in self._constructor_defaults().items():
+            self.defaults.setdefault(key, value)
         # Fill options added after a checkpoint was written, as torch.optim does.
         for group in self.param_groups:
             group.pop("differentiable", None)
@@ -249,6 +255,16 @@ class SketchOptimizer(Optimizer):
 
     def _reset_step_caches(self) -> None:
         """Per-object helpers that are not state (a subclass's step caches); after unpickling."""
+
+    @classmethod
+    def _constructor_defaults(cls) -> dict[str, Any]:
+        """Each option's value where the constructor is not given it, from the signature of the
+        class that defines the options (Adapprox, AdaMeM: a user's subclass may take others)."""
+        own = next(c for c in cls.__mro__ if "_check_hyperparameters" in vars(c))
+        if own is SketchOptimizer:
+            return {}
+        params = inspect.signature(own.__init__).parameters.values()
+        return {p.name: as_tuple(p.default) for p in params if p.default is not p.empty and p.name != "seed"}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, once the group's hyperparameters pass :meth:`_check_hyperparameters`:

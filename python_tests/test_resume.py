@@ -226,3 +226,66 @@ def test_a_malformed_sketch_rng_is_refused_before_anything_loads(make, bad):
     with pytest.raises(ValueError, match="sketch_rng"):
         fresh.load_state_dict(saved)
     assert not fresh.state and fresh.param_groups[0]["lr"] == 1e-2
+
+
+# Options added after the first release (an optimizer pickled before them has none in its
+# defaults or groups), and the AdaMeM matrix entries added later (param_shape, proj_pending).
+# No zero gradients: versions without proj_pending made no refresh pending.
+_LEGACY_EVENTS = {k: v for k, v in EVENTS.items() if v != "zero"}
+_LATER_OPTIONS = {
+    Adapprox: (
+        "warm_start", "warm_power_iters", "cuda_graphs", "product_precision", "maximize", "bf16_stochastic_round",
+    ),
+    AdaMeM: ("maximize", "bf16_stochastic_round"),
+}
+
+
+@pytest.mark.parametrize("make", [_adapprox(), _adamem()], ids=["adapprox", "adamem"])
+def test_an_optimizer_pickled_by_an_older_version_steps_on(make):
+    """``torch.save(opt)`` by a version without the later options (and, for AdaMeM, without the
+    matrix states' ``param_shape`` and ``proj_pending``) unpickled by this one: its defaults and
+    groups take the constructor's defaults for the options they lack, its states the entries
+    load_state_dict gives a legacy checkpoint, and it steps as the original does (the step
+    raised KeyError on the first missing option, then on 'proj_pending')."""
+    import pickle
+
+    params = _params(torch.float32)
+    opt = make(params)
+    _train(opt, params, range(4), _LEGACY_EVENTS)
+    old = pickle.loads(pickle.dumps((params, opt)))
+    pickled = old[1].__getstate__()
+    for d in (pickled["defaults"], *pickled["param_groups"]):
+        for key in _LATER_OPTIONS[type(opt)]:
+            del d[key]
+    for state in pickled["state"].values():
+        state.pop("param_shape", None), state.pop("proj_pending", None)
+    unpickled = type(opt).__new__(type(opt))
+    unpickled.__setstate__(pickled)
+    _train(opt, params, range(4, 8), _LEGACY_EVENTS)
+    _train(unpickled, old[0], range(4, 8), _LEGACY_EVENTS)
+    assert unpickled.defaults == opt.defaults
+    _assert_same_runs(opt, params, unpickled, old[0], "unpickled")
+
+
+@pytest.mark.parametrize("missing", [("param_shape", "proj_pending"), ("proj_pending",)])
+def test_adamem_states_of_an_older_version_set_directly_step_on(missing):
+    """ZeroRedundancyOptimizer.load_state_dict sets its optimizer's state directly, past
+    load_state_dict's migration: a matrix state saved by a version without ``param_shape`` and
+    ``proj_pending`` (or, a later one, without ``proj_pending``) then reached the step, which
+    raised KeyError('proj_pending'). The step fills them as load_state_dict does."""
+    make = _adamem()
+    params, other = _params(torch.float32), _params(torch.float32)
+    opt, legacy = make(params), make(other)
+    _train(opt, params, range(4), _LEGACY_EVENTS)
+    legacy.load_state_dict(opt.state_dict())
+    with torch.no_grad():
+        for p, q in zip(params, other):
+            q.copy_(p)
+    for p in other:
+        state = dict(legacy.state[p])
+        for key in missing:
+            state.pop(key, None)
+        legacy.state[p] = state  # as ZeRO does
+    _train(opt, params, range(4, 8), _LEGACY_EVENTS)
+    _train(legacy, other, range(4, 8), _LEGACY_EVENTS)
+    _assert_same_runs(opt, params, legacy, other, "legacy states set directly")
