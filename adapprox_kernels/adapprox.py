@@ -542,8 +542,30 @@ class Adapprox(SketchOptimizer):
         # rare other list is recomputed. (A fixed 8 missed every step with more groups.)
         if len(self._bucket_cache) >= 8 + 2 * len(self.param_groups):
             self._bucket_cache.clear()
+        else:
+            self._forget_stale_buckets()
         self._bucket_cache[key] = self._last_buckets[id(group)] = (self.state, len(self.state), buckets, states, idle)
         return buckets, new
+
+    def _forget_stale_buckets(self) -> None:
+        """Drops the remembered buckets that hold a state no longer in ``self.state``: one
+        removed or replaced (``del opt.state[p]`` or ``opt.state[p] = {}`` to free a frozen
+        layer's memory, ``opt.state.clear()``, the new states of a step discarded for a bad
+        gradient). Such an entry keeps that state's tensors alive, outside ``opt.state`` and so
+        outside every byte count, until its pattern of gradients comes back, possibly never.
+        Runs where a call misses the cache (a state removed, or replaced while its parameter
+        steps, or who has a gradient changed), not on the steps that hit it: a state replaced
+        by another dict while its parameter sits out is dropped at the next miss (``del
+        opt.state[p]`` or ``opt.state[p].clear()`` frees it at once)."""
+        state = self.state
+        stale = [
+            key for key, (state_map, _, buckets, _, _) in self._bucket_cache.items()
+            if state_map is not state or not all(
+                all(map(operator.is_, map(state.get, bucket), states)) for bucket, states in buckets.values()
+            )
+        ]  # fmt: skip
+        for key in stale:
+            del self._bucket_cache[key]
 
     def _forget_removed_groups(self) -> None:
         """Also forgets the remembered buckets (see :meth:`_buckets`) where a group left
@@ -1061,6 +1083,8 @@ class Adapprox(SketchOptimizer):
         for b, s in enumerate(states if kept else ()):
             q, u = kept[b][:2] if b in kept else (s["Q"], s["U"])
             s["Q"], s["U"] = q.clone(), u.clone()
+        if kept:  # the stack _store_factors remembered is no state's now: not kept alive to the next step
+            self._factor_stacks.pop(id(states), None)
 
     def _store_factors(self, rec: "_Pending", keeps: list[int]) -> None:
         """Each matrix's new factors at its first ``keeps[b]`` columns, into its state."""

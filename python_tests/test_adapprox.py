@@ -1406,6 +1406,87 @@ def test_factors_kept_after_an_overflow_keep_no_stack_alive():
     assert held_bytes(opt) == opt.state_report().state_bytes
 
 
+def bytes_kept_alive(opt) -> int:
+    """Bytes of every storage reachable from the optimizer object (its attributes and what they
+    hold), the parameters' and gradients' aside: what it keeps alive, which ``held_bytes``
+    (``opt.state`` only) does not see all of."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    skip = {t.untyped_storage().data_ptr() for p in params for t in (p, p.grad) if t is not None}
+    seen, storages, todo = set(), {}, [vars(opt)]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if torch.is_tensor(x):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in skip:
+                storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict):
+            todo += [*x.keys(), *x.values()]
+        elif isinstance(x, (list, tuple, set)):
+            todo += list(x)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            todo.append(vars(x))
+    return sum(storages.values())
+
+
+def test_factors_kept_after_an_overflow_leave_no_stack_in_the_optimizer():
+    """The stack the rank decision remembered for next step's S-RSI is no state's once the
+    overflow's copies replace it: it is not held to the next step (it was, unreported)."""
+    a, b = (torch.nn.Parameter(torch.zeros(20, 30)) for _ in range(2))
+    opt = Adapprox([a, b], k_max=3, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1.0, 1e12):
+        a.grad, b.grad = scale * torch.randn(20, 30, generator=gen), torch.randn(20, 30, generator=gen)
+        with pytest.warns(RuntimeWarning, match="overflowed") if scale > 1 else contextlib.nullcontext():
+            opt.step()
+    assert bytes_kept_alive(opt) == held_bytes(opt) == opt.state_report().state_bytes
+
+
+@pytest.mark.parametrize("drop", ["del", "empty", "clear_and_refill"])
+def test_a_dropped_state_is_not_kept_alive_by_the_remembered_buckets(drop):
+    """A layer frozen and its optimizer state dropped to free its memory (``del opt.state[p]``,
+    ``opt.state[p] = {}``): the buckets remembered from the steps it trained in held the old
+    state (its first moment, and its factors' stack), outside ``opt.state`` and every byte
+    count, for as long as the optimizer lived."""
+    import gc
+    import weakref
+
+    a, b = (torch.nn.Parameter(torch.randn(64, 48)) for _ in range(2))
+    opt = Adapprox([a, b], k_max=4, seed=0, nonfinite="skip")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        a.grad, b.grad = torch.randn(64, 48, generator=gen), torch.randn(64, 48, generator=gen)
+        opt.step()
+    old = [weakref.ref(opt.state[b][key]) for key in ("exp_avg", "Q", "U")]
+    b.grad = None
+    if drop == "del":
+        del opt.state[b]
+    elif drop == "empty":
+        opt.state[b] = {}
+    else:  # the whole state reset while b sits out: a alone has state again after a step
+        opt.state.clear()
+    for _ in range(3):
+        a.grad = torch.randn(64, 48, generator=gen)
+        opt.step()
+    gc.collect()
+    assert all(ref() is None for ref in old)
+    assert bytes_kept_alive(opt) == held_bytes(opt) == opt.state_report().state_bytes
+
+
+def test_the_states_of_a_discarded_first_step_are_not_kept_alive():
+    """A bad gradient on the first step: the states made for it are deleted, and the step
+    starts over without that parameter; the buckets remembered from the first try held them."""
+    ps = [torch.nn.Parameter(torch.randn(40, 30)) for _ in range(3)]
+    opt = Adapprox(ps, k_max=3, seed=0, nonfinite="skip")
+    for p in ps:
+        p.grad = torch.randn(40, 30)
+    ps[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert bytes_kept_alive(opt) == held_bytes(opt) == opt.state_report().state_bytes
+
+
 def test_an_overflow_between_the_sigmoid_policys_checks_keeps_the_factors():
     """No ξ is measured between checks: the new factors' finiteness stands in for it (before,
     NaN factors were stored, and the weights went NaN at the next step)."""
