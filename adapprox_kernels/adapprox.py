@@ -276,7 +276,7 @@ class Adapprox(SketchOptimizer):
             run eagerly, as without it, so one configuration serves a CPU test run); see
             ``docs/kernels.md``.
         product_precision: tensor-core precision of the Triton backend's ``V @ X`` / ``Vᵀ @ Y``
-            products (S-RSI only; the update and ξ stay exact fp32): None (the device default,
+            products (S-RSI only; the update and ξ stay fp32): None (the device default,
             ``"tf32x3"``, about fp32, on GPUs with tf32), ``"tf32"`` (faster, ~1e-3 relative
             error per product, which puts a floor under ξ), ``"tf32_range"`` (tf32 in the
             products that only choose the subspace, the default in the last ``U = Vᵀ Q``),

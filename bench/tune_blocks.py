@@ -47,16 +47,18 @@ DEFAULTS = {"v_matmul": PRODUCT_BLOCKS, "v_rmatmul": PRODUCT_BLOCKS, "v_matmul+s
 REBUILDS = {"loop": {}, "unroll": dict(unroll=16), "dot": dict(dot_from=1)}
 
 
-def product_configs(quick: bool, rebuilds=tuple(REBUILDS)) -> list[Blocks]:
+def product_configs(quick: bool, rebuilds=tuple(REBUILDS), k: int | None = None) -> list[Blocks]:
     """Tiles × warps with the rank loop at run time (one stage count: it does not change that
-    code, see ``Blocks.unroll``), and over stage counts with the loop unrolled up to rank 16
-    or replaced by a dot (either lets the main loop be pipelined)."""
+    code, see ``Blocks.unroll``; but at rank ``k = 1`` the JIT makes ``K`` the constant 1, no
+    loop is left and the main loop is pipelined, so stage counts are swept there too), and over
+    stage counts with the loop unrolled up to rank 16 or replaced by a dot (either lets the main
+    loop be pipelined)."""
     tiles = [(32, 64), (64, 64), (64, 128), (128, 64), (128, 128)] if quick else [
         (m, n) for m in (32, 64, 128) for n in (32, 64, 128)
     ]
     configs = []
     for rebuild in rebuilds:
-        stages = (2,) if rebuild == "loop" else (2, 3) if quick else (2, 3, 4)
+        stages = (2,) if rebuild == "loop" and k != 1 else (2, 3) if quick else (2, 3, 4)
         configs += [Blocks(m, n, 64, w, s, **REBUILDS[rebuild])
                     for (m, n), w, s in itertools.product(tiles, (4, 8), stages)]  # fmt: skip
     return configs
@@ -69,10 +71,11 @@ def update_configs(quick: bool) -> list[Blocks]:
     return [Blocks(m, n, 64, w, 2) for (m, n), w in itertools.product(tiles, (4, 8))]
 
 
-def same_code(a: Blocks, b: Blocks) -> bool:
-    """Whether two configurations compile to the same product kernel: the stage count only
-    matters once the rank loop is unrolled or a dot."""
-    loop = a.unroll == b.unroll == a.dot_from == b.dot_from == 0
+def same_code(a: Blocks, b: Blocks, k: int | None = None) -> bool:
+    """Whether two configurations compile to the same product kernel at rank ``k``: the stage
+    count only matters once the rank loop is unrolled or a dot, or gone (``k = 1``, which the
+    JIT specializes as a constant)."""
+    loop = a.unroll == b.unroll == a.dot_from == b.dot_from == 0 and k != 1
     return a == b or (loop and a._replace(stages=0) == b._replace(stages=0))
 
 
@@ -104,7 +107,7 @@ def sweep(device, quick: bool, precisions: tuple, rebuilds: tuple) -> list[dict]
         # The default precision and tf32 rounded to nearest (within the sketch's own noise in
         # bench/product_precision.py) over every tile shape; the others at the default tiles.
         for precision in precisions:
-            for blocks in product_configs(quick, rebuilds):
+            for blocks in product_configs(quick, rebuilds, k):
                 for name, fn, thin_in in (("v_matmul", v_matmul, x), ("v_rmatmul", v_rmatmul, y)):
                     cases.append((name, blocks, precision,
                                   lambda f=fn, t=thin_in, b=blocks, p=precision: f(grads, q, u, t, 0.999, blocks=b, precision=p),
@@ -143,7 +146,7 @@ def sweep(device, quick: bool, precisions: tuple, rebuilds: tuple) -> list[dict]
         default = {
             row["pass"]: row for row in rows
             if row["group"] == label and row["k"] == k and row["precision"] == "default"
-            and same_code(Blocks(**row["blocks"]), DEFAULTS[row["pass"]])
+            and same_code(Blocks(**row["blocks"]), DEFAULTS[row["pass"]], k)
         }  # fmt: skip
         for key, row in best.items():
             d = default.get(key)

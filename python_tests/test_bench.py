@@ -291,6 +291,15 @@ def test_tune_blocks_times_the_pipelined_rebuilds_over_stages_only():
     assert not same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 2, 16))
     assert not same_code(Blocks(64, 64, 64, 4, 2, dot_from=1), Blocks(64, 64, 64, 4, 3, dot_from=1))
     assert not same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 2, dot_from=1))
+    # At rank 1 the JIT makes K the constant 1: no rank loop is left, the main loop is pipelined
+    # and the stage count changes the code (test_rank_one_products_are_pipelined), so it is swept.
+    assert same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 3), k=8)
+    assert not same_code(Blocks(64, 64, 64, 4, 2), Blocks(64, 64, 64, 4, 3), k=1)
+    at_one = product_configs(quick=True, k=1)
+    assert {c.stages for c in at_one if not c.unroll and not c.dot_from} == {2, 3}
+    for name, default in DEFAULTS.items():
+        if name != "apply_update":
+            assert any(same_code(c, default, k=1) for c in at_one), name
 
 
 @pytest.mark.parametrize("script", ["profile_step.py", "compare_step.py"])

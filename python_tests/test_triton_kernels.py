@@ -829,6 +829,37 @@ def test_product_kernel_compiles_for_hopper_and_tf32_truncates():
     assert 0 < ptx["widest_dot_shared_product"] <= 227 * 1024, ptx
 
 
+_HOPPER_RANK_ONE = """
+import json
+from bench.kernel_resources import UNIT_STRIDES, _code, compile_sm90
+from adapprox_kernels.kernels._launch import PRODUCT_BLOCKS
+from adapprox_kernels.kernels.v_matmul import _v_matmul_kernel as fn
+
+consts = dict(G_ALIGN=4, BLOCK_M=PRODUCT_BLOCKS.m, BLOCK_N=PRODUCT_BLOCKS.n, BLOCK_R=16, HAS_LOWRANK=True,
+              WITH_NORMS=False, PRECISION="tf32x3", ROUND_TF32=False, K_UNROLL=0, K_DOT=0, REBUILD_TF32X3=True)
+out = {}
+# rank k > 1: K an argument; rank 1: the JIT passes an int argument equal to 1 as a constant,
+# and so are q's row stride and u's (q: (B, m, 1), u: (B, n, 1))
+for name, unit in (("k", UNIT_STRIDES), ("one", UNIT_STRIDES | {"K", "stride_qm", "stride_un"})):
+    kernels = [compile_sm90(fn, consts, stages=s, unit=unit) for s in (2, 3)]
+    out[name] = dict(
+        stages_change_code=_code(kernels[0].asm["ptx"]) != _code(kernels[1].asm["ptx"]),
+        async_copies=kernels[0].asm["ttgir"].count("async_copy_global_to_local"),
+    )
+print(json.dumps(out))
+"""
+
+
+def test_rank_one_products_are_pipelined():
+    """Compiled for sm_90: with the rank loop inside the main loop (k > 1) the products are not
+    software-pipelined and the stage count does not change their code; at rank 1 the JIT makes
+    K a constant, no loop is left, the main loop is pipelined and the stage count does change
+    the code (so bench/tune_blocks.py sweeps it there, and its same-code pairs exclude k = 1)."""
+    got = _compile_for_hopper(_HOPPER_RANK_ONE)
+    assert got["k"] == dict(stages_change_code=False, async_copies=0), got
+    assert got["one"]["stages_change_code"] and got["one"]["async_copies"] > 0, got
+
+
 _HOPPER_ELEMENTWISE = """
 import json, re
 from bench.kernel_resources import compile_sm90

@@ -38,7 +38,9 @@ class Blocks(NamedTuple):
     time (0: none; each power of two up to it is a kernel of its own). Only then is a
     product's main loop software-pipelined, so that ``num_stages`` matters at all: with the
     rank loop inside it, Triton 3.6 and 3.8 compile the same code for every stage count
-    (``bench/kernel_resources.py``). Not on by default until a GPU measures it.
+    (``bench/kernel_resources.py``). Except at rank 1: the JIT passes an int argument equal to
+    1 as a constant, so ``K = 1`` leaves no loop, and the main loop is pipelined (the stage
+    count changes the code) whatever ``unroll`` says. Not on by default until a GPU measures it.
 
     ``dot_from`` (products only): the smallest rank whose rebuild of V is one tensor-core dot
     per tile (``tf32x3``, close to fp32, where the products' own dots use tf32; 0: never), in
@@ -71,9 +73,11 @@ class Blocks(NamedTuple):
 
 # V @ X and Vᵀ @ Y: 128×64 tiles. On the H100 (bench/results/tune_blocks_*.json, GPT-2 groups at
 # the default precision) they reached 32-63% of copy bandwidth where 64×64 tiles reached 26-50%.
-# The stage count does not change these kernels' code (see ``Blocks.unroll``); in that sweep, the
-# pairs of configurations differing only in it (the same code) differ by 0.8% in the median, 16%
-# at the 90th percentile: the sweep's own noise.
+# The stage count does not change these kernels' code at ranks above 1 (see ``Blocks.unroll``):
+# in that sweep the k = 8 pairs of configurations differing only in it (the same code) differ by
+# 0.2% in the median, 0.9% at the 90th percentile. At k = 1 (K a constant: no rank loop, the main
+# loop pipelined) it does change the code, and the k = 1 pairs differ by 6.9% / 25% (up to 6.6×),
+# neither count faster throughout; 2 stages here were not chosen for k = 1.
 PRODUCT_BLOCKS = Blocks(m=128, n=64, warps=4, stages=2)
 # The first V @ X of a step, which also reduces ‖V‖² and the update's RMS from its tiles: those
 # sums hold more registers per row (compiled for sm_90 at 128×64 the kernel spills 528 bytes per
