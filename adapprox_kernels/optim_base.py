@@ -220,6 +220,7 @@ class SketchOptimizer(Optimizer):
             self._seed_unshared = group_size() == 1
         self._generators: dict[str, torch.Generator] = {}
         self.unscale_in_step = False  # see _step_supports_amp_scaling
+        self._warn_if_flattened()  # the constructor's groups, all of them (add_param_group: each later one)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles defaults, state and groups only; a copy must also draw the same
@@ -301,6 +302,31 @@ class SketchOptimizer(Optimizer):
             except ValueError:
                 self.param_groups.pop()
                 raise
+        if "_generators" in self.__dict__:  # a group added after the constructor's
+            self._warn_if_flattened()
+
+    def _warn_if_flattened(self) -> None:
+        """A ``RuntimeWarning`` (once) where FSDP1 (``FullyShardedDataParallel``) has flattened
+        the parameters: it marks each parameter it manages (``_fsdp_flattened``) and hands the
+        optimizer 1-D tensors, a ``FlatParameter`` or (``use_orig_params=True``, sharded) each
+        parameter's 1-D shard. Stepped as vectors, they keep a dense second moment: Adapprox
+        keeps no low-rank factors (its state is as large as AdamW's) and AdaMeM turns into
+        Adafactor without momentum, silently. Told apart from FSDP1 keeping the shapes
+        (``NO_SHARD``, one rank) by none of its parameters being a matrix."""
+        if self.__dict__.get("_warned_flattened"):
+            return
+        marked = [p for g in self.param_groups for p in g["params"] if getattr(p, "_fsdp_flattened", False)]
+        if marked and all(p.dim() < 2 for p in marked):
+            self._warned_flattened = True
+            warnings.warn(
+                f"{type(self).__name__}: its parameters were flattened by FSDP1 (FullyShardedDataParallel): "
+                "each reaches the optimizer as a 1-D tensor and is stepped as a vector with a dense second "
+                "moment, so no matrix is factored (Adapprox's state is then as large as AdamW's; AdaMeM is "
+                "Adafactor without momentum). Use FSDP2 (torch.distributed.fsdp.fully_shard), DDP or "
+                "ZeroRedundancyOptimizer (docs/distributed.md).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _check_groups(self) -> None:
         """Each group's hyperparameters, as the step is about to read them, pass the constructor's

@@ -1256,3 +1256,34 @@ def test_gradient_limit_holds_for_dtensor_parameters():
         assert nonfinite_flags(grads[3:], [2.0]) == [False]  # at the limit: steps, as a plain tensor's gradient
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("make", [lambda ps: Adapprox(ps, seed=SEED, k_max=2), lambda ps: AdaMeM(ps, seed=SEED, rank=2)])
+def test_parameters_flattened_by_fsdp1_are_warned_of(make):
+    """FSDP1 (``FullyShardedDataParallel``) hands the optimizer 1-D tensors, a ``FlatParameter``
+    (or each parameter's 1-D shard with ``use_orig_params=True`` on several ranks): stepped as
+    vectors, no matrix was factored (Adapprox held 100% of AdamW's state, AdaMeM was Adafactor
+    without momentum), silently. A ``RuntimeWarning`` says so; FSDP1 keeping the shapes (one
+    rank, ``use_orig_params=True``: ``NO_SHARD``) is not warned of. A 1-rank process group."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # FSDP1's deprecation
+            warnings.filterwarnings("ignore", ".*FSDP.*", UserWarning)
+            flat = FSDP(_model(), use_orig_params=False, device_id=torch.device("cpu"))
+            kept = FSDP(_model(), use_orig_params=True, device_id=torch.device("cpu"))
+        assert all(p.dim() == 1 for p in flat.parameters())
+        assert any(p.dim() == 2 for p in kept.parameters())
+        with pytest.warns(RuntimeWarning, match="flattened by FSDP1"):
+            make(list(flat.parameters()))
+        opt = make([nn.Parameter(torch.randn(4, 4))])  # a later group of flattened parameters
+        with pytest.warns(RuntimeWarning, match="flattened by FSDP1"):
+            opt.add_param_group({"params": list(flat.parameters())})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            make(list(kept.parameters()))
+            make(list(_model().parameters()))
+    finally:
+        dist.destroy_process_group()
