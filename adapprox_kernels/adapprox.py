@@ -95,6 +95,14 @@ def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([pad(f, (0, width - f.shape[1])) for f in factors])
 
 
+def _shares_a_larger_storage(t: torch.Tensor) -> bool:
+    """Is ``t`` a view of a larger tensor (a factor stack)? By its ``_base``, or where it has
+    none (views made under ``torch.inference_mode``) by its storage's size."""
+    if t._base is not None:
+        return t._base.numel() > t.numel()
+    return not is_dtensor(t) and t.untyped_storage().nbytes() > t.numel() * t.element_size()
+
+
 def _is_each(tensors: list[torch.Tensor], others: tuple[torch.Tensor, ...]) -> bool:
     """Are these the very tensor objects ``others``, in order?"""
     return len(tensors) == len(others) and all(map(operator.is_, tensors, others))
@@ -386,6 +394,7 @@ class Adapprox(SketchOptimizer):
         self._baked: dict[int, tuple] = {}  # id(group) -> _baked_hyperparameters, this step
         self._bucket_cache: dict[tuple, tuple] = {}  # see _buckets
         self._last_buckets: dict[int, tuple] = {}  # id(group) -> its _bucket_cache entry of the last step
+        self._stale_scan_due = True  # _forget_stale_buckets at the step's first miss
         self._group_lists: list[tuple] | None = None  # (group, its params list, its length) at the last step
         # id(a bucket's states) -> (Q's, U's) that the last rank decision made as the matrices
         # of one tensor each (see _decide_ranks, _factored_srsi); rebuilt every step.
@@ -542,8 +551,9 @@ class Adapprox(SketchOptimizer):
         # rare other list is recomputed. (A fixed 8 missed every step with more groups.)
         if len(self._bucket_cache) >= 8 + 2 * len(self.param_groups):
             self._bucket_cache.clear()
-        else:
+        elif self._stale_scan_due:  # once a step: every group may miss (routed experts)
             self._forget_stale_buckets()
+            self._stale_scan_due = False
         self._bucket_cache[key] = self._last_buckets[id(group)] = (self.state, len(self.state), buckets, states, idle)
         return buckets, new
 
@@ -574,6 +584,7 @@ class Adapprox(SketchOptimizer):
         as long as the optimizer lives. They are made anew at this step (~0.5 ms, once). The
         record holds the groups, so that their ids stay theirs."""
         super()._forget_removed_groups()
+        self._stale_scan_due = True  # the step's start: states may have been dropped since the last
         lists = [(group, group["params"], len(group["params"])) for group in self.param_groups]
         seen = self._group_lists
         if seen is not None and not (len(seen) == len(lists) and all(
@@ -595,7 +606,7 @@ class Adapprox(SketchOptimizer):
             state = self.state.get(p)
             for key in ("Q", "U") if state else ():
                 factor = state.get(key)
-                if torch.is_tensor(factor) and factor._base is not None and factor._base.numel() > factor.numel():
+                if torch.is_tensor(factor) and _shares_a_larger_storage(factor):
                     state[key] = factor.clone()
 
     def _run_ahead(
@@ -702,6 +713,7 @@ class Adapprox(SketchOptimizer):
                 s["step"] -= 1
         for p in new:
             del self.state[p]
+        self._stale_scan_due = True  # the states just deleted are in the buckets remembered this step
         self._ahead.clear()
         self._ahead_buckets.clear()
         self._sketches.clear()

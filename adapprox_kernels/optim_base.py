@@ -261,7 +261,12 @@ class SketchOptimizer(Optimizer):
     def _constructor_defaults(cls) -> dict[str, Any]:
         """Each option's value where the constructor is not given it, from the signature of the
         class that defines the options (Adapprox, AdaMeM: a user's subclass may take others)."""
-        own = next(c for c in cls.__mro__ if "_check_hyperparameters" in vars(c))
+        # The package's class (a user's subclass may override the check, and take arguments
+        # that are no options of its defaults: those are not put into defaults and groups).
+        own = next(
+            c for c in cls.__mro__
+            if "_check_hyperparameters" in vars(c) and c.__module__.split(".")[0] == __name__.split(".")[0]
+        )  # fmt: skip
         if own is SketchOptimizer:
             return {}
         params = inspect.signature(own.__init__).parameters.values()

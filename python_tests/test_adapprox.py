@@ -1957,3 +1957,70 @@ def test_steps_under_inference_mode_give_the_same_bits(cls, kw):
                 opt.step()
         runs.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_user_subclass_checking_its_own_option_keeps_its_defaults():
+    """A user's subclass that overrides the check to take an option of its own (not kept in
+    defaults): loading a checkpoint does not put that argument into defaults and groups, and an
+    older pickle of it still takes the options added since from Adapprox's constructor."""
+
+    class Mine(Adapprox):
+        def __init__(self, params, trust_clip=None, **kw):
+            super().__init__(params, **kw)
+            self.trust_clip = trust_clip
+
+        @staticmethod
+        def _check_hyperparameters(h):
+            Adapprox._check_hyperparameters(h)
+
+    p = torch.nn.Parameter(torch.randn(12, 10))
+    opt = Mine([p], k_max=2, seed=0)
+    p.grad = torch.randn(12, 10)
+    opt.step()
+    keys = set(opt.defaults)
+    opt.load_state_dict(opt.state_dict())
+    assert set(opt.defaults) == keys and set(opt.param_groups[0]) == keys | {"params"}
+    pickled = opt.__getstate__()
+    for d in (pickled["defaults"], *pickled["param_groups"]):
+        del d["maximize"]
+    old = Mine.__new__(Mine)
+    old.__setstate__(pickled)
+    assert old.defaults == opt.defaults and old.param_groups[0]["maximize"] is False
+
+
+def test_a_parameter_idle_under_inference_mode_keeps_no_stack_alive():
+    """Stepped under torch.inference_mode, the factors are views without a ``_base``: a
+    parameter that sits out still had its factors copied out of the bucket's stack (it kept the
+    whole stack alive, outside every byte count and in every checkpoint)."""
+    a, b = (torch.nn.Parameter(torch.randn(64, 48)) for _ in range(2))
+    opt = Adapprox([a, b], k_max=4, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        a.grad = torch.randn(64, 48, generator=gen)
+        b.grad = torch.randn(64, 48, generator=gen) if step < 3 else None
+        with torch.inference_mode():
+            opt.step()
+    q = opt.state[b]["Q"]
+    assert q.untyped_storage().nbytes() == q.numel() * q.element_size()
+    assert bytes_kept_alive(opt) == held_bytes(opt) == opt.state_report().state_bytes
+
+
+def test_the_stale_bucket_scan_runs_once_a_step_however_many_groups_miss(monkeypatch):
+    """Every group misses the bucket memo where who has a gradient changes each step (routed
+    experts): the scan for dropped states, over every remembered entry, ran at each miss
+    (quadratic in the groups: ~4x the bucketing time with 100 groups); once a step suffices."""
+    import random
+
+    groups = [[torch.nn.Parameter(torch.randn(4)) for _ in range(4)] for _ in range(10)]
+    opt = Adapprox([{"params": g} for g in groups], k_max=2, seed=0)
+    calls = []
+    scan = opt._forget_stale_buckets
+    monkeypatch.setattr(opt, "_forget_stale_buckets", lambda: (calls.append(1), scan())[1])
+    rng = random.Random(0)
+    for step in range(6):
+        for g in groups:
+            for p in g:
+                p.grad = torch.randn(4) if step == 0 or rng.random() < 0.6 else None
+        calls.clear()
+        opt.step()
+        assert len(calls) <= 1, f"step {step}: {len(calls)} scans"
