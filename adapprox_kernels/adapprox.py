@@ -563,10 +563,11 @@ class Adapprox(SketchOptimizer):
         layer's memory, ``opt.state.clear()``, the new states of a step discarded for a bad
         gradient). Such an entry keeps that state's tensors alive, outside ``opt.state`` and so
         outside every byte count, until its pattern of gradients comes back, possibly never.
-        Runs where a call misses the cache (a state removed, or replaced while its parameter
-        steps, or who has a gradient changed), not on the steps that hit it: a state replaced
-        by another dict while its parameter sits out is dropped at the next miss (``del
-        opt.state[p]`` or ``opt.state[p].clear()`` frees it at once)."""
+        Runs at a step's first cache miss (a state removed, or replaced while its parameter
+        steps, or which parameters have gradients changed), and again after a discarded step,
+        never on steps that only hit: a state replaced by another dict while its parameter sits
+        out is dropped at the next miss (``del opt.state[p]`` or ``opt.state[p].clear()`` frees
+        it at once)."""
         state = self.state
         stale = [
             key for key, (state_map, _, buckets, _, _) in self._bucket_cache.items()
