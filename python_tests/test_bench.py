@@ -36,7 +36,7 @@ def test_write_results_round_trip(tmp_path):
     data = json.loads(path.read_text())
     assert path.name == "unit_cpu.json" and data["rows"] == rows and data["extra_key"] == [1, 2]
     assert data["meta"]["torch"] == torch.__version__ and data["meta"]["note"] == "test"
-    lines = list(csv.DictReader((tmp_path / "unit_cpu.csv").open()))
+    lines = list(csv.DictReader((tmp_path / "unit_cpu.csv").read_text().splitlines()))
     assert [r["status"] for r in lines] == ["measured", common.NOT_MEASURED]
     assert lines[1]["reason"] == "no GPU" and lines[1]["median_s"] == ""  # never filled in
     assert all(r["device"] == meta["device"] and r["commit"] == meta["commit"] for r in lines)
