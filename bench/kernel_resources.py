@@ -47,10 +47,11 @@ SHARED_PER_SM = 227 * 1024  # what one SM of an H100 can give to programs
 MAX_PROGRAMS_PER_SM = 32
 FLOATS = {"beta2", "one_minus_beta2", "eps"}
 # What the JIT specializes on a real launch: unit inner strides become constants, and sizes
-# and outer strides of the GPT-2 shapes are multiples of 16.
+# and outer strides of the GPT-2 shapes are multiples of 16 (as is a product's FIRST, 0 below
+# 65,536 matrices).
 UNIT_STRIDES = frozenset({"stride_gn", "stride_qk", "stride_uk", "stride_xr", "stride_or", "stride_wn", "stride_mn",
                 "stride_qnk", "stride_unk"})  # fmt: skip
-DIVISIBLE = {"M", "N", "NUMEL", "N_PER_SPLIT", "stride_gm", "stride_gn", "stride_wm", "stride_mm", "stride_qb",
+DIVISIBLE = {"M", "N", "NUMEL", "N_PER_SPLIT", "FIRST", "stride_gm", "stride_gn", "stride_wm", "stride_mm", "stride_qb",
              "stride_ub", "stride_xb", "stride_xn", "stride_ob", "stride_om", "stride_os", "stride_qnb",
              "stride_unb"}  # fmt: skip
 

@@ -207,6 +207,23 @@ class MatrixTable:
                 orig.copy_(staged)
 
 
+# A CUDA grid's first axis takes 2³¹ − 1 programs, its other two 65,535 each: fewer than the
+# matrices one bucket may hold (an MoE's experts). The elementwise passes put their matrices on
+# the first axis (``_tiles.batch_program``); the products launch 65,535 at a time.
+MAX_PROGRAMS = 2**31 - 1
+MAX_GRID_AXIS = 65_535
+
+
+def batch_grid(per_matrix: int, batch: int) -> tuple[int]:
+    """The 1-D grid of ``per_matrix`` programs for each of ``batch`` matrices."""
+    if per_matrix * batch > MAX_PROGRAMS:
+        raise ValueError(
+            f"{batch} matrices of {per_matrix} programs each exceed a launch's {MAX_PROGRAMS} programs: "
+            "split them across parameter groups"
+        )
+    return (per_matrix * batch,)
+
+
 def step_tables(
     params: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor] | None, grads: MatrixTable, *, flat: bool = False
 ) -> tuple[MatrixTable, MatrixTable | None]:

@@ -33,6 +33,7 @@ from ._launch import (
     ELEMENTWISE_BLOCKS,
     Blocks,
     MatrixTable,
+    batch_grid,
     check_factors,
     check_new_factors,
     check_rounding_keys,
@@ -70,7 +71,7 @@ def _apply_update_kernel(
     HAS_LOWRANK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, WITH_RESIDUAL: tl.constexpr,
     STOCHASTIC: tl.constexpr = 0,
 ):  # fmt: skip
-    tile, b, rows, cols, g, v = program_v_tile(
+    tile, tiles, b, rows, cols, g, v = program_v_tile(
         g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
         stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
@@ -89,7 +90,7 @@ def _apply_update_kernel(
             v, qn_ptr, un_ptr, b, rows, cols, M, N, K_NEW,
             stride_qnb, stride_qnm, stride_qnk, stride_unb, stride_unn, stride_unk, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-        tl.store(resid_ptr + b * tl.num_programs(0) + tile, resid)
+        tl.store(resid_ptr + b * tiles + tile, resid)
 
 
 def apply_update(
@@ -147,7 +148,7 @@ def apply_update(
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     resid = torch.zeros(batch, tiles, dtype=torch.float32, device=table.device)
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
-    _apply_update_kernel[(tiles, batch)](
+    _apply_update_kernel[batch_grid(tiles, batch)](
         table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
         weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
         pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, scalars,

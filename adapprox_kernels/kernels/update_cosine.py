@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..transfer import update_scalars
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factors, check_vector, pointer_arg
+from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, batch_grid, check_factors, check_vector, pointer_arg
 from ._tiles import inside, program_v_tile, tile_ptrs, tile_sum, update_and_average
 
 
@@ -30,14 +30,13 @@ def _update_cosine_kernel(
     G_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr,
 ):  # fmt: skip
-    tile, b, rows, cols, g, v = program_v_tile(
+    tile, tiles, b, rows, cols, g, v = program_v_tile(
         g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
         stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
     mask = inside(rows, cols, M, N)
     upd, avg = update_and_average(g, v, mask, eps, tl.load(clip_ptr + b), mom_ptrs, scalars_ptr, True)
-    tiles = tl.num_programs(0)
     tl.store(out_ptr + (b * 3) * tiles + tile, tile_sum(upd * avg))
     tl.store(out_ptr + (b * 3 + 1) * tiles + tile, tile_sum(upd * upd))
     tl.store(out_ptr + (b * 3 + 2) * tiles + tile, tile_sum(avg * avg))
@@ -75,7 +74,7 @@ def update_cosine_sums(
     block_m, block_n = blocks.tile(m, n)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.empty(batch, 3, tiles, dtype=torch.float32, device=table.device)
-    _update_cosine_kernel[(tiles, batch)](
+    _update_cosine_kernel[batch_grid(tiles, batch)](
         table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, scalars,
         out, m, n, k, *table.stride, *q.stride(), *u.stride(), *moms.stride,
         float(beta2), 1.0 - float(beta2), float(eps),

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ._launch import (
     FIRST_PASS_BLOCKS,
+    MAX_GRID_AXIS,
     PRODUCT_BLOCKS,
     Blocks,
     MatrixTable,
@@ -39,7 +40,7 @@ from ._tiles import inside, load_tile, raw_update, round_to_tf32, v_tile
 @triton.jit
 def _v_matmul_kernel(
     g_ptr, g_off_ptr, q_ptr, u_ptr, x_ptr, out_ptr, norms_ptr,
-    M, N, K, R, N_PER_SPLIT,
+    M, N, K, R, N_PER_SPLIT, FIRST,
     stride_gm, stride_gn,
     stride_qb, stride_qm, stride_qk,
     stride_ub, stride_un, stride_uk,
@@ -52,7 +53,7 @@ def _v_matmul_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2) + FIRST  # this launch's first matrix: see _launch
     num_r = tl.cdiv(R, BLOCK_R)
     pid_m = pid // num_r
     pid_r = pid % num_r
@@ -124,18 +125,22 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
     with_norms = eps is not None
     precision = precision or dot_precision(table.device)
     norms = torch.empty(batch, 2, num_r * split * num_m, dtype=torch.float32, device=table.device) if with_norms else out
-    _v_matmul_kernel[(num_m * num_r, split, batch)](
-        table.base, table.offsets, pointer_arg(q, x), pointer_arg(u, x), x, out, norms,
-        m, n, k, r, n_per_split,
-        sg_m, sg_n, *q.stride(), *u.stride(), *x.stride(), *out.stride(),
-        float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
-        G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION="tf32" if precision == "tf32_rn" else precision,
-        ROUND_TF32=precision == "tf32_rn", K_UNROLL=blocks.rank_unroll(k), K_DOT=blocks.rank_dot(k),
-        # Never plain tf32 for the rebuilt tiles (see lowrank_tile): tf32x3 where tensor cores have tf32.
-        REBUILD_TF32X3=precision != "ieee" and dot_precision(table.device) == "tf32x3",
-        num_warps=blocks.warps, num_stages=blocks.stages,
-    )  # fmt: skip
+    # The matrix index keeps an axis of its own (a special register, not a value the main loop
+    # holds: computed from a 1-D grid it cost up to 42 registers at sm_90), so a batch of
+    # more than that axis's 65,535 programs takes several launches.
+    for first in range(0, batch, MAX_GRID_AXIS):
+        _v_matmul_kernel[(num_m * num_r, split, min(MAX_GRID_AXIS, batch - first))](
+            table.base, table.offsets, pointer_arg(q, x), pointer_arg(u, x), x, out, norms,
+            m, n, k, r, n_per_split, first,
+            sg_m, sg_n, *q.stride(), *u.stride(), *x.stride(), *out.stride(),
+            float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
+            G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION="tf32" if precision == "tf32_rn" else precision,
+            ROUND_TF32=precision == "tf32_rn", K_UNROLL=blocks.rank_unroll(k), K_DOT=blocks.rank_dot(k),
+            # Never plain tf32 for the rebuilt tiles (see lowrank_tile): tf32x3 where tensor cores have tf32.
+            REBUILD_TF32X3=precision != "ieee" and dot_precision(table.device) == "tf32x3",
+            num_warps=blocks.warps, num_stages=blocks.stages,
+        )  # fmt: skip
     product = out[0] if split == 1 else out.sum(dim=0)
     if not with_norms:
         return product, None

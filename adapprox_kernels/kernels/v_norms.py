@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, check_factors, check_new_factors, pointer_arg
+from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, batch_grid, check_factors, check_new_factors, pointer_arg
 from ._tiles import inside, program_v_tile, raw_update, residual_sq, tile_sum
 
 
@@ -31,12 +31,11 @@ def _v_norms_kernel(
     G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, WITH_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    tile, b, rows, cols, g, v = program_v_tile(
+    tile, tiles, b, rows, cols, g, v = program_v_tile(
         g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
         stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     upd = raw_update(g, v, inside(rows, cols, M, N), eps)
-    tiles = tl.num_programs(0)
     tl.store(out_ptr + (b * 3) * tiles + tile, tile_sum(v * v))
     tl.store(out_ptr + (b * 3 + 2) * tiles + tile, tile_sum(upd * upd))
     if WITH_RESIDUAL:
@@ -72,7 +71,7 @@ def v_norms(
     block_m, block_n = blocks.tile(m, n)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.zeros(batch, 3, tiles, dtype=torch.float32, device=table.device)
-    _v_norms_kernel[(tiles, batch)](
+    _v_norms_kernel[batch_grid(tiles, batch)](
         table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), pointer_arg(q_new, out), pointer_arg(u_new, out), out,
         m, n, k, k_new, *table.stride, *q.stride(), *u.stride(), *q_new.stride(), *u_new.stride(),
         float(beta2), 1.0 - float(beta2), float(eps),
