@@ -394,18 +394,23 @@ class Adapprox(SketchOptimizer):
         self._baked: dict[int, tuple] = {}  # id(group) -> _baked_hyperparameters, this step
         self._bucket_cache: dict[tuple, tuple] = {}  # see _buckets
         self._last_buckets: dict[int, tuple] = {}  # id(group) -> its _bucket_cache entry of the last step
-        self._stale_scan_due = True  # _forget_stale_buckets at the step's first miss
-        self._group_lists: list[tuple] | None = None  # (group, its params list, its length) at the last step
+        # Written during a step: an entry of a dict each, not an attribute of the optimizer (the
+        # dynamo of torch 2.10 and 2.11 cannot set one in a compiled step: pytorch#171590).
+        self._marks: dict[str, Any] = {
+            "stale_scan_due": True,  # _forget_stale_buckets at the step's first miss
+            "group_lists": None,  # (group, its params list, its length) at the last step
+            # What undoes the buckets that ran ahead (see _run_ahead): (rng, new states, new moments).
+            "ahead_undo": None,
+        }
         # id(a bucket's states) -> (Q's, U's) that the last rank decision made as the matrices
         # of one tensor each (see _decide_ranks, _factored_srsi); rebuilt every step.
         self._factor_stacks: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
-        # Buckets whose S-RSI ran before the non-finite check (see _run_ahead), and what undoes it.
+        # Buckets whose S-RSI ran before the non-finite check (see _run_ahead).
         self._ahead: dict[tuple, _Started] = {}
         # (id(group), bucket key) -> the sketch _run_ahead drew for a factored bucket that does
         # not run ahead, so that every backend draws the buckets' sketches in the same order.
         self._sketches: dict[tuple, torch.Tensor] = {}
         self._ahead_buckets: dict[int, dict[tuple, tuple]] = {}  # id(group) -> _buckets(...)[0]
-        self._ahead_undo: tuple[dict[str, Any] | None, list[torch.Tensor], list[dict[str, Any]]] | None = None
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -551,9 +556,9 @@ class Adapprox(SketchOptimizer):
         # rare other list is recomputed. (A fixed 8 missed every step with more groups.)
         if len(self._bucket_cache) >= 8 + 2 * len(self.param_groups):
             self._bucket_cache.clear()
-        elif self._stale_scan_due:  # once a step: every group may miss (routed experts)
+        elif self._marks["stale_scan_due"]:  # once a step: every group may miss (routed experts)
             self._forget_stale_buckets()
-            self._stale_scan_due = False
+            self._marks["stale_scan_due"] = False
         self._bucket_cache[key] = self._last_buckets[id(group)] = (self.state, len(self.state), buckets, states, idle)
         return buckets, new
 
@@ -585,16 +590,16 @@ class Adapprox(SketchOptimizer):
         as long as the optimizer lives. They are made anew at this step (~0.5 ms, once). The
         record holds the groups, so that their ids stay theirs."""
         super()._forget_removed_groups()
-        self._stale_scan_due = True  # the step's start: states may have been dropped since the last
+        self._marks["stale_scan_due"] = True  # the step's start: states may have been dropped since the last
         lists = [(group, group["params"], len(group["params"])) for group in self.param_groups]
-        seen = self._group_lists
+        seen = self._marks["group_lists"]
         if seen is not None and not (len(seen) == len(lists) and all(
             group is was and params is had and size == count
             for (group, params, size), (was, had, count) in zip(lists, seen)
         )):  # fmt: skip
             self._bucket_cache.clear()
             self._last_buckets.clear()
-        self._group_lists = lists
+        self._marks["group_lists"] = lists
 
     def _compact_factors(self, idle: list[torch.Tensor]) -> None:
         """Copies out the factors of the parameters that sit out this step (no gradient),
@@ -650,7 +655,7 @@ class Adapprox(SketchOptimizer):
             known.append((bucket, started))
             if factored:  # the GPU starts on it (and the queued dense sums) while the host
                 self._graphs.flush()  # prepares the next: one graph each, for the overlap
-        self._ahead_undo = (rng, new, moments)
+        self._marks["ahead_undo"] = (rng, new, moments)
         # The first read runs what is still queued (dense sums after the last factored bucket).
         known = [(bucket, started.sums()[:, 1], started) for bucket, started in known]
         if known and sum(len(b) for b, _, _ in known) == sum(len(ps) for _, ps in groups):
@@ -703,8 +708,8 @@ class Adapprox(SketchOptimizer):
         return [(bucket, checks) for (bucket, _, _), checks in zip(known, host)]
 
     def _discard_run_ahead(self) -> None:
-        rng, new, moments = self._ahead_undo
-        self._ahead_undo = None
+        rng, new, moments = self._marks["ahead_undo"]
+        self._marks["ahead_undo"] = None
         for s in moments:  # a first moment made for a step that does not happen (skipped or raised)
             s.pop("exp_avg", None)
         self._graphs.discard_queued()  # the prepared updates
@@ -714,7 +719,7 @@ class Adapprox(SketchOptimizer):
                 s["step"] -= 1
         for p in new:
             del self.state[p]
-        self._stale_scan_due = True  # the states just deleted are in the buckets remembered this step
+        self._marks["stale_scan_due"] = True  # the states just deleted are in the buckets remembered this step
         self._ahead.clear()
         self._ahead_buckets.clear()
         self._sketches.clear()
@@ -1023,13 +1028,14 @@ class Adapprox(SketchOptimizer):
         device that fetches all ξ (and the orthonormalizer's failure flags) at once."""
         self._graphs.flush()  # the deferred updates, all at once
         self._graphs.next_step()
-        pending, self._pending = self._pending, []
+        pending = self._pending[:]
+        self._pending.clear()
         unread = [rec for rec in pending if rec.fetched is None]  # not read with the check
         self._narrow_ahead(unread)
         host = iter(to_host([t for rec in unread for t in (rec.xi(), rec.failed)]))
         for rec in unread:
             rec.fetched = (next(host), next(host))
-        self._factor_stacks = {}
+        self._factor_stacks.clear()
         for rec in pending:
             xis, failed = rec.fetched
             if failed is not None and any(failed):

@@ -56,8 +56,9 @@ def to_device_nowait(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     A plain copy from pageable memory waits for every kernel queued before it (a host sync).
     From pinned memory with ``non_blocking`` it is queued like a kernel; torch's pinned-memory
     allocator keeps the staging buffer until the copy has run (and a graph that captured the
-    copy keeps it through :func:`handed_out`)."""
-    if device.type == "cuda":
+    copy keeps it through :func:`handed_out`). Traced by torch.compile, a plain copy: dynamo's
+    fake tensors have no ``pin_memory``."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
         t = handed_out(t.pin_memory())
     return handed_out(t.to(device, non_blocking=True))
 
