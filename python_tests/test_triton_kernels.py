@@ -48,6 +48,17 @@ def _close(actual, expected, rtol=1e-5):
     assert ((actual - expected).abs().max() / scale).item() <= rtol, (actual, expected)
 
 
+def _same_rebuild(actual, expected):
+    """Two ways of rebuilding V that add the same terms in the same order: the same bits under
+    the interpreter. Compiled for an H100 they are the same bits in whole tiles, but in a
+    partial one the compiler rounds the masked sums differently: up to 1.4e-7 of the largest
+    entry measured (21 × 35, k = 3 … 16)."""
+    if DEVICE.type == "cuda":
+        _close(actual, expected, rtol=1e-6)
+    else:
+        assert torch.equal(actual, expected)
+
+
 # (B, m, n, K, r, grad dtype, small blocks, split)
 PRODUCT_CASES = [
     (2, 37, 129, 3, 6, torch.float32, False, None),
@@ -102,7 +113,8 @@ def test_products_match_the_reference_for_any_shape(batch, m, n, k, r, dtype, sp
 @pytest.mark.parametrize("k", [1, 3, 4, 17])
 def test_unrolled_rank_loop_gives_the_same_bits(k):
     """``Blocks.unroll``: the rebuild of V unrolled to the next power of two of k (columns past k
-    masked off; k = 17 > 16 keeps the run-time loop) adds the same terms in the same order."""
+    masked off; k = 17 > 16 keeps the run-time loop) adds the same terms in the same order
+    (:func:`_same_rebuild`)."""
     from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
 
     grads, q, u, _, v = _inputs(2, 21, 35, k, torch.float32)
@@ -110,18 +122,19 @@ def test_unrolled_rank_loop_gives_the_same_bits(k):
     loop, unrolled = _blocks(True), _blocks(True)._replace(unroll=16)
     prod, sums = v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=unrolled)
     _close(prod, v @ x)
-    assert torch.equal(prod, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[0])
-    assert torch.equal(sums, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[1])
+    _same_rebuild(prod, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[0])
+    _same_rebuild(sums, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[1])
     rprod = v_rmatmul(grads, q, u, y, BETA2, blocks=unrolled)
     _close(rprod, v.transpose(1, 2) @ y)
-    assert torch.equal(rprod, v_rmatmul(grads, q, u, y, BETA2, blocks=loop))
+    _same_rebuild(rprod, v_rmatmul(grads, q, u, y, BETA2, blocks=loop))
 
 
 @pytest.mark.parametrize("k", [3, 5])
 def test_unrolled_rank_loop_never_reads_the_columns_past_k(k):
     """The unrolled rebuild runs to the next power of two of k: columns from k on are masked off
     in both factors' loads (one mask is not enough: 0 × NaN is NaN). The factors here are views
-    of a wider stack whose columns past k hold NaN; the bits are the run-time loop's."""
+    of a wider stack whose columns past k hold NaN; the results are the run-time loop's
+    (:func:`_same_rebuild`)."""
     from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
 
     grads, q, u, _, _ = _inputs(2, 21, 35, k, torch.float32)
@@ -131,9 +144,10 @@ def test_unrolled_rank_loop_never_reads_the_columns_past_k(k):
     loop, unrolled = _blocks(True), _blocks(True)._replace(unroll=16)
     prod, sums = v_matmul(grads, nan_q, nan_u, x, BETA2, eps=EPS, blocks=unrolled)
     want, want_sums = v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)
-    assert torch.equal(prod, want) and torch.equal(sums, want_sums)
+    _same_rebuild(prod, want)
+    _same_rebuild(sums, want_sums)
     rprod = v_rmatmul(grads, nan_q, nan_u, y, BETA2, blocks=unrolled)
-    assert torch.equal(rprod, v_rmatmul(grads, q, u, y, BETA2, blocks=loop))
+    _same_rebuild(rprod, v_rmatmul(grads, q, u, y, BETA2, blocks=loop))
 
 
 @pytest.mark.parametrize("k, dot_from", [(1, 1), (3, 1), (16, 8), (17, 1), (5, 6), (65, 1)])
@@ -141,7 +155,7 @@ def test_rebuild_by_dot_matches_the_reference(k, dot_from):
     """``Blocks.dot_from``: the rebuilt tile of V as one dot of factor tiles padded to
     ``max(16, next power of two of k)`` columns (k = 17: 32) matches the reference, with the
     first pass's sums and in both products, also when ``unroll`` is set (the dot wins); below
-    ``dot_from`` and above ``MAX_DOT_RANK`` the loop runs, to the bit. The padded columns must
+    ``dot_from`` and above ``MAX_DOT_RANK`` the loop runs (:func:`_same_rebuild`). The padded columns must
     read as 0: the factors' columns past k hold garbage here, as a wider stack's would."""
     from adapprox_kernels.kernels._launch import MAX_DOT_RANK
     from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
@@ -160,7 +174,7 @@ def test_rebuild_by_dot_matches_the_reference(k, dot_from):
     torch.testing.assert_close(sums[:, 0], v.square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
     torch.testing.assert_close(sums[:, 1], (g32 / (v.sqrt() + EPS)).square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
     if not dotted:
-        assert torch.equal(prod, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[0])
+        _same_rebuild(prod, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[0])
 
 
 def test_tf32_rounding_of_the_reference():

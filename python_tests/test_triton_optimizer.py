@@ -197,7 +197,9 @@ def test_product_precision_under_torch_compile():
     through the custom ops, which take the precision too (they used to drop it, and a guard
     meant to refuse it never fired: dynamo crashed inside the Triton launcher instead), so the
     compiled steps give the eager bits; tf32_rn rounds the operands even on the interpreter, so
-    its second step (the first whose V has factors) differs from the default's."""
+    its second step (the first whose V has factors) differs from the default's. The vector's
+    compiled step is the reference backend's torch ops, its eager one a Triton pass: on a GPU
+    (approximate square root and division) they differ by a few ulp."""
 
     def make(params, precision="tf32_rn"):
         return Adapprox(params, backend="triton", product_precision=precision, k_max=4, seed=0)
@@ -205,7 +207,8 @@ def test_product_precision_under_torch_compile():
     shapes = [(20, 33), (7,)]
     eager, compiled = eager_and_compiled(make, shapes, "eager", 2, device=DEVICE)
     default, _ = eager_and_compiled(lambda ps: make(ps, None), shapes, "eager", 2, device=DEVICE)
-    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert torch.equal(eager[0], compiled[0])
+    torch.testing.assert_close(eager[1], compiled[1], rtol=0 if DEVICE.type == "cpu" else 1e-6, atol=0)
     assert not torch.equal(eager[0], default[0])
 
 
