@@ -356,48 +356,55 @@ def test_dense_moment(dtype, momentum, shape, transposed):
         torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
 
 
-def test_no_grid_axis_but_the_first_takes_more_than_its_limit(monkeypatch):
+def test_batches_past_the_grid_limit_take_several_launches(monkeypatch):
     """A CUDA grid's second and third axes take at most 65,535 programs, fewer than the matrices
-    one bucket may hold (an MoE's experts). With that limit made 2, every pass over a batch of
-    3 matrices stays within it: the elementwise passes have one axis, and the products launch
-    2 matrices and then 1, with the results of one launch."""
-    from adapprox_kernels.kernels import v_matmul as products
+    one bucket may hold (an MoE's experts), and every pass puts the matrix index on one of
+    them. With that limit made 2, each pass over 3 matrices launches 2 and then 1, and gives
+    the bits of one launch over all 3."""
+    from adapprox_kernels.kernels import _launch
     from adapprox_kernels.kernels.apply_update import apply_update
     from adapprox_kernels.kernels.dense_moment import dense_apply, dense_sums
     from adapprox_kernels.kernels.update_cosine import update_cosine_sums
+    from adapprox_kernels.kernels.v_matmul import _v_matmul_kernel, v_matmul, v_rmatmul
     from adapprox_kernels.kernels.v_norms import v_norms
 
+    grads, q, u, g32, v = _inputs(3, 18, 33, 2, torch.float32)
+    x, y = torch.randn(3, 33, 3, device=DEVICE), torch.randn(3, 18, 3, device=DEVICE)
+    clip = _clip(g32, v, 0.5)
+    flat = [g.flatten() for g in grads]
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8, weight_decay=0.0)
+    blocks = _blocks(True)
+
+    def every_pass():
+        moms, params, dense_params = [g.clone() for g in grads], [g.clone() for g in grads], [g.clone() for g in flat]
+        sqs = [g.square() for g in flat]
+        return [
+            *v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=blocks, split=2),
+            v_rmatmul(grads, q, u, y, BETA2, blocks=blocks, split=2),
+            v_norms(grads, q, u, BETA2, EPS, q, u, blocks=blocks),
+            update_cosine_sums(grads, q, u, moms, clip, beta2=BETA2, eps=EPS, beta1=0.8, blocks=blocks),
+            apply_update(grads, q, u, params, moms, clip, blocks=blocks, **kw),
+            *params, *moms,
+            dense_sums(flat, sqs, BETA2, EPS, block=16),
+            dense_apply(flat, sqs, dense_params, None, clip, block=16, **kw),
+            *dense_params, *sqs,
+        ]
+
+    whole = every_pass()
     launches = []
-    kernel_class = type(products._v_matmul_kernel)  # the interpreter's or the JIT's: both launch through run()
+    kernel_class = type(_v_matmul_kernel)  # the interpreter's or the JIT's: both launch through run()
     run = kernel_class.run
 
     def recording(self, *args, grid, **kwargs):
-        launches.append((self.fn.__name__, tuple(grid)))
+        launches.append(tuple(grid))
         return run(self, *args, grid=grid, **kwargs)
 
     monkeypatch.setattr(kernel_class, "run", recording)
-    monkeypatch.setattr(products, "MAX_GRID_AXIS", 2)
-    grads, q, u, g32, v = _inputs(3, 18, 33, 2, torch.float32)
-    blocks = _blocks(True)
-    x, y = torch.randn(3, 33, 3, device=DEVICE), torch.randn(3, 18, 3, device=DEVICE)
-    prod, sums = products.v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=blocks, split=2)
-    _close(prod, v @ x)
-    torch.testing.assert_close(sums[:, 0], v.square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
-    _close(products.v_rmatmul(grads, q, u, y, BETA2, blocks=blocks, split=2), v.transpose(1, 2) @ y)
-    assert [grid for _, grid in launches] == [(2, 2, 2), (2, 2, 1), (3, 2, 2), (3, 2, 1)]
-
-    clip = _clip(g32, v, 0.5)
-    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8, weight_decay=0.0)
-    v_norms(grads, q, u, BETA2, EPS, q, u, blocks=blocks)
-    moms = [g.clone() for g in grads]
-    update_cosine_sums(grads, q, u, moms, clip, beta2=BETA2, eps=EPS, beta1=0.8, blocks=blocks)
-    apply_update(grads, q, u, [g.clone() for g in grads], moms, clip, blocks=blocks, **kw)
-    flat = [g.flatten() for g in grads]
-    sqs = [g.square() for g in flat]
-    dense_sums(flat, sqs, BETA2, EPS, block=16)
-    dense_apply(flat, sqs, [g.clone() for g in flat], None, clip, block=16, **kw)
-    assert len(launches) == 9
-    assert all(extent <= 2 for _, grid in launches for extent in grid[1:]), launches
+    monkeypatch.setattr(_launch, "MAX_GRID_AXIS", 2)
+    chunked = every_pass()
+    assert len(launches) == 2 * 7 and [grid[-1] for grid in launches] == [2, 1] * 7, launches
+    for a, b in zip(whole, chunked):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -656,7 +663,7 @@ def test_apply_update_writes_non_contiguous_params():
 
 
 def test_launcher_errors():
-    from adapprox_kernels.kernels._launch import batch_grid
+    from adapprox_kernels.kernels._launch import batch_chunks
     from adapprox_kernels.kernels.apply_update import apply_update
     from adapprox_kernels.kernels.update_cosine import update_cosine_sums
     from adapprox_kernels.kernels.v_matmul import v_matmul
@@ -688,10 +695,7 @@ def test_launcher_errors():
     with pytest.raises(ValueError, match="same number of columns"):
         update_cosine_sums(grads, q, u[..., :1], [g.clone() for g in grads], torch.ones(2, device=DEVICE),
                            beta2=BETA2, eps=EPS, beta1=0.9)  # fmt: skip
-    # One launch past 2³¹ − 1 programs would wrap the int32 program id.
-    assert batch_grid(2**16, 2**15 - 1) == (2**31 - 2**16,)
-    with pytest.raises(ValueError, match="exceed a launch's"):
-        batch_grid(2**16, 2**15)
+    assert batch_chunks(65_535) == [(0, 65_535)] and batch_chunks(65_536) == [(0, 65_535), (65_535, 1)]
 
 
 def test_operator_matches_reference_operator():

@@ -207,21 +207,16 @@ class MatrixTable:
                 orig.copy_(staged)
 
 
-# A CUDA grid's first axis takes 2³¹ − 1 programs, its other two 65,535 each: fewer than the
-# matrices one bucket may hold (an MoE's experts). The elementwise passes put their matrices on
-# the first axis (``_tiles.batch_program``); the products launch 65,535 at a time.
-MAX_PROGRAMS = 2**31 - 1
+# A CUDA grid's second and third axes take at most 65,535 programs each: fewer than the matrices
+# one bucket may hold (an MoE's experts). The kernels give the matrix index an axis of its own
+# (an index computed from a one-dimensional grid cost registers and time: docs/kernels.md), so
+# a larger batch takes several launches, each told its first matrix.
 MAX_GRID_AXIS = 65_535
 
 
-def batch_grid(per_matrix: int, batch: int) -> tuple[int]:
-    """The 1-D grid of ``per_matrix`` programs for each of ``batch`` matrices."""
-    if per_matrix * batch > MAX_PROGRAMS:
-        raise ValueError(
-            f"{batch} matrices of {per_matrix} programs each exceed a launch's {MAX_PROGRAMS} programs: "
-            "split them across parameter groups"
-        )
-    return (per_matrix * batch,)
+def batch_chunks(batch: int) -> list[tuple[int, int]]:
+    """``(first matrix, matrices)`` of each launch over ``batch`` matrices."""
+    return [(first, min(MAX_GRID_AXIS, batch - first)) for first in range(0, batch, MAX_GRID_AXIS)]
 
 
 def step_tables(

@@ -111,34 +111,22 @@ def v_tile(
 
 
 @triton.jit
-def batch_program(PER_MATRIX):
-    """``(p, b)`` of this program on a 1-D grid of ``PER_MATRIX · B`` programs: its index ``p``
-    among matrix ``b``'s programs, and ``b`` as int64. The batch rides on the grid's first
-    axis, whose CUDA limit is 2³¹ − 1 programs (the others' is 65,535, fewer than the matrices
-    a bucket may hold: an MoE's experts). The programs run in the order of a 2-D ``(p, b)``
-    grid."""
-    pid = tl.program_id(0)
-    b = pid // PER_MATRIX
-    return pid - b * PER_MATRIX, b.to(tl.int64)
-
-
-@triton.jit
 def program_v_tile(
-    g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K,
+    g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, FIRST,
     stride_gm, stride_gn, stride_qb, stride_qm, stride_qk, stride_ub, stride_un, stride_uk,
     beta2, one_minus_beta2,
     G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOWRANK: tl.constexpr,
 ):  # fmt: skip
-    """The tile that a program of an elementwise pass owns (a grid of ``tiles · B`` programs,
-    :func:`batch_program`): tile ``tile`` (row-major over ``BLOCK_M × BLOCK_N`` tiles) of matrix
-    ``b`` of a table (G at ``g_ptr + offsets[b]·G_ALIGN``) and of its stacked factors
-    ``q: (B, M, K)``, ``u: (B, N, K)``.
+    """The tile that program ``(tile, b − FIRST)`` of an elementwise pass owns (``FIRST``: the
+    launch's first matrix, see ``_launch.batch_chunks``): tile ``tile`` (row-major over
+    ``BLOCK_M × BLOCK_N`` tiles) of matrix ``b`` of a table (G at ``g_ptr + offsets[b]·
+    G_ALIGN``) and of its stacked factors ``q: (B, M, K)``, ``u: (B, N, K)``.
 
     Returns ``(tile, tiles, b, rows, cols, G, V)``: ``tiles`` per matrix, ``b`` as int64, G and
     V as in :func:`v_tile`."""
+    tile, tiles = tl.program_id(0), tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64) + FIRST
     num_n = tl.cdiv(N, BLOCK_N)
-    tiles = tl.cdiv(M, BLOCK_M) * num_n
-    tile, b = batch_program(tiles)
     rows = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     g, v = v_tile(

@@ -33,7 +33,7 @@ from ._launch import (
     ELEMENTWISE_BLOCKS,
     Blocks,
     MatrixTable,
-    batch_grid,
+    batch_chunks,
     check_factors,
     check_new_factors,
     check_rounding_keys,
@@ -57,7 +57,7 @@ from ._tiles import (
 def _apply_update_kernel(
     g_ptr, g_off_ptr, q_ptr, u_ptr, w_ptr, w_off_ptr, mom_ptr, mom_off_ptr, clip_ptr, scale_ptr,
     qn_ptr, un_ptr, resid_ptr, scalars_ptr, key_ptr,
-    M, N, K, K_NEW,
+    M, N, K, K_NEW, FIRST,
     stride_gm, stride_gn,
     stride_qb, stride_qm, stride_qk,
     stride_ub, stride_un, stride_uk,
@@ -72,7 +72,7 @@ def _apply_update_kernel(
     STOCHASTIC: tl.constexpr = 0,
 ):  # fmt: skip
     tile, tiles, b, rows, cols, g, v = program_v_tile(
-        g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
+        g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, FIRST, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
         stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     clip = tl.load(clip_ptr + b)
@@ -148,20 +148,21 @@ def apply_update(
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     resid = torch.zeros(batch, tiles, dtype=torch.float32, device=table.device)
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
-    _apply_update_kernel[batch_grid(tiles, batch)](
-        table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
-        weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
-        pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, scalars,
-        scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
-        m, n, k, k_new,
-        *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
-        float(beta2), 1.0 - float(beta2), float(eps),
-        G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
-        STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
-        num_warps=blocks.warps, num_stages=blocks.stages,
-    )  # fmt: skip
+    for first, count in batch_chunks(batch):
+        _apply_update_kernel[(tiles, count)](
+            table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
+            weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
+            pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, scalars,
+            scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
+            m, n, k, k_new, first,
+            *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
+            float(beta2), 1.0 - float(beta2), float(eps),
+            G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
+            BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
+            STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
+            num_warps=blocks.warps, num_stages=blocks.stages,
+        )  # fmt: skip
     weights.writeback()
     if moms is not None:
         moms.writeback()

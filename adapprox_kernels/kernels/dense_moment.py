@@ -23,20 +23,20 @@ import triton
 import triton.language as tl
 
 from ..transfer import update_scalars
-from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, batch_grid, check_rounding_keys, check_vector, step_tables
-from ._tiles import batch_program, gated, matrix_seed, raw_update, store_step, update_and_average
+from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, batch_chunks, check_rounding_keys, check_vector, step_tables
+from ._tiles import gated, matrix_seed, raw_update, store_step, update_and_average
 
 # Elements per program: as many as one tile of the other elementwise passes (4096).
 DENSE_BLOCK = ELEMENTWISE_BLOCKS.m * ELEMENTWISE_BLOCKS.n
 
 
 @triton.jit
-def _dense_block(g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, beta2, one_minus_beta2,
+def _dense_block(g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, FIRST, beta2, one_minus_beta2,
                  G_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """This program's block of tensor ``b``: the offsets, which lie inside, the V pointers, G
-    and ``V_t = β2·V_{t−1} + (1−β2)·G²`` (fp32, 0 outside), on a grid of ``blocks · B``
-    programs (:func:`batch_program`)."""
-    block, b = batch_program(tl.cdiv(NUMEL, BLOCK))
+    and ``V_t = β2·V_{t−1} + (1−β2)·G²`` (fp32, 0 outside); ``b`` counts from the launch's
+    ``FIRST`` (see ``_launch.batch_chunks``)."""
+    block, b = tl.program_id(0), tl.program_id(1).to(tl.int64) + FIRST
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NUMEL
     g = tl.load(g_ptr + tl.load(g_off_ptr + b) * G_ALIGN + offs, mask=mask, other=0.0).to(tl.float32)
@@ -47,14 +47,14 @@ def _dense_block(g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, beta2, one_minus_bet
 
 @triton.jit
 def _dense_sums_kernel(
-    g_ptr, g_off_ptr, v_ptr, v_off_ptr, out_ptr, NUMEL, beta2, one_minus_beta2, eps,
+    g_ptr, g_off_ptr, v_ptr, v_off_ptr, out_ptr, NUMEL, FIRST, beta2, one_minus_beta2, eps,
     G_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     b, block, _, mask, _, g, v = _dense_block(
-        g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, beta2, one_minus_beta2, G_ALIGN, V_ALIGN, BLOCK
+        g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, FIRST, beta2, one_minus_beta2, G_ALIGN, V_ALIGN, BLOCK
     )
     upd = raw_update(g, v, mask, eps)
-    blocks = tl.cdiv(NUMEL, BLOCK)
+    blocks = tl.num_programs(0)
     slot = b * 2 * blocks + block
     tl.store(out_ptr + slot, tl.sum(v * v, axis=0))
     tl.store(out_ptr + slot + blocks, tl.sum(upd * upd, axis=0))
@@ -63,12 +63,12 @@ def _dense_sums_kernel(
 @triton.jit
 def _dense_apply_kernel(
     g_ptr, g_off_ptr, v_ptr, v_off_ptr, w_ptr, w_off_ptr, mom_ptr, mom_off_ptr, clip_ptr, scalars_ptr, key_ptr,
-    NUMEL, beta2, one_minus_beta2, eps,
+    NUMEL, FIRST, beta2, one_minus_beta2, eps,
     G_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, MOM_ALIGN: tl.constexpr,
     BLOCK: tl.constexpr, HAS_MOMENTUM: tl.constexpr, STOCHASTIC: tl.constexpr = 0,
 ):  # fmt: skip
     b, _, offs, mask, v_ptrs, g, v = _dense_block(
-        g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, beta2, one_minus_beta2, G_ALIGN, V_ALIGN, BLOCK
+        g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, FIRST, beta2, one_minus_beta2, G_ALIGN, V_ALIGN, BLOCK
     )
     clip = tl.load(clip_ptr + b)
     mask = gated(mask, clip)
@@ -109,11 +109,12 @@ def dense_sums(
     table, v = _tables(grads, exp_avg_sqs)
     programs, block = _grid_block(table.numel, block)
     out = torch.empty(len(table), 2, programs, dtype=torch.float32, device=table.device)
-    _dense_sums_kernel[batch_grid(programs, len(table))](
-        table.base, table.offsets, v.base, v.offsets, out, table.numel, float(beta2), 1.0 - float(beta2), float(eps),
-        G_ALIGN=table.align, V_ALIGN=v.align, BLOCK=block,
-        num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
-    )  # fmt: skip
+    for first, count in batch_chunks(len(table)):
+        _dense_sums_kernel[(programs, count)](
+            table.base, table.offsets, v.base, v.offsets, out, table.numel, first, float(beta2), 1.0 - float(beta2), float(eps),
+            G_ALIGN=table.align, V_ALIGN=v.align, BLOCK=block,
+            num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
+        )  # fmt: skip
     return out.sum(dim=-1)
 
 
@@ -150,15 +151,16 @@ def dense_apply(
     check_vector(scalars, "scalars", 4, table.device)
     programs, block = _grid_block(table.numel, block)
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
-    _dense_apply_kernel[batch_grid(programs, len(table))](
-        table.base, table.offsets, v.base, v.offsets, weights.base, weights.offsets, mom_table.base, mom_table.offsets,
-        clip, scalars, scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
-        table.numel, float(beta2), 1.0 - float(beta2), float(eps),
-        G_ALIGN=table.align, V_ALIGN=v.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
-        BLOCK=block, HAS_MOMENTUM=moms is not None,
-        STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
-        num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
-    )  # fmt: skip
+    for first, count in batch_chunks(len(table)):
+        _dense_apply_kernel[(programs, count)](
+            table.base, table.offsets, v.base, v.offsets, weights.base, weights.offsets, mom_table.base, mom_table.offsets,
+            clip, scalars, scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
+            table.numel, first, float(beta2), 1.0 - float(beta2), float(eps),
+            G_ALIGN=table.align, V_ALIGN=v.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
+            BLOCK=block, HAS_MOMENTUM=moms is not None,
+            STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
+            num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
+        )  # fmt: skip
     for written in (v, weights, moms):
         if written is not None:
             written.writeback()

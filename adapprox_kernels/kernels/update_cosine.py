@@ -14,14 +14,14 @@ import triton
 import triton.language as tl
 
 from ..transfer import update_scalars
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, batch_grid, check_factors, check_vector, pointer_arg
+from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, batch_chunks, check_factors, check_vector, pointer_arg
 from ._tiles import inside, program_v_tile, tile_ptrs, tile_sum, update_and_average
 
 
 @triton.jit
 def _update_cosine_kernel(
     g_ptr, g_off_ptr, q_ptr, u_ptr, mom_ptr, mom_off_ptr, clip_ptr, scalars_ptr, out_ptr,
-    M, N, K,
+    M, N, K, FIRST,
     stride_gm, stride_gn,
     stride_qb, stride_qm, stride_qk,
     stride_ub, stride_un, stride_uk,
@@ -31,7 +31,7 @@ def _update_cosine_kernel(
     HAS_LOWRANK: tl.constexpr,
 ):  # fmt: skip
     tile, tiles, b, rows, cols, g, v = program_v_tile(
-        g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
+        g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, FIRST, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
         stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
@@ -74,12 +74,13 @@ def update_cosine_sums(
     block_m, block_n = blocks.tile(m, n)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.empty(batch, 3, tiles, dtype=torch.float32, device=table.device)
-    _update_cosine_kernel[batch_grid(tiles, batch)](
-        table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, scalars,
-        out, m, n, k, *table.stride, *q.stride(), *u.stride(), *moms.stride,
-        float(beta2), 1.0 - float(beta2), float(eps),
-        G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_LOWRANK=k > 0,
-        num_warps=blocks.warps, num_stages=blocks.stages,
-    )  # fmt: skip
+    for first, count in batch_chunks(batch):
+        _update_cosine_kernel[(tiles, count)](
+            table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, scalars,
+            out, m, n, k, first, *table.stride, *q.stride(), *u.stride(), *moms.stride,
+            float(beta2), 1.0 - float(beta2), float(eps),
+            G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_LOWRANK=k > 0,
+            num_warps=blocks.warps, num_stages=blocks.stages,
+        )  # fmt: skip
     return out.sum(dim=-1)

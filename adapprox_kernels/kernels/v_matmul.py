@@ -24,10 +24,10 @@ import triton.language as tl
 
 from ._launch import (
     FIRST_PASS_BLOCKS,
-    MAX_GRID_AXIS,
     PRODUCT_BLOCKS,
     Blocks,
     MatrixTable,
+    batch_chunks,
     check_factor,
     check_factors,
     dot_precision,
@@ -125,11 +125,8 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
     with_norms = eps is not None
     precision = precision or dot_precision(table.device)
     norms = torch.empty(batch, 2, num_r * split * num_m, dtype=torch.float32, device=table.device) if with_norms else out
-    # The matrix index keeps an axis of its own (a special register, not a value the main loop
-    # holds: computed from a 1-D grid it cost up to 42 registers at sm_90), so a batch of
-    # more than that axis's 65,535 programs takes several launches.
-    for first in range(0, batch, MAX_GRID_AXIS):
-        _v_matmul_kernel[(num_m * num_r, split, min(MAX_GRID_AXIS, batch - first))](
+    for first, count in batch_chunks(batch):
+        _v_matmul_kernel[(num_m * num_r, split, count)](
             table.base, table.offsets, pointer_arg(q, x), pointer_arg(u, x), x, out, norms,
             m, n, k, r, n_per_split, first,
             sg_m, sg_n, *q.stride(), *u.stride(), *x.stride(), *out.stride(),

@@ -14,14 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, batch_grid, check_factors, check_new_factors, pointer_arg
+from ._launch import (
+    ELEMENTWISE_BLOCKS,
+    Blocks,
+    MatrixTable,
+    batch_chunks,
+    check_factors,
+    check_new_factors,
+    pointer_arg,
+)
 from ._tiles import inside, program_v_tile, raw_update, residual_sq, tile_sum
 
 
 @triton.jit
 def _v_norms_kernel(
     g_ptr, g_off_ptr, q_ptr, u_ptr, qn_ptr, un_ptr, out_ptr,
-    M, N, K, K_NEW,
+    M, N, K, K_NEW, FIRST,
     stride_gm, stride_gn,
     stride_qb, stride_qm, stride_qk,
     stride_ub, stride_un, stride_uk,
@@ -32,7 +40,7 @@ def _v_norms_kernel(
     HAS_LOWRANK: tl.constexpr, WITH_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     tile, tiles, b, rows, cols, g, v = program_v_tile(
-        g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
+        g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, FIRST, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
         stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
     )  # fmt: skip
     upd = raw_update(g, v, inside(rows, cols, M, N), eps)
@@ -71,11 +79,12 @@ def v_norms(
     block_m, block_n = blocks.tile(m, n)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.zeros(batch, 3, tiles, dtype=torch.float32, device=table.device)
-    _v_norms_kernel[batch_grid(tiles, batch)](
-        table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), pointer_arg(q_new, out), pointer_arg(u_new, out), out,
-        m, n, k, k_new, *table.stride, *q.stride(), *u.stride(), *q_new.stride(), *u_new.stride(),
-        float(beta2), 1.0 - float(beta2), float(eps),
-        G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOWRANK=k > 0, WITH_RESIDUAL=with_residual,
-        num_warps=blocks.warps, num_stages=blocks.stages,
-    )  # fmt: skip
+    for first, count in batch_chunks(batch):
+        _v_norms_kernel[(tiles, count)](
+            table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), pointer_arg(q_new, out), pointer_arg(u_new, out), out,
+            m, n, k, k_new, first, *table.stride, *q.stride(), *u.stride(), *q_new.stride(), *u_new.stride(),
+            float(beta2), 1.0 - float(beta2), float(eps),
+            G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOWRANK=k > 0, WITH_RESIDUAL=with_residual,
+            num_warps=blocks.warps, num_stages=blocks.stages,
+        )  # fmt: skip
     return out.sum(dim=-1)
