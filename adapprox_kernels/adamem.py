@@ -498,6 +498,13 @@ class AdaMeM(SketchOptimizer):
                     # optimizer): the step reads proj_pending (KeyError).
                     _fill_legacy_entries(p, state)
 
+    def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list:
+        """Nothing runs ahead; forgets the refresh outcomes of a step that failed midway, which
+        that step never stored: the next step's ``_end_step`` would apply them (its ξ, and a
+        pending refresh cancelled or set)."""
+        self._xi_pending.clear()
+        return []
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         # One batched call per (kind, shape, rank, step count, refresh, dtype, device): the
         # members share the bias corrections (step counts differ after a skipped non-finite
@@ -591,7 +598,8 @@ class AdaMeM(SketchOptimizer):
     def _end_step(self) -> None:
         """Every ξ and refresh outcome of the step from one host read per device (not one per
         bucket): a matrix whose refresh found no gradient keeps its ξ and is marked pending."""
-        pending, self._xi_pending = self._xi_pending, []
+        pending = self._xi_pending[:]  # not an attribute set: see Adapprox._reset_step_caches
+        self._xi_pending.clear()
         values = to_host([t for _, xi, found in pending for t in (xi, found)])
         for (states, _, _), xis, founds in zip(pending, values[::2], values[1::2]):
             for s, xi, found in zip(states, xis, founds):

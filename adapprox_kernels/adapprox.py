@@ -669,20 +669,29 @@ class Adapprox(SketchOptimizer):
         and the parameters whose state was made (see :meth:`_buckets`)."""
         new, plan = [], []
         backends = {}  # (name, device) -> backend: resolved once a step, not per bucket
-        for group, params in groups:
-            buckets, made = self._buckets(params, group)
-            self._ahead_buckets[id(group)] = buckets
-            new += made
-            for key, (bucket, states) in buckets.items():
-                factored, _, dtype, device, _ = key
-                backend = backends.get((group["backend"], device))
-                if backend is None:
-                    backend = backends[group["backend"], device] = resolve_backend(group["backend"], device)
-                ahead = not is_dtensor(bucket[0]) and (  # sharded buckets all-reduce their flags: the plain check
-                    dtype != torch.float64 and getattr(backend, "name", None) == "triton"
-                    if factored else self._dense_on_kernels(group, bucket, backend)
-                )  # fmt: skip
-                plan.append((group, key, bucket, states, backend, ahead))
+        try:
+            for group, params in groups:
+                buckets, made = self._buckets(params, group)
+                self._ahead_buckets[id(group)] = buckets
+                new += made
+                for key, (bucket, states) in buckets.items():
+                    factored, _, dtype, device, _ = key
+                    backend = backends.get((group["backend"], device))
+                    if backend is None:
+                        backend = backends[group["backend"], device] = resolve_backend(group["backend"], device)
+                    ahead = not is_dtensor(bucket[0]) and (  # sharded buckets all-reduce their flags: the plain check
+                        dtype != torch.float64 and getattr(backend, "name", None) == "triton"
+                        if factored else self._dense_on_kernels(group, bucket, backend)
+                    )  # fmt: skip
+                    plan.append((group, key, bucket, states, backend, ahead))
+        except BaseException:
+            # A later group's state that no longer fits, or a backend that cannot run here: the
+            # step raises before any work, so the states made for the earlier groups go too.
+            for p in new:
+                del self.state[p]
+            self._marks["stale_scan_due"] = True  # the buckets remembered this step hold them
+            self._ahead_buckets.clear()
+            raise
         return plan, new
 
     def _launch_gated(

@@ -700,8 +700,13 @@ class SketchOptimizer(Optimizer):
         if not (all(map(operator.is_not, grads, repeat(None))) and all(map(torch.Tensor.numel, params))):
             params = [p for p, g in zip(params, grads) if g is not None and p.numel() > 0]
             grads = list(map(_grad, params))
-        # Both: a parameter's grad_dtype may let its gradient have another dtype.
-        if any(map(_is_sparse, grads)) or not all(map(torch.Tensor.is_floating_point, [*params, *grads])):
+        # Both: a parameter's grad_dtype may let its gradient have another dtype. The shapes: the
+        # .grad setter refuses another shape, but p.grad.data = … and p.grad.set_(…) do not, and
+        # AdaMeM reshaped such a gradient (a transposed one, its entries scrambled) and stepped on it.
+        if (
+            any(map(_is_sparse, grads)) or not all(map(torch.Tensor.is_floating_point, [*params, *grads]))
+            or not all(map(torch.Tensor.is_same_size, params, grads))  # ~0.2 µs a parameter
+        ):  # fmt: skip
             name = type(self).__name__
             for p in params:
                 if p.grad.is_sparse:
@@ -710,6 +715,11 @@ class SketchOptimizer(Optimizer):
                     raise TypeError(
                         f"{name} needs floating-point parameters and gradients; {self._param_name(p)} is "
                         f"{p.dtype} with a {p.grad.dtype} gradient"
+                    )
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"{name}: the gradient of {self._param_name(p)} has shape {tuple(p.grad.shape)}, the "
+                        f"parameter {tuple(p.shape)}; no parameter was updated"
                     )
         return params
 

@@ -882,3 +882,34 @@ def test_no_clipping_keeps_an_update_whose_sum_of_squares_overflows():
         p.grad = torch.full((1, 1), g)
         opt.step()
     assert torch.equal(p.detach(), torch.ones(1, 1))
+
+
+def test_a_step_that_fails_midway_leaves_no_refresh_outcome_to_the_next():
+    """A step interrupted after its projection (an out-of-memory error, Ctrl-C) never stored
+    that P, but its ξ and "found a subspace" waited in the optimizer, and the next step applied
+    them: a pending refresh was cancelled, and P stayed all zero until the next scheduled one
+    (200 steps), where a copy of the same state refreshed it at once."""
+    from unittest import mock
+
+    import adapprox_kernels.adamem as adamem_module
+
+    w = torch.nn.Parameter(torch.randn(16, 24, generator=torch.Generator().manual_seed(0)))
+    opt = AdaMeM([w], rank=2, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):  # no subspace in a zero gradient: the refresh stays pending
+        w.grad = torch.zeros(16, 24)
+        opt.step()
+    w.grad = torch.randn(16, 24, generator=gen)
+    with mock.patch.object(adamem_module, "adamem_directions", side_effect=KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+    twin_w = torch.nn.Parameter(w.detach().clone())
+    twin = AdaMeM([twin_w], rank=2, seed=0)
+    twin.load_state_dict(opt.state_dict())
+    for _ in range(3):
+        w.grad = torch.randn(16, 24, generator=gen)
+        twin_w.grad = w.grad.clone()
+        opt.step()
+        twin.step()
+    assert (opt.state[w]["P"] != 0).any()
+    assert torch.equal(w, twin_w) and torch.equal(opt.state[w]["P"], twin.state[twin_w]["P"])

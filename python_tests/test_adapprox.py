@@ -2013,3 +2013,36 @@ def test_the_stale_bucket_scan_runs_once_a_step_however_many_groups_miss(monkeyp
         calls.clear()
         opt.step()
         assert len(calls) <= 1, f"step {step}: {len(calls)} scans"
+
+
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=3)), (AdaMeM, dict(rank=2))])
+@pytest.mark.parametrize("shape,grad_shape", [((16, 20), (20, 16)), ((16, 20), (320,)), ((5, 7), (7, 5)), ((20,), (4, 5))])
+def test_a_gradient_of_another_shape_is_refused_before_anything_changes(cls, kw, shape, grad_shape):
+    """The .grad setter refuses another shape, ``p.grad.data = …`` does not: AdaMeM reshaped a
+    transposed gradient (its entries scrambled) and stepped on it silently; Adapprox failed deep
+    in the step, after earlier parameters had moved."""
+    first, w = torch.nn.Parameter(torch.randn(12, 22)), torch.nn.Parameter(torch.randn(*shape))
+    opt = cls([first, w], seed=0, **kw)
+    first.grad, w.grad = torch.randn(12, 22), torch.randn(*shape)
+    w.grad.data = torch.randn(*grad_shape)
+    before = [p.detach().clone() for p in (first, w)]
+    with pytest.raises(RuntimeError, match=r"gradient of param_groups\[0\]\['params'\]\[1\] has shape"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, (first, w))) and not opt.state
+
+
+def test_a_later_group_that_cannot_step_leaves_no_new_state():
+    """A later group whose parameter's state no longer fits it (or whose backend cannot run
+    here) raises before any work: the states made for the earlier groups' new parameters went
+    on living, unstepped, in opt.state and its checkpoints."""
+    a, w = torch.nn.Parameter(torch.randn(16, 20)), torch.nn.Parameter(torch.randn(16, 20))
+    opt = Adapprox([w], k_max=3, seed=0)
+    w.grad = torch.randn(16, 20)
+    opt.step()
+    opt.add_param_group({"params": [a]})
+    opt.param_groups.reverse()  # the new parameter's group first
+    w.data = w.data.t().contiguous()
+    a.grad, w.grad = torch.randn(16, 20), torch.randn(20, 16)
+    with pytest.raises(ValueError, match="does not fit"):
+        opt.step()
+    assert not opt.state.get(a)
