@@ -107,6 +107,9 @@ def _extension() -> tuple[list, dict, str | None]:
         return [], {}, "torch is not importable (build with --no-build-isolation next to an installed torch)"
     if torch.version.cuda is None:
         return [], {}, f"torch {torch.__version__} is a CPU-only build"
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < (2, 8):
+        # csrc/cholqr.cpp tags its op at::Tag::cudagraph_unsafe, which 2.7 and older lack
+        return [], {}, f"torch {torch.__version__} is older than 2.8, the oldest this package supports"
     cuda_home = _find_cuda_home()
     if cuda_home is None:
         return [], {}, "no CUDA toolkit found (set CUDA_HOME to a directory with bin/nvcc)"
@@ -162,12 +165,16 @@ setup(
     description="Adapprox and AdaMeM optimizers with fused Triton kernels and a batched S-RSI extension",
     packages=find_packages(include=["adapprox_kernels", "adapprox_kernels.*"]),
     python_requires=">=3.10",
-    # 2.6: torch.optim takes named_parameters() (param_names), which the optimizers build on
-    install_requires=["torch>=2.6", "numpy"],
+    # torch 2.8: the extension tags its op at::Tag::cudagraph_unsafe (new in 2.8; 2.6 also rejects
+    # the custom ops' list[Tensor] annotations at import). Tested: torch 2.8 (CPU), 2.11 (H100),
+    # 2.14 (CPU); adapprox_kernels/_requirements.py refuses an older torch at import (keep in step).
+    install_requires=["torch>=2.8", "numpy"],
     # "main": what python -m adapprox_kernels.train imports, its peers' packages included
     # (transformers: Hugging Face's Adafactor for adafactor-m; also a galore-torch import).
     extras_require={
-        "triton": ["triton>=3.0"],
+        # 3.4: triton.knobs (the interpreter switch); tested 3.4 (interpreter, sm_90 compile),
+        # 3.6 (H100), 3.8. An older one leaves the "triton" backend unavailable, with the reason.
+        "triton": ["triton>=3.4"],
         "main": ["matplotlib", "tqdm", "came-pytorch", "galore-torch", "transformers"],
     },
     ext_modules=ext_modules,

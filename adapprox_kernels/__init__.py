@@ -1,6 +1,7 @@
 """adapprox_kernels: the Adapprox (low-rank adaptive second moment) and AdaMeM (low-rank momentum)
 optimizers and their kernels."""
 
+from . import _requirements  # noqa: F401  (first: refuses a torch older than it supports)
 from . import triton_backend  # noqa: F401  (registers the "triton" backend; triton itself is imported lazily)
 from .adamem import AdaMeM
 from .adapprox import Adapprox

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
+from ._requirements import MIN_TRITON, too_old
 from .backends import ReferenceBackend, register_backend
 from .transfer import rounding_keys_tensor
 
@@ -32,8 +33,12 @@ def _triton_import_error() -> Optional[str]:
     # (resolve_backend), and dynamo warns of every lru_cache it traces through.
     if not _IMPORT_OUTCOME:
         try:
-            import triton  # noqa: F401
+            import triton
 
+            if too_old(triton.__version__, MIN_TRITON):
+                raise ImportError(
+                    f"triton {triton.__version__} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest supported"
+                )
             _IMPORT_OUTCOME.append(None)
         except Exception as exc:  # a broken install can raise more than ImportError
             _IMPORT_OUTCOME.append(f"{type(exc).__name__}: {exc}")

@@ -501,6 +501,7 @@ def test_batched_bucket_equals_one_by_one():
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="this torch has no Tensor.grad_dtype")
 @pytest.mark.parametrize("first", [torch.bfloat16, torch.float16])
 def test_a_gradient_of_another_dtype_in_the_bucket_leaves_the_noise_floors_alone(first):
     """Same-shaped fp32 parameters, the first with a bf16 (or fp16) ``grad_dtype``: each is

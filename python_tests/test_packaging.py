@@ -174,3 +174,42 @@ def test_setup_env_remakes_a_venv_whose_interpreter_is_gone(setup_env, tmp_path)
     calls = setup_env()
     assert any("-r requirements.txt" in c for c in calls) and editable_installs(calls)
     subprocess.run([setup_env.venv / "bin" / "python", "-c", ""], check=True)
+
+
+# ------------------------------------------------------------------------- oldest torch / triton
+def _python_with(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter with this tree first on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("version, refused", [("2.7.1+cu126", True), ("2.8.0a0+git1234", False), ("3.0.0", False)])
+def test_a_torch_older_than_the_declared_minimum_is_refused_at_import(version, refused):
+    """setup.py's ``torch>=2.8`` is what ``import adapprox_kernels`` enforces, with a message that
+    names both versions (torch 2.6 failed in infer_schema, deep inside the import, with a
+    ValueError about ``list[torch.Tensor]``)."""
+    code = f"import torch; torch.__version__ = {version!r}\nimport adapprox_kernels\nprint(adapprox_kernels.__file__)"
+    done = _python_with(code)
+    if refused:
+        assert done.returncode != 0
+        assert f"adapprox_kernels needs torch >= 2.8, found torch {version}" in done.stderr, done.stderr[-2000:]
+    else:
+        assert done.returncode == 0, done.stderr[-2000:]
+    setup_py = (ROOT / "setup.py").read_text()
+    assert '"torch>=2.8"' in setup_py and '"triton>=3.4"' in setup_py
+
+
+def test_a_triton_older_than_the_declared_minimum_leaves_the_backend_unavailable():
+    """triton 3.3 has no ``triton.knobs``: asking for the backend raised AttributeError from
+    ``kernels._launch.interpreted``. Now the backend is unavailable, with the reason."""
+    pytest.importorskip("triton")
+    code = (
+        "import triton; triton.__version__ = '3.3.1'\n"
+        "import torch\n"
+        "from adapprox_kernels.backends import availability, resolve_backend\n"
+        "why = availability(torch.device('cpu'))['triton']\n"
+        "assert why is not None and 'triton 3.3.1 is older than 3.4' in why, why\n"
+        "assert resolve_backend('auto', torch.device('cpu')).name == 'reference'\n"
+    )
+    done = _python_with(code, TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr[-2000:]
