@@ -467,13 +467,16 @@ def test_3d_is_folded_to_2d():
 @pytest.mark.parametrize("shapes", [[(3, 20), (3, 4, 5)], [(2, 3), (2, 3, 1)], [(16, 8), (16, 8, 1)], [(1,), ()]])
 def test_shapes_that_fold_alike_step_each_in_its_own_shape(shapes):
     """A Conv1d(8, 16, 1) weight next to a Linear(8, 16) one: the same matrix view, different
-    shapes (they used to share a bucket, and the step failed writing them back)."""
+    shapes (they used to share a bucket, and the step failed writing them back). SVD
+    projections: with S-RSI the second matrix's sketch is another draw than when it is alone,
+    and the (16, 8, 1) runs differed by 2.4e-6, 93% of the tolerance; with SVD, to the bit."""
     grads = _grads(shapes, 3)
     params = _params(shapes)
     singles = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    _run(AdaMeM(params, lr=0.01, rank=2, update_proj_gap=2, seed=1), params, grads)
+    kw = dict(lr=0.01, rank=2, update_proj_gap=2, projection="svd", seed=1)
+    _run(AdaMeM(params, **kw), params, grads)
     for i, p in enumerate(singles):
-        _run(AdaMeM([p], lr=0.01, rank=2, update_proj_gap=2, seed=1), [p], [[gs[i]] for gs in grads])
+        _run(AdaMeM([p], **kw), [p], [[gs[i]] for gs in grads])
     for a, b in zip(params, singles):
         assert a.shape == b.shape
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)

@@ -82,6 +82,18 @@ def test_triton_matches_reference(name):
     _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype)
 
 
+def test_cosine_guidance_factor_below_its_bound_matches_reference():
+    """The configs above run cosine guidance at the default bound 2, where these 4-step runs
+    have c = cos(Upd, M_t) >= 0.5 on every step of the factored pair, so the factor is 2 and c
+    itself is never checked (the cosine sums could, e.g., use the unclipped update). Bound 10:
+    matrix 0's factor is 4.1, 2.8, 2.3 after the first step, and c reaches the weights. The
+    backends agree to ~1e-7 here, against the 1e-5 of fp32's TOL."""
+    options = {**BASE, "cosine_guidance": True, "cosine_max_scale": 10.0}
+    ref_params, ref_opt = _run("reference", torch.float32, options, steps=4, round_trip_at=2)
+    tri_params, tri_opt = _run("triton", torch.float32, options, steps=4, round_trip_at=2)
+    _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, torch.float32)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_maximize_steps_as_the_negated_gradient(name):
     """``maximize=True`` on G gives the bits of the step on −G: parameters and every state
