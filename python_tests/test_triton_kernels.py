@@ -698,6 +698,23 @@ def test_launcher_errors():
     assert batch_chunks(65_535) == [(0, 65_535)] and batch_chunks(65_536) == [(0, 65_535), (65_535, 1)]
 
 
+def test_a_step_of_hundreds_of_tables_builds_each_once(monkeypatch):
+    """A table's offsets are copied to the device once, then found by their addresses: 300
+    tables (a step of 75 dense buckets makes as many) built twice copy 300 times, not 600 (at
+    256 entries the cache thrashed, a copy per table per step)."""
+    from adapprox_kernels.kernels import _launch
+
+    copies = []
+    copy = _launch.to_device_nowait
+    monkeypatch.setattr(_launch, "to_device_nowait", lambda t, device: copies.append(1) or copy(t, device))
+    _launch._TABLES.clear()
+    matrices = [[torch.randn(2, 3, device=DEVICE) for _ in range(2)] for _ in range(300)]
+    for _ in range(2):
+        for pair in matrices:
+            _launch.MatrixTable(pair, "grads")
+    assert len(copies) == 300
+
+
 def test_operator_matches_reference_operator():
     """TritonSecondMoment through the LinearOperator protocol, as S-RSI sees it."""
     from adapprox_kernels.linear_operator import LinearOperator

@@ -143,7 +143,9 @@ def reduction_split(programs: int, reduction_blocks: int, device: torch.device, 
 # training loop whose gradients keep their storage builds each once (a miss costs a queued copy,
 # not a host sync).
 _TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_TABLE_CACHE_SIZE = 256
+# A step makes up to 4 tables a dense bucket and 3 a factored one: at 256 entries, a step of more
+# than 64 dense buckets (per-layer groups × shapes) built every table anew, every step.
+_TABLE_CACHE_SIZE = 4096
 constant_cache(_TABLES.clear)
 
 
