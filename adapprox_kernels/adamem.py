@@ -417,25 +417,31 @@ class AdaMeM(SketchOptimizer):
         state = self.state[p]
         if state:
             return state
-        dtype = compute_dtype(p)
-        kw = dict(dtype=dtype, device=p.device)
-        state["step"] = 0
-        state["nonfinite_skips"] = 0
-        if matrix_shape(p) is None:
-            state["exp_avg_sq"] = torch.zeros(p.numel(), **kw)
+        try:
+            dtype = compute_dtype(p)
+            kw = dict(dtype=dtype, device=p.device)
+            state["step"] = 0
+            state["nonfinite_skips"] = 0
+            if matrix_shape(p) is None:
+                state["exp_avg_sq"] = torch.zeros(p.numel(), **kw)
+                return state
+            (m, n), _ = _oriented_shape(p)
+            r = min(group["rank"], m)
+            state["param_shape"] = tuple(p.shape)  # the orientation, which no tensor's shape shows
+            state["rank"] = r
+            state["xi"] = float("nan")  # ‖S‖/‖G‖ on the last projection step
+            state["proj_pending"] = False  # P is refreshed on this matrix's next step, not on schedule
+            state["P"] = torch.zeros(m, r, **kw)  # replaced on the first step
+            state["exp_avg"] = torch.zeros(r, n, **kw)
+            state["row_sq"] = torch.zeros(r, **kw)
+            state["col_sq"] = torch.zeros(n, **kw)
+            state["resid_col_sq"] = torch.zeros(n, **kw)
             return state
-        (m, n), _ = _oriented_shape(p)
-        r = min(group["rank"], m)
-        state["param_shape"] = tuple(p.shape)  # the orientation, which no tensor's shape shows
-        state["rank"] = r
-        state["xi"] = float("nan")  # ‖S‖/‖G‖ on the last projection step
-        state["proj_pending"] = False  # P is refreshed on this matrix's next step, not on schedule
-        state["P"] = torch.zeros(m, r, **kw)  # replaced on the first step
-        state["exp_avg"] = torch.zeros(r, n, **kw)
-        state["row_sq"] = torch.zeros(r, **kw)
-        state["col_sq"] = torch.zeros(n, **kw)
-        state["resid_col_sq"] = torch.zeros(n, **kw)
-        return state
+        except BaseException:
+            # Out of memory (or Ctrl-C) halfway: a half-made state would fail every later step
+            # and every load of a checkpoint saved now; an empty one is made anew.
+            state.clear()
+            raise
 
     def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
         if matrix_shape(p) is None:

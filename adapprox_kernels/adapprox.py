@@ -417,30 +417,36 @@ class Adapprox(SketchOptimizer):
         state = self.state[p]
         if state:
             return state
-        beta1 = group["betas"][0]
-        shape = matrix_shape(p)
-        factor_dtype = compute_dtype(p)
-        state["step"] = 0
-        state["nonfinite_skips"] = 0
-        if shape is not None and not self._is_dense_matrix(shape, group):
-            m, n = shape
-            cap = min(group["k_max"], m, n)
-            k0 = group["k_init"] if group["k_init"] is not None else (
-                group["k_max"] if group["rank_policy"] == "step" else group["k_min"]
-            )
-            state["rank"] = float(min(k0, cap))
-            state["xi"] = float("nan")  # not measured yet
-            # Q0 = U0 = 0: the first V is (1 − β2)·G².
-            state["Q"] = torch.zeros(m, 0, dtype=factor_dtype, device=p.device)
-            state["U"] = torch.zeros(n, 0, dtype=factor_dtype, device=p.device)
-            shards = RowShards.of(p)
-            if shards is not None:  # DTensor (FSDP2): Q by rows like p, U replicated
-                q_rows = torch.zeros(local(p).shape[0], 0, dtype=factor_dtype, device=state["U"].device)
-                state["Q"], state["U"] = shards.rows_of(q_rows), shards.replicated(state["U"])
-        else:
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=factor_dtype)
-        _first_moments([p], [state], beta1)
-        return state
+        try:
+            beta1 = group["betas"][0]
+            shape = matrix_shape(p)
+            factor_dtype = compute_dtype(p)
+            state["step"] = 0
+            state["nonfinite_skips"] = 0
+            if shape is not None and not self._is_dense_matrix(shape, group):
+                m, n = shape
+                cap = min(group["k_max"], m, n)
+                k0 = group["k_init"] if group["k_init"] is not None else (
+                    group["k_max"] if group["rank_policy"] == "step" else group["k_min"]
+                )
+                state["rank"] = float(min(k0, cap))
+                state["xi"] = float("nan")  # not measured yet
+                # Q0 = U0 = 0: the first V is (1 − β2)·G².
+                state["Q"] = torch.zeros(m, 0, dtype=factor_dtype, device=p.device)
+                state["U"] = torch.zeros(n, 0, dtype=factor_dtype, device=p.device)
+                shards = RowShards.of(p)
+                if shards is not None:  # DTensor (FSDP2): Q by rows like p, U replicated
+                    q_rows = torch.zeros(local(p).shape[0], 0, dtype=factor_dtype, device=state["U"].device)
+                    state["Q"], state["U"] = shards.rows_of(q_rows), shards.replicated(state["U"])
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=factor_dtype)
+            _first_moments([p], [state], beta1)
+            return state
+        except BaseException:
+            # Out of memory (or Ctrl-C) halfway: a half-made state would fail every later step
+            # and every load of a checkpoint saved now; an empty one is made anew.
+            state.clear()
+            raise
 
     def _state_dtype(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.dtype:
         return p.dtype if key == "exp_avg" else super()._state_dtype(p, key, value)

@@ -8,14 +8,13 @@ same-shaped matrices. Shapes: the operator is ``(B, m, n)``; the sketch width is
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
 
 from .linear_operator import LinearOperator
 from .rank_policy import next_rank_step
-from .transfer import constant_cache, handed_out, to_device_nowait
+from .transfer import ConstantCache, handed_out, to_device_nowait
 
 Orthonormalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -102,12 +101,15 @@ def ratio_from_sq_norms(total: torch.Tensor, resid: torch.Tensor) -> torch.Tenso
 def column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
     """``(B, 1, width)`` bool, true where column ``j < ranks[b]``.
 
-    Built on the host and copied without waiting for the GPU. Cached (:class:`_MaskCache`):
-    ranks change rarely. Traced by torch.compile without the cache (dynamo would warn that it
-    ignores it)."""
+    Built on the host and copied without waiting for the GPU. Cached: ranks change rarely.
+    Traced by torch.compile without the cache (dynamo would warn that it ignores it)."""
     if torch.compiler.is_compiling():
         return _build_column_mask(ranks, width, device)
-    return handed_out(_column_mask(ranks, width, device))
+    key = (ranks, width, device)
+    mask = _MASKS.get(key)
+    if mask is None:
+        mask = _MASKS.put(key, _build_column_mask(ranks, width, device))
+    return handed_out(mask)
 
 
 def _build_column_mask(ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
@@ -117,39 +119,10 @@ def _build_column_mask(ranks: tuple[int, ...], width: int, device: torch.device)
     return to_device_nowait(keep, device)
 
 
-class _MaskCache:
-    """The column masks by ``(ranks, width, device)``, least recently used first, at most
-    ``max_bytes`` of them together and ``max_entries`` of them. Bounded by bytes, not only by
-    count: a mask is ``B·width`` bytes, and while the ranks of a bucket move, nearly every step
-    adds one (a 1,024-entry LRU held 62 MiB of GPU memory after 500 steps of a 512-matrix bucket
-    at k_max = 256, growing 0.13 MiB a step towards 130 MiB, outside every state count and
-    after the optimizer was deleted). A step uses about two masks per factored bucket."""
-
-    def __init__(self, max_bytes: int, max_entries: int):
-        self.max_bytes, self.max_entries = max_bytes, max_entries
-        self.masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self.bytes = 0
-
-    def __call__(self, ranks: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
-        key = (ranks, width, device)
-        mask = self.masks.get(key)
-        if mask is not None:
-            self.masks.move_to_end(key)
-            return mask
-        mask = self.masks[key] = _build_column_mask(ranks, width, device)
-        self.bytes += mask.numel()
-        while len(self.masks) > 1 and (self.bytes > self.max_bytes or len(self.masks) > self.max_entries):
-            _, old = self.masks.popitem(last=False)
-            self.bytes -= old.numel()
-        return mask
-
-    def cache_clear(self) -> None:
-        self.masks.clear()
-        self.bytes = 0
-
-
-_column_mask = _MaskCache(max_bytes=16 << 20, max_entries=1024)
-constant_cache(_column_mask.cache_clear)
+# A mask is B·width bytes, and while the ranks of a bucket move nearly every step adds one: a
+# 1,024-entry LRU held 62 MiB of GPU memory after 500 steps of a 512-matrix bucket at k_max = 256
+# (H100). A step uses about two masks per factored bucket.
+_MASKS = ConstantCache(max_entries=1024, max_elements=16 << 20)
 
 
 def truncate_columns(x: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator, Sequence
+from collections import OrderedDict
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 
@@ -26,6 +27,43 @@ def forget_constants() -> None:
     hand out its unfilled memory to every later call (wrong offsets, masks and scalars)."""
     for clear in _cache_clearers:
         clear()
+
+
+class ConstantCache:
+    """Device constants by key, least recently used first: at most ``max_entries`` of them and
+    ``max_elements`` elements in all. Bounded in elements too, because where a key changes every
+    step (ranks that move, routed experts' gradients) nearly every step adds a constant, held
+    outside every state count and after the optimizer is gone. Registered with
+    :func:`forget_constants`."""
+
+    def __init__(self, max_entries: int, max_elements: int):
+        self.max_entries, self.max_elements = max_entries, max_elements
+        self._values: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._elements = 0
+        constant_cache(self.clear)
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        value = self._values.get(key)
+        if value is not None:
+            self._values.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: torch.Tensor) -> torch.Tensor:
+        self._values[key] = value
+        self._elements += value.numel()
+        while len(self._values) > 1 and (len(self._values) > self.max_entries or self._elements > self.max_elements):
+            self._elements -= self._values.popitem(last=False)[1].numel()
+        return value
+
+    def values(self):
+        return self._values.values()
+
+    def clear(self) -> None:
+        self._values.clear()
+        self._elements = 0
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 @contextlib.contextmanager

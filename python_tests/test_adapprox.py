@@ -2094,3 +2094,32 @@ def test_adding_groups_one_by_one_does_not_recheck_every_group(cls):
     for p in params[1:]:
         opt.add_param_group({"params": [p]})
     assert len(read) <= 3 * n, f"{len(read)} marks read adding {n - 1} groups"
+
+
+@pytest.mark.parametrize("cls,kw,factory", [(Adapprox, dict(k_max=2), "zeros_like"), (AdaMeM, dict(rank=2), "zeros")])
+def test_running_out_of_memory_while_making_a_state_leaves_no_half_made_state(cls, kw, factory):
+    """An out-of-memory error (or Ctrl-C) between a state's first entries and its last left
+    that state half made: every later step raised (a KeyError, or "does not fit"), and so did
+    loading a checkpoint saved then."""
+    import importlib
+    from unittest import mock
+
+    module = importlib.import_module(cls.__module__)
+    params = [torch.nn.Parameter(torch.randn(12, 10)), torch.nn.Parameter(torch.randn(5))]
+    opt = cls(params, seed=0, **kw)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    made, real = [], getattr(torch, factory)
+
+    def flaky(*args, **kwargs):
+        made.append(1)
+        if len(made) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(*args, **kwargs)
+
+    with mock.patch.object(module.torch, factory, flaky), pytest.raises(torch.OutOfMemoryError):
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    opt.step()
+    twin = cls([torch.nn.Parameter(p.detach().clone()) for p in params], seed=0, **kw)
+    twin.load_state_dict(saved)

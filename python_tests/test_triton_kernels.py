@@ -715,6 +715,22 @@ def test_a_step_of_hundreds_of_tables_builds_each_once(monkeypatch):
     assert len(copies) == 300
 
 
+def test_the_table_cache_is_bounded_in_offsets():
+    """Where the matrices with a gradient change every step (routed experts), so do the tables:
+    4,096 of them for a 512-matrix bucket held 15 MiB of offsets on the device (and ~77 MiB of
+    keys on the host), outside every state count and after the optimizer was deleted."""
+    import random
+
+    from adapprox_kernels.kernels import _launch
+
+    _launch._TABLES.clear()
+    experts, rng = [torch.randn(2, 2, device=DEVICE) for _ in range(512)], random.Random(0)
+    for _ in range(1500):
+        _launch.MatrixTable([e for e in experts if rng.random() < 0.95], "grads")
+    held = sum(t.numel() for t in _launch._TABLES.values())
+    assert held <= 1 << 19, f"{held * 8 / 2**20:.1f} MiB of offsets kept"
+
+
 def test_operator_matches_reference_operator():
     """TritonSecondMoment through the LinearOperator protocol, as S-RSI sees it."""
     from adapprox_kernels.linear_operator import LinearOperator

@@ -587,10 +587,10 @@ def test_one_host_sync_per_step_on_cuda(warm, graphs):
         opt.step()
     # Empty the caches of rank masks and matrix tables: building them anew must not sync either.
     from adapprox_kernels.kernels import _launch
-    from adapprox_kernels.srsi import _column_mask
+    from adapprox_kernels.srsi import _MASKS
 
     _launch._TABLES.clear()
-    _column_mask.cache_clear()
+    _MASKS.clear()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -861,7 +861,7 @@ def test_a_failed_capture_forgets_the_device_constants_made_inside_it(monkeypatc
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FailingGraph)
-    srsi._column_mask.cache_clear()
+    srsi._MASKS.clear()
     masks = []
 
     def call(t):

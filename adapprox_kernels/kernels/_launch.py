@@ -8,13 +8,12 @@ the first launch on a device and are cached.
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from typing import NamedTuple, Sequence
 
 import torch
 import triton
 
-from ..transfer import constant_cache, handed_out, to_device_nowait
+from ..transfer import ConstantCache, handed_out, to_device_nowait
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -142,11 +141,12 @@ def reduction_split(programs: int, reduction_blocks: int, device: torch.device, 
 # Offset tables are tiny but built from host data: cache them per (device, pointers) so that a
 # training loop whose gradients keep their storage builds each once (a miss costs a queued copy,
 # not a host sync).
-_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 # A step makes up to 4 tables a dense bucket and 3 a factored one: at 256 entries, a step of more
-# than 64 dense buckets (per-layer groups × shapes) built every table anew, every step.
-_TABLE_CACHE_SIZE = 4096
-constant_cache(_TABLES.clear)
+# than 64 dense buckets (per-layer groups × shapes) built every table anew, every step. At most
+# 512 Ki offsets in all (4 MiB on the device, their keys ~5 times as much on the host): where the
+# matrices with a gradient change every step (routed experts), so do the tables, and 4,096 of a
+# 512-matrix bucket held 15 MiB of GPU and 77 MiB of host memory.
+_TABLES = ConstantCache(max_entries=4096, max_elements=1 << 19)
 
 
 class MatrixTable:
@@ -192,12 +192,7 @@ class MatrixTable:
         table = _TABLES.get(key)
         if table is None:
             offsets = [(a - addrs[0]) // (size * self.align) for a in addrs]
-            table = to_device_nowait(torch.tensor(offsets, dtype=torch.int64, device="cpu"), self.device)
-            _TABLES[key] = table
-            if len(_TABLES) > _TABLE_CACHE_SIZE:
-                _TABLES.popitem(last=False)
-        else:
-            _TABLES.move_to_end(key)
+            table = _TABLES.put(key, to_device_nowait(torch.tensor(offsets, dtype=torch.int64, device="cpu"), self.device))
         self.offsets = handed_out(table)
 
     def __len__(self) -> int:
