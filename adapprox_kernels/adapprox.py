@@ -399,8 +399,10 @@ class Adapprox(SketchOptimizer):
         self._marks: dict[str, Any] = {
             "stale_scan_due": True,  # _forget_stale_buckets at the step's first miss
             "group_lists": None,  # (group, its params list, its length) at the last step
-            # What undoes the buckets that ran ahead (see _run_ahead): (rng, new states, new moments).
+            # What undoes the buckets that ran ahead (see _run_ahead): (rng, new states, new
+            # moments, states stepped).
             "ahead_undo": None,
+            "updates_launched": False,  # the gated updates of the step (see _launch_gated)
         }
         # id(a bucket's states) -> (Q's, U's) that the last rank decision made as the matrices
         # of one tensor each (see _decide_ranks, _factored_srsi); rebuilt every step.
@@ -639,6 +641,7 @@ class Adapprox(SketchOptimizer):
         self._pending.clear()  # left by a step that raised, if any
         self._graphs.discard_queued()
         self._sketches.clear()
+        self._marks["ahead_undo"], self._marks["updates_launched"] = None, False
         plan, new = self._plan(groups)
         # Sketches are drawn in bucket order whatever runs ahead: a factored bucket that waits
         # for _step_group but comes before one that runs ahead draws its sketch here.
@@ -646,6 +649,9 @@ class Adapprox(SketchOptimizer):
         rng = self._rng_state() if last >= 0 else None  # the sketch RNG before the first draw
         known = []
         moments = []  # states without a first moment that running ahead gives one (β1 turned on)
+        stepped = []  # states whose step count running ahead advanced
+        # Set before any work, so that an error midway (out of memory, Ctrl-C) undoes it too.
+        self._marks["ahead_undo"] = (rng, new, moments, stepped)
         for i, (group, key, bucket, states, backend, ahead) in enumerate(plan):
             factored = key[0]
             if not ahead:
@@ -654,6 +660,7 @@ class Adapprox(SketchOptimizer):
                 continue
             if group["betas"][0] > 0:
                 moments += [s for s in states if "exp_avg" not in s]
+            stepped += states
             for s in states:
                 s["step"] += 1
             start = self._factored_srsi if factored else self._dense_start
@@ -661,7 +668,6 @@ class Adapprox(SketchOptimizer):
             known.append((bucket, started))
             if factored:  # the GPU starts on it (and the queued dense sums) while the host
                 self._graphs.flush()  # prepares the next: one graph each, for the overlap
-        self._marks["ahead_undo"] = (rng, new, moments)
         # The first read runs what is still queued (dense sums after the last factored bucket).
         known = [(bucket, started.sums()[:, 1], started) for bucket, started in known]
         if known and sum(len(b) for b, _, _ in known) == sum(len(ps) for _, ps in groups):
@@ -710,6 +716,9 @@ class Adapprox(SketchOptimizer):
         modified, and :meth:`_discard_run_ahead` undoes the rest."""
         values = [sums for _, sums, _ in known]
         gate = torch.isnan(torch.cat(values)).any().logical_not()  # NaN marks a bad gradient (_run_ahead)
+        # From here the device writes the updates unless the gate holds them: an error before
+        # the check is read can no longer undo the step (see _run_ahead_failed).
+        self._marks["updates_launched"] = True
         for _, _, started in known:
             started.finish(gate)
             started.done = True
@@ -723,15 +732,14 @@ class Adapprox(SketchOptimizer):
         return [(bucket, checks) for (bucket, _, _), checks in zip(known, host)]
 
     def _discard_run_ahead(self) -> None:
-        rng, new, moments = self._marks["ahead_undo"]
+        rng, new, moments, stepped = self._marks["ahead_undo"]
         self._marks["ahead_undo"] = None
         for s in moments:  # a first moment made for a step that does not happen (skipped or raised)
             s.pop("exp_avg", None)
         self._graphs.discard_queued()  # the prepared updates
         self._pending.clear()  # the gated ones' (see _launch_gated), which wrote nothing
-        for started in self._ahead.values():
-            for s in started.states:
-                s["step"] -= 1
+        for s in stepped:
+            s["step"] -= 1
         for p in new:
             del self.state[p]
         self._marks["stale_scan_due"] = True  # the states just deleted are in the buckets remembered this step
@@ -740,6 +748,13 @@ class Adapprox(SketchOptimizer):
         self._sketches.clear()
         if rng is not None:
             self._restore_rng(rng)
+
+    def _run_ahead_failed(self) -> None:
+        """An error (out of memory, Ctrl-C at the check's sync) before the check was read: the
+        step did not happen, unless the gated updates were launched, which the device may
+        already have written (the run then stays as the error left it)."""
+        if self._marks["ahead_undo"] is not None and not self._marks["updates_launched"]:
+            self._discard_run_ahead()
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         # The buckets _run_ahead formed hold these very parameters unless it was discarded.

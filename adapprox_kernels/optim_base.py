@@ -341,27 +341,41 @@ class SketchOptimizer(Optimizer):
         ``group["nonfinite"] = "ignore"``) is refused before the step changes anything, not
         trained on (torch.optim checks none) nor found only when a checkpoint fails to load.
         Checked where the values changed since the last step (a scheduler changes lr every
-        step: comparing is cheaper than checking). An lr tensor (which a scheduler fills in
-        place) is left to the step, which reads it as a number: checking it would sync. A list
-        written in (``group["betas"] = [0.9, …]``) is stored as a tuple once checked: edited in
-        place later, it would compare equal to itself and go unchecked."""
+        step: comparing is cheaper than checking). An lr tensor, which a scheduler fills in
+        place, is checked every step by its value: the step reads it as a number anyway
+        (``transfer.update_scalars``, ``reference.apply_updates``), so a CUDA one syncs here
+        instead of later. A list written in (``group["betas"] = [0.9, …]``) is stored as a
+        tuple once checked: edited in place later, it would compare equal to itself and go
+        unchecked."""
         checked = self.__dict__.setdefault("_checked_groups", {})  # not pickled: checked anew
         names = tuple(self.defaults)
         for i, group in enumerate(self.param_groups):
-            # The values themselves, compared by identity first (a tensor is never compared by value).
             values = list(map(group.get, names))
-            if checked.get(i) == values:
+            lr, was = group.get("lr"), checked.get(i)
+            # The values themselves, compared by identity first; a tensor never by value (==
+            # compares elements): another tensor than the one checked counts as changed.
+            changed = was is None or any(
+                v is not w and (torch.is_tensor(v) or torch.is_tensor(w) or v != w) for v, w in zip(values, was)
+            )
+            if not (changed or torch.is_tensor(lr)):
                 continue
-            # Only an lr tensor is the step's to read unchecked; another option written as a tensor
-            # is refused, as the constructor refuses it (it trained on, and its checkpoint did not load).
-            own = {k: as_tuple(as_python(v)) for k, v in zip(names, values) if not (k == "lr" and torch.is_tensor(v))}
             try:
-                self._check_hyperparameters({**self.defaults, **own})
+                if torch.is_tensor(lr):  # its value may have changed in place: NaN trained on
+                    check(lr.numel() == 1, f"Invalid learning rate: a tensor of {lr.numel()} elements (need one)")
+                    value = float(lr)
+                    check(is_real(value) and value >= 0.0, f"Invalid learning rate: {value!r} (a tensor; need a finite float >= 0)")
+                if changed:
+                    # Another option written as a tensor is refused, as the constructor refuses
+                    # it (it trained on, and its checkpoint did not load).
+                    own = {k: as_tuple(as_python(v)) for k, v in zip(names, values) if not (k == "lr" and torch.is_tensor(v))}
+                    self._check_hyperparameters({**self.defaults, **own})
             except ValueError as err:
                 raise ValueError(
                     f"{type(self).__name__}.step: param_groups[{i}] was changed to a bad value: {err}; "
                     "nothing was updated"
                 ) from None
+            if not changed:
+                continue
             for k, v in zip(names, values):
                 if isinstance(v, list):
                     group[k] = own[k]
@@ -697,6 +711,10 @@ class SketchOptimizer(Optimizer):
     def _discard_run_ahead(self) -> None:
         """Undoes :meth:`_run_ahead` (some gradient was not finite)."""
 
+    def _run_ahead_failed(self) -> None:
+        """:meth:`_run_ahead` or the check raised (out of memory, Ctrl-C): undoes what it can.
+        Nothing by default."""
+
     def _grads_to_update(self, group: dict[str, Any]) -> list[torch.Tensor]:
         """The group's parameters with a (non-empty) gradient, checked: dense, floating point.
         Hundreds of parameters a step: the checks are ``map``s over C methods."""
@@ -829,9 +847,13 @@ class SketchOptimizer(Optimizer):
         groups = [(group, self._grads_to_update(group)) for group in self.param_groups]
         self._check_states(groups)
         found_inf = self._unscale(groups)
-        known = self._run_ahead(groups)
-        # Every group's flags from one host sync per device (not one per group).
-        all_flags = self._nonfinite([p for _, params in groups for p in params], known)
+        try:
+            known = self._run_ahead(groups)
+            # Every group's flags from one host sync per device (not one per group).
+            all_flags = self._nonfinite([p for _, params in groups for p in params], known)
+        except BaseException:
+            self._run_ahead_failed()
+            raise
         if any(all_flags):
             self._discard_run_ahead()  # rare: the step starts over, without the bad gradients
             if found_inf is not None and found_inf.item():  # the scaler's overflow: it skips the step

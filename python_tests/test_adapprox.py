@@ -447,7 +447,7 @@ def test_another_optimizers_checkpoint_is_refused_on_load(peer):
 
 @pytest.mark.parametrize("kind", ["tensor", "numpy"])
 def test_a_checkpoint_with_a_schedulers_lr_loads_and_resumes(kind):
-    """A scheduler's writes are not checked, and the step takes them: a tensor lr filled in
+    """The step takes a scheduler's writes of a good value: a tensor lr filled in
     place, or a LambdaLR's NumPy number. The checkpoint of such a run must load (the saved
     groups' check refused it, as another optimizer's) and resume bit for bit."""
     import numpy as np
@@ -877,8 +877,8 @@ def test_bad_param_group_values_are_refused(override, match):
         (Adapprox, dict(k_max=4), {"betas": (0.9, 1.5, 0.9)}, "index 1"),
         (AdaMeM, dict(rank=2), {"projection": "SVD"}, "projection"),
         (AdaMeM, dict(rank=2), {"update_proj_gap": 0}, "update_proj_gap"),
-        # Only an lr tensor (a scheduler fills one in place) goes unchecked: another option
-        # written as a tensor trained on (NaN weights here), and its checkpoint refused to load.
+        # Only lr may be a tensor (a scheduler fills one in place): another option written as a
+        # tensor trained on (NaN weights here), and its checkpoint refused to load.
         (Adapprox, dict(k_max=4), {"weight_decay": torch.tensor(float("nan"))}, "weight_decay"),
         (AdaMeM, dict(rank=2), {"weight_decay": torch.tensor(0.01)}, "weight_decay"),
     ],
@@ -901,6 +901,32 @@ def test_a_bad_value_written_into_param_groups_mid_run_is_refused_before_the_ste
         opt.step()
     assert torch.equal(a, before[1]) and torch.equal(b, before[2])
     assert [s["step"] for s in opt.state.values()] == [s["step"] for s in before[0]["state"].values()]
+
+
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=4)), (AdaMeM, dict(rank=2))])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-3])
+def test_an_lr_tensor_filled_with_a_bad_value_in_place_is_refused(cls, kw, bad):
+    """A scheduler fills an lr tensor in place, so its identity never changes and the check of
+    changed values never saw a NaN, inf or negative value it wrote: the step trained on it (NaN
+    weights). The step reads the value anyway, and now checks it every step, with nothing
+    changed where it is bad."""
+    a, b = torch.nn.Parameter(torch.randn(6, 10)), torch.nn.Parameter(torch.randn(10))
+    opt = cls([{"params": [b]}, {"params": [a]}], seed=0, **kw)
+    lr = torch.tensor(1e-3)
+    opt.param_groups[1]["lr"] = lr
+    for value in (1e-3, 2e-3):  # good values filled in place pass
+        lr.fill_(value)
+        a.grad, b.grad = torch.randn(6, 10), torch.randn(10)
+        opt.step()
+    before = copy.deepcopy(opt.state_dict()), a.detach().clone(), b.detach().clone()
+    lr.fill_(bad)
+    with pytest.raises(ValueError, match=r"param_groups\[1\] was changed to a bad value: Invalid learning rate"):
+        opt.step()
+    assert torch.equal(a, before[1]) and torch.equal(b, before[2])
+    assert [s["step"] for s in opt.state.values()] == [s["step"] for s in before[0]["state"].values()]
+    opt.param_groups[1]["lr"] = torch.tensor([1e-3, 1e-3])  # written in: one element or none
+    with pytest.raises(ValueError, match="a tensor of 2 elements"):
+        opt.step()
 
 
 def test_list_valued_options_are_stored_as_tuples_so_no_edit_escapes_the_check():

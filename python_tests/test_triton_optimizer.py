@@ -510,6 +510,42 @@ def test_nonfinite_raise_on_triton_changes_nothing(bad):
             assert torch.equal(got, want) if torch.is_tensor(want) else got == want or want != want, (i, key)
 
 
+@pytest.mark.parametrize("fail_step", [0, 1])
+@pytest.mark.parametrize("where,error", [("_factored_srsi", torch.OutOfMemoryError), ("_dense_start", KeyboardInterrupt)])
+def test_an_error_while_running_ahead_leaves_the_step_undone(monkeypatch, where, error, fail_step):
+    """Out of memory (or Ctrl-C) in the second bucket of the work that runs ahead of the
+    non-finite check: nothing was written, so the step did not happen, and taken again the run
+    goes on bit for bit. (The step counts, the sketch RNG and the new states stayed advanced:
+    the rank schedule and the bf16 rounding keys shifted, and the first step's states were
+    left half made.)"""
+    clean_params, clean_opt = _run_with_bad_gradient("triton", "raise", BAD[0], bad_step=-1)
+    params = _params(torch.float32)
+    opt = Adapprox(params, backend="triton", seed=3, **BASE)
+    real, calls = getattr(Adapprox, where), []
+
+    def second_call_fails(self, *args, **kwargs):
+        calls.append(where)
+        if len(calls) == 2:
+            raise error("simulated")
+        return real(self, *args, **kwargs)
+
+    for step in range(3):
+        for p, g in zip(params, _grads(step, torch.float32)):
+            p.grad = g
+        if step == fail_step:
+            with monkeypatch.context() as patch, pytest.raises(error):
+                patch.setattr(Adapprox, where, second_call_fails)
+                opt.step()
+            assert len(calls) == 2
+        opt.step()
+    for i, (cp, p) in enumerate(zip(clean_params, params)):
+        assert torch.equal(cp, p), f"param {i}"
+        assert opt.state[p].keys() == clean_opt.state[cp].keys(), i
+        for key, want in clean_opt.state[cp].items():
+            got = opt.state[p][key]
+            assert torch.equal(got, want) if torch.is_tensor(want) else got == want or want != want, (i, key)
+
+
 def test_nonfinite_raise_on_the_first_triton_step_creates_no_state():
     params = _params(torch.float32)
     opt = Adapprox(params, backend="triton", seed=3, **BASE)
