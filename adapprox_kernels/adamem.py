@@ -12,11 +12,11 @@ transposed, a >2-D one folded to ``(shape[0], rest)`` first), with ``r = min(ran
 
 State per matrix: ``P`` (m·r), ``exp_avg`` (r·n), ``row_sq`` (r), ``col_sq`` (n),
 ``resid_col_sq`` (n), in fp32 (fp64 for fp64 parameters), and ``param_shape``, the parameter's
-own shape (a tuple: a (30, 20) and a (20, 30) weight keep alike-shaped tensors, so only it tells
-their states apart on load), and ``proj_pending``, true while the matrix's last projection
-refresh found no gradient to take P from (see ``AdaMeM._matrix_step``). Vectors and scalars
-keep a dense second moment (plain Adafactor without momentum: the one-sided rule on a 1×n
-matrix).
+own shape (a tuple, saved as an int64 tensor: a (30, 20) and a (20, 30) weight keep
+alike-shaped tensors, so only it tells their states apart on load), and ``proj_pending``, true
+while the matrix's last projection refresh found no gradient to take P from (see
+``AdaMeM._matrix_step``). Vectors and scalars keep a dense second moment (plain Adafactor
+without momentum: the one-sided rule on a 1×n matrix).
 Same-shaped matrices of a param group go through the projection and the update in one batched
 call. ``docs/adamem.md`` explains every choice the paper leaves open.
 
@@ -286,12 +286,24 @@ def adamem_directions(
     return proj @ n1, n2
 
 
+def _shape_tuple(shape: Any) -> Any:
+    """A saved ``param_shape`` as the tuple of ints the live state keeps: state dicts hold it as
+    a 1-D int64 tensor (torch's ``get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)``
+    takes tensors, ints, floats and dicts only), older ones as a tuple. Anything else as it is,
+    for the load's check to name."""
+    if torch.is_tensor(shape) and shape.dim() == 1 and not shape.is_floating_point():
+        return tuple(int(x) for x in shape.tolist())
+    if isinstance(shape, (tuple, list)) and all(map(is_int, shape)):
+        return tuple(int(x) for x in shape)
+    return shape
+
+
 def _fill_legacy_entries(p: torch.Tensor, state: dict[str, Any]) -> None:
     """A matrix state of a version that did not record ``param_shape`` or ``proj_pending`` takes
     ``p``'s shape and no pending refresh (what that version did), so that the step finds both and
-    the next checkpoint has them."""
+    the next checkpoint has them; a saved ``param_shape`` becomes the live tuple again."""
     if "P" in state:
-        state.setdefault("param_shape", tuple(p.shape))
+        state["param_shape"] = _shape_tuple(state.get("param_shape", tuple(p.shape)))
         state.setdefault("proj_pending", False)
 
 
@@ -465,9 +477,9 @@ class AdaMeM(SketchOptimizer):
         weight has the shapes of a (20, 30) one's, both oriented to 20×30, and would train in
         the wrong basis."""
         problems = []
-        saved = state.get("param_shape")
-        if saved is not None and tuple(saved) != tuple(p.shape):
-            problems.append(f"it was saved for a parameter of shape {tuple(saved)}")
+        saved = _shape_tuple(state.get("param_shape"))
+        if saved is not None and (type(saved) is not tuple or saved != tuple(p.shape)):
+            problems.append(f"it was saved for a parameter of shape {saved}")
         rank = state.get("rank")
         if not torch.is_tensor(rank) and "rank" in state and not (is_int(rank) and rank >= 1):
             problems.append(f"'rank' is {rank!r}, not an int >= 1")
@@ -475,6 +487,15 @@ class AdaMeM(SketchOptimizer):
         if not isinstance(pending, bool):
             problems.append(f"'proj_pending' is a {type(pending).__name__}, not a bool")
         return problems
+
+    def _draws_sketches(self) -> bool:
+        return any(group["projection"] != "svd" for group in self.param_groups)
+
+    def _export_state(self, saved: dict[Any, dict[str, Any]]) -> None:
+        """``param_shape`` as a 1-D int64 tensor (see :func:`_shape_tuple`)."""
+        for key, state in saved.items():
+            if isinstance(state.get("param_shape"), tuple):
+                saved[key] = {**state, "param_shape": torch.tensor(state["param_shape"], dtype=torch.int64)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The base class's; a matrix state saved without ``param_shape`` or ``proj_pending`` (by
@@ -494,7 +515,10 @@ class AdaMeM(SketchOptimizer):
                 if not state:
                     continue
                 if "P" in state:
-                    fits = state.get("param_shape") == tuple(p.shape) and "proj_pending" in state
+                    shape = state.get("param_shape")
+                    if shape is not None and type(shape) is not tuple:  # a saved tensor written in directly (ZeRO)
+                        shape = state["param_shape"] = _shape_tuple(shape)
+                    fits = type(shape) is tuple and shape == tuple(p.shape) and "proj_pending" in state
                 else:
                     fits = matrix_shape(p) is None and state["exp_avg_sq"].shape == (p.numel(),)
                 if not fits:

@@ -28,7 +28,6 @@ sharded state with ``torch.distributed.checkpoint`` on any number of ranks (resh
 from __future__ import annotations
 
 import sys
-import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -584,15 +583,7 @@ def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dic
         devices = {str(local(p).device) for _, p in named}
         states = {dev: rng[torch.device(dev).type] for dev in devices if torch.device(dev).type in rng}
         loaded["sketch_rng"] = {"seed": seed, "states": states}
-    else:
-        warnings.warn(
-            "the checkpoint has no sketch RNG: it was not written by adapprox_kernels.distributed."
-            "optimizer_state_dict (torch's get_optimizer_state_dict drops it). The state loads; the optimizer keeps "
-            "its own seed and generators, so its Gaussian sketches from here on differ from the uninterrupted "
-            "run's: the same algorithm, not the same numbers.",
-            stacklevel=2,
-        )
-    optimizer.load_state_dict(loaded)
+    optimizer.load_state_dict(loaded)  # without it, that warns: the sketches will differ
 
 
 def load_optimizer_state(

@@ -495,9 +495,14 @@ class SketchOptimizer(Optimizer):
                 if key not in ("params", "param_names"):
                     group[key] = as_python(value)
         state_dict["sketch_rng"] = self._rng_state()
+        self._export_state(state_dict["state"])
         if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
             state_dict["dtensor_rank"] = process_rank()
         return state_dict
+
+    def _export_state(self, saved: dict[Any, dict[str, Any]]) -> None:
+        """Rewrites the entries of ``state_dict()["state"]`` (which are the live per-parameter
+        dicts: replace them, do not edit them) into their saved form. None by default."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's, with three differences.
@@ -547,8 +552,22 @@ class SketchOptimizer(Optimizer):
                 self._check_saved_state(p, state_dict["state"].get(idx))
                 self._check_saved_shards(p, state_dict["state"].get(idx), saved_on)
         tensors = [(p, state_dict["state"].get(idx, {})) for idx, p in zip(saved_ids, params)] if same_groups else []
+        if rng is None and state_dict["state"] and self._draws_sketches():
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: the checkpoint has no sketch RNG ('sketch_rng': torch's "
+                "get_optimizer_state_dict and ZeroRedundancyOptimizer.consolidate_state_dict drop it; "
+                "adapprox_kernels.distributed.optimizer_state_dict keeps it). The state loads; the optimizer keeps "
+                "its own seed and generators, so its Gaussian sketches from here on differ from the uninterrupted "
+                "run's: the same algorithm, not the same numbers.",
+                UserWarning,
+                stacklevel=4,
+            )
         self._loading = (self._loading, tensors, None if rng is None else self._checked_rng(rng))
         return state_dict
+
+    def _draws_sketches(self) -> bool:
+        """Does a step draw from the sketch RNG (so that a resume without it changes the numbers)?"""
+        return True
 
     def _check_saved_group(self, i: int, saved_group: dict[str, Any]) -> None:
         """``ValueError`` unless the saved ``param_groups[i]`` passes the checks a group's do: the

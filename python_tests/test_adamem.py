@@ -223,7 +223,7 @@ def test_resume_is_bit_exact(case):
     if case == "legacy":
         for i, p in enumerate(params2):
             if p.dim() >= 2:
-                assert ckpt["opt"]["state"][i].pop("param_shape") == tuple(p.shape)
+                assert ckpt["opt"]["state"][i].pop("param_shape").tolist() == list(p.shape)
                 assert ckpt["opt"]["state"][i].pop("proj_pending") is False
     params3, opt3 = _make(seed=99)  # a different seed: the checkpoint's RNG must win
     with torch.no_grad():
@@ -265,6 +265,52 @@ def test_another_shapes_state_is_refused_on_load(saved, here):
         target.load_state_dict(ckpt)
     assert not target.state
     AdaMeM(_params([saved]), rank=2).load_state_dict(ckpt)
+
+
+def test_torch_flattened_optimizer_state_dict_round_trips():
+    """``get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`` (torchtitan's way of
+    saving) takes tensors, ints, floats and dicts only: a ``param_shape`` saved as a tuple raised
+    ``NotImplementedError``. It is saved as an int64 tensor and comes back as the live tuple; the
+    resumed run (an SVD projection: no sketch RNG, which torch's function drops) is bit-exact. A
+    checkpoint holding the tuple still loads."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
+    )  # fmt: skip
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        return model, AdaMeM(model.parameters(), rank=2, update_proj_gap=2, projection="svd", seed=0)
+
+    x, y = torch.randn(32, 12), torch.randn(32, 4)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model, opt = make()
+    train(model, opt, 3)
+    flat = get_optimizer_state_dict(model, opt, options=options)
+    assert torch.equal(flat["state.0.weight.param_shape"], torch.tensor([16, 12]))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": flat}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    train(model, opt, 3)
+    model2, opt2 = make()
+    model2.load_state_dict(ckpt["model"])
+    set_optimizer_state_dict(model2, opt2, ckpt["optim"], options=options)
+    assert opt2.state[model2[0].weight]["param_shape"] == (16, 12)
+    train(model2, opt2, 3)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    legacy = opt.state_dict()
+    legacy["state"][0]["param_shape"] = (16, 12)  # as versions before this one saved it
+    opt2.load_state_dict(legacy)
+    assert opt2.state[model2[0].weight]["param_shape"] == (16, 12)
 
 
 def test_an_adamw_checkpoint_is_refused_naming_what_it_lacks():

@@ -228,6 +228,31 @@ def test_a_malformed_sketch_rng_is_refused_before_anything_loads(make, bad):
     assert not fresh.state and fresh.param_groups[0]["lr"] == 1e-2
 
 
+@pytest.mark.parametrize(
+    "make,warns",
+    [(_adapprox(), True), (_adamem(), True), (_adamem(projection="svd"), False)],
+    ids=["adapprox", "adamem", "adamem-svd"],
+)
+def test_a_checkpoint_without_the_sketch_rng_loads_with_a_warning(make, warns):
+    """torch's ``get_optimizer_state_dict`` (and ZeRO's consolidated dict) drop ``sketch_rng``:
+    the state loads, but the sketches from there on differ from the uninterrupted run's, which
+    only ``distributed.load_optimizer_state`` used to say. Not where no step draws a sketch
+    (AdaMeM's SVD projection), nor for a dict with the RNG, nor one without state."""
+    import warnings
+
+    params = _params(torch.float32)
+    opt = make(params)
+    _train(opt, params, range(2), {})
+    without = {k: v for k, v in opt.state_dict().items() if k != "sketch_rng"}
+    for saved, expected in ((without, warns), (opt.state_dict(), False), (make(params).state_dict(), False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make(_params(torch.float32)).load_state_dict(saved)
+        messages = [str(w.message) for w in caught if "no sketch RNG" in str(w.message)]
+        assert len(messages) == expected, messages
+        assert all(m.startswith(f"{type(opt).__name__}.load_state_dict: the checkpoint has no sketch RNG") for m in messages)
+
+
 # Options added after the first release (an optimizer pickled before them has none in its
 # defaults or groups), and the AdaMeM matrix entries added later (param_shape, proj_pending).
 # No zero gradients: versions without proj_pending made no refresh pending.
