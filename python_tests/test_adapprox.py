@@ -956,6 +956,13 @@ def test_integer_params_and_sparse_grads_are_refused():
     counts.grad = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(TypeError, match=r"floating-point .*; param_groups\[0\]\['params'\]\[1\] is torch.int64"):
         Adapprox([torch.nn.Parameter(torch.randn(2)), counts]).step()
+    for cls in (Adapprox, AdaMeM):  # torch's AdamW steps complex ones as real pairs: we refuse them
+        z, v = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.complex64)), torch.nn.Parameter(torch.randn(5))
+        z.grad, v.grad = torch.randn_like(z), torch.randn_like(v)
+        before, opt = v.detach().clone(), cls([v, z])
+        with pytest.raises(TypeError, match=r"floating-point .*\['params'\]\[1\] is torch.complex64"):
+            opt.step()
+        assert torch.equal(v, before) and not opt.state
 
 
 def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
