@@ -218,6 +218,22 @@ def _gated_sums(sums: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return sums if gate is None else torch.where(gate, sums, float("nan"))
 
 
+def _step_gates(values: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    """The update gate on each device of ``values`` (the run-ahead sums, NaN marking a bad
+    gradient): a device bool, true iff no value on any device is NaN, so that a bad gradient
+    on one GPU stops the updates on all of them. One launch pair on one device, the usual
+    case; parameters on several GPUs (one optimizer over a model spread across them) add a
+    device-to-device copy of each flag, no host sync."""
+    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for v in values:
+        by_device[v.device].append(v)
+    oks = [torch.isnan(torch.cat(vs)).any().logical_not() for vs in by_device.values()]
+    if len(oks) > 1:
+        ok = torch.stack([o.to(oks[0].device, non_blocking=True) for o in oks]).all()
+        oks = [ok.to(device, non_blocking=True) for device in by_device]
+    return dict(zip(by_device, oks))
+
+
 def _key_and_gate_inputs(keys: list[int] | None, gate: torch.Tensor | None, device: torch.device) -> tuple:
     """A graphed update's inputs after the scalars: this step's stochastic-rounding keys (one
     per matrix) as a device tensor (a graph replays it with each step's keys), then the device
@@ -494,11 +510,15 @@ class Adapprox(SketchOptimizer):
 
     @staticmethod
     def _graphable(group: dict[str, Any], backend, q_prev: torch.Tensor, shards: RowShards | None) -> bool:
-        """May this bucket's step run as a CUDA graph? Whole (unsharded) fp32 matrices on CUDA
-        with the Triton kernels, outside torch.compile."""
+        """May this bucket's step run as a CUDA graph? Whole (unsharded) fp32 matrices on the
+        current CUDA device with the Triton kernels, outside torch.compile. A capture records
+        the current device's stream: the work of a bucket on another GPU would run eagerly
+        while it is captured, leaving a graph that replays nothing (or, where it allocated, a
+        failed capture after which the step ran again)."""
         return (
             group["cuda_graphs"] and q_prev.is_cuda and shards is None and q_prev.dtype == torch.float32
             and getattr(backend, "name", None) == "triton" and not torch.compiler.is_compiling()
+            and q_prev.device.index == torch.cuda.current_device()
         )  # fmt: skip
 
     @staticmethod
@@ -715,12 +735,12 @@ class Adapprox(SketchOptimizer):
         ξ and the orthonormalizer's flags come back together. A failed check then finds nothing
         modified, and :meth:`_discard_run_ahead` undoes the rest."""
         values = [sums for _, sums, _ in known]
-        gate = torch.isnan(torch.cat(values)).any().logical_not()  # NaN marks a bad gradient (_run_ahead)
+        gates = _step_gates(values)  # NaN marks a bad gradient (_run_ahead)
         # From here the device writes the updates unless the gate holds them: an error before
         # the check is read can no longer undo the step (see _run_ahead_failed).
         self._marks["updates_launched"] = True
-        for _, _, started in known:
-            started.finish(gate)
+        for _, sums, started in known:
+            started.finish(gates[sums.device])
             started.done = True
         self._graphs.flush()  # the updates
         self._narrow_ahead()

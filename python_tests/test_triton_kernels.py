@@ -1011,3 +1011,81 @@ def test_elementwise_kernels_compile_for_hopper():
             c = counts[f"dense_apply_{mom}{suffix}"]
             assert c["ld"] - c["ld_v4"] == scalars + extra and c["ld_v4"] > 0, c
             assert c["st"] == c["st_v"] > 0, c
+
+
+def test_on_device_switches_to_the_tables_gpu_only_where_it_is_not_current(monkeypatch):
+    """Triton launches on the current CUDA device whatever its tensors' device: a launcher
+    switches to the matrices' GPU where it is another (a model spread over GPUs, or
+    ``model.to("cuda:1")`` without ``torch.cuda.set_device``), and costs nothing elsewhere."""
+    import contextlib
+
+    from adapprox_kernels.kernels._launch import on_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    other = on_device(torch.device("cuda", 1))
+    assert isinstance(other, torch.cuda.device) and other.idx == 1
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        assert isinstance(on_device(device), contextlib.nullcontext)
+
+
+def test_every_launch_is_on_the_matrices_device(monkeypatch):
+    """Each pass launches its kernels inside ``on_device(table.device)`` (see the test above)."""
+    import contextlib
+
+    from adapprox_kernels.kernels import apply_update, dense_moment, update_cosine, v_matmul, v_norms
+
+    active, launched = [], []
+
+    @contextlib.contextmanager
+    def recording_device(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    for module in (apply_update, dense_moment, update_cosine, v_matmul, v_norms):
+        monkeypatch.setattr(module, "on_device", recording_device)
+    kernel_class = type(v_matmul._v_matmul_kernel)
+    run = kernel_class.run
+
+    def recording_run(self, *args, grid, **kwargs):
+        launched.append(active[-1] if active else None)
+        return run(self, *args, grid=grid, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", recording_run)
+    grads, q, u, g32, v = _inputs(2, 5, 7, 2, torch.float32)
+    x, y = torch.randn(2, 7, 3, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE)
+    clip, flat = _clip(g32, v, 0.5), [g.flatten() for g in grads]
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8, weight_decay=0.0)
+    v_matmul.v_matmul(grads, q, u, x, BETA2, eps=EPS)
+    v_matmul.v_rmatmul(grads, q, u, y, BETA2)
+    v_norms.v_norms(grads, q, u, BETA2, EPS)
+    update_cosine.update_cosine_sums(grads, q, u, [g.clone() for g in grads], clip, beta2=BETA2, eps=EPS, beta1=0.8)
+    apply_update.apply_update(grads, q, u, [g.clone() for g in grads], None, clip, **kw)
+    sqs = [g.square() for g in flat]
+    dense_moment.dense_sums(flat, sqs, BETA2, EPS)
+    dense_moment.dense_apply(flat, sqs, [g.clone() for g in flat], None, clip, **kw)
+    assert launched == [grads[0].device] * 7, launched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_passes_on_another_gpu_than_the_current_one():
+    """Matrices on cuda:1 while cuda:0 is current: the same results as with cuda:1 current
+    (before, Triton launched them on cuda:0: refused, or unordered with cuda:1's stream)."""
+    from adapprox_kernels.kernels.apply_update import apply_update
+
+    grads, q, u, g32, v = _inputs(2, 37, 129, 3, torch.float32)
+    one = torch.device("cuda", 1)
+    grads, q, u = [g.to(one) for g in grads], q.to(one), u.to(one)
+    clip = _clip(g32, v, 0.5).to(one)
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.8, weight_decay=0.1)
+    results = []
+    for current in (1, 0):
+        torch.cuda.set_device(current)
+        params, moms = [g.clone() for g in grads], [g.clone() for g in grads]
+        apply_update(grads, q, u, params, moms, clip, **kw)
+        results.append(torch.stack(params + moms))
+    torch.cuda.set_device(0)
+    assert torch.equal(results[0], results[1])

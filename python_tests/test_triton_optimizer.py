@@ -1245,3 +1245,40 @@ def test_a_default_device_of_the_users_reaches_no_kernel_constant():
                 opt.step()
         runs.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_no_cuda_graph_for_a_bucket_on_another_gpu(monkeypatch):
+    """A capture records the current device's stream: a bucket on another GPU would run eagerly
+    while captured and leave a graph that replays nothing. Such buckets run eagerly."""
+    from types import SimpleNamespace
+
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    group = {"cuda_graphs": True}
+    for index, graphable in ((0, True), (1, False)):
+        factors = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda", index))
+        assert Adapprox._graphable(group, TritonBackend, factors, None) is graphable
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_one_optimizer_over_two_gpus_matches_reference(graphs):
+    """A model spread over two GPUs (``device_map``-style), one optimizer, cuda:0 current: the
+    buckets on cuda:1 launch there (Triton launches on the current device otherwise), the step's
+    update gate reaches both devices (one ``torch.cat`` of both devices' sums raised), and only
+    cuda:0's buckets are graphed. Same run as the reference backend."""
+    torch.cuda.set_device(0)
+    runs = {}
+    for backend in ("reference", "triton"):
+        params = [torch.nn.Parameter(p.detach().to(f"cuda:{i % 2}")) for i, p in enumerate(_params(torch.float32))]
+        opt = Adapprox(params, backend=backend, seed=3, **BASE, cuda_graphs=graphs and backend == "triton")
+        for step in range(6):
+            for p, g in zip(params, _grads(step, torch.float32)):
+                p.grad = g.to(p.device)
+            opt.step()
+        runs[backend] = (params, opt)
+    _assert_same_run(*runs["reference"], *runs["triton"], torch.float32)
+    if graphs:
+        assert runs["triton"][1].cuda_graph_counts.get("failed", 0) == 0

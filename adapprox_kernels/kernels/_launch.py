@@ -7,6 +7,7 @@ the first launch on a device and are cached.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple, Sequence
 
@@ -105,6 +106,20 @@ def pow2_block(size: int, cap: int) -> int:
 def _cuda_props(index: int) -> tuple[int, int]:
     props = torch.cuda.get_device_properties(index)
     return props.multi_processor_count, props.major
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a launcher launches its kernels in: ``torch.cuda.device(device)`` where that
+    is not the current CUDA device, else nothing. Triton launches on the *current* device and
+    its current stream, whatever device its tensor arguments are on: parameters on another GPU
+    than the current one (a model spread over GPUs, ``model.to("cuda:1")`` without
+    ``torch.cuda.set_device(1)``) were stepped by kernels of the current device, which Triton
+    refuses where the GPUs have no peer access ("cannot be accessed from Triton") and which
+    otherwise run over the interconnect, unordered with the torch ops of the step on the
+    parameters' own device (their stream)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
 
 
 def dot_precision(device: torch.device) -> str:

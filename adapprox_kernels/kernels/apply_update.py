@@ -38,6 +38,7 @@ from ._launch import (
     check_new_factors,
     check_rounding_keys,
     check_vector,
+    on_device,
     pointer_arg,
     step_tables,
 )
@@ -148,21 +149,22 @@ def apply_update(
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     resid = torch.zeros(batch, tiles, dtype=torch.float32, device=table.device)
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
-    for first, count in batch_chunks(batch):
-        _apply_update_kernel[(tiles, count)](
-            table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
-            weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
-            pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, scalars,
-            scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
-            m, n, k, k_new, first,
-            *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
-            float(beta2), 1.0 - float(beta2), float(eps),
-            G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
-            STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
-            num_warps=blocks.warps, num_stages=blocks.stages,
-        )  # fmt: skip
+    with on_device(table.device):
+        for first, count in batch_chunks(batch):
+            _apply_update_kernel[(tiles, count)](
+                table.base, table.offsets, pointer_arg(q, resid), pointer_arg(u, resid),
+                weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scale,
+                pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, scalars,
+                scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
+                m, n, k, k_new, first,
+                *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
+                float(beta2), 1.0 - float(beta2), float(eps),
+                G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
+                BLOCK_M=block_m, BLOCK_N=block_n,
+                HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
+                STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
+                num_warps=blocks.warps, num_stages=blocks.stages,
+            )  # fmt: skip
     weights.writeback()
     if moms is not None:
         moms.writeback()

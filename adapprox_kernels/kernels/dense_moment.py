@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 from ..transfer import update_scalars
-from ._launch import ELEMENTWISE_BLOCKS, MatrixTable, batch_chunks, check_rounding_keys, check_vector, step_tables
+from ._launch import (
+    ELEMENTWISE_BLOCKS, MatrixTable, batch_chunks, check_rounding_keys, check_vector, on_device, step_tables,
+)
 from ._tiles import gated, matrix_seed, raw_update, store_step, update_and_average
 
 # Elements per program: as many as one tile of the other elementwise passes (4096).
@@ -109,12 +111,13 @@ def dense_sums(
     table, v = _tables(grads, exp_avg_sqs)
     programs, block = _grid_block(table.numel, block)
     out = torch.empty(len(table), 2, programs, dtype=torch.float32, device=table.device)
-    for first, count in batch_chunks(len(table)):
-        _dense_sums_kernel[(programs, count)](
-            table.base, table.offsets, v.base, v.offsets, out, table.numel, first, float(beta2), 1.0 - float(beta2), float(eps),
-            G_ALIGN=table.align, V_ALIGN=v.align, BLOCK=block,
-            num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
-        )  # fmt: skip
+    with on_device(table.device):
+        for first, count in batch_chunks(len(table)):
+            _dense_sums_kernel[(programs, count)](
+                table.base, table.offsets, v.base, v.offsets, out, table.numel, first, float(beta2), 1.0 - float(beta2), float(eps),
+                G_ALIGN=table.align, V_ALIGN=v.align, BLOCK=block,
+                num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
+            )  # fmt: skip
     return out.sum(dim=-1)
 
 
@@ -151,16 +154,17 @@ def dense_apply(
     check_vector(scalars, "scalars", 4, table.device)
     programs, block = _grid_block(table.numel, block)
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
-    for first, count in batch_chunks(len(table)):
-        _dense_apply_kernel[(programs, count)](
-            table.base, table.offsets, v.base, v.offsets, weights.base, weights.offsets, mom_table.base, mom_table.offsets,
-            clip, scalars, scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
-            table.numel, first, float(beta2), 1.0 - float(beta2), float(eps),
-            G_ALIGN=table.align, V_ALIGN=v.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
-            BLOCK=block, HAS_MOMENTUM=moms is not None,
-            STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
-            num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
-        )  # fmt: skip
+    with on_device(table.device):
+        for first, count in batch_chunks(len(table)):
+            _dense_apply_kernel[(programs, count)](
+                table.base, table.offsets, v.base, v.offsets, weights.base, weights.offsets, mom_table.base, mom_table.offsets,
+                clip, scalars, scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
+                table.numel, first, float(beta2), 1.0 - float(beta2), float(eps),
+                G_ALIGN=table.align, V_ALIGN=v.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
+                BLOCK=block, HAS_MOMENTUM=moms is not None,
+                STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
+                num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
+            )  # fmt: skip
     for written in (v, weights, moms):
         if written is not None:
             written.writeback()

@@ -14,7 +14,9 @@ import triton
 import triton.language as tl
 
 from ..transfer import update_scalars
-from ._launch import ELEMENTWISE_BLOCKS, Blocks, MatrixTable, batch_chunks, check_factors, check_vector, pointer_arg
+from ._launch import (
+    ELEMENTWISE_BLOCKS, Blocks, MatrixTable, batch_chunks, check_factors, check_vector, on_device, pointer_arg,
+)
 from ._tiles import inside, program_v_tile, tile_ptrs, tile_sum, update_and_average
 
 
@@ -74,13 +76,14 @@ def update_cosine_sums(
     block_m, block_n = blocks.tile(m, n)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.empty(batch, 3, tiles, dtype=torch.float32, device=table.device)
-    for first, count in batch_chunks(batch):
-        _update_cosine_kernel[(tiles, count)](
-            table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, scalars,
-            out, m, n, k, first, *table.stride, *q.stride(), *u.stride(), *moms.stride,
-            float(beta2), 1.0 - float(beta2), float(eps),
-            G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_LOWRANK=k > 0,
-            num_warps=blocks.warps, num_stages=blocks.stages,
-        )  # fmt: skip
+    with on_device(table.device):
+        for first, count in batch_chunks(batch):
+            _update_cosine_kernel[(tiles, count)](
+                table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, scalars,
+                out, m, n, k, first, *table.stride, *q.stride(), *u.stride(), *moms.stride,
+                float(beta2), 1.0 - float(beta2), float(eps),
+                G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n,
+                HAS_LOWRANK=k > 0,
+                num_warps=blocks.warps, num_stages=blocks.stages,
+            )  # fmt: skip
     return out.sum(dim=-1)

@@ -31,6 +31,7 @@ from ._launch import (
     check_factor,
     check_factors,
     dot_precision,
+    on_device,
     pointer_arg,
     reduction_split,
 )
@@ -125,19 +126,20 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
     with_norms = eps is not None
     precision = precision or dot_precision(table.device)
     norms = torch.empty(batch, 2, num_r * split * num_m, dtype=torch.float32, device=table.device) if with_norms else out
-    for first, count in batch_chunks(batch):
-        _v_matmul_kernel[(num_m * num_r, split, count)](
-            table.base, table.offsets, pointer_arg(q, x), pointer_arg(u, x), x, out, norms,
-            m, n, k, r, n_per_split, first,
-            sg_m, sg_n, *q.stride(), *u.stride(), *x.stride(), *out.stride(),
-            float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
-            G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-            HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION="tf32" if precision == "tf32_rn" else precision,
-            ROUND_TF32=precision == "tf32_rn", K_UNROLL=blocks.rank_unroll(k), K_DOT=blocks.rank_dot(k),
-            # Never plain tf32 for the rebuilt tiles (see lowrank_tile): tf32x3 where tensor cores have tf32.
-            REBUILD_TF32X3=precision != "ieee" and dot_precision(table.device) == "tf32x3",
-            num_warps=blocks.warps, num_stages=blocks.stages,
-        )  # fmt: skip
+    with on_device(table.device):
+        for first, count in batch_chunks(batch):
+            _v_matmul_kernel[(num_m * num_r, split, count)](
+                table.base, table.offsets, pointer_arg(q, x), pointer_arg(u, x), x, out, norms,
+                m, n, k, r, n_per_split, first,
+                sg_m, sg_n, *q.stride(), *u.stride(), *x.stride(), *out.stride(),
+                float(beta2), 1.0 - float(beta2), float(eps) if with_norms else 0.0,
+                G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+                HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION="tf32" if precision == "tf32_rn" else precision,
+                ROUND_TF32=precision == "tf32_rn", K_UNROLL=blocks.rank_unroll(k), K_DOT=blocks.rank_dot(k),
+                # Never plain tf32 for the rebuilt tiles (see lowrank_tile): tf32x3 where tensor cores have tf32.
+                REBUILD_TF32X3=precision != "ieee" and dot_precision(table.device) == "tf32x3",
+                num_warps=blocks.warps, num_stages=blocks.stages,
+            )  # fmt: skip
     product = out[0] if split == 1 else out.sum(dim=0)
     if not with_norms:
         return product, None

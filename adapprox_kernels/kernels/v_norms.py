@@ -21,6 +21,7 @@ from ._launch import (
     batch_chunks,
     check_factors,
     check_new_factors,
+    on_device,
     pointer_arg,
 )
 from ._tiles import inside, program_v_tile, raw_update, residual_sq, tile_sum
@@ -79,12 +80,13 @@ def v_norms(
     block_m, block_n = blocks.tile(m, n)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     out = torch.zeros(batch, 3, tiles, dtype=torch.float32, device=table.device)
-    for first, count in batch_chunks(batch):
-        _v_norms_kernel[(tiles, count)](
-            table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), pointer_arg(q_new, out), pointer_arg(u_new, out), out,
-            m, n, k, k_new, first, *table.stride, *q.stride(), *u.stride(), *q_new.stride(), *u_new.stride(),
-            float(beta2), 1.0 - float(beta2), float(eps),
-            G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOWRANK=k > 0, WITH_RESIDUAL=with_residual,
-            num_warps=blocks.warps, num_stages=blocks.stages,
-        )  # fmt: skip
+    with on_device(table.device):
+        for first, count in batch_chunks(batch):
+            _v_norms_kernel[(tiles, count)](
+                table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), pointer_arg(q_new, out), pointer_arg(u_new, out), out,
+                m, n, k, k_new, first, *table.stride, *q.stride(), *u.stride(), *q_new.stride(), *u_new.stride(),
+                float(beta2), 1.0 - float(beta2), float(eps),
+                G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOWRANK=k > 0, WITH_RESIDUAL=with_residual,
+                num_warps=blocks.warps, num_stages=blocks.stages,
+            )  # fmt: skip
     return out.sum(dim=-1)
