@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -60,6 +61,17 @@ def to_host(tensors: list[torch.Tensor | list[float] | None]) -> list[list[float
             start, end = end, end + tensors[i].numel()
             out[i] = flat[start:end]
     return out
+
+
+def autocast_off() -> contextlib.AbstractContextManager:
+    """Switches off the caller's autocast (CPU, CUDA) for the block where it is on: a training
+    step written wholly inside ``torch.autocast`` would run the optimizer's matmuls (S-RSI's
+    products, AdaMeM's projections) in bf16 or fp16, and its steps drift from those outside."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def check(ok: bool, msg: str) -> None:
@@ -859,6 +871,11 @@ class SketchOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with autocast_off():
+            self._take_step()
+        return loss
+
+    def _take_step(self) -> None:
         self._check_groups()
         self._forget_removed_groups()
         if self._seed_unshared:  # the process group came after the constructor: before any sketch
@@ -876,7 +893,7 @@ class SketchOptimizer(Optimizer):
         if any(all_flags):
             self._discard_run_ahead()  # rare: the step starts over, without the bad gradients
             if found_inf is not None and found_inf.item():  # the scaler's overflow: it skips the step
-                return loss
+                return
         all_flags = iter(all_flags)
         work = []
         for group, params in groups:
@@ -902,4 +919,3 @@ class SketchOptimizer(Optimizer):
                         ok.append(p)
             self._step_group(group, ok)
         self._end_step()
-        return loss

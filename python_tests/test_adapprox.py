@@ -947,6 +947,33 @@ def test_list_valued_options_are_stored_as_tuples_so_no_edit_escapes_the_check()
     assert opt.param_groups[1]["betas"] == (0.5, 0.99, 0.9)
 
 
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=4, backend="reference")), (AdaMeM, dict(rank=2))])
+def test_a_step_inside_autocast_takes_the_same_bits(cls, kw):
+    """A training step written wholly inside ``torch.autocast`` (forward, backward and
+    ``opt.step()``): the step's matmuls ran in bf16 (AdaMeM's weights moved by 1e-2 in 3
+    steps, Adapprox's by 3e-5); the step switches autocast off for itself, and a closure
+    still runs under the caller's."""
+    runs = []
+    for autocast in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(40, 30), (30,)]]
+        opt = cls(params, seed=0, **kw)
+        dtypes = []
+
+        def closure():
+            dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            return 0.0
+
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                opt.step(closure)
+        assert dtypes == [torch.bfloat16 if autocast else None] * 3
+        runs.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_integer_params_and_sparse_grads_are_refused():
     w = torch.nn.Parameter(torch.randn(4, 4))
     w.grad = torch.randn(4, 4).to_sparse()
