@@ -35,7 +35,7 @@ from .adapprox import matrix_shape
 from .distributed import is_dtensor
 from .linear_operator import DenseOperator
 from .optim_base import (
-    SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, to_host,
+    SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, keep_eager, to_host,
 )  # fmt: skip
 from .reference import apply_updates, clipped_update, signed_clip_threshold
 from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration
@@ -354,6 +354,11 @@ class AdaMeM(SketchOptimizer):
     AdaMeM runs unchanged; Adapprox steps FSDP2's row shards.
     """
 
+    # _matrix_step eager even inside torch.compile(opt.step): with two matrix shapes in a group,
+    # dynamo's resume function after the projection's graph break stepped the second bucket
+    # with a wrong update (silently, where the shapes have one size; torch 2.14.1).
+    _EAGER_UNDER_COMPILE = (*SketchOptimizer._EAGER_UNDER_COMPILE, "_matrix_step")
+
     def __init__(
         self,
         params: Iterable,
@@ -422,7 +427,7 @@ class AdaMeM(SketchOptimizer):
         # (states, ξ, found a subspace) of the buckets that refreshed their projection this
         # step, read once in _end_step.
         self._xi_pending: list[tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]] = []
-        _eager_matrix_steps()
+        keep_eager(type(self), self._EAGER_UNDER_COMPILE)
 
     # ---------------------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -545,7 +550,7 @@ class AdaMeM(SketchOptimizer):
         # the rounding of the dtype the gradients arrived in, one per bucket.
         buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
-            state = self._init_state(p, group)
+            state = self.state[p] or self._init_state(p, group)
             state["step"] += 1
             lowrank = "P" in state
             refresh = lowrank and _refresh_due(state["step"], group["update_proj_gap"], state["proj_pending"])
@@ -563,14 +568,18 @@ class AdaMeM(SketchOptimizer):
         apply_updates(
             bucket, upd, None, lr=group["lr"], beta1=0.0, weight_decay=group["weight_decay"], cosine_max_scale=None,
             rounding_keys=self._rounding_keys(group, bucket, states),
+            scalars=self._traced_scalars(group, upd.device, momentum=False),
         )  # fmt: skip
 
     def _vector_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int) -> None:
         """Dense Adafactor without momentum: the one-sided rule on a ``1×numel`` view (no δ:
         there is no momentum part to weigh it against)."""
+        # The gradients first: read through the parameters as keys of self.state, dynamo would
+        # guard each gradient by identity and compile this anew for every step's new gradients.
+        grads = [p.grad for p in bucket]
         states = [self.state[p] for p in bucket]
         v = torch.stack([s["exp_avg_sq"] for s in states])
-        g = _signed(torch.stack([p.grad.reshape(1, -1).to(v.dtype) for p in bucket]), group)
+        g = _signed(torch.stack([grad.reshape(1, -1).to(v.dtype) for grad in grads]), group)
         beta2 = group["betas"][1]
         upd = one_sided_precondition(
             g, v, beta2=beta2, bias2=1 - beta2**step if group["bias_correction"] else 1.0, eps=group["eps"],
@@ -580,7 +589,6 @@ class AdaMeM(SketchOptimizer):
             s["exp_avg_sq"].copy_(new)
         self._apply(group, bucket, upd)
 
-    # Eager even inside torch.compile(opt.step) (see _eager_matrix_steps).
     def _matrix_step(self, group: dict[str, Any], bucket: list[torch.Tensor], step: int, refresh: bool) -> None:
         """One step of a bucket of matrices; ``refresh``: recompute P first.
 
@@ -658,14 +666,3 @@ def _signed(g: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     """The stacked gradients ``g`` (a fresh tensor), negated in place for ``maximize``."""
     return g.neg_() if group["maximize"] else g
 
-
-def _eager_matrix_steps() -> None:
-    """``AdaMeM._matrix_step`` eager even inside ``torch.compile(opt.step)``: with two matrix
-    shapes in a group, dynamo's resume function after the projection's graph break stepped the
-    second bucket with a wrong update (silently, where the shapes have one size; torch 2.14.1).
-    Done once, when the first optimizer is made (or unpickled), not as a decorator at import:
-    ``torch.compiler.disable`` imports torch._dynamo, which takes a second and imports triton,
-    whose own functions are then decorated for good, before a user may set TRITON_INTERPRET."""
-    if "_matrix_step_is_eager" not in AdaMeM.__dict__:
-        AdaMeM._matrix_step = torch.compiler.disable(AdaMeM._matrix_step)
-        AdaMeM._matrix_step_is_eager = True

@@ -30,7 +30,8 @@ from .backends import backend_names, resolve_backend
 from .cuda_graphs import CallGraphs
 from .distributed import RowShards, is_dtensor, local, local_list
 from .optim_base import (
-    SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, is_real, is_sequence, to_host,
+    SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, is_real, is_sequence, keep_eager,
+    to_host,
 )
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
@@ -46,6 +47,8 @@ from .state_report import StateReport, report_rows
 from .transfer import rounding_keys_tensor, update_scalars
 
 
+# The backends whose apply_step takes α, λ and β1 as a device tensor (``scalars``).
+_SCALARS = ("reference", "triton")
 PRODUCT_PRECISIONS = (None, "tf32x3", "tf32", "ieee", "tf32_range", "tf32_rn")
 _SQRT_MAX = {dtype: math.sqrt(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}
 
@@ -313,6 +316,9 @@ class Adapprox(SketchOptimizer):
     """
 
     _RUN_OPTIONS = ("backend", "cuda_graphs")
+    # Host work on a bucket's ranks and its sketch draw (a graph break of its own: the sketch
+    # RNG is a torch.Generator), which, traced, recompiled as the ranks (floats) moved.
+    _EAGER_UNDER_COMPILE = (*SketchOptimizer._EAGER_UNDER_COMPILE, "_draw_sketch", "_used_ranks")
 
     def __init__(
         self,
@@ -403,6 +409,7 @@ class Adapprox(SketchOptimizer):
         )  # fmt: skip
 
     def _reset_step_caches(self) -> None:
+        keep_eager(type(self), self._EAGER_UNDER_COMPILE)
         self._pending: list[_Pending] = []  # buckets of the current step awaiting _end_step
         # Captured bucket steps (cuda_graphs=True): a factored bucket's S-RSI and update, a dense
         # bucket's sums and update pass, batched per step (see cuda_graphs.py); 64 calls in all.
@@ -567,7 +574,7 @@ class Adapprox(SketchOptimizer):
         buckets: dict[tuple, tuple[list[torch.Tensor], list[dict[str, Any]]]] = {}
         states = []  # in the order of params
         for p in params:
-            state = self._init_state(p, group)
+            state = self.state[p] or self._init_state(p, group)
             states.append(state)
             # The parameter's own shape, not its matrix view: a Conv2d(64, 128, 1) weight folds
             # to the (128, 64) of a Linear(64, 128) but is written back in its own shape. A
@@ -901,7 +908,10 @@ class Adapprox(SketchOptimizer):
         rounding_keys = self._rounding_keys(group, bucket, states)
         if rounding_keys is not None and shards is not None:  # each shard its own bits
             rounding_keys = shard_keys(rounding_keys, shards.local_rows.start)
-        apply_updates(local_list(bucket), upd, exp_avgs, **kw, reduce=reduce, rounding_keys=rounding_keys)
+        scalars = None if shards is not None else self._traced_scalars(group, upd.device, momentum=True)
+        apply_updates(
+            local_list(bucket), upd, exp_avgs, **kw, reduce=reduce, rounding_keys=rounding_keys, scalars=scalars
+        )
 
     def _draw_sketch(self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]):
         """The bucket's Gaussian sketch ``(B, n, width)``, on its factors' device and in their
@@ -946,7 +956,7 @@ class Adapprox(SketchOptimizer):
         width = sketch.shape[-1]
         warm = group["warm_start"] and min(prev_cols) > 0
         iters = group["warm_power_iters"] if warm else group["power_iters"]
-        used = _round_ranks(states, width)
+        used = self._used_ranks(states, width)
         # The sigmoid policy decides each matrix's rank on its own step count: same-shaped
         # matrices skip different steps (no gradient, a skipped non-finite step, added later).
         if group["rank_policy"] == "step":
@@ -975,8 +985,10 @@ class Adapprox(SketchOptimizer):
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 
         rounding_keys = self._rounding_keys(group, bucket, states)
+        # Compiled, the update reads α, λ and β1 from a tensor (see _traced_scalars).
+        traced = self._traced_scalars(group, q_prev.device, True) if getattr(backend, "name", None) in _SCALARS else None
 
-        def update(op, q, u, used_mask, scalars=None, keys=rounding_keys):
+        def update(op, q, u, used_mask, scalars=traced, keys=rounding_keys):
             """Updates W (and M) in place; ξ ``(B,)`` or None. It needs only V_t, so it runs
             before the rank decision; a fused backend also returns ξ's numerator from its pass."""
             factors = (q * used_mask.to(q.dtype), u * used_mask.to(u.dtype)) if measure else None
@@ -1056,6 +1068,11 @@ class Adapprox(SketchOptimizer):
             self._pending.append(_Pending(group, bucket, states, shards, cap, q, u, used, due, xi, failed, redo))
 
         return _Started(states, lambda: srsi_outputs()[2], finish, prepare)
+
+    def _used_ranks(self, states: list[dict[str, Any]], width: int) -> list[int]:
+        """The ranks this step uses, :func:`_round_ranks` (eager inside torch.compile, which
+        would guard each rank's value)."""
+        return _round_ranks(states, width)
 
     def _previous_factors(self, states: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """The bucket's previous factors ``(B, m, K)``, ``(B, n, K)``, zero-padded to a common

@@ -58,13 +58,13 @@ class ReferenceBackend:
     @staticmethod
     def apply_step(
         op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale, residual_factors=None,
-        rounding_keys=None,
+        rounding_keys=None, scalars=None,
     ):  # fmt: skip
         resid = op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
         upd = op.clipped_update(eps, clip_threshold)
         reference.apply_updates(
             params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay, cosine_max_scale=cosine_max_scale,
-            rounding_keys=rounding_keys,
+            rounding_keys=rounding_keys, scalars=scalars,
         )  # fmt: skip
         return resid
 

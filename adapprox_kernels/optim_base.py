@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 
 from .distributed import check_same_seed, group_size, is_dtensor, local, nonfinite_flags, process_rank, shared_seed
 from .reference import mix32
+from .transfer import rounding_keys_tensor, update_scalars
 
 NONFINITE_POLICIES = ("raise", "skip")
 _grad, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
@@ -188,12 +189,33 @@ def _max_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads, float("inf")))
 
 
+def keep_eager(cls: type, names: tuple[str, ...]) -> None:
+    """Makes ``cls``'s methods ``names`` run eagerly inside ``torch.compile(opt.step)``
+    (``torch.compiler.disable``), once per class: host work that dynamo would compile anew for
+    every parameter or every step (it guards a parameter by identity, and a Python number of
+    the state by value), until its recompile limit, after which it runs that frame eagerly
+    for good. Done when an optimizer is made or unpickled, not as a decorator at import:
+    ``torch.compiler.disable`` imports torch._dynamo, which takes a second and imports triton,
+    whose own functions are then decorated for good, before a user may set TRITON_INTERPRET."""
+    if "_eager_methods" in cls.__dict__:
+        return
+    for name in names:
+        fn = getattr(cls, name)
+        if not getattr(fn, "_kept_eager", False):
+            fn = torch.compiler.disable(fn)
+            fn._kept_eager = True
+            setattr(cls, name, fn)
+    cls._eager_methods = names
+
+
 class SketchOptimizer(Optimizer):
     """Base class; subclasses implement ``_init_state`` and ``_step_group``."""
 
     # A drawn seed that no process group has shared yet (none existed at construction): the
     # first step takes rank 0's. A class attribute, for copies unpickled from older pickles.
     _seed_unshared = False
+    # Methods that run eagerly inside torch.compile(opt.step) (see keep_eager).
+    _EAGER_UNDER_COMPILE: tuple[str, ...] = ("_init_state", "_check_groups", "_rounding_keys_tensor", "_update_scalars")
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -267,7 +289,9 @@ class SketchOptimizer(Optimizer):
         self._reset_step_caches()
 
     def _reset_step_caches(self) -> None:
-        """Per-object helpers that are not state (a subclass's step caches); after unpickling."""
+        """Per-object helpers that are not state (a subclass's step caches); after unpickling.
+        A subclass's override calls :func:`keep_eager` as this does."""
+        keep_eager(type(self), self._EAGER_UNDER_COMPILE)
 
     @classmethod
     def _constructor_defaults(cls) -> dict[str, Any]:
@@ -410,17 +434,38 @@ class SketchOptimizer(Optimizer):
         counts are saved). None where the group rounds to nearest or the bucket is not bf16."""
         if not group["bf16_stochastic_round"] or bucket[0].dtype != torch.bfloat16:
             return None
+        if torch.compiler.is_compiling():
+            # Traced, the keys (new every step) would be constants of the compiled update, which
+            # dynamo then compiled anew every step until its recompile limit, and ran eagerly
+            # from then on: made eagerly, as a tensor that the update takes as an input.
+            return self._rounding_keys_tensor(group, bucket, states)
         params = group["params"]
-        if torch.compiler.is_compiling():  # dynamo traces no id(): the same keys, found by identity
-            index = next(i for i, g in enumerate(self.param_groups) if g is group)
-            slots = [next(i for i, q in enumerate(params) if q is p) for p in bucket]
-            return [(mix32((self._seed, index, s)) + state["step"]) & 0xFFFFFFFF for s, state in zip(slots, states)]
         slot_of, prefixes = self._key_prefixes(group)
         slots = [slot_of.get(id(p), -1) for p in bucket]
         if not all(s >= 0 and params[s] is p for s, p in zip(slots, bucket)):  # the list was edited in place
             slot_of, prefixes = self._key_prefixes(group, fresh=True)
             slots = [slot_of[id(p)] for p in bucket]
         return [(prefixes[s] + state["step"]) & 0xFFFFFFFF for s, state in zip(slots, states)]
+
+    def _rounding_keys_tensor(
+        self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]
+    ) -> torch.Tensor:
+        """:meth:`_rounding_keys` as an int64 ``(B,)`` tensor on the bucket's device, which every
+        backend's update takes as it takes the ints (the same bits); eager inside
+        torch.compile (see :func:`keep_eager`)."""
+        return rounding_keys_tensor(self._rounding_keys(group, bucket, states), local(bucket[0]).device)
+
+    def _traced_scalars(self, group: dict[str, Any], device: torch.device, momentum: bool) -> torch.Tensor | None:
+        """Inside torch.compile, the group's ``[α, 1 − α·λ, β1, 1 − β1]`` as a tensor on ``device``
+        (β1 = 0 without ``momentum``), which the reference update reads in place of the numbers
+        (``reference.apply_updates``): a scheduler's new lr every step would otherwise be a new
+        constant of the compiled update, compiled anew each step. None in an eager step."""
+        return self._update_scalars(group, device, momentum) if torch.compiler.is_compiling() else None
+
+    def _update_scalars(self, group: dict[str, Any], device: torch.device, momentum: bool) -> torch.Tensor:
+        """:meth:`_traced_scalars`' tensor, made eagerly (see :func:`keep_eager`)."""
+        beta1 = group["betas"][0] if momentum else 0.0
+        return update_scalars(group["lr"], group["weight_decay"], beta1, device)
 
     def _key_prefixes(self, group: dict[str, Any], fresh: bool = False) -> tuple[dict[int, int], list[int]]:
         """``({id(p): slot}, [hash of (seed, group index, slot) for each slot])`` of ``group``,

@@ -142,15 +142,21 @@ def apply_updates(
     weight_decay: float,
     cosine_max_scale: float | None,
     reduce: Reduce | None = None,
-    rounding_keys: Sequence[int] | None = None,
+    rounding_keys: Sequence[int] | torch.Tensor | None = None,
+    scalars: torch.Tensor | None = None,
 ) -> None:
     """Lines 346–349 for each matrix ``b``: momentum of updates, optional cosine guidance,
     decoupled weight decay. ``upd`` is fp32 ``(B, *param.shape)``; each parameter is written in
     its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own. ``reduce``: see
     :func:`clipped_update` (only the cosine guidance reduces over the matrix). With
-    ``rounding_keys`` (one per parameter), bfloat16 parameters are rounded at random
-    (:func:`stochastic_round_bf16`), the others to nearest."""
+    ``rounding_keys`` (one per parameter, ints or an int64 tensor), bfloat16 parameters are
+    rounded at random (:func:`stochastic_round_bf16`), the others to nearest. ``scalars``:
+    ``[α, 1 − α·λ, β1, 1 − β1]`` (``transfer.update_scalars``), read in place of ``lr``,
+    ``weight_decay`` and ``beta1`` by an fp32 update (see :func:`_apply_from_scalars`)."""
     upd = upd.reshape(len(params), *params[0].shape)
+    if scalars is not None and upd.dtype == torch.float32:
+        _apply_from_scalars(params, upd, exp_avgs, scalars, cosine_max_scale, reduce, rounding_keys)
+        return
     # A handful of kernel launches per bucket rather than a few per parameter: foreach ops in
     # place (see in_place_ok), or batched arithmetic in fp32 and one foreach copy back (rounding
     # once to each tensor's own dtype). avg is a stacked tensor or the exp_avgs list itself.
@@ -183,6 +189,37 @@ def apply_updates(
             rounded = stochastic_round_bf16(new, rounding_keys).unbind(0)
             rows = [r if p.dtype == torch.bfloat16 else x for p, r, x in zip(params, rounded, rows)]
         torch._foreach_copy_(params, rows)
+
+
+def _apply_from_scalars(
+    params: Sequence[torch.Tensor],
+    upd: torch.Tensor,
+    exp_avgs: Sequence[torch.Tensor] | None,
+    scalars: torch.Tensor,
+    cosine_max_scale: float | None,
+    reduce: Reduce | None,
+    rounding_keys: Sequence[int] | torch.Tensor | None,
+) -> None:
+    """:func:`apply_updates` with α, λ and β1 from the fp32 tensor ``scalars``, for
+    ``torch.compile``: read as Python numbers, they were constants of the compiled update,
+    which dynamo compiled anew for every learning rate a scheduler wrote, until its recompile
+    limit (then it ran eagerly). The same bits as the numbers: each is rounded to fp32 as the
+    op rounds a Python number, ``addcmul`` rounds ``x + a·s`` once as ``add``'s ``alpha`` does,
+    and ``x·1 == x`` where the eager update skips the decay. Always stacked (the in-place
+    foreach way gives the same bits)."""
+    lr, decay, beta1, one_minus_beta1 = scalars.to(upd.device).unbind(0)
+    avg = upd
+    if exp_avgs is not None:
+        avg = stack_as(exp_avgs, upd.dtype).mul_(beta1).addcmul_(upd, one_minus_beta1)
+        torch._foreach_copy_(exp_avgs, avg.unbind(0))
+        if cosine_max_scale is not None:
+            avg = avg * cosine_guidance_factor(upd, avg, cosine_max_scale, reduce)
+    new = stack_as(params, upd.dtype).mul_(decay).addcmul_(avg, lr.neg())
+    rows = new.unbind(0)
+    if rounding_keys is not None and any(p.dtype == torch.bfloat16 for p in params):
+        rounded = stochastic_round_bf16(new, rounding_keys).unbind(0)
+        rows = [r if p.dtype == torch.bfloat16 else x for p, r, x in zip(params, rounded, rows)]
+    torch._foreach_copy_(params, rows)
 
 
 _U32 = 0xFFFFFFFF

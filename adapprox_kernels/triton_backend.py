@@ -160,20 +160,26 @@ def apply_update_op(
     beta1: float,
     weight_decay: float,
     rounding_keys: Optional[torch.Tensor] = None,
+    scalars: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Writes ``params`` (and ``exp_avgs``; an empty list means no momentum) in place;
     returns ``‖V − q_new u_newᵀ‖²`` ``(B,)`` when new factors are given, else an empty tensor.
     ``rounding_keys``: bf16 ``params`` are rounded at random with these, a key per matrix
-    (``transfer.rounding_keys_tensor``)."""
+    (``transfer.rounding_keys_tensor``). ``scalars``: ``[α, 1 − α·λ, β1, 1 − β1]``
+    (``transfer.update_scalars``), read in place of ``lr``, ``weight_decay`` and ``beta1``."""
     resid = _kernel("apply_update").apply_update(
         grads, q, u, params, exp_avgs or None, clip, scale, q_new, u_new,
         beta2=beta2, eps=eps, lr=lr, beta1=beta1, weight_decay=weight_decay, rounding_keys=rounding_keys,
+        scalars=scalars,
     )  # fmt: skip
     return resid if resid is not None else _empty(clip)
 
 
 @apply_update_op.register_fake
-def _(grads, q, u, params, exp_avgs, clip, scale, q_new, u_new, beta2, eps, lr, beta1, weight_decay, rounding_keys=None):
+def _(
+    grads, q, u, params, exp_avgs, clip, scale, q_new, u_new, beta2, eps, lr, beta1, weight_decay, rounding_keys=None,
+    scalars=None,
+):  # fmt: skip
     return clip.new_empty(clip.shape[0]) if q_new is not None else clip.new_empty(0)
 
 
@@ -412,18 +418,17 @@ class TritonBackend:
         the RMS sums, the cosine sums and the residual are summed over the ranks with it.
         ``scalars``: ``[α, 1 − α·λ, β1, 1 − β1]`` on the device (``transfer.update_scalars``),
         read by the fused passes in place of ``lr``, ``weight_decay`` and ``beta1`` (a
-        CUDA-graphed step; eager launches only). ``rounding_keys``: bf16 weights are rounded at
+        CUDA-graphed step, or a traced one: see ``SketchOptimizer._traced_scalars``; cosine
+        guidance's sums still read ``beta1`` when traced). ``rounding_keys``: bf16 weights are rounded at
         random with these keys, one per matrix (``reference.stochastic_round_bf16``): ints or,
         in a graphed step, ``transfer.rounding_keys_tensor``'s device tensor."""
         if reduce is not None and not isinstance(op, TritonSecondMoment):
             raise TypeError("a row-sharded step needs the Triton operator on every rank with rows")
-        if scalars is not None and not (isinstance(op, TritonSecondMoment) and op._eager):
-            raise ValueError("scalars needs the Triton operator, launched eagerly")
         if not isinstance(op, TritonSecondMoment):
             return ReferenceBackend.apply_step(
                 op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
                 weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
-                rounding_keys=rounding_keys,
+                rounding_keys=rounding_keys, scalars=scalars,
             )  # fmt: skip
         if eps != op.eps:
             raise ValueError(f"apply_step got eps={eps}, the operator was built with eps={op.eps}")
@@ -458,9 +463,12 @@ class TritonBackend:
                 rounding_keys=_keys_on(rounding_keys, op.table.device),
             )  # fmt: skip
         else:
+            # With scalars, no Python number that a scheduler changes is an argument of the op
+            # (dynamo would compile the step anew for each).
+            numbers = (lr, beta1, weight_decay) if scalars is None else (0.0, 0.0, 0.0)
             resid = torch.ops.adapprox_kernels.apply_update(
-                op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, lr, beta1, weight_decay,
-                _keys_on(rounding_keys, op.q.device),
+                op.grads, op.q, op.u, weights, moms, clip, scale, q_new, u_new, op.beta2, op.eps, *numbers,
+                _keys_on(rounding_keys, op.q.device), scalars,
             )  # fmt: skip
         op.g_passes += 1
         for original, copy in staged:

@@ -35,3 +35,53 @@ def eager_and_compiled(
         assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
         runs.append(params)
     return runs
+
+
+def graphs_per_step(
+    make_optimizer, shapes, backend: str, steps: int, dtype=torch.float32, grad=torch.randn, after_step=None,
+    device="cpu",
+) -> tuple[list[tuple[int, int]], list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """``torch.compile(opt.step, backend=backend)`` for ``steps`` steps, each with new gradient
+    tensors (``grad(shape)``, as a backward pass after ``zero_grad()`` makes them), with
+    ``after_step(opt)`` after each (a scheduler's writes): per step, how many graphs dynamo
+    compiled and how many compiled graphs ran, then the parameters, eager and compiled, from
+    the same seeds and gradients. A frame that dynamo recompiles every step shows as new graphs
+    on every step; one that hit its recompile limit, which dynamo only logs and then runs
+    eagerly for good, as fewer graphs run (and, where torch has the switch, as an error)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    compile_graph = lookup_backend(backend)
+    counts = {"compiled": 0, "ran": 0}
+
+    def counting(gm, example_inputs):
+        counts["compiled"] += 1
+        compiled = compile_graph(gm, example_inputs)
+
+        def run(*args):
+            counts["ran"] += 1
+            return compiled(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(1)
+    grads = [[grad(s, generator=gen).to(dtype).to(device) for s in shapes] for _ in range(steps)]
+    runs, per_step = [], []
+    config = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s).to(dtype).to(device)) for s in shapes]
+        opt = make_optimizer(params)
+        step = torch.compile(opt.step, backend=counting) if compiled else opt.step
+        with torch._dynamo.config.patch(**config):
+            for gs in grads:
+                for p, g in zip(params, gs):
+                    p.grad = g.clone()
+                before = dict(counts)
+                step()
+                if compiled:
+                    per_step.append((counts["compiled"] - before["compiled"], counts["ran"] - before["ran"]))
+                if after_step is not None:
+                    after_step(opt)
+        runs.append(params)
+    return per_step, *runs

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
-from compiled_step import eager_and_compiled
+from compiled_step import eager_and_compiled, graphs_per_step
 
 from adapprox_kernels import AdaMeM
 from adapprox_kernels.adamem import adamem_directions, rotate_momentum, top_left_subspace
@@ -536,6 +536,26 @@ def test_a_compiled_step_follows_the_eager_one(second):
     eager, compiled = eager_and_compiled(make, [(20, 33), second, (7,)], "aot_eager", 2)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_compiled_step_compiles_nothing_after_its_second_step():
+    """``torch.compile(opt.step)`` with new gradient tensors every step (as ``zero_grad()`` and a
+    backward pass make them), a scheduler's lr and bf16 stochastic rounding: the first two
+    steps compile (the first step's count is a constant), then nothing. The vector step was
+    compiled anew every step (dynamo guarded each gradient by identity, read through the
+    parameter as a key of ``self.state``), and so was the update (the lr, the rounding keys),
+    until the recompile limit, after which they ran eagerly, silently."""
+
+    def decay(opt):
+        opt.param_groups[0]["lr"] *= 0.9
+
+    make = lambda ps: AdaMeM(ps, lr=1e-2, rank=2, seed=3, bf16_stochastic_round=True)  # noqa: E731
+    shapes = [(20, 33), (7,), (9,)]
+    per_step, eager, compiled = graphs_per_step(make, shapes, "aot_eager", 5, torch.bfloat16, after_step=decay)
+    assert [new for new, _ in per_step[2:]] == [0, 0, 0], per_step
+    assert len({ran for _, ran in per_step[1:]}) == 1, per_step  # no frame dropped to eager
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
 
 
 def test_batched_bucket_equals_one_by_one():

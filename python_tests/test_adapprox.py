@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from compiled_step import eager_and_compiled
+from compiled_step import eager_and_compiled, graphs_per_step
 
 from adapprox_kernels import AdaMeM, Adapprox
 from adapprox_kernels import optim_base
@@ -499,6 +499,74 @@ def test_a_compiled_step_with_matrices_of_two_shapes():
     eager, compiled = eager_and_compiled(make, [(20, 33), (12, 5, 4)], "aot_eager", 3)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _low_rank_grad(shape, generator):
+    """A rank-2 gradient for matrices: ξ falls below the threshold and the rank moves every step."""
+    if len(shape) < 2:
+        return torch.randn(shape, generator=generator)
+    return torch.randn(shape[0], 2, generator=generator) @ torch.randn(2, shape[1], generator=generator)
+
+
+def _decay_lr(opt):
+    for group in opt.param_groups:
+        group["lr"] *= 0.9  # what a scheduler writes every step
+
+
+@pytest.mark.parametrize("case", ["lr schedule", "stochastic rounding", "moving rank"])
+def test_a_compiled_step_compiles_nothing_after_its_second_step(case):
+    """``torch.compile(opt.step)`` compiles the first two steps' frames (the second has factors)
+    and then nothing: what changes every step is no constant of a graph. It used to: a
+    scheduler's lr (a float of the update, and of the step's hyperparameter check), the
+    stochastic-rounding keys (Python ints, new every step) and the rank while it moves (a float
+    of the sketch width): the update, the step or the sketch draw was compiled anew every step,
+    and from the ninth, past dynamo's recompile limit, silently run eagerly. The compiled
+    parameters follow the eager ones."""
+    kw, dtype, grad, after = dict(k_max=2, seed=0), torch.float32, torch.randn, None
+    if case == "lr schedule":
+        after = _decay_lr
+    elif case == "stochastic rounding":
+        kw["bf16_stochastic_round"], dtype = True, torch.bfloat16
+    else:
+        kw["k_max"], grad = 8, _low_rank_grad
+    shapes = [(24, 30), (24, 30), (7,)]
+    per_step, eager, compiled = graphs_per_step(lambda ps: Adapprox(ps, **kw), shapes, "aot_eager", 5, dtype, grad, after)
+    assert [new for new, _ in per_step[2:]] == [0, 0, 0], per_step
+    assert len({ran for _, ran in per_step[1:]}) == 1, per_step  # no frame dropped to eager
+    for a, b in zip(eager, compiled):
+        if dtype == torch.bfloat16:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_the_update_from_device_scalars_gives_the_bits_of_the_numbers():
+    """Compiled, the reference update reads α, λ and β1 from a tensor (``scalars``), not as
+    Python numbers; it must write the bits the numbers give, momentum, weight decay, cosine
+    guidance and stochastic rounding (its keys as a tensor too) included."""
+    from adapprox_kernels.reference import apply_updates
+    from adapprox_kernels.transfer import update_scalars
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype, beta1, wd, cosine in [
+        (torch.float32, 0.0, 0.0, None), (torch.float32, 0.9, 0.1, None), (torch.float32, 0.9, 0.1, 2.0),
+        (torch.bfloat16, 0.9, 0.1, None), (torch.bfloat16, 0.0, 0.1, None),
+    ]:  # fmt: skip
+        for trial in range(10):
+            lr = float(torch.rand((), generator=gen)) * 1e-2
+            p0, m0 = (torch.randn(3, 17, 9, generator=gen).to(dtype) for _ in range(2))
+            upd = torch.randn(3, 17, 9, generator=gen)
+            keys = [trial, 2**32 - 5, 99] if dtype == torch.bfloat16 else None
+            out = []
+            for scalars in (None, update_scalars(lr, wd, beta1, torch.device("cpu"))):
+                ps, ms = list(p0.clone()), list(m0.clone()) if beta1 else None
+                k = keys if scalars is None or keys is None else torch.tensor(keys)
+                apply_updates(
+                    ps, upd, ms, lr=lr, beta1=beta1, weight_decay=wd, cosine_max_scale=cosine if beta1 else None,
+                    rounding_keys=k, scalars=scalars,
+                )  # fmt: skip
+                out.append(torch.stack(ps + (ms or [])))
+            assert torch.equal(*out), (dtype, beta1, wd, cosine, trial)
 
 
 def test_bf16_params_keep_fp32_factors_through_checkpoint():

@@ -762,6 +762,7 @@ def test_opcheck_custom_ops():
     moms = [torch.randn(5, 7, device=DEVICE) for _ in range(2)]
     clip, scale = torch.ones(2, device=DEVICE), torch.full((2,), 1.5, device=DEVICE)
     keys = torch.tensor([12345, 2**32 - 1], dtype=torch.int64, device=DEVICE)  # bf16 params: stochastic rounding
+    scalars = torch.tensor([0.1, 0.99, 0.9, 0.1], device=DEVICE)  # α, 1 − α·λ, β1, 1 − β1 (a traced step's)
     cases = [
         (tb.v_matmul_op, (grads, q, u, x, BETA2, EPS, True)),
         (tb.v_matmul_op, (grads, q, u, x, BETA2, EPS, False)),
@@ -772,6 +773,7 @@ def test_opcheck_custom_ops():
         (tb.apply_update_op, (grads, q, u, params, moms, clip, scale, qn, un, BETA2, EPS, 0.1, 0.9, 0.1)),
         (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0)),
         (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0, keys)),
+        (tb.apply_update_op, (grads, q, u, params, moms, clip, scale, qn, un, BETA2, EPS, 0.0, 0.0, 0.0, keys, scalars)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

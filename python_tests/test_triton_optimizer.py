@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from compiled_step import eager_and_compiled
+from compiled_step import eager_and_compiled, graphs_per_step
 from triton_env import DEVICE, triton_kernels  # noqa: F401  (autouse fixture)
 
 from adapprox_kernels import Adapprox
@@ -202,6 +202,26 @@ def test_bf16_stochastic_round_under_torch_compile():
     nearest, _ = eager_and_compiled(lambda ps: make(ps, False), shapes, "eager", 2, torch.bfloat16, DEVICE)
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
     assert all((a != b).float().mean() > 0.05 for a, b in zip(eager[:2], nearest[:2]))  # ~0.1 here
+
+
+def test_a_compiled_step_on_the_kernels_compiles_nothing_after_its_second_step():
+    """``torch.compile(opt.step)`` on the Triton backend with a scheduler's lr and bf16 weights
+    rounded at random: after two steps nothing is compiled, and the compiled steps give the
+    eager bits. The update's custom op took the lr as a number and the keys were made from
+    Python ints in the trace: both were constants, compiled anew every step until dynamo's
+    recompile limit, after which the update ran eagerly; now both arrive as tensors."""
+
+    def decay(opt):
+        opt.param_groups[0]["lr"] *= 0.9
+
+    make = lambda ps: Adapprox(ps, backend="triton", bf16_stochastic_round=True, k_max=4, seed=0)  # noqa: E731
+    shapes = [(20, 33), (20, 33), (7,)]
+    per_step, eager, compiled = graphs_per_step(
+        make, shapes, "eager", 5, torch.bfloat16, after_step=decay, device=DEVICE
+    )
+    assert [new for new, _ in per_step[2:]] == [0, 0, 0], per_step
+    assert len({ran for _, ran in per_step[1:]}) == 1, per_step
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
 
 
 def test_product_precision_under_torch_compile():
