@@ -493,8 +493,9 @@ class AdaMeM(SketchOptimizer):
             problems.append(f"'proj_pending' is a {type(pending).__name__}, not a bool")
         return problems
 
-    def _draws_sketches(self) -> bool:
-        return any(group["projection"] != "svd" for group in self.param_groups)
+    def _draws_sketches(self, groups: list[dict[str, Any]]) -> bool:
+        # The saved groups replace ours; one saved before the option existed takes the default.
+        return any(group.get("projection", self.defaults["projection"]) != "svd" for group in groups)
 
     def _export_state(self, saved: dict[Any, dict[str, Any]]) -> None:
         """``param_shape`` as a 1-D int64 tensor (see :func:`_shape_tuple`)."""

@@ -388,10 +388,11 @@ class SketchOptimizer(Optimizer):
         for i, group in enumerate(self.param_groups):
             values = list(map(group.get, names))
             lr, was = group.get("lr"), checked.get(i)
-            # The values themselves, compared by identity first; a tensor never by value (==
-            # compares elements): another tensor than the one checked counts as changed.
+            # The values themselves, compared by identity first, then by type (4.0 == 4 and
+            # 1 == True, but an int option must be an int, a flag a bool), then by value; a
+            # tensor never by value (== compares elements): another tensor counts as changed.
             changed = was is None or any(
-                v is not w and (torch.is_tensor(v) or torch.is_tensor(w) or v != w) for v, w in zip(values, was)
+                v is not w and (type(v) is not type(w) or torch.is_tensor(v) or v != w) for v, w in zip(values, was)
             )
             if not (changed or torch.is_tensor(lr)):
                 continue
@@ -609,7 +610,7 @@ class SketchOptimizer(Optimizer):
                 self._check_saved_state(p, state_dict["state"].get(idx))
                 self._check_saved_shards(p, state_dict["state"].get(idx), saved_on)
         tensors = [(p, state_dict["state"].get(idx, {})) for idx, p in zip(saved_ids, params)] if same_groups else []
-        if rng is None and state_dict["state"] and self._draws_sketches():
+        if rng is None and state_dict["state"] and self._draws_sketches(state_dict["param_groups"]):
             warnings.warn(
                 f"{type(self).__name__}.load_state_dict: the checkpoint has no sketch RNG ('sketch_rng': torch's "
                 "get_optimizer_state_dict and ZeroRedundancyOptimizer.consolidate_state_dict drop it; "
@@ -622,8 +623,9 @@ class SketchOptimizer(Optimizer):
         self._loading = (self._loading, tensors, None if rng is None else self._checked_rng(rng))
         return state_dict
 
-    def _draws_sketches(self) -> bool:
-        """Does a step draw from the sketch RNG (so that a resume without it changes the numbers)?"""
+    def _draws_sketches(self, groups: list[dict[str, Any]]) -> bool:
+        """Does a step with these (the saved, about to be loaded) param groups draw from the
+        sketch RNG, so that a resume without it changes the numbers?"""
         return True
 
     def _check_saved_group(self, i: int, saved_group: dict[str, Any]) -> None:
@@ -632,8 +634,9 @@ class SketchOptimizer(Optimizer):
         later). The run options stay ours; keys we do not know (a scheduler's initial_lr) are not
         ours to check."""
         own = {k: v for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
-        # The step takes any real lr: a tensor filled in place (torch.optim's habit; the step
-        # leaves it unchecked, see _check_groups) or a NumPy number (a LambdaLR's). Checked here by value.
+        # The step takes any real lr: a one-element tensor filled in place (torch.optim's habit;
+        # the step checks its value every step, see _check_groups) or a NumPy number (a
+        # LambdaLR's). Checked here by value.
         lr = own.get("lr")
         if (torch.is_tensor(lr) and lr.numel() == 1) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool)):
             own["lr"] = float(lr)

@@ -949,6 +949,11 @@ def test_bad_param_group_values_are_refused(override, match):
         # tensor trained on (NaN weights here), and its checkpoint refused to load.
         (Adapprox, dict(k_max=4), {"weight_decay": torch.tensor(float("nan"))}, "weight_decay"),
         (AdaMeM, dict(rank=2), {"weight_decay": torch.tensor(0.01)}, "weight_decay"),
+        # Equal to the checked value but of another type (4.0 == 4, 1 == True): compared by
+        # value only, they went unchecked, and the run's checkpoints then refused to load.
+        (Adapprox, dict(k_max=4), {"k_max": 4.0}, "k_max"),
+        (AdaMeM, dict(rank=2), {"rank": 2.0}, "rank"),
+        (Adapprox, dict(k_max=4, cosine_guidance=True), {"cosine_guidance": 1}, "cosine_guidance"),
     ],
 )
 def test_a_bad_value_written_into_param_groups_mid_run_is_refused_before_the_step(cls, kw, bad, match):

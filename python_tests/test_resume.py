@@ -253,6 +253,25 @@ def test_a_checkpoint_without_the_sketch_rng_loads_with_a_warning(make, warns):
         assert all(m.startswith(f"{type(opt).__name__}.load_state_dict: the checkpoint has no sketch RNG") for m in messages)
 
 
+@pytest.mark.parametrize("saved,loader,warns", [("srsi", "svd", True), ("svd", "srsi", False)])
+def test_the_sketch_rng_warning_follows_the_loaded_projection(saved, loader, warns):
+    """The saved param groups replace the loading optimizer's, ``projection`` among them: the
+    resumed run draws sketches where the checkpoint's projection does (an SVD optimizer that
+    loaded an S-RSI checkpoint without its RNG said nothing, and resumed on other sketches)."""
+    import warnings
+
+    params = _params(torch.float32)
+    opt = _adamem(projection=saved)(params)
+    _train(opt, params, range(2), {})
+    without = {k: v for k, v in opt.state_dict().items() if k != "sketch_rng"}
+    fresh = _adamem(projection=loader)(_params(torch.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(without)
+    assert fresh.param_groups[0]["projection"] == saved
+    assert any("no sketch RNG" in str(w.message) for w in caught) == warns
+
+
 # Options added after the first release (an optimizer pickled before them has none in its
 # defaults or groups), and the AdaMeM matrix entries added later (param_shape, proj_pending).
 # No zero gradients: versions without proj_pending made no refresh pending.
