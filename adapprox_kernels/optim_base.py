@@ -28,6 +28,8 @@ import inspect
 import math
 import numbers
 import operator
+import os
+import sys
 import warnings
 from collections import defaultdict
 from itertools import islice, repeat
@@ -73,6 +75,19 @@ def autocast_off() -> contextlib.AbstractContextManager:
         if torch.is_autocast_enabled(device_type):
             stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
+
+
+# Where the package's and torch's own frames are (see _outside_stacklevel).
+_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` for its caller's ``warnings.warn`` that names the first frame outside
+    this package and torch: the user's call, however many hooks and wrappers lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check(ok: bool, msg: str) -> None:
@@ -618,7 +633,7 @@ class SketchOptimizer(Optimizer):
                 "its own seed and generators, so its Gaussian sketches from here on differ from the uninterrupted "
                 "run's: the same algorithm, not the same numbers.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=_outside_stacklevel(),
             )
         self._loading = (self._loading, tensors, None if rng is None else self._checked_rng(rng))
         return state_dict

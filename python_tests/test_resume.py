@@ -251,6 +251,8 @@ def test_a_checkpoint_without_the_sketch_rng_loads_with_a_warning(make, warns):
         messages = [str(w.message) for w in caught if "no sketch RNG" in str(w.message)]
         assert len(messages) == expected, messages
         assert all(m.startswith(f"{type(opt).__name__}.load_state_dict: the checkpoint has no sketch RNG") for m in messages)
+        # It names the caller's line, not a frame of torch's hooks (torch/_compile.py).
+        assert all(w.filename == __file__ for w in caught if "no sketch RNG" in str(w.message))
 
 
 @pytest.mark.parametrize("saved,loader,warns", [("srsi", "svd", True), ("svd", "srsi", False)])
