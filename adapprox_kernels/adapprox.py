@@ -785,16 +785,19 @@ class Adapprox(SketchOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         # The buckets _run_ahead formed hold these very parameters unless it was discarded.
-        buckets = self._ahead_buckets.pop(id(group), None) or self._buckets(params, group)[0]
+        # id() first: torch 2.8's dynamo breaks the graph at id() of a dict, and a break with the
+        # bound method dict.pop on the stack (new every step) recompiled the rest every step.
+        gid = id(group)
+        buckets = self._ahead_buckets.pop(gid, None) or self._buckets(params, group)[0]
         for key, (bucket, states) in buckets.items():
             factored, _, _, device, _ = key
-            started = self._ahead.pop((id(group), key), None)
+            started = self._ahead.pop((gid, key), None)
             if started is None:
                 backend = resolve_backend(group["backend"], device)
                 for s in states:
                     s["step"] += 1
                 if factored:
-                    sketch = self._sketches.pop((id(group), key), None)
+                    sketch = self._sketches.pop((gid, key), None)
                     started = self._factored_srsi(group, bucket, states, backend, sketch)
                 elif self._dense_on_kernels(group, bucket, backend):
                     started = self._dense_start(group, bucket, states, backend)

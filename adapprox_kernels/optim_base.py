@@ -230,7 +230,11 @@ class SketchOptimizer(Optimizer):
     # first step takes rank 0's. A class attribute, for copies unpickled from older pickles.
     _seed_unshared = False
     # Methods that run eagerly inside torch.compile(opt.step) (see keep_eager).
-    _EAGER_UNDER_COMPILE: tuple[str, ...] = ("_init_state", "_check_groups", "_rounding_keys_tensor", "_update_scalars")
+    # _forget_removed_groups: torch 2.8's dynamo cannot trace id() of a dict (a graph break from
+    # the step that first fills the memo, whose new frame then recompiled a step later).
+    _EAGER_UNDER_COMPILE: tuple[str, ...] = (
+        "_init_state", "_check_groups", "_forget_removed_groups", "_rounding_keys_tensor", "_update_scalars",
+    )
 
     @property
     def _step_supports_amp_scaling(self) -> bool:

@@ -43,18 +43,20 @@ def graphs_per_step(
 ) -> tuple[list[tuple[int, int]], list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """``torch.compile(opt.step, backend=backend)`` for ``steps`` steps, each with new gradient
     tensors (``grad(shape)``, as a backward pass after ``zero_grad()`` makes them), with
-    ``after_step(opt)`` after each (a scheduler's writes): per step, how many graphs dynamo
-    compiled and how many compiled graphs ran, then the parameters, eager and compiled, from
-    the same seeds and gradients. A frame that dynamo recompiles every step shows as new graphs
-    on every step; one that hit its recompile limit, which dynamo only logs and then runs
-    eagerly for good, as fewer graphs run (and, where torch has the switch, as an error)."""
+    ``after_step(opt)`` after each (a scheduler's writes): per step, how many frames dynamo
+    traced (compiled or recompiled, whether or not they made a graph) and how many compiled
+    graphs ran, then the parameters, eager and compiled, from the same seeds and gradients. A
+    frame that dynamo recompiles every step shows as traced on every step (one that makes no
+    graph too: torch 2.8 recompiled such a frame every step, which no graph count showed);
+    one that hit its recompile limit, which dynamo only logs and then runs eagerly for good,
+    as fewer graphs run (and, where torch has the switch, as an error)."""
+    from torch._dynamo.utils import counters
     from torch._dynamo.backends.registry import lookup_backend
 
     compile_graph = lookup_backend(backend)
-    counts = {"compiled": 0, "ran": 0}
+    counts = {"ran": 0}
 
     def counting(gm, example_inputs):
-        counts["compiled"] += 1
         compiled = compile_graph(gm, example_inputs)
 
         def run(*args):
@@ -77,10 +79,10 @@ def graphs_per_step(
             for gs in grads:
                 for p, g in zip(params, gs):
                     p.grad = g.clone()
-                before = dict(counts)
+                before, traced = dict(counts), counters["frames"]["total"]
                 step()
                 if compiled:
-                    per_step.append((counts["compiled"] - before["compiled"], counts["ran"] - before["ran"]))
+                    per_step.append((counters["frames"]["total"] - traced, counts["ran"] - before["ran"]))
                 if after_step is not None:
                     after_step(opt)
         runs.append(params)

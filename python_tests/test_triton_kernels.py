@@ -1048,14 +1048,20 @@ def test_every_launch_is_on_the_matrices_device(monkeypatch):
 
     for module in (apply_update, dense_moment, update_cosine, v_matmul, v_norms):
         monkeypatch.setattr(module, "on_device", recording_device)
-    kernel_class = type(v_matmul._v_matmul_kernel)
-    run = kernel_class.run
+    from triton.runtime import interpreter
 
-    def recording_run(self, *args, grid, **kwargs):
+    # Every launch: JITFunction.run compiled; under the interpreter, GridExecutor.__call__ (triton
+    # 3.4's InterpretedFunction has no run method on the class: kernel[grid] makes the executor).
+    launcher, name = type(v_matmul._v_matmul_kernel), "run"
+    if launcher is interpreter.InterpretedFunction:
+        launcher, name = interpreter.GridExecutor, "__call__"
+    run = getattr(launcher, name)
+
+    def recording_run(self, *args, **kwargs):
         launched.append(active[-1] if active else None)
-        return run(self, *args, grid=grid, **kwargs)
+        return run(self, *args, **kwargs)
 
-    monkeypatch.setattr(kernel_class, "run", recording_run)
+    monkeypatch.setattr(launcher, name, recording_run)
     grads, q, u, g32, v = _inputs(2, 5, 7, 2, torch.float32)
     x, y = torch.randn(2, 7, 3, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE)
     clip, flat = _clip(g32, v, 0.5), [g.flatten() for g in grads]
