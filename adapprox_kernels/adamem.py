@@ -567,7 +567,7 @@ class AdaMeM(SketchOptimizer):
         """``W ← W(1 − ηλ) − η·upd``; ``upd: (B, …)`` holds each parameter's numel."""
         states = [self.state[p] for p in bucket]
         apply_updates(
-            bucket, upd, None, lr=group["lr"], beta1=0.0, weight_decay=group["weight_decay"], cosine_max_scale=None,
+            bucket, upd, None, lr=self._lr(group), beta1=0.0, weight_decay=group["weight_decay"], cosine_max_scale=None,
             rounding_keys=self._rounding_keys(group, bucket, states),
             scalars=self._traced_scalars(group, upd.device, momentum=False),
         )  # fmt: skip

@@ -811,7 +811,7 @@ class Adapprox(SketchOptimizer):
         beta1 = group["betas"][0]
         return dict(
             eps=group["eps"], clip_threshold=signed_clip_threshold(group["clip_threshold"], group["maximize"]),
-            lr=group["lr"], beta1=beta1, weight_decay=group["weight_decay"],
+            lr=self._lr(group), beta1=beta1, weight_decay=group["weight_decay"],
             cosine_max_scale=group["cosine_max_scale"] if group["cosine_guidance"] and beta1 > 0 else None,
         )  # fmt: skip
 
@@ -871,7 +871,7 @@ class Adapprox(SketchOptimizer):
 
         def prepare(gate: torch.Tensor | None) -> None:
             key = ("dense", gate is not None, baked, read, _addresses([*bucket, *(exp_avgs or [])]))
-            scalars = update_scalars(group["lr"], group["weight_decay"], group["betas"][0], sqs[0].device)
+            scalars = update_scalars(self._lr(group), group["weight_decay"], group["betas"][0], sqs[0].device)
             inputs = (sums_call.outputs[0], scalars, *_key_and_gate_inputs(rounding_keys, gate, sqs[0].device))
             queued.append(self._graphs.defer(key, update_graph, inputs))
 
@@ -1030,7 +1030,7 @@ class Adapprox(SketchOptimizer):
                 q, u, sums, _ = srsi_call.outputs
                 gated = gate is not None
                 update_key = ("update", m, n, measure, gated, baked, read, _addresses([*params, *(exp_avgs or [])]))
-                scalars = update_scalars(group["lr"], group["weight_decay"], group["betas"][0], q_prev.device)
+                scalars = update_scalars(self._lr(group), group["weight_decay"], group["betas"][0], q_prev.device)
                 keys_gate = _key_and_gate_inputs(rounding_keys, gate, q_prev.device)
                 inputs = (q_prev, u_prev, sums, q, u, used_mask, scalars, *keys_gate)
                 queued.append(self._graphs.defer(update_key, update_graph, inputs))

@@ -397,12 +397,12 @@ class SketchOptimizer(Optimizer):
         trained on (torch.optim checks none) nor found only when a checkpoint fails to load.
         Checked where the values changed since the last step (a scheduler changes lr every
         step: comparing is cheaper than checking). An lr tensor, which a scheduler fills in
-        place, is checked every step by its value: the step reads it as a number anyway
-        (``transfer.update_scalars``, ``reference.apply_updates``), so a CUDA one syncs here
-        instead of later. A list written in (``group["betas"] = [0.9, …]``) is stored as a
+        place, is checked every step by its value, read once here for the whole step
+        (:meth:`_lr`): a CUDA one syncs once a step, not once a bucket. A list written in (``group["betas"] = [0.9, …]``) is stored as a
         tuple once checked: edited in place later, it would compare equal to itself and go
         unchecked."""
         checked = self.__dict__.setdefault("_checked_groups", {})  # not pickled: checked anew
+        self.__dict__["_lr_values"] = lr_values = {}  # not pickled: this step's only
         names = tuple(self.defaults)
         for i, group in enumerate(self.param_groups):
             values = list(map(group.get, names))
@@ -420,6 +420,7 @@ class SketchOptimizer(Optimizer):
                     check(lr.numel() == 1, f"Invalid learning rate: a tensor of {lr.numel()} elements (need one)")
                     value = float(lr)
                     check(is_real(value) and value >= 0.0, f"Invalid learning rate: {value!r} (a tensor; need a finite float >= 0)")
+                    lr_values[id(lr)] = value
                 if changed:
                     # Another option written as a tensor is refused, as the constructor refuses
                     # it (it trained on, and its checkpoint did not load).
@@ -436,6 +437,15 @@ class SketchOptimizer(Optimizer):
                 if isinstance(v, list):
                     group[k] = own[k]
             checked[i] = list(map(group.get, names))
+
+    def _lr(self, group: dict[str, Any]) -> float | torch.Tensor:
+        """``group["lr"]`` as this step reads it: a tensor lr as the number :meth:`_check_groups`
+        read from it at the step's start (reading a CUDA tensor syncs with the device). Traced
+        by torch.compile, the tensor itself (the compiled update reads it from the device)."""
+        lr = group["lr"]
+        if torch.is_tensor(lr) and not torch.compiler.is_compiling():
+            return self.__dict__.get("_lr_values", {}).get(id(lr), lr)
+        return lr
 
     @staticmethod
     def _check_hyperparameters(h: dict[str, Any]) -> None:
@@ -485,7 +495,7 @@ class SketchOptimizer(Optimizer):
     def _update_scalars(self, group: dict[str, Any], device: torch.device, momentum: bool) -> torch.Tensor:
         """:meth:`_traced_scalars`' tensor, made eagerly (see :func:`keep_eager`)."""
         beta1 = group["betas"][0] if momentum else 0.0
-        return update_scalars(group["lr"], group["weight_decay"], beta1, device)
+        return update_scalars(self._lr(group), group["weight_decay"], beta1, device)
 
     def _key_prefixes(self, group: dict[str, Any], fresh: bool = False) -> tuple[dict[int, int], list[int]]:
         """``({id(p): slot}, [hash of (seed, group index, slot) for each slot])`` of ``group``,

@@ -1002,6 +1002,32 @@ def test_an_lr_tensor_filled_with_a_bad_value_in_place_is_refused(cls, kw, bad):
         opt.step()
 
 
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
+def test_an_lr_tensor_is_read_once_a_step(cls, kw, monkeypatch):
+    """Reading a CUDA lr tensor syncs with the device. The step read it once to check it and
+    again for every bucket's update (three here: two matrix shapes and a vector); now once a
+    step, with the same numbers (the Triton backend and CUDA graphs: test_triton_optimizer)."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((6, 10), (5, 7), (10,))]
+    grads = [torch.randn(p.shape) for p in params]
+
+    def trained(lr):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = cls(ps, lr=1e-2, weight_decay=0.1, seed=0, **kw)
+        opt.param_groups[0]["lr"] = lr  # as a scheduler's (the constructor takes numbers)
+        for _ in range(2):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        return ps
+
+    reads, real = [], torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t) or real(t))
+    got = trained(torch.tensor(1e-2))
+    assert len(reads) == 2  # one a step
+    for a, b in zip(got, trained(1e-2)):
+        assert torch.equal(a, b)
+
+
 def test_list_valued_options_are_stored_as_tuples_so_no_edit_escapes_the_check():
     """A list was stored as given, and an in-place edit (``group["betas"][1] = nan``) compared
     equal to the list the step had checked: it trained to NaN weights. Lists from a group, and

@@ -333,6 +333,25 @@ def test_a_tensor_lr_changed_in_place_reaches_the_kernels():
         torch.testing.assert_close(tp, rp, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_an_lr_tensor_is_read_once_a_step_on_triton(monkeypatch, graphs):
+    """Reading a CUDA lr tensor syncs with the device: the step reads it once (its check), not
+    again for each bucket's update, eager or through the graphs (a stand-in here)."""
+    params = _params(torch.float32)
+    opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs, **BASE)
+    if graphs:
+        _use_graphs(opt, _CallsThrough())
+    lr = opt.param_groups[0]["lr"] = torch.tensor(BASE["lr"])
+    reads, real = [], torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t) or real(t))
+    for step in range(3):
+        for p, g in zip(params, _grads(step, torch.float32)):
+            p.grad = g
+        reads.clear()
+        opt.step()
+        assert sum(t is lr for t in reads) == 1
+
+
 def _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype):
     """Parameters and every state entry of the two optimizers agree (TOL for the dtype)."""
     for i, (rp, tp) in enumerate(zip(ref_params, tri_params)):
