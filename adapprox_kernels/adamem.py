@@ -516,6 +516,7 @@ class AdaMeM(SketchOptimizer):
         """Every step, so a quick test first (~1 µs a parameter; the full check is ~20): a
         matrix's state names its shape, a vector's holds its size."""
         for _, params in groups:
+            self._check_no_aliases(params)  # ~0.1 µs a parameter
             for p in params:
                 state = self.state.get(p)
                 if not state:
@@ -525,14 +526,19 @@ class AdaMeM(SketchOptimizer):
                     if shape is not None and type(shape) is not tuple:  # a saved tensor written in directly (ZeRO)
                         shape = state["param_shape"] = _shape_tuple(shape)
                     fits = type(shape) is tuple and shape == tuple(p.shape) and "proj_pending" in state
+                    held = state["P"]
                 else:
-                    fits = matrix_shape(p) is None and state["exp_avg_sq"].shape == (p.numel(),)
+                    held = state["exp_avg_sq"]
+                    fits = matrix_shape(p) is None and held.shape == (p.numel(),)
+                # The parameter's dtype changed since (model.double()): the state's with it.
+                fits = fits and getattr(held, "dtype", None) == compute_dtype(p)
                 if not fits:
                     self._check_state_fits(p, state)
                     # A state of an older version that did not come through load_state_dict
                     # (ZeroRedundancyOptimizer sets its optimizer's state directly; an unpickled
                     # optimizer): the step reads proj_pending (KeyError).
                     _fill_legacy_entries(p, state)
+                    self._match_state_dtypes(p, state)
 
     def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list:
         """Nothing runs ahead; forgets the refresh outcomes of a step that failed midway, which

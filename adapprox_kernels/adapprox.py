@@ -548,7 +548,8 @@ class Adapprox(SketchOptimizer):
         of parameters and looking up their state (a Python hash per lookup) costs a step ~0.5 ms.
         Where they are not remembered, each state made before is checked to fit its parameter's
         shape (:meth:`_check_state_fits`): a parameter's shape changes with its storage, or with
-        its sizes (``p.data = p.data.t()``), both in the key."""
+        its sizes (``p.data = p.data.t()``), both in the key; and it is cast to the dtypes its
+        parameter's dtype asks for (:meth:`_match_state_dtypes`), which is in the key too."""
         key = tuple(tuple(map(f, params)) for f in (id, torch.Tensor.data_ptr, torch.Tensor.size, _dtype))
         cached = self._bucket_cache.get(key)
         if cached is not None:
@@ -565,12 +566,16 @@ class Adapprox(SketchOptimizer):
                     self._compact_factors(idle)
                 self._last_buckets[id(group)] = cached
                 return buckets, []
-        new = []
+        self._check_no_aliases(params)  # a storage shared since the last step misses too
+        new, cast = [], False
         for p in params:
             if self.state[p]:
                 self._check_state_fits(p, self.state[p])
+                cast |= self._match_state_dtypes(p, self.state[p])  # a dtype change misses the cache too
             else:
                 new.append(p)
+        if cast:  # what is remembered for the old dtypes holds these states: their storage may come back
+            self._bucket_cache.clear()
         buckets: dict[tuple, tuple[list[torch.Tensor], list[dict[str, Any]]]] = {}
         states = []  # in the order of params
         for p in params:

@@ -742,6 +742,48 @@ class SketchOptimizer(Optimizer):
                 "was made? `opt.state[p] = {}` makes its state anew at the next step."
             )
 
+    def _check_no_aliases(self, params: list[torch.Tensor]) -> None:
+        """``ValueError`` before anything changes where two parameters to update are the same
+        memory as tensors of one shape and dtype (``b.data = a.data``: two Parameter objects over
+        one storage, as weights tied by hand). They fall into one bucket, whose update computes
+        each from the same old weights and writes them in turn: the last write wins, and the
+        other parameter's gradient is lost, silently (torch's AdamW applies both updates; on
+        the Triton kernels the two writes race). Views of other shapes fall into other buckets,
+        stepped one after the other, as AdamW steps them. DTensors are skipped (their
+        ``data_ptr`` is 0)."""
+        ptrs = list(map(torch.Tensor.data_ptr, params))
+        if len(set(ptrs)) == len(ptrs):
+            return
+        seen: dict[tuple, torch.Tensor] = {}
+        for p, ptr in zip(params, ptrs):
+            if is_dtensor(p):
+                continue
+            other = seen.setdefault((ptr, p.device, tuple(p.shape), p.dtype), p)
+            if other is not p:
+                raise ValueError(
+                    f"{type(self).__name__}.step: {self._param_name(other)} and {self._param_name(p)} are the "
+                    "same memory (one storage, as after `b.data = a.data`): stepped together, one of their updates "
+                    "would be lost. Tie them as one Parameter (`b.weight = a.weight`), or give each its own storage "
+                    "(`b.data = a.data.clone()`); no parameter was updated."
+                )
+
+    def _match_state_dtypes(self, p: torch.Tensor, state: dict[str, Any]) -> bool:
+        """``p``'s state in the dtypes a state made or loaded for ``p`` now has
+        (:meth:`_state_dtype`), where ``p``'s dtype changed since it was made (``model.double()``,
+        ``model.to(torch.bfloat16)``, ``p.data = p.data.half()`` after some steps): as a
+        checkpoint saved and loaded there would have them, so that the run and its resume take
+        the same bits. Kept as they were, an fp64 parameter stepped in fp32, and a bucket that
+        held states of both dtypes failed deep in the step (``bmm``'s "expected scalar type",
+        a Triton table's "needs one shape, dtype, device") after its step counts had moved.
+        Returns whether it cast anything."""
+        cast = False
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                want = self._state_dtype(p, key, value)
+                if value.dtype != want:
+                    state[key], cast = value.to(want), True
+        return cast
+
     def _state_problems(self, p: torch.Tensor, state: dict[str, Any] | None) -> list[str]:
         """What in ``state`` (None: the parameter had none) does not fit ``p``, in words: every
         entry that :meth:`_saved_shapes` asks for, at that shape: tensors of floating point, a

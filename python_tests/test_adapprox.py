@@ -372,6 +372,95 @@ def test_a_parameter_whose_shape_changed_under_its_state_is_refused(cls, kw, old
     assert opt.state[p]["step"] == 1 and torch.isfinite(p).all()
 
 
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2, oversample=1, power_iters=1)), (AdaMeM, dict(rank=2))])
+@pytest.mark.parametrize(
+    "old,new", [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float32, torch.bfloat16)]
+)
+def test_a_parameter_cast_after_its_state_was_made_steps_as_its_resumed_run(cls, kw, old, new):
+    """``model.double()`` / ``model.half()`` after some steps (the parameters keep their
+    identity, their dtype changes): the state takes the dtypes the documented rule gives the
+    new dtype (fp64 factors for an fp64 weight, the first moment in the weight's dtype), as a
+    checkpoint saved and loaded there would, so that the run and its resume take the same
+    bits. Kept as they were, an fp64 weight stepped in fp32 (its resume differed by ~1e-4),
+    and a bucket whose other member's state was made after the cast (a weight without a
+    gradient until then) held states of both dtypes and raised from inside the step."""
+    shapes = [(12, 10), (12, 10), (7,), (7,)]
+
+    def run(resume: bool):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=old)) for s in shapes]
+        opt = cls(params, seed=0, **kw)
+        for step in range(4):
+            if step == 2:
+                for p in params:
+                    p.data = p.data.to(new)
+                if resume:
+                    saved = copy.deepcopy(opt.state_dict())
+                    opt = cls(params, seed=1, **kw)
+                    opt.load_state_dict(saved)
+            for i, p in enumerate(params):  # the second of each shape has no state before the cast
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype) if step >= 2 or i % 2 == 0 else None
+            opt.step()
+        return params, opt
+
+    params, opt = run(False)
+    resumed, resumed_opt = run(True)
+    assert _same_leaves(
+        ([p.detach() for p in params], opt.state_dict()), ([p.detach() for p in resumed], resumed_opt.state_dict())
+    )
+    floating = 64 if new == torch.float64 else 32
+    for p in params:
+        assert p.dtype == new and torch.isfinite(p).all()
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                want = new if (cls is Adapprox and key == "exp_avg") else getattr(torch, f"float{floating}")
+                assert value.dtype == want, (key, value.dtype)
+
+
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2, oversample=1, power_iters=1)), (AdaMeM, dict(rank=2))])
+def test_a_storage_that_comes_back_after_a_cast_takes_its_dtypes_state(cls, kw):
+    """``p.data`` swapped to an fp64 copy for a step, then back to its own fp32 storage (the
+    swap of manual mixed precision): each step's state has the dtypes of the weight it steps,
+    also where the step finds the storage, and its buckets, remembered from before the cast."""
+    params = [torch.nn.Parameter(torch.randn(12, 10)), torch.nn.Parameter(torch.randn(7))]
+    opt = cls(params, seed=0, **kw)
+    originals = [p.data for p in params]
+    for data in (originals, [d.double() for d in originals], originals):
+        for p, d in zip(params, data):
+            p.data, p.grad = d, torch.randn_like(d)
+        opt.step()
+        for p in params:
+            held = {v.dtype for v in opt.state[p].values() if torch.is_tensor(v) and v.is_floating_point()}
+            assert held == {p.dtype}
+
+
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
+@pytest.mark.parametrize("shape", [(12, 10), (7,)])
+def test_two_parameters_over_one_storage_are_refused(cls, kw, shape):
+    """``b.data = a.data`` (weights tied by hand, two Parameter objects): one bucket computed
+    both updates from the same old weights and wrote them in turn, so ``a``'s gradient was
+    lost, silently (AdamW applies both). A ValueError naming both, before anything changes;
+    a view of another shape steps, in a bucket of its own, after the first."""
+    torch.manual_seed(0)
+    other, a, b = (torch.nn.Parameter(torch.randn(shape)) for _ in range(3))
+    opt = cls([{"params": [other]}, {"params": [a, b]}], seed=0, **kw)
+    for p in (other, a, b):
+        p.grad = torch.randn(shape)
+    opt.step()
+    b.data = a.data
+    for p in (other, a, b):
+        p.grad = torch.randn(shape)
+    before = copy.deepcopy((other.detach(), a.detach(), opt.state_dict()))
+    with pytest.raises(ValueError, match=r"\[1\]\['params'\]\[0\] and param_groups\[1\]\['params'\]\[1\] are the same memory"):
+        opt.step()
+    assert _same_leaves(before, (other.detach(), a.detach(), opt.state_dict()))
+    b.data = a.data.view(shape[::-1] if len(shape) == 2 else (1, *shape))  # another shape: another bucket
+    b.grad = torch.randn(b.shape)
+    opt.state[b] = {}
+    opt.step()
+    assert torch.isfinite(a).all()
+
+
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
 def test_a_state_loaded_into_a_now_empty_weight_is_refused(cls, kw):
     """A (3, 5) weight's state loaded where the weight is (0, 5): a ValueError naming it (the

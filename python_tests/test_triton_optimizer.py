@@ -313,6 +313,32 @@ def test_parameters_cast_after_their_state_was_made_step_as_on_the_reference():
             torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-5)
 
 
+def test_a_bucket_of_states_made_before_and_after_a_cast_steps_on_triton():
+    """``model.to(torch.bfloat16)`` after some steps, where one member of a bucket had no
+    gradient (no state) until then: its first moment is made in bf16, the other's (fp32 before)
+    takes the cast's dtype too, so the fused passes get one dtype a table; the dense bucket
+    raised from the launcher ("a table needs one shape, dtype, device") after its step counts
+    had moved."""
+    shapes = [(7,), (7,), (8, 6), (8, 6)]
+    weights = {}
+    for backend in ("triton", "reference"):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in shapes]
+        opt = Adapprox(params, backend=backend, seed=3, k_max=2, oversample=1, power_iters=1)
+        for step in range(4):
+            if step == 2:
+                for p in params:
+                    p.data = p.data.to(torch.bfloat16)
+            for i, p in enumerate(params):
+                grad = torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE)
+                p.grad = grad if step >= 2 or i % 2 == 0 else None
+            opt.step()
+        assert [opt.state[p]["exp_avg"].dtype for p in params] == [torch.bfloat16] * 4
+        weights[backend] = params
+    for ref, got in zip(weights["reference"], weights["triton"]):
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-5)
+
+
 def test_a_tensor_lr_changed_in_place_reaches_the_kernels():
     """``group["lr"]`` as a 0-d tensor that a scheduler fills in place (torch.optim's habit with
     tensor learning rates): the update passes must take each step's value. A cache keyed by the
