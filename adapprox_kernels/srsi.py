@@ -72,6 +72,14 @@ def srsi(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1: a rank-``k`` approximation ``A ≈ Q Uᵀ`` of every matrix of ``op``.
 
+    Args:
+        op: the ``(B, m, n)`` :class:`~adapprox_kernels.linear_operator.LinearOperator`.
+        rank: k (>= 1).
+        oversample: p, extra sketch columns (the sketch is ``min(k + p, m, n)`` wide).
+        iters: l, subspace iterations (>= 1).
+        generator: draws the Gaussian sketch (default: torch's global RNG).
+        orthonormalize: ``(B, m, r) -> (B, m, r)`` orthonormal basis (default Householder QR).
+
     Returns ``Q: (B, m, k')`` with orthonormal columns and ``U: (B, n, k')`` where
     ``k' = min(k, m, n)``.
     """
@@ -151,6 +159,9 @@ def as_rsi(
     The batch shares one sketch width ``r = min(max(ranks) + p, m, n)``; a matrix of smaller
     rank simply gets more oversampling. ξ of matrix ``b`` is measured with its first
     ``ranks[b]`` columns. ``sketch`` (``(B, n, r)``) replaces the Gaussian start (warm start).
+    ``k_min``, ``k_max``, ``xi_thresh``: the bounds and threshold of Algorithm 2's rule
+    (:func:`~adapprox_kernels.rank_policy.next_rank_step`, Δk from ``min(k_max, m, n)``);
+    ``oversample``, ``iters``, ``generator`` and ``orthonormalize`` as for :func:`srsi`.
 
     Returns the full-width ``Q: (B, m, r)``, ``U: (B, n, r)``, ``ξ: (B,)`` and the proposed next
     ranks (before the rank moment), at most ``min(k_max, m, n)``, as the optimizer caps them.
