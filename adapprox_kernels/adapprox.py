@@ -30,8 +30,8 @@ from .backends import backend_names, resolve_backend
 from .cuda_graphs import CallGraphs
 from .distributed import RowShards, is_dtensor, local, local_list
 from .optim_base import (
-    SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, is_real, is_sequence, keep_eager,
-    to_host,
+    SketchOptimizer, _outside_stacklevel, as_tuple, check_kinds, check_shared, compute_dtype, is_int, is_real,
+    is_sequence, keep_eager, to_host,
 )
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
@@ -318,7 +318,7 @@ class Adapprox(SketchOptimizer):
     _RUN_OPTIONS = ("backend", "cuda_graphs")
     # Host work on a bucket's ranks and its sketch draw (a graph break of its own: the sketch
     # RNG is a torch.Generator), which, traced, recompiled as the ranks (floats) moved.
-    _EAGER_UNDER_COMPILE = (*SketchOptimizer._EAGER_UNDER_COMPILE, "_draw_sketch", "_used_ranks")
+    _EAGER_UNDER_COMPILE = (*SketchOptimizer._EAGER_UNDER_COMPILE, "_draw_sketch", "_used_ranks", "_warn_overflowed")
 
     def __init__(
         self,
@@ -1137,14 +1137,7 @@ class Adapprox(SketchOptimizer):
         overflowed = [] if all(map(math.isfinite, xis)) else [b for b, xi in enumerate(xis) if not math.isfinite(xi)]
         kept = {b: (states[b]["Q"], states[b]["U"], states[b]["rank"]) for b in overflowed}
         if overflowed:
-            names = ", ".join(self._param_name(rec.params[b]) for b in overflowed[:3])
-            warnings.warn(
-                f"{type(self).__name__}: the second moment of {names}{' …' if len(overflowed) > 3 else ''} "
-                "overflowed float32 (gradient entries of ~1e9 or more); its factors and rank were kept from "
-                "the previous step. Scale the loss down or clip the gradients.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            self._warn_overflowed(rec, overflowed)
         thresh = group["xi_thresh"]
         lo = min(group["k_min"], cap)  # k_min and k_max may have changed since the last decision
         if group["rank_policy"] == "step":
@@ -1179,6 +1172,21 @@ class Adapprox(SketchOptimizer):
             s["Q"], s["U"] = q.clone(), u.clone()
         if kept:  # the stack _store_factors remembered is no state's now: not kept alive to the next step
             self._factor_stacks.pop(id(states), None)
+
+    def _warn_overflowed(self, rec: "_Pending", overflowed: list[int]) -> None:
+        """The ``RuntimeWarning`` of :meth:`_decide_ranks` for the matrices ``overflowed``, named,
+        at the user's call (eager inside torch.compile, where the step's dynamo frame is kept
+        free of it)."""
+        names = ", ".join(self._param_name(rec.params[b]) for b in overflowed[:3])
+        # S-RSI squares V ≈ G² in the factors' dtype (fp64 for fp64 parameters): roughly max^(1/4).
+        dtype, near = ("float64", "1e77") if rec.q.dtype == torch.float64 else ("float32", "1e9")
+        warnings.warn(
+            f"{type(self).__name__}: the second moment of {names}{' …' if len(overflowed) > 3 else ''} "
+            f"overflowed {dtype} (gradient entries of ~{near} or more); its factors and rank were kept from "
+            "the previous step. Scale the loss down or clip the gradients.",
+            RuntimeWarning,
+            stacklevel=_outside_stacklevel(),
+        )
 
     def _store_factors(self, rec: "_Pending", keeps: list[int]) -> None:
         """Each matrix's new factors at its first ``keeps[b]`` columns, into its state."""

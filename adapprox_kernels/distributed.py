@@ -572,6 +572,9 @@ def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dic
         options = {k: v for k, v in saved.items() if k != "param_names"}
         new_groups.append(dict(options, params=[index[n] for n in mine]))
         offset += len(group["params"])
+    unknown = [n for n in state_dict["state"] if n not in index]
+    if unknown:  # as _load_target says it (a KeyError naming only the FQN before)
+        raise ValueError(f"the checkpoint has optimizer state for {unknown[0]!r}, not a parameter of this optimizer")
     loaded = {
         "state": {index[n]: s for n, s in state_dict["state"].items()},
         "param_groups": new_groups,

@@ -90,6 +90,13 @@ def _outside_stacklevel() -> int:
     return level
 
 
+def _seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A new generator of ``device`` seeded with ``seed`` (the sketch RNG of that device)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
 def check(ok: bool, msg: str) -> None:
     """``raise ValueError(msg)`` unless ``ok``: the hyperparameter checks."""
     if not ok:
@@ -533,9 +540,7 @@ class SketchOptimizer(Optimizer):
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self._seed)
-            self._generators[key] = gen
+            self._generators[key] = _seeded_generator(device, self._seed)
         return self._generators[key]
 
     def _rng_state(self) -> dict[str, Any]:
@@ -547,8 +552,12 @@ class SketchOptimizer(Optimizer):
         ``cuda:0`` loaded on rank 1's ``cuda:1``: under DDP every rank must draw rank 0's
         sketches); else that device's generator restarts from the seed. Generators of devices
         no parameter is on are not made (a GPU run's checkpoint loads on a CPU-only machine)."""
-        self._seed = int(rng["seed"])
-        self._generators = {}
+        self._seed, self._generators = self._saved_generators(rng)
+
+    def _saved_generators(self, rng: dict[str, Any]) -> tuple[int, dict[str, torch.Generator]]:
+        """``(seed, generators)`` that :meth:`_restore_rng` installs, made without touching this
+        optimizer's (raises where the seed or a state does not fit torch's generators)."""
+        seed, generators = int(rng["seed"]), {}
         saved = rng["states"]
         by_type = defaultdict(list)
         for key in saved:
@@ -558,9 +567,11 @@ class SketchOptimizer(Optimizer):
             if state is None and len(by_type[device.type]) == 1:
                 state = by_type[device.type][0]
             if state is not None:
+                gen = generators[str(device)] = _seeded_generator(device, seed)
                 # set_state takes a CPU ByteTensor only (for every device's generator), and
                 # torch.load(..., map_location="cuda") moves the saved one with everything else.
-                self._generator(device).set_state(state.to("cpu"))
+                gen.set_state(state.to("cpu"))
+        return seed, generators
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus the sketch RNG and, where some parameter is a DTensor
@@ -683,13 +694,19 @@ class SketchOptimizer(Optimizer):
         """The saved ``sketch_rng``; ``ValueError`` before anything is loaded where it is not one
         (a bad one used to fail in the post-hook, the state already loaded)."""
         states = rng.get("states") if isinstance(rng, dict) else None
-        ok = isinstance(states, dict) and is_int(rng.get("seed"))
+        # The seed in the range the constructor takes (torch.Generator.manual_seed's).
+        ok = isinstance(states, dict) and is_int(rng.get("seed")) and -(2**63) <= rng["seed"] < 2**64
         for key, value in states.items() if ok else ():
             try:
                 torch.device(key)
             except (RuntimeError, TypeError):
                 ok = False
             ok = ok and torch.is_tensor(value) and value.dtype == torch.uint8 and value.dim() == 1
+        if ok:  # the states this optimizer would take fit its devices' generators (their size)
+            try:
+                self._saved_generators(rng)
+            except (RuntimeError, ValueError):
+                ok = False
         if not ok:
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: the saved sketch_rng is not "

@@ -1421,6 +1421,22 @@ def test_new_factors_are_copied_before_the_read_and_again_only_where_the_rank_mo
     assert moves >= 3  # the rank did move, so both branches ran
 
 
+def test_a_backend_that_cannot_run_raises_at_the_step_before_anything_changes(monkeypatch):
+    """``backend="triton"`` where it cannot run (a CPU without the interpreter, a GPU without
+    triton): a ``RuntimeError`` with the reason at the first step, and the states made for the
+    earlier groups of the step are dropped again."""
+    from adapprox_kernels.backends import BACKENDS
+
+    monkeypatch.setattr(BACKENDS["triton"], "available", staticmethod(lambda device: "no reason"))
+    a, b = torch.nn.Parameter(torch.randn(20, 30)), torch.nn.Parameter(torch.randn(20, 30))
+    opt = Adapprox([{"params": [a], "backend": "reference"}, {"params": [b]}], backend="triton", k_max=3, seed=0)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cpu: no reason"):
+        opt.step()
+    assert torch.equal(a, before) and not opt.state
+
+
 def test_every_backend_offers_the_sync_free_orthonormalizer():
     from adapprox_kernels.backends import BACKENDS
 
@@ -1635,6 +1651,27 @@ def test_a_second_moment_beyond_float32_warns_and_keeps_the_weights_finite():
     """Before, the NaN factors of such a step reached the weights at the next one, silently."""
     p, opt, warned = overflowing_second_moment_run("reference")
     assert warned and "params'][0]" in str(warned[0].message)
+    assert "overflowed float32 (gradient entries of ~1e9 or more)" in str(warned[0].message)
+    assert all(w.filename == __file__ for w in warned)  # the user's opt.step(), not the package's frames
+    state = opt.state[p]
+    assert torch.isfinite(p).all() and torch.isfinite(state["Q"]).all() and torch.isfinite(state["U"]).all()
+    assert math.isnan(state["xi"]) and state["rank"] == 3.0
+
+
+def test_a_second_moment_beyond_float64_names_float64():
+    """An fp64 parameter's S-RSI runs in fp64: it overflows at entries of ~1e77, not float32's ~1e9."""
+    import warnings
+
+    p = torch.nn.Parameter(torch.zeros(20, 30, dtype=torch.float64))
+    opt = Adapprox([p], k_max=3, seed=0, backend="reference")
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for scale in (1.0, 1e100):
+            p.grad = scale * torch.randn(20, 30, generator=gen, dtype=torch.float64)
+            opt.step()
+    warned = [str(w.message) for w in caught if w.category is RuntimeWarning and "second moment" in str(w.message)]
+    assert len(warned) == 1 and "overflowed float64 (gradient entries of ~1e77 or more)" in warned[0], warned
     state = opt.state[p]
     assert torch.isfinite(p).all() and torch.isfinite(state["Q"]).all() and torch.isfinite(state["U"]).all()
     assert math.isnan(state["xi"]) and state["rank"] == 3.0

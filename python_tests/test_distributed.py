@@ -29,6 +29,7 @@ from adapprox_kernels.distributed import (
     RowShards,
     chunk_rows,
     load_optimizer_state,
+    load_optimizer_state_dict,
     local,
     log_collectives,
     nonfinite_flags,
@@ -1188,6 +1189,45 @@ def test_checkpoint_without_optimizer_state_or_sketch_rng(tmp_path):
         load_optimizer_state(model, loaded, tmp_path / "torch")
     assert loaded._seed == 0
     _assert_same_state(loaded, opt)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_state_of_a_parameter_the_optimizer_lacks_is_refused_by_name(tmp_path):
+    """State for an FQN that is no parameter of the optimizer: a ``ValueError`` naming it, before
+    anything is loaded, whether it comes from ``torch.distributed.checkpoint`` or as a dict."""
+    import torch.distributed.checkpoint as dcp
+
+    model = _model()
+    opt = _optimizer(model)
+    _train(model, opt, range(1))
+    saved = optimizer_state_dict(model, opt)
+    head = nn.Sequential(*model[:2])  # the first layer alone: "2.weight" and on are none of its parameters
+    fresh = Adapprox(head.parameters(), seed=0)
+    dcp.save({"optim": saved}, checkpoint_id=str(tmp_path / "ckpt"))
+    unknown = r"optimizer state for '[24]\.(weight|bias)', not a parameter of this optimizer"
+    with pytest.raises(ValueError, match=unknown):
+        load_optimizer_state(head, fresh, tmp_path / "ckpt")
+    extra = {**saved, "param_groups": [{**saved["param_groups"][0], "params": ["0.weight", "0.bias"]}]}
+    with pytest.raises(ValueError, match=unknown):  # a KeyError naming only the FQN before
+        load_optimizer_state_dict(head, fresh, extra)
+    assert not fresh.state
+
+
+def test_checkpoint_of_other_parameters_is_refused_before_anything_loads():
+    """A parameter the model lacks has no FQN to save its state under; a checkpoint whose group
+    lists other parameters would put their state on these: both ``ValueError``, nothing loaded."""
+    model = _model()
+    opt = _optimizer(model)
+    _train(model, opt, range(1))
+    stray = Adapprox([*model.parameters(), nn.Parameter(torch.zeros(3))], seed=0)
+    with pytest.raises(ValueError, match="holds a parameter that is not in the model"):
+        optimizer_state_dict(model, stray)
+    saved = optimizer_state_dict(model, opt)
+    fresh = _optimizer(model, seed=0)
+    saved["param_groups"][0]["params"] = saved["param_groups"][0]["params"][:-1]
+    with pytest.raises(ValueError, match="param group parameters differ"):
+        load_optimizer_state_dict(model, fresh, saved)
+    assert not fresh.state and fresh._seed == 0
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 13])

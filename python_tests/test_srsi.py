@@ -129,6 +129,10 @@ def test_as_rsi_validates():
         as_rsi(DenseOperator(torch.randn(2, 5, 5)), [1], k_min=1, k_max=4, xi_thresh=0.1)
     with pytest.raises(ValueError, match="rank must be"):
         srsi(DenseOperator(torch.randn(5, 5)), 0)
+    with pytest.raises(ValueError, match="oversample must be >= 0, got -3"):  # returned 1 column for rank 2
+        srsi(DenseOperator(torch.randn(6, 5)), 2, oversample=-3)
+    with pytest.raises(ValueError, match="oversample must be >= 0, got -3"):
+        as_rsi(DenseOperator(torch.randn(6, 5)), [2], k_min=1, k_max=4, xi_thresh=0.1, oversample=-3)
 
 
 def test_step_rule_and_moment():

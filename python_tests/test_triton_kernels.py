@@ -695,6 +695,23 @@ def test_launcher_errors():
     with pytest.raises(ValueError, match="same number of columns"):
         update_cosine_sums(grads, q, u[..., :1], [g.clone() for g in grads], torch.ones(2, device=DEVICE),
                            beta2=BETA2, eps=EPS, beta1=0.9)  # fmt: skip
+    # The checks no test reached: each guards a kernel against reading past a tensor.
+    from adapprox_kernels.kernels.v_norms import v_norms
+
+    with pytest.raises(ValueError, match="expected 2-D matrices"):
+        v_matmul([g.flatten() for g in grads], q, u, x, BETA2)
+    with pytest.raises(ValueError, match="x is on meta, the gradients on"):
+        v_matmul(grads, q, u, x.to("meta"), BETA2)
+    with pytest.raises(ValueError, match="at least one column"):
+        v_matmul(grads, q, u, x[..., :0], BETA2)
+    with pytest.raises(ValueError, match="q_new and u_new need the same, nonzero columns, got 2 and 1"):
+        v_norms(grads, q, u, BETA2, EPS, q, u[..., :1])
+    with pytest.raises(ValueError, match=r"clip: expected float32 \(2,\)"):
+        apply_update(grads, q, u, [g.clone() for g in grads], None, torch.ones(3, device=DEVICE),
+                     beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"exp_avgs: need 2 matrices \(6, 5\)"):
+        update_cosine_sums(grads, q, u, [g.t().clone() for g in grads], torch.ones(2, device=DEVICE),
+                           beta2=BETA2, eps=EPS, beta1=0.9)  # fmt: skip
     assert batch_chunks(65_535) == [(0, 65_535)] and batch_chunks(65_536) == [(0, 65_535), (65_535, 1)]
 
 
