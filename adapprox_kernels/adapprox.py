@@ -318,7 +318,14 @@ class Adapprox(SketchOptimizer):
     _RUN_OPTIONS = ("backend", "cuda_graphs")
     # Host work on a bucket's ranks and its sketch draw (a graph break of its own: the sketch
     # RNG is a torch.Generator), which, traced, recompiled as the ranks (floats) moved.
-    _EAGER_UNDER_COMPILE = (*SketchOptimizer._EAGER_UNDER_COMPILE, "_draw_sketch", "_used_ranks", "_warn_overflowed")
+    # _compact_factors: traced, a factor's ``_base`` (a fake view's) was read as a tensor and
+    # was None at run time (AttributeError once a parameter with factors sat out a step).
+    # _discard_run_ahead: restores the sketch RNG, setting attributes of the optimizer (see
+    # SketchOptimizer._share_seed).
+    _EAGER_UNDER_COMPILE = (
+        *SketchOptimizer._EAGER_UNDER_COMPILE, "_draw_sketch", "_used_ranks", "_warn_overflowed", "_compact_factors",
+        "_discard_run_ahead",
+    )
 
     def __init__(
         self,
@@ -562,7 +569,7 @@ class Adapprox(SketchOptimizer):
             ):  # fmt: skip
                 # The same parameters sat out last step too: they were compacted then, and no
                 # view has come to them since (frozen layers cost nothing a step).
-                if self._last_buckets.get(id(group)) is not cached:
+                if idle and self._last_buckets.get(id(group)) is not cached:
                     self._compact_factors(idle)
                 self._last_buckets[id(group)] = cached
                 return buckets, []
@@ -591,7 +598,8 @@ class Adapprox(SketchOptimizer):
             bucket_states.append(state)
         active = set(map(id, params))
         idle = [p for p in group["params"] if id(p) not in active]
-        self._compact_factors(idle)
+        if idle:  # eager under torch.compile: not a graph break every step
+            self._compact_factors(idle)
         # Every group's list of the step, and a few more (who has a gradient may alternate); the
         # rare other list is recomputed. (A fixed 8 missed every step with more groups.)
         if len(self._bucket_cache) >= 8 + 2 * len(self.param_groups):

@@ -239,8 +239,10 @@ class SketchOptimizer(Optimizer):
     # Methods that run eagerly inside torch.compile(opt.step) (see keep_eager).
     # _forget_removed_groups: torch 2.8's dynamo cannot trace id() of a dict (a graph break from
     # the step that first fills the memo, whose new frame then recompiled a step later).
+    # _share_seed: sets attributes of the optimizer (see its docstring).
     _EAGER_UNDER_COMPILE: tuple[str, ...] = (
-        "_init_state", "_check_groups", "_forget_removed_groups", "_rounding_keys_tensor", "_update_scalars",
+        "_init_state", "_check_groups", "_forget_removed_groups", "_share_seed", "_rounding_keys_tensor",
+        "_update_scalars",
     )
 
     @property
@@ -1011,11 +1013,20 @@ class SketchOptimizer(Optimizer):
             self._take_step()
         return loss
 
+    def _share_seed(self) -> None:
+        """Rank 0's seed where the process group came after the constructor (a drawn seed, see
+        ``__init__``): at the first step, before any sketch. Eager under ``torch.compile``
+        (``_EAGER_UNDER_COMPILE``): it sets attributes of the optimizer, which the dynamo of
+        torch 2.10 and 2.11 refuses in a compiled step (an AssertionError: pytorch#171590) and
+        that of 2.14 drops silently (the seed was never shared), and it broadcasts a Python
+        object, which dynamo cannot trace."""
+        if self._seed_unshared:
+            self._seed, self._seed_unshared = shared_seed(self._seed), False
+
     def _take_step(self) -> None:
         self._check_groups()
         self._forget_removed_groups()
-        if self._seed_unshared:  # the process group came after the constructor: before any sketch
-            self._seed, self._seed_unshared = shared_seed(self._seed), False
+        self._share_seed()
         groups = [(group, self._grads_to_update(group)) for group in self.param_groups]
         self._check_states(groups)
         found_inf = self._unscale(groups)

@@ -14,6 +14,10 @@ import torch
 from bench import common, peers
 from bench.fig2_rank_sweep import adafactor_estimate, adafactor_factors
 from bench.table2_8_state_memory import adapprox_formula
+from triton_env import interpreter_refuses_numpy
+
+# The tests that run a bench script under Triton's interpreter (on CPU, GPU machine or not).
+needs_interpreter = pytest.mark.skipif(interpreter_refuses_numpy() is not None, reason=str(interpreter_refuses_numpy()))
 
 
 def test_time_call_cpu_quantiles_are_ordered():
@@ -162,6 +166,7 @@ def test_compare_step_takes_turns_and_records_every_run(tmp_path, monkeypatch):
     assert record["median_ms"]["current"] == 5.25
 
 
+@needs_interpreter
 @pytest.mark.parametrize("schedule", ["none", "onecycle"])
 def test_host_step_times_a_graphed_step_with_the_replays_stubbed(tmp_path, schedule):
     """bench/host_step.py on a tiny GPT-2 layout: every step replays (stubbed) graphs, reads
@@ -214,6 +219,7 @@ def test_traffic_bound_says_a_cpu_bench_step_file_has_nothing_to_compare(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@needs_interpreter
 def test_warm_start_runs_as_a_script_without_triton_interpret():
     """``python bench/warm_start.py`` on a machine without a GPU, TRITON_INTERPRET unset: the
     script turns the interpreter on before triton is imported, and the Triton backend's own
@@ -365,6 +371,7 @@ def test_bench_step_adamw_fused_row_is_fused_on_any_device():
     assert optimizer_factories((1,), "reference")["adamw_fused"]([p]).defaults["fused"]
 
 
+@needs_interpreter
 @pytest.mark.slow
 def test_bench_step_smoke_finishes_on_cpu():
     """``--smoke`` runs anywhere; on CPU under the Triton interpreter, where a step takes seconds:

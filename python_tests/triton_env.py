@@ -11,6 +11,7 @@ kernel modules if they were decorated otherwise, and restores the variable after
 import importlib
 import importlib.util
 import os
+import re
 import sys
 
 import pytest
@@ -18,6 +19,27 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreter_refuses_numpy() -> str | None:
+    """Why Triton's interpreter cannot run a kernel with a run-time loop bound here, or None:
+    that of triton 3.4 to 3.6 converts a one-element array with ``int()``, which numpy >= 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars", triton#9171;
+    triton 3.8 converts it). Read from the installed versions: triton is not imported here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton_version, numpy_version = version("triton"), version("numpy")
+    except PackageNotFoundError:
+        return None
+    def major_minor(v: str) -> tuple[int, int]:  # "2.4.0rc1" and "3.6.0+git…" too
+        return tuple(map(int, re.match(r"(\d+)\.(\d+)", v).groups()))
+
+    if major_minor(triton_version) <= (3, 6) and major_minor(numpy_version) >= (2, 4):
+        return f"triton {triton_version}'s interpreter fails under numpy {numpy_version} (needs numpy < 2.4)"
+    return None
+
+
 # Kernel modules and a jitted function of each (interpreted or compiled); _tiles first: the
 # others import it.
 _MODULES = {
