@@ -31,6 +31,8 @@ def householder_orthonormalize(y: torch.Tensor) -> torch.Tensor:
 
 def sketch_width(rank: int, oversample: int, m: int, n: int) -> int:
     """Number of sketch columns: ``k + p``, never more than the matrix can hold."""
+    if oversample < 0:  # a narrower sketch than the rank: fewer columns than asked for, silently
+        raise ValueError(f"oversample must be >= 0, got {oversample}")
     return max(1, min(rank + oversample, m, n))
 
 
@@ -86,8 +88,6 @@ def srsi(
     _, m, n = op.shape
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    if oversample < 0:  # a narrower sketch than the rank: fewer columns than asked for, silently
-        raise ValueError(f"oversample must be >= 0, got {oversample}")
     width = sketch_width(rank, oversample, m, n)
     q, u = subspace_iteration(op, gaussian_sketch(op, width, generator), iters, orthonormalize)
     k = min(rank, width)
@@ -171,8 +171,6 @@ def as_rsi(
     b, m, n = op.shape
     if len(ranks) != b:
         raise ValueError(f"need one rank per matrix: {len(ranks)} ranks for a batch of {b}")
-    if oversample < 0:
-        raise ValueError(f"oversample must be >= 0, got {oversample}")
     width = sketch_width(max(ranks), oversample, m, n)
     if sketch is None:
         sketch = gaussian_sketch(op, width, generator)
