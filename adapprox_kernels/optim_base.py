@@ -407,9 +407,9 @@ class SketchOptimizer(Optimizer):
         Checked where the values changed since the last step (a scheduler changes lr every
         step: comparing is cheaper than checking). An lr tensor, which a scheduler fills in
         place, is checked every step by its value, read once here for the whole step
-        (:meth:`_lr`): a CUDA one syncs once a step, not once a bucket. A list written in (``group["betas"] = [0.9, …]``) is stored as a
-        tuple once checked: edited in place later, it would compare equal to itself and go
-        unchecked."""
+        (:meth:`_lr`): a CUDA one syncs once a step, not once a bucket. A list written in
+        (``group["betas"] = [0.9, …]``) is stored as a tuple once checked: edited in place
+        later, it would compare equal to itself and go unchecked."""
         checked = self.__dict__.setdefault("_checked_groups", {})  # not pickled: checked anew
         self.__dict__["_lr_values"] = lr_values = {}  # not pickled: this step's only
         names = tuple(self.defaults)
