@@ -323,7 +323,7 @@ class AdaMeM(SketchOptimizer):
     Args:
         params: parameters or param groups (``named_parameters()`` is accepted too); a group may
             set any option below, and its values are checked as the constructor's are.
-        lr: learning rate η.
+        lr: learning rate η: a number, or a one-element floating tensor (filled in place by a scheduler).
         betas: ``(β1, β2)``: momentum of the projected gradient; decay of every second-moment
             statistic.
         rank: r, the momentum rank (capped at ``min(m, n)`` per matrix).
@@ -362,7 +362,7 @@ class AdaMeM(SketchOptimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.95),
         rank: int = 128,
         update_proj_gap: int = 200,

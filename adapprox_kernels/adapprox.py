@@ -257,7 +257,7 @@ class Adapprox(SketchOptimizer):
     Args:
         params: parameters or param groups (``named_parameters()`` is accepted too); a group may
             set any option below, and its values are checked as the constructor's are.
-        lr: learning rate α.
+        lr: learning rate α: a number, or a one-element floating tensor (filled in place by a scheduler).
         betas: ``(β1, β2, β3)``: momentum of updates (0 keeps no first moment), second-moment
             decay, rank-moment decay.
         eps: ε added to ``√V`` (> 0: V has exact zeros where G does and relu clamps).
@@ -330,7 +330,7 @@ class Adapprox(SketchOptimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9),
         eps: float = 1e-8,
         clip_threshold: float | None = 1.0,

@@ -124,10 +124,23 @@ def is_sequence(v: Any, length: int) -> bool:
     return isinstance(v, (tuple, list)) and len(v) == length
 
 
+def lr_value(lr: Any) -> Any:
+    """The number an lr tensor holds, for the checks (reading a CUDA tensor syncs); any other
+    value as it is. torch.optim takes a one-element floating tensor as lr (torch.compile's
+    recipe for schedulers: filled in place, it compiles nothing anew), and so do these
+    optimizers; ``ValueError`` for another tensor."""
+    if not torch.is_tensor(lr):
+        return lr
+    check(lr.numel() == 1, f"Invalid learning rate: a tensor of {lr.numel()} elements (need one)")
+    check(lr.is_floating_point(), f"Invalid learning rate: a tensor of {lr.dtype} (need a floating dtype)")
+    return float(lr)
+
+
 def check_shared(h: dict[str, Any], betas: int) -> None:
-    """The options both optimizers have: ``lr``, ``betas`` (``betas`` of them), ``eps``,
-    ``nonfinite`` and ``clip_threshold``."""
-    check(is_real(h["lr"]) and h["lr"] >= 0.0, f"Invalid learning rate: {h['lr']!r} (need a finite float >= 0)")
+    """The options both optimizers have: ``lr`` (a number or a one-element tensor),
+    ``betas`` (``betas`` of them), ``eps``, ``nonfinite`` and ``clip_threshold``."""
+    lr = lr_value(h["lr"])
+    check(is_real(lr) and lr >= 0.0, f"Invalid learning rate: {lr!r} (need a finite float >= 0)")
     names = ", ".join(f"beta{i + 1}" for i in range(betas))
     check(is_sequence(h["betas"], betas), f"betas must be ({names}), got {h['betas']!r}")
     for i, b in enumerate(h["betas"]):
@@ -426,14 +439,16 @@ class SketchOptimizer(Optimizer):
                 continue
             try:
                 if torch.is_tensor(lr):  # its value may have changed in place: NaN trained on
-                    check(lr.numel() == 1, f"Invalid learning rate: a tensor of {lr.numel()} elements (need one)")
-                    value = float(lr)
+                    value = lr_value(lr)
                     check(is_real(value) and value >= 0.0, f"Invalid learning rate: {value!r} (a tensor; need a finite float >= 0)")
                     lr_values[id(lr)] = value
                 if changed:
                     # Another option written as a tensor is refused, as the constructor refuses
-                    # it (it trained on, and its checkpoint did not load).
-                    own = {k: as_tuple(as_python(v)) for k, v in zip(names, values) if not (k == "lr" and torch.is_tensor(v))}
+                    # it (it trained on, and its checkpoint did not load). A tensor lr is checked
+                    # by the value read above (not read again: a CUDA one would sync again).
+                    own = {k: as_tuple(as_python(v)) for k, v in zip(names, values)}
+                    if torch.is_tensor(lr):
+                        own["lr"] = lr_values[id(lr)]
                     self._check_hyperparameters({**self.defaults, **own})
             except ValueError as err:
                 raise ValueError(

@@ -538,18 +538,25 @@ def test_a_compiled_step_follows_the_eager_one(second):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_a_compiled_step_compiles_nothing_after_its_second_step():
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_a_compiled_step_compiles_nothing_after_its_second_step(tensor_lr):
     """``torch.compile(opt.step)`` with new gradient tensors every step (as ``zero_grad()`` and a
     backward pass make them), a scheduler's lr and bf16 stochastic rounding: the first two
     steps compile (the first step's count is a constant), then nothing. The vector step was
     compiled anew every step (dynamo guarded each gradient by identity, read through the
     parameter as a key of ``self.state``), and so was the update (the lr, the rounding keys),
-    until the recompile limit, after which they ran eagerly, silently."""
+    until the recompile limit, after which they ran eagerly, silently. Also with torch's own
+    recipe: an lr tensor given to the constructor (which refused one) and filled in place."""
 
     def decay(opt):
-        opt.param_groups[0]["lr"] *= 0.9
+        if tensor_lr:
+            opt.param_groups[0]["lr"].mul_(0.9)
+        else:
+            opt.param_groups[0]["lr"] *= 0.9
 
-    make = lambda ps: AdaMeM(ps, lr=1e-2, rank=2, seed=3, bf16_stochastic_round=True)  # noqa: E731
+    def make(ps):
+        return AdaMeM(ps, lr=torch.tensor(1e-2) if tensor_lr else 1e-2, rank=2, seed=3, bf16_stochastic_round=True)
+
     shapes = [(20, 33), (7,), (9,)]
     per_step, eager, compiled = graphs_per_step(make, shapes, "aot_eager", 5, torch.bfloat16, after_step=decay)
     assert [new for new, _ in per_step[2:]] == [0, 0, 0], per_step

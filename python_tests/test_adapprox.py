@@ -645,7 +645,7 @@ def _decay_lr(opt):
         group["lr"] *= 0.9  # what a scheduler writes every step
 
 
-@pytest.mark.parametrize("case", ["lr schedule", "stochastic rounding", "moving rank"])
+@pytest.mark.parametrize("case", ["lr schedule", "tensor lr schedule", "stochastic rounding", "moving rank"])
 def test_a_compiled_step_compiles_nothing_after_its_second_step(case):
     """``torch.compile(opt.step)`` compiles the first two steps' frames (the second has factors)
     and then nothing: what changes every step is no constant of a graph. It used to: a
@@ -653,16 +653,22 @@ def test_a_compiled_step_compiles_nothing_after_its_second_step(case):
     stochastic-rounding keys (Python ints, new every step) and the rank while it moves (a float
     of the sketch width): the update, the step or the sketch draw was compiled anew every step,
     and from the ninth, past dynamo's recompile limit, silently run eagerly. The compiled
-    parameters follow the eager ones."""
+    parameters follow the eager ones. torch's own recipe, an lr tensor given to the constructor
+    and filled in place by the scheduler, too."""
     kw, dtype, grad, after = dict(k_max=2, seed=0), torch.float32, torch.randn, None
     if case == "lr schedule":
         after = _decay_lr
+    elif case == "tensor lr schedule":
+        after = lambda opt: opt.param_groups[0]["lr"].mul_(0.9)  # noqa: E731
     elif case == "stochastic rounding":
         kw["bf16_stochastic_round"], dtype = True, torch.bfloat16
     else:
         kw["k_max"], grad = 8, _low_rank_grad
     shapes = [(24, 30), (24, 30), (7,)]
-    per_step, eager, compiled = graphs_per_step(lambda ps: Adapprox(ps, **kw), shapes, "aot_eager", 5, dtype, grad, after)
+    per_step, eager, compiled = graphs_per_step(
+        lambda ps: Adapprox(ps, **kw, **({"lr": torch.tensor(1e-3)} if case == "tensor lr schedule" else {})),
+        shapes, "aot_eager", 5, dtype, grad, after,
+    )  # fmt: skip
     assert [new for new, _ in per_step[2:]] == [0, 0, 0], per_step
     assert len({ran for _, ran in per_step[1:]}) == 1, per_step  # no frame dropped to eager
     for a, b in zip(eager, compiled):
@@ -1026,7 +1032,9 @@ def test_grad_scaler_hands_the_step_its_scale_and_reads_its_flag_only_on_overflo
         (dict(nonfinite="ignore"), "nonfinite"),
         (dict(backend="cuda"), "backend"),
         (dict(warm_power_iters=0), "warm_power_iters"),
-        (dict(lr=torch.tensor(1e-3)), "learning rate"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), "a tensor of 2 elements"),  # torch.optim takes one element
+        (dict(lr=torch.tensor(1)), "floating dtype"),
+        (dict(lr=torch.tensor(float("nan"))), "learning rate: nan"),
         (dict(clip_threshold=float("nan")), "clip_threshold"),
         (dict(xi_thresh=float("nan")), "xi_thresh"),
         (dict(cosine_max_scale=float("inf")), "cosine_max_scale"),
@@ -1134,25 +1142,29 @@ def test_an_lr_tensor_filled_with_a_bad_value_in_place_is_refused(cls, kw, bad):
         opt.step()
 
 
+@pytest.mark.parametrize("given", ["constructor", "group"])
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
-def test_an_lr_tensor_is_read_once_a_step(cls, kw, monkeypatch):
+def test_an_lr_tensor_is_read_once_a_step(cls, kw, given, monkeypatch):
     """Reading a CUDA lr tensor syncs with the device. The step read it once to check it and
     again for every bucket's update (three here: two matrix shapes and a vector); now once a
-    step, with the same numbers (the Triton backend and CUDA graphs: test_triton_optimizer)."""
+    step, with the same numbers (the Triton backend and CUDA graphs: test_triton_optimizer).
+    The constructor takes a tensor lr as torch.optim does (it refused one), and the step
+    reads it once too (not again for the defaults' check on the first step)."""
     params = [torch.nn.Parameter(torch.randn(s)) for s in ((6, 10), (5, 7), (10,))]
     grads = [torch.randn(p.shape) for p in params]
+    reads, real = [], torch.Tensor.__float__
 
     def trained(lr):
         ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        opt = cls(ps, lr=1e-2, weight_decay=0.1, seed=0, **kw)
-        opt.param_groups[0]["lr"] = lr  # as a scheduler's (the constructor takes numbers)
+        opt = cls(ps, lr=lr if given == "constructor" else 1e-2, weight_decay=0.1, seed=0, **kw)
+        opt.param_groups[0]["lr"] = lr  # as a scheduler's
+        reads.clear()
         for _ in range(2):
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
             opt.step()
         return ps
 
-    reads, real = [], torch.Tensor.__float__
     monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t) or real(t))
     got = trained(torch.tensor(1e-2))
     assert len(reads) == 2  # one a step
