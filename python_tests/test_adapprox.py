@@ -633,6 +633,38 @@ def test_a_compiled_step_with_a_matrix_sitting_out(optimizer, kw):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
+def _attributes(opt):
+    """Each attribute of ``opt``: its value where it is a number, string, bool or None, else its
+    type (a cache's contents may differ by design: ``_factor_stacks`` is not kept under compile)."""
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else type(v) for k, v in vars(opt).items()}
+
+
+@pytest.mark.parametrize("optimizer, kw", [(Adapprox, dict(k_max=4, warm_start=True)), (AdaMeM, dict(rank=2))])
+def test_a_compiled_step_leaves_the_attributes_of_the_eager_one(optimizer, kw):
+    """torch 2.14's dynamo drops, silently, any attribute a compiled step sets on the optimizer
+    (2.11 raises: pytorch#171590); the seed's sharing was lost that way. The step's writers run
+    eagerly (``_EAGER_UNDER_COMPILE``): after the same steps, a matrix sitting one out among
+    them, the compiled optimizer has the eager one's attributes, with their values where they
+    are plain (dynamo keeps the changes inside a container), so a new writer cannot slip in
+    unnoticed."""
+    attrs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(24, 20), (24, 20), (5,)]]
+        torch.manual_seed(0)  # the default seed, drawn from torch's RNG: the same in both runs
+        opt = optimizer(params, lr=1e-2, **kw)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for i in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if i == 2:
+                params[1].grad = None
+            step()
+        attrs.append(_attributes(opt))
+    assert attrs[0] == attrs[1]
+
+
 def _low_rank_grad(shape, generator):
     """A rank-2 gradient for matrices: ξ falls below the threshold and the rank moves every step."""
     if len(shape) < 2:
