@@ -99,12 +99,17 @@ def _code(ptx: str) -> str:
     return "\n".join(line for line in ptx.splitlines() if not line.lstrip().startswith((".loc", ".file", "//")))
 
 
+def programs_per_sm(regs: int, shared: int, warps: int) -> int:
+    """How many programs of ``warps`` warps fit on one SM at once."""
+    by_shared = SHARED_PER_SM // shared if shared else MAX_PROGRAMS_PER_SM
+    return min(REGISTERS_PER_SM // (regs * 32 * warps), by_shared, MAX_PROGRAMS_PER_SM)
+
+
 def resources(fn, consts: dict, grad_dtype: str, blocks: _launch.Blocks, unit: frozenset) -> dict:
     pointers = {"g_ptr": grad_dtype}
     kernel = compile_sm90(fn, consts, pointers=pointers, warps=blocks.warps, stages=blocks.stages, unit=unit)
     regs, spills = ptxas_usage(kernel.asm["ptx"])
     shared = kernel.metadata.shared
-    threads = 32 * blocks.warps
     other = 3 if blocks.stages == 2 else 2  # the same launch with another stage count
     other_ptx = compile_sm90(fn, consts, pointers=pointers, warps=blocks.warps, stages=other, unit=unit).asm["ptx"]
     ttgir = kernel.asm["ttgir"]
@@ -112,11 +117,7 @@ def resources(fn, consts: dict, grad_dtype: str, blocks: _launch.Blocks, unit: f
         registers=regs,
         spilled_bytes=spills,
         shared_bytes=shared,
-        programs_per_sm=min(
-            REGISTERS_PER_SM // (regs * threads),
-            SHARED_PER_SM // shared if shared else MAX_PROGRAMS_PER_SM,
-            MAX_PROGRAMS_PER_SM,
-        ),
+        programs_per_sm=programs_per_sm(regs, shared, blocks.warps),
         loops=ttgir.count("scf.for"),
         async_copies=ttgir.count("async_copy_global_to_local"),
         stages_change_code=_code(kernel.asm["ptx"]) != _code(other_ptx),
@@ -138,24 +139,37 @@ RANK = 8  # the rank the product launches are compiled for (K_UNROLL = 8 where B
 TRANSPOSED = (UNIT_STRIDES - {"stride_gn"}) | {"stride_gm"}  # Vᵀ @ Y reads G's transposed view
 
 
-def _product(label: str, blocks: _launch.Blocks, precision: str, norms: bool, **kw) -> Launch:
-    consts = dict(G_ALIGN=4, BLOCK_R=16, HAS_LOWRANK=True, PRECISION=precision, ROUND_TF32=False,
-                  BLOCK_M=blocks.m, BLOCK_N=blocks.n, WITH_NORMS=norms, K_UNROLL=blocks.rank_unroll(RANK),
-                  K_DOT=blocks.rank_dot(RANK), REBUILD_TF32X3=precision != "ieee")  # fmt: skip
+def _product(label: str, blocks: _launch.Blocks, precision: str, norms: bool, rank: int = RANK, **kw) -> Launch:
+    """A product launch as ``v_matmul._launch`` makes it on an H100 (``tf32_rn``: a tf32 dot of
+    operands rounded first)."""
+    consts = dict(G_ALIGN=4, BLOCK_R=16, HAS_LOWRANK=True, PRECISION="tf32" if precision == "tf32_rn" else precision,
+                  ROUND_TF32=precision == "tf32_rn", BLOCK_M=blocks.m, BLOCK_N=blocks.n, WITH_NORMS=norms,
+                  K_UNROLL=blocks.rank_unroll(rank), K_DOT=blocks.rank_dot(rank),
+                  REBUILD_TF32X3=precision != "ieee")  # fmt: skip
+    if rank == 1:  # the JIT passes an int argument equal to 1 as a constant
+        consts["K"] = 1
     return Launch(label, v_matmul._v_matmul_kernel, consts, blocks, **kw)
+
+
+def products(precision: str, rank: int = RANK, **variant) -> list[Launch]:
+    """The three product launches of a factored bucket's step at rank ``rank``, with the default
+    blocks changed by ``variant`` (e.g. ``unroll=16``, ``dot_from=1``)."""
+    fb, pb = _launch.FIRST_PASS_BLOCKS._replace(**variant), _launch.PRODUCT_BLOCKS._replace(**variant)
+    return [
+        _product("V @ X, first pass (+ sums)", fb, precision, True, rank),
+        _product("V @ X", pb, precision, False, rank),
+        _product("Vᵀ @ Y", pb, precision, False, rank, unit=TRANSPOSED),
+    ]
 
 
 def launches(precision: str) -> list[Launch]:
     """The optimizer's default launches of a factored bucket's step (rank k > 0) and of a
     dense bucket's. The dense kernels read flat blocks of ``DENSE_BLOCK`` elements with the
     elementwise passes' warps and stages."""
-    pb, fb, eb = _launch.PRODUCT_BLOCKS, _launch.FIRST_PASS_BLOCKS, _launch.ELEMENTWISE_BLOCKS
+    eb = _launch.ELEMENTWISE_BLOCKS
     tile = dict(G_ALIGN=4, HAS_LOWRANK=True, BLOCK_M=eb.m, BLOCK_N=eb.n)
     flat = dict(G_ALIGN=4, V_ALIGN=4, BLOCK=dense_moment.DENSE_BLOCK)
-    return [
-        _product("V @ X, first pass (+ sums)", fb, precision, True),
-        _product("V @ X", pb, precision, False),
-        _product("Vᵀ @ Y", pb, precision, False, unit=TRANSPOSED),
+    return products(precision) + [
         Launch("update (momentum, ξ numerator)", apply_update._apply_update_kernel,
                dict(tile, W_ALIGN=4, MOM_ALIGN=4, HAS_MOMENTUM=True, WITH_RESIDUAL=True, STOCHASTIC=False), eb),
         Launch("update (no momentum)", apply_update._apply_update_kernel,

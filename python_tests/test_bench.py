@@ -275,6 +275,73 @@ def test_kernel_resources_reads_registers_and_pipelining_from_sm90_code(tmp_path
     assert "| dense sums | bf16 |" in path.with_suffix(".md").read_text()
 
 
+# cuobjdump -sass as it prints a main loop over G's columns with a rank loop inside (encodings on
+# the next line, the program ending in a branch to itself).
+SASS_LOOPS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                  /* 0x00000a00ff017b82 */
+                                                                           /* 0x000e220000000800 */
+        /*0010*/                   FFMA R2, R3, R4, R2 ;
+        /*0020*/                   LDG.E.128 R4, desc[UR8][R2.64] ;
+        /*0030*/                   FFMA R5, R6, R7, R5 ;
+        /*0040*/                   LDS.128 R8, [R9+UR4+0x10] ;
+        /*0050*/               @P0 BRA 0x30 ;
+        /*0060*/                   HGMMA.64x16x8.F32.TF32 R32, R52, gdesc[UR48], RZ, !UPT ;
+        /*0070*/              @!P1 BRA 0x20 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+"""
+
+
+def test_sass_mix_counts_the_main_loop_and_its_rank_loop_k_times():
+    """bench/sass_mix.py: the main loop is the outermost backward branch's range, a loop inside it
+    runs k times per iteration, and the counts become clocks per element of G at sm_90 rates."""
+    from bench.sass_mix import loops, main_loop, mix, parse
+
+    code = parse(SASS_LOOPS)
+    assert [op for _, op, _ in code][:3] == ["MOV", "FFMA", "LDG.E.128"] and len(code) == 10
+    assert loops(code) == [(0x30, 0x50), (0x20, 0x70)]  # not the closing branch to itself
+    counts = main_loop(code, trips=8)
+    assert counts == {"LDG.E.128": 1, "FFMA": 8, "LDS.128": 8, "BRA": 9, "HGMMA.64x16x8.F32.TF32": 1}
+    out = mix(counts, {op: args for _, op, args in code}, warps=4, elements=128 * 64)
+    per = 4 / (128 * 64)  # one instruction of each of the 4 warps, over the tile's elements
+    assert out["clocks"]["issue"] == pytest.approx(27 * per / 4)
+    assert out["clocks"]["fma"] == pytest.approx(8 * per / 4)
+    assert out["clocks"]["lsu"] == pytest.approx(9 * per)  # loads of either kind: one per clock
+    assert out["clocks"]["tensor"] == pytest.approx(64 * 16 * 8 / 1024 / (128 * 64))  # one HGMMA per warpgroup
+    # LDS.128: 16 bytes a lane; HGMMA's B operand, 16 x 8 tf32, from shared memory
+    assert out["shared_bytes_per_element"] == pytest.approx((8 * 4 * 32 * 16 + 16 * 8 * 4) / (128 * 64))
+    two_inside = SASS_LOOPS.replace("FFMA R5, R6, R7, R5", "@P3 BRA 0x20").replace("@P0 BRA 0x30", "@P0 BRA 0x40")
+    with pytest.raises(ValueError, match="2 loops inside the main loop"):  # which one runs k times?
+        main_loop(parse(two_inside), 8)
+
+
+def test_sass_mix_models_the_default_products_from_sm90_code(tmp_path):
+    """bench/sass_mix.py compiles the default product launches at rank 8 for sm_90 (no GPU),
+    finds each one's main loop in its SASS and sets the model next to the H100's measurement."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "bench/sass_mix.py", "--only", "default", "--ranks", "8", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
+    if run.returncode != 0 and ("ptxas" in run.stderr or "cuobjdump" in run.stderr) and "not found" in run.stderr:
+        pytest.skip("no ptxas or cuobjdump in this triton install")
+    assert run.returncode == 0, run.stderr[-3000:]
+    (path,) = tmp_path.glob("sass_mix_sm90_triton*.json")
+    record = json.loads(path.read_text())
+    rows = record["rows"]
+    labels = ("V @ X, first pass (+ sums)", "V @ X", "Vᵀ @ Y")
+    assert [(r["launch"], r["grads"]) for r in rows] == [(label, g) for label in labels for g in ("fp32", "bf16")]
+    for r in rows:
+        assert any(op.startswith("HGMMA") for op in r["counts"]) and r["barriers"] > 0
+        assert 0 < r["bound"] <= 1 and r["busiest"] in r["clocks"]
+        assert r["memory_clocks"] == pytest.approx((4 if r["grads"] == "fp32" else 2) * 132 * 1.98e9 / 2.9e12)
+        assert set(r["measured_h100"]) == {"gpt2-345M", "gpt2-124M"}
+    assert record["meta"]["model"].startswith("static")
+    assert "| V @ X | 8 | bf16 | default (tf32x3) |" in path.with_suffix(".md").read_text()
+
+
 def test_tune_blocks_times_the_pipelined_rebuilds_over_stages_only():
     """bench/tune_blocks.py: stage counts are swept only where they change the code (the rank
     loop unrolled, or a dot); each default launch configuration is among the configurations
