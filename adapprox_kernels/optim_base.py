@@ -783,10 +783,12 @@ class SketchOptimizer(Optimizer):
         each from the same old weights and writes them in turn: the last write wins, and the
         other parameter's gradient is lost, silently (torch's AdamW applies both updates; on
         the Triton kernels the two writes race). Views of other shapes fall into other buckets,
-        stepped one after the other, as AdamW steps them. DTensors are skipped (their
-        ``data_ptr`` is 0)."""
+        stepped one after the other, as AdamW steps them. Contiguous parameters of one shape and
+        dtype that share only some of their memory (views of one buffer at overlapping
+        offsets) are refused alike: the same bucket, the same lost update (strided views that
+        overlap in part are not looked for). DTensors are skipped (their ``data_ptr`` is 0)."""
         ptrs = list(map(torch.Tensor.data_ptr, params))
-        if len(set(ptrs)) == len(ptrs):
+        if len(set(ptrs)) == len(ptrs) and not _spans_overlap(params, ptrs):
             return
         seen: dict[tuple, torch.Tensor] = {}
         for p, ptr in zip(params, ptrs):
@@ -800,6 +802,13 @@ class SketchOptimizer(Optimizer):
                     "would be lost. Tie them as one Parameter (`b.weight = a.weight`), or give each its own storage "
                     "(`b.data = a.data.clone()`); no parameter was updated."
                 )
+        pair = _overlapping_pair(params, ptrs)
+        if pair is not None:
+            raise ValueError(
+                f"{type(self).__name__}.step: {self._param_name(pair[0])} and {self._param_name(pair[1])} share part "
+                "of their memory (overlapping views of one buffer): stepped together, the update of the shared "
+                "elements from one of them would be lost. Give each its own memory; no parameter was updated."
+            )
 
     def _match_state_dtypes(self, p: torch.Tensor, state: dict[str, Any]) -> bool:
         """``p``'s state in the dtypes a state made or loaded for ``p`` now has
@@ -1081,3 +1090,33 @@ class SketchOptimizer(Optimizer):
                         ok.append(p)
             self._step_group(group, ok)
         self._end_step()
+
+
+
+_NBYTES = operator.attrgetter("nbytes")
+
+
+def _spans_overlap(params: list[torch.Tensor], ptrs: list[int]) -> bool:
+    """Might two of ``params`` share memory? Whether any two ranges ``[data_ptr, data_ptr +
+    nbytes)`` overlap (``ptrs`` their ``data_ptr``s; 0, a DTensor's or an empty tensor's,
+    skipped): exact for contiguous tensors, a first sieve for strided ones. If any two ranges
+    overlap, two neighbours in start order do."""
+    spans = sorted(zip(ptrs, map(operator.add, ptrs, map(_NBYTES, params))))  # maps: no Python frame per parameter
+    if ptrs and min(ptrs) == 0:
+        spans = [span for span in spans if span[0]]
+    return any(map(operator.lt, [start for start, _ in spans[1:]], [end for _, end in spans[:-1]]))
+
+
+def _overlapping_pair(params: list[torch.Tensor], ptrs: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two contiguous ``params`` of one shape, dtype and device whose bytes overlap (views of one
+    buffer at overlapping offsets), or None. Strided views are not compared: theirs may
+    interleave without sharing an element (column blocks of one fused weight)."""
+    spans = sorted((ptr, ptr + p.nbytes, i) for i, (p, ptr) in enumerate(zip(params, ptrs)) if ptr and p.is_contiguous())
+    for k, (_, end, i) in enumerate(spans):
+        for start, _, j in spans[k + 1 :]:
+            if start >= end:
+                break
+            a, b = params[i], params[j]
+            if (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device):
+                return a, b
+    return None

@@ -462,6 +462,34 @@ def test_two_parameters_over_one_storage_are_refused(cls, kw, shape):
 
 
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
+@pytest.mark.parametrize("shape", [(12, 10), (7,)])
+def test_two_parameters_over_overlapping_views_are_refused(cls, kw, shape):
+    """Two parameters of one shape over overlapping parts of one buffer (not the same first
+    element, which the test above covers): one bucket computed both updates from the same old
+    weights and the last write won on the shared elements, so one gradient was lost there,
+    silently (AdamW applies both). A ValueError naming both, before anything changes; views
+    of one buffer that share no element (interleaved, or side by side) step as before."""
+    torch.manual_seed(0)
+    numel = torch.Size(shape).numel()
+    buf = torch.randn(3 * numel)
+    a, b = (torch.nn.Parameter(buf[i : i + numel].view(shape)) for i in (0, numel // 2))
+    other = torch.nn.Parameter(buf[2 * numel :].view(shape))  # beside both: fine
+    opt = cls([{"params": [other]}, {"params": [a, b]}], seed=0, **kw)
+    for p in (other, a, b):
+        p.grad = torch.randn(shape)
+    before = copy.deepcopy((buf, opt.state_dict()))
+    names = r"\[1\]\['params'\]\[0\] and param_groups\[1\]\['params'\]\[1\]"
+    with pytest.raises(ValueError, match=names + " share part of their memory"):
+        opt.step()
+    assert _same_leaves(before, (buf, opt.state_dict()))
+    even, odd = (torch.nn.Parameter(x) for x in torch.randn(numel, 2).unbind(1))  # interleaved: no element shared
+    opt = cls([a, even, odd], seed=0, **kw)
+    for p in (a, even, odd):
+        p.grad = torch.randn(p.shape)
+    opt.step()
+
+
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
 def test_a_state_loaded_into_a_now_empty_weight_is_refused(cls, kw):
     """A (3, 5) weight's state loaded where the weight is (0, 5): a ValueError naming it (the
     matrix view divided by the 0 rows: ZeroDivisionError)."""

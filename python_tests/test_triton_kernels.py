@@ -662,6 +662,64 @@ def test_apply_update_writes_non_contiguous_params():
         torch.testing.assert_close(p, b - 0.1 * d, rtol=1e-6, atol=1e-6)
 
 
+def test_strided_per_matrix_vectors_are_read_as_their_entries():
+    """``clip``, ``scale``, ``scalars`` and ``rounding_keys`` given as strided views (a column of
+    the ``(B, 2)`` sums a pass returns, ``sums[:, 1]``) step as their contiguous copies: the
+    kernels read entry ``b`` at ``x + b``, and such a view's entry 1 was read from another
+    column (matrix 1 stepped with the wrong clip divisor, silently)."""
+    from adapprox_kernels.kernels.apply_update import apply_update
+    from adapprox_kernels.kernels.dense_moment import dense_apply
+    from adapprox_kernels.kernels.update_cosine import update_cosine_sums
+
+    grads, q, u, _, _ = _inputs(2, 9, 5, 1, torch.bfloat16)
+
+    def column(values, dtype=torch.float32):  # a (len,) view of stride 2
+        return torch.tensor([[v, 1e3] for v in values], dtype=dtype, device=DEVICE)[:, 0]
+
+    strided = dict(clip=column([1.0, 2.0]), scale=column([1.0, 1.5]), scalars=column([0.1, 0.99, 0.9, 0.1]),
+                   keys=column([3, 5], torch.int64))  # fmt: skip
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.0, beta1=0.0, weight_decay=0.0)
+    runs = []
+    for vectors in (strided, {k: v.contiguous() for k, v in strided.items()}):
+        params = [torch.ones(9, 5, dtype=torch.bfloat16, device=DEVICE) for _ in range(2)]
+        moms = [torch.ones(9, 5, device=DEVICE) for _ in range(2)]
+        apply_update(grads, q, u, params, moms, vectors["clip"], vectors["scale"], **kw, scalars=vectors["scalars"],
+                     rounding_keys=vectors["keys"])  # fmt: skip
+        cos = update_cosine_sums(grads, q, u, moms, vectors["clip"], beta2=BETA2, eps=EPS, beta1=0.9,
+                                 scalars=vectors["scalars"])  # fmt: skip
+        dense = [torch.ones(45, dtype=torch.bfloat16, device=DEVICE) for _ in range(2)]
+        sqs = [torch.ones(45, device=DEVICE) for _ in range(2)]
+        dense_apply([g.flatten() for g in grads], sqs, dense, None, vectors["clip"], **kw, scalars=vectors["scalars"],
+                    rounding_keys=vectors["keys"])  # fmt: skip
+        runs.append([*params, *moms, cos, *dense, *sqs])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="a tensor at an odd byte address: torch.frombuffer's host memory")
+def test_a_matrix_whose_address_is_off_its_element_size_is_staged():
+    """A matrix over foreign memory at an odd byte offset (``torch.frombuffer(..., offset=1)``)
+    beside an ordinary one: the table's offsets count whole elements from the first matrix,
+    so it was read and written a byte off (garbage in the product, the weight never stepped
+    and the bytes around it overwritten); it is staged and written back like a strided one."""
+    from adapprox_kernels.kernels.apply_update import apply_update
+    from adapprox_kernels.kernels.v_matmul import v_matmul
+
+    def odd(like):
+        t = torch.frombuffer(bytearray(4 * like.numel() + 1), dtype=torch.float32, offset=1, count=like.numel())
+        assert t.data_ptr() % 4 != 0
+        return t.view(like.shape).copy_(like)
+
+    grads, q, u, _, _ = _inputs(2, 6, 5, 1, torch.float32)
+    x = torch.randn(2, 5, 3)
+    assert torch.equal(v_matmul([grads[0], odd(grads[1])], q, u, x, BETA2)[0], v_matmul(grads, q, u, x, BETA2)[0])
+    kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)
+    params, want = [torch.zeros(6, 5), odd(torch.zeros(6, 5))], [torch.zeros(6, 5), torch.zeros(6, 5)]
+    for ps in (params, want):
+        apply_update(grads, q, u, ps, None, torch.ones(2), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(params, want))
+
+
 def test_launcher_errors():
     from adapprox_kernels.kernels._launch import batch_chunks
     from adapprox_kernels.kernels.apply_update import apply_update

@@ -171,7 +171,8 @@ class MatrixTable:
 
     Offsets are stored in units of ``align`` elements (16 bytes when every matrix is 16-byte
     aligned) so the kernel's address arithmetic proves the alignment and loads vectorize.
-    Matrices whose strides differ from the first one's are staged in contiguous copies;
+    Matrices whose strides differ from the first one's (or whose address is not a multiple of
+    the element size) are staged in contiguous copies;
     ``writeback()`` copies staged results back after a kernel wrote them. ``flat=True``: tensors
     of any one shape, read as flat arrays of ``numel`` elements (staging leaves every one of them
     contiguous)."""
@@ -192,14 +193,21 @@ class MatrixTable:
                 )
         self.originals = list(tensors)
         layout = first.stride() if first.is_contiguous() else None
-        self.tensors = [t if layout is not None and t.stride() == layout else t.contiguous() for t in tensors]
+        size = first.element_size()
+        # An address that is not a multiple of the element size (a tensor over foreign memory:
+        # torch.frombuffer or from_blob at an odd byte offset) is staged too: offsets count
+        # whole elements from the base, and such a matrix was read and written bytes off.
+        self.tensors = [
+            t.clone(memory_format=torch.contiguous_format) if t.data_ptr() % size
+            else t if layout is not None and t.stride() == layout else t.contiguous()
+            for t in tensors
+        ]  # fmt: skip
         self.base = self.tensors[0]
         self.shape = tuple(first.shape)
         self.numel = first.numel()
         self.dtype = first.dtype
         self.device = first.device
         self.stride = self.base.stride()
-        size = first.element_size()
         addrs = [t.data_ptr() for t in self.tensors]
         aligned = all(a % 16 == 0 for a in addrs)
         self.align = 16 // size if aligned else 1
@@ -278,19 +286,24 @@ def check_new_factors(q_new, u_new, batch: int, m: int, n: int, device: torch.de
     return True
 
 
-def check_vector(x: torch.Tensor, name: str, batch: int, device: torch.device) -> None:
-    """``x`` must be an fp32 ``(batch,)`` tensor on ``device``."""
+def check_vector(x: torch.Tensor, name: str, batch: int, device: torch.device) -> torch.Tensor:
+    """``x`` must be an fp32 ``(batch,)`` tensor on ``device``; returned contiguous, as the
+    kernels read it (entry ``b`` at ``x + b``: a strided view such as ``sums[:, 1]`` was read
+    past its entries)."""
     if x.shape != (batch,) or x.dtype != torch.float32 or x.device != device:
         raise ValueError(f"{name}: expected float32 ({batch},) on {device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    return x.contiguous()
 
 
-def check_rounding_keys(keys: torch.Tensor | None, batch: int, device: torch.device) -> None:
-    """``keys`` must be ``None`` or an int64 ``(batch,)`` tensor on ``device``: one key per matrix."""
+def check_rounding_keys(keys: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    """``keys`` must be ``None`` or an int64 ``(batch,)`` tensor on ``device``: one key per
+    matrix; returned contiguous (see :func:`check_vector`)."""
     if keys is None:
-        return
+        return None
     if not torch.is_tensor(keys) or keys.shape != (batch,) or keys.dtype != torch.int64 or keys.device != device:
         got = f"{keys.dtype} {tuple(keys.shape)} on {keys.device}" if torch.is_tensor(keys) else type(keys).__name__
         raise ValueError(f"rounding_keys: expected an int64 ({batch},) tensor on {device}, got {got}")
+    return keys.contiguous()
 
 
 def pointer_arg(t: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:

@@ -133,14 +133,14 @@ def apply_update(
     batch = len(table)
     weights, moms = step_tables(params, exp_avgs, table)
     check_factors(q, u, batch, m, n, table.device)
-    check_vector(clip, "clip", batch, table.device)
+    clip = check_vector(clip, "clip", batch, table.device)
     if scalars is None:
         scalars = update_scalars(lr, weight_decay, beta1, table.device)
-    check_vector(scalars, "scalars", 4, table.device)
+    scalars = check_vector(scalars, "scalars", 4, table.device)
     if scale is None:
         scale = torch.ones(batch, dtype=torch.float32, device=table.device)
-    check_vector(scale, "scale", batch, table.device)
-    check_rounding_keys(rounding_keys, batch, table.device)
+    scale = check_vector(scale, "scale", batch, table.device)
+    rounding_keys = check_rounding_keys(rounding_keys, batch, table.device)
     with_residual = check_new_factors(q_new, u_new, batch, m, n, table.device)
     if not with_residual:
         q_new, u_new = q, u

@@ -147,11 +147,11 @@ def dense_apply(
     tensors; ignored for other dtypes."""
     table, v = _tables(grads, exp_avg_sqs)
     weights, moms = step_tables(params, exp_avgs, table, flat=True)
-    check_vector(clip, "clip", len(table), table.device)
-    check_rounding_keys(rounding_keys, len(table), table.device)
+    clip = check_vector(clip, "clip", len(table), table.device)
+    rounding_keys = check_rounding_keys(rounding_keys, len(table), table.device)
     if scalars is None:
         scalars = update_scalars(lr, weight_decay, beta1, table.device)
-    check_vector(scalars, "scalars", 4, table.device)
+    scalars = check_vector(scalars, "scalars", 4, table.device)
     programs, block = _grid_block(table.numel, block)
     mom_table = moms if moms is not None else weights  # a placeholder the kernel never touches
     with on_device(table.device):

@@ -68,10 +68,10 @@ def update_cosine_sums(
     if moms.shape != table.shape or len(moms) != batch or moms.device != table.device:
         raise ValueError(f"exp_avgs: need {batch} matrices {table.shape} on {table.device}")
     check_factors(q, u, batch, m, n, table.device)
-    check_vector(clip, "clip", batch, table.device)
+    clip = check_vector(clip, "clip", batch, table.device)
     if scalars is None:
         scalars = update_scalars(0.0, 0.0, beta1, table.device)
-    check_vector(scalars, "scalars", 4, table.device)
+    scalars = check_vector(scalars, "scalars", 4, table.device)
     k = q.shape[2]
     block_m, block_n = blocks.tile(m, n)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
