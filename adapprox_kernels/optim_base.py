@@ -691,11 +691,11 @@ class SketchOptimizer(Optimizer):
         later). The run options stay ours; keys we do not know (a scheduler's initial_lr) are not
         ours to check."""
         own = {k: v for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
-        # The step takes any real lr: a one-element tensor filled in place (torch.optim's habit;
-        # the step checks its value every step, see _check_groups) or a NumPy number (a
-        # LambdaLR's). Checked here by value.
+        # The step takes any real lr: a NumPy number (a LambdaLR's), checked here by value, or a
+        # one-element floating tensor filled in place (torch.optim's habit), which the checks
+        # read themselves (lr_value), as the step does.
         lr = own.get("lr")
-        if (torch.is_tensor(lr) and lr.numel() == 1) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool)):
+        if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
             own["lr"] = float(lr)
         try:
             self._check_hyperparameters({**self.defaults, **own})
