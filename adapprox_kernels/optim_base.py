@@ -707,8 +707,9 @@ class SketchOptimizer(Optimizer):
                 "dict's param_groups before loading"
             ) from None
 
-    def _checked_rng(self, rng: Any) -> dict[str, Any]:
-        """The saved ``sketch_rng``; ``ValueError`` before anything is loaded where it is not one
+    def _checked_rng(self, rng: Any) -> tuple[int, dict[str, torch.Generator]]:
+        """The saved ``sketch_rng`` as the ``(seed, generators)`` that the post-hook installs
+        (:meth:`_saved_generators`); ``ValueError`` before anything is loaded where it is not one
         (a bad one used to fail in the post-hook, the state already loaded)."""
         states = rng.get("states") if isinstance(rng, dict) else None
         # The seed in the range the constructor takes (torch.Generator.manual_seed's).
@@ -721,7 +722,7 @@ class SketchOptimizer(Optimizer):
             ok = ok and torch.is_tensor(value) and value.dtype == torch.uint8 and value.dim() == 1
         if ok:  # the states this optimizer would take fit its devices' generators (their size)
             try:
-                self._saved_generators(rng)
+                seed_and_generators = self._saved_generators(rng)
             except (RuntimeError, ValueError):
                 ok = False
         if not ok:
@@ -729,7 +730,7 @@ class SketchOptimizer(Optimizer):
                 f"{type(self).__name__}.load_state_dict: the saved sketch_rng is not "
                 "{'seed': int, 'states': {device: uint8 tensor}}"
             )
-        return rng
+        return seed_and_generators
 
     def _restore_saved_state(self) -> None:
         """Post-hook (the first): the saved tensors at this optimizer's precision, this
@@ -741,8 +742,8 @@ class SketchOptimizer(Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=self._state_dtype(p, key, value), copy=True)
         for group, options in zip(self.param_groups, run_options):
             group.update(options)
-        if rng is not None:
-            self._restore_rng(rng)
+        if rng is not None:  # (seed, generators), made by _checked_rng
+            self._seed, self._generators = rng
             self._seed_unshared = False  # the checkpoint's seed, common to the ranks, is kept
 
     def _state_dtype(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.dtype:
