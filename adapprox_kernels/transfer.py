@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections import OrderedDict
 from typing import Callable, Hashable, Iterator, Sequence
 
@@ -34,33 +35,50 @@ class ConstantCache:
     ``max_elements`` elements in all. Bounded in elements too, because where a key changes every
     step (ranks that move, routed experts' gradients) nearly every step adds a constant, held
     outside every state count and after the optimizer is gone. Registered with
-    :func:`forget_constants`."""
+    :func:`forget_constants`.
+
+    Shared by every optimizer of the process, and so by threads that step optimizers of their
+    own: a lookup raised ``KeyError`` where another thread evicted the entry it had just found,
+    and concurrent puts lost updates of the element count, which drifted until the cache
+    held one entry, or bounded nothing. Changes are made under a lock (never traced: callers
+    bypass the cache under torch.compile)."""
 
     def __init__(self, max_entries: int, max_elements: int):
         self.max_entries, self.max_elements = max_entries, max_elements
         self._values: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._elements = 0
+        self._lock = threading.Lock()
         constant_cache(self.clear)
 
     def get(self, key: Hashable) -> torch.Tensor | None:
+        # No lock on a hit, the step's common case (a lock would double its cost): each
+        # OrderedDict call is atomic, and an entry evicted between the two is still a valid
+        # constant for this caller.
         value = self._values.get(key)
         if value is not None:
-            self._values.move_to_end(key)
+            with contextlib.suppress(KeyError):
+                self._values.move_to_end(key)
         return value
 
     def put(self, key: Hashable, value: torch.Tensor) -> torch.Tensor:
-        self._values[key] = value
-        self._elements += value.numel()
-        while len(self._values) > 1 and (len(self._values) > self.max_entries or self._elements > self.max_elements):
-            self._elements -= self._values.popitem(last=False)[1].numel()
-        return value
+        with self._lock:
+            old = self._values.pop(key, None)  # another thread's, made meanwhile: counted once
+            if old is not None:
+                self._elements -= old.numel()
+            self._values[key] = value
+            self._elements += value.numel()
+            while len(self._values) > 1 and (len(self._values) > self.max_entries or self._elements > self.max_elements):
+                self._elements -= self._values.popitem(last=False)[1].numel()
+            return value
 
     def values(self):
-        return self._values.values()
+        with self._lock:
+            return list(self._values.values())
 
     def clear(self) -> None:
-        self._values.clear()
-        self._elements = 0
+        with self._lock:
+            self._values.clear()
+            self._elements = 0
 
     def __len__(self) -> int:
         return len(self._values)

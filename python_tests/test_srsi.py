@@ -171,3 +171,49 @@ def test_the_column_mask_cache_is_bounded_in_bytes():
     del mask
     held = sum(m.numel() for m in (ref() for ref in kept) if m is not None)
     assert held <= 16 << 20, f"{held / 2**20:.1f} MiB of column masks kept"
+
+
+def test_the_constant_caches_serve_two_threads():
+    """The device-constant caches (matrix tables, column masks) are shared by every optimizer
+    of the process. Two threads stepping optimizers of their own: one evicted the entry that
+    the other's lookup had just found, before the lookup marked it used (KeyError), and
+    their updates of the element count were lost. Made deterministic here: the other thread
+    may run at the moment between the two."""
+    import threading
+    from collections import OrderedDict
+
+    from adapprox_kernels.transfer import ConstantCache
+
+    inside, evicted = threading.Event(), threading.Event()
+
+    class Pausing(OrderedDict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            inside.set()
+            evicted.wait(timeout=0.5)  # with the lock the other thread cannot evict before the lookup ends
+            return value
+
+    cache = ConstantCache(max_entries=1, max_elements=1 << 20)
+    cache.put("first", torch.zeros(3))
+    cache._values = Pausing(cache._values)
+    errors = []
+
+    def evict():
+        inside.wait(timeout=5)
+        try:
+            cache.put("other", torch.zeros(5))
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+        evicted.set()
+
+    thread = threading.Thread(target=evict)
+    thread.start()
+    try:
+        found = cache.get("first")
+    finally:
+        inside.set()
+        thread.join()
+    assert not errors and found is not None and found.numel() == 3
+    assert len(cache) == 1 and cache._elements == 5 == sum(v.numel() for v in cache.values())
+    cache.put("other", torch.zeros(2))  # made again meanwhile by another thread: counted once
+    assert len(cache) == 1 and cache._elements == 2
