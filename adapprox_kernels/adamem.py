@@ -77,7 +77,9 @@ def canonical_signs(p: torch.Tensor) -> torch.Tensor:
 
     Singular vectors are defined up to sign, and SVD/QR implementations (CPU vs CUDA) choose
     differently; with ``momentum_transfer="keep"`` a flipped column would turn the kept
-    momentum against the new gradient. A fixed convention makes P device-independent."""
+    momentum against the new gradient. A fixed convention makes P device-independent wherever
+    G determines it: not where G's rank is below r, whose remaining columns complete the basis
+    in whatever directions rounding chose (any completion is valid)."""
     idx = p.abs().argmax(dim=1, keepdim=True)
     sign = torch.sign(p.gather(1, idx))
     return p * torch.where(sign == 0, torch.ones_like(sign), sign)
