@@ -78,16 +78,39 @@ def matrix_shape(p: torch.Tensor) -> tuple[int, int] | None:
     return p.shape[0], math.prod(p.shape[1:])  # not numel() // m: a (0, 5) weight has m = 0
 
 
+# A column of last step's U whose norm is at most this fraction of the largest one's is rounding
+# noise (V is exactly of lower rank than the factors: U = Vᵀ Q is then ~1e-8 of it in fp32).
+_NOISE_COLUMN = 2.0**-20
+
+
+def _sketch_oversample(group: dict[str, Any]) -> int:
+    """The sketch's extra columns: ``oversample``, but at least one with ``warm_start``. A warm
+    sketch is last step's ``U`` and its extra columns are its only Gaussian ones: with none, a
+    rank that grows gets its new columns straight from the Gaussian with the warm start's
+    single iteration, measured and kept as they are (ξ up to ~20× the optimum on those steps,
+    and a rank pushed up by them). One extra column lets the rank grow from a column that had
+    an iteration the step before, as with ``oversample >= 1``; at most one more column, no
+    more passes over G."""
+    p = group["oversample"]
+    return max(p, 1) if group["warm_start"] else p
+
+
 def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_mask: torch.Tensor) -> torch.Tensor:
     """Warm-start sketch ``(B, n, r)``: where ``prev_mask`` (``(B, 1, r)``, see
     :func:`~adapprox_kernels.srsi.column_mask`) holds and last step's ``U`` (V's dominant row
-    space) has a nonzero column, that column, elsewhere the Gaussian columns. An all-zero column
-    carries no direction (after an all-zero V, e.g. LoRA A's gradient while B is 0, U = 0): as a
-    start it would leave Q's leading columns an arbitrary basis, kept as the factors (ξ ≈ 0.9
-    where a cold start has ~1e-7)."""
+    space) has a column above rounding noise (:data:`_NOISE_COLUMN` of its largest), that
+    column, elsewhere the Gaussian columns. An all-zero column carries no direction (after an
+    all-zero V, e.g. LoRA A's gradient while B is 0, U = 0): as a start it would leave Q's
+    leading columns an arbitrary basis, kept as the factors (ξ ≈ 0.9 where a cold start has
+    ~1e-7). A column of rounding noise (V of exactly lower rank than the factors: a rank-1
+    gradient, sparse embedding rows) carries none either: its direction is whatever the
+    backend's rounding made, so the reference and the Triton kernels took different sketches,
+    ξ differed by up to 0.15 and the ranks parted."""
     width = gaussian.shape[-1]
     u = torch.nn.functional.pad(u_prev, (0, max(width - u_prev.shape[-1], 0)))[..., :width]
-    return torch.where(prev_mask & (u != 0).any(dim=-2, keepdim=True), u.to(gaussian.dtype), gaussian)
+    norms = torch.linalg.vector_norm(u, dim=-2, keepdim=True).where(prev_mask, 0.0)  # of the kept columns
+    real = norms > _NOISE_COLUMN * norms.amax(dim=-1, keepdim=True)
+    return torch.where(real, u.to(gaussian.dtype), gaussian)
 
 
 def _stack_padded(factors: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -292,7 +315,8 @@ class Adapprox(SketchOptimizer):
             ranks, at the first step if the process group came later). Under DDP or FSDP2
             every rank must have the same seed (FSDP2's are checked; see docs/distributed.md).
         warm_start: start S-RSI from last step's ``U`` (its columns, topped up with Gaussian
-            ones) instead of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
+            ones, at least one whatever ``oversample``: the columns a growing rank takes) instead
+            of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
             (the paper's algorithm).
         cuda_graphs: replay a factored bucket's step (S-RSI and update) and a dense bucket's
@@ -934,7 +958,7 @@ class Adapprox(SketchOptimizer):
         dtype, from that device's sketch RNG; ``width`` covers the bucket's largest rank."""
         m, n = matrix_shape(bucket[0])
         # The largest rounded rank: rounding is monotonic, so round the largest rank only.
-        width = sketch_width(_round_rank(max(map(_rank, states))), group["oversample"], m, n)
+        width = sketch_width(_round_rank(max(map(_rank, states))), _sketch_oversample(group), m, n)
         q = local(states[0]["Q"])
         gen = self._generator(q.device)
         return torch.randn(len(bucket), n, width, generator=gen, device=q.device, dtype=q.dtype)
