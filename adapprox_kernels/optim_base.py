@@ -43,6 +43,7 @@ from .reference import mix32
 from .transfer import rounding_keys_tensor, update_scalars
 
 NONFINITE_POLICIES = ("raise", "skip")
+_MISSING = object()  # an option deleted from a param group (see SketchOptimizer._check_groups)
 _grad, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
 
 
@@ -427,7 +428,10 @@ class SketchOptimizer(Optimizer):
         self.__dict__["_lr_values"] = lr_values = {}  # not pickled: this step's only
         names = tuple(self.defaults)
         for i, group in enumerate(self.param_groups):
-            values = list(map(group.get, names))
+            # A deleted option reads as _MISSING, not None: None is a valid value of some
+            # (clip_threshold, k_init), which passed the check and then raised KeyError from
+            # inside the step, after the step counts had moved.
+            values = list(map(group.get, names, repeat(_MISSING)))
             lr, was = group.get("lr"), checked.get(i)
             # The values themselves, compared by identity first, then by type (4.0 == 4 and
             # 1 == True, but an int option must be an int, a flag a bool), then by value; a
@@ -437,6 +441,12 @@ class SketchOptimizer(Optimizer):
             )
             if not (changed or torch.is_tensor(lr)):
                 continue
+            missing = [name for name, v in zip(names, values) if v is _MISSING] if changed else []
+            if missing:
+                raise ValueError(
+                    f"{type(self).__name__}.step: param_groups[{i}] has no {missing[0]!r} (deleted from the group?): "
+                    f"set it again (this optimizer's default is {self.defaults[missing[0]]!r}); nothing was updated"
+                )
             try:
                 if torch.is_tensor(lr):  # its value may have changed in place: NaN trained on
                     value = lr_value(lr)
@@ -690,7 +700,9 @@ class SketchOptimizer(Optimizer):
         saved groups replace ours (another optimizer's, e.g. AdamW's two betas, would fail steps
         later). The run options stay ours; keys we do not know (a scheduler's initial_lr) are not
         ours to check."""
-        own = {k: v for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
+        # NumPy numbers (a hand-edited checkpoint's) as the Python ones they hold, as the constructor
+        # and the step take them.
+        own = {k: as_python(v) for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
         # The step takes any real lr: a NumPy number (a LambdaLR's), checked here by value, or a
         # one-element floating tensor filled in place (torch.optim's habit), which the checks
         # read themselves (lr_value), as the step does.

@@ -1176,6 +1176,41 @@ def test_a_bad_value_written_into_param_groups_mid_run_is_refused_before_the_ste
     assert [s["step"] for s in opt.state.values()] == [s["step"] for s in before[0]["state"].values()]
 
 
+@pytest.mark.parametrize(
+    "cls,kw,key",
+    [
+        # None is a valid value of these: the check read a deleted key as None and passed it,
+        # and the step raised KeyError from inside, after the step counts had moved.
+        (Adapprox, dict(k_max=4, backend="reference"), "clip_threshold"),
+        (Adapprox, dict(k_max=4, backend="reference"), "k_init"),
+        (Adapprox, dict(k_max=4, backend="reference"), "product_precision"),
+        (AdaMeM, dict(rank=2), "clip_threshold"),
+        (Adapprox, dict(k_max=4), "lr"),  # was "changed to a bad value: Invalid learning rate: None"
+    ],
+)
+def test_an_option_deleted_from_a_group_is_refused_before_the_step(cls, kw, key):
+    """``del group[key]`` between steps: the next step says which option the group lacks and
+    changes nothing; set back, the run goes on as if it had never been deleted."""
+    def run(delete):
+        a = torch.nn.Parameter(torch.randn(6, 10, generator=torch.Generator().manual_seed(0)))
+        b = torch.nn.Parameter(torch.ones(10))
+        opt = cls([{"params": [b]}, {"params": [a]}], seed=0, **kw)
+        for t in range(3):
+            gen = torch.Generator().manual_seed(t)
+            a.grad, b.grad = torch.randn(6, 10, generator=gen), torch.randn(10, generator=gen)
+            if delete and t == 2:
+                value = opt.param_groups[1].pop(key)
+                with pytest.raises(ValueError, match=rf"param_groups\[1\] has no '{key}'"):
+                    opt.step()
+                assert [s["step"] for s in opt.state.values()] == [2, 2]
+                opt.param_groups[1][key] = value
+            opt.step()
+        return [a, b, *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]
+
+    for x, y in zip(run(True), run(False), strict=True):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=4)), (AdaMeM, dict(rank=2))])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-3])
 def test_an_lr_tensor_filled_with_a_bad_value_in_place_is_refused(cls, kw, bad):
@@ -1314,6 +1349,26 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
     assert all(type(b) is float for b in group["betas"])
     w_py, _ = run(lr=float(np.float32(1e-3)), betas=(0.9, float(np.float32(0.999)), 0.9), k_max=4)
     assert torch.equal(w_np, w_py)
+
+
+@pytest.mark.parametrize("cls", [Adapprox, AdaMeM])
+def test_a_checkpoint_holding_numpy_numbers_loads_as_the_python_ones(cls):
+    """A hand-edited checkpoint's options may be NumPy numbers, which the constructor and the
+    step take: its load took only the lr so ("Invalid epsilon value: np.float32(...)")."""
+    import numpy as np
+
+    runs = []
+    for number in (np.float32, float):
+        w = torch.nn.Parameter(torch.ones(12, 10))
+        opt = cls([w], seed=0)
+        saved = opt.state_dict()
+        group = saved["param_groups"][0]
+        group.update(eps=number(1e-6), weight_decay=number(0.25), betas=tuple(map(number, group["betas"])))
+        opt.load_state_dict(saved)
+        w.grad = torch.full_like(w, 0.5)
+        opt.step()
+        runs.append(w)
+    assert torch.equal(*runs)
 
 
 def test_a_checkpoint_with_a_bad_written_value_says_so():
