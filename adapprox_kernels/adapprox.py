@@ -37,10 +37,12 @@ from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
 from .reference import shard_keys, signed_clip_threshold
 from .srsi import (
+    TRUNCATIONS,
     column_mask,
     ratio_from_sq_norms,
     sketch_width,
     subspace_iteration,
+    truncate,
     truncate_columns,
 )
 from .state_report import StateReport, report_rows
@@ -293,6 +295,13 @@ class Adapprox(SketchOptimizer):
             bf16 weights and no fp32 copy. The random bits come from a counter-based hash of
             the seed, the parameter, its step count and the element's index, the same on every
             backend, data-parallel rank and after a resume; other dtypes are rounded to nearest.
+        truncation: how the rank-k factors are taken from the ``k + p`` sketch columns:
+            ``"qr"`` (the first k QR columns, the paper's Algorithm 1; the ``p`` extra columns
+            then only feed rank growth) or ``"rayleigh_ritz"`` (the best rank-k part of the
+            sketch, from an eigen-decomposition of the small ``Uᵀ U``: the extra columns improve
+            the factors, so fewer ``power_iters`` reach the same ξ; see docs/algorithm.md). With
+            ``"rayleigh_ritz"`` each CUDA bucket syncs once more per step (``torch.linalg.eigh``)
+            and is not replayed from CUDA graphs.
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
         k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
         oversample: p, extra sketch columns. power_iters: l, subspace iterations.
@@ -380,6 +389,7 @@ class Adapprox(SketchOptimizer):
         product_precision: str | None = None,
         maximize: bool = False,
         bf16_stochastic_round: bool = False,
+        truncation: str = "qr",
     ):
         defaults = dict(
             lr=lr, betas=as_tuple(betas), eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
@@ -389,6 +399,7 @@ class Adapprox(SketchOptimizer):
             exact_small_matrices=exact_small_matrices, nonfinite=nonfinite, backend=backend,
             warm_start=warm_start, warm_power_iters=warm_power_iters, cuda_graphs=cuda_graphs,
             product_precision=product_precision, maximize=maximize, bf16_stochastic_round=bf16_stochastic_round,
+            truncation=truncation,
         )  # fmt: skip
         super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
@@ -436,6 +447,7 @@ class Adapprox(SketchOptimizer):
             ),
             choices={
                 "rank_policy": RANK_POLICIES, "backend": backend_names(), "product_precision": PRODUCT_PRECISIONS,
+                "truncation": TRUNCATIONS,
             },
         )  # fmt: skip
 
@@ -1022,6 +1034,7 @@ class Adapprox(SketchOptimizer):
             op = second_moment(q_prev, u_prev)
             failures: list[torch.Tensor] = []
             q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, _deferred_orthonormalize(backend, failures))
+            q, u = truncate(q, u, group["truncation"])
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 
         rounding_keys = self._rounding_keys(group, bucket, states)
@@ -1037,7 +1050,9 @@ class Adapprox(SketchOptimizer):
             resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
             return ratio_from_sq_norms(op.sq_norm(), resid) if measure else _finite_marks(u)
 
-        if self._graphable(group, backend, q_prev, shards):
+        # Not with a Rayleigh–Ritz truncation: torch.linalg.eigh reads its flag on the host,
+        # which a capture cannot (the dense buckets, which have no S-RSI, are still graphed).
+        if group["truncation"] == "qr" and self._graphable(group, backend, q_prev, shards):
             # Two graphs, S-RSI and the update, since the non-finite check may come in between.
             # Everything but the inputs (among them α, λ and β1) is read or written where the
             # key says it is.
@@ -1096,6 +1111,7 @@ class Adapprox(SketchOptimizer):
             """S-RSI again with the checked orthonormalizer (V_t is unchanged by the update)."""
             again = second_moment(q_prev, u_prev)
             q2, u2 = subspace_iteration(again, start(u_prev, sketch, prev_mask), iters, backend.orthonormalize)
+            q2, u2 = truncate(q2, u2, group["truncation"])
             if not measure:
                 return q2, u2, _finite_marks(u2)
             resid2 = again.residual_sq_norm(truncate_columns(q2, used), truncate_columns(u2, used))

@@ -18,6 +18,10 @@ from .transfer import ConstantCache, handed_out, to_device_nowait
 
 Orthonormalize = Callable[[torch.Tensor], torch.Tensor]
 
+# How the rank-k factors are taken from the k + p sketch columns: "qr", the first k QR columns
+# (Algorithm 1), or "rayleigh_ritz", the best rank-k part of Q Uᵀ (see rayleigh_ritz).
+TRUNCATIONS = ("qr", "rayleigh_ritz")
+
 
 def householder_orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the columns of ``y`` (``(B, m, r) -> (B, m, r)``).
@@ -64,6 +68,36 @@ def subspace_iteration(
     return q, u
 
 
+def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the full-width S-RSI result so that its leading columns are the best low-rank
+    parts of ``Q Uᵀ``: ``(Q Z, U Z)`` with ``Z`` the eigenvectors of ``Uᵀ U`` (``(B, r, r)``),
+    by descending eigenvalue.
+
+    ``Z`` is orthonormal, so ``Q Z`` stays orthonormal and ``Q Uᵀ`` is unchanged at full width;
+    the first ``k`` columns are then the best rank-``k`` approximation of ``Q Uᵀ = Q Qᵀ A``
+    (``U = Aᵀ Q``) within ``range(Q)``, never worse than the first ``k`` QR columns, and the
+    ``p`` oversampling columns improve them (with the first ``k`` QR columns they never do: QR
+    is triangular). The eigen-decomposition runs in float64 (the Gram squares the singular
+    values). A Gram that is not finite (an overflowed V) leaves ``Q`` and ``U`` as they are
+    (their ξ is NaN, which the optimizer handles). On CUDA, ``torch.linalg.eigh`` reads its
+    convergence flag on the host: one sync per call, and no CUDA-graph capture."""
+    gram = u.mT.double() @ u.double()
+    finite = gram.isfinite().all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    _, z = torch.linalg.eigh(torch.where(finite, gram, eye))
+    z = z.flip(-1).to(q.dtype)  # descending
+    return torch.where(finite, q @ z, q), torch.where(finite, u @ z, u)
+
+
+def truncate(q: torch.Tensor, u: torch.Tensor, truncation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-width ``(Q, U)`` whose first ``k`` columns are the rank-``k`` factors, for any k."""
+    if truncation == "qr":
+        return q, u
+    if truncation == "rayleigh_ritz":
+        return rayleigh_ritz(q, u)
+    raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+
+
 def srsi(
     op: LinearOperator,
     rank: int,
@@ -71,6 +105,7 @@ def srsi(
     iters: int = 5,
     generator: torch.Generator | None = None,
     orthonormalize: Orthonormalize = householder_orthonormalize,
+    truncation: str = "qr",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1: a rank-``k`` approximation ``A ≈ Q Uᵀ`` of every matrix of ``op``.
 
@@ -81,6 +116,8 @@ def srsi(
         iters: l, subspace iterations (>= 1).
         generator: draws the Gaussian sketch (default: torch's global RNG).
         orthonormalize: ``(B, m, r) -> (B, m, r)`` orthonormal basis (default Householder QR).
+        truncation: ``"qr"`` (the first k QR columns, Algorithm 1) or ``"rayleigh_ritz"``
+            (:func:`rayleigh_ritz`).
 
     Returns ``Q: (B, m, k')`` with orthonormal columns and ``U: (B, n, k')`` where
     ``k' = min(k, m, n)``.
@@ -90,6 +127,7 @@ def srsi(
         raise ValueError(f"rank must be >= 1, got {rank}")
     width = sketch_width(rank, oversample, m, n)
     q, u = subspace_iteration(op, gaussian_sketch(op, width, generator), iters, orthonormalize)
+    q, u = truncate(q, u, truncation)
     k = min(rank, width)
     return q[..., :k], u[..., :k]
 
@@ -155,6 +193,7 @@ def as_rsi(
     generator: torch.Generator | None = None,
     sketch: torch.Tensor | None = None,
     orthonormalize: Orthonormalize = householder_orthonormalize,
+    truncation: str = "qr",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Algorithm 2 on a batch, each matrix ``b`` at its own rank ``ranks[b]``.
 
@@ -163,7 +202,7 @@ def as_rsi(
     ``ranks[b]`` columns. ``sketch`` (``(B, n, r)``) replaces the Gaussian start (warm start).
     ``k_min``, ``k_max``, ``xi_thresh``: the bounds and threshold of Algorithm 2's rule
     (:func:`~adapprox_kernels.rank_policy.next_rank_step`, Δk from ``min(k_max, m, n)``);
-    ``oversample``, ``iters``, ``generator`` and ``orthonormalize`` as for :func:`srsi`.
+    ``oversample``, ``iters``, ``generator``, ``orthonormalize`` and ``truncation`` as for :func:`srsi`.
 
     Returns the full-width ``Q: (B, m, r)``, ``U: (B, n, r)``, ``ξ: (B,)`` and the proposed next
     ranks (before the rank moment), at most ``min(k_max, m, n)``, as the optimizer caps them.
@@ -174,7 +213,7 @@ def as_rsi(
     width = sketch_width(max(ranks), oversample, m, n)
     if sketch is None:
         sketch = gaussian_sketch(op, width, generator)
-    q, u = subspace_iteration(op, sketch, iters, orthonormalize)
+    q, u = truncate(*subspace_iteration(op, sketch, iters, orthonormalize), truncation)
     used = [min(k, q.shape[-1]) for k in ranks]
     xi = error_ratio(op, truncate_columns(q, used), truncate_columns(u, used))
     xi_host = xi.tolist()

@@ -2621,3 +2621,25 @@ def test_warm_start_replaces_columns_of_rounding_noise():
     assert torch.equal(out[0, :, :2], u[0, :, :2]) and torch.equal(out[0, :, 2:], gauss[0, :, 2:])
     assert torch.equal(out[1, :, 0], u[1, :, 0]) and torch.equal(out[1, :, 1], gauss[1, :, 1])
     assert torch.equal(out[1, :, 2], u[1, :, 2]) and torch.equal(out[1, :, 3:], gauss[1, :, 3:])
+
+
+def test_rayleigh_ritz_truncation_in_the_optimizer():
+    """``truncation="rayleigh_ritz"``: the same first step (same sketch, same V) gives a ξ no
+    larger than the paper's QR truncation, and smaller at one power iteration; a bad value is
+    refused; an overflowed V still only warns (eigh is not handed a non-finite Gram)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(40, 6, generator=gen) @ torch.diag(torch.logspace(0, -1, 6)) @ torch.randn(6, 50, generator=gen)
+    g = g + 0.1 * torch.randn(40, 50, generator=gen)
+    xis = {}
+    for truncation in ("qr", "rayleigh_ritz"):
+        p = torch.nn.Parameter(torch.zeros(40, 50))
+        opt = Adapprox([p], k_max=4, power_iters=1, seed=0, backend="reference", truncation=truncation)
+        p.grad = g.clone()
+        opt.step()
+        xis[truncation] = opt.state[p]["xi"]
+        assert opt.state[p]["Q"].shape == (40, 4)
+    assert xis["rayleigh_ritz"] < 0.97 * xis["qr"], xis
+    with pytest.raises(ValueError, match="truncation"):
+        Adapprox([torch.nn.Parameter(torch.zeros(4, 4))], truncation="svd")
+    p, opt, warned = overflowing_second_moment_run("reference", truncation="rayleigh_ritz")
+    assert warned and torch.isfinite(p).all() and torch.isfinite(opt.state[p]["Q"]).all()

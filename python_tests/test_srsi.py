@@ -5,7 +5,7 @@ import torch
 
 from adapprox_kernels import DenseOperator, as_rsi, error_ratio, srsi
 from adapprox_kernels.rank_policy import next_rank_step, rank_moment, sigmoid_increment, step_rank_delta
-from adapprox_kernels.srsi import gaussian_sketch, subspace_iteration, truncate_columns
+from adapprox_kernels.srsi import gaussian_sketch, rayleigh_ritz, subspace_iteration, truncate_columns
 
 
 def svd_error(a: torch.Tensor, k: int) -> float:
@@ -217,3 +217,60 @@ def test_the_constant_caches_serve_two_threads():
     assert len(cache) == 1 and cache._elements == 5 == sum(v.numel() for v in cache.values())
     cache.put("other", torch.zeros(2))  # made again meanwhile by another thread: counted once
     assert len(cache) == 1 and cache._elements == 2
+
+
+@pytest.mark.parametrize("iters", [1, 2])
+def test_rayleigh_ritz_truncation_is_the_best_rank_k_part_of_the_sketch(iters):
+    """On the same sketch, the Rayleigh–Ritz factors are the SVD oracle's: the best rank-k
+    approximation of Q Qᵀ A (an SVD of Qᵀ A); Q stays orthonormal, Q Uᵀ is unchanged at full
+    width, and ξ is never above the first-k-QR-columns one (measurably below it here, where one
+    iteration leaves the leading QR columns short of the top singular vectors)."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.stack([low_rank_plus_noise(120, 90, rank=24, noise=0.05, gen=gen) for _ in range(3)])
+    op, k = DenseOperator(a), 6
+    q, u = subspace_iteration(op, gaussian_sketch(op, k + 5, torch.Generator().manual_seed(0)), iters)
+    q2, u2 = rayleigh_ritz(q, u)
+    torch.testing.assert_close(q2.mT @ q2, torch.eye(k + 5).expand(3, -1, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q2 @ u2.mT, q @ u.mT, atol=1e-4 * a.abs().max().item(), rtol=0)
+    # the oracle, in float64: the top-k left singular vectors of Qᵀ A within range(Q)
+    qd = q.double()
+    svd = torch.linalg.svd(qd.mT @ a.double(), full_matrices=False)
+    qo = qd @ svd.U[..., :k]
+    oracle = qo @ (qo.mT @ a.double())
+    torch.testing.assert_close((q2[..., :k] @ u2[..., :k].mT).double(), oracle, atol=1e-4 * a.abs().max().item(), rtol=0)
+    xi_qr = error_ratio(op, q[..., :k], u[..., :k])
+    xi_rr = error_ratio(op, q2[..., :k], u2[..., :k])
+    best = torch.tensor([svd_error(x, k) for x in a])
+    assert (xi_rr <= xi_qr * (1 + 1e-5)).all(), (xi_rr, xi_qr)
+    assert (xi_rr >= best * (1 - 1e-5)).all()
+    if iters == 1:
+        assert (xi_rr < 0.97 * xi_qr).all(), (xi_rr, xi_qr)
+
+
+def test_rayleigh_ritz_leaves_non_finite_and_zero_sketches_alone():
+    """A non-finite Gram (an overflowed V) keeps Q and U as they are (ξ is NaN, which the
+    optimizer handles) instead of raising from eigh; an all-zero V keeps an orthonormal Q."""
+    q = torch.linalg.qr(torch.randn(2, 20, 5)).Q
+    u = torch.randn(2, 30, 5)
+    u[0, 3, 1] = float("inf")
+    q2, u2 = rayleigh_ritz(q, u)
+    assert torch.equal(q2[0], q[0]) and torch.equal(u2[0], u[0])
+    torch.testing.assert_close(q2[1] @ u2[1].T, q[1] @ u[1].T, atol=1e-5, rtol=0)
+    q3, u3 = rayleigh_ritz(q, torch.zeros(2, 30, 5))
+    torch.testing.assert_close(q3.mT @ q3, torch.eye(5).expand(2, -1, -1), atol=1e-5, rtol=0)
+    assert not u3.any()
+
+
+def test_srsi_and_as_rsi_take_a_truncation():
+    a = low_rank_plus_noise(80, 60, rank=20, noise=0.05, gen=torch.Generator().manual_seed(5))
+    op = DenseOperator(a)
+    xis = {}
+    for truncation in ("qr", "rayleigh_ritz"):
+        q, u = srsi(op, 4, iters=1, generator=torch.Generator().manual_seed(0), truncation=truncation)
+        xis[truncation] = error_ratio(op, q, u).item()
+        _, _, xi, _ = as_rsi(op, [4], k_min=1, k_max=8, xi_thresh=1e-3, iters=1,
+                             generator=torch.Generator().manual_seed(0), truncation=truncation)  # fmt: skip
+        assert xi.item() == pytest.approx(xis[truncation], rel=1e-5)
+    assert xis["rayleigh_ritz"] < xis["qr"]
+    with pytest.raises(ValueError, match="truncation"):
+        srsi(op, 4, truncation="svd")

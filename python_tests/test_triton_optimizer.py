@@ -82,6 +82,16 @@ def test_triton_matches_reference(name):
     _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype)
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_rayleigh_ritz_truncation_matches_reference(warm):
+    """``truncation="rayleigh_ritz"`` on the kernels: the rotation by the eigenvectors of
+    ``UᵀU`` (torch ops on the kernels' factors) gives the reference's run, across a resume."""
+    options = {**BASE, "truncation": "rayleigh_ritz", "warm_start": warm}
+    ref_params, ref_opt = _run("reference", torch.float32, options, steps=4, round_trip_at=2)
+    tri_params, tri_opt = _run("triton", torch.float32, options, steps=4, round_trip_at=2)
+    _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, torch.float32)
+
+
 def test_cosine_guidance_factor_below_its_bound_matches_reference():
     """The configs above run cosine guidance at the default bound 2, where these 4-step runs
     have c = cos(Upd, M_t) >= 0.5 on every step of the factored pair, so the factor is 2 and c
