@@ -325,7 +325,8 @@ class Adapprox(SketchOptimizer):
             every rank must have the same seed (FSDP2's are checked; see docs/distributed.md).
         warm_start: start S-RSI from last step's ``U`` (its columns, topped up with Gaussian
             ones, at least one whatever ``oversample``: the columns a growing rank takes) instead
-            of a fresh Gaussian sketch, with ``warm_power_iters`` iterations:
+            of a fresh Gaussian sketch, with ``warm_power_iters`` iterations (``power_iters`` on
+            a step whose rank grew past last step's sketch, e.g. the sigmoid policy's growth):
             V moves slowly (β2 = 0.999), so fewer passes reach the same ξ. Off by default
             (the paper's algorithm).
         cuda_graphs: replay a factored bucket's step (S-RSI and update) and a dense bucket's
@@ -1007,8 +1008,14 @@ class Adapprox(SketchOptimizer):
             sketch = self._draw_sketch(group, bucket, states)
         width = sketch.shape[-1]
         warm = group["warm_start"] and min(prev_cols) > 0
-        iters = group["warm_power_iters"] if warm else group["power_iters"]
         used = self._used_ranks(states, width)
+        iters = group["warm_power_iters"] if warm else group["power_iters"]
+        if warm and any(k > c for k, c in zip(used, prev_cols)):
+            # A rank that grew past last step's sketch (the sigmoid policy's growth beyond the
+            # extra columns, or the step policy's by more than them) takes its new columns
+            # straight from the Gaussian: one warm iteration left them raw (ξ up to ~15× the
+            # optimum, and a sigmoid rank pushed up for good). Such a step runs the cold count.
+            iters = max(iters, group["power_iters"])
         # The sigmoid policy decides each matrix's rank on its own step count: same-shaped
         # matrices skip different steps (no gradient, a skipped non-finite step, added later).
         if group["rank_policy"] == "step":

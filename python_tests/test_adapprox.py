@@ -1495,6 +1495,37 @@ def test_warm_start_without_oversampling_grows_the_rank_from_iterated_columns():
     assert max(ratios) < 1.2, ratios
 
 
+@pytest.mark.parametrize("r, eta, oversample, ranks", [(2, 2.0, 0, [3, 5, 7]), (4, 9.0, 5, [10, 15, 20])])
+def test_warm_start_measures_a_rank_grown_past_the_sketch_after_full_iterations(r, eta, oversample, ranks):
+    """The sigmoid policy grows the rank by up to η at a check, past last step's sketch width
+    (``k + max(p, 1)`` warm): the growth completes a step later with columns straight from the
+    Gaussian. With the warm start's one iteration they were measured (``rank_interval=1``) and
+    kept raw: ξ 14.9× (r=2, p=0) and 4.2× (r=4, p=5) the optimum on that step, and the second
+    case's rank pushed to 16 for good where cold ``l = 5`` settles at 15. Such a step runs
+    ``power_iters``."""
+    gen = torch.Generator().manual_seed(0)
+    m, n = 40, 30
+    g = torch.randn(m, r, generator=gen) @ torch.randn(r, n, generator=gen) + 0.02 * torch.randn(m, n, generator=gen)
+    p = torch.nn.Parameter(torch.zeros(m, n))
+    opt = Adapprox([p], lr=0.0, weight_decay=0.0, k_init=1, k_min=1, k_max=20, oversample=oversample, betas=(0.0, 0.999, 0.0),
+                   xi_thresh=1e-6, exact_small_matrices=False, warm_start=True, seed=0, rank_policy="sigmoid",
+                   rank_interval=1, sigmoid=(eta, 10.0, 0.0, 0.0))  # fmt: skip
+    ratios, got = [], []
+    for _ in range(3):
+        st = opt.state[p]
+        v = 0.001 * g.double() ** 2
+        if "Q" in st:
+            v += 0.999 * (st["Q"].double() @ st["U"].double().T).clamp_min(0)
+        k = min(round(st["rank"]), m, n) if "rank" in st else 1
+        p.grad = g.clone()
+        opt.step()
+        s2 = torch.linalg.svdvals(v).square()
+        ratios.append(opt.state[p]["xi"] / math.sqrt(s2[k:].sum() / s2.sum()))
+        got.append(opt.state[p]["rank"])
+    assert max(ratios) < 1.2, ratios
+    assert got == ranks  # as cold l = 5 grows it
+
+
 @pytest.mark.parametrize("warm", [False, True])
 def test_a_leading_all_zero_gradient_step_changes_nothing(warm):
     """An all-zero first gradient (LoRA's A while B is 0) leaves V = 0 and U = 0. The next
