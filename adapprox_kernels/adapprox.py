@@ -17,6 +17,7 @@ batched call. See ``docs/algorithm.md`` for every decision the paper leaves open
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import warnings
@@ -47,6 +48,18 @@ from .srsi import (
 )
 from .state_report import StateReport, report_rows
 from .transfer import rounding_keys_tensor, update_scalars
+
+
+def _sync_free_eigh(backend, device: torch.device, width: int) -> Callable | None:
+    """Rayleigh–Ritz's eigensolver where one needs no host sync (so that the bucket's S-RSI can
+    be captured in a CUDA graph): the Triton Jacobi kernel, for CUDA buckets that the Triton
+    backend steps with a sketch of at most its ``MAX_SIZE`` columns, outside torch.compile (the
+    kernel is no custom op). None elsewhere: ``torch.linalg.eigh`` in float64."""
+    if getattr(backend, "name", None) != "triton" or device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    from .kernels.jacobi_eigh import MAX_SIZE, jacobi_eigh
+
+    return functools.partial(jacobi_eigh, descending=True) if width <= MAX_SIZE else None
 
 
 # The backends whose apply_step takes α, λ and β1 as a device tensor (``scalars``).
@@ -301,7 +314,9 @@ class Adapprox(SketchOptimizer):
             sketch, from an eigen-decomposition of the small ``Uᵀ U``: the extra columns improve
             the factors, so fewer ``power_iters`` reach the same ξ; see docs/algorithm.md). With
             ``"rayleigh_ritz"`` each CUDA bucket syncs once more per step (``torch.linalg.eigh``)
-            and is not replayed from CUDA graphs.
+            and is not replayed from CUDA graphs, except with the Triton backend and a sketch of
+            at most 64 columns (``k_max + oversample``): there a Jacobi kernel with a fixed
+            number of sweeps takes the eigenvectors, with no sync.
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
         k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
         oversample: p, extra sketch columns. power_iters: l, subspace iterations.
@@ -1036,12 +1051,14 @@ class Adapprox(SketchOptimizer):
         def start(u_prev: torch.Tensor, sketch: torch.Tensor, prev_mask: torch.Tensor) -> torch.Tensor:
             return _warm_sketch(u_prev, sketch, prev_mask) if warm else sketch
 
+        eigh = _sync_free_eigh(backend, q_prev.device, width)
+
         def srsi(q_prev, u_prev, sketch, prev_mask):
             """``(operator for V_t, q, u, failure flags or None)``."""
             op = second_moment(q_prev, u_prev)
             failures: list[torch.Tensor] = []
             q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, _deferred_orthonormalize(backend, failures))
-            q, u = truncate(q, u, group["truncation"])
+            q, u = truncate(q, u, group["truncation"], eigh)
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 
         rounding_keys = self._rounding_keys(group, bucket, states)
@@ -1057,9 +1074,9 @@ class Adapprox(SketchOptimizer):
             resid = backend.apply_step(op, params, exp_avgs, residual_factors=factors, **kw)
             return ratio_from_sq_norms(op.sq_norm(), resid) if measure else _finite_marks(u)
 
-        # Not with a Rayleigh–Ritz truncation: torch.linalg.eigh reads its flag on the host,
-        # which a capture cannot (the dense buckets, which have no S-RSI, are still graphed).
-        if group["truncation"] == "qr" and self._graphable(group, backend, q_prev, shards):
+        # Not with a Rayleigh–Ritz truncation by torch.linalg.eigh, which reads its flag on the
+        # host, which a capture cannot (the dense buckets, which have no S-RSI, are still graphed).
+        if (group["truncation"] == "qr" or eigh is not None) and self._graphable(group, backend, q_prev, shards):
             # Two graphs, S-RSI and the update, since the non-finite check may come in between.
             # Everything but the inputs (among them α, λ and β1) is read or written where the
             # key says it is.
@@ -1118,7 +1135,7 @@ class Adapprox(SketchOptimizer):
             """S-RSI again with the checked orthonormalizer (V_t is unchanged by the update)."""
             again = second_moment(q_prev, u_prev)
             q2, u2 = subspace_iteration(again, start(u_prev, sketch, prev_mask), iters, backend.orthonormalize)
-            q2, u2 = truncate(q2, u2, group["truncation"])
+            q2, u2 = truncate(q2, u2, group["truncation"], eigh)
             if not measure:
                 return q2, u2, _finite_marks(u2)
             resid2 = again.residual_sq_norm(truncate_columns(q2, used), truncate_columns(u2, used))

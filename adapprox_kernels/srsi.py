@@ -17,6 +17,9 @@ from .rank_policy import next_rank_step
 from .transfer import ConstantCache, handed_out, to_device_nowait
 
 Orthonormalize = Callable[[torch.Tensor], torch.Tensor]
+# ``(B, r, r)`` fp32 symmetric -> (eigenvalues, eigenvectors) by descending eigenvalue, with no
+# host sync (kernels/jacobi_eigh.py); see rayleigh_ritz.
+Eigh = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # How the rank-k factors are taken from the k + p sketch columns: "qr", the first k QR columns
 # (Algorithm 1), or "rayleigh_ritz", the best rank-k part of Q Uᵀ (see rayleigh_ritz).
@@ -68,7 +71,7 @@ def subspace_iteration(
     return q, u
 
 
-def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor, eigh: Eigh | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate the full-width S-RSI result so that its leading columns are the best low-rank
     parts of ``Q Uᵀ``: ``(Q Z, U Z)`` with ``Z`` the eigenvectors of ``Uᵀ U`` (``(B, r, r)``),
     by descending eigenvalue.
@@ -80,21 +83,31 @@ def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch
     is triangular). The eigen-decomposition runs in float64 (the Gram squares the singular
     values). A Gram that is not finite (an overflowed V) leaves ``Q`` and ``U`` as they are
     (their ξ is NaN, which the optimizer handles). On CUDA, ``torch.linalg.eigh`` reads its
-    convergence flag on the host: one sync per call, and no CUDA-graph capture."""
+    convergence flag on the host: one sync per call, and no CUDA-graph capture. ``eigh``
+    replaces it (see ``Eigh``; the Triton Jacobi kernel, which needs no sync): it gets the
+    Gram scaled to a largest entry of 1, in fp32."""
     gram = u.mT.double() @ u.double()
     finite = gram.isfinite().all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    _, z = torch.linalg.eigh(torch.where(finite, gram, eye))
-    z = z.flip(-1).to(q.dtype)  # descending
+    gram = torch.where(finite, gram, eye)
+    if eigh is None:
+        z = torch.linalg.eigh(gram).eigenvectors.flip(-1)  # descending
+    else:
+        scale = gram.abs().amax(dim=(-2, -1), keepdim=True)  # fp32 holds the scaled Gram
+        z = eigh((gram / torch.where(scale > 0, scale, torch.ones_like(scale))).float())[1]
+    z = z.to(q.dtype)
     return torch.where(finite, q @ z, q), torch.where(finite, u @ z, u)
 
 
-def truncate(q: torch.Tensor, u: torch.Tensor, truncation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The full-width ``(Q, U)`` whose first ``k`` columns are the rank-``k`` factors, for any k."""
+def truncate(
+    q: torch.Tensor, u: torch.Tensor, truncation: str, eigh: Eigh | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-width ``(Q, U)`` whose first ``k`` columns are the rank-``k`` factors, for any k
+    (``eigh``: see :func:`rayleigh_ritz`)."""
     if truncation == "qr":
         return q, u
     if truncation == "rayleigh_ritz":
-        return rayleigh_ritz(q, u)
+        return rayleigh_ritz(q, u, eigh)
     raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
 
 

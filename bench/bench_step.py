@@ -95,8 +95,8 @@ def optimizer_factories(ranks, backend: str) -> dict:
         common = dict(lr=1e-3, k_init=k, k_min=k, k_max=k, backend=backend, seed=0)
         out[f"adapprox_k{k}_cold"] = lambda ps, c=common: Adapprox(ps, **c)
         out[f"adapprox_k{k}_warm"] = lambda ps, c=common: Adapprox(ps, warm_start=True, warm_power_iters=1, **c)
-        # Rayleigh–Ritz lets a cold step take 2 iterations (5 passes over G) for l = 5's ξ; its
-        # eigh syncs per bucket and keeps the factored buckets out of CUDA graphs (not the dense ones)
+        # Rayleigh–Ritz lets a cold step take 2 iterations (5 passes over G) for l = 5's ξ (its
+        # eigen-decompositions by the Jacobi kernel on CUDA: no sync, graphed)
         out[f"adapprox_k{k}_cold_l2_rr"] = lambda ps, c=common: Adapprox(
             ps, power_iters=2, truncation="rayleigh_ritz", cuda_graphs=backend == "triton", **c
         )

@@ -6,6 +6,7 @@ their ranks drift apart (the factors are zero-padded to a common width inside th
 
 import contextlib
 import copy
+import functools
 import importlib
 import warnings
 
@@ -1194,6 +1195,34 @@ def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
     else:
         assert sorted(key[0] for key in calls.keys) == sorted((phases[0] + phases[1]) * 5)
     _assert_same_bits(eager_params, eager_opt, graph_params, graph_opt)
+
+
+def test_rayleigh_ritz_by_the_jacobi_kernel_is_graphed_and_gives_the_eager_bits(monkeypatch):
+    """With the sync-free Jacobi kernel (chosen for CUDA buckets on the Triton backend, here on
+    any device), a Rayleigh–Ritz bucket's S-RSI and update go through the CUDA graphs and give
+    the eager bits; with torch.linalg.eigh (which syncs) they stay eager."""
+    from adapprox_kernels import adapprox as adapprox_module
+    from adapprox_kernels.kernels.jacobi_eigh import MAX_SIZE, jacobi_eigh
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), MAX_SIZE).func is jacobi_eigh
+    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), MAX_SIZE + 1) is None
+    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cpu"), 8) is None
+    options = {**BASE, "truncation": "rayleigh_ritz"}
+    monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
+    eager = _graph_run(torch.float32, options, False, 3, fixed_grads=True)
+    calls = _CallsThrough(eager_runs=100)
+    _graph_run(torch.float32, options, True, 3, fixed_grads=True, graphs_stand_in=calls)
+    kinds = [key[0] for key in calls.keys]
+    assert "srsi" not in kinds and "update" not in kinds and "dense" in kinds  # eigh: factored buckets stay eager
+    kernel = functools.partial(jacobi_eigh, descending=True)
+    monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width: kernel)
+    eager = _graph_run(torch.float32, options, False, 3, fixed_grads=True)
+    calls = _CallsThrough(eager_runs=100)
+    graphed = _graph_run(torch.float32, options, True, 3, fixed_grads=True, graphs_stand_in=calls)
+    kinds = [key[0] for key in calls.keys]
+    assert kinds.count("srsi") == 2 * 3 and kinds.count("update") == 2 * 3
+    _assert_same_bits(*eager, *graphed)
 
 
 class _FirstCallUnderKey(CallGraphs):

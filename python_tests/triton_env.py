@@ -49,6 +49,7 @@ _MODULES = {
     "update_cosine": "_update_cosine_kernel",
     "apply_update": "_apply_update_kernel",
     "dense_moment": "_dense_sums_kernel",
+    "jacobi_eigh": "_jacobi_eigh_kernel",
 }
 
 
