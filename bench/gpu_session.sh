@@ -28,6 +28,10 @@ build)
     ;;
 tests)
     python3 -m pytest python_tests -p no:cacheprovider -p no:warnings -m gpu -rfE 2>&1 | tee "$OUT/pytest_gpu_$commit.log"
+    # Not marked gpu (they run under the interpreter in CI) but new on CUDA: the Jacobi kernel and
+    # the Rayleigh-Ritz runs that take it there.
+    python3 -m pytest python_tests/test_jacobi_eigh.py python_tests/test_triton_optimizer.py -k "jacobi or rayleigh" \
+        -p no:cacheprovider -p no:warnings -rfE 2>&1 | tee -a "$OUT/pytest_gpu_$commit.log"
     ;;
 compare)
     base=${2:?compare needs the baseline checkout}
