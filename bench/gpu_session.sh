@@ -27,7 +27,7 @@ build)
     python3 -m adapprox_kernels
     ;;
 tests)
-    python3 -m pytest python_tests -p no:cacheprovider -p no:warnings -m gpu -rfE 2>&1 | tee "$OUT/pytest_gpu_$commit.log"
+    python3 -m pytest python_tests -p no:cacheprovider -p no:warnings -m gpu -rfE 2>&1 | tee "$OUT/pytest_gpu_$commit.log" || true  # the log says
     # Not marked gpu (they run under the interpreter in CI) but new on CUDA: the Jacobi kernel and
     # the Rayleigh-Ritz runs that take it there.
     python3 -m pytest python_tests/test_jacobi_eigh.py python_tests/test_triton_optimizer.py -k "jacobi or rayleigh" \
