@@ -175,4 +175,3 @@ def jacobi_eigh(
         )  # fmt: skip
     order = w.argsort(dim=-1, descending=descending)
     return w.gather(-1, order), z.gather(-1, order.unsqueeze(-2).expand_as(z))
-
