@@ -38,7 +38,7 @@ from .optim_base import (
     SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, keep_eager, to_host,
 )  # fmt: skip
 from .reference import apply_updates, clipped_update, signed_clip_threshold
-from .srsi import error_ratio, gaussian_sketch, sketch_width, subspace_iteration
+from .srsi import error_ratio, gaussian_sketch, rayleigh_ritz, sketch_width, subspace_iteration
 from .state_report import StateReport, report_rows
 
 PROJECTIONS = ("srsi", "svd")
@@ -57,9 +57,9 @@ def top_left_subspace(
 ) -> torch.Tensor:
     """Orthonormal basis ``(B, m, r)`` of the top-``rank`` left singular subspace of ``g: (B, m, n)``.
 
-    ``"svd"``: exact. ``"srsi"``: S-RSI with ``rank + oversample`` columns, then Rayleigh–Ritz:
-    the sketch's directions are ordered by singular value (a small SVD of ``U``) and the top
-    ``rank`` kept. Taking the first ``rank`` QR columns instead would be a rank-``rank``
+    ``"svd"``: exact. ``"srsi"``: S-RSI with ``rank + oversample`` columns, then Rayleigh–Ritz
+    (:func:`~adapprox_kernels.srsi.rayleigh_ritz`, as Adapprox's ``truncation="rayleigh_ritz"``):
+    the sketch's directions are ordered by singular value and the top ``rank`` kept. Taking the first ``rank`` QR columns instead would be a rank-``rank``
     subspace iteration that ignores the oversampling.
     """
     if projection == "svd":
@@ -67,9 +67,7 @@ def top_left_subspace(
     op = DenseOperator(g)
     _, m, n = op.shape
     q, u = subspace_iteration(op, gaussian_sketch(op, sketch_width(rank, oversample, m, n), generator), iters)
-    # G ≈ Q Uᵀ and U = X Σ Yᵀ, so G's left singular vectors are Q Y, already sorted.
-    y = torch.linalg.svd(u, full_matrices=False).Vh.mT
-    return canonical_signs(q @ y[..., :rank])
+    return canonical_signs(rayleigh_ritz(q, u)[0][..., :rank])
 
 
 def canonical_signs(p: torch.Tensor) -> torch.Tensor:
