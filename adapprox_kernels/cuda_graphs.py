@@ -12,7 +12,9 @@ A graphed call ``fn(*inputs) -> outputs`` must keep this contract:
 * every other tensor ``fn`` reads or writes sits at the same address whenever the key is the
   same (callers put the data pointers in the key); cached device constants it uses are kept
   alive with the graph (:func:`~adapprox_kernels.transfer.keeping_constants`);
-* ``fn`` does not wait for the GPU and launches on the current stream;
+* ``fn`` does not wait for the GPU (no op that reads a device tensor on the host: the test
+  ``test_graphed_calls_never_wait_for_the_device`` checks the optimizer's calls for them on a
+  CPU) and launches on the current stream;
 * the returned ``outputs`` belong to the graph: the next replay overwrites them.
 
 Calls whose results are not needed at once are queued with :meth:`CallGraphs.defer` and run

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from compiled_step import eager_and_compiled, graphs_per_step
 from triton_env import DEVICE, triton_kernels  # noqa: F401  (autouse fixture)
 
@@ -1223,6 +1224,71 @@ def test_rayleigh_ritz_by_the_jacobi_kernel_is_graphed_and_gives_the_eager_bits(
     kinds = [key[0] for key in calls.keys]
     assert kinds.count("srsi") == 2 * 3 and kinds.count("update") == 2 * 3
     _assert_same_bits(*eager, *graphed)
+
+
+# ATen ops that wait for the GPU to read a result on the host: a scalar read (item, bool, float),
+# a check of a solver's info flags, or an output whose size depends on the data. A CUDA-graph
+# capture refuses them, and the call then runs eagerly for good (CallGraphs' "failed" count).
+_HOST_READS = frozenset({
+    "_local_scalar_dense", "_linalg_check_errors", "_linalg_eigh", "_linalg_svd", "linalg_eig", "nonzero",
+    "masked_select", "is_nonzero", "equal", "allclose", "_unique2", "unique_dim", "unique_consecutive",
+    "repeat_interleave",
+})  # fmt: skip
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Raises at any op of :data:`_HOST_READS`, or an index by a boolean mask (a nonzero)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masked = name == "index" and any(torch.is_tensor(i) and i.dtype == torch.bool for i in args[1])
+        if name in _HOST_READS or masked:
+            raise AssertionError(f"{func} reads the device on the host inside a call meant for a CUDA graph")
+        return func(*args, **(kwargs or {}))
+
+
+class _CallsWithoutHostReads(_CallsThrough):
+    """Runs each graphable call under :class:`_NoHostReads`: on a CPU, what would keep it from
+    being captured on a GPU."""
+
+    def _run_signed(self, key, fn, inputs, calls, entry=None):
+        with _NoHostReads():
+            return super()._run_signed(key, fn, inputs, calls, entry)
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, "rayleigh-ritz-warm", "tf32-rn-stochastic-rounding"])
+def test_graphed_calls_never_wait_for_the_device(monkeypatch, name):
+    """Every call the step hands to CUDA graphs (S-RSI, updates, dense sums and updates; one by
+    one and batched) runs without an op that reads the device on the host, which a capture
+    cannot hold: checked here, without a GPU, on the ops the calls dispatch."""
+    from adapprox_kernels import adapprox as adapprox_module
+    from adapprox_kernels.kernels.jacobi_eigh import jacobi_eigh
+
+    dtype, extra = CONFIGS.get(name, (torch.float32, {}))
+    if name == "rayleigh-ritz-warm":  # with the Jacobi kernel that CUDA buckets take
+        extra = dict(truncation="rayleigh_ritz", warm_start=True)
+        kernel = functools.partial(jacobi_eigh, descending=True)
+        monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width: kernel)
+    elif name == "tf32-rn-stochastic-rounding":
+        dtype, extra = torch.bfloat16, dict(product_precision="tf32_rn", bf16_stochastic_round=True)
+    monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
+    for eager_runs in (100, 0):  # every call on its own, then batched
+        calls = _CallsWithoutHostReads(eager_runs=eager_runs)
+        _graph_run(dtype, {**BASE, **extra}, True, 3, fixed_grads=True, graphs_stand_in=calls)
+        kinds = {c[0] for key in calls.keys for c in (key[1] if key[0] == "batch" else [key])}
+        assert {"srsi", "update"} <= kinds, kinds
+
+
+def test_the_host_read_check_sees_a_read(monkeypatch):
+    """The check above fails where a graphed call reads the device: torch.linalg.eigh in a
+    Rayleigh–Ritz bucket's S-RSI, as on the reference path."""
+    from adapprox_kernels import adapprox as adapprox_module
+
+    monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width: torch.linalg.eigh)
+    monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
+    options = {**BASE, "truncation": "rayleigh_ritz"}
+    with pytest.raises(AssertionError, match="_linalg_eigh"):
+        _graph_run(torch.float32, options, True, 3, fixed_grads=True, graphs_stand_in=_CallsWithoutHostReads())
 
 
 class _FirstCallUnderKey(CallGraphs):
