@@ -84,10 +84,23 @@ def test_triton_matches_reference(name):
     _assert_same_run(ref_params, ref_opt, tri_params, tri_opt, dtype)
 
 
+@pytest.mark.parametrize("jacobi", [False, True])
 @pytest.mark.parametrize("warm", [False, True])
-def test_rayleigh_ritz_truncation_matches_reference(warm):
+def test_rayleigh_ritz_truncation_matches_reference(monkeypatch, warm, jacobi):
     """``truncation="rayleigh_ritz"`` on the kernels: the rotation by the eigenvectors of
-    ``UᵀU`` (torch ops on the kernels' factors) gives the reference's run, across a resume."""
+    ``UᵀU`` (torch ops on the kernels' factors) gives the reference's run, across a resume;
+    also with the eigenvectors from the fp32 Jacobi kernel, as CUDA buckets take them (the
+    reference keeps float64 ``torch.linalg.eigh``)."""
+    if jacobi:
+        from adapprox_kernels import adapprox as adapprox_module
+        from adapprox_kernels.kernels.jacobi_eigh import jacobi_eigh
+
+        kernel, chosen = functools.partial(jacobi_eigh, descending=True), adapprox_module._sync_free_eigh
+
+        def on_cuda(backend, device, width):
+            return kernel if getattr(backend, "name", None) == "triton" else chosen(backend, device, width)
+
+        monkeypatch.setattr(adapprox_module, "_sync_free_eigh", on_cuda)
     options = {**BASE, "truncation": "rayleigh_ritz", "warm_start": warm}
     ref_params, ref_opt = _run("reference", torch.float32, options, steps=4, round_trip_at=2)
     tri_params, tri_opt = _run("triton", torch.float32, options, steps=4, round_trip_at=2)
