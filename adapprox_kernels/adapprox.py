@@ -50,12 +50,17 @@ from .state_report import StateReport, report_rows
 from .transfer import rounding_keys_tensor, update_scalars
 
 
-def _sync_free_eigh(backend, device: torch.device, width: int) -> Callable | None:
+def _sync_free_eigh(backend, device: torch.device, width: int, dtype: torch.dtype) -> Callable | None:
     """Rayleigh–Ritz's eigensolver where one needs no host sync (so that the bucket's S-RSI can
-    be captured in a CUDA graph): the Triton Jacobi kernel, for CUDA buckets that the Triton
-    backend steps with a sketch of at most its ``MAX_SIZE`` columns, outside torch.compile (the
-    kernel is no custom op). None elsewhere: ``torch.linalg.eigh`` in float64."""
-    if getattr(backend, "name", None) != "triton" or device.type != "cuda" or torch.compiler.is_compiling():
+    be captured in a CUDA graph): the Triton Jacobi kernel, for CUDA buckets of fp32 factors
+    that the Triton backend steps with a sketch of at most its ``MAX_SIZE`` columns, outside
+    torch.compile (the kernel is no custom op). None elsewhere: ``torch.linalg.eigh`` in
+    float64, also for fp64 factors (float64 parameters), which the kernel's fp32 vectors would
+    leave orthonormal to ~1e-6 only (and which are never graphed)."""
+    if (
+        getattr(backend, "name", None) != "triton" or device.type != "cuda" or dtype != torch.float32
+        or torch.compiler.is_compiling()
+    ):  # fmt: skip
         return None
     from .kernels.jacobi_eigh import MAX_SIZE, jacobi_eigh
 
@@ -314,9 +319,11 @@ class Adapprox(SketchOptimizer):
             sketch, from an eigen-decomposition of the small ``Uᵀ U``: the extra columns improve
             the factors, so fewer ``power_iters`` reach the same ξ; see docs/algorithm.md). With
             ``"rayleigh_ritz"`` each CUDA bucket syncs once more per step (``torch.linalg.eigh``)
-            and is not replayed from CUDA graphs, except with the Triton backend and a sketch of
-            at most 64 columns (``k_max + oversample``): there a Jacobi kernel with a fixed
-            number of sweeps takes the eigenvectors, with no sync.
+            and is not replayed from CUDA graphs, except with the Triton backend, fp32 factors
+            (not float64 parameters) and a sketch of at most 64 columns (this step's rank plus
+            the oversampling columns: a rank that starts at ``k_max = 256`` gets there as it
+            falls): there a Jacobi kernel with a fixed number of sweeps takes the eigenvectors,
+            with no sync.
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
         k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
         oversample: p, extra sketch columns. power_iters: l, subspace iterations.
@@ -1051,7 +1058,7 @@ class Adapprox(SketchOptimizer):
         def start(u_prev: torch.Tensor, sketch: torch.Tensor, prev_mask: torch.Tensor) -> torch.Tensor:
             return _warm_sketch(u_prev, sketch, prev_mask) if warm else sketch
 
-        eigh = _sync_free_eigh(backend, q_prev.device, width)
+        eigh = _sync_free_eigh(backend, q_prev.device, width, q_prev.dtype)
 
         def srsi(q_prev, u_prev, sketch, prev_mask):
             """``(operator for V_t, q, u, failure flags or None)``."""
@@ -1093,9 +1100,10 @@ class Adapprox(SketchOptimizer):
             # Deferred (see cuda_graphs.py): S-RSI runs with the dense sums passes queued before
             # it, the update with every other update, queued by prepare() while the GPU runs S-RSI.
             baked, read = self._baked_hyperparameters(group), _addresses(grads)
-            # S-RSI reads β2, ε and the precision of the group (second_moment), not β1 or the
-            # clip: keyed by those, it keeps replaying while a scheduler changes β1 every step.
-            srsi_key = ("srsi", m, n, warm, iters, beta2, eps, tuple(precision.values()), read)
+            # S-RSI reads β2, ε and the precision of the group (second_moment) and its
+            # truncation, not β1 or the clip: keyed by those, it keeps replaying while a
+            # scheduler changes β1 every step.
+            srsi_key = ("srsi", m, n, warm, iters, beta2, eps, tuple(precision.values()), group["truncation"], read)
             srsi_call = self._graphs.defer(srsi_key, srsi_graph, (q_prev, u_prev, sketch, prev_mask))
             queued = []
 

@@ -97,8 +97,8 @@ def test_rayleigh_ritz_truncation_matches_reference(monkeypatch, warm, jacobi):
 
         kernel, chosen = functools.partial(jacobi_eigh, descending=True), adapprox_module._sync_free_eigh
 
-        def on_cuda(backend, device, width):
-            return kernel if getattr(backend, "name", None) == "triton" else chosen(backend, device, width)
+        def on_cuda(backend, device, width, dtype):
+            return kernel if getattr(backend, "name", None) == "triton" else chosen(backend, device, width, dtype)
 
         monkeypatch.setattr(adapprox_module, "_sync_free_eigh", on_cuda)
     options = {**BASE, "truncation": "rayleigh_ritz", "warm_start": warm}
@@ -1242,9 +1242,12 @@ def test_rayleigh_ritz_by_the_jacobi_kernel_is_graphed_and_gives_the_eager_bits(
     from adapprox_kernels.kernels.jacobi_eigh import MAX_SIZE, jacobi_eigh
     from adapprox_kernels.triton_backend import TritonBackend
 
-    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), MAX_SIZE).func is jacobi_eigh
-    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), MAX_SIZE + 1) is None
-    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cpu"), 8) is None
+    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), MAX_SIZE, torch.float32).func is jacobi_eigh
+    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), MAX_SIZE + 1, torch.float32) is None
+    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cpu"), 8, torch.float32) is None
+    # fp64 factors (float64 parameters) take float64 eigh: the kernel's fp32 vectors are not
+    # orthonormal to fp64's precision.
+    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), 8, torch.float64) is None
     options = {**BASE, "truncation": "rayleigh_ritz"}
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
     eager = _graph_run(torch.float32, options, False, 3, fixed_grads=True)
@@ -1253,7 +1256,7 @@ def test_rayleigh_ritz_by_the_jacobi_kernel_is_graphed_and_gives_the_eager_bits(
     kinds = [key[0] for key in calls.keys]
     assert "srsi" not in kinds and "update" not in kinds and "dense" in kinds  # eigh: factored buckets stay eager
     kernel = functools.partial(jacobi_eigh, descending=True)
-    monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width: kernel)
+    monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width, dtype: kernel)
     eager = _graph_run(torch.float32, options, False, 3, fixed_grads=True)
     calls = _CallsThrough(eager_runs=100)
     graphed = _graph_run(torch.float32, options, True, 3, fixed_grads=True, graphs_stand_in=calls)
@@ -1283,7 +1286,7 @@ def test_graphed_calls_never_wait_for_the_device(monkeypatch, name):
     if name == "rayleigh-ritz-warm":  # with the Jacobi kernel that CUDA buckets take
         extra = dict(truncation="rayleigh_ritz", warm_start=True)
         kernel = functools.partial(jacobi_eigh, descending=True)
-        monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width: kernel)
+        monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width, dtype: kernel)
     elif name == "tf32-rn-stochastic-rounding":
         dtype, extra = torch.bfloat16, dict(product_precision="tf32_rn", bf16_stochastic_round=True)
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
@@ -1299,7 +1302,7 @@ def test_the_host_read_check_sees_a_read(monkeypatch):
     Rayleigh–Ritz bucket's S-RSI, as on the reference path."""
     from adapprox_kernels import adapprox as adapprox_module
 
-    monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width: torch.linalg.eigh)
+    monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width, dtype: torch.linalg.eigh)
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
     options = {**BASE, "truncation": "rayleigh_ritz"}
     with pytest.raises(AssertionError, match="_linalg_eigh.*reads the device"):
@@ -1416,6 +1419,40 @@ def test_graph_keys_name_every_hyperparameter_their_calls_read(monkeypatch):
     replayed = {kind: graphs.replayed.count(kind) for kind in ("srsi", "dense sums", "dense", "update")}
     assert replayed["srsi"] >= 2 * 3 and replayed["dense sums"] >= 3 * 5, replayed
     assert replayed["update"] >= 2 and replayed["dense"] >= 3, replayed
+
+
+def test_the_srsi_graph_key_names_the_truncation(monkeypatch):
+    """``truncation`` written into a group between steps (with the sync-free Jacobi kernel a
+    Rayleigh–Ritz bucket is graphed as a QR one is): replaying the first call made under each
+    key gives the eager bits. The S-RSI key left it out, so a graph captured with one
+    truncation replayed for the other."""
+    from adapprox_kernels import adapprox as adapprox_module
+    from adapprox_kernels.kernels.jacobi_eigh import jacobi_eigh
+
+    kernel = functools.partial(jacobi_eigh, descending=True)
+    monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width, dtype: kernel)
+    plan = ["qr", "qr", "qr", "rayleigh_ritz", "rayleigh_ritz", "qr"]
+
+    def run(graphs_stand_in):
+        params = _params(torch.float32)
+        opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs_stand_in is not None, **BASE)
+        if graphs_stand_in is not None:
+            _use_graphs(opt, graphs_stand_in)
+        for step, truncation in enumerate(plan):
+            opt.param_groups[0]["truncation"] = truncation
+            for p, g in zip(params, _grads(step, torch.float32)):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)  # the addresses a graph needs
+            opt.step()
+        return params, opt
+
+    eager = run(None)
+    monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
+    graphs = _FirstCallUnderKey()
+    _assert_same_bits(*eager, *run(graphs))
+    assert graphs.replayed.count("srsi") >= 2, graphs.replayed  # the second rayleigh_ritz step
 
 
 def test_a_second_moment_beyond_float32_on_triton_warns_and_keeps_the_weights_finite():
