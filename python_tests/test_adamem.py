@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from compiled_step import eager_and_compiled, graphs_per_step
+from host_reads import NoHostReads
 
 from adapprox_kernels import AdaMeM
 from adapprox_kernels.adamem import adamem_directions, rotate_momentum, top_left_subspace
@@ -947,6 +948,13 @@ def test_one_host_read_of_xi_per_step(monkeypatch):
     assert reads == [torch.Size([4]), torch.Size([6])]
     xis = [opt.state[p]["xi"] for p in params[:3]]
     assert all(0 < xi < 1 for xi in xis) and len(set(xis)) == 3
+    # A step between projections reads the check only, and nothing else waits for the device.
+    reads.clear()
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    with NoHostReads():
+        opt.step()
+    assert reads == [torch.Size([4])]
 
 
 def test_no_clipping_keeps_an_update_whose_sum_of_squares_overflows():

@@ -12,8 +12,8 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from compiled_step import eager_and_compiled, graphs_per_step
+from host_reads import NoHostReads
 from triton_env import DEVICE, triton_kernels  # noqa: F401  (autouse fixture)
 
 from adapprox_kernels import Adapprox
@@ -519,28 +519,6 @@ def test_nonfinite_check_rides_on_the_first_pass(monkeypatch, cosine):
     assert sorted(checked) == (dense if cosine else [])
 
 
-# ATen ops that wait for the GPU to read a result on the host: a scalar read (item, bool, float),
-# a check of a solver's info flags, or an output whose size depends on the data. A CUDA-graph
-# capture refuses them (the call then runs eagerly for good: CallGraphs' "failed" count), and
-# elsewhere in a step each one is a wait of its own.
-_HOST_READS = frozenset({
-    "_local_scalar_dense", "_linalg_check_errors", "_linalg_eigh", "_linalg_svd", "linalg_eig", "nonzero",
-    "masked_select", "is_nonzero", "equal", "allclose", "_unique2", "unique_dim", "unique_consecutive",
-    "repeat_interleave",
-})  # fmt: skip
-
-
-class _NoHostReads(TorchDispatchMode):
-    """Raises at any op of :data:`_HOST_READS`, or an index by a boolean mask (a nonzero)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        masked = name == "index" and any(torch.is_tensor(i) and i.dtype == torch.bool for i in args[1])
-        if name in _HOST_READS or masked:
-            raise AssertionError(f"{func} reads the device on the host")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("cosine", [False, True])
 def test_one_host_read_per_step_when_every_bucket_runs_ahead(monkeypatch, cosine):
     """Where every gradient's check rides on a first pass, the updates are launched behind the
@@ -566,7 +544,7 @@ def test_one_host_read_per_step_when_every_bucket_runs_ahead(monkeypatch, cosine
         for p, g in zip(params, _grads(step, torch.float32)):
             p.grad = g
         reads.clear()
-        with _NoHostReads():  # and no read but those: no scalar read, no solver's check
+        with NoHostReads():  # and no read but those: no scalar read, no solver's check
             opt.step()
         assert len([n for n in reads if n]) == (2 if cosine else 1), reads
 
@@ -1266,11 +1244,11 @@ def test_rayleigh_ritz_by_the_jacobi_kernel_is_graphed_and_gives_the_eager_bits(
 
 
 class _CallsWithoutHostReads(_CallsThrough):
-    """Runs each graphable call under :class:`_NoHostReads`: on a CPU, what would keep it from
+    """Runs each graphable call under :class:`NoHostReads`: on a CPU, what would keep it from
     being captured on a GPU."""
 
     def _run_signed(self, key, fn, inputs, calls, entry=None):
-        with _NoHostReads():
+        with NoHostReads():
             return super()._run_signed(key, fn, inputs, calls, entry)
 
 
