@@ -88,4 +88,4 @@ class DenseOperator:
         return self.a.square().sum(dim=(1, 2))
 
     def residual_sq_norm(self, q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.a, q, u.transpose(1, 2), alpha=-1.0).square().sum(dim=(1, 2))
+        return torch.baddbmm(self.a, q, u.transpose(1, 2), alpha=-1.0).square_().sum(dim=(1, 2))

@@ -107,8 +107,9 @@ def test_full_rank_matches_dense_formula_fp32():
 
 @pytest.mark.parametrize("beta1,cosine,wd", [(0.9, False, 0.1), (0.9, True, 0.0), (0.0, False, 0.1)])
 def test_dense_in_place_path_gives_the_stacked_bits(monkeypatch, beta1, cosine, wd):
-    """The dense step's foreach in-place path (taken on CUDA) equals its stacked path (taken on
-    the CPU) bit for bit; forced here on the CPU."""
+    """The dense step's foreach in-place path (taken on CUDA, and on the CPU for tensors of
+    4,096 elements or more) equals its stacked path (taken for these small ones on the CPU) bit
+    for bit; forced here on the CPU."""
     from adapprox_kernels import reference
 
     def steps():
@@ -128,6 +129,31 @@ def test_dense_in_place_path_gives_the_stacked_bits(monkeypatch, beta1, cosine, 
     monkeypatch.setattr(torch, "_foreach_addcmul_", lambda *a, **k: calls.append(1) or addcmul(*a, **k))
     in_place = steps()
     assert calls  # the in-place path was taken
+    assert len(stacked) == len(in_place) and all(torch.equal(a, b) for a, b in zip(stacked, in_place))
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (9, 8, 71)])  # factored; a dense (small) matrix
+def test_cpu_updates_large_tensors_in_place_with_the_stacked_bits(monkeypatch, shape):
+    """On the CPU, W and M of tensors of 4,096 elements or more are updated by foreach ops in
+    place, not through stacked copies written back, with the stacked path's bits (forced here)."""
+    from adapprox_kernels import reference
+
+    def steps():
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for _ in range(3)]
+        opt = Adapprox(ps, lr=1e-2, k_max=4, seed=0)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach() for p in ps] + [t for p in ps for t in opt.state[p].values() if torch.is_tensor(t)]
+
+    add, calls = torch._foreach_add_, []
+    monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: calls.append(1) or add(*a, **k))
+    in_place = steps()
+    assert calls  # the in-place path was taken
+    monkeypatch.setattr(reference, "in_place_ok", lambda tensors, dtype: False)
+    stacked = steps()
     assert len(stacked) == len(in_place) and all(torch.equal(a, b) for a, b in zip(stacked, in_place))
 
 
