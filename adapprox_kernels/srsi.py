@@ -80,9 +80,10 @@ def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor, eigh: Eigh | None = None) ->
     the first ``k`` columns are then the best rank-``k`` approximation of ``Q Uᵀ = Q Qᵀ A``
     (``U = Aᵀ Q``) within ``range(Q)``, never worse than the first ``k`` QR columns, and the
     ``p`` oversampling columns improve them (with the first ``k`` QR columns they never do: QR
-    is triangular). The eigen-decomposition runs in float64 (the Gram squares the singular
-    values). A Gram that is not finite (an overflowed V) leaves ``Q`` and ``U`` as they are
-    (their ξ is NaN, which the optimizer handles). On CUDA, ``torch.linalg.eigh`` reads its
+    is triangular). The eigen-decomposition and the rotation run in float64 (the Gram squares
+    the singular values; an fp32 matmul on a GPU may run in tf32). A Gram that is not finite
+    (an overflowed V) leaves ``Q`` and ``U`` as they are (their ξ is NaN, which the optimizer
+    handles). On CUDA, ``torch.linalg.eigh`` reads its
     convergence flag on the host: one sync per call, and no CUDA-graph capture. ``eigh``
     replaces it (see ``Eigh``; the Triton Jacobi kernel, which needs no sync): it gets the
     Gram scaled to a largest entry of 1, in fp32."""
@@ -95,8 +96,15 @@ def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor, eigh: Eigh | None = None) ->
     else:
         scale = gram.abs().amax(dim=(-2, -1), keepdim=True)  # fp32 holds the scaled Gram
         z = eigh((gram / torch.where(scale > 0, scale, torch.ones_like(scale))).float())[1]
-    z = z.to(q.dtype)
-    return torch.where(finite, q @ z, q), torch.where(finite, u @ z, u)
+    # The rotation in float64, rounded once to the factors' dtype: an fp32 matmul on a GPU runs
+    # in tf32 wherever the training script allows it (torch.backends.cuda.matmul.allow_tf32,
+    # set_float32_matmul_precision("high")), which left Q Z orthonormal to ~6e-4 only and put a
+    # floor of ~3e-4 under ξ (the default xi_thresh is 1e-3).
+    z = z.to(torch.float64)
+    return (
+        torch.where(finite, (q.double() @ z).to(q.dtype), q),
+        torch.where(finite, (u.double() @ z).to(u.dtype), u),
+    )
 
 
 def truncate(

@@ -247,6 +247,40 @@ def test_rayleigh_ritz_truncation_is_the_best_rank_k_part_of_the_sketch(iters):
         assert (xi_rr < 0.97 * xi_qr).all(), (xi_rr, xi_qr)
 
 
+def test_rayleigh_ritz_multiplies_in_float64_not_in_an_fp32_matmul():
+    """Rayleigh–Ritz's products (the Gram, and the rotation of the fp32 factors by Z) run in
+    float64: an fp32 matmul on a GPU runs in tf32 wherever the training script allows it
+    (``torch.backends.cuda.matmul.allow_tf32 = True``, ``set_float32_matmul_precision("high")``),
+    with which the rotated Q was orthonormal to ~6e-4 only and ξ read >= ~3e-4 (the default
+    ``xi_thresh`` is 1e-3). Checked on the ops dispatched, with the Jacobi kernel's fp32 vectors too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "bmm", "matmul", "addmm", "baddbmm"):
+                self.dtypes.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 30, 4, generator=gen) @ torch.randn(2, 4, 20, generator=gen)
+    op = DenseOperator(a)
+    q, u = subspace_iteration(op, gaussian_sketch(op, 6, gen), 2)
+
+    def fp32_eigh(gram):  # as the Jacobi kernel answers: fp32 vectors
+        w, z = torch.linalg.eigh(gram.double())
+        return w.flip(-1).float(), z.flip(-1).float()
+
+    for eigh in (None, fp32_eigh):
+        with Matmuls() as seen:
+            q2, u2 = rayleigh_ritz(q, u, eigh)
+        assert seen.dtypes and all(d == torch.float64 for d in seen.dtypes), (eigh, seen.dtypes)
+        assert q2.dtype == u2.dtype == torch.float32
+
+
 def test_rayleigh_ritz_leaves_non_finite_and_zero_sketches_alone():
     """A non-finite Gram (an overflowed V) keeps Q and U as they are (ξ is NaN, which the
     optimizer handles) instead of raising from eigh; an all-zero V keeps an orthonormal Q."""

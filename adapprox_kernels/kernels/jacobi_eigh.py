@@ -81,7 +81,7 @@ def _jacobi_eigh_kernel(
     scale = tl.max(tl.max(tl.where(inside, tl.abs(a), 0.0), axis=1), axis=0)
     scale = tl.where((scale > 0) & ~bad, scale, 1.0)
     a = tl.where(bad, 0.0, a)
-    a = a / scale
+    a = tl.div_rn(a, scale)
     a = tl.where(diag & ~inside, 1.0, a)  # the identity block: decoupled
     z = tl.where(diag, 1.0, 0.0)
     n = r + r % 2
@@ -104,12 +104,15 @@ def _jacobi_eigh_kernel(
             a_qq = tl.where(low, d_other, d)
             rotate = (tl.abs(a_pq) > _NEGLIGIBLE_TL) & (idx != other)
             safe_pq = tl.where(rotate, a_pq, 1.0)
-            theta = (a_qq - a_pp) / (2.0 * safe_pq)
+            # Correctly rounded division and square root, as the interpreter computes them: the
+            # GPU's default ``/`` and ``tl.sqrt`` (div.full.f32, sqrt.approx.ftz.f32) are off by
+            # up to 2 and 1 ulps, and c² + s² = 1 is what keeps J, and so Z, orthogonal.
+            theta = tl.div_rn(a_qq - a_pp, 2.0 * safe_pq)
             abs_theta = tl.abs(theta)
             # √(θ² + 1) = |θ| to fp32 long before θ² overflows.
-            root = tl.where(abs_theta > 1e18, abs_theta, tl.sqrt(theta * theta + 1.0))
-            t = tl.where(theta >= 0, 1.0, -1.0) / (abs_theta + root)
-            c = 1.0 / tl.sqrt(t * t + 1.0)
+            root = tl.where(abs_theta > 1e18, abs_theta, tl.sqrt_rn(theta * theta + 1.0))
+            t = tl.div_rn(tl.where(theta >= 0, 1.0, -1.0), abs_theta + root)
+            c = tl.div_rn(tl.full(t.shape, 1.0, tl.float32), tl.sqrt_rn(t * t + 1.0))
             s = t * c
             c = tl.where(rotate, c, 1.0)
             s = tl.where(rotate, s, 0.0)
