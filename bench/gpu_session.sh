@@ -29,8 +29,9 @@ build)
 tests)
     python3 -m pytest python_tests -p no:cacheprovider -p no:warnings -m gpu -rfE 2>&1 | tee "$OUT/pytest_gpu_$commit.log" || true  # the log says
     # Not marked gpu (they run under the interpreter in CI) but new on CUDA: the Jacobi kernel and
-    # the Rayleigh-Ritz runs that take it there.
-    python3 -m pytest python_tests/test_jacobi_eigh.py python_tests/test_triton_optimizer.py -k "jacobi or rayleigh" \
+    # the Rayleigh-Ritz runs that take it there; the host-read checks, on CUDA tensors there.
+    python3 -m pytest python_tests/test_jacobi_eigh.py python_tests/test_triton_optimizer.py \
+        -k "jacobi or rayleigh or host_read or never_wait" \
         -p no:cacheprovider -p no:warnings -rfE 2>&1 | tee -a "$OUT/pytest_gpu_$commit.log"
     ;;
 compare)
