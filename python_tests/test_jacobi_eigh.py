@@ -185,18 +185,22 @@ def test_errors():
     assert w.shape == (0, 4) and z.shape == (0, 4, 4)
 
 
-def test_jacobi_kernel_compiles_for_hopper_without_spills():
+def test_jacobi_kernel_compiles_for_hopper_without_spills_or_approximate_math():
     """Compiled for sm_90 (no GPU: triton's own ptxas), each tile size with the way and the warps
-    the launcher picks: no spills."""
+    the launcher picks: no spills, and the rotation's divisions and square roots correctly
+    rounded, as under the interpreter (numpy). Triton's default ``/`` and ``tl.sqrt`` compile to
+    div.full.f32 and sqrt.approx.ftz.f32 (up to 2 and 1 ulps off), with which c² + s² drifts
+    from 1 several times as far per rotation, and Z's orthonormality with it (~1e-5 at r = 16,
+    the tests' tolerance). Read from the PTX."""
     from test_triton_kernels import _compile_for_hopper
 
     got = _compile_for_hopper(_HOPPER_JACOBI)
-    for tile, (regs, spills) in got.items():
-        assert spills == 0 and 0 < regs <= 255, (tile, regs, spills)
+    for tile, (regs, spills, approx) in got.items():
+        assert spills == 0 and 0 < regs <= 255 and approx == [], (tile, regs, spills, approx)
 
 
 _HOPPER_JACOBI = """
-import json
+import json, re
 from bench.kernel_resources import compile_sm90, ptxas_usage
 from adapprox_kernels.kernels.jacobi_eigh import DEFAULT_SWEEPS, DOT_MAX_TILE, _jacobi_eigh_kernel
 
@@ -205,7 +209,9 @@ for tile in (16, 32, 64):
     consts = dict(SWEEPS=DEFAULT_SWEEPS, R=tile, BY_DOT=tile <= DOT_MAX_TILE)
     kernel = compile_sm90(_jacobi_eigh_kernel, consts, warps=4 if tile <= 32 else 8, stages=1,
                           unit=frozenset({"stride_an", "stride_zn"}))
-    out[tile] = ptxas_usage(kernel.asm["ptx"])
+    ptx = kernel.asm["ptx"]
+    approx = sorted(set(re.findall(r"(?:sqrt|div|rcp|rsqrt)\\.(?:approx|full)[.a-z0-9]*", ptx)))
+    out[tile] = [*ptxas_usage(ptx), approx]
 print(json.dumps(out))
 """
 
@@ -242,31 +248,3 @@ def test_rayleigh_ritz_by_the_kernel():
     q3, u3 = rayleigh_ritz(q, zero, eigh)
     assert torch.equal(u3, zero) and torch.equal(q3, q)
 
-
-def test_jacobi_kernel_rounds_its_rotations_as_the_interpreter_does():
-    """The rotation's divisions and square roots are correctly rounded in the compiled kernel, as
-    under the interpreter (numpy): Triton's default ``/`` and ``tl.sqrt`` compile to div.full.f32
-    and sqrt.approx.ftz.f32 (up to 2 and 1 ulps off), with which c² + s² drifts from 1 several
-    times as far per rotation and Z's orthonormality with it (~1e-5 at r = 16, the tests'
-    tolerance). Read from the PTX compiled for sm_90."""
-    from test_triton_kernels import _compile_for_hopper
-
-    got = _compile_for_hopper(_HOPPER_JACOBI_APPROX)
-    for tile, approx in got.items():
-        assert approx == [], (tile, approx)
-
-
-_HOPPER_JACOBI_APPROX = """
-import json, re
-from bench.kernel_resources import compile_sm90
-from adapprox_kernels.kernels.jacobi_eigh import DEFAULT_SWEEPS, DOT_MAX_TILE, _jacobi_eigh_kernel
-
-out = {}
-for tile in (16, 32, 64):
-    consts = dict(SWEEPS=DEFAULT_SWEEPS, R=tile, BY_DOT=tile <= DOT_MAX_TILE)
-    kernel = compile_sm90(_jacobi_eigh_kernel, consts, warps=4 if tile <= 32 else 8, stages=1,
-                          unit=frozenset({"stride_an", "stride_zn"}))
-    ptx = kernel.asm["ptx"]
-    out[tile] = sorted(set(re.findall(r"(?:sqrt|div|rcp|rsqrt)\\.(?:approx|full)[.a-z0-9]*", ptx)))
-print(json.dumps(out))
-"""

@@ -1368,6 +1368,26 @@ def test_graphed_stochastic_rounding_reads_each_steps_key(monkeypatch):
     assert calls.replayed.count("update") >= 2 and calls.replayed.count("dense") >= 3, calls.replayed
 
 
+def _run_with_changes(graphs_stand_in, changes, reset=()):
+    """One step per entry of ``changes``, each written into the group first (after the options
+    in ``reset`` are set back to their defaults); the gradients are copied into the same
+    tensors from the second step on (the addresses a graph needs). Graphed through
+    ``graphs_stand_in`` unless it is None."""
+    params = _params(torch.float32)
+    opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs_stand_in is not None, **BASE)
+    if graphs_stand_in is not None:
+        _use_graphs(opt, graphs_stand_in)
+    for step, changed in enumerate(changes):
+        opt.param_groups[0].update({k: opt.defaults[k] for k in reset} | changed)
+        for p, g in zip(params, _grads(step, torch.float32)):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+        opt.step()
+    return params, opt
+
+
 # One hyperparameter off its value at a time, after two steps with all at theirs (the first
 # has no factors yet; the gradients keep their addresses throughout): a key that leaves it out
 # matches step 1's and replays that call.
@@ -1383,29 +1403,11 @@ def test_graph_keys_name_every_hyperparameter_their_calls_read(monkeypatch):
     stale constant in a replayed graph). S-RSI and the dense sums do replay where only β1, the
     clip or ``maximize`` moved (the dense sums also where the power iterations did), which they
     do not read."""
-    options = BASE
-
-    def run(graphs_stand_in):
-        params = _params(torch.float32)
-        opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs_stand_in is not None, **options)
-        if graphs_stand_in is not None:
-            _use_graphs(opt, graphs_stand_in)
-        for step, changed in enumerate(_ONE_AT_A_TIME):
-            changeable = ("betas", "eps", "clip_threshold", "power_iters", "maximize")
-            opt.param_groups[0].update({k: opt.defaults[k] for k in changeable})
-            opt.param_groups[0].update(changed)
-            for p, g in zip(params, _grads(step, torch.float32)):
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.copy_(g)  # the addresses a graph needs
-            opt.step()
-        return params, opt
-
-    eager = run(None)
+    changeable = ("betas", "eps", "clip_threshold", "power_iters", "maximize")
+    eager = _run_with_changes(None, _ONE_AT_A_TIME, reset=changeable)
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
     graphs = _FirstCallUnderKey()
-    _assert_same_bits(*eager, *run(graphs))
+    _assert_same_bits(*eager, *_run_with_changes(graphs, _ONE_AT_A_TIME, reset=changeable))
     # The two factored buckets' S-RSI at the β1, clip and maximize steps; the three dense
     # buckets' sums at step 1 and the β1, clip, power-iteration and maximize steps; every
     # update at the β1 step.
@@ -1424,27 +1426,11 @@ def test_the_srsi_graph_key_names_the_truncation(monkeypatch):
 
     kernel = functools.partial(jacobi_eigh, descending=True)
     monkeypatch.setattr(adapprox_module, "_sync_free_eigh", lambda backend, device, width, dtype: kernel)
-    plan = ["qr", "qr", "qr", "rayleigh_ritz", "rayleigh_ritz", "qr"]
-
-    def run(graphs_stand_in):
-        params = _params(torch.float32)
-        opt = Adapprox(params, backend="triton", seed=3, cuda_graphs=graphs_stand_in is not None, **BASE)
-        if graphs_stand_in is not None:
-            _use_graphs(opt, graphs_stand_in)
-        for step, truncation in enumerate(plan):
-            opt.param_groups[0]["truncation"] = truncation
-            for p, g in zip(params, _grads(step, torch.float32)):
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.copy_(g)  # the addresses a graph needs
-            opt.step()
-        return params, opt
-
-    eager = run(None)
+    plan = [{"truncation": t} for t in ["qr", "qr", "qr", "rayleigh_ritz", "rayleigh_ritz", "qr"]]
+    eager = _run_with_changes(None, plan)
     monkeypatch.setattr(Adapprox, "_graphable", staticmethod(lambda group, *args: group["cuda_graphs"]))
     graphs = _FirstCallUnderKey()
-    _assert_same_bits(*eager, *run(graphs))
+    _assert_same_bits(*eager, *_run_with_changes(graphs, plan))
     assert graphs.replayed.count("srsi") >= 2, graphs.replayed  # the second rayleigh_ritz step
 
 
