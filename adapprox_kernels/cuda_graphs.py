@@ -204,6 +204,10 @@ class CallGraphs:
             self._store(key, None, calls)
             self.counts["failed"] += 1
             return fn(*inputs)
+        except BaseException:  # Ctrl-C inside the capture: forget its constants too, and stop
+            current.wait_stream(side)
+            forget_constants()
+            raise
         self._store(key, _Captured(graph, static, outputs, constants), calls)
         graph.replay()  # capturing ran nothing: this step's work happens now
         self.counts["captured"] += 1

@@ -924,6 +924,41 @@ class _CallsThrough(CallGraphs):
         return fn(*[t.clone() for t in inputs])
 
 
+def test_an_interrupted_capture_forgets_the_constants_it_made(monkeypatch):
+    """Ctrl-C (any BaseException) inside a capture forgets the cached constants, as a failed
+    capture does (one first made there holds nothing: the capture recorded its copy without
+    running it), and the interrupt goes on. CUDA's graph and stream API stubbed, on any device."""
+    from adapprox_kernels import cuda_graphs
+
+    class Stub:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+        def capture_begin(self):
+            pass
+
+        def capture_end(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Stub)
+    monkeypatch.setattr(torch.cuda, "Stream", Stub)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stub)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    forgotten = []
+    monkeypatch.setattr(cuda_graphs, "forget_constants", lambda: forgotten.append(True))
+
+    def interrupted(x):
+        raise KeyboardInterrupt
+
+    graphs = CallGraphs(eager_runs=0)
+    with pytest.raises(KeyboardInterrupt):
+        graphs.run("call", interrupted, [torch.zeros(2)])
+    assert forgotten == [True] and len(graphs) == 0
+
+
 def _use_graphs(opt: Adapprox, graphs: CallGraphs) -> None:
     """``opt`` runs its graphable calls through the stand-in ``graphs``, which may look at its
     param groups (see :class:`_FirstCallUnderKey`)."""
