@@ -1,0 +1,43 @@
+"""The README's main job with Adapprox's options changed: its final validation loss and rank
+under another S-RSI start or truncation (docs/algorithm.md, Warm start).
+
+    python bench/main_job_variants.py OUT [--seed N] [key=value ...]
+
+runs the main job for Adapprox alone (its defaults otherwise: tiny GPT, 600 steps, k_max 3)
+with each ``key=value`` (a Python literal) added to the optimizer's arguments, e.g.
+``warm_start=True`` or ``truncation='rayleigh_ritz' power_iters=2``, and writes the main job's
+``results.json`` and plot to OUT.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapprox_kernels.train import optimizers  # noqa: E402
+from adapprox_kernels.train.__main__ import main  # noqa: E402
+
+
+def run(argv: list[str]) -> int:
+    out, *rest = argv
+    seed = rest[rest.index("--seed") + 1] if "--seed" in rest else "0"
+    options = [a for a in rest if "=" in a]
+    extra = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in options)}
+    build = optimizers.OPTIMIZERS["adapprox"]
+
+    def adapprox(model, lr, device, k_max, seed):
+        opt = build(model, lr, device, k_max, seed)
+        for group in opt.param_groups:  # before the first step: as if given to the constructor
+            group.update(extra)
+        opt.defaults.update(extra)
+        return opt
+
+    optimizers.OPTIMIZERS["adapprox"] = adapprox
+    return main(["--optimizers", "adapprox", "--out", out, "--seed", seed])
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
