@@ -1,12 +1,12 @@
 """The README's main job with Adapprox's options changed: its final validation loss and rank
 under another S-RSI start or truncation (docs/algorithm.md, Warm start).
 
-    python bench/main_job_variants.py OUT [--seed N] [key=value ...]
+    python bench/main_job_variants.py OUT [key=value ...] [main-job options]
 
 runs the main job for Adapprox alone (its defaults otherwise: tiny GPT, 600 steps, k_max 3)
 with each ``key=value`` (a Python literal) added to the optimizer's arguments, e.g.
 ``warm_start=True`` or ``truncation='rayleigh_ritz' power_iters=2``, and writes the main job's
-``results.json`` and plot to OUT.
+``results.json`` and plot to OUT. Other arguments (``--seed 1``, ``--steps``) go to the main job.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from adapprox_kernels.train.__main__ import main  # noqa: E402
 
 def run(argv: list[str]) -> int:
     out, *rest = argv
-    seed = rest[rest.index("--seed") + 1] if "--seed" in rest else "0"
-    options = [a for a in rest if "=" in a]
+    options = [a for a in rest if "=" in a and not a.startswith("-")]
+    passed = [a for a in rest if a not in options]
     extra = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in options)}
     build = optimizers.OPTIMIZERS["adapprox"]
 
@@ -36,7 +36,7 @@ def run(argv: list[str]) -> int:
         return opt
 
     optimizers.OPTIMIZERS["adapprox"] = adapprox
-    return main(["--optimizers", "adapprox", "--out", out, "--seed", seed])
+    return main(["--optimizers", "adapprox", "--out", out, *passed])
 
 
 if __name__ == "__main__":

@@ -512,3 +512,21 @@ def test_fig3_4_from_a_missing_file_is_a_usage_error(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as exit_info:
         fig3_4_training.main(["--from", str(tmp_path / "typo.json"), "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "typo.json: no such file" in capsys.readouterr().err
+
+
+def test_main_job_variants_hands_its_options_to_adapprox(monkeypatch, tmp_path):
+    """bench/main_job_variants.py: the main job with Adapprox alone, each ``key=value`` in every
+    group of the optimizer it builds, the other arguments passed on."""
+    from bench import main_job_variants
+
+    from adapprox_kernels.train import optimizers
+    from adapprox_kernels.train.model import GPT, GPTConfig
+
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "adapprox", optimizers.OPTIMIZERS["adapprox"])
+    seen = []
+    monkeypatch.setattr(main_job_variants, "main", lambda argv: seen.append(argv) or 0)
+    assert main_job_variants.run([str(tmp_path), "warm_start=True", "truncation='rayleigh_ritz'", "--seed", "1"]) == 0
+    assert seen == [["--optimizers", "adapprox", "--out", str(tmp_path), "--seed", "1"]]
+    model = GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32))
+    opt = optimizers.build_optimizer("adapprox", model, 1e-3, "cpu", 3)
+    assert all(g["warm_start"] and g["truncation"] == "rayleigh_ritz" for g in opt.param_groups)
