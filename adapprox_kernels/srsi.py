@@ -83,11 +83,11 @@ def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor, eigh: Eigh | None = None) ->
     is triangular). The eigen-decomposition and the rotation run in float64 (the Gram squares
     the singular values; an fp32 matmul on a GPU may run in tf32). A Gram that is not finite
     (an overflowed V) leaves ``Q`` and ``U`` as they are (their ξ is NaN, which the optimizer
-    handles). On CUDA, ``torch.linalg.eigh`` reads its
-    convergence flag on the host: one sync per call, and no CUDA-graph capture. ``eigh``
-    replaces it (see ``Eigh``; the Triton Jacobi kernel, which needs no sync): it gets the
-    Gram scaled to a largest entry of 1, in fp32."""
-    gram = u.mT.double() @ u.double()
+    handles). On CUDA, ``torch.linalg.eigh`` reads its convergence flag on the host: one sync
+    per call, and no CUDA-graph capture. ``eigh`` replaces it (see ``Eigh``; the Triton Jacobi
+    kernel, which needs no sync): it gets the Gram scaled to a largest entry of 1, in fp32."""
+    u64 = u.double()
+    gram = u64.mT @ u64
     finite = gram.isfinite().all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     gram = torch.where(finite, gram, eye)
@@ -103,7 +103,7 @@ def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor, eigh: Eigh | None = None) ->
     z = z.to(torch.float64)
     return (
         torch.where(finite, (q.double() @ z).to(q.dtype), q),
-        torch.where(finite, (u.double() @ z).to(u.dtype), u),
+        torch.where(finite, (u64 @ z).to(u.dtype), u),
     )
 
 
