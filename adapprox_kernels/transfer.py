@@ -11,8 +11,10 @@ from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 
-# Open collectors of `keeping_constants` blocks, innermost last.
-_collectors: list[list[torch.Tensor]] = []
+# Each thread's open `keeping_constants` blocks (`.open`, innermost last): per thread, since two
+# threads capturing graphs at once must each keep their own constants (a shared list handed one
+# thread's constants to the other's graph, and the first graph lost them).
+_collectors = threading.local()
 # How to empty each cache of device constants (see forget_constants).
 _cache_clearers: list[Callable[[], None]] = []
 
@@ -90,17 +92,26 @@ def keeping_constants() -> Iterator[list[torch.Tensor]]:
     sources) handed out inside the block. A CUDA graph captured there reads them at each
     replay, so it must hold them after the caches have let them go."""
     kept: list[torch.Tensor] = []
-    _collectors.append(kept)
+    blocks = _open_blocks()
+    blocks.append(kept)
     try:
         yield kept
     finally:
-        _collectors.pop()
+        blocks.pop()
+
+
+def _open_blocks() -> list[list[torch.Tensor]]:
+    """This thread's open :func:`keeping_constants` blocks, innermost last."""
+    if not hasattr(_collectors, "open"):
+        _collectors.open = []
+    return _collectors.open
 
 
 def handed_out(t: torch.Tensor) -> torch.Tensor:
-    """``t``, noted by the innermost open :func:`keeping_constants` block, if any."""
-    if _collectors:
-        _collectors[-1].append(t)
+    """``t``, noted by this thread's innermost open :func:`keeping_constants` block, if any."""
+    blocks = getattr(_collectors, "open", None)
+    if blocks:
+        blocks[-1].append(t)
     return t
 
 

@@ -1225,6 +1225,36 @@ def test_device_constants_are_kept_with_a_graph_captured_around_them():
     assert torch.equal(scalars, torch.tensor([0.25, 1 - 0.25 * 0.1, 0.9, 1 - 0.9], dtype=torch.float32))
 
 
+def test_each_thread_keeps_its_own_device_constants():
+    """Two threads capturing graphs at once: each :func:`keeping_constants` block collects the
+    constants its own thread hands out, none of the other's (with one shared list, a constant
+    went to whichever block opened last, and the graph that needed it lost it)."""
+    import threading
+
+    from adapprox_kernels import transfer
+
+    mine, theirs = torch.zeros(1), torch.ones(1)
+    opened, handed = threading.Event(), threading.Event()
+    other: dict[str, list] = {}
+
+    def capture_elsewhere():
+        with transfer.keeping_constants() as kept:
+            opened.set()
+            handed.wait(timeout=5)
+            transfer.handed_out(theirs)
+        other["kept"] = kept
+
+    thread = threading.Thread(target=capture_elsewhere)
+    thread.start()
+    opened.wait(timeout=5)  # the other thread's block is open, and opened after this one's would be
+    with transfer.keeping_constants() as kept:
+        transfer.handed_out(mine)
+        handed.set()
+        thread.join(timeout=5)
+    assert [t is mine for t in kept] == [True]
+    assert [t is theirs for t in other["kept"]] == [True]
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("batched", [False, True])
 def test_graphed_calls_give_the_eager_bits(monkeypatch, name, batched):
