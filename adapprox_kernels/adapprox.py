@@ -329,7 +329,7 @@ class Adapprox(SketchOptimizer):
         oversample: p, extra sketch columns. power_iters: l, subspace iterations.
         xi_thresh: ξ threshold of the rank rules.
         rank_policy: ``"step"`` (ICLR, every step, with the rank moment) or ``"sigmoid"`` (arXiv,
-            growth only, checked every ``rank_interval`` steps with ``sigmoid``'s
+            growth only, checked every ``rank_interval`` (default 10) steps with ``sigmoid``'s
             ``(η, ω, τ, φ)``).
         cosine_guidance: scale the momentum part of each step (not the weight decay) by the cosine
             similarity of the update and the momentum (only with β1 > 0), bounded by ``cosine_max_scale``.

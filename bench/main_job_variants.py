@@ -6,12 +6,14 @@ under another S-RSI start or truncation (docs/algorithm.md, Warm start).
 runs the main job for Adapprox alone (its defaults otherwise: tiny GPT, 600 steps, k_max 3)
 with each ``key=value`` (a Python literal) added to the optimizer's arguments, e.g.
 ``warm_start=True`` or ``truncation='rayleigh_ritz' power_iters=2``, and writes the main job's
-``results.json`` and plot to OUT. Other arguments (``--seed 1``, ``--steps``) go to the main job.
+``results.json`` and plot to OUT; the options it added are recorded in that file's
+``meta["adapprox_options"]``. Other arguments (``--seed 1``, ``--steps``) go to the main job.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -36,7 +38,18 @@ def run(argv: list[str]) -> int:
         return opt
 
     optimizers.OPTIMIZERS["adapprox"] = adapprox
-    return main(["--optimizers", "adapprox", "--out", out, *passed])
+    status = main(["--optimizers", "adapprox", "--out", out, *passed])
+    record_options(Path(out) / "results.json", extra)
+    return status
+
+
+def record_options(path: Path, extra: dict) -> None:
+    """Adds the variant's options to the meta of ``path`` (the main job's results.json, where the
+    job got that far to write it): else the file's name is the only record of what it ran."""
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data["meta"]["adapprox_options"] = extra
+        path.write_text(json.dumps(data, indent=1, allow_nan=False))
 
 
 if __name__ == "__main__":

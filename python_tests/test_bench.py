@@ -516,7 +516,10 @@ def test_fig3_4_from_a_missing_file_is_a_usage_error(tmp_path, monkeypatch, caps
 
 def test_main_job_variants_hands_its_options_to_adapprox(monkeypatch, tmp_path):
     """bench/main_job_variants.py: the main job with Adapprox alone, each ``key=value`` in every
-    group of the optimizer it builds, the other arguments passed on."""
+    group of the optimizer it builds, the other arguments passed on; the options are recorded in
+    the results file's meta (else its name would be their only record)."""
+    import json
+
     from bench import main_job_variants
 
     from adapprox_kernels.train import optimizers
@@ -524,9 +527,18 @@ def test_main_job_variants_hands_its_options_to_adapprox(monkeypatch, tmp_path):
 
     monkeypatch.setitem(optimizers.OPTIMIZERS, "adapprox", optimizers.OPTIMIZERS["adapprox"])
     seen = []
-    monkeypatch.setattr(main_job_variants, "main", lambda argv: seen.append(argv) or 0)
+
+    def main(argv):
+        seen.append(argv)
+        (tmp_path / "results.json").write_text(json.dumps({"meta": {"commit": "x"}, "runs": []}))
+        return 0
+
+    monkeypatch.setattr(main_job_variants, "main", main)
     assert main_job_variants.run([str(tmp_path), "warm_start=True", "truncation='rayleigh_ritz'", "--seed", "1"]) == 0
     assert seen == [["--optimizers", "adapprox", "--out", str(tmp_path), "--seed", "1"]]
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta == {"commit": "x", "adapprox_options": {"warm_start": True, "truncation": "rayleigh_ritz"}}
     model = GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32))
     opt = optimizers.build_optimizer("adapprox", model, 1e-3, "cpu", 3)
     assert all(g["warm_start"] and g["truncation"] == "rayleigh_ritz" for g in opt.param_groups)
+
