@@ -5,6 +5,7 @@ sm_90 on CPU with Triton's own compiler, as ``kernel_resources.py`` compiles the
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ UNIT = frozenset({"stride_an", "stride_zn"})  # the launcher's outputs and a con
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.strip().splitlines()[0]).parse_args()  # --help; no options
     for tile in (16, 32, 64):
         for by_dot in (True, False):
             for warps in (4, 8):

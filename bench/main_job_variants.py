@@ -24,6 +24,9 @@ from adapprox_kernels.train.__main__ import main  # noqa: E402
 
 
 def run(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):  # no OUT: the usage; nothing runs
+        print("usage: python bench/main_job_variants.py OUT [key=value ...] [main-job options]\n\n" + __doc__.strip())
+        return 0 if argv else 2
     out, *rest = argv
     options = [a for a in rest if "=" in a and not a.startswith("-")]
     passed = [a for a in rest if a not in options]

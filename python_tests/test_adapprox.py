@@ -764,10 +764,12 @@ def test_a_compiled_step_compiles_nothing_after_its_second_step(case):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
-def test_the_update_from_device_scalars_gives_the_bits_of_the_numbers():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_update_from_device_scalars_gives_the_bits_of_the_numbers(device):
     """Compiled, the reference update reads α, λ and β1 from a tensor (``scalars``), not as
     Python numbers; it must write the bits the numbers give, momentum, weight decay, cosine
-    guidance and stochastic rounding (its keys as a tensor too) included."""
+    guidance and stochastic rounding (its keys as a tensor too) included, on a GPU as well
+    (``bash bench/gpu_session.sh tests`` runs the ``gpu`` case)."""
     from adapprox_kernels.reference import apply_updates
     from adapprox_kernels.transfer import update_scalars
 
@@ -778,13 +780,13 @@ def test_the_update_from_device_scalars_gives_the_bits_of_the_numbers():
     ]:  # fmt: skip
         for trial in range(10):
             lr = float(torch.rand((), generator=gen)) * 1e-2
-            p0, m0 = (torch.randn(3, 17, 9, generator=gen).to(dtype) for _ in range(2))
-            upd = torch.randn(3, 17, 9, generator=gen)
+            p0, m0 = (torch.randn(3, 17, 9, generator=gen).to(device, dtype) for _ in range(2))
+            upd = torch.randn(3, 17, 9, generator=gen).to(device)
             keys = [trial, 2**32 - 5, 99] if dtype == torch.bfloat16 else None
             out = []
-            for scalars in (None, update_scalars(lr, wd, beta1, torch.device("cpu"))):
+            for scalars in (None, update_scalars(lr, wd, beta1, torch.device(device))):
                 ps, ms = list(p0.clone()), list(m0.clone()) if beta1 else None
-                k = keys if scalars is None or keys is None else torch.tensor(keys)
+                k = keys if scalars is None or keys is None else torch.tensor(keys, device=device)
                 apply_updates(
                     ps, upd, ms, lr=lr, beta1=beta1, weight_decay=wd, cosine_max_scale=cosine if beta1 else None,
                     rounding_keys=k, scalars=scalars,

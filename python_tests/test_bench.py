@@ -275,6 +275,28 @@ def test_kernel_resources_reads_registers_and_pipelining_from_sm90_code(tmp_path
     assert "| dense sums | bf16 |" in path.with_suffix(".md").read_text()
 
 
+def test_kernel_resources_compares_code_not_debug_sections():
+    """Whether the stage count changes a kernel's code is read by comparing two compilations'
+    PTX. Their DWARF names the source's folder, and Triton's cache serves a kernel compiled
+    from another checkout of the same code (same source hash): that must not count as a
+    change, or a loop-free kernel "depends on its stages"."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from bench.kernel_resources import _code\n"
+        "body = '.visible .entry k()\\n{\\n\\tret;\\n}\\n'\n"
+        "debug = lambda path: '\\t.section\\t.debug_str\\n\\t{\\n' + ''.join(f'.b8 {ord(c)}\\n' for c in path) + '\\t}\\n'\n"
+        "assert _code(body + debug('/tmp/a-clone')) == _code(body + debug('/tmp/another-clone'))\n"
+        "assert _code(body + debug('/tmp/a-clone')) != _code(body.replace('ret', 'exit') + debug('/tmp/a-clone'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 # cuobjdump -sass as it prints a main loop over G's columns with a rank loop inside (encodings on
 # the next line, the program ending in a branch to itself).
 SASS_LOOPS = """
@@ -542,3 +564,31 @@ def test_main_job_variants_hands_its_options_to_adapprox(monkeypatch, tmp_path):
     opt = optimizers.build_optimizer("adapprox", model, 1e-3, "cpu", 3)
     assert all(g["warm_start"] and g["truncation"] == "rayleigh_ritz" for g in opt.param_groups)
 
+
+@pytest.mark.slow  # ≈ 70 s: each script starts its own Python
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py")
+                                           if p.name not in ("__init__.py", "conftest.py", "common.py", "peers.py",
+                                                             "second_moments.py", "test_step_time.py")))
+def test_every_bench_script_has_help(script):
+    """bench/README.md: every script has ``--help``, which prints its usage and runs nothing."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": str(root)}
+    args = ["-m", f"bench.{script[:-3]}"] if "from . import" in (root / "bench" / script).read_text() else [f"bench/{script}"]
+    run = subprocess.run([sys.executable, *args, "--help"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "usage" in run.stdout.lower(), (run.returncode, run.stdout[-500:], run.stderr[-1000:])
+
+
+def test_main_job_variants_help_prints_its_usage(monkeypatch, capsys):
+    """``--help`` (bench/README.md: every script has one) and no argument print the usage; they
+    used to become OUT: ``--out --help`` reached the main job's parser (an error), or nothing
+    (ValueError)."""
+    from bench import main_job_variants
+
+    monkeypatch.setattr(main_job_variants, "main", lambda argv: pytest.fail(f"the main job ran: {argv}"))
+    assert main_job_variants.run(["--help"]) == 0
+    assert "main_job_variants.py OUT" in capsys.readouterr().out
+    assert main_job_variants.run([]) == 2

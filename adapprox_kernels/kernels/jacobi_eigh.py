@@ -36,9 +36,9 @@ of the batch are unaffected); the caller decides what to do with it (see
 Two ways to apply ``J`` (``BY_DOT``): the two dots the method is usually written with, or,
 since ``J`` has two entries per column, as ``c·X`` minus ``s·X`` with the pair's rows (columns)
 swapped (``tl.gather``): the same products to rounding, with ``R²`` instead of ``R³`` FMAs per
-round. Compiled for sm_90 (``bench/jacobi_resources.py``, Triton 3.8) the dots hold 93 / 240
-registers per thread at R = 16 / 32 (4 warps) and spill 8,200 bytes per thread at R = 64 even
-with 8 warps; the gathers hold 40 / 128 / 170 (R = 64 with 8 warps) and spill nothing. The
+round. Compiled for sm_90 (``bench/jacobi_resources.py``, Triton 3.8) the dots hold 92 / 238
+registers per thread at R = 16 / 32 (4 warps) and spill 8,460 bytes per thread at R = 64 even
+with 8 warps; the gathers hold 40 / 116 / 173 (R = 64 with 8 warps) and spill nothing. The
 default takes the dots where they do not spill (R <= 32) and the gathers at R = 64; no GPU has
 timed either yet.
 """
