@@ -237,6 +237,30 @@ def test_warm_start_runs_as_a_script_without_triton_interpret():
     assert [line.split()[-1] for line in table] == [line.split()[-2] for line in table]  # measured = counted
 
 
+def test_warm_start_on_the_tiny_gpts_gradients_summarizes_every_matrix_step(monkeypatch):
+    """``--gradients tiny-gpt``: the main job's GPT (here 1 layer, 16 wide) trained by its AdamW
+    gives its 2-D parameters' gradients, and each config's summary counts every matrix of every
+    step after the skip, each over its own SVD optimum (so never below it), though same-shaped
+    matrices (pos and proj here) share a bucket out of the parameters' order."""
+    from adapprox_kernels.train.model import GPTConfig
+    from bench import warm_start
+
+    monkeypatch.setattr(warm_start, "measured_triton_passes", lambda *args: None)  # the other test's
+    stream = warm_start.record_gpt_gradients(3, cfg=GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=16),
+                                             batch_size=2, max_bytes=20_000)  # fmt: skip
+    assert [tuple(g.shape) for g in stream[0]] == [(256, 16), (16, 16), (48, 16), (16, 16), (64, 16), (16, 64)]
+    result = warm_start.run(steps=3, skip=1, rank=2, gradients="tiny-gpt", stream=stream)
+    assert result["setup"]["rank"] == 2 and "tiny GPT" in result["setup"]["gradients"]
+    for r in result["configs"].values():
+        s = r["matrix_steps"]
+        assert s["count"] == 2 * 6
+        assert 1 - 1e-4 < s["xi_over_svd_optimum_mean"] <= s["xi_over_svd_optimum_max"]
+        assert s["fraction_above_1.5x"] == s["above_1.5x"] / 12
+    assert "cold l=5 (default)" in warm_start.matrix_step_summary([result])
+    per_matrix = warm_start.xi_trace(stream, warm_start.CONFIGS["cold l=5 (default)"], rank=2)["per_matrix"]
+    assert min(map(min, per_matrix)) > 1 - 1e-4  # Eckart–Young: no rank-2 V beats its own SVD
+
+
 def test_orthonormalize_out_may_be_a_bare_file_name(monkeypatch, tmp_path):
     """``bench_orthonormalize.py --out FILE`` names the JSON file; a name without a folder is
     written to the current one."""
