@@ -80,8 +80,8 @@ class Blocks(NamedTuple):
 # neither count faster throughout; 2 stages here were not chosen for k = 1.
 PRODUCT_BLOCKS = Blocks(m=128, n=64, warps=4, stages=2)
 # The first V @ X of a step, which also reduces ‖V‖² and the update's RMS from its tiles: those
-# sums hold more registers per row (compiled for sm_90 at 128×64 the kernel spills 528 bytes per
-# thread, at 64×64 24-40: bench/results/kernel_resources_*), and 64×64 tiles ran it 4-15% faster
+# sums hold more registers per row (compiled for sm_90 at 128×64 the kernel spills 552-644 bytes
+# per thread, at 64×64 0-40: bench/results/kernel_resources_*), and 64×64 tiles ran it 4-15% faster
 # than PRODUCT_BLOCKS on the H100 (bench/results/bench_step_*-153951.json against *-151653.json).
 FIRST_PASS_BLOCKS = Blocks(m=64, n=64, warps=4, stages=3)
 # The elementwise passes (update, norms, cosine sums): 16 rows of 256 columns, 2 stages. The
