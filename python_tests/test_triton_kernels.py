@@ -1090,6 +1090,39 @@ def test_elementwise_kernels_compile_for_hopper():
             assert c["st"] == c["st_v"] > 0, c
 
 
+_HOPPER_RANK_LOOP = """
+import collections, json
+from bench import kernel_resources as kr, sass_mix
+
+out = {}
+for launch in kr.launches("tf32x3"):
+    if launch.label != "cosine-guidance sums":
+        continue
+    b = launch.blocks
+    for grad in launch.grads:
+        kernel = kr.compile_sm90(launch.fn, launch.consts, pointers={"g_ptr": grad}, warps=b.warps, stages=b.stages,
+                                 unit=launch.unit)
+        code = sass_mix.parse(sass_mix.sass(kernel))
+        (first, last), = sass_mix.loops(code)  # the rank loop, the kernel's only loop
+        loads = [args.split(",")[0] for a, op, args in code if first <= a <= last and op.startswith("LDG")]
+        out[grad] = dict(loads=len(loads), deepest=max(collections.Counter(loads).values()))
+print(json.dumps(out))
+"""
+
+
+def test_cosine_sums_rank_loop_keeps_its_loads_in_flight():
+    """The cosine sums' rank loop compiled for sm_90 (fp32 and bf16 G, the default launch):
+    each of its factor loads goes to a register of its own, so that an iteration waits for
+    one memory latency, not a chain of them. With G's tile loaded before the loop, ptxas
+    chained the 18 loads through 7 registers (Triton 3.6; 14 with 3.8): up to 5 loads an
+    iteration waited on one another. The H100 ran the 345M MLP group's pass at 60-62% of copy
+    where it had 83-84% before bc1af98, the commit that chained them (docs/benchmarks.md)."""
+    got = _compile_for_hopper(_HOPPER_RANK_LOOP)
+    assert set(got) == {"*fp32", "*bf16"}, got
+    for grad, loop in got.items():
+        assert loop["loads"] >= 2 and loop["deepest"] == 1, (grad, got)
+
+
 def test_on_device_switches_to_the_tables_gpu_only_where_it_is_not_current(monkeypatch):
     """Triton launches on the current CUDA device whatever its tensors' device: a launcher
     switches to the matrices' GPU where it is another (a model spread over GPUs, or

@@ -35,6 +35,7 @@ def _update_cosine_kernel(
     tile, tiles, b, rows, cols, g, v = program_v_tile(
         g_ptr, g_off_ptr, q_ptr, u_ptr, M, N, K, FIRST, stride_gm, stride_gn, stride_qb, stride_qm, stride_qk,
         stride_ub, stride_un, stride_uk, beta2, one_minus_beta2, G_ALIGN, BLOCK_M, BLOCK_N, HAS_LOWRANK,
+        G_AFTER_FACTORS=True,  # the rank loop's loads all in flight (see v_tile)
     )  # fmt: skip
     mom_ptrs = tile_ptrs(mom_ptr + tl.load(mom_off_ptr + b) * MOM_ALIGN, rows, cols, stride_mm, stride_mn)
     mask = inside(rows, cols, M, N)
