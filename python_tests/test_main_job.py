@@ -171,6 +171,8 @@ def no_run(*args):
         (["--device", "gpu"], "expected cpu, cuda or cuda:N"),
         (["--data", "/nonexistent"], "does not exist"),
         (["--data", ""], "--data: an empty path"),  # not the current folder, reported as the default corpus
+        (["--out", ""], "--out: an empty path"),  # not results written into the current folder
+        (["--lr", "adamw=1e-3", "--lr", "adamw=2e-3"], "--lr: a second learning rate for adamw"),
         (["--seed", str(2**64)], "--seed: expected an integer in [-2**63, 2**64)"),
         (["--data", "SMALL"], "need at least 10,000"),
         (["--size", "gpt2-124m", "--seq-len", "1024", "--data", "12K"], "validation (5%) split has 600 bytes"),
@@ -194,6 +196,47 @@ def test_bad_options_are_usage_errors(extra, message, tmp_path, monkeypatch, cap
         main(base + extra)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_lr_given_twice_keeps_both_flags_rates(tmp_path, monkeypatch):
+    """``--lr adamw=1e-3 --lr adapprox=3e-3`` sets both rates; the first flag's is not dropped."""
+    lrs = {}
+
+    def record(cfg, model_cfg, data):
+        lrs[cfg.optimizer] = cfg.lr
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(main_module, "train_one", record)
+    argv = ["--optimizers", "adamw,adapprox", "--lr", "adamw=1e-3", "--lr", "adapprox=3e-3", "--out", str(tmp_path)]
+    assert main(TINY + argv) == 1
+    assert lrs == {"adamw": 1e-3, "adapprox": 3e-3}
+
+
+def test_cuda_index_becomes_the_current_device(tmp_path, monkeypatch):
+    """``--device cuda:1``: the runs' syncs, Adapprox's CUDA graphs (current device only) and the
+    recorded GPU name follow the current device, so it is made that one before any run."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(torch.device(device)))
+    monkeypatch.setattr(main_module, "environment", lambda device: {})
+
+    def train(cfg, model_cfg, data):
+        calls.append("run")
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(main_module, "train_one", train)
+    assert main(TINY + ["--optimizers", "adamw", "--device", "cuda:1", "--out", str(tmp_path)]) == 1
+    assert calls == [torch.device("cuda:1"), "run"]
+
+
+def test_help_gives_the_readmes_defaults():
+    """The README sends readers to ``--help`` for the options it names."""
+    text = " ".join(build_parser().format_help().split())
+    assert "(default 600)" in text and "default runs/main" in text
+    assert "data order, model init and the optimizers' sketch RNGs (default 0)" in text
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "for 600 steps" in readme and "runs/main/results.json" in readme
+    assert "`--seed` (data order, model init and the optimizers' sketch RNGs)" in readme
 
 
 def test_out_folder_that_refuses_files_is_a_usage_error(tmp_path, monkeypatch, capsys):

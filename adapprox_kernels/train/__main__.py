@@ -70,11 +70,23 @@ def lr_overrides(text: str) -> dict[str, float]:
     return lrs
 
 
-def corpus_path(text: str) -> str:
-    """An argparse type: a path that is not empty (``Path("")`` is the current folder)."""
+def given_path(text: str) -> str:
+    """An argparse type: a path that is not empty (``Path("")`` is the current folder, and an
+    empty ``--data "$DIR"`` or ``--out "$DIR"`` is a slip, not a request for it)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path; leave --data out for the default corpus")
+        raise argparse.ArgumentTypeError("an empty path; leave the option out for its default")
     return text
+
+
+class MergeRates(argparse.Action):
+    """``--lr`` given more than once: the rates of every flag, not only the last one's."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        rates = getattr(namespace, self.dest)
+        twice = sorted(rates.keys() & values.keys())
+        if twice:
+            raise argparse.ArgumentError(self, f"a second learning rate for {', '.join(twice)}")
+        setattr(namespace, self.dest, rates | values)  # a new dict: the default one stays empty
 
 
 def seed_value(text: str) -> int:
@@ -104,12 +116,12 @@ def device_name(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m adapprox_kernels.train", description=__doc__)
     positive = int_at_least(1)
-    ap.add_argument("--data", type=corpus_path, default=None,
+    ap.add_argument("--data", type=given_path, default=None,
                     help="text file, or folder searched recursively for .py/.txt/.md/.rst files "
                          "(default: the Python standard library's .py sources)")  # fmt: skip
     ap.add_argument("--max-bytes", type=int_at_least(10_000), default=8_000_000, help="corpus size cap (>= 10,000)")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (gpt2-124m: for a GPU)")
-    ap.add_argument("--steps", type=positive, default=600)
+    ap.add_argument("--steps", type=positive, default=600, help="training steps per optimizer (default %(default)s)")
     ap.add_argument("--warmup", type=int_at_least(0), default=50)
     ap.add_argument("--batch-size", type=positive, default=16)
     ap.add_argument("--seq-len", type=positive, default=None, help="default (and most): the model size's context")
@@ -117,13 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-batches", type=positive, default=8)
     ap.add_argument("--optimizers", type=optimizer_names, default=",".join(OPTIMIZERS),
                     help=f"comma list of {', '.join(OPTIMIZERS)}")  # fmt: skip
-    ap.add_argument("--lr", type=lr_overrides, default="",
+    ap.add_argument("--lr", type=lr_overrides, action=MergeRates, default={},
                     help="overrides for the chosen --optimizers, e.g. 'adamw=1e-3,adapprox=3e-3'")  # fmt: skip
     ap.add_argument("--k-max", type=positive, default=3,
                     help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")  # fmt: skip
-    ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seed", type=seed_value, default=0)
-    ap.add_argument("--out", default="runs/main", help="folder for results.json and comparison.png")
+    ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:N (default here: %(default)s)")  # fmt: skip
+    ap.add_argument("--seed", type=seed_value, default=0,
+                    help="data order, model init and the optimizers' sketch RNGs (default %(default)s)")  # fmt: skip
+    ap.add_argument("--out", type=given_path, default="runs/main",
+                    help="folder for results.json and comparison.png (default %(default)s, under the "
+                         "current folder)")  # fmt: skip
     return ap
 
 
@@ -220,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = missing_peers(args.optimizers)
     if missing:  # now, not when its turn comes after the others have trained for minutes
         ap.error("; ".join(missing) + " (or choose others with --optimizers)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        # The runs' syncs, the GPU name recorded and Adapprox's CUDA graphs (captured on the
+        # current device only) all take the current device: make it the one asked for.
+        torch.cuda.set_device(device)
     out = out_dir(ap, args)
     corpus = load_corpus(ap, args, seq_len)
     print(f"corpus: {len(corpus):,} bytes from {args.data or 'the Python standard library'}; "
