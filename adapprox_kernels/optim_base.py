@@ -1098,7 +1098,10 @@ class SketchOptimizer(Optimizer):
                 ok = []
                 for p, bad in zip(params, flags):
                     if bad:
-                        self._init_state(p, group)["nonfinite_skips"] += 1
+                        # .get: a state set directly (``opt.state[p] = …``, made or converted by hand)
+                        # may have no count; a KeyError here came after the earlier groups' updates.
+                        state = self._init_state(p, group)
+                        state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
                     else:
                         ok.append(p)
             self._step_group(group, ok)

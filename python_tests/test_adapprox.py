@@ -1007,6 +1007,21 @@ def test_nonfinite_skip_counts_and_keeps_state():
     assert opt.state[a]["nonfinite_skips"] == 2 and opt.state[a]["step"] == 1  # a count, not a flag
 
 
+@pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))])
+def test_a_skip_counts_on_a_state_set_without_a_count(cls, kw):
+    """A state set directly (``opt.state[p] = …``, made or converted by hand; the load check
+    does not ask for the count) without ``nonfinite_skips``: a skip raised KeyError after the
+    earlier groups were updated, their factors not stored and their step counts moved."""
+    a, b = torch.nn.Parameter(torch.randn(9, 11)), torch.nn.Parameter(torch.randn(9, 11))
+    opt = cls([{"params": [a]}, {"params": [b]}], nonfinite="skip", seed=0, **kw)
+    a.grad, b.grad = torch.randn(9, 11), torch.randn(9, 11)
+    opt.step()
+    opt.state[b] = {k: v for k, v in opt.state[b].items() if k != "nonfinite_skips"}
+    a.grad, b.grad = torch.randn(9, 11), torch.full((9, 11), float("nan"))
+    opt.step()
+    assert opt.state[b]["nonfinite_skips"] == 1 and opt.state[b]["step"] == 1 and opt.state[a]["step"] == 2
+
+
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=4)), (AdaMeM, dict(rank=2))])
 def test_grad_scaler_skips_overflowed_steps_and_unscales_the_rest(cls, kw):
     """Loss scaling with ``torch.amp.GradScaler``: a step whose scaled gradients overflowed is
