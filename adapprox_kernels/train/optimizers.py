@@ -4,7 +4,8 @@ Learning rates differ on purpose: Adapprox's clipped update has RMS ≈ 1 (large
 torch's Adafactor treats ``lr`` as a relative step size, and CAME's README recommends a smaller
 lr than AdamW's. Each default below is the one the project's plan for the main job set for this
 small-model setting, except AdaMeM's, picked from 600-step CPU runs at 5e-3 / 2e-3 / 1e-3 / 5e-4
-(validation loss 2.717 / 2.456 / 2.290 / 2.255). Override with ``--lr name=value``.
+(validation loss 2.740 / 2.464 / 2.267 / 2.254 at 52a8128,
+``bench/results/main_job_variants_cpu/adamem_lr*.json``). Override with ``--lr name=value``.
 
 Weight decay, also as set for each (never on biases and LayerNorm weights): AdamW and Adapprox
 0.1 on matrices and embeddings, CAME 0.01, Adafactor, Adafactor with momentum, AdaMeM and
