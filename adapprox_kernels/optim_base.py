@@ -421,9 +421,13 @@ class SketchOptimizer(Optimizer):
         Checked where the values changed since the last step (a scheduler changes lr every
         step: comparing is cheaper than checking). An lr tensor, which a scheduler fills in
         place, is checked every step by its value, read once here for the whole step
-        (:meth:`_lr`): a CUDA one syncs once a step, not once a bucket. A list written in
-        (``group["betas"] = [0.9, …]``) is stored as a tuple once checked: edited in place
-        later, it would compare equal to itself and go unchecked."""
+        (:meth:`_lr`): a CUDA one syncs once a step, not once a bucket. A value written in is
+        stored once checked as the constructor stores it: a list (``group["betas"] = [0.9, …]``)
+        as a tuple, which edited in place later would compare equal to itself and go unchecked;
+        a NumPy number as the Python one it holds, which the step's arithmetic and the state
+        take (np.float32 betas took ``1 − βᵗ`` in float32, and a run resumed from the
+        checkpoint's Python floats ended on other bits; an np.int64 rank went into AdaMeM's
+        state, which ``torch.load(weights_only=True)`` refuses)."""
         checked = self.__dict__.setdefault("_checked_groups", {})  # not pickled: checked anew
         self.__dict__["_lr_values"] = lr_values = {}  # not pickled: this step's only
         names = tuple(self.defaults)
@@ -468,7 +472,7 @@ class SketchOptimizer(Optimizer):
             if not changed:
                 continue
             for k, v in zip(names, values):
-                if isinstance(v, list):
+                if own[k] is not v and not torch.is_tensor(v):  # a tensor lr is filled in place
                     group[k] = own[k]
             checked[i] = list(map(group.get, names))
 

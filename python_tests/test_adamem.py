@@ -378,6 +378,29 @@ def test_bad_hyperparameters(kwargs, match):
         AdaMeM([{"params": _params([(3, 4)]), **kwargs}])
 
 
+def test_numpy_numbers_written_into_a_group_step_as_the_python_ones():
+    """NumPy numbers written into ``param_groups`` after construction (a schedule read from a
+    float32 array, a config's np.int64) step as the Python numbers they hold, as the
+    constructor's do: np.float32 betas took ``1 − βᵗ`` in float32, so a run resumed from its
+    checkpoint (which holds Python floats) ended on other bits, and an np.int64 rank went into
+    the matrix's state, whose checkpoint ``torch.load(weights_only=True)`` refused."""
+    import numpy as np
+
+    betas = tuple(np.float32([0.8, 0.9]))
+    grads, runs = _grads([(6, 10)], 4), []
+    for group_values in (dict(betas=betas, rank=np.int64(2)), dict(betas=tuple(map(float, betas)), rank=2)):
+        w = torch.nn.Parameter(torch.ones(6, 10))
+        opt = AdaMeM([w], lr=0.01, rank=3, update_proj_gap=3, seed=5)
+        opt.param_groups[0].update(group_values)
+        _run(opt, [w], grads)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+        runs.append(w)
+    assert torch.equal(*runs)
+
+
 def test_nonfinite_raise_modifies_nothing():
     params = _params([(6, 9), (6, 9), (5,)])
     opt = AdaMeM(params, rank=2, seed=0)
