@@ -391,11 +391,9 @@ class AdaMeM(SketchOptimizer):
         super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """The base class's, refusing DTensor parameters (the constructor's arrive this way too)."""
-        super().add_param_group(param_group)
-        if any(map(is_dtensor, self.param_groups[-1]["params"])):
-            self.param_groups.pop()
+    def _check_params(self, params: list[torch.Tensor]) -> None:
+        """Refuses DTensor parameters (the constructor's groups arrive through ``add_param_group`` too)."""
+        if any(map(is_dtensor, params)):
             raise NotImplementedError(
                 "AdaMeM does not support DTensor parameters (FSDP2's fully_shard, tensor parallelism): its "
                 "projection and update need whole matrices. Use DDP, or Adapprox, which steps FSDP2's row shards."

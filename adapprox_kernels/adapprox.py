@@ -427,17 +427,12 @@ class Adapprox(SketchOptimizer):
         super().__init__(params, defaults, seed)  # checks every group's values: _check_hyperparameters
         self._reset_step_caches()
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """The base class's, refusing DTensor parameters laid out in a way the sharded step cannot
-        serve (:meth:`RowShards.of`: HSDP's 2-D mesh, ``Shard(1)``) before any state exists (the
-        constructor's arrive this way too)."""
-        super().add_param_group(param_group)
-        try:
-            for p in self.param_groups[-1]["params"]:
-                RowShards.of(p)
-        except NotImplementedError:
-            self.param_groups.pop()
-            raise
+    def _check_params(self, params: list[torch.Tensor]) -> None:
+        """Refuses DTensor parameters laid out in a way the sharded step cannot serve
+        (:meth:`RowShards.of`: HSDP's 2-D mesh, ``Shard(1)``) before any state exists (the
+        constructor's groups arrive through ``add_param_group`` too)."""
+        for p in params:
+            RowShards.of(p)
 
     @staticmethod
     def _check_hyperparameters(h: dict[str, Any]) -> None:

@@ -355,8 +355,9 @@ class SketchOptimizer(Optimizer):
         the group's own values and the defaults it takes (the constructor's arguments arrive
         this way too). torch.optim checks none, so ``{"params": ps, "lr": -1}`` would train.
         A parameter listed twice in the group is an error (torch.optim only warns, and it would
-        take two steps per step), and so is a seed that differs between the ranks sharing the
-        group's DTensors (FSDP2; see :func:`~adapprox_kernels.distributed.check_same_seed`)."""
+        take two steps per step), and so is a parameter :meth:`_check_params` refuses, then a
+        seed that differs between the ranks sharing the group's DTensors (FSDP2; see
+        :func:`~adapprox_kernels.distributed.check_same_seed`)."""
         self._check_hyperparameters(self.defaults)
         where = f"param_groups[{len(self.param_groups)}]"
         # The options' lists as tuples: a list edited in place would look unchanged to
@@ -378,17 +379,23 @@ class SketchOptimizer(Optimizer):
         if len(set(params)) != len(params):
             self.param_groups.pop()
             raise ValueError(f"{where}: a parameter appears more than once; it would take two steps per step")
-        # A drawn seed is shared once the constructor's groups are in, or at the first step.
-        if self._seed is not None and not self._seed_unshared:
-            try:
+        try:
+            # First: a refused parameter raises for what it is, whatever the seeds, with no collective.
+            self._check_params(params)
+            # A drawn seed is shared once the constructor's groups are in, or at the first step.
+            if self._seed is not None and not self._seed_unshared:
                 check_same_seed(self._seed, params, type(self).__name__)
-            except ValueError:
-                self.param_groups.pop()
-                raise
+        except (NotImplementedError, ValueError):
+            self.param_groups.pop()
+            raise
         # A group added after the constructor's: the whole check only where this group brings
         # FSDP1-flattened parameters (it walks every group's parameters, quadratic in groups added one by one).
         if "_generators" in self.__dict__ and any(getattr(p, "_fsdp_flattened", False) for p in params):
             self._warn_if_flattened()
+
+    def _check_params(self, params: list[torch.Tensor]) -> None:
+        """``NotImplementedError`` for parameters of a new group that the optimizer cannot step
+        (before :meth:`add_param_group` keeps the group); none here."""
 
     def _warn_if_flattened(self) -> None:
         """A ``RuntimeWarning`` (once) where FSDP1 (``FullyShardedDataParallel``) has flattened

@@ -590,11 +590,14 @@ def _late_group_job(rank, world, out, early) -> None:
 
 def _seed_check_job(rank, world, out) -> None:
     """Per-rank seeds (``SEED + rank``) with a DTensor parameter, given to the constructor and to
-    ``add_param_group``; the same seed; per-rank seeds with plain parameters (DDP)."""
+    ``add_param_group``; the same seed; per-rank seeds with plain parameters (DDP); per-rank
+    seeds with DTensor parameters the optimizer refuses anyway (AdaMeM's, a ``Shard(1)`` one)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    w = nn.Parameter(distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (world,)), [Shard(0)]))
+    mesh = init_device_mesh("cpu", (world,))
+    w = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+    columns = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(1)]))
 
     def construct(seed):
         Adapprox([w], seed=seed)
@@ -609,6 +612,12 @@ def _seed_check_job(rank, world, out) -> None:
         "same seed": _attempt(construct, SEED),
         "plain": log.records,
     }
+    with log_collectives() as log:
+        res["refused"] = [
+            _attempt(lambda: AdaMeM([w], rank=2, seed=SEED + rank)),
+            _attempt(lambda: Adapprox([columns], seed=SEED + rank)),
+        ]
+    res["refused collectives"] = log.records
     torch.save(res, f"{out}.{rank}")
 
 
@@ -938,6 +947,18 @@ def test_per_rank_seeds_are_refused_for_dtensor_parameters(two_ranks):
         assert r["groups"] == 1
         assert r["same seed"] == "constructed"
         assert r["plain"] == []
+
+
+def test_dtensor_parameters_an_optimizer_refuses_are_refused_before_the_seed_check(two_ranks):
+    """AdaMeM's DTensor parameters and Adapprox's ``Shard(1)`` ones raise the documented
+    ``NotImplementedError`` whatever the seeds: with per-rank seeds they raised the seed check's
+    ``ValueError`` (which for AdaMeM spoke of sharded sketches it never draws), and with any
+    given seed they issued its ``all_gather_object`` first."""
+    for r in _per_rank(two_ranks / "seed_check.pt"):
+        adamem, columns = r["refused"]
+        assert adamem.startswith("NotImplementedError: AdaMeM does not support DTensor parameters"), adamem
+        assert columns.startswith("NotImplementedError: Adapprox supports DTensor parameters sharded by rows"), columns
+        assert r["refused collectives"] == []
 
 
 def test_fsdp2_bf16_stochastic_rounding_folds_each_shards_first_row_into_the_key(two_ranks):
