@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import warnings
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -1348,3 +1351,21 @@ def test_parameters_flattened_by_fsdp1_are_warned_of(make):
             make(list(_model().parameters()))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ≈ 15 s: two torchrun jobs
+def test_the_fsdp2_example_saves_on_2_ranks_and_resumes_on_4(tmp_path):
+    """``examples/fsdp2_train.py`` as its docstring runs it (``torchrun``, gloo, small sizes)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+
+    def torchrun(ranks: int, *args: str) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "examples/fsdp2_train.py",
+               "--width", "32", "--depth", "1", "--steps", "2", *args]  # fmt: skip
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout
+
+    ckpt = str(tmp_path / "ckpt")
+    assert f"saved {ckpt} after step 2 on 2 ranks" in torchrun(2, "--save", ckpt)
+    assert "step    3  loss" in torchrun(4, "--resume", ckpt)

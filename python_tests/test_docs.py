@@ -1,0 +1,164 @@
+"""The docs' links and the code a user copies from them: every link between the docs resolves,
+every python block parses and names real things, the listed defaults are the constructors', and
+the blocks that need no extra package or process group run on a CPU."""
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md")
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str, int]]:
+    """``(language, code, line)`` of each fenced block of a markdown text."""
+    found = re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M)
+    return [(m[1], m[2], text.count("\n", 0, m.start()) + 1) for m in found]
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped (not
+    ``_`` or ``-``), spaces to ``-``, ``-1``, ``-2``, ... on repeats; ``#`` lines in code blocks
+    are no headings."""
+    text = path.read_text()
+    for _, code, _ in fenced_blocks(text):
+        text = text.replace(code, "")
+    anchors, seen = set(), {}
+    for title in re.findall(r"^#{1,6} +(.+?) *$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_link_between_the_docs_resolves():
+    """Each ``[text](target)`` and each ``name.md#anchor`` the docs cite (README.md:
+    ``docs/kernels.md#limits``) names a file that exists and, with an anchor, a heading in it."""
+    broken = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for m in re.finditer(r"\]\(([^)\s]+)\)|((?:[\w.-]+/)*[\w.-]+\.md#[\w-]+)", text):
+            target = m[1] or m[2]
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto: not checked here
+            name, _, anchor = target.partition("#")
+            # a link is relative to its file (GitHub's rule); a path in prose may be from the root
+            dest = next((p for p in (doc.parent / name, ROOT / name) if p.exists()), None) if name else doc
+            where = f"{doc.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {target}"
+            if dest is None or (anchor and anchor not in heading_anchors(dest)):
+                broken.append(where)
+    assert not broken, broken
+
+
+def python_blocks() -> list[tuple[str, int, str]]:
+    """``(file, index, code)`` of every ```python block of the docs."""
+    blocks = []
+    for doc in DOCS:
+        code = [c for lang, c, _ in fenced_blocks(doc.read_text()) if lang == "python"]
+        blocks += [(doc.relative_to(ROOT).as_posix(), i, c) for i, c in enumerate(code)]
+    return blocks
+
+
+def optimizer_options(tree: ast.AST) -> list[tuple[str, str]]:
+    """``(optimizer, option)`` for each option a snippet gives Adapprox or AdaMeM: the keywords of
+    ``Adapprox(...)``, those that ``ZeroRedundancyOptimizer(..., optimizer_class=Adapprox)``
+    passes on, and the keys of the Trainer's ``(Adapprox, {"lr": ...})``."""
+    import torch.distributed.optim
+
+    zero_own = inspect.signature(torch.distributed.optim.ZeroRedundancyOptimizer).parameters
+    names = {"Adapprox", "AdaMeM"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in names:
+            found += [(node.func.id, k.arg) for k in node.keywords if k.arg]
+        elif isinstance(node, ast.Call):
+            cls = next((k.value.id for k in node.keywords if k.arg == "optimizer_class"), None)
+            if cls in names:
+                found += [(cls, k.arg) for k in node.keywords if k.arg and k.arg not in zero_own]
+        elif isinstance(node, ast.Tuple) and len(node.elts) == 2 and getattr(node.elts[0], "id", None) in names:
+            if isinstance(node.elts[1], ast.Dict):
+                found += [(node.elts[0].id, ast.literal_eval(k)) for k in node.elts[1].keys]
+    return found
+
+
+def test_the_docs_python_names_exist():
+    """Every ``python`` block parses, what it imports from the package exists, and every option it
+    (or an inline ``Adapprox(..., x=...)`` of the prose) gives an optimizer is one of its
+    constructor's arguments."""
+    import importlib
+
+    import adapprox_kernels
+
+    trees = [(f"{f}#{i}", ast.parse(code)) for f, i, code in python_blocks()]
+    for doc in DOCS:
+        for span in re.findall(r"`((?:Adapprox|AdaMeM)\([^`]*\))`", doc.read_text()):
+            trees.append((f"{doc.name}: {span}", ast.parse(span.replace("…", "..."))))
+    wrong, checked = [], 0
+    for where, tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module.startswith("adapprox_kernels"):
+                module = importlib.import_module(node.module)
+                wrong += [f"{where}: {node.module}.{a.name}" for a in node.names if not hasattr(module, a.name)]
+        for cls, option in optimizer_options(tree):
+            checked += 1
+            if option not in inspect.signature(getattr(adapprox_kernels, cls)).parameters:
+                wrong.append(f"{where}: {cls}({option}=)")
+    assert not wrong, wrong
+    assert checked > 20  # the blocks and spans were found
+
+
+@pytest.mark.parametrize("doc, cls", [("docs/adamem.md", "AdaMeM"), ("docs/algorithm.md", "Adapprox")])
+def test_the_defaults_the_docs_list_are_the_constructors(doc, cls):
+    """docs/adamem.md's constructor block and algorithm.md's "Defaults are the paper's: ..."
+    give each option's default as the signature does (``k_init=k_max``: None, which means it)."""
+    import adapprox_kernels
+
+    text = (ROOT / doc).read_text()
+    if cls == "AdaMeM":
+        (code,) = [c for _, c, _ in fenced_blocks(text) if c.startswith("AdaMeM(params")]
+        listed = {k.arg: ast.literal_eval(k.value) for k in ast.parse(code).body[0].value.keywords}
+    else:
+        sentence = re.search(r"Defaults are the paper's:(.*?)is ours", text, re.S)[1]
+        listed = dict(re.findall(r"`(\w+)=([^`]+)`", sentence))
+        listed = {k: None if v == "k_max" else ast.literal_eval(v) for k, v in listed.items()}
+    params = inspect.signature(getattr(adapprox_kernels, cls)).parameters
+    assert {k: params[k].default if k in params else "not an argument" for k in listed} == listed
+    if cls == "AdaMeM":  # the block is the whole signature, in its order
+        assert list(listed) == [p for p in params if p != "params"]
+
+
+# What each python block leaves to the reader, defined so that it runs on a CPU in seconds. None:
+# not run here, it needs transformers or a process group (test_frameworks.py and
+# test_distributed.py make the same calls).
+PRELUDES = {
+    ("README.md", 0): "loader = [(torch.randn(2, 5, 256), torch.randn(2, 4, 256))]\n"
+    "compute_loss = lambda model, batch: model(*batch).square().mean()",
+    ("README.md", 1): "from adapprox_kernels import Adapprox\nmodel = torch.nn.Linear(8, 4)",  # after the usage
+    ("README.md", 2): None,
+    ("docs/adamem.md", 0): "model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Linear(40, 3))\n"
+    "loader = [(torch.randn(4, 12), torch.randint(3, (4,)))] * 2\nloss_fn = torch.nn.functional.cross_entropy",
+    ("docs/distributed.md", 0): None,
+    ("docs/distributed.md", 1): None,
+    ("docs/distributed.md", 2): None,
+    ("docs/install.md", 0): "",
+}
+
+
+@pytest.mark.parametrize("doc, index, code", [pytest.param(*b, id=f"{b[0]}#{b[1]}") for b in python_blocks()])
+def test_the_docs_python_blocks_run(doc, index, code, tmp_path, monkeypatch, capsys):
+    """Each block runs as written, with only what it leaves to the reader (``loader``, ``model``)
+    defined first; the README's usage prints the state report its comment describes."""
+    prelude = PRELUDES[doc, index]  # a KeyError: a new block, say here how it runs
+    if prelude is None:
+        pytest.skip("needs transformers or a process group (see PRELUDES)")
+    monkeypatch.chdir(tmp_path)  # the README saves opt.pt
+    exec(compile(f"import torch\n{prelude}\n{code}", f"{doc}#{index}", "exec"), {"__name__": "docs"})
+    if (doc, index) == ("README.md", 0):
+        out = capsys.readouterr().out
+        assert "rank" in out and "xi" in out and "% of AdamW)" in out, out[-500:]
+        import torch
+
+        assert torch.load("opt.pt", weights_only=True)["state"]
