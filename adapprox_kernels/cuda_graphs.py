@@ -36,6 +36,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from .optim_base import _outside_stacklevel
 from .transfer import forget_constants, keeping_constants
 
 Outputs = tuple  # of tensors, None, or (for a batch of deferred calls) tuples of those
@@ -200,7 +201,11 @@ class CallGraphs:
         except Exception as err:  # noqa: BLE001 - any capture failure means: stay eager
             current.wait_stream(side)
             forget_constants()  # those first made inside the capture hold nothing
-            warnings.warn(f"CUDA graph capture failed, this step shape runs eagerly: {err}", RuntimeWarning)
+            warnings.warn(
+                f"CUDA graph capture failed, this step shape runs eagerly: {err}",
+                RuntimeWarning,
+                stacklevel=_outside_stacklevel(),  # the user's step call, not this line
+            )
             self._store(key, None, calls)
             self.counts["failed"] += 1
             return fn(*inputs)

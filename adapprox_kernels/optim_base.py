@@ -417,7 +417,7 @@ class SketchOptimizer(Optimizer):
                 "Adafactor without momentum). Use FSDP2 (torch.distributed.fsdp.fully_shard), DDP or "
                 "ZeroRedundancyOptimizer (docs/distributed.md).",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_outside_stacklevel(),  # the constructor's caller, or add_param_group's
             )
 
     def _check_groups(self) -> None:

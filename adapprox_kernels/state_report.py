@@ -95,21 +95,24 @@ class StateReport:
 
     def __str__(self) -> str:
         w = max([len("parameter")] + [len(r.name) for r in self.rows])  # whole names: "….weight" vs "….bias"
-        head = f"{'shape':>16s} {'kind':>9s} {'rank':>7s} {'xi':>9s} {'state B':>11s} {'AdamW B':>11s}"
+        # Columns as wide as their widest entry: an MoE weight's shape, a large model's byte totals.
+        ws = max([16] + [len(str(tuple(r.shape))) for r in self.rows])
+        wb = max(11, len(str(self.state_bytes)), len(str(self.adamw_bytes)))
+        head = f"{'shape':>{ws}s} {'kind':>9s} {'rank':>7s} {'xi':>9s} {'state B':>{wb}s} {'AdamW B':>{wb}s}"
         lines = [f"{'parameter':{w}s} {head}"]
         for r in self.rows:
             rank = "-" if r.rank is None else f"{r.rank:.2f}"
             xi = "-" if r.xi is None else f"{r.xi:.2e}"
             lines.append(
-                f"{r.name:{w}s} {str(tuple(r.shape)):>16s} {r.kind:>9s} {rank:>7s} {xi:>9s} "
-                f"{r.state_bytes:>11d} {r.adamw_bytes:>11d}"
+                f"{r.name:{w}s} {str(tuple(r.shape)):>{ws}s} {r.kind:>9s} {rank:>7s} {xi:>9s} "
+                f"{r.state_bytes:>{wb}d} {r.adamw_bytes:>{wb}d}"
             )
         # No factored matrix (or no state yet): no mean rank, no ratio; "-", as in the rows.
         mean_rank = "-" if self.mean_rank != self.mean_rank else f"{self.mean_rank:.2f}"
         ratio = f"  ({100 * self.ratio_to_adamw:.1f}% of AdamW)" if self.adamw_bytes else ""
         lines.append(
-            f"{'total':{w}s} {'':>16s} {'':>9s} {mean_rank:>7s} {'':>9s} {self.state_bytes:>11d} "
-            f"{self.adamw_bytes:>11d}{ratio}"
+            f"{'total':{w}s} {'':>{ws}s} {'':>9s} {mean_rank:>7s} {'':>9s} {self.state_bytes:>{wb}d} "
+            f"{self.adamw_bytes:>{wb}d}{ratio}"
         )
         if any(r.sharded for r in self.rows):
             lines.append(

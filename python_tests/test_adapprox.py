@@ -226,6 +226,26 @@ def test_state_report_names_whole_rows_and_counts_adamw_lazily():
     assert printed == [*params, "frozen.weight"]
 
 
+def test_state_report_columns_stay_aligned_for_long_shapes_and_large_byte_counts():
+    """A shape wider than 16 characters (a 6-D weight here; an MoE ``(64, 14336, 4096)``) and
+    byte counts of 12 digits (AdamW's state of a 13B model) pushed their row's later columns,
+    or the total's, out of line with the header."""
+    from adapprox_kernels.state_report import StateReport, StateRow
+
+    w = torch.nn.Parameter(torch.randn(1, 2, 1, 2, 1, 3))
+    opt = Adapprox([("w", w), ("b", torch.nn.Parameter(torch.randn(3)))], k_max=2, seed=0)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    big = StateRow("embed", (128256, 8192), "factored", 3.0, 1e-3, 10**6, 8 * 128256 * 8192 * 16)
+    for report in (opt.state_report(), StateReport([big, *opt.state_report().rows])):
+        lines = str(report).splitlines()
+        lines[-1] = lines[-1].split("  (")[0]  # the total's ratio to AdamW follows the last column
+        shape_end = lines[0].index("shape") + len("shape")
+        assert len({len(line) for line in lines}) == 1, "\n".join(lines)
+        assert all(line[shape_end] == " " and line[shape_end - 1] != " " for line in lines[:-1]), "\n".join(lines)
+
+
 def test_state_report_total_without_a_factored_matrix_prints_no_nan():
     """Before the first step (no state) and for vectors alone (no rank) the total row has no
     mean rank and no ratio to AdamW to show: "-", not "nan"."""

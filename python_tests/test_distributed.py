@@ -1328,7 +1328,8 @@ def test_parameters_flattened_by_fsdp1_are_warned_of(make):
     (or each parameter's 1-D shard with ``use_orig_params=True`` on several ranks): stepped as
     vectors, no matrix was factored (Adapprox held 100% of AdamW's state, AdaMeM was Adafactor
     without momentum), silently. A ``RuntimeWarning`` says so; FSDP1 keeping the shapes (one
-    rank, ``use_orig_params=True``: ``NO_SHARD``) is not warned of. A 1-rank process group."""
+    rank, ``use_orig_params=True``: ``NO_SHARD``) is not warned of. A 1-rank process group.
+    The warning names the user's call (from ``add_param_group`` it named the caller's caller)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -1340,11 +1341,13 @@ def test_parameters_flattened_by_fsdp1_are_warned_of(make):
             kept = FSDP(_model(), use_orig_params=True, device_id=torch.device("cpu"))
         assert all(p.dim() == 1 for p in flat.parameters())
         assert any(p.dim() == 2 for p in kept.parameters())
-        with pytest.warns(RuntimeWarning, match="flattened by FSDP1"):
+        with pytest.warns(RuntimeWarning, match="flattened by FSDP1") as warned:
             make(list(flat.parameters()))
         opt = make([nn.Parameter(torch.randn(4, 4))])  # a later group of flattened parameters
-        with pytest.warns(RuntimeWarning, match="flattened by FSDP1"):
+        with pytest.warns(RuntimeWarning, match="flattened by FSDP1") as warned_later:
             opt.add_param_group({"params": list(flat.parameters())})
+        ours = [w for w in [*warned, *warned_later] if "flattened by FSDP1" in str(w.message)]
+        assert [w.filename for w in ours] == [__file__] * 2, [(w.filename, w.lineno) for w in ours]
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             make(list(kept.parameters()))

@@ -1076,8 +1076,9 @@ def test_a_failed_capture_forgets_the_device_constants_made_inside_it(monkeypatc
         return (t * masks[-1].sum(),)
 
     graphs = CallGraphs()
-    with pytest.warns(RuntimeWarning, match="capture failed"):
+    with pytest.warns(RuntimeWarning, match="capture failed") as warned:
         (out,) = graphs._capture("key", call, [torch.ones(3)], 1)
+    assert [w.filename for w in warned] == [__file__]  # the caller's line, not the package's
     assert torch.equal(out, torch.full((3,), 3.0)) and graphs.counts["failed"] == 1
     captured, eager = masks
     assert eager is not captured  # made anew, not the capture's unfilled one from the cache
