@@ -499,6 +499,47 @@ def test_passes_over_g_per_step(monkeypatch, options, passes, shape):
     assert g_passes(step, *shape) == passes
 
 
+NO_MOMENTUM = dict(betas=(0.0, 0.999, 0.0))
+
+
+@pytest.mark.parametrize(
+    "options,factored,dense",
+    [
+        ({}, [11, 11], [2, 2]),  # cold l = 5: 2 products per iteration + the update; dense: sums + update
+        (NO_MOMENTUM, [11, 11], [2, 2]),
+        (dict(warm_start=True), [11, 3], [2, 2]),  # the first step has no factors: cold
+        (dict(power_iters=2, cosine_guidance=True), [6, 6], [0, 0]),  # + the cosine sums; dense: plain PyTorch
+        (dict(power_iters=2, cosine_guidance=True, **NO_MOMENTUM), [5, 5], [2, 2]),  # no momentum: no cosine
+    ],
+)
+def test_kernel_launches_over_g_per_step(monkeypatch, options, factored, dense):
+    """docs/kernels.md's passes over G per step, counted as launches of the kernels that read G
+    (not ``g_passes``, the operator's own count): a 12×10 matrix (3 sketch columns: one launch
+    per pass) and a vector, two steps."""
+    from adapprox_kernels.kernels.v_matmul import _v_matmul_kernel
+
+    launched = []
+    kernel_class = type(_v_matmul_kernel)  # the interpreter's or the JIT's: both launch through run()
+    run = kernel_class.run
+
+    def recording(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", recording)
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in ((12, 10), (7,))]
+    opt = Adapprox(params, backend="triton", k_max=2, oversample=1, **options)
+    got_factored, got_dense = [], []
+    for _ in range(2):
+        launched.clear()
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        got_dense.append(sum(name.startswith("_dense_") for name in launched))
+        got_factored.append(len(launched) - got_dense[-1])
+    assert (got_factored, got_dense) == (factored, dense)
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_nonfinite_check_rides_on_the_first_pass(monkeypatch, cosine):
     """Every gradient is checked by the RMS sum that the first pass over it reduces anyway
