@@ -1,6 +1,6 @@
 """AdaMeM (Vyas, Morwani, Kakade): low-rank momentum on top of one-sided Adafactor.
 
-For a matrix parameter seen as ``(m, n)`` with ``m <= n`` (a wider-than-tall matrix is
+For a matrix parameter seen as ``(m, n)`` with ``m <= n`` (a taller-than-wide matrix is
 transposed, a >2-D one folded to ``(shape[0], rest)`` first), with ``r = min(rank, m)``:
 
 * every ``update_proj_gap`` steps, ``P`` (m×r, orthonormal) = the top-r left singular subspace
@@ -150,9 +150,10 @@ NOISE_FLOOR = 256.0
 # whose entries are independent and uniform within half the dtype's spacing at each entry. E
 # sets the noise: about ‖E‖_F in S, and at most about ‖E‖_2 in a row of R beyond G's rank
 # (:func:`gradient_rounding_noise` estimates both). Measured on exactly low-rank G from 2×3 to
-# 768×2048 (bench/adamem_noise_floors.py): S at most 0.98 of its estimate, such rows at most
-# 1.12 of theirs. Roundings that repeat (G with many equal rows) are not independent: rows up to
-# 2.5, above the floor. The margin is thin on purpose: rows of R near the noise are mostly real
+# 768×2048 (bench/adamem_noise_floors.py, bench/results/adamem_noise_floors_cpu.json): S at most
+# 0.98 of its estimate, such rows at most 1.00 of theirs (1.12 in an earlier set of draws).
+# Roundings that repeat (G with many equal rows) are not independent: rows up to 2.26 (2.5
+# earlier), above the floor. The margin is thin on purpose: rows of R near the noise are mostly real
 # on decaying spectra, and each one dropped loses an O(1) part of the step (docs/adamem.md).
 GRADIENT_NOISE_MARGIN = 1.25
 # The grids an fp32 gradient's values may lie on, coarsest first: the fp32 mantissa bits that

@@ -137,7 +137,7 @@ def test_full_rank_is_adafactor_momentum_in_the_gradient_basis(shape):
 
 
 def test_row_vector_is_plain_adafactor_momentum():
-    """A 1×n matrix: P = ±1, so AdaMeM is elementwise Adafactor with momentum in the original basis."""
+    """A 1×n matrix: P = 1 (canonical signs), so AdaMeM is elementwise Adafactor with momentum in the original basis."""
     steps, lr = 5, 0.1
     grads = [g[0].double() for g in _grads([(1, 7)], steps)]
     (w,) = _params([(1, 7)], torch.float64)
