@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--out", type=Path, help="write the raw numbers here as compare_step_<size>_<time>.json")
+    ap.add_argument("--out", type=Path, help="write the raw numbers here as compare_step_<size>_k<rank>_<time>.json")
     ap.add_argument("--child", nargs=2, metavar=("TREE", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

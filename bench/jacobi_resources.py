@@ -19,7 +19,7 @@ UNIT = frozenset({"stride_an", "stride_zn"})  # the launcher's outputs and a con
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.strip().splitlines()[0]).parse_args()  # --help; no options
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     for tile in (16, 32, 64):
         for by_dot in (True, False):
             for warps in (4, 8):
