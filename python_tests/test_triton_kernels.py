@@ -67,7 +67,7 @@ PRODUCT_CASES = [
     (3, 1, 9, 1, 1, torch.float32, False, None),
     (3, 9, 1, 1, 2, torch.bfloat16, False, None),
     (1, 13, 11, 0, 4, torch.float32, False, None),  # first step: no factors yet
-    (2, 18, 33, 17, 17, torch.float32, True, 2),  # 2 K chunks, 2 r blocks (k+p > block), 3×3 tiles, split-K
+    (2, 18, 33, 17, 17, torch.float32, True, 2),  # 2 r blocks (k+p > block), 2×3 tiles of V (3×2 of Vᵀ), split-K
 ]
 
 
@@ -97,7 +97,7 @@ def test_products_and_first_pass_sums(case):
     dtype=st.sampled_from([torch.float32, torch.bfloat16]), split=st.sampled_from([None, 2]), seed=st.integers(0, 99),
 )  # fmt: skip
 def test_products_match_the_reference_for_any_shape(batch, m, n, k, r, dtype, split, seed):
-    """Shapes hypothesis draws, with 16-wide blocks: ragged tiles, r blocks and K chunks."""
+    """Shapes hypothesis draws, with 16-wide blocks: ragged tiles, r blocks and split-K."""
     from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
 
     grads, q, u, g32, v = _inputs(batch, m, n, k, dtype, seed)
@@ -177,6 +177,68 @@ def test_rebuild_by_dot_matches_the_reference(k, dot_from):
         _same_rebuild(prod, v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=loop)[0])
 
 
+def _column_major(t):
+    """``t: (B, d, c)``, the same values with each column's entries adjacent (strides
+    ``(d·c, 1, d)``): the optimizer's new ``q`` (a QR's transposed result) and ``y``."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _in_wider(t):
+    """``t: (B, d, c)`` as the first ``c`` columns of a stack 5 columns wider, those NaN (row
+    stride ``c + 5``)."""
+    return torch.cat([t, torch.full((*t.shape[:2], 5), float("nan"), device=DEVICE)], dim=2)[:, :, : t.shape[2]]
+
+
+def _strided_factors():
+    """``_inputs`` at rank 3 with ``q`` column-major and ``u`` in a wider stack, so that neither
+    of their strides equals the other's, and new factors laid out alike; also the contiguous
+    ``q_new, u_new`` and the reference V."""
+    grads, q, u, g32, v = _inputs(2, 21, 35, 3, torch.float32)
+    q_new, u_new = torch.randn(2, 21, 4, device=DEVICE), torch.randn(2, 35, 4, device=DEVICE)
+    return grads, _column_major(q), _in_wider(u), _column_major(q_new), _in_wider(u_new), q_new, u_new, g32, v
+
+
+@pytest.mark.parametrize("rebuild", ["loop", "unrolled", "dot"])
+def test_products_read_each_factor_by_its_own_strides(rebuild):
+    """The products' three rebuilds of V read ``u`` by ``u``'s strides, not ``q``'s: the other
+    tests give factors whose strides are equal (both row-major, equally wide), where reading
+    one's for the other's goes unseen, though the optimizer's new ``q`` is column-major."""
+    from adapprox_kernels.kernels.v_matmul import v_matmul, v_rmatmul
+
+    grads, q, u, *_, v = _strided_factors()
+    blocks = _blocks(True)._replace(unroll=16 if rebuild == "unrolled" else 0, dot_from=1 if rebuild == "dot" else 0)
+    assert (blocks.rank_unroll(3) > 0, blocks.rank_dot(3) > 0) == (rebuild == "unrolled", rebuild == "dot")
+    x, y = torch.randn(2, 35, 6, device=DEVICE), _column_major(torch.randn(2, 21, 6, device=DEVICE))
+    prod, sums = v_matmul(grads, q, u, x, BETA2, eps=EPS, blocks=blocks)
+    _close(prod, v @ x)
+    _close(v_rmatmul(grads, q, u, y, BETA2, blocks=blocks), v.transpose(1, 2) @ y)
+    torch.testing.assert_close(sums[:, 0], v.square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
+
+
+def test_update_passes_read_each_factor_by_its_own_strides():
+    """The same for the update, cosine and norms passes, old and new factors (ξ's residual);
+    the update pass with zero weights, lr 1 and no momentum or decay writes ``−Upd``."""
+    from adapprox_kernels.kernels.apply_update import apply_update
+    from adapprox_kernels.kernels.update_cosine import update_cosine_sums
+    from adapprox_kernels.kernels.v_norms import v_norms
+
+    grads, q, u, qn, un, q_new, u_new, g32, v = _strided_factors()
+    blocks, clip = _blocks(True), _clip(g32, v, 0.5)
+    upd = reference.clipped_update(g32, v, EPS, 0.5)
+    resid = (v - q_new @ u_new.transpose(1, 2)).square().sum(dim=(1, 2))
+    torch.testing.assert_close(v_norms(grads, q, u, BETA2, EPS, qn, un, blocks=blocks)[:, 1], resid, rtol=1e-5, atol=0)
+    moms = [torch.randn(21, 35, device=DEVICE) for _ in range(2)]
+    avg = 0.8 * torch.stack(moms) + 0.2 * upd
+    want = torch.stack([(upd * avg).sum(dim=(1, 2)), upd.square().sum(dim=(1, 2)), avg.square().sum(dim=(1, 2))], 1)
+    got = update_cosine_sums(grads, q, u, moms, clip, beta2=BETA2, eps=EPS, beta1=0.8, blocks=blocks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    params = [torch.zeros(21, 35, device=DEVICE) for _ in range(2)]
+    kw = dict(beta2=BETA2, eps=EPS, lr=1.0, beta1=0.0, weight_decay=0.0)
+    got = apply_update(grads, q, u, params, None, clip, None, qn, un, blocks=blocks, **kw)
+    torch.testing.assert_close(torch.stack(params), -upd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, resid, rtol=1e-5, atol=0)
+
+
 def test_tf32_rounding_of_the_reference():
     one_ulp = 2.0**-10  # tf32's spacing at 1
     x = torch.tensor([1 + 1.75 * one_ulp, -(1 + 0.5 * one_ulp), 1 + 1.5 * one_ulp, 3.0, 0.0, float("inf")])
@@ -216,7 +278,7 @@ def test_norms(dtype, small):
     from adapprox_kernels.kernels.v_norms import v_norms
 
     grads, q, u, g32, v = _inputs(2, 37, 29, 3, dtype)
-    q_new = torch.randn(2, 37, 18, device=DEVICE)  # 18 > a 16-wide K chunk with small blocks
+    q_new = torch.randn(2, 37, 18, device=DEVICE)
     u_new = torch.randn(2, 29, 18, device=DEVICE)
     sums = v_norms(grads, q, u, BETA2, EPS, q_new, u_new, blocks=_blocks(small))
     expected = torch.stack(
@@ -236,11 +298,12 @@ def _clip(g32, v, threshold):
     return reference.clip_divisor(upd.flatten(1).square().sum(dim=1), upd[0].numel(), threshold)
 
 
-@pytest.mark.parametrize("shape", [(37, 29), (1, 20), (20, 1)])
-def test_cosine_sums(shape):
+# k = 1: the JIT makes an int argument equal to 1 a constant, a kernel of its own on a GPU
+@pytest.mark.parametrize("shape,k", [((37, 29), 2), ((1, 20), 2), ((20, 1), 2), ((37, 29), 1)])
+def test_cosine_sums(shape, k):
     from adapprox_kernels.kernels.update_cosine import update_cosine_sums
 
-    grads, q, u, g32, v = _inputs(2, *shape, 2, torch.bfloat16)
+    grads, q, u, g32, v = _inputs(2, *shape, k, torch.bfloat16)
     moms = [torch.randn(*shape).to(torch.bfloat16).to(DEVICE) for _ in range(2)]
     clip = _clip(g32, v, 0.5)
     sums = update_cosine_sums(grads, q, u, moms, clip, beta2=BETA2, eps=EPS, beta1=0.8, blocks=_blocks(True))
