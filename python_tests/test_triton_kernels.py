@@ -293,6 +293,17 @@ def test_norms(dtype, small):
     torch.testing.assert_close(v_norms(grads, q, u, BETA2, EPS)[:, [0, 2]], expected[:, [0, 2]], rtol=1e-5, atol=0)
 
 
+def test_update_sum_with_eps_zero_leaves_the_padding_out():
+    """ε = 0 (the launchers take it; the optimizer asks for ε > 0): a ragged tile's padding,
+    G = V = 0 there, adds nothing to ``Σ (G/√V)²`` instead of 0/0 = NaN (``_tiles.raw_update``'s
+    mask); inside the matrix V > 0."""
+    from adapprox_kernels.kernels.v_norms import v_norms
+
+    grads, q, u, g32, v = _inputs(2, 37, 29, 3, torch.float32)
+    sums = v_norms(grads, q, u, BETA2, 0.0, blocks=_blocks(True))[:, 2]
+    torch.testing.assert_close(sums, (g32 / v.sqrt()).square().sum(dim=(1, 2)), rtol=1e-5, atol=0)
+
+
 def _clip(g32, v, threshold):
     upd = g32 / (v.sqrt() + EPS)
     return reference.clip_divisor(upd.flatten(1).square().sum(dim=1), upd[0].numel(), threshold)
