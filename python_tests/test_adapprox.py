@@ -1501,6 +1501,22 @@ def test_ranks_round_half_up_and_start_within_the_matrix():
     assert opt.state[w]["rank"] == pytest.approx(0.9 * 12 + 0.1 * 11)
 
 
+def test_matrices_of_one_bucket_at_one_rank_grow_or_shrink_by_their_own_xi():
+    """The step policy's new rank is computed once per (rank, used columns, ξ > threshold) of a
+    bucket: two same-shaped matrices at rank 3, one gradient of rank 1 (ξ ≈ 0) and one of full
+    rank (ξ ≫ threshold), shrink and grow (β3 = 0), not both as the first."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(20, 1, generator=gen) @ torch.randn(1, 24, generator=gen), torch.randn(20, 24, generator=gen)]
+    params = [torch.nn.Parameter(torch.zeros(20, 24)) for _ in grads]
+    opt = Adapprox(
+        params, lr=0.0, k_init=3, k_min=1, k_max=6, betas=(0.0, 0.999, 0.0), exact_small_matrices=False, seed=0
+    )
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    assert [opt.state[p]["rank"] for p in params] == [2, 4]
+
+
 def test_state_report_counts_each_tensors_own_bytes():
     """A bf16 weight: fp32 factors, a bf16 first moment, and AdamW's two bf16 moments (a count
     of 4 bytes an entry passed every fp32 test)."""
@@ -1549,11 +1565,17 @@ def _xi_over_optimum(opt: Adapprox, p: torch.nn.Parameter, g: torch.Tensor, step
     return ratios, ranks
 
 
-def test_warm_start_without_oversampling_grows_the_rank_from_iterated_columns():
+def test_warm_start_without_oversampling_grows_the_rank_from_iterated_columns(monkeypatch):
     """With ``oversample=0`` a warm sketch (last step's U) had no Gaussian column, so a rank that
     grew took its new column straight from the Gaussian with the warm start's one iteration,
     measured and kept: ξ 3.9× the optimum on that step (a tiny GPT's gradients: up to 21×, and
-    3× as many steps above 1.5×). The warm sketch keeps one Gaussian column, as ``oversample=1``."""
+    3× as many steps above 1.5×). The warm sketch keeps one Gaussian column, as ``oversample=1``,
+    so the growing rank stays warm: a sketch of k columns made every step a cold one (the
+    rank outgrew last step's factors), ξ as good at 5× the passes over G."""
+    import adapprox_kernels.adapprox as mod
+
+    iters, real = [], mod.subspace_iteration
+    monkeypatch.setattr(mod, "subspace_iteration", lambda op, x, n, orth: iters.append(n) or real(op, x, n, orth))
     gen = torch.Generator().manual_seed(0)
     m, n = 40, 30
     a, b, c, d = (torch.randn(k, 1, generator=gen) for k in (m, n, m, n))
@@ -1564,6 +1586,7 @@ def test_warm_start_without_oversampling_grows_the_rank_from_iterated_columns():
     ratios, _ = _xi_over_optimum(opt, p, g, steps=8)
     assert opt.state[p]["rank"] == 6  # the rank grew every step
     assert max(ratios) < 1.2, ratios
+    assert iters == [5] + [1] * 7
 
 
 @pytest.mark.parametrize("r, eta, oversample, ranks", [(2, 2.0, 0, [3, 5, 7]), (4, 9.0, 5, [10, 15, 20])])
@@ -2093,6 +2116,23 @@ def test_lowered_k_max_bounds_the_rank_at_once():
         opt.step()
         assert opt.state[p]["rank"] <= opt.param_groups[0]["k_max"]
         assert opt.state[p]["Q"].shape[1] <= opt.param_groups[0]["k_max"]
+
+
+def test_raised_k_min_bounds_the_rank_at_once():
+    """``k_min`` raised between steps (from 1, with k_max): the rank (and the factors kept) are at
+    least it on that step, though the rank moment would carry a rank-1 gradient's rank 1 up
+    only slowly."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(40, 1, generator=gen) @ torch.randn(1, 30, generator=gen)  # ξ ≈ 0: the rule shrinks
+    p = torch.nn.Parameter(torch.zeros(40, 30))
+    opt = Adapprox([p], k_min=1, k_max=1, seed=0)
+    for t in range(4):
+        if t == 2:
+            opt.param_groups[0].update(k_min=5, k_max=8)
+        p.grad = g.clone()
+        opt.step()
+        assert opt.state[p]["rank"] == opt.param_groups[0]["k_min"]
+        assert opt.state[p]["Q"].shape[1] == opt.param_groups[0]["k_min"]
 
 
 @pytest.mark.parametrize("how", ["clear one", "delete one", "reset one", "clear all", "replace"])
