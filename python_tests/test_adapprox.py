@@ -316,6 +316,26 @@ def test_sketch_rng_saved_for_another_device_index_or_a_missing_device():
         assert torch.equal(a, b)
 
 
+def test_sketch_rng_saved_for_two_other_devices_of_the_type_restarts_from_the_seed():
+    """Two saved generator states of the parameters' device type, none for their device: which
+    rank's to take is not told, so neither is taken and the device's generator restarts from
+    the checkpoint's seed, as where none was saved."""
+    batches = [torch.randn(8, 30) for _ in range(5)]
+    model = make_model()
+    opt = Adapprox(model.parameters(), k_max=8, seed=5)
+    train(model, opt, batches[:2])
+    ckpt = copy.deepcopy(opt.state_dict())
+    cpu_state = ckpt["sketch_rng"]["states"].pop("cpu")
+    runs = []
+    for states in ({"cpu:0": cpu_state, "cpu:1": cpu_state.clone()}, {}):
+        resumed = copy.deepcopy(model)
+        opt2 = Adapprox(resumed.parameters(), k_max=8, seed=123)
+        opt2.load_state_dict({**ckpt, "sketch_rng": {"seed": 5, "states": states}})
+        train(resumed, opt2, batches[2:])
+        runs.append(list(resumed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_loading_a_state_of_another_kind_into_a_stepped_optimizer():
     """A matrix kept dense by one optimizer and factored in the loaded checkpoint: the next
     step buckets it by its new state (nothing remembered from before the load)."""
@@ -1001,6 +1021,19 @@ def test_nonfinite_check_with_mixed_gradient_dtypes():
     params[1].grad[2] = float("nan")
     opt.step()
     assert [opt.state[p]["nonfinite_skips"] for p in params] == [0, 1, 0]
+
+
+def test_a_gradient_entry_at_the_limit_steps_and_one_above_is_flagged():
+    """The limit is the largest entry the update takes: fp64's √max is itself a float64 number
+    (its square fits), and an entry of exactly that steps; the next float64 above it is flagged."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = Adapprox([p], nonfinite="skip", seed=0)
+    limit = math.sqrt(torch.finfo(torch.float64).max)
+    for entry, skips in ((limit, 0), (math.nextafter(limit, math.inf), 1)):
+        p.grad = torch.ones_like(p)
+        p.grad[1] = entry
+        opt.step()
+        assert opt.state[p]["nonfinite_skips"] == skips and opt.state[p]["step"] == 1
 
 
 def test_large_finite_fp16_gradient_is_not_flagged():

@@ -219,6 +219,23 @@ def test_the_constant_caches_serve_two_threads():
     assert len(cache) == 1 and cache._elements == 2
 
 
+def test_the_constant_cache_drops_the_least_recently_used_within_its_bounds():
+    """A lookup makes an entry the most recently used; a put evicts the least recently used
+    while the count or the elements exceed their bounds (reaching them is allowed), but never
+    the entry it just put, however large (it would be made again at every call)."""
+    from adapprox_kernels.transfer import ConstantCache
+
+    cache = ConstantCache(max_entries=2, max_elements=4)
+    cache.put("a", torch.zeros(2))
+    cache.put("b", torch.zeros(2))  # 4 elements: at the bound, both stay
+    assert sorted(cache._values) == ["a", "b"]
+    assert cache.get("a") is not None
+    cache.put("c", torch.zeros(1))  # three entries: b, the least recently used, goes
+    assert sorted(cache._values) == ["a", "c"]
+    cache.put("big", torch.zeros(9))  # over both bounds alone: kept, the others go
+    assert list(cache._values) == ["big"] and cache.get("big") is not None
+
+
 @pytest.mark.parametrize("iters", [1, 2])
 def test_rayleigh_ritz_truncation_is_the_best_rank_k_part_of_the_sketch(iters):
     """On the same sketch, the Rayleigh–Ritz factors are the SVD oracle's: the best rank-k

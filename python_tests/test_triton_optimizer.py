@@ -1121,6 +1121,7 @@ def test_a_failed_capture_forgets_the_device_constants_made_inside_it(monkeypatc
         (out,) = graphs._capture("key", call, [torch.ones(3)], 1)
     assert [w.filename for w in warned] == [__file__]  # the caller's line, not the package's
     assert torch.equal(out, torch.full((3,), 3.0)) and graphs.counts["failed"] == 1
+    assert len(graphs) == 0  # the failed key stays (it runs eagerly for good) but holds no graph
     captured, eager = masks
     assert eager is not captured  # made anew, not the capture's unfilled one from the cache
     # The other caches of device constants go too: offset tables and update scalars.
