@@ -272,6 +272,7 @@ def _operator_job(rank, world, out) -> None:
         "sq_norm": op.sq_norm(),
         "residual": op.residual_sq_norm(q2[:, r], u2),
         "clipped": op.clipped_update(1e-8, 0.5),
+        "shape": op.shape,
     }
     res["srsi_q"], res["srsi_u"] = srsi(op, 3, 2, 3, torch.Generator().manual_seed(3), shards.orthonormalize)
 
@@ -724,6 +725,7 @@ def _check_operator(res):
     torch.testing.assert_close(rows("matmul"), dense.matmul(x))
     torch.testing.assert_close(rows("clipped"), clipped_update(g, v, 1e-8, 0.5))
     for r in res:  # replicated results: every rank has the whole, identical
+        assert r["shape"] == (2, 11, 9)  # global: S-RSI sizes its sketch by it on every rank alike
         torch.testing.assert_close(r["rmatmul"], dense.rmatmul(y))
         torch.testing.assert_close(r["sq_norm"], dense.sq_norm())
         torch.testing.assert_close(r["residual"], dense.residual_sq_norm(q2, u2))
@@ -1318,6 +1320,7 @@ def test_gradient_limit_holds_for_dtensor_parameters():
         assert nonfinite_flags(grads) == [True, True, True, False]
         assert nonfinite_flags(grads, [1.5, inf, inf, 1.5]) == [True, True, True, True]
         assert nonfinite_flags(grads[3:], [2.0]) == [False]  # at the limit: steps, as a plain tensor's gradient
+        assert nonfinite_flags(grads[3:] * 2, [1.5, 2.0]) == [True, False]  # each gradient its own limit
     finally:
         dist.destroy_process_group()
 

@@ -241,6 +241,17 @@ def test_reference_matches_householder_up_to_signs(shape):
     torch.testing.assert_close(q, align_signs(q, householder_orthonormalize(y)), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["random", "rank1", "zero_columns"])
+def test_reference_is_scale_invariant(kind):
+    """The shift scales with trace(XᵀX) and the completion with ‖Y‖: a sketch scaled by 2^±40
+    (exact in floating point) gets the same Q, rank-deficient ones included (an absolute shift
+    is negligible for a large sketch, whose Cholesky then fails over to Householder QR)."""
+    y = sketches(kind, 2, 30, 5)
+    q = cholqr_orthonormalize(y)
+    for scale in (2.0**40, 2.0**-40):
+        torch.testing.assert_close(cholqr_orthonormalize(y * scale), q, atol=1e-6, rtol=0, msg=f"scale {scale}")
+
+
 def test_reference_matrices_are_independent():
     y = torch.cat([sketches("random", 2, 30, 5), sketches("zero", 1, 30, 5), sketches("rank1", 2, 30, 5)])
     y[1, 3, 2] = float("nan")
