@@ -70,7 +70,7 @@ class CallGraphs:
     captures it and replays it from then on. Holds graphs of at most ``capacity`` calls (a batch
     of deferred calls counts as its calls) besides those run in this step or the last: the least
     recently run are dropped first, but a step that needs more keeps them all, rather than drop
-    some and capture them again every step. ``counts`` tallies ``eager`` / ``captured`` /
+    some and capture them again every step; a dropped key starts over. ``counts`` tallies ``eager`` / ``captured`` /
     ``replayed`` calls and ``failed`` captures (a key whose capture failed runs eagerly for
     good, after one warning)."""
 

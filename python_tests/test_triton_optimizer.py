@@ -1197,6 +1197,29 @@ def test_a_key_is_captured_after_eager_runs_and_forgotten_after_forget_after_ste
     assert dict(graphs.counts) == {"eager": 3, "captured": 1}
 
 
+def test_an_evicted_key_starts_over():
+    """A key whose graph the cache dropped runs eagerly ``eager_runs`` times again before its
+    next capture, as an unseen key does: a bucket evicted while its ranks move is not captured
+    again for a single step."""
+    x = torch.zeros(1)
+
+    def call(v):
+        return (v + 1,)
+
+    graphs = _StubCaptures(eager_runs=1, capacity=1)
+    for key in ("a", "a", "b", "b"):  # captured on each key's second run
+        graphs.run(key, call, [x])
+    graphs.next_step()
+    graphs.next_step()
+    graphs.run("c", call, [x])
+    graphs.run("c", call, [x])  # its capture drops a and b, unused since two steps
+    assert [key for key, _ in graphs._graphs] == ["c"] and graphs.counts["captured"] == 3
+    graphs.run("a", call, [x])
+    assert graphs.counts["captured"] == 3 and graphs.counts["eager"] == 4  # eager first
+    graphs.run("a", call, [x])
+    assert graphs.counts["captured"] == 4
+
+
 def test_a_capture_replays_once_and_reads_buffers_of_its_own(monkeypatch):
     """Capturing runs nothing on a GPU: the capturing call replays the graph once, or its step's
     work would be left undone. The graph reads buffers of its own, which each replay loads: the
