@@ -7,7 +7,8 @@ runs the main job for Adapprox alone (its defaults otherwise: tiny GPT, 600 step
 with each ``key=value`` (a Python literal) added to the optimizer's arguments, e.g.
 ``warm_start=True`` or ``truncation='rayleigh_ritz' power_iters=2``, and writes the main job's
 ``results.json`` and plot to OUT; the options it added are recorded in that file's
-``meta["adapprox_options"]``. Other arguments (``--seed 1``, ``--steps``) go to the main job.
+``meta["adapprox_options"]``. Other arguments (``--seed 1``, ``--steps 40 --warmup 4``: the
+warmup must be shorter than the run) go to the main job.
 """
 
 from __future__ import annotations

@@ -180,7 +180,8 @@ def no_run(*args):
         (["--optimizers", "adamw,sgd"], "unknown sgd; choose from adapprox"),
         (["--optimizers", "adamw,adapprox,adamw"], "--optimizers: adamw given more than once"),
         (["--out", "SMALL/sub"], "small.txt/sub: Not a directory"),
-        (["--out", "SMALL"], "small.txt: File exists"),
+        (["--out", "SMALL"], "small.txt is a file, not a folder"),
+        (["--warmup", "2"], "--warmup 2 is not below --steps 2 (the learning rate never peaks): pass --warmup 0"),
     ],
 )
 def test_bad_options_are_usage_errors(extra, message, tmp_path, monkeypatch, capsys):
@@ -190,8 +191,8 @@ def test_bad_options_are_usage_errors(extra, message, tmp_path, monkeypatch, cap
     (tmp_path / "12k.txt").write_bytes(b"x" * 12_000)
     paths = {"SMALL": tmp_path / "small.txt", "SMALL/sub": tmp_path / "small.txt" / "sub", "12K": tmp_path / "12k.txt"}
     extra = [str(paths[a]) if a in paths else a for a in extra]
-    base = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--max-bytes", "20000",
-            "--optimizers", "adamw", "--out", str(tmp_path / "out")]  # fmt: skip
+    base = ["--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+            "--max-bytes", "20000", "--optimizers", "adamw", "--out", str(tmp_path / "out")]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         main(base + extra)
     assert exit_info.value.code == 2
@@ -246,9 +247,35 @@ def test_out_folder_that_refuses_files_is_a_usage_error(tmp_path, monkeypatch, c
         pytest.skip("this user writes into read-only folders (root)")
     monkeypatch.setattr(main_module, "train_one", no_run)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--optimizers", "adamw", "--steps", "2", "--max-bytes", "20000", "--out", str(out)])
+        main(["--optimizers", "adamw", "--steps", "2", "--warmup", "1", "--max-bytes", "20000", "--out", str(out)])
     assert exit_info.value.code == 2
     assert f"--out {out}: Permission denied" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["results.json", "results.json.partial", "comparison.png"])
+def test_out_folder_holding_a_folder_of_an_outputs_name_is_a_usage_error(name, tmp_path, monkeypatch, capsys):
+    """Found before any run, not when the first write or the plot fails after the training."""
+    (tmp_path / name).mkdir()
+    monkeypatch.setattr(main_module, "train_one", no_run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY + ["--optimizers", "adamw", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--out {tmp_path}: {name} there is not a file; remove it or choose another --out" in capsys.readouterr().err
+
+
+def test_output_piped_to_a_reader_that_is_gone_ends_quietly(tmp_path):
+    """``... | head -3``: Python's docs' way with SIGPIPE, status 1 and no BrokenPipeError traceback.
+    The pipe is closed before the job starts and stdout unbuffered: its first line (before any
+    run) meets the closed pipe, so the job stops there, at once."""
+    read, write = os.pipe()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "adapprox_kernels.train", *TINY, "--optimizers", "adamw", "--out", str(tmp_path)]
+    with subprocess.Popen(argv, stdout=write, stderr=subprocess.PIPE, env=env, text=True) as job:
+        os.close(read)
+        os.close(write)
+        err = job.stderr.read()
+    assert job.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert not (tmp_path / "results.json").exists()  # it stopped before the first run
 
 
 def test_commit_is_the_packages_own(tmp_path, monkeypatch):
@@ -266,7 +293,7 @@ def test_commit_is_the_packages_own(tmp_path, monkeypatch):
 def test_missing_peer_package_is_a_usage_error_before_any_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "galore_torch", None)  # as if galore-torch were not installed
     monkeypatch.setattr(main_module, "train_one", no_run)
-    argv = ["--optimizers", "adamw,galore", "--steps", "2", "--max-bytes", "20000", "--out", str(tmp_path)]
+    argv = TINY + ["--optimizers", "adamw,galore", "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2

@@ -25,6 +25,8 @@ from .optimizers import OPTIMIZERS, default_lrs, missing_peers
 from .plot import plot_runs
 from .runner import RunConfig, environment, train_one
 
+RESULTS, PLOT = "results.json", "comparison.png"  # what the job writes into --out
+
 
 def int_at_least(low: int):
     """An argparse type: an integer ``>= low``."""
@@ -122,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-bytes", type=int_at_least(10_000), default=8_000_000, help="corpus size cap (>= 10,000)")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (gpt2-124m: for a GPU)")
     ap.add_argument("--steps", type=positive, default=600, help="training steps per optimizer (default %(default)s)")
-    ap.add_argument("--warmup", type=int_at_least(0), default=50)
+    ap.add_argument("--warmup", type=int_at_least(0), default=50,
+                    help="steps of linear warmup before the cosine decay, fewer than --steps "
+                         "(default %(default)s)")  # fmt: skip
     ap.add_argument("--batch-size", type=positive, default=16)
     ap.add_argument("--seq-len", type=positive, default=None, help="default (and most): the model size's context")
     ap.add_argument("--eval-every", type=positive, default=50)
@@ -167,9 +171,14 @@ def load_corpus(ap: argparse.ArgumentParser, args: argparse.Namespace, seq_len: 
 
 
 def out_dir(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
-    """``--out``, created and checked writable before any run starts, not after all of them have
-    trained; otherwise a usage error."""
+    """``--out``, created and checked before any run starts, not after all of them have trained:
+    a writable folder where the outputs' names are free or files; otherwise a usage error."""
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out {args.out} is a file, not a folder")
+    for name in (RESULTS, RESULTS + ".partial", PLOT):  # .partial: see write_results
+        if (out / name).exists() and not (out / name).is_file():
+            ap.error(f"--out {args.out}: {name} there is not a file; remove it or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()  # an existing folder may still refuse files; leaves none
@@ -223,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model_cfg = SIZES[args.size]
     seq_len = args.seq_len or model_cfg.seq_len
+    if args.warmup >= args.steps:
+        ap.error(f"--warmup {args.warmup} is not below --steps {args.steps} (the learning rate never peaks): "
+                 f"pass --warmup {args.steps // 10}, or any below {args.steps}")  # fmt: skip
     if seq_len > model_cfg.seq_len:
         ap.error(f"--seq-len {seq_len} is longer than the {args.size} model's context ({model_cfg.seq_len})")
     lrs = default_lrs() | args.lr
@@ -258,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - one optimizer's failure must not cost the others' runs
             runs.append({"name": name, "lr": cfg.lr, "config": asdict(cfg), "error": f"{type(e).__name__}: {e}"})
             print(f"{name} failed: {runs[-1]['error']}", file=sys.stderr)
-        write_results(out / "results.json", meta, runs)  # after every run: a killed job keeps the finished ones
+        write_results(out / RESULTS, meta, runs)  # after every run: a killed job keeps the finished ones
     print()
     print_table(runs)
-    plot_runs(runs, out / "comparison.png")
-    print(f"\nwrote {out / 'results.json'} and {out / 'comparison.png'}")
+    plot_runs(runs, out / PLOT)
+    print(f"\nwrote {out / RESULTS} and {out / PLOT}")
     failed = [r["name"] for r in runs if "error" in r]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
@@ -270,4 +282,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+        sys.stdout.flush()  # a reader gone (`| head`) shows here, in the try, not at exit
+    except BrokenPipeError:  # Python's docs, "Note on SIGPIPE": no traceback, no second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 1
+    sys.exit(status)
