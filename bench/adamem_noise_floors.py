@@ -1,6 +1,6 @@
 """AdaMeM's noise floors for gradients that arrive in bf16 or fp16 (``adamem.noise_floors``).
 
-Two measurements, on the CPU by default (they are about numbers, not time):
+Four measurements, on the CPU by default (all but the last are about numbers, not time):
 
 * ``noise``: exactly low-rank G (rank k < r) rounded to the dtype. The rows of ``R = PᵀG`` beyond
   k and the residual S are then pure rounding noise; their largest norm over shapes 2×3 to
@@ -13,6 +13,11 @@ Two measurements, on the CPU by default (they are about numbers, not time):
   counted), on decaying spectra (σᵢ ∝ i^-a, full rank) and exactly low-rank gradients. The
   rounded gradient goes in as fp32 values on the dtype's grid, as autocast gives them: the
   package has to recognise the grid (a bf16 or fp16 parameter's gradient declares it).
+* ``unfloored``: what the floors are for. The first fp32 step on exactly low-rank G (rank k < r)
+  with no floor at all, next to the fp64 step: the length of their difference (the noise part)
+  over the fp64 step's (the real part), and each one's cos(step, G); 8 draws per case.
+* ``cost``: the time of ``noise_floors`` on an fp32 768×3072 gradient next to that of a whole
+  steady (not refreshing) AdaMeM step on it at r = 128, each the median of 15 (p20, p80).
 
 ``python bench/adamem_noise_floors.py`` writes ``bench/results/adamem_noise_floors_<device>.json``
 and ``.csv``.
@@ -26,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adapprox_kernels import adamem  # noqa: E402
-from bench.common import measured, metadata, parser, setup, write_results  # noqa: E402
+from adapprox_kernels import AdaMeM, adamem  # noqa: E402
+from bench.common import in_ms, measured, metadata, parser, setup, time_call, write_results  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16)
 KINDS = ("gaussian", "heavy_tailed", "zero_rows", "repeated_rows")
@@ -78,19 +83,21 @@ def noise_rows(device: torch.device, gen: torch.Generator) -> list[dict]:
     return rows
 
 
-def first_step(g: torch.Tensor, rank: int, own_rounding: bool) -> torch.Tensor:
+def first_step(g: torch.Tensor, rank: int, floors: str) -> torch.Tensor:
     """``P N1 + N2`` of AdaMeM's first step (S-RSI projection, default betas) on ``g: (1, m, n)``,
-    with the package's floors or (``own_rounding=False``) fp32's floor alone."""
+    with the package's ``floors``, the compute dtype's floor alone (``"compute"``) or ``"none"``."""
     n = g.shape[-1]
     proj = adamem.top_left_subspace(g, rank, generator=torch.Generator(g.device).manual_seed(0))
 
     def zeros(*shape):
-        return torch.zeros(1, *shape, device=g.device)
+        return torch.zeros(1, *shape, dtype=g.dtype, device=g.device)
 
-    if own_rounding:
+    if floors == "package":
         floors = adamem.noise_floors(g)
-    else:
+    elif floors == "compute":
         floors = (adamem.NOISE_FLOOR * adamem.unit_roundoff(g.dtype) * torch.linalg.vector_norm(g, dim=(1, 2)),) * 2
+    else:
+        floors = (zeros(), zeros())
     low, resid = adamem.adamem_directions(
         g, proj, zeros(rank, n), zeros(rank), zeros(n), zeros(n), beta1=0.9, beta2=0.95, step=1, eps=1e-8,
         floors=floors,
@@ -119,11 +126,11 @@ def cosine_rows(device: torch.device, gen: torch.Generator, draws: int = 3) -> l
         cos: dict[tuple, list[float]] = {}
         for _ in range(draws):
             exact = draw().to(device, torch.float32).unsqueeze(0)
-            want = first_step(exact, rank, True)
+            want = first_step(exact, rank, "package")
             for dtype in DTYPES:
                 g = exact.to(dtype).float()
-                for rule, own_rounding in (("package", True), ("fp32_floor_only", False)):
-                    got = first_step(g, rank, own_rounding)
+                for rule, floors in (("package", "package"), ("fp32_floor_only", "compute")):
+                    got = first_step(g, rank, floors)
                     cos.setdefault((dtype, rule), []).append(torch.nn.functional.cosine_similarity(got, want, dim=0).item())
         for dtype in DTYPES:
             stats = {}
@@ -138,11 +145,54 @@ def cosine_rows(device: torch.device, gen: torch.Generator, draws: int = 3) -> l
     return rows
 
 
+def spread(name: str, values: list[float]) -> dict:
+    """``{name_mean, name_min, name_max}`` of ``values``."""
+    return {f"{name}_mean": round(sum(values) / len(values), 3), f"{name}_min": round(min(values), 3),
+            f"{name}_max": round(max(values), 3)}  # fmt: skip
+
+
+def unfloored_rows(device: torch.device, draws: int = 8) -> list[dict]:
+    """The fp32 step without floors against the fp64 step (whose own floor is fp64's rounding)."""
+    rows = []
+    for m, n, k, rank in [(256, 512, 2, 4), (64, 128, 1, 4)]:
+        gen = torch.Generator().manual_seed(0)
+        ratios, cos32, cos64 = [], [], []
+        for _ in range(draws):
+            g64 = low_rank(1, m, n, k, "gaussian", gen).to(device)
+            raw, real = first_step(g64.float(), rank, "none").double(), first_step(g64, rank, "package")
+            ratios.append(((raw - real).norm() / real.norm()).item())
+            cos32.append(torch.nn.functional.cosine_similarity(raw, g64.flatten(), dim=0).item())
+            cos64.append(torch.nn.functional.cosine_similarity(real, g64.flatten(), dim=0).item())
+        rows.append(dict(
+            measure="unfloored", case=f"{m}x{n} rank {k}", rank=rank, draws=draws, **spread("noise_over_real", ratios),
+            **spread("cos_fp32_unfloored", cos32), **spread("cos_fp64", cos64), **measured(),
+        ))  # fmt: skip
+        print(rows[-1])
+    return rows
+
+
+def cost_rows(device: torch.device) -> list[dict]:
+    """``noise_floors`` against the whole steady step, 768×3072 at r = 128, in ms."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(0.02 * torch.randn(768, 3072, generator=gen).to(device))
+    w.grad = torch.randn(768, 3072, generator=gen).to(device)
+    opt = AdaMeM([w], lr=1e-4, rank=128, update_proj_gap=10**6, seed=0)
+    opt.step()  # the one refresh (projection): the timed steps are steady
+    g = w.grad.unsqueeze(0)
+    times = {}
+    for name, fn in (("step", opt.step), ("noise_floors", lambda: adamem.noise_floors(g, torch.float32))):
+        median, p20, p80 = in_ms(time_call(fn, device, warmup=2, reps=15))
+        times |= {f"{name}_ms": round(median, 2), f"{name}_p20_ms": round(p20, 2), f"{name}_p80_ms": round(p80, 2)}
+    rows = [dict(measure="cost", case="768x3072", rank=128, **times, **measured())]
+    print(rows[-1])
+    return rows
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     device = setup(args)
     gen = torch.Generator().manual_seed(0)
-    rows = noise_rows(device, gen) + cosine_rows(device, gen)
+    rows = noise_rows(device, gen) + cosine_rows(device, gen) + unfloored_rows(device) + cost_rows(device)
     meta = metadata(device, margin=adamem.GRADIENT_NOISE_MARGIN)
     print(write_results("adamem_noise_floors", device, rows, meta, args.out))
 

@@ -184,6 +184,7 @@ def test_host_step_times_a_graphed_step_with_the_replays_stubbed(tmp_path, sched
     record = json.loads(path.read_text())
     assert record["schedule"] == schedule
     assert record["reads"] == 1 and record["graph_calls"] >= 3  # S-RSI per factored shape, dense sums, updates
+    assert record["graphed_calls"] > record["graph_calls"]  # the updates' batch holds one call per bucket
     assert record["eager_calls"] == 0
     assert 0 < record["before_first_read_ms"] + record["after_last_read_ms"] <= record["ms"]
 
