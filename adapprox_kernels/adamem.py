@@ -502,13 +502,11 @@ class AdaMeM(SketchOptimizer):
             if isinstance(state.get("param_shape"), tuple):
                 saved[key] = {**state, "param_shape": torch.tensor(state["param_shape"], dtype=torch.int64)}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """The base class's; a matrix state saved without ``param_shape`` or ``proj_pending`` (by
-        a version that did not record them) takes this parameter's shape and no pending refresh,
-        so that the run's next checkpoint has both."""
-        super().load_state_dict(state_dict)
-        for p, state in self.state.items():
-            _fill_legacy_entries(p, state)
+    def _complete_loaded_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """A matrix state saved without ``param_shape`` or ``proj_pending`` (by a version that did
+        not record them) takes this parameter's shape and no pending refresh, so that the run's
+        next checkpoint has both; a saved ``param_shape`` tensor becomes the live tuple."""
+        _fill_legacy_entries(p, state)
 
     # ----------------------------------------------------------------------------------- step
     def _check_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:

@@ -682,6 +682,7 @@ class SketchOptimizer(Optimizer):
         sizes = [len(g["params"]) for g in state_dict["param_groups"]]
         for i, saved_group in enumerate(state_dict["param_groups"]):
             self._check_saved_group(i, saved_group)
+        self._check_saved_order(state_dict["param_groups"])
         same_groups = sizes == [len(g["params"]) for g in self.param_groups]
         if same_groups:  # (torch.optim raises where the groups differ)
             for idx, p in zip(saved_ids, params):
@@ -730,6 +731,29 @@ class SketchOptimizer(Optimizer):
                 "dict's param_groups before loading"
             ) from None
 
+    def _check_saved_order(self, saved_groups: list[dict[str, Any]]) -> None:
+        """``ValueError`` where the checkpoint and this optimizer both name their parameters
+        (``named_parameters()``) with the same names but in another order (layers defined in
+        another order, param groups swapped). The state is matched by position, as torch.optim
+        matches it, so same-shaped parameters (q and k projections) would take each other's
+        state and names without a word. Other names (a compiled model's ``_orig_mod.``) load as
+        torch.optim loads them."""
+        if not all("param_names" in g for g in [*saved_groups, *self.param_groups]):
+            return
+        saved = [(name, g, j) for g, group in enumerate(saved_groups) for j, name in enumerate(group["param_names"])]
+        theirs = [name for name, _, _ in saved]
+        ours = [name for group in self.param_groups for name in group["param_names"]]
+        if theirs == ours or sorted(theirs) != sorted(ours):
+            return
+        (was, g, j), now = next((s, o) for s, o in zip(saved, ours) if s[0] != o)
+        raise ValueError(
+            f"{type(self).__name__}.load_state_dict: the checkpoint lists the same parameter names in another "
+            f"order: its param_groups[{g}]['params'][{j}] is {was!r}, this optimizer's is {now!r}. The state is "
+            "matched by position, so it would load into the wrong parameters; build the optimizer with its groups "
+            "and parameters in the checkpoint's order (or reorder the saved dict in a load_state_dict pre-hook, "
+            "param_names included)"
+        )
+
     def _checked_rng(self, rng: Any) -> tuple[int, dict[str, torch.Generator]]:
         """The saved ``sketch_rng`` as the ``(seed, generators)`` that the post-hook installs
         (:meth:`_saved_generators`); ``ValueError`` before anything is loaded where it is not one
@@ -763,11 +787,17 @@ class SketchOptimizer(Optimizer):
             for key, value in saved.items():
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, dtype=self._state_dtype(p, key, value), copy=True)
+            if saved:
+                self._complete_loaded_state(p, self.state[p])
         for group, options in zip(self.param_groups, run_options):
             group.update(options)
         if rng is not None:  # (seed, generators), made by _checked_rng
             self._seed, self._generators = rng
             self._seed_unshared = False  # the checkpoint's seed, common to the ranks, is kept
+
+    def _complete_loaded_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Brings ``p``'s loaded ``state`` to the live form a step reads, before the user's
+        post-hooks see it. Nothing by default."""
 
     def _state_dtype(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.dtype:
         """The dtype ``p``'s state entry ``key`` is kept in: by default float64 for a float64

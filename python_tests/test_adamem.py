@@ -314,6 +314,19 @@ def test_torch_flattened_optimizer_state_dict_round_trips():
     assert opt2.state[model2[0].weight]["param_shape"] == (16, 12)
 
 
+def test_load_state_dict_post_hooks_see_the_live_state():
+    """A user's load post-hook sees the state a step reads: ``param_shape`` as the live tuple
+    (it is saved as an int64 tensor), not the saved form."""
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = AdaMeM([p], rank=2)
+    p.grad = torch.randn(6, 5)
+    opt.step()
+    seen = []
+    opt.register_load_state_dict_post_hook(lambda o: seen.append(o.state[p]["param_shape"]))
+    opt.load_state_dict(opt.state_dict())
+    assert seen == [(6, 5)] and type(seen[0]) is tuple
+
+
 def test_an_adamw_checkpoint_is_refused_naming_what_it_lacks():
     """Another optimizer's state has no rank: the message names the missing entries, and no
     shape made up from a rank of 0 (it used to say "'exp_avg' is (30, 20), not (0, 30)")."""

@@ -892,6 +892,31 @@ def test_load_state_dict_hooks_see_and_shape_the_state(cls, kw):
 
 
 @pytest.mark.parametrize("cls, kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))], ids=["adapprox", "adamem"])
+def test_a_checkpoint_naming_its_parameters_in_another_order_is_refused(cls, kw):
+    """State loads by position (as torch.optim's): where the checkpoint and the optimizer name
+    the same parameters in another order (layers defined in another order, groups swapped),
+    same-shaped q and k would take each other's state and names silently. A ValueError then,
+    nothing loaded; other names (a compiled model's prefix) load by position, as in torch."""
+    q, k = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6, 5))
+    one_group = cls([("q", q), ("k", k)], **kw)
+    two_groups = cls([{"params": [("q", q)]}, {"params": [("k", k)], "weight_decay": 0.5}], **kw)
+    for opt, swapped in (
+        (one_group, [("k", k), ("q", q)]),
+        (two_groups, [{"params": [("k", k)], "weight_decay": 0.5}, {"params": [("q", q)]}]),
+    ):
+        q.grad, k.grad = torch.ones(6, 5), -3 * torch.ones(6, 5)
+        opt.step()
+        reordered = cls(swapped, **kw)
+        match = r"the same parameter names in another order: its param_groups\[0\]\['params'\]\[0\] is 'q'"
+        with pytest.raises(ValueError, match=match):
+            reordered.load_state_dict(opt.state_dict())
+        assert not reordered.state
+    renamed = cls([("_orig_mod.q", q), ("_orig_mod.k", k)], **kw)
+    renamed.load_state_dict(one_group.state_dict())
+    assert torch.equal(renamed.state[q]["exp_avg"], one_group.state[q]["exp_avg"])
+
+
+@pytest.mark.parametrize("cls, kw", [(Adapprox, dict(k_max=2)), (AdaMeM, dict(rank=2))], ids=["adapprox", "adamem"])
 def test_state_dict_post_hooks_see_the_sketch_rng(cls, kw):
     """A post-hook that moves the state dict elsewhere (say, into a sharded format) must see all
     of it: the sketch RNG used to be added after the hooks had run."""
