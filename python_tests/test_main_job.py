@@ -213,6 +213,23 @@ def test_lr_given_twice_keeps_both_flags_rates(tmp_path, monkeypatch):
     assert lrs == {"adamw": 1e-3, "adapprox": 3e-3}
 
 
+def test_threads_sets_torchs_thread_count_before_the_runs(tmp_path, monkeypatch):
+    """``--threads 1`` runs (and records in meta) one CPU thread: torch's default of one per core
+    slows many times over where other work keeps the cores busy."""
+    threads, seen = {"count": 7}, []  # torch's own count stays as it is for the other tests
+
+    def record(cfg, model_cfg, data):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(main_module, "train_one", record)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.update(count=n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["count"])
+    assert main(TINY + ["--optimizers", "adamw", "--threads", "1", "--out", str(tmp_path)]) == 1
+    assert seen == [1]
+    assert strict_json(tmp_path / "results.json")["meta"]["threads"] == 1
+
+
 def test_cuda_index_becomes_the_current_device(tmp_path, monkeypatch):
     """``--device cuda:1``: the runs' syncs, Adapprox's CUDA graphs (current device only) and the
     recorded GPU name follow the current device, so it is made that one before any run."""

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")  # fmt: skip
     ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda or cuda:N (default here: %(default)s)")  # fmt: skip
+    ap.add_argument("--threads", type=positive, default=None,
+                    help="CPU threads for torch (default: torch's, one per core; where other work keeps the "
+                         "cores busy, 1 runs many times faster)")  # fmt: skip
     ap.add_argument("--seed", type=seed_value, default=0,
                     help="data order, model init and the optimizers' sketch RNGs (default %(default)s)")  # fmt: skip
     ap.add_argument("--out", type=given_path, default="runs/main",
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         # The runs' syncs, the GPU name recorded and Adapprox's CUDA graphs (captured on the
         # current device only) all take the current device: make it the one asked for.
         torch.cuda.set_device(device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # before environment() records the count in meta
     out = out_dir(ap, args)
     corpus = load_corpus(ap, args, seq_len)
     print(f"corpus: {len(corpus):,} bytes from {args.data or 'the Python standard library'}; "
