@@ -70,9 +70,9 @@ class CallGraphs:
     captures it and replays it from then on. Holds graphs of at most ``capacity`` calls (a batch
     of deferred calls counts as its calls) besides those run in this step or the last: the least
     recently run are dropped first, but a step that needs more keeps them all, rather than drop
-    some and capture them again every step; a dropped key starts over. ``counts`` tallies ``eager`` / ``captured`` /
-    ``replayed`` calls and ``failed`` captures (a key whose capture failed runs eagerly for
-    good, after one warning)."""
+    some and capture them again every step; a dropped key starts over. ``counts`` tallies
+    ``eager`` / ``captured`` / ``replayed`` calls and ``failed`` captures (a key whose capture
+    failed runs eagerly for good, after one warning)."""
 
     def __init__(self, eager_runs: int = 2, forget_after: int = 16, capacity: int = 32):
         self.eager_runs, self.forget_after, self.capacity = eager_runs, forget_after, capacity
