@@ -248,12 +248,15 @@ def test_state_report_columns_stay_aligned_for_long_shapes_and_large_byte_counts
 
 def test_state_report_total_without_a_factored_matrix_prints_no_nan():
     """Before the first step (no state) and for vectors alone (no rank) the total row has no
-    mean rank and no ratio to AdamW to show: "-", not "nan"."""
+    mean rank and no ratio to AdamW to show: "-", not "nan"; the repr's ratio is nan before
+    the first step (no AdamW bytes to divide by)."""
     bias = torch.nn.Parameter(torch.randn(12))
     opt = Adapprox([bias], k_max=2, seed=0)
-    for _ in range(2):
-        total = str(opt.state_report()).splitlines()[-1]
+    for step in range(2):
+        report = opt.state_report()
+        total = str(report).splitlines()[-1]
         assert "nan" not in total.lower() and total.split()[1] == "-", total
+        assert ("ratio=nan" in repr(report)) == (step == 0), repr(report)
         bias.grad = torch.randn_like(bias)
         opt.step()
     assert "(100.0% of AdamW)" in total

@@ -133,6 +133,8 @@ def test_as_rsi_validates():
         srsi(DenseOperator(torch.randn(6, 5)), 2, oversample=-3)
     with pytest.raises(ValueError, match="oversample must be >= 0, got -3"):
         as_rsi(DenseOperator(torch.randn(6, 5)), [2], k_min=1, k_max=4, xi_thresh=0.1, oversample=-3)
+    with pytest.raises(ValueError, match=r"\(B, m, n\) or \(m, n\) tensor, got shape \(5,\)"):
+        DenseOperator(torch.randn(5))
 
 
 def test_step_rule_and_moment():

@@ -838,6 +838,8 @@ def test_launcher_errors():
         v_matmul(grads, q, u, x[..., :0], BETA2)
     with pytest.raises(ValueError, match="q_new and u_new need the same, nonzero columns, got 2 and 1"):
         v_norms(grads, q, u, BETA2, EPS, q, u[..., :1])
+    with pytest.raises(ValueError, match="nonzero columns, got 0 and 0"):
+        v_norms(grads, q, u, BETA2, EPS, q[..., :0], u[..., :0])
     with pytest.raises(ValueError, match=r"clip: expected float32 \(2,\)"):
         apply_update(grads, q, u, [g.clone() for g in grads], None, torch.ones(3, device=DEVICE),
                      beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)  # fmt: skip
@@ -845,6 +847,47 @@ def test_launcher_errors():
         update_cosine_sums(grads, q, u, [g.t().clone() for g in grads], torch.ones(2, device=DEVICE),
                            beta2=BETA2, eps=EPS, beta1=0.9)  # fmt: skip
     assert batch_chunks(65_535) == [(0, 65_535)] and batch_chunks(65_536) == [(0, 65_535), (65_535, 1)]
+
+
+def test_table_offsets_address_each_matrix():
+    """``base + offsets[b]`` units of ``align`` elements is matrix ``b``'s address: fp32 views
+    8 bytes off 16-byte alignment take 1-element units (in 16-byte units their offsets were
+    floored, and the kernels read the wrong bytes), and a table over the same addresses in a
+    dtype of another size gets its own cached offsets, not those of the other dtype's units."""
+    from adapprox_kernels.kernels._launch import MatrixTable
+
+    def addresses(table):
+        unit = table.align * table.base.element_size()
+        return [table.base.data_ptr() + o * unit for o in table.offsets.cpu().tolist()]
+
+    buf = torch.zeros(64, device=DEVICE)
+    assert buf.data_ptr() % 16 == 0
+    eight_off = [buf[0:12].view(3, 4), buf[14:26].view(3, 4)]  # the second 56 bytes in
+    fp32 = [buf[1:9].view(2, 4), buf[10:18].view(2, 4)]  # both 4 bytes off: 4-byte units
+    bf16 = [t.view(torch.bfloat16) for t in fp32]  # the same addresses: 2-byte units
+    for mats in (eight_off, fp32, bf16):
+        table = MatrixTable(mats, "grads")
+        assert addresses(table) == [t.data_ptr() for t in mats]
+
+
+def test_launch_sizes_chosen_on_the_host(monkeypatch):
+    """Host-side choices the interpreter runs with either way: tiles of at least ``MIN_DOT``
+    (tl.dot's minimum on GPUs) and at most their cap, the rebuild by one dot up to
+    ``MAX_DOT_RANK`` inclusive, tf32x3 dots from compute capability 8 (A100) on, and a live
+    pointer in place of an empty factor (the GPU launcher rejects a null one)."""
+    from adapprox_kernels.kernels import _launch
+
+    assert [_launch.pow2_block(s, 64) for s in (0, 1, 16, 17, 64, 200)] == [16, 16, 16, 32, 64, 64]
+    top = _launch.MAX_DOT_RANK
+    assert [_launch.Blocks(dot_from=4).rank_dot(k) for k in (3, 4, top, top + 1)] == [0, 16, top, 0]
+    assert _launch.dot_precision(torch.device("cpu")) == "ieee"
+    if torch.version.hip is None:
+        for major, want in ((7, "ieee"), (8, "tf32x3"), (9, "tf32x3")):
+            monkeypatch.setattr(_launch, "_cuda_props", lambda index, major=major: (132, major))
+            assert _launch.dot_precision(torch.device("cuda", 0)) == want
+    fallback, factor = torch.zeros(1), torch.zeros(2, 3, 1)
+    assert _launch.pointer_arg(torch.zeros(2, 3, 0), fallback) is fallback
+    assert _launch.pointer_arg(factor, fallback) is factor
 
 
 def test_a_step_of_hundreds_of_tables_builds_each_once(monkeypatch):
@@ -900,6 +943,47 @@ def test_operator_matches_reference_operator():
     torch.testing.assert_close(op.residual_sq_norm(qn, un), ref.residual_sq_norm(qn, un), rtol=1e-5, atol=0)
 
 
+def test_operator_reads_gradients_of_mixed_dtypes_in_fp32():
+    """A backend caller's bf16 and fp32 gradients in one batch are staged in fp32, not cast to
+    the first one's bf16 (which rounded the fp32 gradient by up to 2⁻⁹ relative)."""
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    grads, q, u, _, _ = _inputs(2, 9, 5, 1, torch.float32)
+    grads[0] = grads[0].to(torch.bfloat16)
+    ref = reference.ReferenceSecondMoment(torch.stack([g.float() for g in grads]), q, u, BETA2)
+    op = TritonBackend.second_moment(grads, q, u, BETA2, eps=EPS)
+    x = torch.randn(2, 5, 3, device=DEVICE)
+    torch.testing.assert_close(op.matmul(x), ref.matmul(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(op.sq_norm(), ref.sq_norm(), rtol=1e-5, atol=0)
+
+
+def test_apply_step_guards_and_cosine_without_momentum():
+    """A direct caller of ``TritonBackend.apply_step``: an ``eps`` other than the operator's,
+    or ``reduce`` (a row-sharded step) with a non-Triton operator, raise before any write;
+    cosine guidance without momentum (``exp_avgs=None``) is off, as on the reference, rather
+    than a cosine pass over no momenta."""
+    from adapprox_kernels.backends import ReferenceBackend
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    grads, q, u, _, _ = _inputs(2, 9, 5, 1, torch.float32)
+    kw = dict(clip_threshold=1.0, lr=0.1, beta1=0.0, weight_decay=0.0)
+    params = [torch.zeros(9, 5, device=DEVICE) for _ in range(2)]
+    op = TritonBackend.second_moment(grads, q, u, BETA2, eps=EPS)
+    with pytest.raises(ValueError, match="the operator was built with eps"):
+        TritonBackend.apply_step(op, params, None, eps=2 * EPS, cosine_max_scale=None, **kw)
+    ref_op = ReferenceBackend.second_moment(grads, q, u, BETA2)
+    with pytest.raises(TypeError, match="row-sharded step needs the Triton operator"):
+        TritonBackend.apply_step(ref_op, params, None, eps=EPS, cosine_max_scale=None, reduce=lambda t: t, **kw)
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in params)
+    runs = []
+    for cosine_max_scale in (None, 2.0):
+        params = [torch.zeros(9, 5, device=DEVICE) for _ in range(2)]
+        op = TritonBackend.second_moment(grads, q, u, BETA2, eps=EPS)
+        TritonBackend.apply_step(op, params, None, eps=EPS, cosine_max_scale=cosine_max_scale, **kw)
+        runs.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_opcheck_custom_ops():
     """Schemas, fake (meta) implementations and mutation declarations of every entry point."""
     from adapprox_kernels import triton_backend as tb
@@ -939,6 +1023,24 @@ def test_backend_resolution():
     assert TritonBackend.available(torch.device("meta")) is not None
 
 
+def test_auto_takes_the_backends_in_their_registered_order(monkeypatch):
+    """Triton registers ahead of the reference, so "auto" takes it for CUDA tensors where it can
+    run (its availability faked here); registering a backend again moves it (``prefer=False``:
+    behind the others, not also still ahead); an unknown name is a ValueError."""
+    from adapprox_kernels import backends
+    from adapprox_kernels.triton_backend import TritonBackend
+
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    monkeypatch.setattr(backends, "_PREFERENCE", list(backends._PREFERENCE))
+    monkeypatch.setattr(TritonBackend, "available", staticmethod(lambda device: None))
+    cuda = torch.device("cuda", 0)
+    assert backends.resolve_backend("auto", cuda) is TritonBackend
+    backends.register_backend(TritonBackend, prefer=False)
+    assert backends.resolve_backend("auto", cuda) is backends.ReferenceBackend
+    with pytest.raises(ValueError, match="unknown backend 'fused'"):
+        backends.resolve_backend("fused", cuda)
+
+
 def _run_python(code: str, **env: str) -> None:
     """``code`` in a fresh interpreter (this one's path, one thread, ``env`` added) exits 0."""
     env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **env}
@@ -974,6 +1076,23 @@ def test_interpreter_needs_the_variable_before_triton_is_imported():
         "from adapprox_kernels.backends import availability\n"
         "why = availability(torch.device('cpu'))['triton']\n"
         "assert why is not None and 'before triton is first imported' in why, why\n"
+    )
+    _run_python(code)
+
+
+def test_kernels_decorated_without_the_interpreter_refuse_cpu_tensors():
+    """The variable set when triton was imported (``tl.sum`` interpreted) but unset when the
+    kernels were: they are compiled kernels, which cannot take CPU tensors, and the backend
+    says so rather than failing inside a kernel."""
+    code = (
+        "import os, torch\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import triton.language\n"
+        "del os.environ['TRITON_INTERPRET']\n"
+        "import adapprox_kernels.kernels.v_matmul\n"
+        "from adapprox_kernels.backends import availability\n"
+        "why = availability(torch.device('cpu'))['triton']\n"
+        "assert why is not None and 'Triton interpreter' in why, why\n"
     )
     _run_python(code)
 
