@@ -1,7 +1,9 @@
 """The README's main job and the diagnostics command, end to end on a tiny budget."""
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -257,16 +259,64 @@ def test_help_gives_the_readmes_defaults():
     assert "`--seed` (data order, model init and the optimizers' sketch RNGs)" in readme
 
 
-def test_out_folder_that_refuses_files_is_a_usage_error(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def unwritable():
+    """Makes a file or folder this user cannot write: read-only, or, for root (who writes those),
+    immutable (``chattr +i``, undone after the test: pytest could not remove it). Returns the
+    error's strerror."""
+    immutable = []
+
+    def make(path: Path) -> str:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        if not os.access(path, os.W_OK):
+            return os.strerror(errno.EACCES)
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("this user writes read-only files (root) and cannot make them immutable here")
+        immutable.append(path)
+        return os.strerror(errno.EPERM)
+
+    yield make
+    for path in immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_out_folder_that_refuses_files_is_a_usage_error(tmp_path, monkeypatch, capsys, unwritable):
     out = tmp_path / "read-only"
-    out.mkdir(mode=0o555)
-    if os.access(out, os.W_OK):
-        pytest.skip("this user writes into read-only folders (root)")
+    out.mkdir()
+    reason = unwritable(out)
     monkeypatch.setattr(main_module, "train_one", no_run)
     with pytest.raises(SystemExit) as exit_info:
         main(["--optimizers", "adamw", "--steps", "2", "--warmup", "1", "--max-bytes", "20000", "--out", str(out)])
     assert exit_info.value.code == 2
-    assert f"--out {out}: Permission denied" in capsys.readouterr().err
+    assert f"--out {out}: {reason}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["results.json.partial", "comparison.png"])
+def test_out_folder_holding_an_unwritable_output_is_a_usage_error(name, tmp_path, monkeypatch, capsys, unwritable):
+    """Written in place (a stale partial file, the plot): found before any run, not when the first
+    write or the plot fails after the training; the probe changes nothing and leaves nothing."""
+    (tmp_path / name).write_bytes(b"kept")
+    reason = unwritable(tmp_path / name)
+    monkeypatch.setattr(main_module, "train_one", no_run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY + ["--optimizers", "adamw", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    expected = f"--out {tmp_path}: {name} there cannot be written ({reason}); remove it or choose another --out"
+    assert expected in capsys.readouterr().err
+    assert (tmp_path / name).read_bytes() == b"kept" and [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_read_only_results_json_is_replaced(tmp_path, monkeypatch):
+    """Replaced by a rename, which needs the folder, not the file: no reason to refuse it."""
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "results.json").chmod(0o444)
+
+    def fail(cfg, model_cfg, data):
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(main_module, "train_one", fail)
+    assert main(TINY + ["--optimizers", "adamw", "--out", str(tmp_path)]) == 1
+    assert strict_json(tmp_path / "results.json")["runs"][0]["error"] == "RuntimeError: recorded"
 
 
 @pytest.mark.parametrize("name", ["results.json", "results.json.partial", "comparison.png"])

@@ -26,6 +26,9 @@ from .plot import plot_runs
 from .runner import RunConfig, environment, train_one
 
 RESULTS, PLOT = "results.json", "comparison.png"  # what the job writes into --out
+# The outputs opened where they are, with their writers' flags (Path.write_text's "w", Pillow's
+# "w+b") less O_CREAT and O_TRUNC; results.json is replaced by a rename, which needs only the folder.
+IN_PLACE = {RESULTS + ".partial": os.O_WRONLY, PLOT: os.O_RDWR}
 
 
 def int_at_least(low: int):
@@ -175,7 +178,7 @@ def load_corpus(ap: argparse.ArgumentParser, args: argparse.Namespace, seq_len: 
 
 def out_dir(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     """``--out``, created and checked before any run starts, not after all of them have trained:
-    a writable folder where the outputs' names are free or files; otherwise a usage error."""
+    a writable folder where the outputs' names are free or files it can write; otherwise a usage error."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         ap.error(f"--out {args.out} is a file, not a folder")
@@ -187,7 +190,23 @@ def out_dir(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
         tempfile.TemporaryFile(dir=out).close()  # an existing folder may still refuse files; leaves none
     except OSError as e:
         ap.error(f"--out {args.out}: {e.strerror or e}")  # not e.filename: the probe's random name
+    unwritable = unwritable_output(out)
+    if unwritable:
+        ap.error(f"--out {args.out}: {unwritable}; remove it or choose another --out")
     return out
+
+
+def unwritable_output(out: Path) -> str | None:
+    """The first output in ``out`` that exists, is opened in place and cannot be (read-only,
+    immutable), with the reason; None if none. Opened without truncating: it stays as it was."""
+    for name, flags in IN_PLACE.items():
+        try:
+            os.close(os.open(out / name, flags))
+        except FileNotFoundError:
+            continue  # created later, in a folder that takes files
+        except OSError as e:
+            return f"{name} there cannot be written ({e.strerror})"
+    return None
 
 
 def finite_or_none(value):
