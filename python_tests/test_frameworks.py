@@ -46,6 +46,10 @@ def test_hf_trainer_resumes_bit_identically(tmp_path, name, bf16):
         assert torch.equal(p, q), n
 
 
+# Not ours: Lightning's own use of a torch.utils._pytree API torch deprecated, and its notice that
+# a checkpoint resumed into another folder (the test's design) does not carry the best-k records.
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("name", ["adamw", "adapprox", "adamem"])
 def test_lightning_resumes_bit_identically(tmp_path, name, precision):
