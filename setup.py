@@ -146,7 +146,8 @@ def _extension() -> tuple[list, dict, str | None]:
         depends=["csrc/cholqr_kernels.cuh"],  # a changed header rebuilds (MANIFEST.in ships it in the sdist)
         include_dirs=include_dirs,
         library_dirs=library_dirs,
-        # -g0: Python's own CFLAGS carry -g, which makes a 12 MB module instead of about 1 MB.
+        # -g0: Python's own CFLAGS carry -g, which makes a 12.4 MB module instead of 370 KB (torch
+        # 2.14.1, nvcc 13.0).
         extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3"]},
         extra_link_args=link_args,
     )
