@@ -142,9 +142,10 @@ def one_sided_precondition(
 
 
 # The rounding noise in R = PᵀG and S = G − P R of an exactly low-rank G, computed in its own
-# precision (unit roundoff u): at most 55·u·‖G‖_F for the rows of R beyond G's rank and for S,
-# measured with S-RSI and SVD projections on fp32 and fp64 G from 16×64 to 2048×2048, ranks 1–8,
-# spread singular values included. The floor keeps a 4.6× margin.
+# precision (unit roundoff u): at most 30.6·u·‖G‖_F for S and 11.2·u·‖G‖_F for a row of R beyond
+# G's rank, measured with S-RSI and SVD projections on fp32 and fp64 G from 16×64 to 2048×2048,
+# ranks 1–8, flat and spread singular values (bench/results/adamem_noise_floors_cpu.json, rows
+# `arithmetic_noise`). The floor keeps an 8.4× margin.
 NOISE_FLOOR = 256.0
 # A gradient that arrived in bf16 or fp16 was rounded to that dtype before the cast: an error E
 # whose entries are independent and uniform within half the dtype's spacing at each entry. E
@@ -235,8 +236,11 @@ def split_gradient(
     Adafactor scales each row of R and one-sided Adafactor each column of S to an O(1) step
     whatever its size, so an exactly low-rank G (a small-batch fine-tune: rank ≤ tokens per
     batch, below r) would otherwise step along pure rounding noise, larger than its real step
-    and even uphill (measured: cos(step, G) = −0.2 in fp32 where fp64 gives 0.8; 0.1 for a
-    bf16 gradient). A real part at or below the floor is dropped with the noise."""
+    and even uphill: with no floor, fp32's cos(step, G) ranged from −0.53 to 0.59 where fp64's
+    was 0.77–0.90 (rows ``unfloored``); a bf16 gradient with fp32's floor alone stepped with cos
+    0.09–0.14 to the exact gradient's step (rows ``cosine``, low-rank cases; both in
+    bench/results/adamem_noise_floors_cpu.json). A real part at or below the floor is dropped
+    with the noise."""
     m, r = proj.shape[-2:]
     row_floor, resid_floor = noise_floors(g) if floors is None else floors
     r_proj = proj.mT @ g

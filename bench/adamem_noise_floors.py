@@ -1,6 +1,6 @@
 """AdaMeM's noise floors for gradients that arrive in bf16 or fp16 (``adamem.noise_floors``).
 
-Four measurements, on the CPU by default (all but the last are about numbers, not time):
+Five measurements, on the CPU by default (all but the last are about numbers, not time):
 
 * ``noise``: exactly low-rank G (rank k < r) rounded to the dtype. The rows of ``R = PᵀG`` beyond
   k and the residual S are then pure rounding noise; their largest norm over shapes 2×3 to
@@ -16,6 +16,10 @@ Four measurements, on the CPU by default (all but the last are about numbers, no
 * ``unfloored``: what the floors are for. The first fp32 step on exactly low-rank G (rank k < r)
   with no floor at all, next to the fp64 step: the length of their difference (the noise part)
   over the fp64 step's (the real part), and each one's cos(step, G); 8 draws per case.
+* ``arithmetic_noise``: what ``NOISE_FLOOR`` is for. Exactly low-rank G (rank k ≤ 8 < r =
+  k + 4, flat or spread singular values, 16×64 to 2048×2048) in fp32 or fp64, and R = PᵀG,
+  S = G − P R computed in that dtype with the S-RSI or SVD projection: the largest norm of a row
+  of R beyond k, and of S, over ``u·‖G‖_F`` (u the dtype's unit roundoff).
 * ``cost``: the time of ``noise_floors`` on an fp32 768×3072 gradient next to that of a whole
   steady (not refreshing) AdaMeM step on it at r = 128, each the median of 15 (p20, p80).
 
@@ -171,6 +175,38 @@ def unfloored_rows(device: torch.device, draws: int = 8) -> list[dict]:
     return rows
 
 
+def arithmetic_noise_rows(device: torch.device) -> list[dict]:
+    """The noise of R and S in G's own precision over ``u·‖G‖_F``, largest over ``batch`` draws per
+    shape and rank k (r = k + 4); singular values all 1 (flat) or 1 down to 1e-3, geometric (spread)."""
+    rows = []
+    shapes = [(16, 64, 30), (64, 256, 10), (256, 1024, 3), (2048, 2048, 1)]
+    for dtype in (torch.float32, torch.float64):
+        u = adamem.unit_roundoff(dtype)
+        for projection in ("srsi", "svd"):
+            for kind in ("flat", "spread"):
+                gen = torch.Generator().manual_seed(0)
+                worst_row = worst_resid = 0.0
+                for m, n, batch in shapes:
+                    for k in (1, 2, 4, 8):
+                        sigma = torch.logspace(0, -3 if kind == "spread" else 0, k, dtype=torch.float64)
+                        g = torch.stack([spectrum(m, n, sigma, gen) for _ in range(batch)]).to(device, dtype)
+                        sketch_rng = torch.Generator(device).manual_seed(0)
+                        proj = adamem.top_left_subspace(g, k + 4, projection, generator=sketch_rng)
+                        r_proj = proj.mT @ g
+                        scale = u * torch.linalg.vector_norm(g, dim=(1, 2))
+                        row = torch.linalg.vector_norm(r_proj[:, k:], dim=2).amax(dim=1) / scale
+                        resid = torch.linalg.vector_norm(g - proj @ r_proj, dim=(1, 2)) / scale
+                        worst_row, worst_resid = max(worst_row, row.max().item()), max(worst_resid, resid.max().item())
+                rows.append(dict(
+                    measure="arithmetic_noise", dtype=str(dtype).removeprefix("torch."), kind=kind,
+                    projection=projection,
+                    max_noise_row_over_u_norm=round(worst_row, 2), max_residual_over_u_norm=round(worst_resid, 2),
+                    floor_over_max=round(adamem.NOISE_FLOOR / max(worst_row, worst_resid), 2), **measured(),
+                ))  # fmt: skip
+                print(rows[-1])
+    return rows
+
+
 def cost_rows(device: torch.device) -> list[dict]:
     """``noise_floors`` against the whole steady step, 768×3072 at r = 128, in ms."""
     gen = torch.Generator().manual_seed(0)
@@ -192,7 +228,8 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     device = setup(args)
     gen = torch.Generator().manual_seed(0)
-    rows = noise_rows(device, gen) + cosine_rows(device, gen) + unfloored_rows(device) + cost_rows(device)
+    rows = noise_rows(device, gen) + cosine_rows(device, gen) + unfloored_rows(device)
+    rows += arithmetic_noise_rows(device) + cost_rows(device)
     meta = metadata(device, margin=adamem.GRADIENT_NOISE_MARGIN)
     print(write_results("adamem_noise_floors", device, rows, meta, args.out))
 
