@@ -152,10 +152,10 @@ NOISE_FLOOR = 256.0
 # sets the noise: about ‖E‖_F in S, and at most about ‖E‖_2 in a row of R beyond G's rank
 # (:func:`gradient_rounding_noise` estimates both). Measured on exactly low-rank G from 2×3 to
 # 768×2048 (bench/adamem_noise_floors.py, bench/results/adamem_noise_floors_cpu.json): S at most
-# 0.98 of its estimate, such rows at most 1.00 of theirs (1.12 in an earlier set of draws).
-# Roundings that repeat (G with many equal rows) are not independent: rows up to 2.26 (2.5
-# earlier), above the floor. The margin is thin on purpose: rows of R near the noise are mostly real
-# on decaying spectra, and each one dropped loses an O(1) part of the step (docs/adamem.md).
+# 0.98 of its estimate, such rows at most 1.00 of theirs. Roundings that repeat (G with many
+# equal rows) are not independent: rows up to 2.26, above the floor. The margin is thin on
+# purpose: rows of R near the noise are mostly real on decaying spectra, and each one dropped
+# loses an O(1) part of the step (docs/adamem.md).
 GRADIENT_NOISE_MARGIN = 1.25
 # The grids an fp32 gradient's values may lie on, coarsest first: the fp32 mantissa bits that
 # each leaves zero.

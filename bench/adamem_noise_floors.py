@@ -1,6 +1,6 @@
 """AdaMeM's noise floors for gradients that arrive in bf16 or fp16 (``adamem.noise_floors``).
 
-Five measurements, on the CPU by default (all but the last are about numbers, not time):
+Seven measurements, on the CPU by default (all but the last are about numbers, not time):
 
 * ``noise``: exactly low-rank G (rank k < r) rounded to the dtype. The rows of ``R = PᵀG`` beyond
   k and the residual S are then pure rounding noise; their largest norm over shapes 2×3 to
@@ -20,6 +20,14 @@ Five measurements, on the CPU by default (all but the last are about numbers, no
   k + 4, flat or spread singular values, 16×64 to 2048×2048) in fp32 or fp64, and R = PᵀG,
   S = G − P R computed in that dtype with the S-RSI or SVD projection: the largest norm of a row
   of R beyond k, and of S, over ``u·‖G‖_F`` (u the dtype's unit roundoff).
+* ``accumulated``: what one rounding does not cover. k = 2–16 rank-1 micro-batch gradients summed
+  into a bf16 or fp16 ``.grad`` (as autograd accumulates: k roundings of the pieces, k − 1 of the
+  sums), 64×128 and 256×512 at r = min(4k, m): the error over ``gradient_rounding_noise``'s
+  ``‖E‖_F`` estimate, and cos(first step, first step on the exact fp32 sum), next to the cos of
+  the sum rounded once; 3 draws per case.
+* ``tail_noise``: why the steep spectra of ``cosine`` lose. For its full-rank cases, the r-th
+  singular value σ_r of G next to the rounding error's ``‖E‖_2`` (measured) and its estimate,
+  each over ``‖G‖_F``; 3 draws per case.
 * ``cost``: the time of ``noise_floors`` on an fp32 768×3072 gradient next to that of a whole
   steady (not refreshing) AdaMeM step on it at r = 128, each the median of 15 (p20, p80).
 
@@ -39,6 +47,8 @@ from adapprox_kernels import AdaMeM, adamem  # noqa: E402
 from bench.common import in_ms, measured, metadata, parser, setup, time_call, write_results  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16)
+SPECTRA = ((192, 384, 48), (768, 3072, 256))  # (m, n, r) of the full-rank cases
+EXPONENTS = (1.0, 1.5, 2.0)  # σ_i ∝ i^-a
 KINDS = ("gaussian", "heavy_tailed", "zero_rows", "repeated_rows")
 
 
@@ -119,8 +129,8 @@ def spectrum(m: int, n: int, sigma: torch.Tensor, gen: torch.Generator) -> torch
 def cosine_rows(device: torch.device, gen: torch.Generator, draws: int = 3) -> list[dict]:
     """Mean and least cosine over ``draws`` gradients per case."""
     cases = []
-    for m, n, r in [(192, 384, 48), (768, 3072, 256)]:
-        for a in (1.0, 1.5, 2.0):
+    for m, n, r in SPECTRA:
+        for a in EXPONENTS:
             sigma = torch.arange(1, m + 1, dtype=torch.float64) ** -a
             cases.append((f"{m}x{n} full rank, σ_i ∝ i^-{a}", r, lambda m=m, n=n, sigma=sigma: spectrum(m, n, sigma, gen)))
     for m, n, k in [(64, 128, 1), (256, 512, 2), (768, 3072, 16)]:
@@ -149,10 +159,10 @@ def cosine_rows(device: torch.device, gen: torch.Generator, draws: int = 3) -> l
     return rows
 
 
-def spread(name: str, values: list[float]) -> dict:
-    """``{name_mean, name_min, name_max}`` of ``values``."""
-    return {f"{name}_mean": round(sum(values) / len(values), 3), f"{name}_min": round(min(values), 3),
-            f"{name}_max": round(max(values), 3)}  # fmt: skip
+def spread(name: str, values: list[float], places: int = 3) -> dict:
+    """``{name_mean, name_min, name_max}`` of ``values``, to ``places`` decimals."""
+    return {f"{name}_mean": round(sum(values) / len(values), places), f"{name}_min": round(min(values), places),
+            f"{name}_max": round(max(values), places)}  # fmt: skip
 
 
 def unfloored_rows(device: torch.device, draws: int = 8) -> list[dict]:
@@ -207,6 +217,66 @@ def arithmetic_noise_rows(device: torch.device) -> list[dict]:
     return rows
 
 
+def accumulated_rows(device: torch.device, draws: int = 3) -> list[dict]:
+    """k rank-1 pieces summed in the gradient's dtype, one addition at a time, as autograd
+    accumulates them into a bf16 or fp16 ``.grad``."""
+    rows = []
+    for dtype in DTYPES:
+        for m, n in [(64, 128), (256, 512)]:
+            for k in (2, 4, 8, 16):
+                rank = min(4 * k, m)
+                gen = torch.Generator().manual_seed(0)
+                cos, once, ratios = [], [], []
+                for _ in range(draws):
+                    pieces = low_rank(k, m, n, 1, "gaussian", gen).to(device)
+                    exact = pieces.sum(dim=0, keepdim=True)
+                    acc = pieces[0].to(dtype)
+                    for piece in pieces[1:]:
+                        acc += piece.to(dtype)
+                    g = acc.float().unsqueeze(0)
+                    want = first_step(exact.float(), rank, "package")
+                    for values, rounded in ((cos, g), (once, exact.to(dtype).float())):
+                        got = first_step(rounded, rank, "package")
+                        values.append(torch.nn.functional.cosine_similarity(got, want, dim=0).item())
+                    ratios.append(((g - exact).norm() / adamem.gradient_rounding_noise(g)[1]).item())
+                rows.append(dict(
+                    measure="accumulated", case=f"{m}x{n}", micro_batches=k, rank=rank,
+                    dtype=str(dtype).removeprefix("torch."), draws=draws, **spread("error_over_estimate", ratios),
+                    **spread("cos_accumulated", cos), **spread("cos_rounded_once", once), **measured(),
+                ))  # fmt: skip
+                print(rows[-1])
+    return rows
+
+
+def tail_noise_rows(device: torch.device, draws: int = 3) -> list[dict]:
+    """σ_r of the ``cosine`` rows' full-rank spectra against the error ``E`` of rounding G to
+    bf16 or fp16: ``‖E‖_2`` measured (fp64) and ``gradient_rounding_noise``'s estimate."""
+    rows = []
+    for m, n, r in SPECTRA:
+        for a in EXPONENTS:
+            gen = torch.Generator().manual_seed(0)
+            sigma = torch.arange(1, m + 1, dtype=torch.float64) ** -a
+            errors: dict[torch.dtype, list[float]] = {dtype: [] for dtype in DTYPES}
+            estimates: dict[torch.dtype, list[float]] = {dtype: [] for dtype in DTYPES}
+            for _ in range(draws):
+                exact = spectrum(m, n, sigma, gen).to(device, torch.float32).unsqueeze(0)
+                norm = torch.linalg.vector_norm(exact.double()).item()
+                for dtype in DTYPES:
+                    g = exact.to(dtype).float()
+                    errors[dtype].append(torch.linalg.matrix_norm((g - exact).double(), ord=2).item() / norm)
+                    estimates[dtype].append(adamem.gradient_rounding_noise(g)[0].item() / norm)
+            for dtype in DTYPES:
+                rows.append(dict(
+                    measure="tail_noise", case=f"{m}x{n} full rank, σ_i ∝ i^-{a}", rank=r,
+                    dtype=str(dtype).removeprefix("torch."), draws=draws,
+                    sigma_r_over_norm=round((sigma[r - 1] / sigma.norm()).item(), 7),
+                    **spread("error_spectral_over_norm", errors[dtype], 7),
+                    **spread("estimate_spectral_over_norm", estimates[dtype], 7), **measured(),
+                ))  # fmt: skip
+                print(rows[-1])
+    return rows
+
+
 def cost_rows(device: torch.device) -> list[dict]:
     """``noise_floors`` against the whole steady step, 768×3072 at r = 128, in ms."""
     gen = torch.Generator().manual_seed(0)
@@ -229,7 +299,7 @@ def main() -> None:
     device = setup(args)
     gen = torch.Generator().manual_seed(0)
     rows = noise_rows(device, gen) + cosine_rows(device, gen) + unfloored_rows(device)
-    rows += arithmetic_noise_rows(device) + cost_rows(device)
+    rows += arithmetic_noise_rows(device) + accumulated_rows(device) + tail_noise_rows(device) + cost_rows(device)
     meta = metadata(device, margin=adamem.GRADIENT_NOISE_MARGIN)
     print(write_results("adamem_noise_floors", device, rows, meta, args.out))
 
