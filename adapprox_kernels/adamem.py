@@ -35,7 +35,8 @@ from .adapprox import matrix_shape
 from .distributed import is_dtensor
 from .linear_operator import DenseOperator
 from .optim_base import (
-    SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, keep_eager, to_host,
+    POWER_ITERS_MAX, SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, keep_eager,
+    to_host,
 )  # fmt: skip
 from .reference import apply_updates, clipped_update, signed_clip_threshold
 from .srsi import error_ratio, gaussian_sketch, rayleigh_ritz, sketch_width, subspace_iteration
@@ -409,7 +410,7 @@ class AdaMeM(SketchOptimizer):
         check_shared(h, betas=2)  # clip_threshold too
         check_kinds(
             h,
-            ints={"rank": 1, "update_proj_gap": 1, "oversample": 0, "power_iters": 1},
+            ints={"rank": 1, "update_proj_gap": 1, "oversample": 0, "power_iters": (1, POWER_ITERS_MAX)},
             reals=("residual_scale", "weight_decay"),
             flags=("bias_correction", "maximize", "bf16_stochastic_round"),
             choices={

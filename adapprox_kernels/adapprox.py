@@ -31,8 +31,8 @@ from .backends import backend_names, resolve_backend
 from .cuda_graphs import CallGraphs
 from .distributed import RowShards, is_dtensor, local, local_list
 from .optim_base import (
-    SketchOptimizer, _outside_stacklevel, as_tuple, check_kinds, check_shared, compute_dtype, is_int, is_real,
-    is_sequence, keep_eager, to_host,
+    INT_OPTION_MAX, POWER_ITERS_MAX, SketchOptimizer, _outside_stacklevel, as_tuple, check_kinds, check_shared,
+    compute_dtype, is_int_in, is_real, is_sequence, keep_eager, to_host,
 )
 from .optim_base import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
@@ -444,10 +444,13 @@ class Adapprox(SketchOptimizer):
             f"Invalid cosine_max_scale: {scale!r} (need a value in [1, {f32.max:.3g}], float32's largest)",
         )
         k_min, k_max, k_init = h["k_min"], h["k_max"], h["k_init"]
-        _check(is_int(k_min) and k_min >= 1, f"Invalid k_min: {k_min!r} (need an int >= 1)")
-        _check(is_int(k_max) and k_max >= k_min, f"Invalid k_max: {k_max!r} (need an int >= k_min={k_min})")
+        _check(is_int_in(k_min, 1), f"Invalid k_min: {k_min!r} (need an int in [1, {INT_OPTION_MAX}])")
         _check(
-            k_init is None or (is_int(k_init) and k_min <= k_init <= k_max),
+            is_int_in(k_max, k_min),
+            f"Invalid k_max: {k_max!r} (need an int in [k_min, {INT_OPTION_MAX}] = [{k_min}, {INT_OPTION_MAX}])",
+        )
+        _check(
+            k_init is None or is_int_in(k_init, k_min, k_max),
             f"Invalid k_init: {k_init!r} (need None or an int in [k_min, k_max] = [{k_min}, {k_max}])",
         )
         sigmoid = h["sigmoid"]
@@ -457,7 +460,10 @@ class Adapprox(SketchOptimizer):
         )
         check_kinds(
             h,
-            ints={"oversample": 0, "power_iters": 1, "warm_power_iters": 1, "rank_interval": 1},
+            ints={
+                "oversample": 0, "power_iters": (1, POWER_ITERS_MAX), "warm_power_iters": (1, POWER_ITERS_MAX),
+                "rank_interval": 1,
+            },
             reals=("weight_decay", "xi_thresh"),
             flags=(
                 "cosine_guidance", "exact_small_matrices", "warm_start", "cuda_graphs", "maximize",

@@ -113,6 +113,17 @@ def is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+# A larger rank or width clips to the same min(m, n) (no matrix is 2**31 wide both ways); no run takes 2**31 steps.
+INT_OPTION_MAX = 2**31 - 1
+# Past 1000 S-RSI iterations even a 0.99 singular-value ratio is below fp32 (0.99**2000 ~ 2e-9): 10**30 hung.
+POWER_ITERS_MAX = 1000
+
+
+def is_int_in(v: Any, low: int, high: int = INT_OPTION_MAX) -> bool:
+    """An int (:func:`is_int`) in ``[low, high]``: the int options' check."""
+    return is_int(v) and low <= v <= high
+
+
 def is_real(v: Any) -> bool:
     """An int or float finite in float32, not a bool, nor a tensor: the step reads
     hyperparameters as Python numbers, on the host, and multiplies by them in float32 (an lr
@@ -165,15 +176,17 @@ def check_shared(h: dict[str, Any], betas: int) -> None:
 
 def check_kinds(
     h: dict[str, Any],
-    ints: dict[str, int] | None = None,
+    ints: dict[str, int | tuple[int, int]] | None = None,
     reals: tuple[str, ...] = (),
     flags: tuple[str, ...] = (),
     choices: dict[str, tuple] | None = None,
 ) -> None:
-    """``h[name]`` is an int ``>= ints[name]``, a finite real ``>= 0`` (``reals``), a bool
-    (``flags``) or one of ``choices[name]``."""
-    for name, low in (ints or {}).items():
-        check(is_int(h[name]) and h[name] >= low, f"Invalid {name}: {h[name]!r} (need an int >= {low})")
+    """``h[name]`` is an int in ``ints[name]`` (``(low, high)``, or ``low`` up to
+    :data:`INT_OPTION_MAX`), a finite real ``>= 0`` (``reals``), a bool (``flags``) or one of
+    ``choices[name]``."""
+    for name, bounds in (ints or {}).items():
+        low, high = bounds if isinstance(bounds, tuple) else (bounds, INT_OPTION_MAX)
+        check(is_int_in(h[name], low, high), f"Invalid {name}: {h[name]!r} (need an int in [{low}, {high}])")
     for name in reals:
         check(is_real(h[name]) and h[name] >= 0.0, f"Invalid {name} value: {h[name]!r} (need a finite value >= 0)")
     for name in flags:

@@ -382,6 +382,11 @@ def test_a_pending_refresh_that_is_not_a_bool_is_refused_on_load():
         (dict(clip_threshold=float("inf")), "clip_threshold"),
         (dict(bias_correction="yes"), "bias_correction"),
         (dict(betas=[0.9, float("nan")]), "index 1"),
+        # Past int32 (or, for the S-RSI loop, past 1000): power_iters=10**30 hung the first step.
+        (dict(rank=2**31), r"rank: 2147483648 \(need an int in \[1, 2147483647\]\)"),
+        (dict(update_proj_gap=2**63), r"update_proj_gap: 9223372036854775808 \(need an int in \[1, 2147483647\]"),
+        (dict(oversample=10**30), r"oversample: 10{30} \(need an int in \[0, 2147483647\]\)"),
+        (dict(power_iters=10**30), r"power_iters: 10{30} \(need an int in \[1, 1000\]\)"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):

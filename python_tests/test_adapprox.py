@@ -1239,6 +1239,13 @@ def test_grad_scaler_hands_the_step_its_scale_and_reads_its_flag_only_on_overflo
         (dict(eps=1e-46), "epsilon"),  # 0 in float32: a 0/0 where G and V are 0
         (dict(clip_threshold=1e-46), "clip_threshold"),  # likewise, on a zero gradient
         (dict(cosine_max_scale=1e39), "cosine_max_scale"),  # inf in float32: infinite weights
+        # Past int32 (or, for the S-RSI loops, past 1000): power_iters=10**30 hung the first step.
+        (dict(k_min=2**31, k_max=2**31), r"k_min: 2147483648 \(need an int in \[1, 2147483647\]\)"),
+        (dict(k_max=2**63), r"k_max: 9223372036854775808 \(need an int in \[k_min, 2147483647\]"),
+        (dict(oversample=10**30), r"oversample: 10{30} \(need an int in \[0, 2147483647\]\)"),
+        (dict(power_iters=10**30), r"power_iters: 10{30} \(need an int in \[1, 1000\]\)"),
+        (dict(warm_power_iters=1001), r"warm_power_iters: 1001 \(need an int in \[1, 1000\]\)"),
+        (dict(rank_interval=2**31), "rank_interval"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
@@ -1246,7 +1253,10 @@ def test_bad_hyperparameters(kwargs, match):
         Adapprox([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)
 
 
-@pytest.mark.parametrize("override,match", [({"lr": -1.0}, "learning rate"), ({"k_max": 2, "k_min": 3}, "k_max")])
+@pytest.mark.parametrize(
+    "override,match",
+    [({"lr": -1.0}, "learning rate"), ({"k_max": 2, "k_min": 3}, "k_max"), ({"power_iters": 2**31}, "power_iters")],
+)
 def test_bad_param_group_values_are_refused(override, match):
     """torch.optim checks no param group; ours are checked with the defaults they take, in the
     constructor and in add_param_group, and the error names the group."""
@@ -1259,6 +1269,28 @@ def test_bad_param_group_values_are_refused(override, match):
     assert len(opt.param_groups) == 1  # nothing added
     opt.add_param_group({"params": [b], "lr": 1e-2, "k_max": 2})  # good values pass
     assert opt.param_groups[1]["k_max"] == 2 and opt.param_groups[1]["betas"] == (0.9, 0.999, 0.9)
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (Adapprox, dict(k_min=2**31 - 1, k_max=2**31 - 1, oversample=2**31 - 1, rank_interval=2**31 - 1,
+                        power_iters=1000, exact_small_matrices=False)),
+        (Adapprox, dict(k_max=2**31 - 1, warm_start=True, warm_power_iters=1000, rank_policy="sigmoid",
+                        exact_small_matrices=False)),
+        (AdaMeM, dict(rank=2**31 - 1, update_proj_gap=2**31 - 1, oversample=2**31 - 1, power_iters=1000)),
+    ],
+)  # fmt: skip
+def test_int_options_at_their_largest_values_step(cls, kw):
+    """The upper bounds refuse nothing that steps: ranks and sketch widths clip to min(m, n),
+    and 1000 S-RSI iterations finish; through a checkpoint too."""
+    w, b = torch.nn.Parameter(torch.randn(24, 40)), torch.nn.Parameter(torch.randn(40))
+    opt = cls([w, b], seed=0, **kw)
+    for _ in range(2):
+        w.grad, b.grad = torch.randn(24, 40), torch.randn(40)
+        opt.step()
+    cls([w, b], **kw).load_state_dict(opt.state_dict())
+    assert torch.isfinite(w).all() and all(s["step"] == 2 for s in opt.state.values())
 
 
 @pytest.mark.parametrize(
@@ -1278,6 +1310,8 @@ def test_bad_param_group_values_are_refused(override, match):
         (Adapprox, dict(k_max=4), {"k_max": 4.0}, "k_max"),
         (AdaMeM, dict(rank=2), {"rank": 2.0}, "rank"),
         (Adapprox, dict(k_max=4, cosine_guidance=True), {"cosine_guidance": 1}, "cosine_guidance"),
+        (Adapprox, dict(k_max=4), {"k_max": 2**31}, "k_max"),  # past int32, as the constructor refuses it
+        (AdaMeM, dict(rank=2), {"power_iters": 1001}, "power_iters"),
     ],
 )
 def test_a_bad_value_written_into_param_groups_mid_run_is_refused_before_the_step(cls, kw, bad, match):
@@ -1495,15 +1529,23 @@ def test_a_checkpoint_holding_numpy_numbers_loads_as_the_python_ones(cls):
     assert torch.equal(*runs)
 
 
-def test_a_checkpoint_with_a_bad_written_value_says_so():
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("lr", -2e-4, r"learning rate: -0.0002"),
+        ("power_iters", 10**30, r"power_iters: 10{30} \(need an int in \[1, 1000\]"),
+    ],
+)
+def test_a_checkpoint_with_a_bad_written_value_says_so(key, value, match):
     """A value written into param_groups after construction (a LambdaLR stepped past its end
     gives a negative lr) is checked only on load; the error says where such a value may come
-    from, not only that the checkpoint may be another optimizer's."""
+    from, not only that the checkpoint may be another optimizer's. (A power_iters of 10**30
+    loaded, and the next step hung.)"""
     w = torch.nn.Parameter(torch.randn(6, 5))
     opt = Adapprox([w], k_max=2)
     saved = opt.state_dict()
-    saved["param_groups"][0]["lr"] = -2e-4
-    with pytest.raises(ValueError, match=r"Invalid learning rate: -0.0002.*written into param_groups"):
+    saved["param_groups"][0][key] = value
+    with pytest.raises(ValueError, match=rf"Invalid {match}.*written into param_groups"):
         Adapprox([w], k_max=2).load_state_dict(saved)
 
 
