@@ -164,10 +164,10 @@ def no_run(*args):
         (["--lr", "adaprox=3e-3"], "choose from adapprox, adamw"),
         (["--lr", "adamw=1e-3,adamw=2e-3"], "'adamw=2e-3': a second learning rate for adamw"),
         (["--lr", "adamw=1e-3,adapprox=3e-3"], "--lr adapprox: not in --optimizers (adamw)"),
-        (["--eval-every", "0"], "--eval-every: expected an integer >= 1"),
-        (["--steps", "0"], "--steps: expected an integer >= 1"),
-        (["--eval-batches", "0"], "--eval-batches: expected an integer >= 1"),
-        (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+        (["--eval-every", "0"], "--eval-every: expected an integer in [1, 2,147,483,647]"),
+        (["--steps", "0"], "--steps: expected an integer in [1, 2,147,483,647]"),
+        (["--eval-batches", "0"], "--eval-batches: expected an integer in [1, 2,147,483,647]"),
+        (["--batch-size", "0"], "--batch-size: expected an integer in [1, 2,147,483,647]"),
         (["--seq-len", "129"], "longer than the tiny model's context (128)"),
         (["--device", "cuda"], "torch sees 0 CUDA device(s)"),
         (["--device", "gpu"], "expected cpu, cuda or cuda:N"),
@@ -175,6 +175,8 @@ def no_run(*args):
         (["--data", ""], "--data: an empty path"),  # not the current folder, reported as the default corpus
         (["--out", ""], "--out: an empty path"),  # not results written into the current folder
         (["--lr", "adamw=1e-3", "--lr", "adamw=2e-3"], "--lr: a second learning rate for adamw"),
+        (["--k-max", str(2**31)], "--k-max: expected an integer in [1, 2,147,483,647], got '2147483648'"),
+        (["--threads", str(2**40)], "--threads: expected an integer in [1, 2,147,483,647]"),
         (["--seed", str(2**64)], "--seed: expected an integer in [-2**63, 2**64)"),
         (["--data", "SMALL"], "need at least 10,000"),
         (["--size", "gpt2-124m", "--seq-len", "1024", "--data", "12K"], "validation (5%) split has 600 bytes"),

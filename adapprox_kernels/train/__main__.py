@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..optim_base import INT_OPTION_MAX
 from .data import ByteBatches, read_corpus
 from .model import SIZES
 from .optimizers import OPTIMIZERS, default_lrs, missing_peers
@@ -32,11 +33,12 @@ IN_PLACE = {RESULTS + ".partial": os.O_WRONLY, PLOT: os.O_RDWR}
 
 
 def int_at_least(low: int):
-    """An argparse type: an integer ``>= low``."""
+    """An argparse type: an integer ``>= low``, and at most the optimizers' bound on their int
+    options (a larger --k-max failed only when Adapprox's run started; --threads overflowed)."""
 
     def parse(text: str) -> int:
-        if not text.strip().lstrip("+-").isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low:,}, got {text!r}")
+        if not text.strip().lstrip("+-").isdigit() or not low <= int(text) <= INT_OPTION_MAX:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low:,}, {INT_OPTION_MAX:,}], got {text!r}")
         return int(text)
 
     return parse
