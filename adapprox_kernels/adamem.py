@@ -204,11 +204,11 @@ def gradient_rounding_noise(g: torch.Tensor, grad_dtype: torch.dtype | None = No
     if g.dtype != torch.float32:
         raise ValueError(f"gradient_rounding_noise reads fp32 bits; got {g.dtype}")
     eps, tiny = _rounding_grid(g, grad_dtype)
-    # 2^⌊log2|g|⌋ from g's exponent bits, where the spacing is eps·2^⌊log2|g|⌋ (frexp took 4×
-    # as long on the CPU).
+    # 2^⌊log2|g|⌋ from g's exponent bits, where the spacing is eps·2^⌊log2|g|⌋ (frexp was slower
+    # on the CPU).
     binade = (g.view(torch.int32) & 0x7F800000).view(torch.float32)
     var = binade.clamp_min_(tiny).square_()
-    row_var, col_var = var.sum(dim=2), var.sum(dim=1)  # times (eps²/12); a norm over dim 1 took 10× as long
+    row_var, col_var = var.sum(dim=2), var.sum(dim=1)  # times (eps²/12); a norm over dim 1 was slower
     scale = (eps if isinstance(eps, float) else eps.view(-1)) / math.sqrt(12)
     return scale * (row_var.amax(dim=1).sqrt() + col_var.amax(dim=1).sqrt()), scale * row_var.sum(dim=1).sqrt()
 
@@ -515,10 +515,10 @@ class AdaMeM(SketchOptimizer):
 
     # ----------------------------------------------------------------------------------- step
     def _check_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
-        """Every step, so a quick test first (~1 µs a parameter; the full check is ~20): a
-        matrix's state names its shape, a vector's holds its size."""
+        """Every step, so a quick test first, the full check (:meth:`_check_state_fits`) only where
+        it fails: a matrix's state names its shape, a vector's holds its size."""
         for _, params in groups:
-            self._check_no_aliases(params)  # ~0.1 µs a parameter
+            self._check_no_aliases(params)  # maps over the data pointers, no Python loop
             for p in params:
                 state = self.state.get(p)
                 if not state:

@@ -56,7 +56,7 @@ def _sync_free_eigh(backend, device: torch.device, width: int, dtype: torch.dtyp
     that the Triton backend steps with a sketch of at most its ``MAX_SIZE`` columns, outside
     torch.compile (the kernel is no custom op). None elsewhere: ``torch.linalg.eigh`` in
     float64, also for fp64 factors (float64 parameters), which the kernel's fp32 vectors would
-    leave orthonormal to ~1e-6 only (and which are never graphed)."""
+    leave orthonormal only to fp32's rounding (and which are never graphed)."""
     if (
         getattr(backend, "name", None) != "triton" or device.type != "cuda" or dtype != torch.float32
         or torch.compiler.is_compiling()
@@ -99,7 +99,8 @@ def matrix_shape(p: torch.Tensor) -> tuple[int, int] | None:
 
 
 # A column of last step's U whose norm is at most this fraction of the largest one's is rounding
-# noise (V is exactly of lower rank than the factors: U = Vᵀ Q is then ~1e-8 of it in fp32).
+# noise (V is exactly of lower rank than the factors: U = Vᵀ Q is then of the order of fp32's
+# unit roundoff, 2⁻²⁴ ≈ 6e-8, of it).
 _NOISE_COLUMN = 2.0**-20
 
 
@@ -107,10 +108,11 @@ def _sketch_oversample(group: dict[str, Any]) -> int:
     """The sketch's extra columns: ``oversample``, but at least one with ``warm_start``. A warm
     sketch is last step's ``U`` and its extra columns are its only Gaussian ones: with none, a
     rank that grows gets its new columns straight from the Gaussian with the warm start's
-    single iteration, measured and kept as they are (ξ up to ~20× the optimum on those steps,
+    single iteration, measured and kept as they are (ξ far above the optimum on those steps,
     and a rank pushed up by them). One extra column lets the rank grow from a column that had
-    an iteration the step before, as with ``oversample >= 1``; at most one more column, no
-    more passes over G."""
+    an iteration the step before, as with ``oversample >= 1`` (ξ within 1.2× of the optimum:
+    ``test_warm_start_without_oversampling_grows_the_rank_from_iterated_columns``); at most one
+    more column, no more passes over G."""
     p = group["oversample"]
     return max(p, 1) if group["warm_start"] else p
 
@@ -121,11 +123,12 @@ def _warm_sketch(u_prev: torch.Tensor, gaussian: torch.Tensor, prev_mask: torch.
     space) has a column above rounding noise (:data:`_NOISE_COLUMN` of its largest), that
     column, elsewhere the Gaussian columns. An all-zero column carries no direction (after an
     all-zero V, e.g. LoRA A's gradient while B is 0, U = 0): as a start it would leave Q's
-    leading columns an arbitrary basis, kept as the factors (ξ ≈ 0.9 where a cold start has
-    ~1e-7). A column of rounding noise (V of exactly lower rank than the factors: a rank-1
-    gradient, sparse embedding rows) carries none either: its direction is whatever the
-    backend's rounding made, so the reference and the Triton kernels took different sketches,
-    ξ differed by up to 0.15 and the ranks parted."""
+    leading columns an arbitrary basis, kept as the factors (a large ξ where a cold start's is
+    at rounding level: ``test_a_leading_all_zero_gradient_step_changes_nothing``). A column of
+    rounding noise (V of exactly lower rank than the factors: a rank-1 gradient, sparse
+    embedding rows) carries none either: its direction is whatever the backend's rounding
+    made, so the reference and the Triton kernels took different sketches, their ξ differed
+    and the ranks parted (``test_warm_start_on_an_exactly_low_rank_second_moment_matches_reference``)."""
     width = gaussian.shape[-1]
     u = torch.nn.functional.pad(u_prev, (0, max(width - u_prev.shape[-1], 0)))[..., :width]
     norms = torch.linalg.vector_norm(u, dim=-2, keepdim=True).where(prev_mask, 0.0)  # of the kept columns
@@ -612,7 +615,7 @@ class Adapprox(SketchOptimizer):
         the old address) whose state is still there (the same
         ``self.state``, as many entries, none emptied; ``load_state_dict`` goes through
         ``__setstate__``, which forgets everything) fall into the same buckets. Sorting hundreds
-        of parameters and looking up their state (a Python hash per lookup) costs a step ~0.5 ms.
+        of parameters and looking up their state (a Python hash per lookup) would cost every step.
         Where they are not remembered, each state made before is checked to fit its parameter's
         shape (:meth:`_check_state_fits`): a parameter's shape changes with its storage, or with
         its sizes (``p.data = p.data.t()``), both in the key; and it is cast to the dtypes its
@@ -622,7 +625,7 @@ class Adapprox(SketchOptimizer):
         if cached is not None:
             state_map, size, buckets, states, idle = cached
             # Each parameter's state is still the dict the buckets hold (``opt.state[p] = {}``
-            # replaces it), and none was emptied: ~30 µs for 150 parameters.
+            # replaces it), and none was emptied: identity checks by ``map``, no Python loop.
             if (
                 state_map is self.state and len(self.state) == size and all(states)
                 and all(map(operator.is_, map(self.state.__getitem__, params), states))
@@ -695,7 +698,7 @@ class Adapprox(SketchOptimizer):
         """Also forgets the remembered buckets (see :meth:`_buckets`) where a group left
         ``param_groups`` or a parameter its group's list (model surgery) since the last step:
         they may hold parameters of no group, with their gradients and state (GPU memory), for
-        as long as the optimizer lives. They are made anew at this step (~0.5 ms, once). The
+        as long as the optimizer lives. They are made anew at this step (once). The
         record holds the groups, so that their ids stay theirs."""
         super()._forget_removed_groups()
         self._marks["stale_scan_due"] = True  # the step's start: states may have been dropped since the last
@@ -1036,8 +1039,9 @@ class Adapprox(SketchOptimizer):
         if warm and any(k > c for k, c in zip(used, prev_cols)):
             # A rank that grew past last step's sketch (the sigmoid policy's growth beyond the
             # extra columns, or the step policy's by more than them) takes its new columns
-            # straight from the Gaussian: one warm iteration left them raw (ξ up to ~15× the
-            # optimum, and a sigmoid rank pushed up for good). Such a step runs the cold count.
+            # straight from the Gaussian: one warm iteration left them raw (ξ far above the
+            # optimum, and a sigmoid rank pushed up for good). Such a step runs the cold count
+            # (test_warm_start_measures_a_rank_grown_past_the_sketch_after_full_iterations).
             iters = max(iters, group["power_iters"])
         # The sigmoid policy decides each matrix's rank on its own step count: same-shaped
         # matrices skip different steps (no gradient, a skipped non-finite step, added later).

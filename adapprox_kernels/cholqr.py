@@ -26,9 +26,9 @@ of a second moment, which is close to rank 1):
    a non-finite ``Y`` gives what ``torch.linalg.qr`` gives.
 
 Built for fp32 sketches. On fp64 ones (FSDP2's row-sharded path of fp64 parameters) the
-completion still moves the spans by ~``δ`` (~7e-10 measured, Householder QR: 5e-16), and a
-sketch below ~1e-154 in norm underflows ``‖Y‖_F`` to 0, so the completion takes over its span;
-neither matters to a second-moment estimate, and both are left as they are.
+completion still moves the spans by ~``δ`` (far above fp64's rounding, which Householder QR
+keeps), and a sketch below ~1e-154 in norm underflows ``‖Y‖_F`` to 0, so the completion takes
+over its span; neither matters to a second-moment estimate, and both are left as they are.
 
 ``R⁻¹`` is formed explicitly (a small triangular solve against ``I``) so that each tall product
 is one batched GEMM. The result is returned in ``y``'s dtype. Matrices are independent: a

@@ -46,7 +46,7 @@ ROW_SHARDED_STATE = ("Q", "exp_avg", "exp_avg_sq")
 
 # ------------------------------------------------------------------------------ DTensor helpers
 def is_dtensor(t: Any) -> bool:
-    """Is ``t`` a DTensor? Without importing DTensor (~1 s): none exists until it is imported."""
+    """Is ``t`` a DTensor? Without importing DTensor (a slow import): none exists until it is imported."""
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and isinstance(t, mod.DTensor)
 

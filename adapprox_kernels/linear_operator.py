@@ -81,7 +81,7 @@ class DenseOperator:
         return torch.bmm(self.a, x)
 
     def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
-        # (yᵀ A)ᵀ reads A row-major; bmm on A's transposed view was ~9× slower on CPU.
+        # (yᵀ A)ᵀ reads A row-major; bmm on A's transposed view was slower on CPU.
         return torch.bmm(y.transpose(1, 2), self.a).transpose(1, 2)
 
     def sq_norm(self) -> torch.Tensor:

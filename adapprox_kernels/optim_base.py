@@ -229,8 +229,8 @@ def compute_dtype(p: torch.Tensor) -> torch.dtype:
 def _max_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """``(len(grads),)``: each (non-empty) gradient's largest magnitude, NaN where it holds a
     NaN. Finite iff every entry is (a 2-norm of a finite fp16 gradient can overflow). One
-    foreach launch on a GPU; on CPU, where the foreach inf-norm is ~5× slower than ``aminmax``
-    (a few ms a step for a small model), from the extremes. Mixed dtypes come out in the widest
+    foreach launch on a GPU; on CPU, where the foreach inf-norm is slower than ``aminmax``,
+    from the extremes. Mixed dtypes come out in the widest
     (``torch.stack`` promotes): an fp64 gradient's entries above fp32's range stay finite."""
     if grads[0].device.type == "cpu":
         mins, maxs = zip(*map(torch.aminmax, grads))
@@ -557,14 +557,14 @@ class SketchOptimizer(Optimizer):
 
     def _key_prefixes(self, group: dict[str, Any], fresh: bool = False) -> tuple[dict[int, int], list[int]]:
         """``({id(p): slot}, [hash of (seed, group index, slot) for each slot])`` of ``group``,
-        the step-independent part of its rounding keys, kept from step to step (hashing every
-        parameter each step would cost ~0.3 µs a parameter more) while the group's parameter
+        the step-independent part of its rounding keys, kept from step to step (rather than
+        hashing every parameter each step) while the group's parameter
         list, its length, its position and the seed stay the same. Each entry holds its group
         (whose id no other group can take while it does) until :meth:`_forget_removed_groups`."""
         params, memo = group["params"], self.__dict__.setdefault("_key_memo", {})  # not pickled: rebuilt
         kept = memo.get(id(group))
         # The group's position: where it was last time, unless it moved (a scan for every bucket
-        # of every group is quadratic in the groups: ~0.3 s a step with 2,000).
+        # of every group is quadratic in the groups).
         groups, index = self.param_groups, -1 if kept is None else kept[1][1]
         if not (0 <= index < len(groups) and groups[index] is group):
             index = next(i for i, g in enumerate(groups) if g is group)
@@ -989,7 +989,7 @@ class SketchOptimizer(Optimizer):
         # AdaMeM reshaped such a gradient (a transposed one, its entries scrambled) and stepped on it.
         if (
             any(map(_is_sparse, grads)) or not all(map(torch.Tensor.is_floating_point, [*params, *grads]))
-            or not all(map(torch.Tensor.is_same_size, params, grads))  # ~0.2 µs a parameter
+            or not all(map(torch.Tensor.is_same_size, params, grads))
         ):  # fmt: skip
             name = type(self).__name__
             for p in params:

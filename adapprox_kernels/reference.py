@@ -125,8 +125,8 @@ def stack_as(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tenso
 
 
 # Elements per tensor from which, on the CPU, a foreach op's loop over the tensors costs less
-# than the stacked way's two extra passes (the stack and the copy back): 1.4-2x quicker for the
-# main job's 128-wide matrices, 1.5x slower for its bucket of 26 vectors of 128.
+# than the stacked way's two extra passes (the stack and the copy back): quicker for the main
+# job's 128-wide matrices, slower for its bucket of 26 vectors of 128.
 _CPU_IN_PLACE_NUMEL = 4096
 
 
@@ -283,7 +283,7 @@ def stochastic_round_bf16(x: torch.Tensor, keys: Sequence[int], chunk: int = 1 <
     zero): ``|x|`` goes up to the next bf16 value with probability equal to the part of the gap
     it has covered, else down, so the expected result is ``x`` (round-to-nearest drops an update
     below half a bf16 ulp for good). Noise from :func:`rounding_noise` with ``keys[b]`` for
-    ``x[b]``, made ``chunk`` elements of a matrix at a time (its int64 temporaries are ~25 bytes
+    ``x[b]``, made ``chunk`` elements of a matrix at a time (it holds a few int64 temporaries
     an element); inf and NaN stay."""
     flat = x.reshape(len(x), -1).contiguous()
     out = torch.empty_like(flat)

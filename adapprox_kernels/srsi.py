@@ -98,8 +98,9 @@ def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor, eigh: Eigh | None = None) ->
         z = eigh((gram / torch.where(scale > 0, scale, torch.ones_like(scale))).float())[1]
     # The rotation in float64, rounded once to the factors' dtype: an fp32 matmul on a GPU runs
     # in tf32 wherever the training script allows it (torch.backends.cuda.matmul.allow_tf32,
-    # set_float32_matmul_precision("high")), which left Q Z orthonormal to ~6e-4 only and put a
-    # floor of ~3e-4 under ξ (the default xi_thresh is 1e-3).
+    # set_float32_matmul_precision("high")), which would leave Q Z orthonormal only to tf32's
+    # rounding (10 mantissa bits, ~1e-3 relative) and put a floor of that order under ξ (the
+    # default xi_thresh is 1e-3).
     z = z.to(torch.float64)
     return (
         torch.where(finite, (q.double() @ z).to(q.dtype), q),
@@ -189,8 +190,9 @@ def _build_column_mask(ranks: tuple[int, ...], width: int, device: torch.device)
 
 
 # A mask is B·width bytes, and while the ranks of a bucket move nearly every step adds one: a
-# 1,024-entry LRU held 62 MiB of GPU memory after 500 steps of a 512-matrix bucket at k_max = 256
-# (H100). A step uses about two masks per factored bucket.
+# 1,024-entry LRU could hold 1,024 masks of a 512-matrix bucket at k_max = 256 (width 261 with
+# the default oversampling), 130 MiB of device memory. A step uses about two masks per
+# factored bucket.
 _MASKS = ConstantCache(max_entries=1024, max_elements=16 << 20)
 
 

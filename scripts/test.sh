@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-# One thread: on 2 cores, 2 BLAS threads made the small matmuls of the tests ~80x slower.
+# One thread: on 2 cores, 2 BLAS threads made the small matmuls of the tests many times slower.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 exec .venv/bin/python -m pytest python_tests "$@"

@@ -21,8 +21,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on GPUs
 # The widest rank a product rebuilds V's tiles by one dot (``Blocks.dot_from``): the pipelined
 # factor tiles sit in shared memory, and at 128 columns they overflow an H100 block's 227 KiB
-# with the default product tiles (compiled for sm_90 with 64-column sketch blocks: 278,528 B at
-# 128×64 and 2 stages, 262,144 B at 64×64 and 3; at 64 columns both take 163,840 B).
+# with the default product tiles and 64-column sketch blocks; at 64 columns they fit
+# (test_product_kernel_compiles_for_hopper_and_tf32_truncates compiles both for sm_90).
 MAX_DOT_RANK = 64
 
 
@@ -85,9 +85,10 @@ PRODUCT_BLOCKS = Blocks(m=128, n=64, warps=4, stages=2)
 # than PRODUCT_BLOCKS on the H100 (bench/results/bench_step_*-153951.json against *-151653.json).
 FIRST_PASS_BLOCKS = Blocks(m=64, n=64, warps=4, stages=3)
 # The elementwise passes (update, norms, cosine sums): 16 rows of 256 columns, 2 stages. The
-# update pass reached 94-95% of copy bandwidth at k = 8 on the H100 (32×128 tiles: 76-78%; the
-# rebuild of V loads each factor entry once per tile row or column, so flat tiles load fewer)
-# and 96-100% at k = 1.
+# update pass reached 94-95% of copy bandwidth at k = 8 on the H100's 345M groups, 86% on the
+# 124M embedding (32×128 tiles: 76-78%; the rebuild of V loads each factor entry once per tile
+# row or column, so flat tiles load fewer) and 96-100% at k = 1
+# (bench/results/tune_blocks_nvidia-h100-80gb-hbm3.json, apply_update rows at 4 warps).
 ELEMENTWISE_BLOCKS = Blocks(m=16, n=256, warps=4, stages=2)
 
 
@@ -126,11 +127,13 @@ def dot_precision(device: torch.device) -> str:
     """``tl.dot`` input precision of the long thin products ``V @ X`` and ``Vᵀ @ Y``.
 
     ``tf32x3`` (three tf32 products, close to fp32) on GPUs with tf32; ``ieee`` elsewhere (and
-    under the interpreter, which computes in fp32 anyway). Plain tf32 made these passes 2-3×
-    faster on the H100 (bench/results/tune_blocks_*.json) but moved the products by ~1e-3
-    relative on incoherent data; in training it raised mean ξ 1.6-4× and changed more rank
-    decisions than another sketch seed (docs/kernels.md, Precision), so it is opt-in only
-    (``precision=`` of the launchers)."""
+    under the interpreter, which computes in fp32 anyway). Plain tf32 made these passes
+    1.5-3.2× faster at k = 1 on the H100, 1.0-1.1× at k = 8
+    (bench/results/tune_blocks_nvidia-h100-80gb-hbm3.json, tf32 against the default at 64×64
+    tiles), but moves the products by tf32's rounding (~1e-3 relative); in training it raised
+    mean ξ 1.65-4.0× and changed 5× and 3.3× as many rank decisions as another sketch seed
+    (bench/results/product_precision_{cold,warm}_nvidia-h100-80gb-hbm3.json, ``summary``), so
+    it is opt-in only (``precision=`` of the launchers)."""
     if device.type != "cuda" or torch.version.hip is not None:
         return "ieee"
     _, major = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
@@ -158,9 +161,10 @@ def reduction_split(programs: int, reduction_blocks: int, device: torch.device, 
 # not a host sync).
 # A step makes up to 4 tables a dense bucket and 3 a factored one: at 256 entries, a step of more
 # than 64 dense buckets (per-layer groups × shapes) built every table anew, every step. At most
-# 512 Ki offsets in all (4 MiB on the device, their keys ~5 times as much on the host): where the
-# matrices with a gradient change every step (routed experts), so do the tables, and 4,096 of a
-# 512-matrix bucket held 15 MiB of GPU and 77 MiB of host memory.
+# 512 Ki offsets in all (4 MiB on the device, their keys ~5 times as much on the host: a 32-byte
+# Python int and an 8-byte tuple slot per 8-byte offset): where the matrices with a gradient
+# change every step (routed experts), so do the tables, and 4,096 of a 512-matrix bucket would
+# hold 16 MiB of the device and ~80 MiB of the host.
 _TABLES = ConstantCache(max_entries=4096, max_elements=1 << 19)
 
 

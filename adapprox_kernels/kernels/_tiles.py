@@ -103,11 +103,14 @@ def v_tile(
     ``G_AFTER_FACTORS``: G's tile is loaded after the rank loop, not before it (the same bits;
     nothing changes without ``HAS_LOWRANK``). With G's tile held across the loop, ptxas may
     chain the loop's factor loads through a few registers to save some: in the cosine sums
-    (sm_90, the 345M MLP group's launch) 18 loads an iteration went through 7 registers with
-    Triton 3.6, up to 5 of them waiting on one another (14 registers with 3.8), where all 18
-    were in flight until bc1af98 changed the code after the loop (a static finding: the H100
-    measured 83% of copy before that commit and 62% after it, timed only across a range of
-    commits); loaded after the loop, all 18 are in flight with both."""
+    (sm_90, the 345M MLP group's launch) an iteration's loads went through fewer registers
+    than loads, several waiting on one another, where all were in flight until bc1af98 changed
+    the code after the loop (a static finding, compiled with Triton 3.6 and 3.8: the H100
+    measured that pass at 83% of copy at 41e7fb3, before that commit,
+    bench/results/bench_step_nvidia-h100-80gb-hbm3_20261122-164823.json, and 62-63% at
+    ddf708f, after it, bench/results/ab_passes_h100/, timed only across a range of commits);
+    loaded after the loop, all are in flight with both
+    (``test_cosine_sums_rank_loop_keeps_its_loads_in_flight``)."""
     if G_AFTER_FACTORS and HAS_LOWRANK:
         qu = lowrank_tile(
             q_base, u_base, rows, cols, M, N, K, stride_qm, stride_qk, stride_un, stride_uk,

@@ -20,14 +20,12 @@ as ``A`` drifts from exact symmetry. The matrix is scaled by its largest entry f
 Gram squares its singular values: this keeps the angles away from over- and underflow).
 
 Sweeps (``DEFAULT_SWEEPS``): cyclic Jacobi converges quadratically once the off-diagonal is
-small. Measured on fp32 inputs with r = 16, 33, 64 (the same rounds written in plain torch,
-against float64 eigh): a Gram whose off-diagonal is ~1e-2 of its norm (S-RSI's
-Gram after two subspace iterations is at ~5e-3) reaches the fp32 floor in 3 sweeps at every r;
-a random Gram ``XᵀX`` or random symmetric matrix (nothing diagonal about them) in 5 at r = 16,
-6 at r = 33 and 6-7 at r = 64 (at 6: eigenvalues within 1e-5 of the largest, ``Z diag(λ) Zᵀ``
-within 4e-5 of ``A``). Six sweeps cover the S-RSI Gram with three to spare and an arbitrary
-matrix nearly so; the cost is linear in them. The floor itself grows with r (rounding over
-6 (n − 1) rounds): eigenvalues to ~2e-6 of the largest at r = 16, ~1e-5 at r = 64.
+small, and S-RSI's Gram after its subspace iterations is nearly diagonal already. Six sweeps
+also take a random Gram ``XᵀX`` or random symmetric matrix (nothing diagonal about them) to
+eigenvalues within 1e-5 of the largest, ``Z`` orthonormal and ``Z diag(λ) Zᵀ`` equal to ``A``
+to 1e-5 at r <= 16 (``test_random_grams_and_symmetric_matrices``), and a random Gram to 3e-5
+up to r = 64 (``test_wider_tiles``); the cost is linear in them. The floor itself grows with r
+(rounding over 6 (n − 1) rounds).
 
 A matrix with an entry that is not finite gets NaN eigenvalues and eigenvectors (the others
 of the batch are unaffected); the caller decides what to do with it (see
@@ -36,9 +34,10 @@ of the batch are unaffected); the caller decides what to do with it (see
 Two ways to apply ``J`` (``BY_DOT``): the two dots the method is usually written with, or,
 since ``J`` has two entries per column, as ``c·X`` minus ``s·X`` with the pair's rows (columns)
 swapped (``tl.gather``): the same products to rounding, with ``R²`` instead of ``R³`` FMAs per
-round. Compiled for sm_90 (``bench/jacobi_resources.py``, Triton 3.8) the dots hold 92 / 238
-registers per thread at R = 16 / 32 (4 warps) and spill 8,460 bytes per thread at R = 64 even
-with 8 warps; the gathers hold 40 / 116 / 173 (R = 64 with 8 warps) and spill nothing. The
+round. Compiled for sm_90 (``bench/jacobi_resources.py``, Triton 3.8,
+``bench/results/jacobi_resources_sm90_triton3.8.0.txt``) the dots hold 92 / 238 registers per
+thread at R = 16 / 32 (4 warps) and spill 8,460 bytes per thread at R = 64 even with 8 warps;
+the gathers hold 40 / 116 / 173 (R = 64 with 8 warps) and spill nothing. The
 default takes the dots where they do not spill (R <= 32) and the gathers at R = 64; no GPU has
 timed either yet.
 """
