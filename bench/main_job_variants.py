@@ -1,18 +1,22 @@
-"""The README's main job with Adapprox's options changed: its final validation loss and rank
-under another S-RSI start or truncation (docs/algorithm.md, Warm start).
+"""The README's main job with one optimizer's options changed: its final validation loss and
+rank under another S-RSI start or truncation (docs/algorithm.md, Warm start), or AdaMeM's
+momentum under a projection change (docs/adamem.md).
 
-    python bench/main_job_variants.py OUT [key=value ...] [main-job options]
+    python bench/main_job_variants.py OUT [--optimizer NAME] [key=value ...] [main-job options]
 
-runs the main job for Adapprox alone (its defaults otherwise: tiny GPT, 600 steps, k_max 3)
-with each ``key=value`` (a Python literal) added to the optimizer's arguments, e.g.
-``warm_start=True`` or ``truncation='rayleigh_ritz' power_iters=2``, and writes the main job's
-``results.json`` and plot to OUT; the options it added are recorded in that file's
-``meta["adapprox_options"]``. Other arguments (``--seed 1``, ``--steps 40 --warmup 4``: the
-warmup must be shorter than the run) go to the main job.
+runs the main job for one optimizer alone, Adapprox unless ``--optimizer`` names another of the
+main job's (its defaults otherwise: tiny GPT, 600 steps, k_max 3), with each ``key=value`` (a
+Python literal) added to the optimizer's arguments, e.g. ``warm_start=True`` or
+``truncation='rayleigh_ritz' power_iters=2``, or ``--optimizer adamem momentum_transfer='rotate'``,
+and writes the main job's ``results.json`` and plot to OUT; the options it added are recorded in
+that file's ``meta["<NAME>_options"]`` (``adapprox_options`` by default). Other arguments
+(``--seed 1``, ``--steps 40 --warmup 4``: the warmup must be shorter than the run) go to the main
+job.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import sys
@@ -26,33 +30,38 @@ from adapprox_kernels.train.__main__ import main  # noqa: E402
 
 def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):  # no OUT: the usage; nothing runs
-        print("usage: python bench/main_job_variants.py OUT [key=value ...] [main-job options]\n\n" + __doc__.strip())
+        print("usage: python bench/main_job_variants.py OUT [--optimizer NAME] [key=value ...] [main-job options]\n\n"
+              + __doc__.strip())
         return 0 if argv else 2
     out, *rest = argv
     options = [a for a in rest if "=" in a and not a.startswith("-")]
-    passed = [a for a in rest if a not in options]
+    # allow_abbrev off: a main-job option such as --opt... must not be taken for --optimizer
+    choose = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    choose.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS), default="adapprox")
+    chosen, passed = choose.parse_known_args([a for a in rest if a not in options])
+    name = chosen.optimizer
     extra = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in options)}
-    build = optimizers.OPTIMIZERS["adapprox"]
+    build = optimizers.OPTIMIZERS[name]
 
-    def adapprox(model, lr, device, k_max, seed):
+    def variant(model, lr, device, k_max, seed):
         opt = build(model, lr, device, k_max, seed)
         for group in opt.param_groups:  # before the first step: as if given to the constructor
             group.update(extra)
         opt.defaults.update(extra)
         return opt
 
-    optimizers.OPTIMIZERS["adapprox"] = adapprox
-    status = main(["--optimizers", "adapprox", "--out", out, *passed])
-    record_options(Path(out) / "results.json", extra)
+    optimizers.OPTIMIZERS[name] = variant
+    status = main(["--optimizers", name, "--out", out, *passed])
+    record_options(Path(out) / "results.json", name, extra)
     return status
 
 
-def record_options(path: Path, extra: dict) -> None:
+def record_options(path: Path, name: str, extra: dict) -> None:
     """Adds the variant's options to the meta of ``path`` (the main job's results.json, where the
     job got that far to write it): else the file's name is the only record of what it ran."""
     if path.is_file():
         data = json.loads(path.read_text())
-        data["meta"]["adapprox_options"] = extra
+        data["meta"][f"{name}_options"] = extra
         path.write_text(json.dumps(data, indent=1, allow_nan=False))
 
 

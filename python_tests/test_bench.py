@@ -590,6 +590,39 @@ def test_main_job_variants_hands_its_options_to_adapprox(monkeypatch, tmp_path):
     assert all(g["warm_start"] and g["truncation"] == "rayleigh_ritz" for g in opt.param_groups)
 
 
+def test_main_job_variants_hands_its_options_to_the_optimizer_named(monkeypatch, tmp_path):
+    """``--optimizer adamem``: the main job runs AdaMeM alone, the ``key=value`` options in every
+    group of the AdaMeM it builds (docs/adamem.md's keep/rotate runs), recorded as
+    ``meta["adamem_options"]``; Adapprox is left as it was."""
+    import json
+
+    from bench import main_job_variants
+
+    from adapprox_kernels.train import optimizers
+    from adapprox_kernels.train.model import GPT, GPTConfig
+
+    for name in ("adapprox", "adamem"):
+        monkeypatch.setitem(optimizers.OPTIMIZERS, name, optimizers.OPTIMIZERS[name])
+    adapprox = optimizers.OPTIMIZERS["adapprox"]
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        (tmp_path / "results.json").write_text(json.dumps({"meta": {"commit": "x"}, "runs": []}))
+        return 0
+
+    monkeypatch.setattr(main_job_variants, "main", main)
+    argv = [str(tmp_path), "--steps", "40", "--optimizer", "adamem", "momentum_transfer='rotate'", "update_proj_gap=50"]
+    assert main_job_variants.run(argv) == 0
+    assert seen == [["--optimizers", "adamem", "--out", str(tmp_path), "--steps", "40"]]
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta == {"commit": "x", "adamem_options": {"momentum_transfer": "rotate", "update_proj_gap": 50}}
+    model = GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32))
+    opt = optimizers.build_optimizer("adamem", model, 1e-3, "cpu", 3)
+    assert all(g["momentum_transfer"] == "rotate" and g["update_proj_gap"] == 50 for g in opt.param_groups)
+    assert optimizers.OPTIMIZERS["adapprox"] is adapprox
+
+
 @pytest.mark.slow  # ≈ 70 s: each script starts its own Python
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py")
                                            if p.name not in ("__init__.py", "conftest.py", "common.py", "peers.py",
