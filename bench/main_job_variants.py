@@ -34,7 +34,8 @@ def run(argv: list[str]) -> int:
               + __doc__.strip())
         return 0 if argv else 2
     out, *rest = argv
-    options = [a for a in rest if "=" in a and not a.startswith("-")]
+    # Every main-job option takes a value, so a key=value right after one (--lr adamem=1e-3) is its value.
+    options = [a for i, a in enumerate(rest) if "=" in a and not a.startswith("-") and not takes_value(rest[:i])]
     # allow_abbrev off: a main-job option such as --opt... must not be taken for --optimizer
     choose = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     choose.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS), default="adapprox")
@@ -54,6 +55,11 @@ def run(argv: list[str]) -> int:
     status = main(["--optimizers", name, "--out", out, *passed])
     record_options(Path(out) / "results.json", name, extra)
     return status
+
+
+def takes_value(before: list[str]) -> bool:
+    """Does the last of ``before`` name an option whose value follows it (``--lr``, not ``--lr=…``)?"""
+    return bool(before) and before[-1].startswith("-") and "=" not in before[-1]
 
 
 def record_options(path: Path, name: str, extra: dict) -> None:

@@ -581,8 +581,9 @@ def test_main_job_variants_hands_its_options_to_adapprox(monkeypatch, tmp_path):
         return 0
 
     monkeypatch.setattr(main_job_variants, "main", main)
-    assert main_job_variants.run([str(tmp_path), "warm_start=True", "truncation='rayleigh_ritz'", "--seed", "1"]) == 0
-    assert seen == [["--optimizers", "adapprox", "--out", str(tmp_path), "--seed", "1"]]
+    argv = [str(tmp_path), "warm_start=True", "--lr", "adapprox=3e-3", "truncation='rayleigh_ritz'", "--seed", "1"]
+    assert main_job_variants.run(argv) == 0  # adapprox=3e-3 is --lr's value, not an option
+    assert seen == [["--optimizers", "adapprox", "--out", str(tmp_path), "--lr", "adapprox=3e-3", "--seed", "1"]]
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta == {"commit": "x", "adapprox_options": {"warm_start": True, "truncation": "rayleigh_ritz"}}
     model = GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32))
