@@ -339,7 +339,7 @@ class AdaMeM(SketchOptimizer):
         weight_decay: λ, decoupled: ``W ← W(1 − ηλ) − η·update``.
         projection: ``"srsi"`` (randomized, the package's S-RSI + Rayleigh–Ritz) or ``"svd"``
             (exact, as in the paper).
-        oversample, power_iters: p and l of S-RSI.
+        oversample, power_iters: p and l of S-RSI (l at most 1000).
         momentum_transfer: on a projection change, ``"keep"`` the momentum as it is (the paper,
             as GaLore) or ``"rotate"`` it into the new basis (see :func:`rotate_momentum`).
         second_moment: the Adafactor statistics of the low-rank part are taken of the

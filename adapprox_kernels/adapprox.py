@@ -329,7 +329,8 @@ class Adapprox(SketchOptimizer):
             with no sync.
         k_init: initial rank k0 (default: ``k_max`` for ``"step"``, ``k_min`` for ``"sigmoid"``).
         k_max, k_min: bounds of the rank (also capped at ``min(m, n)``).
-        oversample: p, extra sketch columns. power_iters: l, subspace iterations.
+        oversample: p, extra sketch columns. power_iters: l, subspace iterations (at most 1000,
+            as ``warm_power_iters``; every int option at most 2³¹ − 1).
         xi_thresh: ξ threshold of the rank rules.
         rank_policy: ``"step"`` (ICLR, every step, with the rank moment) or ``"sigmoid"`` (arXiv,
             growth only, checked every ``rank_interval`` (default 10) steps with ``sigmoid``'s
