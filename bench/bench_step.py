@@ -95,8 +95,9 @@ def optimizer_factories(ranks, backend: str) -> dict:
         common = dict(lr=1e-3, k_init=k, k_min=k, k_max=k, backend=backend, seed=0)
         out[f"adapprox_k{k}_cold"] = lambda ps, c=common: Adapprox(ps, **c)
         out[f"adapprox_k{k}_warm"] = lambda ps, c=common: Adapprox(ps, warm_start=True, warm_power_iters=1, **c)
-        # Rayleigh–Ritz lets a cold step take 2 iterations (5 passes over G) for l = 5's ξ (its
-        # eigen-decompositions by the Jacobi kernel on CUDA: no sync, graphed)
+        # Rayleigh–Ritz lets a cold step take 2 iterations (5 passes over G) for l = 5's ξ
+        # (bench/results/warm_start_{truncation,tiny_gpt}_cpu.json; its eigen-decompositions by the
+        # Jacobi kernel on CUDA: no sync, graphed)
         out[f"adapprox_k{k}_cold_l2_rr"] = lambda ps, c=common: Adapprox(
             ps, power_iters=2, truncation="rayleigh_ritz", cuda_graphs=backend == "triton", **c
         )
@@ -127,9 +128,10 @@ def optimizer_factories(ranks, backend: str) -> dict:
             out[f"adapprox_k{k}_warm_graphs_tf32_rn"] = lambda ps, c=common: Adapprox(
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="tf32_rn", **c
             )
-            # exact fp32 products on CUDA cores (Triton's FMA dot): mixed at k = 1 in
-            # bench/results/tune_blocks_*.json (faster than tf32x3 on 345M's V @ X, slower on the
-            # 124M embedding); see docs/benchmarks.md, "Still not measured"
+            # exact fp32 products on CUDA cores (Triton's FMA dot), timed at 64×64 tiles only: at
+            # k = 1 ahead of tf32x3 at PRODUCT_BLOCKS in every V @ X, behind in Vᵀ @ Y of 345M's qkv
+            # and the 124M embedding; at k = 8 behind in all
+            # (bench/results/tune_blocks_nvidia-h100-80gb-hbm3.json; docs/benchmarks.md, "Still not measured")
             out[f"adapprox_k{k}_warm_graphs_ieee"] = lambda ps, c=common: Adapprox(
                 ps, warm_start=True, warm_power_iters=1, cuda_graphs=True, product_precision="ieee", **c
             )

@@ -1,9 +1,9 @@
 """Step time of this checkout against another one, measured in turns on the same machine.
 
 Step times move by a millisecond or more between GPU leases, and between runs on one lease,
-while the host-side changes they should judge are worth about as much. So the comparison runs
-both checkouts, and fused AdamW as a yardstick, in alternating child processes, several rounds,
-and reports the median of each:
+while the host-side changes they should judge are worth about as much (``compare_step_*`` in
+bench/results/). So the comparison runs both checkouts, and fused AdamW as a yardstick, in
+alternating child processes, several rounds, and reports the median of each:
 
     python bench/compare_step.py --baseline ../old-checkout [--size gpt2-345M] [--rank 1]
         [--rounds 4] [--steps 50] [--out bench/results]

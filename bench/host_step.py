@@ -1,6 +1,7 @@
 """Host time of a CUDA-graphed Adapprox step, measured on a CPU with the replays stubbed.
 
-On a GPU a warm graphed step is host-bound (docs/benchmarks.md): the Python around the graph
+On a GPU a warm graphed step is host-bound (the device busy 29–70% of it:
+bench/results/profile_step_cuda_h100_warm_graphs_*.txt): the Python around the graph
 launches, not the kernels, sets its time. This script measures that Python where there is no
 GPU. Each graphed call runs for real (Triton interpreter) until its key would be captured; the
 "capture" runs it once more, on buffers of its own, and a "replay" then loads the call's inputs

@@ -36,7 +36,8 @@ GPT2 = {
     "gpt2-345m": GPTConfig(vocab_size=50257, seq_len=1024, n_layer=24, n_head=16, d_model=1024),
     # The paper's "GPT-2 1.1B" (Table 8): its AdamW figure, 7,089.92 MiB = 8 bytes × 929,289,856
     # parameters, and its k = 1 figure are matched exactly by this GPT-2-structured shape
-    # (width 1,408, 36 layers); no other (width, layers) pair near 1.1B matches both.
+    # (width 1,408, 36 layers: bench/results/table2_8_state_memory_cpu.md); no other (width,
+    # layers) pair near 1.1B matches both.
     "gpt2-1.1b": GPTConfig(vocab_size=50257, seq_len=1024, n_layer=36, n_head=16, d_model=1408),
 }
 # GaLore's ranks for similar sizes in its paper (130M, 350M: 256; 1B: 512).

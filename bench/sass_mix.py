@@ -43,7 +43,9 @@ from triton.tools.disasm import path_to_cuobjdump  # noqa: E402
 # proportion (at 1.6 GHz, to 81% of the value here).
 SMS = 132
 CLOCK_HZ = 1.98e9
-COPY_BPS = 2.9e12  # device-to-device copy on the H100: 2.8-3.0 TB/s (docs/benchmarks.md)
+# device-to-device copy on the H100: 2.79-2.99 TB/s on the fp32 groups, 2.56-2.92 on bf16
+# (``copy_GBps`` in bench/results/bench_step_nvidia-h100-80gb-hbm3_*.json)
+COPY_BPS = 2.9e12
 
 # Warp-instructions per clock per SM on sm_90: the CUDA C++ Programming Guide's results per clock
 # per SM for compute capability 9.0 ("Arithmetic Instructions"), over 32 lanes. Which opcode runs

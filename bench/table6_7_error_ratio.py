@@ -5,7 +5,8 @@ optimum ‖A − A_k‖_F / ‖A‖_F.
 Matrices:
 
 * ``gaussian``: 1024×1024 with N(0, 1) entries, k = 256 (the paper's setting). Its optimum is
-  about 0.61, so the paper's 0.08–0.15 cannot come from this matrix as stated;
+  about 0.61 (bench/results/table6_7_error_ratio_cpu.md), so the paper's 0.08–0.15 cannot come
+  from this matrix as stated;
 * ``power-law``: 1024×1024 with singular values σ_j = 1/j and random singular vectors, k = 256,
   a decaying spectrum where S-RSI can get close to the optimum;
 * ``AdamW second moment``: the real ``exp_avg_sq`` matrices of :mod:`bench.second_moments`

@@ -1,14 +1,15 @@
 """The fewest bytes an optimizer step moves, and the step time that allows against fused AdamW.
 
 A step over a large model streams its tensors: fused AdamW reads W, G, M, V and writes W, M, V
-(seven passes of the parameter's size) and runs near copy bandwidth on an H100. Adapprox's
-fused Triton step (docs/kernels.md) reads G once per pass over it (``2l + 1``: ``l`` times
-``V @ U`` and ``Vᵀ Q``, then the update, which also reduces ξ's numerator; one more with
-cosine guidance; a product re-reads G per 64 columns of its sketch), and reads and writes W and
-M once, in the update pass. Its thin matrices (factors, sketches: ``O((m + n)·r)``, about 1% of
-G at these shapes) are left out, so the bytes here are a lower bound. Dense parameters
-(vectors, matrices too small to factor) read G and ``V_{t−1}`` in a sums pass, then G, V, W, M
-in the update pass, which writes V, W and M.
+(seven passes of the parameter's size) and runs near copy bandwidth on an H100 (2.6 TB/s,
+bench/results/traffic_bound_cuda.md). Adapprox's fused Triton step (docs/kernels.md) reads G
+once per pass over it (``2l + 1``: ``l`` times ``V @ U`` and ``Vᵀ Q``, then the update, which
+also reduces ξ's numerator; one more with cosine guidance; a product re-reads G per 64 columns
+of its sketch), and reads and writes W and M once, in the update pass. Its thin matrices
+(factors, sketches: ``O((m + n)·r)``, 0.8–2% of G at these shapes: ``thin_MB`` in
+bench/results/traffic_bound_cuda.md) are left out, so the bytes here are a lower bound. Dense
+parameters (vectors, matrices too small to factor) read G and ``V_{t−1}`` in a sums pass, then
+G, V, W, M in the update pass, which writes V, W and M.
 
 At the bandwidth fused AdamW achieves, no Adapprox step can take less than ``its bytes /
 AdamW's bytes`` times AdamW's step: the ``floor ×`` column. Issue 3 asks for ≤ 1.5× cold and

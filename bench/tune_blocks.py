@@ -104,8 +104,9 @@ def sweep(device, quick: bool, precisions: tuple, rebuilds: tuple) -> list[dict]
         dst = torch.empty_like(src)
         copy_gbps = 2 * g_bytes / (bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
         cases = []
-        # The default precision and tf32 rounded to nearest (within the sketch's own noise in
-        # bench/product_precision.py) over every tile shape; the others at the default tiles.
+        # The default precision and tf32 rounded to nearest (within the sketch's own noise:
+        # bench/results/product_precision_{cold,warm}_nvidia-h100-80gb-hbm3.json) over every tile
+        # shape; the others at the default tiles.
         for precision in precisions:
             for blocks in product_configs(quick, rebuilds, k):
                 for name, fn, thin_in in (("v_matmul", v_matmul, x), ("v_rmatmul", v_rmatmul, y)):

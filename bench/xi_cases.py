@@ -4,7 +4,8 @@ The cases of docs/algorithm.md (the table's "gradients too small for float32 squ
 rank policies' weak block and least-squares layer), on small matrices: the CPU is enough.
 
 * ``small``: ξ of the first step on a random 24×40 gradient scaled to 1e-6 … 1e-11 (k = 8,
-  factored): from about 1e-10 the squares in ξ's sums leave float32's normal range.
+  factored): from about 1e-10 the squares in ξ's sums leave float32's normal range
+  (bench/results/xi_cases_cpu.json).
 * ``weak_block``: a constant 30×40 gradient of a block of 1s and a block of 2s (V exactly rank
   2), 160 steps from k_max = 8: the rank ξ keeps, the weak block's stored ``Q Uᵀ`` at a step
   with one column next to the exact moving average of G², and the raw updates ``G/√V_t`` of
