@@ -5,6 +5,7 @@ the blocks that need no extra package or process group run on a CPU."""
 import ast
 import inspect
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,47 @@ def test_the_defaults_the_docs_list_are_the_constructors(doc, cls):
         assert list(listed) == [p for p in params if p != "params"]
 
 
+def api_table(cls: str) -> list[list[str]]:
+    """The cells of each row of the argument table in docs/api.md's ``## cls`` section."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    section = re.search(rf"^## {cls}\n(.*?)(?=^## |\Z)", text, re.S | re.M)[1]
+    rows = [[cell.strip() for cell in row.split("|")] for row in re.findall(r"^\|(.*)\|$", section, re.M)]
+    assert rows[0] == ["argument", "default", "valid values", "meaning", "see"], rows[0]
+    return rows[2:]  # past the header and its rule
+
+
+def written_defaults(cls: type) -> list[tuple[str, str]]:
+    """``(argument, default)`` of ``cls.__init__`` in order, each default as its source writes it
+    (``1e-3``, where ``repr`` gives ``0.001``)."""
+    source = textwrap.dedent(inspect.getsource(cls.__init__))
+    args = ast.parse(source).body[0].args
+    named = args.args[len(args.args) - len(args.defaults) :]
+    return [(a.arg, ast.get_source_segment(source, d)) for a, d in zip(named, args.defaults)]
+
+
+@pytest.mark.parametrize("cls", ["Adapprox", "AdaMeM"])
+def test_the_api_page_lists_every_argument_with_its_default(cls):
+    """docs/api.md's table has a row per constructor argument but ``params``, in the signature's
+    order, none for an argument that does not exist, and each default as the signature writes
+    it, in backticks."""
+    import adapprox_kernels
+
+    optimizer = getattr(adapprox_kernels, cls)
+    rows = api_table(cls)
+    assert all(len(row) == 5 for row in rows), [row for row in rows if len(row) != 5]  # a '|' in a cell
+    written = written_defaults(optimizer)
+    assert [name for name, _ in written] == list(inspect.signature(optimizer.__init__).parameters)[2:]
+    assert [(row[0], row[1]) for row in rows] == [(f"`{name}`", f"`{default}`") for name, default in written]
+
+
+def test_the_api_page_names_every_public_name():
+    """Each name of ``adapprox_kernels.__all__`` starts a code span of docs/api.md."""
+    import adapprox_kernels
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    assert [name for name in adapprox_kernels.__all__ if not re.search(rf"`{re.escape(name)}[`(]", text)] == []
+
+
 # What each python block leaves to the reader, defined so that it runs on a CPU in seconds. None:
 # not run here, it needs transformers or a process group (test_frameworks.py and
 # test_distributed.py make the same calls).
@@ -144,6 +186,7 @@ PRELUDES = {
     ("docs/distributed.md", 1): None,
     ("docs/distributed.md", 2): None,
     ("docs/install.md", 0): "",
+    ("docs/api.md", 0): "",
 }
 
 
