@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import math
 import numbers
@@ -363,6 +364,26 @@ class SketchOptimizer(Optimizer):
         params = inspect.signature(own.__init__).parameters.values()
         return {p.name: as_tuple(p.default) for p in params if p.default is not p.empty and p.name != "seed"}
 
+    def _check_unknown_keys(self, own: dict[str, Any], where: str) -> None:
+        """A group's keys that are no option. A ``seed`` other than the optimizer's is a
+        ``ValueError``: the sketch RNG is one for all groups, and the group's was kept and
+        ignored (ZeroRedundancyOptimizer copies the optimizer's own into its groups: that one
+        passes, as does None). A near miss of an option's name (``weight_deacy``) warns, since
+        torch.optim keeps any key a group brings (names for logging, a scheduler's
+        ``initial_lr``) and the misspelled option would silently keep its default."""
+        cls = type(self).__name__
+        if own.get("seed") is not None and own["seed"] != self._seed:
+            raise ValueError(
+                f"{where}: seed {own['seed']!r} is not {cls}'s ({self._seed!r}): its sketch RNG is one for all groups"
+            )
+        for key in own.keys() - self.defaults.keys() - {"seed"}:
+            near = difflib.get_close_matches(str(key), self.defaults, n=1, cutoff=0.8)
+            if near:
+                warnings.warn(
+                    f"{where}: {key!r} is not an option of {cls} (did you mean {near[0]!r}?); it has no effect",
+                    stacklevel=_outside_stacklevel(),
+                )
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, once the group's hyperparameters pass :meth:`_check_hyperparameters`:
         the group's own values and the defaults it takes (the constructor's arguments arrive
@@ -385,6 +406,7 @@ class SketchOptimizer(Optimizer):
                 self._check_hyperparameters({**self.defaults, **own})
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
+            self._check_unknown_keys(own, where)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate parameters")
             super().add_param_group(param_group)

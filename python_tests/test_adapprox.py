@@ -4,6 +4,7 @@ import contextlib
 import copy
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -1269,6 +1270,27 @@ def test_bad_param_group_values_are_refused(override, match):
     assert len(opt.param_groups) == 1  # nothing added
     opt.add_param_group({"params": [b], "lr": 1e-2, "k_max": 2})  # good values pass
     assert opt.param_groups[1]["k_max"] == 2 and opt.param_groups[1]["betas"] == (0.9, 0.999, 0.9)
+
+
+@pytest.mark.parametrize("cls", [Adapprox, AdaMeM])
+def test_a_group_key_that_is_no_option(cls):
+    """A seed in a group was kept and ignored (the sketch RNG is the optimizer's): refused, but
+    for the optimizer's own or None (ZeroRedundancyOptimizer copies it into its groups). A near
+    miss of an option's name kept its default silently: it warns, naming the option. Other keys
+    of the user's (a name for logging, a scheduler's initial_lr) pass without a word."""
+    a, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6, 5))
+    for seed in (0, None):
+        with pytest.raises(ValueError, match=rf"param_groups\[1\]: seed 5 is not {cls.__name__}'s \({seed}\)"):
+            cls([{"params": [a]}, {"params": [b], "seed": 5}], seed=seed)
+    cls([{"params": [a], "seed": None}, {"params": [b], "seed": 0}], seed=0)
+    near_miss = r"param_groups\[1\]: 'weight_deacy' is not an option .*'weight_decay'"
+    with pytest.warns(UserWarning, match=near_miss) as caught:
+        opt = cls([{"params": [a]}, {"params": [b], "weight_deacy": 0.0, "name": "b", "initial_lr": 1e-3}])
+    assert len(caught) == 1 and caught[0].filename == __file__  # the user's line
+    assert opt.param_groups[1]["weight_deacy"] == 0.0 and opt.param_groups[1]["name"] == "b"  # kept, as in torch.optim
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "name": "c", "weight_decay": 0.0})
 
 
 @pytest.mark.parametrize(
