@@ -15,6 +15,7 @@ GaLore none. ``seed`` (the job's ``--seed``) seeds Adapprox's and AdaMeM's own s
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Callable
 
 import torch
@@ -22,6 +23,11 @@ from torch import nn
 
 from ..adamem import AdaMeM
 from ..adapprox import Adapprox
+
+# galore-torch imports bitsandbytes, whose CPU backend logs a warning at import on CPUs with
+# AVX512-BF16 ("Failed to load CPU gemm_4bit_forward …") that read as a failure at the top of the
+# job's output: the job runs no 4-bit op.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _groups(model: nn.Module, weight_decay: float) -> list[dict]:
