@@ -561,10 +561,22 @@ def test_fig3_4_from_a_missing_file_is_a_usage_error(tmp_path, monkeypatch, caps
     assert exit_info.value.code == 2 and "typo.json: no such file" in capsys.readouterr().err
 
 
-def test_main_job_variants_hands_its_options_to_adapprox(monkeypatch, tmp_path):
-    """bench/main_job_variants.py: the main job with Adapprox alone, each ``key=value`` in every
-    group of the optimizer it builds, the other arguments passed on; the options are recorded in
-    the results file's meta (else its name would be their only record)."""
+@pytest.mark.parametrize(
+    "name,given,passed,options",
+    [
+        # adapprox=3e-3 is --lr's value, not an option
+        (None, ["warm_start=True", "--lr", "adapprox=3e-3", "truncation='rayleigh_ritz'", "--seed", "1"],
+         ["--lr", "adapprox=3e-3", "--seed", "1"], {"warm_start": True, "truncation": "rayleigh_ritz"}),
+        ("adamem", ["--steps", "40", "--optimizer", "adamem", "momentum_transfer='rotate'", "update_proj_gap=50"],
+         ["--steps", "40"], {"momentum_transfer": "rotate", "update_proj_gap": 50}),
+    ],
+)  # fmt: skip
+def test_main_job_variants_hands_its_options_to_the_optimizer(name, given, passed, options, monkeypatch, tmp_path):
+    """bench/main_job_variants.py: the main job with one optimizer alone (Adapprox unless
+    ``--optimizer`` names another: docs/adamem.md's keep/rotate runs), each ``key=value`` in
+    every group of the optimizer it builds, the other arguments passed on; the options are
+    recorded in the results file's meta (else its name would be their only record); the other
+    optimizers are left as they were."""
     import json
 
     from bench import main_job_variants
@@ -572,7 +584,10 @@ def test_main_job_variants_hands_its_options_to_adapprox(monkeypatch, tmp_path):
     from adapprox_kernels.train import optimizers
     from adapprox_kernels.train.model import GPT, GPTConfig
 
-    monkeypatch.setitem(optimizers.OPTIMIZERS, "adapprox", optimizers.OPTIMIZERS["adapprox"])
+    name = name or "adapprox"
+    for each in optimizers.OPTIMIZERS:
+        monkeypatch.setitem(optimizers.OPTIMIZERS, each, optimizers.OPTIMIZERS[each])
+    others = {k: v for k, v in optimizers.OPTIMIZERS.items() if k != name}
     seen = []
 
     def main(argv):
@@ -581,47 +596,14 @@ def test_main_job_variants_hands_its_options_to_adapprox(monkeypatch, tmp_path):
         return 0
 
     monkeypatch.setattr(main_job_variants, "main", main)
-    argv = [str(tmp_path), "warm_start=True", "--lr", "adapprox=3e-3", "truncation='rayleigh_ritz'", "--seed", "1"]
-    assert main_job_variants.run(argv) == 0  # adapprox=3e-3 is --lr's value, not an option
-    assert seen == [["--optimizers", "adapprox", "--out", str(tmp_path), "--lr", "adapprox=3e-3", "--seed", "1"]]
+    assert main_job_variants.run([str(tmp_path), *given]) == 0
+    assert seen == [["--optimizers", name, "--out", str(tmp_path), *passed]]
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
-    assert meta == {"commit": "x", "adapprox_options": {"warm_start": True, "truncation": "rayleigh_ritz"}}
+    assert meta == {"commit": "x", f"{name}_options": options}
     model = GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32))
-    opt = optimizers.build_optimizer("adapprox", model, 1e-3, "cpu", 3)
-    assert all(g["warm_start"] and g["truncation"] == "rayleigh_ritz" for g in opt.param_groups)
-
-
-def test_main_job_variants_hands_its_options_to_the_optimizer_named(monkeypatch, tmp_path):
-    """``--optimizer adamem``: the main job runs AdaMeM alone, the ``key=value`` options in every
-    group of the AdaMeM it builds (docs/adamem.md's keep/rotate runs), recorded as
-    ``meta["adamem_options"]``; Adapprox is left as it was."""
-    import json
-
-    from bench import main_job_variants
-
-    from adapprox_kernels.train import optimizers
-    from adapprox_kernels.train.model import GPT, GPTConfig
-
-    for name in ("adapprox", "adamem"):
-        monkeypatch.setitem(optimizers.OPTIMIZERS, name, optimizers.OPTIMIZERS[name])
-    adapprox = optimizers.OPTIMIZERS["adapprox"]
-    seen = []
-
-    def main(argv):
-        seen.append(argv)
-        (tmp_path / "results.json").write_text(json.dumps({"meta": {"commit": "x"}, "runs": []}))
-        return 0
-
-    monkeypatch.setattr(main_job_variants, "main", main)
-    argv = [str(tmp_path), "--steps", "40", "--optimizer", "adamem", "momentum_transfer='rotate'", "update_proj_gap=50"]
-    assert main_job_variants.run(argv) == 0
-    assert seen == [["--optimizers", "adamem", "--out", str(tmp_path), "--steps", "40"]]
-    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
-    assert meta == {"commit": "x", "adamem_options": {"momentum_transfer": "rotate", "update_proj_gap": 50}}
-    model = GPT(GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32))
-    opt = optimizers.build_optimizer("adamem", model, 1e-3, "cpu", 3)
-    assert all(g["momentum_transfer"] == "rotate" and g["update_proj_gap"] == 50 for g in opt.param_groups)
-    assert optimizers.OPTIMIZERS["adapprox"] is adapprox
+    opt = optimizers.build_optimizer(name, model, 1e-3, "cpu", 3)
+    assert all(g[k] == v for g in opt.param_groups for k, v in options.items())
+    assert {k: v for k, v in optimizers.OPTIMIZERS.items() if k != name} == others
 
 
 @pytest.mark.slow  # ≈ 70 s: each script starts its own Python
