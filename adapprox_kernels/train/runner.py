@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,7 +89,9 @@ def train_one(cfg: RunConfig, model_cfg: GPTConfig, data: ByteBatches) -> dict:
     out = dict(name=cfg.optimizer, lr=cfg.lr, config=asdict(cfg), eval_steps=[], val_loss=[], train_loss=[],
                rank_steps=[], ranks=[], step_times=[], opt_times=[])  # fmt: skip
     # A with-block closes the bar when a step raises too, before the job prints the error.
-    with tqdm(range(1, cfg.steps + 1), desc=f"{cfg.optimizer:>10s}", dynamic_ncols=True) as bar:
+    # Into a log (stderr not a terminal) each redraw is kept: one every 30 s there, not 10 a second.
+    refresh = 0.1 if sys.stderr.isatty() else 30.0
+    with tqdm(range(1, cfg.steps + 1), desc=f"{cfg.optimizer:>10s}", dynamic_ncols=True, mininterval=refresh) as bar:
         for step in bar:
             batch = data.train_batch().to(cfg.device)
             _sync(cfg.device)
@@ -113,7 +116,7 @@ def train_one(cfg: RunConfig, model_cfg: GPTConfig, data: ByteBatches) -> dict:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 out["eval_steps"].append(step)
                 out["val_loss"].append(evaluate(model, val, cfg.device))
-                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{out['val_loss'][-1]:.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{out['val_loss'][-1]:.3f}", refresh=False)
     warm = out["step_times"][5:] or out["step_times"]
     out["step_time_s"] = statistics.median(warm)
     out["opt_time_s"] = statistics.median(out["opt_times"][5:] or out["opt_times"])
