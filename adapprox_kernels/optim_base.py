@@ -374,7 +374,7 @@ class SketchOptimizer(Optimizer):
         cls = type(self).__name__
         if own.get("seed") is not None and own["seed"] != self._seed:
             raise ValueError(
-                f"{where}: seed {own['seed']!r} is not {cls}'s ({self._seed!r}): its sketch RNG is one for all groups"
+                f"{where}: seed {own['seed']!r} is not {cls}'s (seed={self._seed!r}): one sketch RNG serves all groups"
             )
         for key in own.keys() - self.defaults.keys() - {"seed"}:
             near = difflib.get_close_matches(str(key), self.defaults, n=1, cutoff=0.8)

@@ -1280,7 +1280,7 @@ def test_a_group_key_that_is_no_option(cls):
     of the user's (a name for logging, a scheduler's initial_lr) pass without a word."""
     a, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6, 5))
     for seed in (0, None):
-        with pytest.raises(ValueError, match=rf"param_groups\[1\]: seed 5 is not {cls.__name__}'s \({seed}\)"):
+        with pytest.raises(ValueError, match=rf"param_groups\[1\]: seed 5 is not {cls.__name__}'s \(seed={seed}\)"):
             cls([{"params": [a]}, {"params": [b], "seed": 5}], seed=seed)
     cls([{"params": [a], "seed": None}, {"params": [b], "seed": 0}], seed=0)
     near_miss = r"param_groups\[1\]: 'weight_deacy' is not an option .*'weight_decay'"
