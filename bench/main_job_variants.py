@@ -58,8 +58,9 @@ def run(argv: list[str]) -> int:
 
 
 def takes_value(before: list[str]) -> bool:
-    """Does the last of ``before`` name an option whose value follows it (``--lr``, not ``--lr=…``)?"""
-    return bool(before) and before[-1].startswith("-") and "=" not in before[-1]
+    """Does the last of ``before`` name an option whose value follows it (``--lr``, not ``--lr=…``,
+    nor the value ``-1`` of ``--seed -1``)?"""
+    return bool(before) and before[-1].startswith("-") and "=" not in before[-1] and not takes_value(before[:-1])
 
 
 def record_options(path: Path, name: str, extra: dict) -> None:

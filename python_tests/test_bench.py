@@ -567,6 +567,8 @@ def test_fig3_4_from_a_missing_file_is_a_usage_error(tmp_path, monkeypatch, caps
         # adapprox=3e-3 is --lr's value, not an option
         (None, ["warm_start=True", "--lr", "adapprox=3e-3", "truncation='rayleigh_ritz'", "--seed", "1"],
          ["--lr", "adapprox=3e-3", "--seed", "1"], {"warm_start": True, "truncation": "rayleigh_ritz"}),
+        # -1 is --seed's value, not an option whose value warm_start=True would be
+        (None, ["--seed", "-1", "warm_start=True"], ["--seed", "-1"], {"warm_start": True}),
         ("adamem", ["--steps", "40", "--optimizer", "adamem", "momentum_transfer='rotate'", "update_proj_gap=50"],
          ["--steps", "40"], {"momentum_transfer": "rotate", "update_proj_gap": 50}),
     ],

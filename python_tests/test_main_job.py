@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,41 @@ def test_state_bytes_count_every_shared_buffer(built):
     ptrs = [t.untyped_storage().data_ptr() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     assert len(set(ptrs)) < len(ptrs)  # shared buffers: the case the count got wrong
     assert out["state_bytes"] == opt.state_report().state_bytes
+
+
+def test_a_progress_bar_into_a_log_redraws_no_stale_count(monkeypatch, capsys):
+    """Into a log a bar draws every 30 s; tqdm's monitor thread redrew it every 10 s between
+    those draws with the count of the last one ('30/50 [00:40<…]'). Steps of 1 s on tqdm's
+    clock, the monitor checking every millisecond of real time."""
+    import time
+
+    import tqdm.std
+    from tqdm._monitor import TMonitor
+
+    clock = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    monkeypatch.setattr(TMonitor, "_test", {"time": lambda: clock[0]})
+    monkeypatch.setattr(tqdm.std.tqdm, "monitor_interval", 0.001)
+    monkeypatch.setattr(tqdm.std.tqdm, "monitor", None)  # a new one, with that interval
+    data = ByteBatches(bytes(range(256)) * 8, 16, 2)
+    batch = data.train_batch
+
+    def slow_batch():
+        clock[0] += 1.0
+        time.sleep(0.005)  # the monitor's turn
+        return batch()
+
+    monkeypatch.setattr(data, "train_batch", slow_batch)
+    cfg = RunConfig(
+        optimizer="adamw", lr=1e-3, steps=50, warmup=1, eval_every=50, eval_batches=1, k_max=3, device="cpu"
+    )
+    try:
+        train_one(cfg, GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32), data)
+    finally:
+        if tqdm.std.tqdm.monitor is not None:  # the thread this test started
+            tqdm.std.tqdm.monitor.exit()
+    counts = [int(n) for n in re.findall(r"\| (\d+)/50 \[", capsys.readouterr().err)]  # each draw's step count
+    assert counts == [0, 30, 50], counts
 
 
 def test_corpus_reads_no_more_than_its_cap(tmp_path):

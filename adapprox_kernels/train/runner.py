@@ -90,8 +90,12 @@ def train_one(cfg: RunConfig, model_cfg: GPTConfig, data: ByteBatches) -> dict:
                rank_steps=[], ranks=[], step_times=[], opt_times=[])  # fmt: skip
     # A with-block closes the bar when a step raises too, before the job prints the error.
     # Into a log (stderr not a terminal) each redraw is kept: one every 30 s there, not 10 a second.
+    # miniters=1: else tqdm's monitor thread redraws the bar every 10 s (its maxinterval) once a
+    # draw has raised miniters, with the step count and ETA of the last draw.
     refresh = 0.1 if sys.stderr.isatty() else 30.0
-    with tqdm(range(1, cfg.steps + 1), desc=f"{cfg.optimizer:>10s}", dynamic_ncols=True, mininterval=refresh) as bar:
+    with tqdm(
+        range(1, cfg.steps + 1), desc=f"{cfg.optimizer:>10s}", dynamic_ncols=True, mininterval=refresh, miniters=1
+    ) as bar:
         for step in bar:
             batch = data.train_batch().to(cfg.device)
             _sync(cfg.device)
