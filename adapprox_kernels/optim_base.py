@@ -372,10 +372,7 @@ class SketchOptimizer(Optimizer):
         torch.optim keeps any key a group brings (names for logging, a scheduler's
         ``initial_lr``) and the misspelled option would silently keep its default."""
         cls = type(self).__name__
-        if own.get("seed") is not None and own["seed"] != self._seed:
-            raise ValueError(
-                f"{where}: seed {own['seed']!r} is not {cls}'s (seed={self._seed!r}): one sketch RNG serves all groups"
-            )
+        self._check_group_seed(own.get("seed"), where)
         for key in own.keys() - self.defaults.keys() - {"seed"}:
             near = difflib.get_close_matches(str(key), self.defaults, n=1, cutoff=0.8)
             if near:
@@ -383,6 +380,14 @@ class SketchOptimizer(Optimizer):
                     f"{where}: {key!r} is not an option of {cls} (did you mean {near[0]!r}?); it has no effect",
                     stacklevel=_outside_stacklevel(),
                 )
+
+    def _check_group_seed(self, seed: Any, where: str, after: str = "") -> None:
+        """``ValueError`` where a group's ``seed`` is neither None nor the optimizer's."""
+        if seed is not None and seed != self._seed:
+            raise ValueError(
+                f"{where}: seed {seed!r} is not {type(self).__name__}'s (seed={self._seed!r}): "
+                f"one sketch RNG serves all groups{after}"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch.optim's, once the group's hyperparameters pass :meth:`_check_hyperparameters`:
@@ -459,7 +464,8 @@ class SketchOptimizer(Optimizer):
         """Each group's hyperparameters, as the step is about to read them, pass the constructor's
         checks: a value written into ``param_groups`` mid-run (``group["lr"] = float("nan")``,
         ``group["nonfinite"] = "ignore"``) is refused before the step changes anything, not
-        trained on (torch.optim checks none) nor found only when a checkpoint fails to load.
+        trained on (torch.optim checks none) nor found only when a checkpoint fails to load;
+        so is a group ``seed`` written in that is not the optimizer's (it would be ignored).
         Checked where the values changed since the last step (a scheduler changes lr every
         step: comparing is cheaper than checking). An lr tensor, which a scheduler fills in
         place, is checked every step by its value, read once here for the whole step
@@ -478,6 +484,9 @@ class SketchOptimizer(Optimizer):
             # (clip_threshold, k_init), which passed the check and then raised KeyError from
             # inside the step, after the step counts had moved.
             values = list(map(group.get, names, repeat(_MISSING)))
+            # Not an option (no default): checked every step, a dict read.
+            where = f"{type(self).__name__}.step: param_groups[{i}]"
+            self._check_group_seed(group.get("seed"), where, "; nothing was updated")
             lr, was = group.get("lr"), checked.get(i)
             # The values themselves, compared by identity first, then by type (4.0 == 4 and
             # 1 == True, but an int option must be an int, a flag a bool), then by value; a

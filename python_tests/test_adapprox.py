@@ -1282,7 +1282,16 @@ def test_a_group_key_that_is_no_option(cls):
     for seed in (0, None):
         with pytest.raises(ValueError, match=rf"param_groups\[1\]: seed 5 is not {cls.__name__}'s \(seed={seed}\)"):
             cls([{"params": [a]}, {"params": [b], "seed": 5}], seed=seed)
-    cls([{"params": [a], "seed": None}, {"params": [b], "seed": 0}], seed=0)
+    opt = cls([{"params": [a], "seed": None}, {"params": [b], "seed": 0}], seed=0)
+    # Written in mid-run, it was ignored: refused by the step, before anything moves.
+    b.grad, kept = torch.randn(6, 5), b.detach().clone()
+    opt.param_groups[0]["seed"] = 7
+    with pytest.raises(ValueError, match=rf"step: param_groups\[0\]: seed 7 is not {cls.__name__}'s .*nothing was updated"):
+        opt.step()
+    assert torch.equal(b, kept) and not opt.state
+    opt.param_groups[0]["seed"] = 0
+    opt.step()
+    assert not torch.equal(b, kept)
     near_miss = r"param_groups\[1\]: 'weight_deacy' is not an option .*'weight_decay'"
     with pytest.warns(UserWarning, match=near_miss) as caught:
         opt = cls([{"params": [a]}, {"params": [b], "weight_deacy": 0.0, "name": "b", "initial_lr": 1e-3}])
