@@ -321,12 +321,14 @@ def unwritable():
     error's strerror."""
     immutable = []
 
-    def make(path: Path) -> str:
-        path.chmod(0o555 if path.is_dir() else 0o444)
-        if not os.access(path, os.W_OK):
-            return os.strerror(errno.EACCES)
+    def make(path: Path, read_only: bool = True) -> str:
+        """``read_only=False``: immutable or skipped (a read-only results.json is replaced)."""
+        if read_only:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+            if not os.access(path, os.W_OK):
+                return os.strerror(errno.EACCES)
         if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-            pytest.skip("this user writes read-only files (root) and cannot make them immutable here")
+            pytest.skip("this user cannot make files immutable here")
         immutable.append(path)
         return os.strerror(errno.EPERM)
 
@@ -346,12 +348,13 @@ def test_out_folder_that_refuses_files_is_a_usage_error(tmp_path, monkeypatch, c
     assert f"--out {out}: {reason}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["results.json.partial", "comparison.png"])
+@pytest.mark.parametrize("name", ["results.json.partial", "comparison.png", "results.json"])
 def test_out_folder_holding_an_unwritable_output_is_a_usage_error(name, tmp_path, monkeypatch, capsys, unwritable):
-    """Written in place (a stale partial file, the plot): found before any run, not when the first
-    write or the plot fails after the training; the probe changes nothing and leaves nothing."""
+    """Written in place (a stale partial file, the plot), or an immutable results.json, which the
+    rename cannot replace: found before any run, not when the first write or the plot fails
+    after the training; the probe changes nothing and leaves nothing."""
     (tmp_path / name).write_bytes(b"kept")
-    reason = unwritable(tmp_path / name)
+    reason = unwritable(tmp_path / name, read_only=name != "results.json")
     monkeypatch.setattr(main_module, "train_one", no_run)
     with pytest.raises(SystemExit) as exit_info:
         main(TINY + ["--optimizers", "adamw", "--out", str(tmp_path)])

@@ -8,6 +8,7 @@ optimizer-step time, final mean rank), and writes ``results.json`` and ``compari
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import math
@@ -28,7 +29,8 @@ from .runner import RunConfig, environment, train_one
 
 RESULTS, PLOT = "results.json", "comparison.png"  # what the job writes into --out
 # The outputs opened where they are, with their writers' flags (Path.write_text's "w", Pillow's
-# "w+b") less O_CREAT and O_TRUNC; results.json is replaced by a rename, which needs only the folder.
+# "w+b") less O_CREAT and O_TRUNC; results.json is replaced by a rename, which needs only the
+# folder, unless the file is immutable or append-only (chattr +i, +a): see unwritable_output.
 IN_PLACE = {RESULTS + ".partial": os.O_WRONLY, PLOT: os.O_RDWR}
 
 
@@ -200,14 +202,18 @@ def out_dir(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
 
 def unwritable_output(out: Path) -> str | None:
     """The first output in ``out`` that exists, is opened in place and cannot be (read-only,
-    immutable), with the reason; None if none. Opened without truncating: it stays as it was."""
-    for name, flags in IN_PLACE.items():
+    immutable), with the reason; None if none. Opened without truncating: it stays as it was.
+    results.json is probed too: a rename over it fails where it is immutable or append-only
+    (after the first run), which opening it for writing tells apart from a read-only file,
+    replaced without a word, by the error: EPERM, where a mode bit gives EACCES."""
+    for name, flags in (*IN_PLACE.items(), (RESULTS, os.O_WRONLY)):
         try:
             os.close(os.open(out / name, flags))
         except FileNotFoundError:
             continue  # created later, in a folder that takes files
         except OSError as e:
-            return f"{name} there cannot be written ({e.strerror})"
+            if name != RESULTS or e.errno == errno.EPERM:
+                return f"{name} there cannot be written ({e.strerror})"
     return None
 
 
