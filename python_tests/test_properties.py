@@ -1,13 +1,15 @@
 """Properties that must hold for any input, checked on inputs hypothesis draws (reference
 backend, tiny shapes; derandomized, so every run draws the same examples)."""
 
-import copy
+import contextlib
+import io
 import math
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_adapprox import dense_adapprox
+from test_resume import _assert_same_runs
 
 from adapprox_kernels import AdaMeM, Adapprox
 from adapprox_kernels.rank_policy import next_rank_step, rank_moment, sigmoid_increment
@@ -98,31 +100,80 @@ def test_a_learning_rate_or_eps_is_refused_exactly_when_it_is_not_finite_and_in_
             assert ok
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
-@given(m=dims, n=dims, split=st.integers(1, 4), warm=st.booleans(), beta1=st.sampled_from([0.0, 0.9]), seed=seeds)
-def test_a_resumed_run_is_bit_identical_wherever_it_stops(m, n, split, warm, beta1, seed):
-    """Two same-shaped matrices and a vector, k_max 2: a copy of the state dict taken after any
-    step continues exactly like the run that never stopped (sketch RNG included)."""
-    kw = dict(lr=1e-2, betas=(beta1, 0.99, 0.9), k_max=2, oversample=1, power_iters=2, warm_start=warm)
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(m, n), (m, n), (n,)]
-    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
+# Options drawn per param group for the resume property: every choice that changes what the
+# state holds or how the sketch RNG is drawn, at tiny ranks.
+_RESUME_OPTIONS = {
+    Adapprox: dict(
+        betas=st.tuples(st.sampled_from([0.0, 0.9]), st.sampled_from([0.5, 0.99]), st.sampled_from([0.0, 0.9])),
+        clip_threshold=st.sampled_from([None, 1.0]), weight_decay=st.sampled_from([0.0, 0.1]),
+        k_max=st.integers(1, 3), oversample=st.integers(0, 2), power_iters=st.integers(1, 2),
+        rank_policy=st.sampled_from(["step", "sigmoid"]), rank_interval=st.integers(1, 3), warm_start=st.booleans(),
+        truncation=st.sampled_from(["qr", "rayleigh_ritz"]), exact_small_matrices=st.booleans(),
+        cosine_guidance=st.booleans(), maximize=st.booleans(), bf16_stochastic_round=st.booleans(),
+        nonfinite=st.sampled_from(["raise", "skip"]), backend=st.just("reference"),
+    ),
+    AdaMeM: dict(
+        betas=st.tuples(st.sampled_from([0.0, 0.9]), st.sampled_from([0.5, 0.95])), rank=st.integers(1, 3),
+        update_proj_gap=st.integers(1, 3), residual_scale=st.sampled_from([0.0, 1.0]),
+        weight_decay=st.sampled_from([0.0, 0.1]), projection=st.sampled_from(["srsi", "svd"]),
+        oversample=st.integers(0, 2), power_iters=st.integers(1, 2),
+        momentum_transfer=st.sampled_from(["keep", "rotate"]), second_moment=st.sampled_from(["momentum", "gradient"]),
+        bias_correction=st.booleans(), clip_threshold=st.sampled_from([None, 1.0]), maximize=st.booleans(),
+        bf16_stochastic_round=st.booleans(), nonfinite=st.sampled_from(["raise", "skip"]),
+    ),
+}  # fmt: skip
 
-    def run(params, opt, steps):
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    cls=st.sampled_from([Adapprox, AdaMeM]), data=st.data(), m=dims, n=dims, split=st.integers(0, 6),
+    scheduled=st.booleans(), events=st.tuples(*[st.integers(-2, 1)] * 3), seed=seeds,
+)  # fmt: skip
+def test_a_resumed_run_is_bit_identical_wherever_it_stops(cls, data, m, n, split, scheduled, events, seed):
+    """Two same-shaped fp32 matrices (one bucket) and, in a second group with options of its own,
+    a transposed matrix, a vector and a scalar in bf16; around the save (``events``: steps
+    relative to it) a NaN gradient (skipped, or the step refused), a missing one and an all-zero
+    one (AdaMeM's refresh then goes pending); a StepLR schedule. The state dict saved after any
+    step, through ``torch.save`` and ``torch.load(weights_only=True)`` into an optimizer of
+    another seed, continues exactly like the run that never stopped, in every parameter and
+    state entry (sketch RNG included)."""
+    groups = [data.draw(st.fixed_dictionaries(_RESUME_OPTIONS[cls])) for _ in range(2)]
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(m, n), (m, n), (n, m), (n,), ()]
+    dtypes = [torch.float32] * 2 + [torch.bfloat16] * 3
+    grads = [[torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)] for _ in range(6)]
+    nan_at, none_at, zero_at = (min(max(split + e, 0), 5) for e in events)
+    grads[nan_at][0].view(-1)[0] = float("nan")
+    grads[none_at][1] = None
+    grads[zero_at][2].zero_()
+    start = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+
+    def make(params, opt_seed):
+        opt = cls([{"params": params[:2], **groups[0]}, {"params": params[2:], **groups[1]}], lr=1e-2, seed=opt_seed)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduled else None
+
+    def run(params, opt, sched, steps):
         for gs in steps:
             for p, g in zip(params, gs):
-                p.grad = g.clone()
-            opt.step()
+                p.grad = None if g is None else g.clone()
+            with contextlib.suppress(FloatingPointError):  # nonfinite="raise": the step changes nothing
+                opt.step()
+            if sched is not None:
+                sched.step()
 
-    start = [torch.randn(s, generator=gen) for s in shapes]
     ref = [torch.nn.Parameter(t.clone()) for t in start]
-    run(ref, Adapprox(ref, **kw, seed=seed), grads)
+    ref_opt, ref_sched = make(ref, seed)
+    run(ref, ref_opt, ref_sched, grads)
     params = [torch.nn.Parameter(t.clone()) for t in start]
-    opt = Adapprox(params, **kw, seed=seed)
-    run(params, opt, grads[:split])
-    saved = copy.deepcopy(opt.state_dict())
-    resumed_opt = Adapprox(params, **kw, seed=seed + 1)
-    resumed_opt.load_state_dict(saved)
-    run(params, resumed_opt, grads[split:])
-    for a, b in zip(ref, params):
-        assert torch.equal(a, b)
+    opt, sched = make(params, seed)
+    run(params, opt, sched, grads[:split])
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": None if sched is None else sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed, resumed_sched = make(params, seed + 1)
+    resumed.load_state_dict(saved["opt"])
+    if scheduled:
+        resumed_sched.load_state_dict(saved["sched"])
+    run(params, resumed, resumed_sched, grads[split:])
+    _assert_same_runs(ref_opt, ref, resumed, params, f"saved after step {split}")
