@@ -382,11 +382,13 @@ class SketchOptimizer(Optimizer):
                 )
 
     def _check_group_seed(self, seed: Any, where: str, after: str = "") -> None:
-        """``ValueError`` where a group's ``seed`` is neither None nor the optimizer's."""
+        """``ValueError`` where a group's ``seed`` is neither None nor the optimizer's (such as a
+        ZeroRedundancyOptimizer checkpoint's groups, loaded into one built with another seed)."""
         if seed is not None and seed != self._seed:
             raise ValueError(
-                f"{where}: seed {seed!r} is not {type(self).__name__}'s (seed={self._seed!r}): "
-                f"one sketch RNG serves all groups{after}"
+                f"{where}: seed {seed!r} is not {type(self).__name__}'s (seed={self._seed!r}): one sketch RNG "
+                "serves all groups; give the group None or the optimizer's seed (a ZeroRedundancyOptimizer "
+                f"checkpoint's groups keep the seed it was built with: build the one resuming with it){after}"
             )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

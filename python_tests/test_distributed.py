@@ -10,6 +10,7 @@ One 2-rank spawn (module fixture) serves the default tests; 4 ranks are ``slow``
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
@@ -1322,6 +1323,42 @@ def test_gradient_limit_holds_for_dtensor_parameters():
         assert nonfinite_flags(grads, [1.5, inf, inf, 1.5]) == [True, True, True, True]
         assert nonfinite_flags(grads[3:], [2.0]) == [False]  # at the limit: steps, as a plain tensor's gradient
         assert nonfinite_flags(grads[3:] * 2, [1.5, 2.0]) == [True, False]  # each gradient its own limit
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero_checkpoint_resumed_with_another_seed_is_refused():
+    """ZeroRedundancyOptimizer copies the seed into its groups and saves them, not the sketch
+    RNG: loaded into one built with another seed, the groups' seed was ignored and the run went
+    on with other sketches than its seed says. The first step refuses it before any change; the
+    checkpoint's seed resumes. A 1-rank process group."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def make(seed):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 6)
+        return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=Adapprox, k_max=2, seed=seed)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, zero = make(SEED)
+        model(torch.randn(4, 8)).sum().backward()
+        zero.step()
+        zero.consolidate_state_dict(to=0)
+        saved = zero.state_dict()
+        for seed in (SEED + 1, SEED):
+            model, zero = make(seed)
+            zero.load_state_dict(copy.deepcopy(saved))
+            model(torch.randn(4, 8)).sum().backward()
+            kept = model.weight.detach().clone()
+            if seed != SEED:
+                refused = rf"seed {SEED} is not Adapprox's \(seed={seed}\).*nothing was updated"
+                with pytest.raises(ValueError, match=refused):
+                    zero.step()
+                assert torch.equal(model.weight, kept)
+            else:
+                zero.step()
+                assert not torch.equal(model.weight, kept)
     finally:
         dist.destroy_process_group()
 
