@@ -154,6 +154,65 @@ def test_a_non_contiguous_parameter_is_written_on_triton():
     torch.testing.assert_close(tm, rm, rtol=1e-5, atol=1e-6)
 
 
+# Thin and odd matrices, factored (exact_small_matrices=False), a batched 7×13 pair, a folded
+# 3-D weight stored permuted, a vector.
+EDGE_SHAPES = [(1, 9), (9, 1), (7, 13), (7, 13), (3, 4, 5), (6,)]
+
+
+def _laid_out(tensors, layout):
+    """The same values in another memory layout: ``"transposed"`` (column-major: other strides),
+    ``"strided"`` (every other entry of a wider tensor: not dense), ``"flat"`` (views of one
+    buffer, one element apart, so most are not 16-byte aligned: DDP's gradient bucket views)."""
+    if layout == "transposed":
+        return [t.mT.contiguous().mT if t.dim() >= 2 else t for t in tensors]
+    if layout == "strided":
+        return [torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0] for t in tensors]
+    buffer = torch.zeros(sum(t.numel() + 1 for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+    views, start = [], 1
+    for t in tensors:
+        views.append(buffer[start : start + t.numel()].view(t.shape).copy_(t))
+        start += t.numel() + 1
+    return views
+
+
+@pytest.mark.parametrize(
+    "layout,dtype",
+    [("transposed", torch.float32), ("strided", torch.float16), ("flat", torch.float32), ("flat", torch.bfloat16)],
+)
+def test_edge_shapes_layouts_and_groups_match_reference(layout, dtype):
+    """1×n, n×1 and odd factored matrices whose gradients come in ``layout`` (the kernels read
+    them through their own strides and offsets, or staged copies), a permuted 3-D parameter,
+    a member of the batched pair without a gradient for a step (its factors then trail the
+    other's by a step: zero-padded in the batch), and a second group with its own options
+    (maximize, no clipping, no decay, a tensor lr): the reference backend's run, with a
+    state_dict round trip."""
+    options = {**BASE, "exact_small_matrices": False}
+    runs = {}
+    for backend in ("reference", "triton"):
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(DEVICE)) for s in EDGE_SHAPES]
+        params[4] = torch.nn.Parameter(params[4].detach().permute(2, 0, 1).contiguous().permute(1, 2, 0))
+        groups = [
+            {"params": params[:4]},
+            {"params": params[4:], "maximize": True, "clip_threshold": None, "weight_decay": 0.0, "lr": 0.02},
+        ]
+        opt = Adapprox(groups, backend=backend, seed=3, **options)
+        for step in range(4):
+            if step == 2:
+                saved = copy.deepcopy(opt.state_dict())
+                opt = Adapprox(groups, backend=backend, seed=99, **options)
+                opt.load_state_dict(saved)
+            opt.param_groups[1]["lr"] = torch.tensor(0.02 / (1 + step))
+            gen = torch.Generator().manual_seed(300 + step)
+            grads = _laid_out([torch.randn(s, generator=gen).to(dtype).to(DEVICE) for s in EDGE_SHAPES], layout)
+            for i, (p, g) in enumerate(zip(params, grads)):
+                p.grad = None if (step, i) == (1, 3) else g
+            opt.step()
+        runs[backend] = params, opt
+    assert [runs["triton"][1].state[p]["step"] for p in runs["triton"][0]] == [4, 4, 4, 3, 4, 4]
+    _assert_same_run(*runs["reference"], *runs["triton"], dtype)
+
+
 class _LargeOutputs(torch.utils._python_dispatch.TorchDispatchMode):
     """Records each op that makes a new floating-point tensor whose matrices (its last two
     dimensions: a bucket stacks its members) hold at least ``numel`` elements. Not views, and
