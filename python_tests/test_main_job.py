@@ -364,17 +364,36 @@ def test_out_folder_holding_an_unwritable_output_is_a_usage_error(name, tmp_path
     assert (tmp_path / name).read_bytes() == b"kept" and [p.name for p in tmp_path.iterdir()] == [name]
 
 
-def test_read_only_results_json_is_replaced(tmp_path, monkeypatch):
-    """Replaced by a rename, which needs the folder, not the file: no reason to refuse it."""
-    (tmp_path / "results.json").write_text("{}")
-    (tmp_path / "results.json").chmod(0o444)
+@pytest.mark.parametrize("kind", ["read-only", "a link to an immutable file"])
+def test_results_json_that_the_rename_replaces_is_not_refused(kind, tmp_path, monkeypatch, unwritable):
+    """Replaced by a rename, which needs the folder, not the file (nor the file a link points
+    to): no reason to refuse it. Root writes a read-only file: the probe is then given the EACCES
+    that other users get."""
+    path, target = tmp_path / "results.json", tmp_path / "kept.json"
+    if kind == "read-only":
+        path.write_text("{}")
+        path.chmod(0o444)
+        if os.access(path, os.W_OK):
+            real_open = os.open
+
+            def as_other_users(file, flags, *args, **kwargs):
+                if Path(file) == path and flags & os.O_WRONLY:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+                return real_open(file, flags, *args, **kwargs)
+
+            monkeypatch.setattr(os, "open", as_other_users)
+    else:
+        target.write_text("{}")
+        unwritable(target, read_only=False)
+        path.symlink_to(target)
 
     def fail(cfg, model_cfg, data):
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(main_module, "train_one", fail)
     assert main(TINY + ["--optimizers", "adamw", "--out", str(tmp_path)]) == 1
-    assert strict_json(tmp_path / "results.json")["runs"][0]["error"] == "RuntimeError: recorded"
+    assert strict_json(path)["runs"][0]["error"] == "RuntimeError: recorded" and not path.is_symlink()
+    assert kind == "read-only" or target.read_text() == "{}"
 
 
 @pytest.mark.parametrize("name", ["results.json", "results.json.partial", "comparison.png"])

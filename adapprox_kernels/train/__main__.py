@@ -205,8 +205,9 @@ def unwritable_output(out: Path) -> str | None:
     immutable), with the reason; None if none. Opened without truncating: it stays as it was.
     results.json is probed too: a rename over it fails where it is immutable or append-only
     (after the first run), which opening it for writing tells apart from a read-only file,
-    replaced without a word, by the error: EPERM, where a mode bit gives EACCES."""
-    for name, flags in (*IN_PLACE.items(), (RESULTS, os.O_WRONLY)):
+    replaced without a word, by the error: EPERM, where a mode bit gives EACCES. A link is not
+    followed (ELOOP): the rename replaces the link, whatever it points to (Windows has no flag)."""
+    for name, flags in (*IN_PLACE.items(), (RESULTS, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))):
         try:
             os.close(os.open(out / name, flags))
         except FileNotFoundError:
