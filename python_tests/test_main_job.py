@@ -364,6 +364,30 @@ def test_out_folder_holding_an_unwritable_output_is_a_usage_error(name, tmp_path
     assert (tmp_path / name).read_bytes() == b"kept" and [p.name for p in tmp_path.iterdir()] == [name]
 
 
+def test_results_json_of_another_user_in_a_sticky_folder_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """In a folder with the sticky bit (/tmp's 1777) only the file's owner, the folder's or root
+    may rename over it: results.json of another user there opened for writing (or not: EACCES
+    passes) and failed at the rename after the first run. This user is made uid 1234 (the file
+    another's, the folder a third's where root may chown them); its own file there passes."""
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(0o1777)
+    (out / "results.json").write_text("{}")
+    monkeypatch.setattr(main_module, "train_one", no_run)
+    monkeypatch.setattr(os, "geteuid", lambda: 1234)
+    try:
+        os.chown(out / "results.json", 4321, -1)
+        os.chown(out, 5678, -1)
+    except PermissionError:
+        pytest.skip("this user cannot give files away here")
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY + ["--optimizers", "adamw", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "results.json there belongs to another user and the folder is sticky" in capsys.readouterr().err
+    os.chown(out / "results.json", 1234, -1)
+    assert main_module.unwritable_output(out) is None
+
+
 @pytest.mark.parametrize("kind", ["read-only", "a link to an immutable file"])
 def test_results_json_that_the_rename_replaces_is_not_refused(kind, tmp_path, monkeypatch, unwritable):
     """Replaced by a rename, which needs the folder, not the file (nor the file a link points

@@ -13,6 +13,7 @@ import importlib
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import asdict
@@ -215,7 +216,21 @@ def unwritable_output(out: Path) -> str | None:
         except OSError as e:
             if name != RESULTS or e.errno == errno.EPERM:
                 return f"{name} there cannot be written ({e.strerror})"
+    if sticky_keeps(out, RESULTS):
+        return f"{RESULTS} there belongs to another user and the folder is sticky (as /tmp): it cannot be replaced"
     return None
+
+
+def sticky_keeps(out: Path, name: str) -> bool:
+    """Whether ``out`` has the sticky bit (/tmp's mode 1777) and so keeps this user from renaming
+    over ``name``: only the file's owner, the folder's or a privileged user may (opening the
+    file for writing says nothing of it). Root is taken as privileged."""
+    try:
+        folder, entry = out.stat(), (out / name).lstat()
+    except FileNotFoundError:
+        return False
+    uid = os.geteuid() if hasattr(os, "geteuid") else 0  # Windows: no sticky folders
+    return bool(folder.st_mode & stat.S_ISVTX) and uid not in (0, folder.st_uid, entry.st_uid)
 
 
 def finite_or_none(value):
