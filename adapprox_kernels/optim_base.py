@@ -381,14 +381,19 @@ class SketchOptimizer(Optimizer):
                     stacklevel=_outside_stacklevel(),
                 )
 
-    def _check_group_seed(self, seed: Any, where: str, after: str = "") -> None:
+    def _check_group_seed(self, seed: Any, where: str | int) -> None:
         """``ValueError`` where a group's ``seed`` is neither None nor the optimizer's (such as a
-        ZeroRedundancyOptimizer checkpoint's groups, loaded into one built with another seed)."""
+        ZeroRedundancyOptimizer checkpoint's groups, loaded into one built with another seed).
+        ``where``: the group's name in the message, or its index when the step checks it (the
+        message is then made only on failure: the step checks every group every step)."""
         if seed is not None and seed != self._seed:
+            cls = type(self).__name__
+            after = "; nothing was updated" if is_int(where) else ""
+            where = f"{cls}.step: param_groups[{where}]" if is_int(where) else where
             raise ValueError(
-                f"{where}: seed {seed!r} is not {type(self).__name__}'s (seed={self._seed!r}): one sketch RNG "
-                "serves all groups; give the group None or the optimizer's seed (a ZeroRedundancyOptimizer "
-                f"checkpoint's groups keep the seed it was built with: build the one resuming with it){after}"
+                f"{where}: seed {seed!r} is not {cls}'s (seed={self._seed!r}): one sketch RNG serves all groups; "
+                "give the group None or the optimizer's seed (a ZeroRedundancyOptimizer checkpoint's groups "
+                f"keep the seed it was built with: build the one resuming with it){after}"
             )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -486,9 +491,7 @@ class SketchOptimizer(Optimizer):
             # (clip_threshold, k_init), which passed the check and then raised KeyError from
             # inside the step, after the step counts had moved.
             values = list(map(group.get, names, repeat(_MISSING)))
-            # Not an option (no default): checked every step, a dict read.
-            where = f"{type(self).__name__}.step: param_groups[{i}]"
-            self._check_group_seed(group.get("seed"), where, "; nothing was updated")
+            self._check_group_seed(group.get("seed"), i)  # not an option (no default): every step, a dict read
             lr, was = group.get("lr"), checked.get(i)
             # The values themselves, compared by identity first, then by type (4.0 == 4 and
             # 1 == True, but an int option must be an int, a flag a bool), then by value; a
