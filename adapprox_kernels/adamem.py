@@ -34,10 +34,8 @@ import torch
 from .adapprox import matrix_shape
 from .distributed import is_dtensor
 from .linear_operator import DenseOperator
-from .optim_base import (
-    POWER_ITERS_MAX, SketchOptimizer, as_tuple, check_kinds, check_shared, compute_dtype, is_int, keep_eager,
-    to_host,
-)  # fmt: skip
+from .optim_base import SketchOptimizer, compute_dtype, keep_eager, to_host
+from .options import POWER_ITERS_MAX, as_tuple, check_kinds, check_shared, is_int
 from .reference import apply_updates, clipped_update, signed_clip_threshold
 from .srsi import error_ratio, gaussian_sketch, rayleigh_ritz, sketch_width, subspace_iteration
 from .state_report import StateReport, report_rows

@@ -27,14 +27,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ._stacklevel import _outside_stacklevel
 from .backends import backend_names, resolve_backend
 from .cuda_graphs import CallGraphs
 from .distributed import RowShards, is_dtensor, local, local_list
-from .optim_base import (
-    INT_OPTION_MAX, POWER_ITERS_MAX, SketchOptimizer, _outside_stacklevel, as_tuple, check_kinds, check_shared,
-    compute_dtype, is_int_in, is_real, is_sequence, keep_eager, to_host,
+from .optim_base import SketchOptimizer, compute_dtype, keep_eager, to_host
+from .options import (
+    INT_OPTION_MAX, POWER_ITERS_MAX, as_tuple, check_kinds, check_shared, is_int_in, is_real, is_sequence,
 )
-from .optim_base import check as _check
+from .options import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
 from .reference import shard_keys, signed_clip_threshold
 from .srsi import (

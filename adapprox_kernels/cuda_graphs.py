@@ -38,7 +38,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from .optim_base import _outside_stacklevel
+from ._stacklevel import _outside_stacklevel
 from .transfer import forget_constants, keeping_constants
 
 Outputs = tuple  # of tensors, None, or (for a batch of deferred calls) tuples of those

@@ -2,10 +2,13 @@
 
 :class:`SketchOptimizer` is a ``torch.optim.Optimizer`` with
 
-* its own sketch RNG: one ``torch.Generator`` per device, seeded from ``seed``, saved in
-  ``state_dict()["sketch_rng"]`` so that a resumed run draws the same sketches;
-* a ``load_state_dict`` that keeps each state tensor's own dtype (torch.optim would cast
+* its own sketch RNG: one ``torch.Generator`` per device, seeded from ``seed``;
+* checkpoints (:class:`~adapprox_kernels.checkpoint.CheckpointMixin`): ``state_dict()`` saves
+  the sketch RNG too, so that a resumed run draws the same sketches, and ``load_state_dict``
+  checks the saved state and keeps each state tensor's own dtype (torch.optim would cast
   floating state to the parameter's dtype: fp32 factors of a bf16 parameter must stay fp32);
+* hyperparameters checked (by :mod:`adapprox_kernels.options`) as a group is added and as the
+  step finds them changed;
 * the non-finite gradient policy (``"raise"`` before anything is modified, or ``"skip"`` that
   parameter and count it in ``state["nonfinite_skips"]``), checked for all groups at once with
   one host sync per device; a subclass may also refuse finite gradients above
@@ -29,8 +32,6 @@ import inspect
 import math
 import numbers
 import operator
-import os
-import sys
 import warnings
 from collections import defaultdict
 from itertools import islice, repeat
@@ -39,11 +40,13 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .distributed import check_same_seed, group_size, is_dtensor, local, nonfinite_flags, process_rank, shared_seed
+from ._stacklevel import _outside_stacklevel
+from .checkpoint import CheckpointMixin, _seeded_generator
+from .distributed import check_same_seed, group_size, is_dtensor, local, nonfinite_flags, shared_seed
+from .options import as_python, as_tuple, check, is_int, is_real, lr_value
 from .reference import mix32
 from .transfer import rounding_keys_tensor, update_scalars
 
-NONFINITE_POLICIES = ("raise", "skip")
 _MISSING = object()  # an option deleted from a param group (see SketchOptimizer._check_groups)
 _grad, _is_sparse = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
 
@@ -77,148 +80,6 @@ def autocast_off() -> contextlib.AbstractContextManager:
         if torch.is_autocast_enabled(device_type):
             stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
-
-
-# Where the package's and torch's own frames are (see _outside_stacklevel).
-_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
-
-
-def _outside_stacklevel() -> int:
-    """The ``stacklevel`` for its caller's ``warnings.warn`` that names the first frame outside
-    this package and torch: the user's call, however many hooks and wrappers lie between."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _seeded_generator(device: torch.device, seed: int) -> torch.Generator:
-    """A new generator of ``device`` seeded with ``seed`` (the sketch RNG of that device)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
-
-
-def check(ok: bool, msg: str) -> None:
-    """``raise ValueError(msg)`` unless ``ok``: the hyperparameter checks."""
-    if not ok:
-        raise ValueError(msg)
-
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def is_int(v: Any) -> bool:
-    """An int of any kind (NumPy's too, which a checkpoint rewritten by other tools may hold),
-    but not a bool (``isinstance(True, int)`` holds)."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-# A larger rank or width clips to the same min(m, n) (no matrix is 2**31 wide both ways); no run takes 2**31 steps.
-INT_OPTION_MAX = 2**31 - 1
-# Past 1000 S-RSI iterations even a 0.99 singular-value ratio is below fp32 (0.99**2000 ~ 2e-9): 10**30 hung.
-POWER_ITERS_MAX = 1000
-
-
-def is_int_in(v: Any, low: int, high: int = INT_OPTION_MAX) -> bool:
-    """An int (:func:`is_int`) in ``[low, high]``: the int options' check."""
-    return is_int(v) and low <= v <= high
-
-
-def is_real(v: Any) -> bool:
-    """An int or float finite in float32, not a bool, nor a tensor: the step reads
-    hyperparameters as Python numbers, on the host, and multiplies by them in float32 (an lr
-    of 1e39 passed as finite, and the step raised after it had moved the state)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX
-
-
-def is_sequence(v: Any, length: int) -> bool:
-    """A tuple or list of ``length`` items (``betas``, ``sigmoid``)."""
-    return isinstance(v, (tuple, list)) and len(v) == length
-
-
-def lr_value(lr: Any) -> Any:
-    """The number an lr tensor holds, for the checks (reading a CUDA tensor syncs); any other
-    value as it is. torch.optim takes a one-element floating tensor as lr (torch.compile's
-    recipe for schedulers: filled in place, it compiles nothing anew), and so do these
-    optimizers; ``ValueError`` for another tensor."""
-    if not torch.is_tensor(lr):
-        return lr
-    check(lr.numel() == 1, f"Invalid learning rate: a tensor of {lr.numel()} elements (need one)")
-    check(lr.is_floating_point(), f"Invalid learning rate: a tensor of {lr.dtype} (need a floating dtype)")
-    return float(lr)
-
-
-def check_shared(h: dict[str, Any], betas: int) -> None:
-    """The options both optimizers have: ``lr`` (a number or a one-element tensor),
-    ``betas`` (``betas`` of them), ``eps``, ``nonfinite`` and ``clip_threshold``."""
-    lr = lr_value(h["lr"])
-    check(is_real(lr) and lr >= 0.0, f"Invalid learning rate: {lr!r} (need a finite float >= 0)")
-    names = ", ".join(f"beta{i + 1}" for i in range(betas))
-    check(is_sequence(h["betas"], betas), f"betas must be ({names}), got {h['betas']!r}")
-    for i, b in enumerate(h["betas"]):
-        check(is_real(b) and 0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b!r} (need 0 <= beta < 1)")
-    # ε = 0 would divide a zero gradient entry by a zero V entry (0/0), and the RMS then turns
-    # the whole matrix's update into NaN; so would an ε that rounds to 0 in float32 (or to a
-    # subnormal, which GPUs may flush to 0).
-    tiny = torch.finfo(torch.float32).tiny
-    check(
-        is_real(h["eps"]) and h["eps"] >= tiny,
-        f"Invalid epsilon value: {h['eps']!r} (need a finite eps >= {tiny:.3g}, float32's smallest normal number)",
-    )
-    check_kinds(h, choices={"nonfinite": NONFINITE_POLICIES})
-    # Used in float32: a threshold that rounds to 0 divides 0 by 0 on a zero gradient.
-    clip = h["clip_threshold"]
-    check(
-        clip is None or (is_real(clip) and clip >= tiny),
-        f"Invalid clip_threshold: {clip!r} (need None or a finite value >= {tiny:.3g}, float32's smallest normal)",
-    )
-
-
-def check_kinds(
-    h: dict[str, Any],
-    ints: dict[str, int | tuple[int, int]] | None = None,
-    reals: tuple[str, ...] = (),
-    flags: tuple[str, ...] = (),
-    choices: dict[str, tuple] | None = None,
-) -> None:
-    """``h[name]`` is an int in ``ints[name]`` (``(low, high)``, or ``low`` up to
-    :data:`INT_OPTION_MAX`), a finite real ``>= 0`` (``reals``), a bool (``flags``) or one of
-    ``choices[name]``."""
-    for name, bounds in (ints or {}).items():
-        low, high = bounds if isinstance(bounds, tuple) else (bounds, INT_OPTION_MAX)
-        check(is_int_in(h[name], low, high), f"Invalid {name}: {h[name]!r} (need an int in [{low}, {high}])")
-    for name in reals:
-        check(is_real(h[name]) and h[name] >= 0.0, f"Invalid {name} value: {h[name]!r} (need a finite value >= 0)")
-    for name in flags:
-        check(isinstance(h[name], bool), f"Invalid {name}: {h[name]!r} (need a bool)")
-    for name, options in (choices or {}).items():
-        check(h[name] in options, f"Invalid {name}: {h[name]!r}; choose one of {options}")
-
-
-def _holding(sharded: bool, rank: dict[str, int] | None) -> str:
-    """What a parameter's state holds, in words: whole tensors, or which rank's shards."""
-    if not sharded:
-        return "whole tensors"
-    if rank is None:
-        return "DTensor shards of an unrecorded rank"
-    return f"DTensor shards of rank {rank['rank']} of {rank['world_size']}"
-
-
-def as_python(v: Any) -> Any:
-    """NumPy scalars (``np.float32(1e-3)``, ``np.int64(8)``, also inside ``betas``) as the
-    Python numbers they hold, which the checks and the step expect; anything else as it is."""
-    if isinstance(v, (tuple, list)):
-        return type(v)(map(as_python, v))
-    if isinstance(v, numbers.Number) and type(v) not in (int, float, complex) and hasattr(v, "item"):  # np.float64 too
-        return v.item()
-    return v
-
-
-def as_tuple(v: Any) -> Any:
-    """A list as a tuple (hashable, as it goes into the graph keys); anything else as it is, for
-    the checks to name."""
-    return tuple(v) if isinstance(v, list) else v
 
 
 def compute_dtype(p: torch.Tensor) -> torch.dtype:
@@ -258,7 +119,7 @@ def keep_eager(cls: type, names: tuple[str, ...]) -> None:
     cls._eager_methods = names
 
 
-class SketchOptimizer(Optimizer):
+class SketchOptimizer(CheckpointMixin, Optimizer):
     """Base class; subclasses implement ``_init_state`` and ``_step_group``."""
 
     # A drawn seed that no process group has shared yet (none existed at construction): the
@@ -623,248 +484,28 @@ class SketchOptimizer(Optimizer):
             for key in [key for key in memo if key not in live]:
                 del memo[key]
 
-    # ----------------------------------------------------------------------------- sketch RNG
+    # --------------------------------------- sketch RNG (saved and restored by checkpoint.py)
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
             self._generators[key] = _seeded_generator(device, self._seed)
         return self._generators[key]
 
-    def _rng_state(self) -> dict[str, Any]:
-        return {"seed": self._seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
+    # ----------------------------------------------------------------------------------- step
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """``p``'s state, made (zeros) where it has none yet."""
+        raise NotImplementedError
 
-    def _restore_rng(self, rng: dict[str, Any]) -> None:
-        """The saved generator of each device the parameters are on; where there is none, the
-        one saved for another device of its type if there is just one (a checkpoint of rank 0's
-        ``cuda:0`` loaded on rank 1's ``cuda:1``: under DDP every rank must draw rank 0's
-        sketches); else that device's generator restarts from the seed. Generators of devices
-        no parameter is on are not made (a GPU run's checkpoint loads on a CPU-only machine)."""
-        self._seed, self._generators = self._saved_generators(rng)
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
 
-    def _saved_generators(self, rng: dict[str, Any]) -> tuple[int, dict[str, torch.Generator]]:
-        """``(seed, generators)`` that :meth:`_restore_rng` installs, made without touching this
-        optimizer's (raises where the seed or a state does not fit torch's generators)."""
-        seed, generators = int(rng["seed"]), {}
-        saved = rng["states"]
-        by_type = defaultdict(list)
-        for key in saved:
-            by_type[torch.device(key).type].append(saved[key])
-        for device in {local(p).device for group in self.param_groups for p in group["params"]}:
-            state = saved.get(str(device))
-            if state is None and len(by_type[device.type]) == 1:
-                state = by_type[device.type][0]
-            if state is not None:
-                gen = generators[str(device)] = _seeded_generator(device, seed)
-                # set_state takes a CPU ByteTensor only (for every device's generator), and
-                # torch.load(..., map_location="cuda") moves the saved one with everything else.
-                gen.set_state(state.to("cpu"))
-        return seed, generators
+    def _end_step(self) -> None:
+        """Called once after every group's ``_step_group``; nothing by default."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus the sketch RNG and, where some parameter is a DTensor
-        (FSDP2), ``"dtensor_rank"``: the rank whose shards its state holds (see
-        :meth:`load_state_dict`). These are in it before the user's post-hooks run (ours is
-        registered first, per call)."""
-        hook = self.register_state_dict_post_hook(SketchOptimizer._add_own_entries, prepend=True)
-        try:
-            return super().state_dict()
-        finally:
-            hook.remove()
-
-    def _add_own_entries(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        # A NumPy number a scheduler wrote into a group (LambdaLR's lambda returning np.float64)
-        # as the Python number it holds: torch.load(weights_only=True) refuses NumPy scalars.
-        # (The saved groups are copies; the live ones keep what the scheduler wrote.)
-        for group in state_dict["param_groups"]:
-            for key, value in group.items():
-                if key not in ("params", "param_names"):
-                    group[key] = as_python(value)
-        state_dict["sketch_rng"] = self._rng_state()
-        self._export_state(state_dict["state"])
-        if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
-            state_dict["dtensor_rank"] = process_rank()
-        return state_dict
-
-    def _export_state(self, saved: dict[Any, dict[str, Any]]) -> None:
-        """Rewrites the entries of ``state_dict()["state"]`` (which are the live per-parameter
-        dicts: replace them, do not edit them) into their saved form. None by default."""
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's, with three differences.
-
-        * Every parameter's saved state is checked to fit it first (a ``ValueError`` naming the
-          parameter otherwise, and nothing is loaded: torch.optim would load another
-          optimizer's or model's state, and the next step would fail far from the cause).
-          The state of a DTensor parameter (FSDP2) holds only the saving rank's shards, so it
-          loads only on the rank that saved it (in a process group of the same size), into
-          DTensor parameters: another rank's shards of the same shape would train on its
-          moments; ``adapprox_kernels.distributed.load_optimizer_state`` reshards.
-        * Saved tensors keep the precision this optimizer keeps them in (:meth:`_state_dtype`),
-          not the parameter's dtype that torch.optim casts every floating tensor to; and they
-          are copied, where torch.optim keeps the given tensors of matching dtype and device:
-          the dict handed in (a checkpoint kept in memory) never changes with the run.
-        * The options that say how to run, not what to compute (``_RUN_OPTIONS``, e.g. the
-          backend), stay this optimizer's: a GPU run's checkpoint resumes on a CPU.
-
-        These happen between the user's hooks: after every pre-hook (which may rewrite the
-        dict) and before every post-hook (which may rewrite the state)."""
-        run_options = [{k: g[k] for k in self._RUN_OPTIONS if k in g} for g in self.param_groups]
-        pre = self.register_load_state_dict_pre_hook(SketchOptimizer._take_saved_state)
-        post = self.register_load_state_dict_post_hook(SketchOptimizer._restore_saved_state, prepend=True)
-        self._loading = run_options
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            pre.remove()
-            post.remove()
-            self._loading = None
-
-    _RUN_OPTIONS: tuple[str, ...] = ()
-
-    def _take_saved_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Pre-hook (the last): checks the saved state and sets aside its tensors and RNG."""
-        state_dict = dict(state_dict)
-        rng = state_dict.pop("sketch_rng", None)
-        saved_on = state_dict.pop("dtensor_rank", None)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        sizes = [len(g["params"]) for g in state_dict["param_groups"]]
-        for i, saved_group in enumerate(state_dict["param_groups"]):
-            self._check_saved_group(i, saved_group)
-        self._check_saved_order(state_dict["param_groups"])
-        same_groups = sizes == [len(g["params"]) for g in self.param_groups]
-        if same_groups:  # (torch.optim raises where the groups differ)
-            for idx, p in zip(saved_ids, params):
-                self._check_saved_state(p, state_dict["state"].get(idx))
-                self._check_saved_shards(p, state_dict["state"].get(idx), saved_on)
-        tensors = [(p, state_dict["state"].get(idx, {})) for idx, p in zip(saved_ids, params)] if same_groups else []
-        if rng is None and state_dict["state"] and self._draws_sketches(state_dict["param_groups"]):
-            warnings.warn(
-                f"{type(self).__name__}.load_state_dict: the checkpoint has no sketch RNG ('sketch_rng': torch's "
-                "get_optimizer_state_dict and ZeroRedundancyOptimizer.consolidate_state_dict drop it; "
-                "adapprox_kernels.distributed.optimizer_state_dict keeps it). The state loads; the optimizer keeps "
-                "its own seed and generators, so its Gaussian sketches from here on differ from the uninterrupted "
-                "run's: the same algorithm, not the same numbers.",
-                UserWarning,
-                stacklevel=_outside_stacklevel(),
-            )
-        self._loading = (self._loading, tensors, None if rng is None else self._checked_rng(rng))
-        return state_dict
-
-    def _draws_sketches(self, groups: list[dict[str, Any]]) -> bool:
-        """Does a step with these (the saved, about to be loaded) param groups draw from the
-        sketch RNG, so that a resume without it changes the numbers?"""
-        return True
-
-    def _check_saved_group(self, i: int, saved_group: dict[str, Any]) -> None:
-        """``ValueError`` unless the saved ``param_groups[i]`` passes the checks a group's do: the
-        saved groups replace ours (another optimizer's, e.g. AdamW's two betas, would fail steps
-        later). The run options stay ours; keys we do not know (a scheduler's initial_lr) are not
-        ours to check."""
-        # NumPy numbers (a hand-edited checkpoint's) as the Python ones they hold, as the constructor
-        # and the step take them.
-        own = {k: as_python(v) for k, v in saved_group.items() if k in self.defaults and k not in self._RUN_OPTIONS}
-        # The step takes any real lr: a NumPy number (a LambdaLR's), checked here by value, or a
-        # one-element floating tensor filled in place (torch.optim's habit), which the checks
-        # read themselves (lr_value), as the step does.
-        lr = own.get("lr")
-        if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
-            own["lr"] = float(lr)
-        try:
-            self._check_hyperparameters({**self.defaults, **own})
-        except ValueError as err:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the saved param_groups[{i}] does not fit: {err}. "
-                "Either the checkpoint is another optimizer's, or the value was written into param_groups "
-                "after the last step (or by a version that did not check such writes): mend it in the saved "
-                "dict's param_groups before loading"
-            ) from None
-
-    def _check_saved_order(self, saved_groups: list[dict[str, Any]]) -> None:
-        """``ValueError`` where the checkpoint and this optimizer both name their parameters
-        (``named_parameters()``) with the same names but in another order (layers defined in
-        another order, param groups swapped). The state is matched by position, as torch.optim
-        matches it, so same-shaped parameters (q and k projections) would take each other's
-        state and names without a word. Other names (a compiled model's ``_orig_mod.``) load as
-        torch.optim loads them."""
-        if not all("param_names" in g for g in [*saved_groups, *self.param_groups]):
-            return
-        saved = [(name, g, j) for g, group in enumerate(saved_groups) for j, name in enumerate(group["param_names"])]
-        theirs = [name for name, _, _ in saved]
-        ours = [name for group in self.param_groups for name in group["param_names"]]
-        if theirs == ours or sorted(theirs) != sorted(ours):
-            return
-        (was, g, j), now = next((s, o) for s, o in zip(saved, ours) if s[0] != o)
-        raise ValueError(
-            f"{type(self).__name__}.load_state_dict: the checkpoint lists the same parameter names in another "
-            f"order: its param_groups[{g}]['params'][{j}] is {was!r}, this optimizer's is {now!r}. The state is "
-            "matched by position, so it would load into the wrong parameters; build the optimizer with its groups "
-            "and parameters in the checkpoint's order (or reorder the saved dict in a load_state_dict pre-hook, "
-            "param_names included)"
-        )
-
-    def _checked_rng(self, rng: Any) -> tuple[int, dict[str, torch.Generator]]:
-        """The saved ``sketch_rng`` as the ``(seed, generators)`` that the post-hook installs
-        (:meth:`_saved_generators`); ``ValueError`` before anything is loaded where it is not one
-        (a bad one used to fail in the post-hook, the state already loaded)."""
-        states = rng.get("states") if isinstance(rng, dict) else None
-        # The seed in the range the constructor takes (torch.Generator.manual_seed's).
-        ok = isinstance(states, dict) and is_int(rng.get("seed")) and -(2**63) <= rng["seed"] < 2**64
-        for key, value in states.items() if ok else ():
-            try:
-                torch.device(key)
-            except (RuntimeError, TypeError):
-                ok = False
-            ok = ok and torch.is_tensor(value) and value.dtype == torch.uint8 and value.dim() == 1
-        if ok:  # the states this optimizer would take fit its devices' generators (their size)
-            try:
-                seed_and_generators = self._saved_generators(rng)
-            except (RuntimeError, ValueError):
-                ok = False
-        if not ok:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the saved sketch_rng is not "
-                "{'seed': int, 'states': {device: uint8 tensor}}"
-            )
-        return seed_and_generators
-
-    def _restore_saved_state(self) -> None:
-        """Post-hook (the first): the saved tensors at this optimizer's precision, this
-        optimizer's run options, the sketch RNG."""
-        run_options, tensors, rng = self._loading
-        for p, saved in tensors:
-            for key, value in saved.items():
-                if torch.is_tensor(value):
-                    self.state[p][key] = value.to(device=p.device, dtype=self._state_dtype(p, key, value), copy=True)
-            if saved:
-                self._complete_loaded_state(p, self.state[p])
-        for group, options in zip(self.param_groups, run_options):
-            group.update(options)
-        if rng is not None:  # (seed, generators), made by _checked_rng
-            self._seed, self._generators = rng
-            self._seed_unshared = False  # the checkpoint's seed, common to the ranks, is kept
-
-    def _complete_loaded_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        """Brings ``p``'s loaded ``state`` to the live form a step reads, before the user's
-        post-hooks see it. Nothing by default."""
-
-    def _state_dtype(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.dtype:
-        """The dtype ``p``'s state entry ``key`` is kept in: by default float64 for a float64
-        parameter and float32 otherwise (factors, second moments), other dtypes unchanged."""
-        if not value.is_floating_point():
-            return value.dtype
-        return compute_dtype(p)
-
-    def _check_saved_state(self, p: torch.Tensor, state: dict[str, Any] | None) -> None:
-        """``ValueError`` unless ``state`` (None: the parameter had none) fits ``p``
-        (:meth:`_state_problems`)."""
-        problems = self._state_problems(p, state)
-        if problems:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the saved state of {self._param_name(p)} "
-                f"(shape {tuple(p.shape)}) does not fit it: {'; '.join(problems)}. Was it saved by another "
-                "optimizer, or for another model?"
-            )
+    def _check_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        """``ValueError`` (:meth:`_check_state_fits`) before the step changes anything where a
+        parameter to update no longer fits its state. Nothing by default: Adapprox checks where
+        it forms its buckets, which every group does before any work starts."""
 
     def _check_state_fits(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         """``ValueError`` before the step changes anything where ``p``'s state no longer fits it:
@@ -930,70 +571,12 @@ class SketchOptimizer(Optimizer):
                     state[key], cast = value.to(want), True
         return cast
 
-    def _state_problems(self, p: torch.Tensor, state: dict[str, Any] | None) -> list[str]:
-        """What in ``state`` (None: the parameter had none) does not fit ``p``, in words: every
-        entry that :meth:`_saved_shapes` asks for, at that shape: tensors of floating point, a
-        step count that is an int >= 0 (a float or a string loaded, and failed at the next
-        step); then :meth:`_saved_mismatches`."""
-        if not state:
-            return []
-        problems = []
-        for key, shape in self._saved_shapes(p, state).items():
-            if key not in state:
-                problems.append(f"no {key!r}")
-            elif (shape is not None) != torch.is_tensor(state[key]):  # e.g. torch.optim's tensor step
-                want = "a tensor" if shape is not None else "a number"
-                problems.append(f"{key!r} is a {type(state[key]).__name__}, not {want}")
-            elif shape is None and key == "step" and not (is_int(state[key]) and state[key] >= 0):
-                problems.append(f"'step' is {state[key]!r}, not an int >= 0")
-            elif shape is not None and not state[key].is_floating_point():
-                problems.append(f"{key!r} holds {state[key].dtype}, not floating point")
-            elif shape not in (None, ...) and tuple(state[key].shape) != shape:
-                problems.append(f"{key!r} is {tuple(state[key].shape)}, not {shape}")
-        return problems + self._saved_mismatches(p, state)
-
-    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
-        """What a saved state of ``p`` must hold: entry -> its shape (None: not a tensor; ``...``:
-        a tensor whose shape the state does not tell)."""
-        raise NotImplementedError
-
-    def _saved_mismatches(self, p: torch.Tensor, state: dict[str, Any]) -> list[str]:
-        """What else in a saved state of ``p`` does not fit it, in words (a subclass's checks
-        beyond the shapes of :meth:`_saved_shapes`). None by default."""
-        return []
-
-    def _check_saved_shards(self, p: torch.Tensor, state: dict[str, Any] | None, saved_on: dict | None) -> None:
-        """``ValueError`` unless ``state`` holds what ``p`` needs: whole tensors for a plain
-        parameter, this rank's shards for a DTensor one. ``saved_on``: the rank whose shards the
-        state dict holds (``"dtensor_rank"``). Global shapes alike, :meth:`_check_saved_state`
-        cannot tell another rank's shards (or a whole tensor unpickled as a DTensor) apart."""
-        if not state:
-            return
-        have = _holding(any(is_dtensor(v) for v in state.values()), saved_on)
-        need = _holding(is_dtensor(p), process_rank())
-        if have != need:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the saved state of {self._param_name(p)} holds {have}, "
-                f"this process needs {need}. A plain state dict of DTensor (FSDP2) parameters holds only the "
-                "saving rank's shards; save and load with adapprox_kernels.distributed.optimizer_state_dict and "
-                "load_optimizer_state (torch.distributed.checkpoint), which reshard."
-            )
-
-    # ----------------------------------------------------------------------------------- step
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """``p``'s state, made (zeros) where it has none yet."""
-        raise NotImplementedError
-
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def _end_step(self) -> None:
-        """Called once after every group's ``_step_group``; nothing by default."""
-
-    def _check_states(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
-        """``ValueError`` (:meth:`_check_state_fits`) before the step changes anything where a
-        parameter to update no longer fits its state. Nothing by default: Adapprox checks where
-        it forms its buckets, which every group does before any work starts."""
+    def _state_dtype(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.dtype:
+        """The dtype ``p``'s state entry ``key`` is kept in: by default float64 for a float64
+        parameter and float32 otherwise (factors, second moments), other dtypes unchanged."""
+        if not value.is_floating_point():
+            return value.dtype
+        return compute_dtype(p)
 
     def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         """Work started before the non-finite check because it also answers it: ``(params,

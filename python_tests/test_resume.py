@@ -234,15 +234,15 @@ def test_a_malformed_sketch_rng_is_refused_before_anything_loads(make, bad):
 def test_a_load_makes_each_saved_generator_once(make, monkeypatch):
     """The generators that the check of the saved sketch RNG makes are the ones installed (they
     were made a second time after the load), and they draw on where the saved ones left off."""
-    from adapprox_kernels import optim_base
+    from adapprox_kernels import checkpoint
 
     params = _params(torch.float32)
     opt = make(params)
     _train(opt, params, range(2), {})
     saved = opt.state_dict()
     fresh = make(_params(torch.float32))
-    made, seeded = [], optim_base._seeded_generator
-    monkeypatch.setattr(optim_base, "_seeded_generator", lambda *args: made.append(args) or seeded(*args))
+    made, seeded = [], checkpoint._seeded_generator
+    monkeypatch.setattr(checkpoint, "_seeded_generator", lambda *args: made.append(args) or seeded(*args))
     fresh.load_state_dict(saved)
     assert made == [(torch.device("cpu"), saved["sketch_rng"]["seed"])]
     assert torch.equal(fresh._generator(torch.device("cpu")).get_state(), opt._generator(torch.device("cpu")).get_state())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..optim_base import INT_OPTION_MAX
+from ..options import INT_OPTION_MAX
 from .data import ByteBatches, read_corpus
 from .model import SIZES
 from .optimizers import OPTIMIZERS, default_lrs, missing_peers
