@@ -129,22 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", type=given_path, default=None,
                     help="text file, or folder searched recursively for .py/.txt/.md/.rst files "
                          "(default: the Python standard library's .py sources)")  # fmt: skip
-    ap.add_argument("--max-bytes", type=int_at_least(10_000), default=8_000_000, help="corpus size cap (>= 10,000)")
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (gpt2-124m: for a GPU)")
+    ap.add_argument("--max-bytes", type=int_at_least(10_000), default=8_000_000,
+                    help="corpus size cap, >= 10,000 (default %(default)s)")  # fmt: skip
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                    help="model size (default %(default)s; gpt2-124m: for a GPU)")  # fmt: skip
     ap.add_argument("--steps", type=positive, default=600, help="training steps per optimizer (default %(default)s)")
     ap.add_argument("--warmup", type=int_at_least(0), default=50,
                     help="steps of linear warmup before the cosine decay, fewer than --steps "
                          "(default %(default)s)")  # fmt: skip
-    ap.add_argument("--batch-size", type=positive, default=16)
+    ap.add_argument("--batch-size", type=positive, default=16, help="sequences per step (default %(default)s)")
     ap.add_argument("--seq-len", type=positive, default=None, help="default (and most): the model size's context")
-    ap.add_argument("--eval-every", type=positive, default=50)
-    ap.add_argument("--eval-batches", type=positive, default=8)
+    ap.add_argument("--eval-every", type=positive, default=50, help="steps between evaluations (default %(default)s)")
+    ap.add_argument("--eval-batches", type=positive, default=8,
+                    help="validation batches per evaluation (default %(default)s)")  # fmt: skip
     ap.add_argument("--optimizers", type=optimizer_names, default=",".join(OPTIMIZERS),
                     help=f"comma list of {', '.join(OPTIMIZERS)}")  # fmt: skip
     ap.add_argument("--lr", type=lr_overrides, action=MergeRates, default={},
-                    help="overrides for the chosen --optimizers, e.g. 'adamw=1e-3,adapprox=3e-3'")  # fmt: skip
+                    help="overrides for the chosen --optimizers, e.g. 'adamw=1e-3,adapprox=3e-3' (defaults: "
+                         + ", ".join(f"{name}={lr:g}" for name, lr in default_lrs().items()) + ")")  # fmt: skip
     ap.add_argument("--k-max", type=positive, default=3,
-                    help="Adapprox k_init = k_max (the paper's 256 needs ~10k+ steps to pay off)")  # fmt: skip
+                    help="Adapprox k_init = k_max (default %(default)s; the paper's 256 needs ~10k+ steps to pay "
+                         "off)")  # fmt: skip
     ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda or cuda:N (default here: %(default)s)")  # fmt: skip
     ap.add_argument("--threads", type=positive, default=None,
