@@ -172,6 +172,63 @@ def test_the_api_page_names_every_public_name():
     assert [name for name in adapprox_kernels.__all__ if not re.search(rf"`{re.escape(name)}[`(]", text)] == []
 
 
+def _resolves(name: str, module, classes: list[type]) -> bool:
+    """Does the dotted ``name`` of a cross-reference in ``module`` name something: from a module
+    (``adapprox_kernels.srsi.truncate``, or ``.apply_update`` from the module's package), in
+    ``module`` itself, or an attribute of one of ``classes`` (a bare method name: the module's
+    classes, and the package's classes built on them, as a mixin's docstring names its host's
+    methods)?"""
+    import importlib
+
+    if name.startswith("."):  # relative to the module's package: :mod:`.v_matmul` in kernels/
+        name = module.__package__ + name
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for part in parts[i:]:
+                obj = getattr(obj, part)
+            return True
+        except AttributeError:
+            break
+    owners = [module, *classes] if len(parts) == 1 else [module]
+    for obj in owners:
+        try:
+            for part in parts:
+                obj = getattr(obj, part)
+            return True
+        except AttributeError:
+            continue
+    return False
+
+
+def test_every_docstring_cross_reference_resolves():
+    """Each ``:meth:``, ``:func:``, ``:class:``, ``:data:``, ``:mod:`` or ``:attr:`` reference in
+    the package's source names a thing that exists (one left behind by a rename or a move reads
+    as if it did)."""
+    import importlib
+    import pkgutil
+
+    import adapprox_kernels
+
+    modules = [adapprox_kernels] + [
+        importlib.import_module(m.name) for m in pkgutil.walk_packages(adapprox_kernels.__path__, "adapprox_kernels.")
+    ]
+    package_classes = {c for m in modules for _, c in inspect.getmembers(m, inspect.isclass)}
+    unresolved = []
+    for module in [m for m in modules if m.__file__.endswith(".py")]:  # not the extension's .so
+        own = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+        classes = [c for c in package_classes if any(o in c.__mro__ for o in own)]
+        source = Path(module.__file__).read_text()
+        for match in re.finditer(r":(?:meth|func|class|data|mod|attr):`~?([\w.]+)`", source):
+            if not _resolves(match[1], module, classes):
+                unresolved.append(f"{module.__name__}:{source.count(chr(10), 0, match.start()) + 1}: {match[0]}")
+    assert unresolved == []
+
+
 # What each python block leaves to the reader, defined so that it runs on a CPU in seconds. None:
 # not run here, it needs transformers or a process group (test_frameworks.py and
 # test_distributed.py make the same calls).
