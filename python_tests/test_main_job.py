@@ -259,7 +259,8 @@ def test_lr_given_twice_keeps_both_flags_rates(tmp_path, monkeypatch):
 
 def test_threads_sets_torchs_thread_count_before_the_runs(tmp_path, monkeypatch):
     """``--threads 1`` runs (and records in meta) one CPU thread: torch's default of one per core
-    slows many times over where other work keeps the cores busy."""
+    slows many times over where other work keeps the cores busy. Meta also records the vector
+    instructions torch's CPU kernels take: the losses' last digits depend on both."""
     threads, seen = {"count": 7}, []  # torch's own count stays as it is for the other tests
 
     def record(cfg, model_cfg, data):
@@ -271,7 +272,8 @@ def test_threads_sets_torchs_thread_count_before_the_runs(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads["count"])
     assert main(TINY + ["--optimizers", "adamw", "--threads", "1", "--out", str(tmp_path)]) == 1
     assert seen == [1]
-    assert strict_json(tmp_path / "results.json")["meta"]["threads"] == 1
+    meta = strict_json(tmp_path / "results.json")["meta"]
+    assert meta["threads"] == 1 and meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_cuda_index_becomes_the_current_device(tmp_path, monkeypatch):

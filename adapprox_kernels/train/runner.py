@@ -158,5 +158,8 @@ def environment(device: str) -> dict:
         python=platform.python_version(),
         device=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         threads=torch.get_num_threads(),
+        # The vector instructions torch's CPU kernels take ("AVX512", "AVX2"): with the thread
+        # count, what the last digits of a CPU run's losses depend on.
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
         commit=os.environ.get("ADAPPROX_COMMIT") or package_commit(),  # set where no .git travels
     )
