@@ -177,10 +177,10 @@ def _rounding_grid(g: torch.Tensor, grad_dtype: torch.dtype | None) -> tuple[tor
     """``(eps, smallest binade)`` of the dtype that ``g: (B, m, n)`` (fp32) was rounded to:
     ``grad_dtype`` where it is bf16 or fp16; else, per matrix ``(B, 1, 1)``, bf16's or fp16's
     where every entry of 16-odd rows lies on that grid (zeros aside, a real fp32 gradient does
-    with chance 2^-16 per entry for bf16's, 2^-13 for fp16's; under autocast an fp32 weight's gradient is a bf16 product cast
-    up), and eps 0 where none does, or where the rows sampled are all zero. A detected grid
-    keeps fp32's smallest binade: GradScaler's unscaling moves fp16's underflow down by its
-    scale, which the bits do not tell."""
+    with chance 2^-16 per entry for bf16's, 2^-13 for fp16's; under autocast an fp32 weight's
+    gradient is a bf16 product cast up), and eps 0 where none does, or where the rows sampled
+    are all zero. A detected grid keeps fp32's smallest binade: GradScaler's unscaling moves
+    fp16's underflow down by its scale, which the bits do not tell."""
     for dtype, _ in _GRIDS:
         if grad_dtype == dtype:
             return torch.finfo(dtype).eps, _smallest_binade(dtype)
