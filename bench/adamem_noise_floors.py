@@ -1,6 +1,7 @@
 """AdaMeM's noise floors for gradients that arrive in bf16 or fp16 (``adamem.noise_floors``).
 
-Seven measurements, on the CPU by default (all but the last are about numbers, not time):
+Seven measurements, on the GPU when torch sees one, else the CPU (``--device``; all but the last
+are about numbers, not time):
 
 * ``noise``: exactly low-rank G (rank k < r) rounded to the dtype. The rows of ``R = PᵀG`` beyond
   k and the residual S are then pure rounding noise; their largest norm over shapes 2×3 to

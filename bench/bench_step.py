@@ -3,9 +3,10 @@
 On a CUDA device, for GPT-2 124M and 345M parameter shapes (fp32 parameters, random
 gradients set once):
 
-* step time of Adapprox (cold S-RSI l = 5, and warm start l = 1, at fixed ranks k) against
-  fused AdamW and ``torch.optim.Adafactor`` in the same run (``triton.testing.do_bench``:
-  median, p20, p80 in ms);
+* step time of Adapprox at fixed ranks k (cold S-RSI l = 5 and warm start l = 1, each eager and
+  with CUDA graphs; cold l = 2 with Rayleigh–Ritz; the warm graphed step under ``OneCycleLR``,
+  with bf16 weights and at the other product precisions) against fused AdamW and
+  ``torch.optim.Adafactor`` in the same run (``triton.testing.do_bench``: median, p20, p80 in ms);
 * achieved bandwidth of each fused pass on the largest same-shaped group of matrices, against
   a device-to-device copy of the same bytes;
 * peak memory during a step (``torch.cuda.max_memory_allocated`` above what was allocated

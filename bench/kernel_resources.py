@@ -1,6 +1,7 @@
 """What the Triton kernels cost a Hopper SM, read from their compiled code: no GPU needed.
 
-Each default launch configuration of the optimizer's passes is compiled for sm_90 with
+Each default launch configuration of the optimizer's passes, and candidate product
+configurations (V's tiles rebuilt by the rank loop, unrolled or by a dot), is compiled for sm_90 with
 Triton's own ``ptxas`` (as the JIT compiles it on an H100: 16-byte-aligned pointers, unit
 inner strides), and for each the script reports
 
