@@ -1,8 +1,8 @@
 """Plain-PyTorch reference of one Adapprox step on a batch of same-shaped matrices.
 
 This is the oracle that every fast path is tested against, and the CPU path of the optimizer.
-It materializes the second moment V as a ``(B, m, n)`` fp32 tensor, which the fused kernels
-never do.
+It materializes the second moment V as a ``(B, m, n)`` fp32 tensor (float64 for float64
+parameters), which the fused kernels never do.
 
 Shapes: ``B`` matrices of shape ``(m, n)``; previous factors ``Q: (B, m, K)``, ``U: (B, n, K)``
 zero-padded to a common ``K`` (zero columns add nothing to ``Q Uᵀ``).
@@ -155,13 +155,14 @@ def apply_updates(
     scalars: torch.Tensor | None = None,
 ) -> None:
     """Lines 346–349 for each matrix ``b``: momentum of updates, optional cosine guidance,
-    decoupled weight decay. ``upd`` is fp32 ``(B, *param.shape)``; each parameter is written in
-    its own dtype, and each ``exp_avgs[b]`` (when β1 > 0) in its own. ``reduce``: see
-    :func:`clipped_update` (only the cosine guidance reduces over the matrix). With
-    ``rounding_keys`` (one per parameter, ints or an int64 tensor), bfloat16 parameters are
-    rounded at random (:func:`stochastic_round_bf16`), the others to nearest. ``scalars``:
-    ``[α, 1 − α·λ, β1, 1 − β1]`` (``transfer.update_scalars``), read in place of ``lr``,
-    ``weight_decay`` and ``beta1`` by an fp32 update (see :func:`_apply_from_scalars`)."""
+    decoupled weight decay. ``upd`` is fp32 ``(B, *param.shape)`` (float64 for float64
+    parameters); each parameter is written in its own dtype, and each ``exp_avgs[b]`` (when
+    β1 > 0) in its own. ``reduce``: see :func:`clipped_update` (only the cosine guidance reduces
+    over the matrix). With ``rounding_keys`` (one per parameter, ints or an int64 tensor),
+    bfloat16 parameters are rounded at random (:func:`stochastic_round_bf16`), the others to
+    nearest. ``scalars``: ``[α, 1 − α·λ, β1, 1 − β1]`` (``transfer.update_scalars``), read in
+    place of ``lr``, ``weight_decay`` and ``beta1`` by an fp32 update (see
+    :func:`_apply_from_scalars`)."""
     upd = upd.reshape(len(params), *params[0].shape)
     if scalars is not None and upd.dtype == torch.float32:
         _apply_from_scalars(params, upd, exp_avgs, scalars, cosine_max_scale, reduce, rounding_keys)
@@ -304,7 +305,8 @@ def _stacked(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
 class ReferenceSecondMoment(DenseOperator):
     """The second moment ``V_t`` of a batch as a linear operator, materialized.
 
-    ``grad: (B, m, n)`` fp32; ``q: (B, m, K)``, ``u: (B, n, K)`` the previous factors."""
+    ``grad: (B, m, n)`` in the factors' dtype (fp32, or float64 for float64 parameters);
+    ``q: (B, m, K)``, ``u: (B, n, K)`` the previous factors."""
 
     def __init__(self, grad: torch.Tensor, q: torch.Tensor, u: torch.Tensor, beta2: float):
         super().__init__(second_moment(grad, q, u, beta2))

@@ -80,12 +80,13 @@ def rayleigh_ritz(q: torch.Tensor, u: torch.Tensor, eigh: Eigh | None = None) ->
     the first ``k`` columns are then the best rank-``k`` approximation of ``Q Uᵀ = Q Qᵀ A``
     (``U = Aᵀ Q``) within ``range(Q)``, never worse than the first ``k`` QR columns, and the
     ``p`` oversampling columns improve them (with the first ``k`` QR columns they never do: QR
-    is triangular). The eigen-decomposition and the rotation run in float64 (the Gram squares
-    the singular values; an fp32 matmul on a GPU may run in tf32). A Gram that is not finite
-    (an overflowed V) leaves ``Q`` and ``U`` as they are (their ξ is NaN, which the optimizer
-    handles). On CUDA, ``torch.linalg.eigh`` reads its convergence flag on the host: one sync
-    per call, and no CUDA-graph capture. ``eigh`` replaces it (see ``Eigh``; the Triton Jacobi
-    kernel, which needs no sync): it gets the Gram scaled to a largest entry of 1, in fp32."""
+    is triangular). The eigen-decomposition (unless ``eigh`` is given) and the rotation run in
+    float64 (the Gram squares the singular values; an fp32 matmul on a GPU may run in tf32). A
+    Gram that is not finite (an overflowed V) leaves ``Q`` and ``U`` as they are (their ξ is
+    NaN, which the optimizer handles). On CUDA, ``torch.linalg.eigh`` reads its convergence
+    flag on the host: one sync per call, and no CUDA-graph capture. ``eigh`` replaces it (see
+    ``Eigh``; the Triton Jacobi kernel, which needs no sync): it gets the Gram scaled to a
+    largest entry of 1, in fp32."""
     u64 = u.double()
     gram = u64.mT @ u64
     finite = gram.isfinite().all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)

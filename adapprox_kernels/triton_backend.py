@@ -319,10 +319,10 @@ class TritonDenseMoment:
     two passes of :mod:`adapprox_kernels.kernels.dense_moment`, which read every tensor as a
     flat array (non-contiguous ones are staged, and written back after the update).
 
-    ``grads`` and ``exp_avg_sqs`` (fp32): ``B`` tensors of one shape. :meth:`first_pass` runs
-    the sums pass, which writes nothing; :meth:`TritonBackend.apply_dense_step` then writes
-    ``V_t`` over ``exp_avg_sqs``. Eager launches only: a compiled step keeps the reference's
-    dense path."""
+    ``grads`` (fp32, bf16 or fp16; others, or mixed dtypes, as fp32 copies) and ``exp_avg_sqs``
+    (fp32): ``B`` tensors of one shape. :meth:`first_pass` runs the sums pass, which writes
+    nothing; :meth:`TritonBackend.apply_dense_step` then writes ``V_t`` over ``exp_avg_sqs``.
+    Eager launches only: a compiled step keeps the reference's dense path."""
 
     def __init__(self, grads: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], beta2: float, eps: float):
         from .kernels._launch import SUPPORTED_DTYPES, MatrixTable

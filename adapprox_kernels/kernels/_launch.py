@@ -43,10 +43,10 @@ class Blocks(NamedTuple):
     count changes the code) whatever ``unroll`` says. Not on by default until a GPU measures it.
 
     ``dot_from`` (products only): the smallest rank whose rebuild of V is one tensor-core dot
-    per tile (``tf32x3``, close to fp32, where the products' own dots use tf32; 0: never), in
-    place of k FMAs per entry; it also leaves no loop inside the main loop. Takes precedence
-    over ``unroll``. Ranks above ``MAX_DOT_RANK`` keep the loop. Not on by default until a GPU
-    measures it."""
+    per tile (``tf32x3``, close to fp32, on GPUs with tf32 unless the products' own dots are
+    ``ieee``, else ``ieee``; 0: never), in place of k FMAs per entry; it also leaves no loop
+    inside the main loop. Takes precedence over ``unroll``. Ranks above ``MAX_DOT_RANK`` keep
+    the loop. Not on by default until a GPU measures it."""
 
     m: int = 64
     n: int = 64
@@ -84,7 +84,8 @@ PRODUCT_BLOCKS = Blocks(m=128, n=64, warps=4, stages=2)
 # per thread, at 64×64 0-40: bench/results/kernel_resources_*), and 64×64 tiles ran it 4-15% faster
 # than PRODUCT_BLOCKS on the H100 (bench/results/bench_step_*-153951.json against *-151653.json).
 FIRST_PASS_BLOCKS = Blocks(m=64, n=64, warps=4, stages=3)
-# The elementwise passes (update, norms, cosine sums): 16 rows of 256 columns, 2 stages. The
+# The elementwise passes (update, norms, cosine sums; the dense passes take its 4096 elements per
+# program, warps and stages: dense_moment.DENSE_BLOCK): 16 rows of 256 columns, 2 stages. The
 # update pass reached 94-95% of copy bandwidth at k = 8 on the H100's 345M groups, 86% on the
 # 124M embedding (32×128 tiles: 76-78%; the rebuild of V loads each factor entry once per tile
 # row or column, so flat tiles load fewer) and 96-100% at k = 1
@@ -175,8 +176,8 @@ class MatrixTable:
 
     Offsets are stored in units of ``align`` elements (16 bytes when every matrix is 16-byte
     aligned) so the kernel's address arithmetic proves the alignment and loads vectorize.
-    Matrices whose strides differ from the first one's (or whose address is not a multiple of
-    the element size) are staged in contiguous copies;
+    Matrices that are not contiguous (or whose address is not a multiple of the element size)
+    are staged in contiguous copies;
     ``writeback()`` copies staged results back after a kernel wrote them. ``flat=True``: tensors
     of any one shape, read as flat arrays of ``numel`` elements (staging leaves every one of them
     contiguous)."""
@@ -277,7 +278,7 @@ def check_factors(q: torch.Tensor, u: torch.Tensor, batch: int, m: int, n: int, 
 
 
 def check_new_factors(q_new, u_new, batch: int, m: int, n: int, device: torch.device) -> bool:
-    """Checks the optional ``(q_new: (B, m, k), u_new: (B, n, k))`` whose residual
+    """Checks the optional ``(q_new: (B, m, k), u_new: (B, n, k))``, ``k >= 1``, whose residual
     ``‖V − q_new u_newᵀ‖²`` a pass also reduces; returns whether they were given."""
     if (q_new is None) != (u_new is None):
         raise ValueError("give both q_new and u_new, or neither")

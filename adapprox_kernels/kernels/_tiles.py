@@ -3,9 +3,9 @@ V, the clipped-update elements, the weight (and momentum) write, a round-to-near
 store conversion and the optional stochastic rounding of bf16 weights (a counter-based hash:
 the same bits as :func:`adapprox_kernels.reference.stochastic_round_bf16`).
 
-Every load is cast to fp32 right after it (the Triton interpreter reads bf16 wrongly
-otherwise, and all arithmetic is fp32 anyway). Offsets are int64 so that matrices with more
-than 2³¹ elements index correctly.
+Every load of floating-point data is cast to fp32 right after it (the Triton interpreter reads
+bf16 wrongly otherwise, and all arithmetic is fp32 anyway). Offsets are int64 so that matrices
+with more than 2³¹ elements index correctly.
 """
 
 import triton

@@ -18,8 +18,9 @@ A matrix whose clip divisor is not finite is not written at all (see ``_tiles.ga
 that is how the optimizer launches a step's updates before it has read its non-finite check.
 
 Grid: one program per ``BLOCK_M × BLOCK_N`` tile of every matrix (elementwise work, so the
-grid is as parallel as the matrices are large); residual partial sums are added on the host.
-W and M are read and written in place through matrix tables (see ``_launch.MatrixTable``).
+grid is as parallel as the matrices are large); residual partial sums are added by a torch sum
+after the launch. W and M are read and written in place through matrix tables (see
+``_launch.MatrixTable``).
 """
 
 from typing import Sequence
@@ -117,8 +118,8 @@ def apply_update(
     """Write ``params`` (and ``exp_avgs`` when given) in place; returns the ``(B,)`` residual
     sums ``‖V − q_new u_newᵀ‖_F²`` when new factors are given, else ``None``.
 
-    ``grads``, ``params``, ``exp_avgs``: ``B × (m, n)`` (params and exp_avgs each of one
-    dtype: fp32, bf16 or fp16); ``q: (B, m, K)``, ``u: (B, n, K)`` the previous factors;
+    ``grads``, ``params``, ``exp_avgs``: ``B × (m, n)`` (each list of one dtype: fp32, bf16 or
+    fp16); ``q: (B, m, K)``, ``u: (B, n, K)`` the previous factors (fp32, as the new ones);
     ``clip: (B,)`` the update divisor ``±max(1, RMS/d)``; ``scale: (B,)`` the cosine-guidance
     step factor (default 1); ``q_new: (B, m, k)``, ``u_new: (B, n, k)``. ``scalars``: an fp32
     ``(4,)`` device tensor ``[α, 1 − α·λ, β1, 1 − β1]`` read instead of ``lr``,

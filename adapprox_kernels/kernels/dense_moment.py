@@ -3,8 +3,8 @@
 
 * :func:`dense_sums` reads G and ``V_{t−1}`` and writes nothing but the per-tensor sums
   ``[‖V_t‖², Σ (G/(√V_t+ε))²]``: the update's RMS, and the optimizer's non-finite gradient
-  check (the second sum is NaN exactly where G holds NaN or inf), before any state
-  changes;
+  check (the second sum is NaN where G holds NaN or inf, or an entry whose square overflows
+  ``V_t``: ``_tiles.raw_update``), before any state changes;
 * :func:`dense_apply` rebuilds ``V_t``, writes it over ``V_{t−1}``, and applies the same clipped
   update, momentum of updates and decoupled weight decay as the factored update pass
   (:mod:`.apply_update`), writing W and M in their own dtypes (bf16 weights optionally rounded
@@ -13,7 +13,8 @@
 
 The step is elementwise but for the per-tensor RMS, so shape does not matter: every tensor is
 read as a flat array (no view, no 2-D tile with one live row for a vector). Grid: one program
-per ``block`` elements of every tensor; partial sums are added on the host (deterministic).
+per ``block`` elements of every tensor; partial sums are added by a torch sum after the launch
+(deterministic).
 """
 
 from typing import Sequence
@@ -35,9 +36,9 @@ DENSE_BLOCK = ELEMENTWISE_BLOCKS.m * ELEMENTWISE_BLOCKS.n
 @triton.jit
 def _dense_block(g_ptr, g_off_ptr, v_ptr, v_off_ptr, NUMEL, FIRST, beta2, one_minus_beta2,
                  G_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """This program's block of tensor ``b``: the offsets, which lie inside, the V pointers, G
-    and ``V_t = β2·V_{t−1} + (1−β2)·G²`` (fp32, 0 outside); ``b`` counts from the launch's
-    ``FIRST`` (see ``_launch.batch_chunks``)."""
+    """This program's block of tensor ``b`` as ``(b, block, offs, mask, v_ptrs, G, V_t)``: the
+    offsets, which lie inside, the V pointers, G and ``V_t = β2·V_{t−1} + (1−β2)·G²`` (fp32, 0
+    outside); ``b`` counts from the launch's ``FIRST`` (see ``_launch.batch_chunks``)."""
     block, b = tl.program_id(0), tl.program_id(1).to(tl.int64) + FIRST
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NUMEL

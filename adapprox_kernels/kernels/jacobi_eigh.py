@@ -50,7 +50,9 @@ import triton.language as tl
 
 from ._launch import on_device
 
-MAX_SIZE = 64  # R = 64: A, Z and J take 3 × 32 fp32 registers per thread at 4 warps
+# R = 64: A and Z (and J, by dots) take 32 fp32 registers each per thread at 4 warps, 16 at the
+# 8 warps the launcher gives R = 64.
+MAX_SIZE = 64
 DEFAULT_SWEEPS = 6
 DOT_MAX_TILE = 32  # the widest tile whose rounds are dots by default (at 64 they spill)
 MIN_TILE = 16  # tl.dot needs every dimension >= 16

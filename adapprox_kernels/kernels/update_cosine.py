@@ -4,7 +4,7 @@
 
 Only run when cosine guidance is on: the cosine scales the weight step, so it must be known
 before the update pass writes W (one extra pass over G and M). Grid: one program per
-``BLOCK_M × BLOCK_N`` tile; partial sums are added on the host.
+``BLOCK_M × BLOCK_N`` tile; partial sums are added by a torch sum after the launch.
 """
 
 from typing import Sequence

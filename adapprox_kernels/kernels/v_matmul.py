@@ -136,7 +136,8 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
                 G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
                 HAS_LOWRANK=k > 0, WITH_NORMS=with_norms, PRECISION="tf32" if precision == "tf32_rn" else precision,
                 ROUND_TF32=precision == "tf32_rn", K_UNROLL=blocks.rank_unroll(k), K_DOT=blocks.rank_dot(k),
-                # Never plain tf32 for the rebuilt tiles (see lowrank_tile): tf32x3 where tensor cores have tf32.
+                # Never plain tf32 for the rebuilt tiles (see lowrank_tile): tf32x3 where tensor cores have tf32
+                # (ieee where the products are).
                 REBUILD_TF32X3=precision != "ieee" and dot_precision(table.device) == "tf32x3",
                 num_warps=blocks.warps, num_stages=blocks.stages,
             )  # fmt: skip
@@ -164,7 +165,8 @@ def v_matmul(
 
     With ``eps``, also returns ``(B, 2)`` sums ``[‖V‖_F², Σ (G/(√V+ε))²]`` from the same pass
     (else ``None``). ``blocks`` caps the tile sizes (default ``PRODUCT_BLOCKS``, or
-    ``FIRST_PASS_BLOCKS`` with the sums); ``split`` overrides the split-K heuristic."""
+    ``FIRST_PASS_BLOCKS`` with the sums); ``split`` overrides the split-K heuristic (at most one
+    split per ``BLOCK_N`` columns); ``precision``: see the module's docstring."""
     if blocks is None:
         blocks = PRODUCT_BLOCKS if eps is None else FIRST_PASS_BLOCKS
     return _launch(_as_table(grads), q, u, x, beta2, eps, False, blocks, split, precision)

@@ -2,10 +2,10 @@
 factors are given, ``‖V − Q_t U_tᵀ‖_F²`` (ξ's numerator).
 
 The optimizer gets these from passes it makes anyway (the first ``V @ Ω`` and the update
-pass); this kernel serves the operator's ``sq_norm`` / ``residual_sq_norm`` when they are
-asked for on their own (S-RSI outside the optimizer, tests). Grid: one program per
-``BLOCK_M × BLOCK_N`` tile of every matrix; each writes its partial sums and the host adds
-them (deterministic, no atomics).
+pass); this kernel serves the operator's ``sq_norm`` / ``update_sq_norm`` /
+``residual_sq_norm`` when they are asked for on their own (S-RSI outside the optimizer, tests).
+Grid: one program per ``BLOCK_M × BLOCK_N`` tile of every matrix; each writes its partial sums
+and a torch sum after the launch adds them (deterministic, no atomics).
 """
 
 from typing import Sequence
