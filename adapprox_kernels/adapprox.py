@@ -938,8 +938,12 @@ class Adapprox(BucketMixin, SketchOptimizer):
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 
         rounding_keys = self._rounding_keys(group, bucket, states)
-        # Compiled, the update reads α, λ and β1 from a tensor (see _traced_scalars).
-        traced = self._traced_scalars(group, q_prev.device, True) if getattr(backend, "name", None) in _SCALARS else None
+        # Compiled, the update reads α, λ and β1 from a tensor (see _traced_scalars); on row shards
+        # it takes the numbers, as the dense buckets' does (RowShards.apply_step has no scalars).
+        traced = (
+            self._traced_scalars(group, q_prev.device, True)
+            if shards is None and getattr(backend, "name", None) in _SCALARS else None
+        )  # fmt: skip
 
         def update(op, q, u, used_mask, scalars=traced, keys=rounding_keys):
             """Updates W (and M) in place; ξ ``(B,)`` or None. It needs only V_t, so it runs

@@ -1327,6 +1327,34 @@ def test_gradient_limit_holds_for_dtensor_parameters():
         dist.destroy_process_group()
 
 
+def test_compiled_step_on_dtensor_parameters_matches_the_eager_one():
+    """``torch.compile(opt.step)`` with DTensor (FSDP2) parameters: the factored update passed the
+    compiled step's tensor of α, λ and β1 to the row shards' update, which takes none (a
+    ``TypeError`` at the first step); it now takes the numbers, as the dense buckets' does, and
+    follows the eager step. A 1-rank process group in this process suffices."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        gen = torch.Generator().manual_seed(SEED)
+        start, grads = torch.randn(40, 30, generator=gen), [torch.randn(40, 30, generator=gen) for _ in range(3)]
+        weights = []
+        for compiled in (False, True):
+            w = nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+            opt = Adapprox([w], seed=SEED, k_max=2)
+            step = torch.compile(opt.step) if compiled else opt.step
+            for g in grads:
+                w.grad = distribute_tensor(g, mesh, [Shard(0)])
+                step()
+            weights.append(w.full_tensor())
+        torch.testing.assert_close(weights[1], weights[0])
+    finally:
+        torch._dynamo.reset()
+        dist.destroy_process_group()
+
+
 def test_zero_checkpoint_resumed_with_another_seed_is_refused():
     """ZeroRedundancyOptimizer copies the seed into its groups and saves them, not the sketch
     RNG: loaded into one built with another seed, the groups' seed was ignored and the run went
