@@ -333,7 +333,8 @@ class AdaMeM(SketchOptimizer):
         rank: r, the momentum rank (capped at ``min(m, n)`` per matrix).
         update_proj_gap: T, the projection is recomputed on steps 1, T+1, 2T+1, …
         residual_scale: δ, weight of the residual (momentum-free) direction.
-        eps: ε added to ``√V̂`` (Adam's placement); must be > 0 (a zero residual divides by it).
+        eps: ε added to ``√V̂`` (Adam's placement); at least float32's smallest normal, ~1.2e-38
+            (a zero residual divides by it).
         weight_decay: λ, decoupled: ``W ← W(1 − ηλ) − η·update``.
         projection: ``"srsi"`` (randomized, the package's S-RSI + Rayleigh–Ritz) or ``"svd"``
             (exact, as in the paper).
@@ -643,7 +644,7 @@ class AdaMeM(SketchOptimizer):
     def _end_step(self) -> None:
         """Every ξ and refresh outcome of the step from one host read per device (not one per
         bucket): a matrix whose refresh found no gradient keeps its ξ and is marked pending."""
-        pending = self._xi_pending[:]  # not an attribute set: see Adapprox._reset_step_caches
+        pending = self._xi_pending[:]  # not an attribute set: see BucketMixin._reset_step_caches
         self._xi_pending.clear()
         values = to_host([t for _, xi, found in pending for t in (xi, found)])
         for (states, _, _), xis, founds in zip(pending, values[::2], values[1::2]):

@@ -4,8 +4,8 @@ Per parameter, by shape (after folding ``(d0, d1, …)`` to ``(d0, d1·…)``):
 
 * **factored** (2-D and folded >2-D parameters): ``V ≈ relu(Q Uᵀ)`` with ``Q: (m, k)``,
   ``U: (n, k)`` recomputed every step by S-RSI on ``V_t = β2·relu(Q Uᵀ) + (1−β2)·G²``; the
-  rank ``k`` adapts per matrix. State: ``4·k·(m+n)`` bytes (fp32 factors) plus the first moment
-  when β1 > 0.
+  rank ``k`` adapts per matrix. State: ``4·k·(m+n)`` bytes (fp32 factors; ``8·k·(m+n)``, fp64, for
+  float64 parameters) plus the first moment when β1 > 0.
 * **dense** (1-D parameters, and matrices too small to gain from factoring, i.e.
   ``min(m, n) <= k_max + p`` while ``exact_small_matrices``): an unfactored ``V`` as in
   Adafactor's vector case. The update rule is the same, so the result is what the factored
@@ -300,7 +300,8 @@ class Adapprox(BucketMixin, SketchOptimizer):
         lr: learning rate α: a number, or a one-element floating tensor (filled in place by a scheduler).
         betas: ``(β1, β2, β3)``: momentum of updates (0 keeps no first moment), second-moment
             decay, rank-moment decay.
-        eps: ε added to ``√V`` (> 0: V has exact zeros where G does and relu clamps).
+        eps: ε added to ``√V`` (at least float32's smallest normal, ~1.2e-38: V has exact zeros where
+            G does and relu clamps).
         clip_threshold: d, the update-RMS clipping threshold (``None``: no clipping).
         weight_decay: λ, decoupled: ``W ← W − α(M + λW)``.
         maximize: step up the gradient, as torch.optim's ``maximize``: the same bits as the step
@@ -574,7 +575,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
 
     @staticmethod
     def _graphable(group: dict[str, Any], backend, q_prev: torch.Tensor, shards: RowShards | None) -> bool:
-        """May this bucket's step run as a CUDA graph? Whole (unsharded) fp32 matrices on the
+        """May this bucket's step run as a CUDA graph? Whole (unsharded) matrices with fp32 state on the
         current CUDA device with the Triton kernels, outside torch.compile. A capture records
         the current device's stream: the work of a bucket on another GPU would run eagerly
         while it is captured, leaving a graph that replays nothing (or, where it allocated, a
@@ -594,11 +595,11 @@ class Adapprox(BucketMixin, SketchOptimizer):
         self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
     ) -> list[tuple[list[torch.Tensor], torch.Tensor | list[float]]]:
         """S-RSI of the factored buckets whose first product also reduces the update's RMS
-        (Triton kernels, whole fp32 matrices), and the sums pass of the dense buckets on the
-        kernels, before the non-finite check: that sum is NaN exactly where a gradient holds NaN
-        or inf (or entries whose squares overflow V), so the check needs no pass over G of its
-        own; +inf is a finite gradient's sum overflowing (V underflowed to 0 with a tiny ε),
-        which the clip divisor's cap handles as the reference does. The updates wait for
+        (Triton kernels, whole matrices of fp32 factors, i.e. not of float64 parameters), and the sums
+        pass of the dense buckets on the kernels, before the non-finite check: that sum is NaN exactly
+        where a gradient holds NaN or inf (or entries whose squares overflow V), so the check needs
+        no pass over G of its own; +inf is a finite gradient's sum overflowing (V underflowed to 0
+        with a tiny ε), which the clip divisor's cap handles as the reference does. The updates wait for
         the check, or, where every bucket ran ahead, are launched behind a device gate
         (:meth:`_launch_gated`); what runs ahead changes nothing a user sees but the sketch
         RNG, the step counts and new state, which :meth:`_discard_run_ahead` restores."""
@@ -645,7 +646,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
 
     def _plan(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> tuple[list[tuple], list[torch.Tensor]]:
         """The step's buckets in order, ``(group, key, bucket, states, backend, runs ahead?)``,
-        and the parameters whose state was made (see :meth:`_buckets`)."""
+        and the parameters whose state was made (see :meth:`~adapprox_kernels.buckets.BucketMixin._buckets`)."""
         new, plan = [], []
         backends = {}  # (name, device) -> backend: resolved once a step, not per bucket
         try:
@@ -884,7 +885,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
             # DTensor (FSDP2) parameters: the same step on this rank's rows; see distributed.py.
             backend = shards
         q_prev, u_prev, prev_cols = self._previous_factors(states)
-        # A bucket's parameters share their layout (see _buckets): where the first is a plain
+        # A bucket's parameters share their layout (see buckets.py): where the first is a plain
         # tensor, so are all, and their gradients and state; no per-tensor DTensor test.
         as_local = list if shards is None else local_list
         grads = as_local(map(_grad, bucket))
@@ -1084,8 +1085,8 @@ class Adapprox(BucketMixin, SketchOptimizer):
     def _decide_ranks(self, rec: "_Pending", xis: list[float]) -> None:
         group, states, cap = rec.group, rec.states, rec.cap
         width = rec.q.shape[2]
-        # A non-finite ξ: V_t's squares overflowed float32 (finite gradients of ~1e9 and more;
-        # S-RSI squares V), and the new factors may hold inf or NaN. This step's update used
+        # A non-finite ξ: V_t's squares overflowed the factors' dtype (float32: finite gradients of ~1e9
+        # and more; S-RSI squares V), and the new factors may hold inf or NaN. This step's update used
         # V_t from the previous factors, so it is sound; keep those factors and that rank.
         overflowed = [] if all(map(math.isfinite, xis)) else [b for b, xi in enumerate(xis) if not math.isfinite(xi)]
         kept = {b: (states[b]["Q"], states[b]["U"], states[b]["rank"]) for b in overflowed}

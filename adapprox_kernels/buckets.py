@@ -161,7 +161,7 @@ class BucketMixin:
     def _compact_factors(self, idle: list[torch.Tensor]) -> None:
         """Copies out the factors of the parameters that sit out this step (no gradient),
         where they are views of a stack that other parameters move on from (see
-        :meth:`_store_factors`): such a view would keep the whole stack alive, in memory and in
+        ``Adapprox._store_factors``): such a view would keep the whole stack alive, in memory and in
         every checkpoint. Wherever who sits out changed since the group's last step, remembered
         buckets too: with a pattern that repeats (experts of a mixture, routed in turn), a
         parameter back from an idle step gets a view of a new stack, and idles again with it."""

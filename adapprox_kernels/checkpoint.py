@@ -49,7 +49,8 @@ class CheckpointMixin:
     too), before ``torch.optim.Optimizer`` in the bases of
     :class:`~adapprox_kernels.optim_base.SketchOptimizer`. It reads that class's sketch RNG
     (``_seed``, ``_generators``), ``_param_name``, ``_check_hyperparameters`` and
-    ``_state_dtype`` (the step's too: the dtype a state tensor is kept in)."""
+    ``_state_dtype`` (the step's too: the dtype a state tensor is kept in); a load that brings a sketch
+    RNG clears its ``_seed_unshared``."""
 
     def _rng_state(self) -> dict[str, Any]:
         return {"seed": self._seed, "states": {k: g.get_state() for k, g in self._generators.items()}}
@@ -119,7 +120,8 @@ class CheckpointMixin:
           The state of a DTensor parameter (FSDP2) holds only the saving rank's shards, so it
           loads only on the rank that saved it (in a process group of the same size), into
           DTensor parameters: another rank's shards of the same shape would train on its
-          moments; ``adapprox_kernels.distributed.load_optimizer_state`` reshards.
+          moments; ``adapprox_kernels.distributed.load_optimizer_state`` reshards. The saved groups'
+          options, the order of their ``param_names`` and the sketch RNG are checked alike.
         * Saved tensors keep the precision this optimizer keeps them in (:meth:`_state_dtype`),
           not the parameter's dtype that torch.optim casts every floating tensor to; and they
           are copied, where torch.optim keeps the given tensors of matching dtype and device:

@@ -111,7 +111,7 @@ def check_same_seed(seed: int, params: Iterable[torch.Tensor], owner: str) -> No
 def process_rank() -> dict[str, int] | None:
     """``{"rank", "world_size"}`` of this process in the default process group; None without an
     initialized one. Recorded with a plain state dict of DTensor state (whose shards are this
-    rank's only: see ``SketchOptimizer.load_state_dict``)."""
+    rank's only: see ``CheckpointMixin.load_state_dict`` in checkpoint.py)."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}

@@ -595,7 +595,8 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
         Nothing by default."""
 
     def _grads_to_update(self, group: dict[str, Any]) -> list[torch.Tensor]:
-        """The group's parameters with a (non-empty) gradient, checked: dense, floating point.
+        """The group's parameters with a (non-empty) gradient, checked: dense (else ``RuntimeError``),
+        floating point (``TypeError``), of the parameter's shape (``RuntimeError``).
         Hundreds of parameters a step: the checks are ``map``s over C methods."""
         params = list(group["params"])
         grads = list(map(_grad, params))

@@ -35,7 +35,7 @@ def next_rank_step(rank: int, xi: float, xi_thresh: float, k_min: int, k_max: in
 
 
 def rank_moment(k_prev: float, k_next: int, beta3: float) -> float:
-    """Algorithm 3, line 343: the exponential moving average of the rank."""
+    """Algorithm 3's rank moment: the exponential moving average of the rank."""
     return beta3 * k_prev + (1.0 - beta3) * k_next
 
 
