@@ -852,7 +852,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
         rounding_keys = self._rounding_keys(group, bucket, states)
         if rounding_keys is not None and shards is not None:  # each shard its own bits
             rounding_keys = shard_keys(rounding_keys, shards.local_rows.start)
-        scalars = None if shards is not None else self._traced_scalars(group, upd.device, momentum=True)
+        scalars = self._traced_scalars(group, upd.device, momentum=True)
         apply_updates(
             local_list(bucket), upd, exp_avgs, **kw, reduce=reduce, rounding_keys=rounding_keys, scalars=scalars
         )
@@ -939,12 +939,10 @@ class Adapprox(BucketMixin, SketchOptimizer):
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 
         rounding_keys = self._rounding_keys(group, bucket, states)
-        # Compiled, the update reads α, λ and β1 from a tensor (see _traced_scalars); on row shards
-        # it takes the numbers, as the dense buckets' does (RowShards.apply_step has no scalars).
+        # Compiled, the update reads α, λ and β1 from a tensor (see _traced_scalars).
         traced = (
-            self._traced_scalars(group, q_prev.device, True)
-            if shards is None and getattr(backend, "name", None) in _SCALARS else None
-        )  # fmt: skip
+            self._traced_scalars(group, q_prev.device, True) if getattr(backend, "name", None) in _SCALARS else None
+        )
 
         def update(op, q, u, used_mask, scalars=traced, keys=rounding_keys):
             """Updates W (and M) in place; ξ ``(B,)`` or None. It needs only V_t, so it runs

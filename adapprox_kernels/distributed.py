@@ -312,7 +312,7 @@ class RowShards:
 
     def apply_step(
         self, op, params, exp_avgs, *, eps, clip_threshold, lr, beta1, weight_decay, cosine_max_scale,
-        residual_factors=None, rounding_keys=None,
+        residual_factors=None, rounding_keys=None, scalars=None,
     ):  # fmt: skip
         """The clipped update and the weight write on this rank's rows (``params`` and
         ``exp_avgs`` are local views); the RMS and cosine sums are all-reduced. With
@@ -321,7 +321,8 @@ class RowShards:
         Either local operator issues the same all-reduces in the same order (RMS, cosine sums,
         residual), so ranks may differ in which one they run (see :meth:`second_moment`).
         ``rounding_keys``: bf16 stochastic rounding, a key per matrix; each shard mixes its
-        first row into them (``reference.shard_keys``)."""
+        first row into them (``reference.shard_keys``). ``scalars``: α, λ and β1 as a tensor in
+        a compiled step, as the local backend's ``apply_step`` takes them."""
         local_op = op.local
         if rounding_keys is not None:  # each shard its own bits: element indices are local
             rounding_keys = reference.shard_keys(rounding_keys, self.local_rows.start)
@@ -329,13 +330,14 @@ class RowShards:
             return self.local_backend.apply_step(
                 local_op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
                 weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
-                reduce=self.all_reduce, **({} if rounding_keys is None else {"rounding_keys": rounding_keys}),
+                reduce=self.all_reduce, scalars=scalars,
+                **({} if rounding_keys is None else {"rounding_keys": rounding_keys}),
             )  # fmt: skip
         resid = local_op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
         upd = op.clipped_update(eps, clip_threshold)  # the RMS all-reduced (RowShardedOperator)
         reference.apply_updates(
             params, upd, exp_avgs, lr=lr, beta1=beta1, weight_decay=weight_decay,
-            cosine_max_scale=cosine_max_scale, reduce=self.all_reduce, rounding_keys=rounding_keys,
+            cosine_max_scale=cosine_max_scale, reduce=self.all_reduce, rounding_keys=rounding_keys, scalars=scalars,
         )  # fmt: skip
         return None if resid is None else self.all_reduce(resid)
 

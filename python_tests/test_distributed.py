@@ -1329,9 +1329,10 @@ def test_gradient_limit_holds_for_dtensor_parameters():
 
 def test_compiled_step_on_dtensor_parameters_matches_the_eager_one():
     """``torch.compile(opt.step)`` with DTensor (FSDP2) parameters: the factored update passed the
-    compiled step's tensor of α, λ and β1 to the row shards' update, which takes none (a
-    ``TypeError`` at the first step); it now takes the numbers, as the dense buckets' does, and
-    follows the eager step. A 1-rank process group in this process suffices."""
+    compiled step's tensor of α, λ and β1 to the row shards' update, which took none (a
+    ``TypeError`` at the first step); it now takes it, as the dense buckets' does (they took the
+    numbers, constants of the compiled update), and the step follows the eager one, a scheduler's
+    lr included. A 1-rank process group in this process suffices."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -1339,16 +1340,21 @@ def test_compiled_step_on_dtensor_parameters_matches_the_eager_one():
     try:
         mesh = init_device_mesh("cpu", (1,))
         gen = torch.Generator().manual_seed(SEED)
-        start, grads = torch.randn(40, 30, generator=gen), [torch.randn(40, 30, generator=gen) for _ in range(3)]
+        shapes = [(40, 30), (30,)]  # a factored matrix and a dense vector
+        start = [torch.randn(s, generator=gen) for s in shapes]
+        grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
         weights = []
         for compiled in (False, True):
-            w = nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
-            opt = Adapprox([w], seed=SEED, k_max=2)
+            ws = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in start]
+            opt = Adapprox(ws, seed=SEED, k_max=2)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (i + 1))
             step = torch.compile(opt.step) if compiled else opt.step
-            for g in grads:
-                w.grad = distribute_tensor(g, mesh, [Shard(0)])
+            for gs in grads:
+                for w, g in zip(ws, gs):
+                    w.grad = distribute_tensor(g, mesh, [Shard(0)])
                 step()
-            weights.append(w.full_tensor())
+                sched.step()
+            weights.append([w.full_tensor() for w in ws])
         torch.testing.assert_close(weights[1], weights[0])
     finally:
         torch._dynamo.reset()
