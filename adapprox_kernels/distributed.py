@@ -330,8 +330,8 @@ class RowShards:
             return self.local_backend.apply_step(
                 local_op, params, exp_avgs, eps=eps, clip_threshold=clip_threshold, lr=lr, beta1=beta1,
                 weight_decay=weight_decay, cosine_max_scale=cosine_max_scale, residual_factors=residual_factors,
-                reduce=self.all_reduce, scalars=scalars,
-                **({} if rounding_keys is None else {"rounding_keys": rounding_keys}),
+                reduce=self.all_reduce, **({} if rounding_keys is None else {"rounding_keys": rounding_keys}),
+                **({} if scalars is None else {"scalars": scalars}),  # only where the optimizer passes them
             )  # fmt: skip
         resid = local_op.residual_sq_norm(*residual_factors) if residual_factors is not None else None
         upd = op.clipped_update(eps, clip_threshold)  # the RMS all-reduced (RowShardedOperator)
