@@ -39,7 +39,7 @@ def eager_and_compiled(
 
 def graphs_per_step(
     make_optimizer, shapes, backend: str, steps: int, dtype=torch.float32, grad=torch.randn, after_step=None,
-    device="cpu",
+    device="cpu", place=lambda t: t,
 ) -> tuple[list[tuple[int, int]], list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """``torch.compile(opt.step, backend=backend)`` for ``steps`` steps, each with new gradient
     tensors (``grad(shape)``, as a backward pass after ``zero_grad()`` makes them), with
@@ -49,7 +49,8 @@ def graphs_per_step(
     frame that dynamo recompiles every step shows as traced on every step (one that makes no
     graph too: torch 2.8 recompiled such a frame every step, which no graph count showed);
     one that hit its recompile limit, which dynamo only logs and then runs eagerly for good,
-    as fewer graphs run (and, where torch has the switch, as an error)."""
+    as fewer graphs run (and, where torch has the switch, as an error). ``place``: what each
+    parameter and gradient tensor becomes (a DTensor: ``distribute_tensor``)."""
     from torch._dynamo.utils import counters
     from torch._dynamo.backends.registry import lookup_backend
 
@@ -67,12 +68,12 @@ def graphs_per_step(
 
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(1)
-    grads = [[grad(s, generator=gen).to(dtype).to(device) for s in shapes] for _ in range(steps)]
+    grads = [[place(grad(s, generator=gen).to(dtype).to(device)) for s in shapes] for _ in range(steps)]
     runs, per_step = [], []
     config = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s).to(dtype).to(device)) for s in shapes]
+        params = [torch.nn.Parameter(place(torch.randn(s).to(dtype).to(device))) for s in shapes]
         opt = make_optimizer(params)
         step = torch.compile(opt.step, backend=counting) if compiled else opt.step
         with torch._dynamo.config.patch(**config):

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from compiled_step import graphs_per_step
 from torch import nn
 
 from adapprox_kernels import AdaMeM, Adapprox, DenseOperator
@@ -1332,30 +1333,30 @@ def test_compiled_step_on_dtensor_parameters_matches_the_eager_one():
     compiled step's tensor of α, λ and β1 to the row shards' update, which took none (a
     ``TypeError`` at the first step); it now takes it, as the dense buckets' does (they took the
     numbers, constants of the compiled update), and the step follows the eager one, a scheduler's
-    lr included. A 1-rank process group in this process suffices."""
+    lr included. The lr, a new number every step, is read from that tensor by the factored
+    matrix's update and the dense vector's: after the second step nothing is compiled (as a
+    number, either update was compiled anew every step). A 1-rank process group in this process
+    suffices."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        gen = torch.Generator().manual_seed(SEED)
-        shapes = [(40, 30), (30,)]  # a factored matrix and a dense vector
-        start = [torch.randn(s, generator=gen) for s in shapes]
-        grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
-        weights = []
-        for compiled in (False, True):
-            ws = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in start]
+        scheds = []
+
+        def make(ws):
             opt = Adapprox(ws, seed=SEED, k_max=2)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (i + 1))
-            step = torch.compile(opt.step) if compiled else opt.step
-            for gs in grads:
-                for w, g in zip(ws, gs):
-                    w.grad = distribute_tensor(g, mesh, [Shard(0)])
-                step()
-                sched.step()
-            weights.append([w.full_tensor() for w in ws])
-        torch.testing.assert_close(weights[1], weights[0])
+            scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (i + 1)))
+            return opt
+
+        shapes = [(40, 30), (30,)]  # a factored matrix and a dense vector
+        per_step, eager, compiled = graphs_per_step(
+            make, shapes, "aot_eager", 4, after_step=lambda opt: scheds[-1].step(),
+            place=lambda t: distribute_tensor(t, mesh, [Shard(0)]),
+        )  # fmt: skip
+        assert [new for new, _ in per_step[2:]] == [0, 0], per_step
+        torch.testing.assert_close([w.full_tensor() for w in compiled], [w.full_tensor() for w in eager])
     finally:
         torch._dynamo.reset()
         dist.destroy_process_group()
