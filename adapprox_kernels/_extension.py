@@ -45,9 +45,13 @@ if _MODULE is not None:
     def _check_fake_input(y: torch.Tensor) -> None:
         # The metadata checks of csrc/cholqr.cpp (TORCH_CHECK: RuntimeError), so that a trace
         # rejects what the kernel would; the device is not checked (meta tensors infer shapes).
-        torch._check(y.dim() == 3, lambda: f"cholqr_orthonormalize expects a (B, m, r) tensor, got {y.dim()} dimensions")
+        torch._check(
+            y.dim() == 3, lambda: f"cholqr_orthonormalize expects a (B, m, r) tensor, got {y.dim()} dimensions"
+        )
         torch._check(y.dtype == torch.float32, lambda: f"cholqr_orthonormalize expects float32, got {y.dtype}")
-        torch._check(y.shape[1] >= y.shape[2], lambda: f"cholqr_orthonormalize needs m >= r, got shape {tuple(y.shape)}")
+        torch._check(
+            y.shape[1] >= y.shape[2], lambda: f"cholqr_orthonormalize needs m >= r, got shape {tuple(y.shape)}"
+        )
 
     @torch.library.register_fake(OP_NAME)
     def _cholqr_fake(y: torch.Tensor) -> torch.Tensor:

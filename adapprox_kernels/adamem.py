@@ -58,8 +58,9 @@ def top_left_subspace(
 
     ``"svd"``: exact. ``"srsi"``: S-RSI with ``rank + oversample`` columns, then Rayleigh–Ritz
     (:func:`~adapprox_kernels.srsi.rayleigh_ritz`, as Adapprox's ``truncation="rayleigh_ritz"``):
-    the sketch's directions are ordered by singular value and the top ``rank`` kept. Taking the first ``rank`` QR columns instead would be a rank-``rank``
-    subspace iteration that ignores the oversampling.
+    the sketch's directions are ordered by singular value and the top ``rank`` kept. Taking
+    the first ``rank`` QR columns instead would be a rank-``rank`` subspace iteration that
+    ignores the oversampling.
     """
     if projection == "svd":
         return canonical_signs(torch.linalg.svd(g, full_matrices=False).U[..., :rank])
@@ -193,7 +194,9 @@ def _rounding_grid(g: torch.Tensor, grad_dtype: torch.dtype | None) -> tuple[tor
     return eps, _smallest_binade(torch.float32)
 
 
-def gradient_rounding_noise(g: torch.Tensor, grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_rounding_noise(
+    g: torch.Tensor, grad_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimates of ``(‖E‖_2, ‖E‖_F)``, each ``(B,)``, for the error E of the rounding that
     ``g: (B, m, n)`` (fp32) went through once (see :func:`_rounding_grid`; 0 where none is
     seen): each entry's error has variance ``spacing²/12``, the spacing of the rounding dtype's

@@ -164,7 +164,9 @@ def _addresses(tensors: list[torch.Tensor]) -> tuple:
     """Where a captured call reads or writes each tensor, as which dtype and with which
     strides: part of its graph key. Hundreds of tensors a step: ``map``, not a Python loop."""
     return (
-        tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(_dtype, tensors)), tuple(map(torch.Tensor.stride, tensors))
+        tuple(map(torch.Tensor.data_ptr, tensors)),
+        tuple(map(_dtype, tensors)),
+        tuple(map(torch.Tensor.stride, tensors)),
     )
 
 
@@ -934,7 +936,9 @@ class Adapprox(BucketMixin, SketchOptimizer):
             """``(operator for V_t, q, u, failure flags or None)``."""
             op = second_moment(q_prev, u_prev)
             failures: list[torch.Tensor] = []
-            q, u = subspace_iteration(op, start(u_prev, sketch, prev_mask), iters, _deferred_orthonormalize(backend, failures))
+            q, u = subspace_iteration(
+                op, start(u_prev, sketch, prev_mask), iters, _deferred_orthonormalize(backend, failures)
+            )
             q, u = truncate(q, u, group["truncation"], eigh)
             return op, q, u, torch.stack(failures).any(dim=0) if failures else None
 

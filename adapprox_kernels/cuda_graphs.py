@@ -184,7 +184,9 @@ class CallGraphs:
             return fn(*inputs)
         return self._capture(key, fn, inputs, calls)
 
-    def _capture(self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], calls: int) -> Outputs:
+    def _capture(
+        self, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], calls: int
+    ) -> Outputs:
         static = [t.clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
         # Not torch.cuda.graph(): its entry empties the allocator's cache, which moves the

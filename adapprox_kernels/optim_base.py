@@ -371,7 +371,10 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
             try:
                 if torch.is_tensor(lr):  # its value may have changed in place: NaN trained on
                     value = lr_value(lr)
-                    check(is_real(value) and value >= 0.0, f"Invalid learning rate: {value!r} (a tensor; need a finite float >= 0)")
+                    check(
+                        is_real(value) and value >= 0.0,
+                        f"Invalid learning rate: {value!r} (a tensor; need a finite float >= 0)",
+                    )
                     lr_values[id(lr)] = value
                 if changed:
                     # Another option written as a tensor is refused, as the constructor refuses
@@ -578,13 +581,15 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
             return value.dtype
         return compute_dtype(p)
 
-    def _run_ahead(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    def _run_ahead(
+        self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
+    ) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         """Work started before the non-finite check because it also answers it: ``(params,
         values)`` pairs, ``values`` ``(len(params),)`` on the device (or already read, as a
         list) and NaN exactly where a parameter's gradient holds inf or NaN (+inf is no bad
-        gradient: a finite one whose sum of squares overflowed); those
-        gradients are not read again for the check. Nothing a user sees may change until the check passes: a failed check calls
-        :meth:`_discard_run_ahead`. Nothing by default."""
+        gradient: a finite one whose sum of squares overflowed); those gradients are not read
+        again for the check. Nothing a user sees may change until the check passes: a failed
+        check calls :meth:`_discard_run_ahead`. Nothing by default."""
         return []
 
     def _discard_run_ahead(self) -> None:
@@ -673,7 +678,9 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
                 checks.append((ps, _max_norms(grads)))
         return checks
 
-    def _bad_gradients(self, ps: list[torch.Tensor], values: list[float], ran_ahead: bool, limited: bool) -> list[bool] | None:
+    def _bad_gradients(
+        self, ps: list[torch.Tensor], values: list[float], ran_ahead: bool, limited: bool
+    ) -> list[bool] | None:
         """One flag per parameter of ``ps`` from its value on the host, or None where none is bad.
         ``ran_ahead``: other sums, NaN where a gradient is bad, not compared with the limit."""
         if ran_ahead:
@@ -801,7 +808,9 @@ def _overlapping_pair(params: list[torch.Tensor], ptrs: list[int]) -> tuple[torc
     """Two contiguous ``params`` of one shape, dtype and device whose bytes overlap (views of one
     buffer at overlapping offsets), or None. Strided views are not compared: theirs may
     interleave without sharing an element (column blocks of one fused weight)."""
-    spans = sorted((ptr, ptr + p.nbytes, i) for i, (p, ptr) in enumerate(zip(params, ptrs)) if ptr and p.is_contiguous())
+    spans = sorted(
+        (ptr, ptr + p.nbytes, i) for i, (p, ptr) in enumerate(zip(params, ptrs)) if ptr and p.is_contiguous()
+    )
     for k, (_, end, i) in enumerate(spans):
         for start, _, j in spans[k + 1 :]:
             if start >= end:

@@ -69,7 +69,9 @@ class ConstantCache:
                 self._elements -= old.numel()
             self._values[key] = value
             self._elements += value.numel()
-            while len(self._values) > 1 and (len(self._values) > self.max_entries or self._elements > self.max_elements):
+            while len(self._values) > 1 and (
+                len(self._values) > self.max_entries or self._elements > self.max_elements
+            ):
                 self._elements -= self._values.popitem(last=False)[1].numel()
             return value
 

@@ -75,8 +75,8 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("adapprox_kernels::v_matmul", mutates_args=())
 def v_matmul_op(
-    grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, x: torch.Tensor, beta2: float, eps: float, with_sums: bool,
-    precision: Optional[str] = None,
+    grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, x: torch.Tensor, beta2: float, eps: float,
+    with_sums: bool, precision: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``V @ x`` ``(B, m, r)`` and, with ``with_sums``, ``[‖V‖², Σ (G/(√V+ε))²]`` ``(B, 2)``;
     ``precision``: of the product's dots (see ``kernels.v_matmul``)."""
@@ -449,7 +449,9 @@ class TritonBackend:
                     op.table, op.q, op.u, moms, clip, beta2=op.beta2, eps=op.eps, beta1=beta1, scalars=scalars
                 )
             else:
-                sums = torch.ops.adapprox_kernels.update_cosine_sums(op.grads, op.q, op.u, moms, clip, op.beta2, op.eps, beta1)
+                sums = torch.ops.adapprox_kernels.update_cosine_sums(
+                    op.grads, op.q, op.u, moms, clip, op.beta2, op.eps, beta1
+                )
             if reduce is not None:
                 sums = reduce(sums.t().contiguous()).t()
             dot, upd_sq, avg_sq = sums.unbind(dim=1)

@@ -80,14 +80,18 @@ def noise_rows(device: torch.device, gen: torch.Generator) -> list[dict]:
                         if k >= r:
                             continue
                         g = low_rank(batch, m, n, k, kind, gen).to(dtype).to(device, torch.float32)
-                        proj = adamem.top_left_subspace(g, r, projection, generator=torch.Generator(device).manual_seed(0))
+                        proj = adamem.top_left_subspace(
+                            g, r, projection, generator=torch.Generator(device).manual_seed(0)
+                        )
                         r_proj = proj.mT @ g
                         spectral, frobenius = adamem.gradient_rounding_noise(g, dtype)
                         row = torch.linalg.vector_norm(r_proj[:, k:], dim=2).amax(dim=1) / spectral
                         resid = torch.linalg.vector_norm(g - proj @ r_proj, dim=(1, 2)) / frobenius
                         assert row.isfinite().all() and resid.isfinite().all()
                         worst_row, worst_resid = max(worst_row, row.max().item()), max(worst_resid, resid.max().item())
-                        over += int((row > adamem.GRADIENT_NOISE_MARGIN).sum() + (resid > adamem.GRADIENT_NOISE_MARGIN).sum())
+                        over += int(
+                            (row > adamem.GRADIENT_NOISE_MARGIN).sum() + (resid > adamem.GRADIENT_NOISE_MARGIN).sum()
+                        )
                         total += 2 * batch
                 rows.append(dict(
                     measure="noise", dtype=str(dtype).removeprefix("torch."), kind=kind, projection=projection,
@@ -133,7 +137,9 @@ def cosine_rows(device: torch.device, gen: torch.Generator, draws: int = 3) -> l
     for m, n, r in SPECTRA:
         for a in EXPONENTS:
             sigma = torch.arange(1, m + 1, dtype=torch.float64) ** -a
-            cases.append((f"{m}x{n} full rank, σ_i ∝ i^-{a}", r, lambda m=m, n=n, sigma=sigma: spectrum(m, n, sigma, gen)))
+            cases.append(
+                (f"{m}x{n} full rank, σ_i ∝ i^-{a}", r, lambda m=m, n=n, sigma=sigma: spectrum(m, n, sigma, gen))
+            )
     for m, n, k in [(64, 128, 1), (256, 512, 2), (768, 3072, 16)]:
         cases.append((f"{m}x{n} rank {k}", 4 * k, lambda m=m, n=n, k=k: low_rank(1, m, n, k, "gaussian", gen)[0]))
     rows = []
@@ -146,7 +152,9 @@ def cosine_rows(device: torch.device, gen: torch.Generator, draws: int = 3) -> l
                 g = exact.to(dtype).float()
                 for rule, floors in (("package", "package"), ("fp32_floor_only", "compute")):
                     got = first_step(g, rank, floors)
-                    cos.setdefault((dtype, rule), []).append(torch.nn.functional.cosine_similarity(got, want, dim=0).item())
+                    cos.setdefault((dtype, rule), []).append(
+                        torch.nn.functional.cosine_similarity(got, want, dim=0).item()
+                    )
         for dtype in DTYPES:
             stats = {}
             for rule in ("package", "fp32_floor_only"):

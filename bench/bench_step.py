@@ -180,7 +180,10 @@ def bench_steps(shapes, factories, device, baseline: str, reps: int = 15) -> dic
             torch.cuda.synchronize()
             entry["step_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
         results[name] = entry
-        print(f"  {name:<22} {entry['median_ms']:9.3f} ms  (p20 {entry['p20_ms']:.3f}, p80 {entry['p80_ms']:.3f})", flush=True)
+        print(
+            f"  {name:<22} {entry['median_ms']:9.3f} ms  (p20 {entry['p20_ms']:.3f}, p80 {entry['p80_ms']:.3f})",
+            flush=True,
+        )
         del opt, step, params
         gc.collect()
         if device.type == "cuda":
@@ -221,7 +224,9 @@ def bench_passes(batch: int, m: int, n: int, k: int, grad_dtype: torch.dtype, de
             g_bytes + w_bytes + batch * (m + n) * k * f32,
         ),
         "apply_update (momentum, xi numerator)": (
-            lambda: apply_update(grads, q, u, params, moms, clip, None, q, u, lr=0.0, beta1=0.9, weight_decay=0.0, **kw),
+            lambda: apply_update(
+                grads, q, u, params, moms, clip, None, q, u, lr=0.0, beta1=0.9, weight_decay=0.0, **kw
+            ),
             g_bytes + 4 * w_bytes + 2 * batch * (m + n) * k * f32,
         ),
         "apply_update (no momentum)": (

@@ -97,7 +97,8 @@ def main() -> None:
     if args.out:
         from bench.common import metadata
 
-        record = {"meta": metadata(torch.device("cuda"), baseline=args.baseline_label), "args": {k: str(v) for k, v in vars(args).items() if k != "child"},
+        record = {"meta": metadata(torch.device("cuda"), baseline=args.baseline_label),
+                  "args": {k: str(v) for k, v in vars(args).items() if k != "child"},
                   "ms_per_step": times, "median_ms": medians}  # fmt: skip
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"compare_step_{args.size}_k{args.rank}_{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -45,7 +45,8 @@ def summary_rows(runs: list[dict]) -> list[dict]:
     for r in runs:
         losses = [v for v in r["val_loss"] if v is not None]  # a diverged run's NaN losses are null
         out.append(dict(
-            optimizer=r["name"], lr=r["lr"], final_val_loss=r["final_val_loss"], best_val_loss=min(losses, default=None),
+            optimizer=r["name"], lr=r["lr"],
+            final_val_loss=r["final_val_loss"], best_val_loss=min(losses, default=None),
             state_bytes=r["state_bytes"], vs_adamw=r["state_bytes"] / adamw if adamw else None,
             step_time_s=r["step_time_s"], opt_time_s=r["opt_time_s"], final_mean_rank=r.get("final_mean_rank"),
             final_ranks_by_type=json.dumps(r["ranks"][-1]) if r.get("ranks") else "",

@@ -29,7 +29,8 @@ def main() -> None:
                 shared = kernel.metadata.shared
                 default = by_dot == (tile <= DOT_MAX_TILE) and warps == (4 if tile <= 32 else 8)
                 print(dict(R=tile, rotations="dot" if by_dot else "gather", warps=warps, registers=regs,
-                           spilled_bytes=spills, shared_bytes=shared, programs_per_sm=programs_per_sm(regs, shared, warps),
+                           spilled_bytes=spills, shared_bytes=shared,
+                           programs_per_sm=programs_per_sm(regs, shared, warps),
                            default=default), flush=True)  # fmt: skip
 
 

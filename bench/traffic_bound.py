@@ -159,7 +159,9 @@ def main() -> None:
     if args.results:  # derived from a GPU file: kept with its provenance
         meta = {**record["meta"], "source": rel(args.results)}
         path = write_results("traffic_bound", "cuda", table, meta, args.out)
-        write_markdown("traffic_bound", "cuda", f"Source: `{meta['source']}` (commit {meta.get('commit')})\n\n{text}", args.out)
+        write_markdown(
+            "traffic_bound", "cuda", f"Source: `{meta['source']}` (commit {meta.get('commit')})\n\n{text}", args.out
+        )
         print(f"wrote {path}")
 
 

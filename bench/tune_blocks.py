@@ -5,8 +5,9 @@ For GPT-2 124M/345M same-shaped groups (fp32 gradients, ranks k = 1 and 8, sketc
 k + 5) it times ``V @ X`` (also with the first pass's sums), ``Vᵀ @ Y`` and the update pass
 for every configuration, V's tiles rebuilt by the rank loop at run time, unrolled
 (``Blocks.unroll``) or by one dot (``Blocks.dot_from``), with ``triton.testing.do_bench`` and
-reports GB/s against a device-to-device copy of the same bytes. ``PRODUCT_BLOCKS`` and ``ELEMENTWISE_BLOCKS`` in ``adapprox_kernels/kernels/_launch.py``
-come from this sweep (``FIRST_PASS_BLOCKS`` from ``bench_step.py``; this sweep times it too).
+reports GB/s against a device-to-device copy of the same bytes. ``PRODUCT_BLOCKS`` and
+``ELEMENTWISE_BLOCKS`` in ``adapprox_kernels/kernels/_launch.py`` come from this sweep
+(``FIRST_PASS_BLOCKS`` from ``bench_step.py``; this sweep times it too).
 
 ``python bench/tune_blocks.py [--quick] [--rebuild loop dot]`` writes
 ``bench/results/tune_blocks_<device>[_<rebuilds>].json`` (the suffix when not all three).
@@ -111,7 +112,8 @@ def sweep(device, quick: bool, precisions: tuple, rebuilds: tuple) -> list[dict]
             for blocks in product_configs(quick, rebuilds, k):
                 for name, fn, thin_in in (("v_matmul", v_matmul, x), ("v_rmatmul", v_rmatmul, y)):
                     cases.append((name, blocks, precision,
-                                  lambda f=fn, t=thin_in, b=blocks, p=precision: f(grads, q, u, t, 0.999, blocks=b, precision=p),
+                                  lambda f=fn, t=thin_in, b=blocks, p=precision:
+                                      f(grads, q, u, t, 0.999, blocks=b, precision=p),
                                   g_bytes + thin))  # fmt: skip
                 first = lambda b=blocks, p=precision: v_matmul(grads, q, u, x, 0.999, eps=EPS, blocks=b, precision=p)  # noqa: E731
                 cases.append(("v_matmul+sums", blocks, precision, first, g_bytes + thin))
@@ -119,7 +121,8 @@ def sweep(device, quick: bool, precisions: tuple, rebuilds: tuple) -> list[dict]
             for name, fn in (("v_matmul", v_matmul), ("v_rmatmul", v_rmatmul)):
                 thin_in = x if name == "v_matmul" else y
                 cases.append((name, PRODUCT_BLOCKS, precision,
-                              lambda f=fn, t=thin_in, p=precision: f(grads, q, u, t, 0.999, precision=p), g_bytes + thin))  # fmt: skip
+                              lambda f=fn, t=thin_in, p=precision: f(grads, q, u, t, 0.999, precision=p),
+                              g_bytes + thin))  # fmt: skip
         for blocks in update_configs(quick):
             fn = lambda b=blocks: apply_update(  # noqa: E731
                 grads, q, u, params, moms, clip, None, q, u,

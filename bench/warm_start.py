@@ -263,7 +263,8 @@ def run(steps: int = 60, skip: int = 5, rank: int = RANK, gradients: str = "mlp"
 
 def summary(result: dict) -> str:
     lines = [
-        f"{'S-RSI start':<20} {'mean ξ':>10} {'max ξ':>10} {'ξ/ξ_svd':>9} {'max':>6} {'passes/step':>12} {'(measured)':>11}"
+        f"{'S-RSI start':<20} {'mean ξ':>10} {'max ξ':>10} {'ξ/ξ_svd':>9} {'max':>6} "
+        f"{'passes/step':>12} {'(measured)':>11}"
     ]
     for name, r in result["configs"].items():
         measured = "n/a" if r["triton_passes_measured"] is None else str(r["triton_passes_measured"])

@@ -70,7 +70,9 @@ def graphs_per_step(
     gen = torch.Generator().manual_seed(1)
     grads = [[place(grad(s, generator=gen).to(dtype).to(device)) for s in shapes] for _ in range(steps)]
     runs, per_step = [], []
-    config = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {}
+    config = (
+        {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {}
+    )
     for compiled in (False, True):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(place(torch.randn(s).to(dtype).to(device))) for s in shapes]

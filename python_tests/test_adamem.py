@@ -817,7 +817,9 @@ def test_a_gradient_that_stays_zero_is_retried_at_powers_of_two_into_the_period(
     real = adamem.top_left_subspace
     (w,) = _params([(6, 10)])
     opt = AdaMeM([w], rank=2, update_proj_gap=16, seed=0)
-    monkeypatch.setattr(adamem, "top_left_subspace", lambda g, *a: refreshed.append(opt.state[w]["step"]) or real(g, *a))
+    monkeypatch.setattr(
+        adamem, "top_left_subspace", lambda g, *a: refreshed.append(opt.state[w]["step"]) or real(g, *a)
+    )
     g = torch.randn(6, 2) @ torch.randn(2, 10)
     for step in range(1, 50):
         w.grad = g.clone() if step >= 43 else torch.zeros(6, 10)

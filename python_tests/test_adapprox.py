@@ -265,7 +265,9 @@ def test_state_report_total_without_a_factored_matrix_prints_no_nan():
 
 def make_model():
     torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(30, 40), torch.nn.Tanh(), torch.nn.Linear(40, 20), torch.nn.LayerNorm(20))
+    return torch.nn.Sequential(
+        torch.nn.Linear(30, 40), torch.nn.Tanh(), torch.nn.Linear(40, 20), torch.nn.LayerNorm(20)
+    )
 
 
 def train(model, opt, batches):
@@ -521,7 +523,9 @@ def test_two_parameters_over_one_storage_are_refused(cls, kw, shape):
     for p in (other, a, b):
         p.grad = torch.randn(shape)
     before = copy.deepcopy((other.detach(), a.detach(), opt.state_dict()))
-    with pytest.raises(ValueError, match=r"\[1\]\['params'\]\[0\] and param_groups\[1\]\['params'\]\[1\] are the same memory"):
+    with pytest.raises(
+        ValueError, match=r"\[1\]\['params'\]\[0\] and param_groups\[1\]\['params'\]\[1\] are the same memory"
+    ):
         opt.step()
     assert _same_leaves(before, (other.detach(), a.detach(), opt.state_dict()))
     b.data = a.data.view(shape[::-1] if len(shape) == 2 else (1, *shape))  # another shape: another bucket
@@ -1043,7 +1047,9 @@ def test_nonfinite_check_covers_all_groups_at_once(monkeypatch):
 
 def test_nonfinite_check_with_mixed_gradient_dtypes():
     """fp32, bf16 and fp16 gradients checked together (their norms differ in dtype)."""
-    params = [torch.nn.Parameter(torch.randn(6, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    params = [
+        torch.nn.Parameter(torch.randn(6, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    ]
     opt = Adapprox(params, nonfinite="skip", seed=0)
     for p in params:
         p.grad = torch.ones_like(p)
@@ -1675,7 +1681,9 @@ def test_warm_start_keeps_error_close_to_cold(monkeypatch):
     base = torch.rand(64, 1) @ torch.rand(1, 96)
     grads = [base + 0.05 * torch.randn(64, 96) for _ in range(15)]
     _, cold = run(dict(k_init=6, k_max=6, k_min=6, seed=0), torch.zeros(64, 96), grads)
-    _, warm = run(dict(k_init=6, k_max=6, k_min=6, seed=0, warm_start=True, warm_power_iters=1), torch.zeros(64, 96), grads)
+    _, warm = run(
+        dict(k_init=6, k_max=6, k_min=6, seed=0, warm_start=True, warm_power_iters=1), torch.zeros(64, 96), grads
+    )
     assert iters == [5] * 15 + [5] + [1] * 14  # the warm run really was warm (the first step is cold)
     xi_cold = next(iter(cold.state.values()))["xi"]
     xi_warm = next(iter(warm.state.values()))["xi"]
@@ -1736,9 +1744,9 @@ def test_warm_start_measures_a_rank_grown_past_the_sketch_after_full_iterations(
     m, n = 40, 30
     g = torch.randn(m, r, generator=gen) @ torch.randn(r, n, generator=gen) + 0.02 * torch.randn(m, n, generator=gen)
     p = torch.nn.Parameter(torch.zeros(m, n))
-    opt = Adapprox([p], lr=0.0, weight_decay=0.0, k_init=1, k_min=1, k_max=20, oversample=oversample, betas=(0.0, 0.999, 0.0),
-                   xi_thresh=1e-6, exact_small_matrices=False, warm_start=True, seed=0, rank_policy="sigmoid",
-                   rank_interval=1, sigmoid=(eta, 10.0, 0.0, 0.0))  # fmt: skip
+    opt = Adapprox([p], lr=0.0, weight_decay=0.0, k_init=1, k_min=1, k_max=20, oversample=oversample,
+                   betas=(0.0, 0.999, 0.0), xi_thresh=1e-6, exact_small_matrices=False, warm_start=True, seed=0,
+                   rank_policy="sigmoid", rank_interval=1, sigmoid=(eta, 10.0, 0.0, 0.0))  # fmt: skip
     ratios, got = _xi_over_optimum(opt, p, g, steps=3)
     assert max(ratios) < 1.2, ratios
     assert got == ranks  # as cold l = 5 grows it
@@ -1785,7 +1793,9 @@ def test_same_shapes_share_one_batched_srsi(monkeypatch):
 def _two_shape_run(seed=0, steps=3):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(20, 24, generator=gen)) for _ in range(2)]
-    params += [torch.nn.Parameter(torch.randn(16, 30, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))]
+    params += [
+        torch.nn.Parameter(torch.randn(16, 30, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))
+    ]
     grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
     return params, grads
 
@@ -2624,7 +2634,9 @@ def test_cosine_max_scale_at_float32_max_gives_finite_weights():
     rounded to inf, so a step with cos = 1 (a one-entry parameter's first step) wrote -inf."""
     s = torch.finfo(torch.float32).max
     p = torch.nn.Parameter(torch.ones(1))
-    opt = Adapprox([p], lr=1e-40, weight_decay=0.0, cosine_guidance=True, cosine_max_scale=s, backend="reference", seed=0)
+    opt = Adapprox(
+        [p], lr=1e-40, weight_decay=0.0, cosine_guidance=True, cosine_max_scale=s, backend="reference", seed=0
+    )
     p.grad = torch.ones(1)
     opt.step()
     assert torch.isfinite(p).all()
@@ -2764,7 +2776,9 @@ def test_the_stale_bucket_scan_runs_once_a_step_however_many_groups_miss(monkeyp
 
 
 @pytest.mark.parametrize("cls,kw", [(Adapprox, dict(k_max=3)), (AdaMeM, dict(rank=2))])
-@pytest.mark.parametrize("shape,grad_shape", [((16, 20), (20, 16)), ((16, 20), (320,)), ((5, 7), (7, 5)), ((20,), (4, 5))])
+@pytest.mark.parametrize(
+    "shape,grad_shape", [((16, 20), (20, 16)), ((16, 20), (320,)), ((5, 7), (7, 5)), ((20,), (4, 5))]
+)
 def test_a_gradient_of_another_shape_is_refused_before_anything_changes(cls, kw, shape, grad_shape):
     """The .grad setter refuses another shape, ``p.grad.data = …`` does not: AdaMeM reshaped a
     transposed gradient (its entries scrambled) and stepped on it silently; Adapprox failed deep

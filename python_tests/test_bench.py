@@ -177,8 +177,8 @@ def test_host_step_times_a_graphed_step_with_the_replays_stubbed(tmp_path, sched
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "bench/host_step.py", "--layers", "1", "--width", "16", "--steps", "3", "--out", str(tmp_path),
-           "--schedule", schedule]  # fmt: skip
+    cmd = [sys.executable, "bench/host_step.py", "--layers", "1", "--width", "16", "--steps", "3",
+           "--out", str(tmp_path), "--schedule", schedule]  # fmt: skip
     subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, check=True, capture_output=True)
     (path,) = tmp_path.glob("host_step_1x16_*.json")
     record = json.loads(path.read_text())
@@ -312,7 +312,8 @@ def test_kernel_resources_compares_code_not_debug_sections():
     script = (
         "from bench.kernel_resources import _code\n"
         "body = '.visible .entry k()\\n{\\n\\tret;\\n}\\n'\n"
-        "debug = lambda path: '\\t.section\\t.debug_str\\n\\t{\\n' + ''.join(f'.b8 {ord(c)}\\n' for c in path) + '\\t}\\n'\n"
+        "debug = lambda path: '\\t.section\\t.debug_str\\n\\t{\\n' + ''.join(f'.b8 {ord(c)}\\n' for c in path)"
+        " + '\\t}\\n'\n"
         "assert _code(body + debug('/tmp/a-clone')) == _code(body + debug('/tmp/another-clone'))\n"
         "assert _code(body + debug('/tmp/a-clone')) != _code(body.replace('ret', 'exit') + debug('/tmp/a-clone'))\n"
     )
@@ -620,9 +621,17 @@ def test_every_bench_script_has_help(script):
 
     root = Path(__file__).resolve().parents[1]
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": str(root)}
-    args = ["-m", f"bench.{script[:-3]}"] if "from . import" in (root / "bench" / script).read_text() else [f"bench/{script}"]
-    run = subprocess.run([sys.executable, *args, "--help"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "usage" in run.stdout.lower(), (run.returncode, run.stdout[-500:], run.stderr[-1000:])
+    args = (
+        ["-m", f"bench.{script[:-3]}"]
+        if "from . import" in (root / "bench" / script).read_text()
+        else [f"bench/{script}"]
+    )
+    run = subprocess.run(
+        [sys.executable, *args, "--help"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "usage" in run.stdout.lower(), (
+        run.returncode, run.stdout[-500:], run.stderr[-1000:]
+    )
 
 
 def test_main_job_variants_help_prints_its_usage(monkeypatch, capsys):

@@ -135,7 +135,9 @@ def _single_gpu_orthonormalizer():
     CPU's Householder QR."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ReferenceBackend, "orthonormalize", staticmethod(cholqr_orthonormalize))
-        patch.setattr(ReferenceBackend, "orthonormalize_unchecked", staticmethod(lambda y: (cholqr_orthonormalize(y), None)))
+        patch.setattr(
+            ReferenceBackend, "orthonormalize_unchecked", staticmethod(lambda y: (cholqr_orthonormalize(y), None))
+        )
         yield
 
 
@@ -423,7 +425,9 @@ def _triton_shards_job(rank, world, out) -> None:
     from adapprox_kernels.triton_backend import TritonBackend, TritonSecondMoment
 
     fused, precisions, projected = [], set(), []
-    real_apply, real_build, real_project = TritonBackend.apply_step, TritonBackend.second_moment, TritonSecondMoment.project
+    real_apply, real_build, real_project = (
+        TritonBackend.apply_step, TritonBackend.second_moment, TritonSecondMoment.project
+    )
 
     def counting(op, *args, reduce=None, **kwargs):
         fused.append(reduce is not None)
@@ -1398,7 +1402,9 @@ def test_zero_checkpoint_resumed_with_another_seed_is_refused():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("make", [lambda ps: Adapprox(ps, seed=SEED, k_max=2), lambda ps: AdaMeM(ps, seed=SEED, rank=2)])
+@pytest.mark.parametrize(
+    "make", [lambda ps: Adapprox(ps, seed=SEED, k_max=2), lambda ps: AdaMeM(ps, seed=SEED, rank=2)]
+)
 def test_parameters_flattened_by_fsdp1_are_warned_of(make):
     """FSDP1 (``FullyShardedDataParallel``) hands the optimizer 1-D tensors, a ``FlatParameter``
     (or each parameter's 1-D shard with ``use_orig_params=True`` on several ranks): stepped as

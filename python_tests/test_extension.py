@@ -191,7 +191,9 @@ def test_only_the_checked_op_is_cudagraph_unsafe():
 
 
 @needs_extension
-@pytest.mark.parametrize("shape,dtype", [((33, 7), torch.float32), ((4, 7, 33), torch.float32), ((4, 33, 7), torch.float64)])
+@pytest.mark.parametrize(
+    "shape,dtype", [((33, 7), torch.float32), ((4, 7, 33), torch.float32), ((4, 33, 7), torch.float64)]
+)
 @pytest.mark.parametrize("name", ["cholqr_orthonormalize", "cholqr_orthonormalize_unchecked"])
 def test_fake_impl_rejects_what_the_kernel_rejects(name, shape, dtype):
     """A trace must not accept inputs the CUDA kernel raises on (2-D, m < r, not float32)."""

@@ -238,7 +238,9 @@ def test_rayleigh_ritz_by_the_kernel():
         ref = q_ref[..., :j] @ u_ref[..., :j].mT
         ours = q_ker[..., :j] @ u_ker[..., :j].mT
         assert ((ours - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2))).max() <= 1e-5, j
-    torch.testing.assert_close(q_ker.mT @ q_ker, torch.eye(k + p, device=DEVICE).expand(batch, -1, -1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        q_ker.mT @ q_ker, torch.eye(k + p, device=DEVICE).expand(batch, -1, -1), rtol=0, atol=1e-5
+    )
     bad = u.clone()
     bad[0, 0, 0] = float("inf")
     q2, u2 = rayleigh_ritz(q, bad, eigh)

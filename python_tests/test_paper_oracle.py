@@ -18,7 +18,9 @@ def _adapprox_oracle(w, grads, *, lr=1e-3, b1=0.9, b2=0.999, b3=0.9, eps=1e-8, d
     m, n = w.shape
     cap = min(k_max, m, n)
     gen = torch.Generator().manual_seed(seed)
-    k, q, u, mom, ranks = float(min(k0, cap)), torch.zeros(m, 0, dtype=DT), torch.zeros(n, 0, dtype=DT), torch.zeros_like(w), []
+    k, q, u, mom, ranks = (
+        float(min(k0, cap)), torch.zeros(m, 0, dtype=DT), torch.zeros(n, 0, dtype=DT), torch.zeros_like(w), []
+    )
     for g in grads:
         v = b2 * (q @ u.T).clamp_min(0) + (1 - b2) * g * g  # line 341
         k_in = min(math.floor(k + 0.5), cap)
@@ -69,7 +71,8 @@ def test_low_rank_adapprox_follows_algorithm_3_line_by_line(kw):
     b1, b2, b3 = kw.get("betas", (0.9, 0.999, 0.9))
     w, oracle_ranks = _adapprox_oracle(
         w0, grads, b1=b1, b2=b2, b3=b3, k0=kw.get("k_init", kw["k_max"]), k_max=kw["k_max"],
-        xi_th=kw.get("xi_thresh", 1e-3), seed=123, cos_scale=kw.get("cosine_max_scale") if kw.get("cosine_guidance") else None,
+        xi_th=kw.get("xi_thresh", 1e-3), seed=123,
+        cos_scale=kw.get("cosine_max_scale") if kw.get("cosine_guidance") else None,
     )  # fmt: skip
     assert ranks == pytest.approx(oracle_ranks, abs=1e-12)
     assert len(set(ranks)) > 1 or "cosine_guidance" in kw  # the rank moment did move the rank
@@ -80,7 +83,9 @@ def _adamem_oracle(w, grads, *, lr=1e-3, b1=0.9, b2=0.95, r, T, eps=1e-8):
     wt = w.shape[0] > w.shape[1]
     w = w.T if wt else w
     m, n = w.shape
-    mom, rs, cs, os_ = torch.zeros(r, n, dtype=DT), torch.zeros(r, dtype=DT), torch.zeros(n, dtype=DT), torch.zeros(n, dtype=DT)
+    mom, rs, cs, os_ = (
+        torch.zeros(r, n, dtype=DT), torch.zeros(r, dtype=DT), torch.zeros(n, dtype=DT), torch.zeros(n, dtype=DT)
+    )
     for t, g in enumerate(grads, 1):
         g = g.T if wt else g
         if (t - 1) % T == 0:  # Algorithm 2 (refresh on steps 1, T+1, ...; docs/adamem.md)

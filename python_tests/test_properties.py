@@ -37,7 +37,9 @@ def _grads(seed: int, shape: tuple[int, ...], steps: int, sparse: bool) -> list[
     m=dims, n=dims, steps=st.integers(1, 3), beta1=st.sampled_from([0.0, 0.9]), beta2=st.floats(0.5, 0.999),
     clip=st.floats(0.05, 5.0), wd=st.floats(0.0, 0.3), exact_small=st.booleans(), sparse=st.booleans(), seed=seeds,
 )  # fmt: skip
-def test_at_full_rank_any_matrix_follows_the_dense_formula(m, n, steps, beta1, beta2, clip, wd, exact_small, sparse, seed):
+def test_at_full_rank_any_matrix_follows_the_dense_formula(
+    m, n, steps, beta1, beta2, clip, wd, exact_small, sparse, seed
+):
     """k_max >= min(m, n): factored (S-RSI then spans V's whole range) or kept dense, every
     step equals Algorithm 3 with an uncompressed V, for any shape, gradient scale or zeros."""
     w0 = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

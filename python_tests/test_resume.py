@@ -245,7 +245,9 @@ def test_a_load_makes_each_saved_generator_once(make, monkeypatch):
     monkeypatch.setattr(checkpoint, "_seeded_generator", lambda *args: made.append(args) or seeded(*args))
     fresh.load_state_dict(saved)
     assert made == [(torch.device("cpu"), saved["sketch_rng"]["seed"])]
-    assert torch.equal(fresh._generator(torch.device("cpu")).get_state(), opt._generator(torch.device("cpu")).get_state())
+    assert torch.equal(
+        fresh._generator(torch.device("cpu")).get_state(), opt._generator(torch.device("cpu")).get_state()
+    )
 
 
 @pytest.mark.parametrize(
@@ -270,7 +272,9 @@ def test_a_checkpoint_without_the_sketch_rng_loads_with_a_warning(make, warns):
             make(_params(torch.float32)).load_state_dict(saved)
         messages = [str(w.message) for w in caught if "no sketch RNG" in str(w.message)]
         assert len(messages) == expected, messages
-        assert all(m.startswith(f"{type(opt).__name__}.load_state_dict: the checkpoint has no sketch RNG") for m in messages)
+        assert all(
+            m.startswith(f"{type(opt).__name__}.load_state_dict: the checkpoint has no sketch RNG") for m in messages
+        )
         # It names the caller's line, not a frame of torch's hooks (torch/_compile.py).
         assert all(w.filename == __file__ for w in caught if "no sketch RNG" in str(w.message))
 

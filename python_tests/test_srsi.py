@@ -256,7 +256,9 @@ def test_rayleigh_ritz_truncation_is_the_best_rank_k_part_of_the_sketch(iters):
     svd = torch.linalg.svd(qd.mT @ a.double(), full_matrices=False)
     qo = qd @ svd.U[..., :k]
     oracle = qo @ (qo.mT @ a.double())
-    torch.testing.assert_close((q2[..., :k] @ u2[..., :k].mT).double(), oracle, atol=1e-4 * a.abs().max().item(), rtol=0)
+    torch.testing.assert_close(
+        (q2[..., :k] @ u2[..., :k].mT).double(), oracle, atol=1e-4 * a.abs().max().item(), rtol=0
+    )
     xi_qr = error_ratio(op, q[..., :k], u[..., :k])
     xi_rr = error_ratio(op, q2[..., :k], u2[..., :k])
     best = torch.tensor([svd_error(x, k) for x in a])

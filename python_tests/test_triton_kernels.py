@@ -697,7 +697,9 @@ def test_bad_rounding_keys(dense):
     grads, q, u, _, _ = _inputs(2, 6, 5, 1, torch.float32)
     params = [g.to(torch.bfloat16) for g in grads]
     kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)
-    bads = (torch.tensor([3, 4], dtype=torch.int32), torch.tensor([3.0, 4.0]), torch.tensor([1]), torch.tensor([1, 2, 3]))
+    bads = (
+        torch.tensor([3, 4], dtype=torch.int32), torch.tensor([3.0, 4.0]), torch.tensor([1]), torch.tensor([1, 2, 3])
+    )
     for bad in (*bads, torch.tensor(3), 3, [3, 4]):
         bad = bad.to(DEVICE) if torch.is_tensor(bad) else bad
         with pytest.raises(ValueError, match="rounding_keys: expected an int64 \\(2,\\) tensor"):
@@ -1006,7 +1008,10 @@ def test_opcheck_custom_ops():
         (tb.apply_update_op, (grads, q, u, params, moms, clip, scale, qn, un, BETA2, EPS, 0.1, 0.9, 0.1)),
         (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0)),
         (tb.apply_update_op, (grads, q, u, params, [], clip, scale, None, None, BETA2, EPS, 0.1, 0.0, 0.0, keys)),
-        (tb.apply_update_op, (grads, q, u, params, moms, clip, scale, qn, un, BETA2, EPS, 0.0, 0.0, 0.0, keys, scalars)),
+        (
+            tb.apply_update_op,
+            (grads, q, u, params, moms, clip, scale, qn, un, BETA2, EPS, 0.0, 0.0, 0.0, keys, scalars),
+        ),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -1136,8 +1141,11 @@ out["rebuild_by_dot"] = dict(
 from adapprox_kernels.kernels._launch import FIRST_PASS_BLOCKS, MAX_DOT_RANK, PRODUCT_BLOCKS
 for name, blocks, norms in (("first_pass", FIRST_PASS_BLOCKS, True), ("product", PRODUCT_BLOCKS, False)):
     blocks = blocks._replace(dot_from=1)
-    consts.update(BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_R=blocks.r, WITH_NORMS=norms, K_DOT=blocks.rank_dot(MAX_DOT_RANK))
-    out["widest_dot_shared_" + name] = compile_sm90(fn, consts, warps=blocks.warps, stages=blocks.stages).metadata.shared
+    consts.update(BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_R=blocks.r, WITH_NORMS=norms,
+                  K_DOT=blocks.rank_dot(MAX_DOT_RANK))
+    out["widest_dot_shared_" + name] = compile_sm90(
+        fn, consts, warps=blocks.warps, stages=blocks.stages
+    ).metadata.shared
 print(json.dumps(out))
 """
 

@@ -19,7 +19,8 @@ from triton_env import DEVICE, triton_kernels  # noqa: F401  (autouse fixture)
 from adapprox_kernels import Adapprox
 from adapprox_kernels.cuda_graphs import CallGraphs
 
-SHAPES = [(20, 33), (20, 33), (9, 40), (2, 5, 9), (7,), ()]  # 3-D folds to 2×45: dense (too small to factor); () a 0-d scalar
+# 3-D folds to 2×45: dense (too small to factor); () a 0-d scalar
+SHAPES = [(20, 33), (20, 33), (9, 40), (2, 5, 9), (7,), ()]
 
 
 def _params(dtype):
@@ -226,7 +227,10 @@ class _LargeOutputs(torch.utils._python_dispatch.TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket not in (torch.ops.aten.set_, torch.ops.aten.view, torch.ops.aten._unsafe_view):
             for t in out if isinstance(out, (tuple, list)) else (out,):
-                if torch.is_tensor(t) and t.is_floating_point() and t.shape[-2:].numel() >= self.numel and not t._is_view():
+                if (
+                    torch.is_tensor(t) and t.is_floating_point() and t.shape[-2:].numel() >= self.numel
+                    and not t._is_view()
+                ):  # fmt: skip
                     self.seen.append((str(func), tuple(t.shape), t.dtype))
         return out
 
@@ -425,7 +429,9 @@ def test_parameters_cast_after_their_state_was_made_step_as_on_the_reference():
             weights[backend] = params
         for ref, got in zip(weights["reference"], weights["triton"]):
             assert got.dtype == dtype and got.shape == ref.shape
-            torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                got.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-5
+            )
 
 
 def test_a_bucket_of_states_made_before_and_after_a_cast_steps_on_triton():
@@ -733,7 +739,9 @@ def test_nonfinite_raise_on_triton_changes_nothing(bad):
 
 
 @pytest.mark.parametrize("fail_step", [0, 1])
-@pytest.mark.parametrize("where,error", [("_factored_srsi", torch.OutOfMemoryError), ("_dense_start", KeyboardInterrupt)])
+@pytest.mark.parametrize(
+    "where,error", [("_factored_srsi", torch.OutOfMemoryError), ("_dense_start", KeyboardInterrupt)]
+)
 def test_an_error_while_running_ahead_leaves_the_step_undone(monkeypatch, where, error, fail_step):
     """Out of memory (or Ctrl-C) in the second bucket of the work that runs ahead of the
     non-finite check: nothing was written, so the step did not happen, and taken again the run
@@ -1427,7 +1435,10 @@ def test_rayleigh_ritz_by_the_jacobi_kernel_is_graphed_and_gives_the_eager_bits(
     from adapprox_kernels.kernels.jacobi_eigh import MAX_SIZE, jacobi_eigh
     from adapprox_kernels.triton_backend import TritonBackend
 
-    assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), MAX_SIZE, torch.float32).func is jacobi_eigh
+    assert (
+        adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), MAX_SIZE, torch.float32).func
+        is jacobi_eigh
+    )
     assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cuda"), MAX_SIZE + 1, torch.float32) is None
     assert adapprox_module._sync_free_eigh(TritonBackend, torch.device("cpu"), 8, torch.float32) is None
     # fp64 factors (float64 parameters) take float64 eigh: the kernel's fp32 vectors are not

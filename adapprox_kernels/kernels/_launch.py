@@ -194,7 +194,8 @@ class MatrixTable:
             if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
                 raise ValueError(
                     f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}; "
-                    f"{name}[0] is {tuple(first.shape)} {first.dtype} on {first.device}: a table needs one shape, dtype, device"
+                    f"{name}[0] is {tuple(first.shape)} {first.dtype} on {first.device}: "
+                    "a table needs one shape, dtype, device"
                 )
         self.originals = list(tensors)
         layout = first.stride() if first.is_contiguous() else None
@@ -220,7 +221,9 @@ class MatrixTable:
         table = _TABLES.get(key)
         if table is None:
             offsets = [(a - addrs[0]) // (size * self.align) for a in addrs]
-            table = _TABLES.put(key, to_device_nowait(torch.tensor(offsets, dtype=torch.int64, device="cpu"), self.device))
+            table = _TABLES.put(
+                key, to_device_nowait(torch.tensor(offsets, dtype=torch.int64, device="cpu"), self.device)
+            )
         self.offsets = handed_out(table)
 
     def __len__(self) -> int:
@@ -296,7 +299,9 @@ def check_vector(x: torch.Tensor, name: str, batch: int, device: torch.device) -
     kernels read it (entry ``b`` at ``x + b``: a strided view such as ``sums[:, 1]`` was read
     past its entries)."""
     if x.shape != (batch,) or x.dtype != torch.float32 or x.device != device:
-        raise ValueError(f"{name}: expected float32 ({batch},) on {device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        raise ValueError(
+            f"{name}: expected float32 ({batch},) on {device}, got {x.dtype} {tuple(x.shape)} on {x.device}"
+        )
     return x.contiguous()
 
 

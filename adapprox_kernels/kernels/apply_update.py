@@ -158,7 +158,8 @@ def apply_update(
                 pointer_arg(q_new, resid), pointer_arg(u_new, resid), resid, scalars,
                 scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
                 m, n, k, k_new, first,
-                *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride, *q_new.stride(), *u_new.stride(),
+                *table.stride, *q.stride(), *u.stride(), *weights.stride, *mom_table.stride,
+                *q_new.stride(), *u_new.stride(),
                 float(beta2), 1.0 - float(beta2), float(eps),
                 G_ALIGN=table.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
                 BLOCK_M=block_m, BLOCK_N=block_n,

@@ -115,7 +115,8 @@ def dense_sums(
     with on_device(table.device):
         for first, count in batch_chunks(len(table)):
             _dense_sums_kernel[(programs, count)](
-                table.base, table.offsets, v.base, v.offsets, out, table.numel, first, float(beta2), 1.0 - float(beta2), float(eps),
+                table.base, table.offsets, v.base, v.offsets, out, table.numel, first,
+                float(beta2), 1.0 - float(beta2), float(eps),
                 G_ALIGN=table.align, V_ALIGN=v.align, BLOCK=block,
                 num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
             )  # fmt: skip
@@ -158,8 +159,9 @@ def dense_apply(
     with on_device(table.device):
         for first, count in batch_chunks(len(table)):
             _dense_apply_kernel[(programs, count)](
-                table.base, table.offsets, v.base, v.offsets, weights.base, weights.offsets, mom_table.base, mom_table.offsets,
-                clip, scalars, scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
+                table.base, table.offsets, v.base, v.offsets,
+                weights.base, weights.offsets, mom_table.base, mom_table.offsets, clip, scalars,
+                scalars if rounding_keys is None else rounding_keys,  # a placeholder the kernel never reads
                 table.numel, first, float(beta2), 1.0 - float(beta2), float(eps),
                 G_ALIGN=table.align, V_ALIGN=v.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
                 BLOCK=block, HAS_MOMENTUM=moms is not None,

@@ -80,7 +80,8 @@ def update_cosine_sums(
     with on_device(table.device):
         for first, count in batch_chunks(batch):
             _update_cosine_kernel[(tiles, count)](
-                table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), moms.base, moms.offsets, clip, scalars,
+                table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out),
+                moms.base, moms.offsets, clip, scalars,
                 out, m, n, k, first, *table.stride, *q.stride(), *u.stride(), *moms.stride,
                 float(beta2), 1.0 - float(beta2), float(eps),
                 G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n,

@@ -125,7 +125,9 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
     out = torch.empty(split, batch, m, r, dtype=torch.float32, device=table.device)
     with_norms = eps is not None
     precision = precision or dot_precision(table.device)
-    norms = torch.empty(batch, 2, num_r * split * num_m, dtype=torch.float32, device=table.device) if with_norms else out
+    norms = (
+        torch.empty(batch, 2, num_r * split * num_m, dtype=torch.float32, device=table.device) if with_norms else out
+    )
     with on_device(table.device):
         for first, count in batch_chunks(batch):
             _v_matmul_kernel[(num_m * num_r, split, count)](

@@ -83,7 +83,8 @@ def v_norms(
     with on_device(table.device):
         for first, count in batch_chunks(batch):
             _v_norms_kernel[(tiles, count)](
-                table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out), pointer_arg(q_new, out), pointer_arg(u_new, out), out,
+                table.base, table.offsets, pointer_arg(q, out), pointer_arg(u, out),
+                pointer_arg(q_new, out), pointer_arg(u_new, out), out,
                 m, n, k, k_new, first, *table.stride, *q.stride(), *u.stride(), *q_new.stride(), *u_new.stride(),
                 float(beta2), 1.0 - float(beta2), float(eps),
                 G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOWRANK=k > 0, WITH_RESIDUAL=with_residual,
