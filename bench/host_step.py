@@ -40,13 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_step import gpt2_shapes, make_params
-from common import metadata, write_json
+from bench_step import gpt2_shapes, make_params  # noqa: E402
+from common import metadata, write_json  # noqa: E402
 
-import adapprox_kernels.adapprox as adapprox_module
-import adapprox_kernels.optim_base as base_module
-from adapprox_kernels import Adapprox
-from adapprox_kernels.cuda_graphs import CallGraphs, _Captured
+import adapprox_kernels.adapprox as adapprox_module  # noqa: E402
+import adapprox_kernels.optim_base as base_module  # noqa: E402
+from adapprox_kernels import Adapprox  # noqa: E402
+from adapprox_kernels.cuda_graphs import CallGraphs, _Captured  # noqa: E402
 
 
 class _NoGraph:

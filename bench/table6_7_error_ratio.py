@@ -55,7 +55,7 @@ def sweep(a: torch.Tensor, k: int, seeds: int) -> list[dict]:
     rows = []
     for param, values in (("l", SWEEP), ("p", SWEEP)):
         for x in values:
-            p, l = (5, x) if param == "l" else (x, 5)
+            p, l = (5, x) if param == "l" else (x, 5)  # noqa: E741 (l: the paper's name)
             xis = []
             for s in range(seeds):
                 q, u = srsi(op, k, p, l, generator=torch.Generator().manual_seed(s))

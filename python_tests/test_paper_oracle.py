@@ -14,7 +14,7 @@ DT = torch.float64
 
 
 def _adapprox_oracle(w, grads, *, lr=1e-3, b1=0.9, b2=0.999, b3=0.9, eps=1e-8, d=1.0, wd=0.1, k0, k_max, k_min=1,
-                     p=5, l=5, xi_th=1e-3, seed, cos_scale=None):  # fmt: skip
+                     p=5, l=5, xi_th=1e-3, seed, cos_scale=None):  # fmt: skip  # noqa: E741 (l: the paper's name)
     m, n = w.shape
     cap = min(k_max, m, n)
     gen = torch.Generator().manual_seed(seed)
