@@ -36,26 +36,26 @@ namespace {
 constexpr double kCompletionScale = 1.0 / 4294967296.0;
 constexpr double kGramTolerance = 0.1;
 
-#define ADAPPROX_CUDA_CHECK(expr)                                                                              \
-  do {                                                                                                         \
-    const cudaError_t err_ = (expr);                                                                           \
-    TORCH_CHECK(err_ == cudaSuccess, "adapprox_kernels: ", #expr, " failed: ", cudaGetErrorString(err_),       \
-                (err_ == cudaErrorNoKernelImageForDevice || err_ == cudaErrorInvalidDeviceFunction)            \
-                    ? " (the extension was not compiled for this GPU: rebuild with ADAPPROX_CUDA_ARCHS set)"   \
-                    : "");                                                                                     \
+#define ADAPPROX_CUDA_CHECK(expr)                                                                            \
+  do {                                                                                                       \
+    const cudaError_t err_ = (expr);                                                                         \
+    TORCH_CHECK(err_ == cudaSuccess, "adapprox_kernels: ", #expr, " failed: ", cudaGetErrorString(err_),     \
+                (err_ == cudaErrorNoKernelImageForDevice || err_ == cudaErrorInvalidDeviceFunction)          \
+                    ? " (the extension was not compiled for this GPU: rebuild with ADAPPROX_CUDA_ARCHS set)" \
+                    : "");                                                                                   \
   } while (0)
 
-#define ADAPPROX_CUBLAS_CHECK(expr)                                                                            \
-  do {                                                                                                         \
-    const cublasStatus_t st_ = (expr);                                                                         \
+#define ADAPPROX_CUBLAS_CHECK(expr)                                                                                  \
+  do {                                                                                                               \
+    const cublasStatus_t st_ = (expr);                                                                               \
     TORCH_CHECK(st_ == CUBLAS_STATUS_SUCCESS, "adapprox_kernels: ", #expr, " failed: ", cublasGetStatusString(st_)); \
   } while (0)
 
-#define ADAPPROX_CUSOLVER_CHECK(expr)                                                                          \
-  do {                                                                                                         \
-    const cusolverStatus_t st_ = (expr);                                                                       \
-    TORCH_CHECK(st_ == CUSOLVER_STATUS_SUCCESS, "adapprox_kernels: ", #expr, " failed with cusolverStatus ",   \
-                static_cast<int>(st_));                                                                        \
+#define ADAPPROX_CUSOLVER_CHECK(expr)                                                                        \
+  do {                                                                                                       \
+    const cusolverStatus_t st_ = (expr);                                                                     \
+    TORCH_CHECK(st_ == CUSOLVER_STATUS_SUCCESS, "adapprox_kernels: ", #expr, " failed with cusolverStatus ", \
+                static_cast<int>(st_));                                                                      \
   } while (0)
 
 // torch does not export its cuSOLVER handle pool to extensions (it lives in libtorch_cuda_linalg),
@@ -108,8 +108,8 @@ at::Tensor cholqr_pass(const at::Tensor& x, double shift_factor, bool check_inpu
   // potrf(LOWER) gives L with G = L L^T, stored column-major; read row-major that is R = L^T,
   // upper, with G = R^T R. Solving L Z = I column-major gives Z = L^{-1}, which read row-major is
   // (L^{-1})^T = R^{-1}. potrf leaves the other triangle untouched and trsm never reads it.
-  ADAPPROX_CUSOLVER_CHECK(cusolverDnDpotrfBatched(solver_handle(device, stream), CUBLAS_FILL_MODE_LOWER, r,
-                                                  chol_ptrs, r, info.data_ptr<int>(), static_cast<int>(batch)));
+  ADAPPROX_CUSOLVER_CHECK(cusolverDnDpotrfBatched(solver_handle(device, stream), CUBLAS_FILL_MODE_LOWER, r, chol_ptrs,
+                                                  r, info.data_ptr<int>(), static_cast<int>(batch)));
   cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
   cublasPointerMode_t mode;
   ADAPPROX_CUBLAS_CHECK(cublasGetPointerMode(blas, &mode));

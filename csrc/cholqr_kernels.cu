@@ -59,11 +59,10 @@ __global__ void add_relative_shift_kernel(double* __restrict__ gram, int64_t r, 
 // Z = L^{-1} (lower) is then kept transposed in the strictly upper triangle, which the
 // factorization leaves unused, and its diagonal in z_diag, so R^{-1} = Z^T reads off directly.
 __global__ void shifted_cholesky_inverse_kernel(const double* __restrict__ gram, double* __restrict__ r_inv,
-                                                bool* __restrict__ failed, int64_t r, double factor,
-                                                double tolerance) {
+                                                bool* __restrict__ failed, int64_t r, double factor, double tolerance) {
   extern __shared__ double shared[];
-  double* a = shared;           // r * r
-  double* z_diag = a + r * r;   // r
+  double* a = shared;          // r * r
+  double* z_diag = a + r * r;  // r
   __shared__ double shift;
   __shared__ int bad;
   const int64_t b = blockIdx.x;
@@ -135,8 +134,8 @@ int blocks_for(int64_t n) {
 
 }  // namespace
 
-cudaError_t launch_complete_sketch(const float* y, double* x, const double* norms, int64_t batch, int64_t m,
-                                   int64_t r, double delta, cudaStream_t stream) {
+cudaError_t launch_complete_sketch(const float* y, double* x, const double* norms, int64_t batch, int64_t m, int64_t r,
+                                   double delta, cudaStream_t stream) {
   complete_sketch_kernel<<<blocks_for(batch * m * r), kThreads, 0, stream>>>(y, x, norms, batch, m, r, delta);
   return cudaGetLastError();
 }
@@ -153,7 +152,7 @@ cudaError_t launch_shifted_cholesky_inverse(const double* gram, double* r_inv, b
   const size_t shared = static_cast<size_t>(r * r + r) * sizeof(double);
   const int threads = r * r < 128 ? 32 : 128;  // the factorization's trailing updates use them all
   shifted_cholesky_inverse_kernel<<<static_cast<unsigned int>(batch), threads, shared, stream>>>(gram, r_inv, failed, r,
-                                                                                                factor, tolerance);
+                                                                                                 factor, tolerance);
   return cudaGetLastError();
 }
 

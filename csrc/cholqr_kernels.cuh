@@ -10,8 +10,8 @@ namespace adapprox {
 
 // x[b] = y[b] + delta * s_b * D * C  (fp32 in, fp64 out), with s_b = norms[b] if > 0 else 1 and
 // D * C the sign-flipped DCT-II completion basis of adapprox_kernels/cholqr.py. (B, m, r).
-cudaError_t launch_complete_sketch(const float* y, double* x, const double* norms, int64_t batch, int64_t m,
-                                   int64_t r, double delta, cudaStream_t stream);
+cudaError_t launch_complete_sketch(const float* y, double* x, const double* norms, int64_t batch, int64_t m, int64_t r,
+                                   double delta, cudaStream_t stream);
 
 // gram[b] += factor * trace(gram[b]) * I, for a (B, r, r) batch.
 cudaError_t launch_add_relative_shift(double* gram, int64_t batch, int64_t r, double factor, cudaStream_t stream);
