@@ -596,7 +596,7 @@ class AdaMeM(SketchOptimizer):
             g, v, beta2=beta2, bias2=1 - beta2**step if group["bias_correction"] else 1.0, eps=group["eps"],
             clip_threshold=signed_clip_threshold(group["clip_threshold"]),
         )  # fmt: skip
-        for s, new in zip(states, v):
+        for s, new in zip(states, v, strict=True):
             s["exp_avg_sq"].copy_(new)
         self._apply(group, bucket, upd)
 
@@ -639,7 +639,7 @@ class AdaMeM(SketchOptimizer):
             bias_correction=group["bias_correction"], floors=floors,
         )  # fmt: skip
         for b, s in enumerate(states):
-            for k, full in zip(keys, (proj, exp_avg, row_sq, col_sq, resid_col_sq)):
+            for k, full in zip(keys, (proj, exp_avg, row_sq, col_sq, resid_col_sq), strict=True):
                 s[k].copy_(full[b])
         upd = low.add_(resid, alpha=group["residual_scale"])
         self._apply(group, bucket, upd.mT if transposed else upd)
@@ -650,8 +650,8 @@ class AdaMeM(SketchOptimizer):
         pending = self._xi_pending[:]  # not an attribute set: see BucketMixin._reset_step_caches
         self._xi_pending.clear()
         values = to_host([t for _, xi, found in pending for t in (xi, found)])
-        for (states, _, _), xis, founds in zip(pending, values[::2], values[1::2]):
-            for s, xi, found in zip(states, xis, founds):
+        for (states, _, _), xis, founds in zip(pending, values[::2], values[1::2], strict=True):
+            for s, xi, found in zip(states, xis, founds, strict=True):
                 s["proj_pending"] = not found
                 if found:
                     s["xi"] = xi

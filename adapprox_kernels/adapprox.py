@@ -250,7 +250,7 @@ def _first_moments(bucket: list[torch.Tensor], states: list[dict[str, Any]], bet
     try:
         return [state["exp_avg"] for state in states]
     except KeyError:  # new state, or β1 has just become > 0
-        for p, state in zip(bucket, states):
+        for p, state in zip(bucket, states, strict=True):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return [state["exp_avg"] for state in states]
@@ -276,7 +276,7 @@ def _step_gates(values: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
     if len(oks) > 1:
         ok = torch.stack([o.to(oks[0].device, non_blocking=True) for o in oks]).all()
         oks = [ok.to(device, non_blocking=True) for device in by_device]
-    return dict(zip(by_device, oks))
+    return dict(zip(by_device, oks, strict=True))
 
 
 def _key_and_gate_inputs(keys: list[int] | None, gate: torch.Tensor | None, device: torch.device) -> tuple:
@@ -699,7 +699,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
         rest = iter(host[len(values) :])
         for rec in self._pending:
             rec.fetched = (next(rest), next(rest))
-        return [(bucket, checks) for (bucket, _, _), checks in zip(known, host)]
+        return [(bucket, checks) for (bucket, _, _), checks in zip(known, host[: len(values)], strict=True)]
 
     def _discard_run_ahead(self) -> None:
         rng, new, moments, stepped = self._marks["ahead_undo"]
@@ -903,7 +903,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
         warm = group["warm_start"] and min(prev_cols) > 0
         used = self._used_ranks(states, width)
         iters = group["warm_power_iters"] if warm else group["power_iters"]
-        if warm and any(k > c for k, c in zip(used, prev_cols)):
+        if warm and any(k > c for k, c in zip(used, prev_cols, strict=True)):
             # A rank that grew past last step's sketch (the sigmoid policy's growth beyond the
             # extra columns, or the step policy's by more than them) takes its new columns
             # straight from the Gaussian: one warm iteration left them raw (ξ far above the
@@ -1102,7 +1102,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
             # mostly share their rank: computed once per distinct input, not per matrix (this
             # runs after the step's sync, while the GPU waits).
             new_rank: dict[tuple, float] = {}
-            for s, used, xi in zip(states, rec.used, xis):
+            for s, used, xi in zip(states, rec.used, xis, strict=True):
                 s["xi"] = xi
                 key = (s["rank"], used, xi > thresh)
                 rank = new_rank.get(key)
@@ -1111,7 +1111,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
                     rank = new_rank[key] = rank if lo <= rank <= cap else float(min(max(rank, lo), cap))
                 s["rank"] = rank
         else:
-            for s, due, xi in zip(states, rec.due, xis):
+            for s, due, xi in zip(states, rec.due, xis, strict=True):
                 rank = s["rank"]
                 if due:
                     s["xi"] = xi
@@ -1148,7 +1148,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
         """Each matrix's new factors at its first ``keeps[b]`` columns, into its state."""
         states = rec.states
         if rec.shards is not None:
-            for s, k, qb, ub in zip(states, keeps, rec.q, rec.u):
+            for s, k, qb, ub in zip(states, keeps, rec.q, rec.u, strict=True):
                 s["Q"], s["U"] = rec.shards.rows_of(qb[:, :k].clone()), rec.shards.replicated(ub[:, :k].clone())
             return
         # One copy per distinct rank; each state tensor is one matrix of it (no memory shared
@@ -1159,7 +1159,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
             qs, us = ahead[1:] if ahead is not None and ahead[0] == k else _narrowed(rec.q, rec.u, k)
             if not torch.compiler.is_compiling():
                 self._factor_stacks[id(states)] = (qs, us)
-            for s, qb, ub in zip(states, qs, us):
+            for s, qb, ub in zip(states, qs, us, strict=True):
                 s["Q"], s["U"] = qb, ub
             return
         by_keep: dict[int, list[int]] = defaultdict(list)
@@ -1169,7 +1169,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
             # stack, not rec.q[idx]: a list index is copied to the device, which waits
             qs = torch.stack([rec.q[b, :, :k] for b in idx]).unbind(0)
             us = torch.stack([rec.u[b, :, :k] for b in idx]).unbind(0)
-            for b, qb, ub in zip(idx, qs, us):
+            for b, qb, ub in zip(idx, qs, us, strict=True):
                 states[b]["Q"], states[b]["U"] = qb, ub
 
     # -------------------------------------------------------------------------- observability

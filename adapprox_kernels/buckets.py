@@ -152,7 +152,7 @@ class BucketMixin:
         seen = self._marks["group_lists"]
         if seen is not None and not (len(seen) == len(lists) and all(
             group is was and params is had and size == count
-            for (group, params, size), (was, had, count) in zip(lists, seen)
+            for (group, params, size), (was, had, count) in zip(lists, seen, strict=True)
         )):  # fmt: skip
             self._bucket_cache.clear()
             self._last_buckets.clear()

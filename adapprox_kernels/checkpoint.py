@@ -157,10 +157,14 @@ class CheckpointMixin:
         self._check_saved_order(state_dict["param_groups"])
         same_groups = sizes == [len(g["params"]) for g in self.param_groups]
         if same_groups:  # (torch.optim raises where the groups differ)
-            for idx, p in zip(saved_ids, params):
+            for idx, p in zip(saved_ids, params, strict=True):
                 self._check_saved_state(p, state_dict["state"].get(idx))
                 self._check_saved_shards(p, state_dict["state"].get(idx), saved_on)
-        tensors = [(p, state_dict["state"].get(idx, {})) for idx, p in zip(saved_ids, params)] if same_groups else []
+        tensors = (
+            [(p, state_dict["state"].get(idx, {})) for idx, p in zip(saved_ids, params, strict=True)]
+            if same_groups
+            else []
+        )
         if rng is None and state_dict["state"] and self._draws_sketches(state_dict["param_groups"]):
             warnings.warn(
                 f"{type(self).__name__}.load_state_dict: the checkpoint has no sketch RNG ('sketch_rng': torch's "
@@ -217,7 +221,7 @@ class CheckpointMixin:
         ours = [name for group in self.param_groups for name in group["param_names"]]
         if theirs == ours or sorted(theirs) != sorted(ours):
             return
-        (was, g, j), now = next((s, o) for s, o in zip(saved, ours) if s[0] != o)
+        (was, g, j), now = next((s, o) for s, o in zip(saved, ours, strict=True) if s[0] != o)
         raise ValueError(
             f"{type(self).__name__}.load_state_dict: the checkpoint lists the same parameter names in another "
             f"order: its param_groups[{g}]['params'][{j}] is {was!r}, this optimizer's is {now!r}. The state is "
@@ -261,7 +265,7 @@ class CheckpointMixin:
                     self.state[p][key] = value.to(device=p.device, dtype=self._state_dtype(p, key, value), copy=True)
             if saved:
                 self._complete_loaded_state(p, self.state[p])
-        for group, options in zip(self.param_groups, run_options):
+        for group, options in zip(self.param_groups, run_options, strict=True):
             group.update(options)
         if rng is not None:  # (seed, generators), made by _checked_rng
             self._seed, self._generators = rng

@@ -130,7 +130,7 @@ class CallGraphs:
         fns = [call.fn for call in calls]
 
         def batch(*args: torch.Tensor) -> Outputs:
-            return tuple(fn(*(args[i] for i in idxs)) for fn, idxs in zip(fns, where))
+            return tuple(fn(*(args[i] for i in idxs)) for fn, idxs in zip(fns, where, strict=True))
 
         key = self._signed(("batch", tuple(call.key for call in calls), tuple(where)), inputs)
         entry = self._graphs.get(key)
@@ -139,7 +139,7 @@ class CallGraphs:
         else:
             self._seen[key] = (self._step, self._seen.get(key, (0, 0))[1] + 1)
             outputs = [self.run(call.key, call.fn, call.inputs) for call in calls]
-        for call, out in zip(calls, outputs):
+        for call, out in zip(calls, outputs, strict=True):
             call.outputs = out
 
     def discard_queued(self) -> None:

@@ -305,7 +305,7 @@ class RowShards:
         send = torch.nn.functional.pad(r_loc, (0, 0, 0, width - r_loc.shape[1]))  # fixed size for transport
         heights = [min(rows, width) for rows in self.row_counts]
         # Strip the transport padding: zero rows would take part in the basis completion.
-        stacked = torch.cat([r[:, :h] for r, h in zip(self._all_gather(send), heights)], dim=1)
+        stacked = torch.cat([r[:, :h] for r, h in zip(self._all_gather(send), heights, strict=True)], dim=1)
         q_top = torch.linalg.qr(stacked, mode="reduced").Q  # (B, Σh, r); Σh >= r because r <= m
         start = sum(heights[: self.rank])
         return q_loc @ q_top[:, start : start + r_loc.shape[1]]
@@ -566,7 +566,7 @@ def load_optimizer_state_dict(model: torch.nn.Module, optimizer, state_dict: dic
     groups = state_dict["param_groups"]
     _check_group_count(len(groups), optimizer)
     new_groups, offset = [], 0
-    for saved, group in zip(groups, optimizer.param_groups):
+    for saved, group in zip(groups, optimizer.param_groups, strict=True):
         mine = [n for n, _ in named[offset : offset + len(group["params"])]]
         if sorted(fqns.get(n, n) for n in saved["params"]) != sorted(mine):
             raise ValueError(f"param group parameters differ: checkpoint {saved['params']}, optimizer {mine}")

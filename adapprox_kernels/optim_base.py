@@ -95,7 +95,7 @@ def _max_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     from the extremes. Mixed dtypes come out in the widest
     (``torch.stack`` promotes): an fp64 gradient's entries above fp32's range stay finite."""
     if grads[0].device.type == "cpu":
-        mins, maxs = zip(*map(torch.aminmax, grads))
+        mins, maxs = zip(*map(torch.aminmax, grads), strict=True)
         return torch.maximum(torch.stack(maxs), torch.stack(mins).neg())
     return torch.stack(torch._foreach_norm(grads, float("inf")))
 
@@ -358,11 +358,12 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
             # 1 == True, but an int option must be an int, a flag a bool), then by value; a
             # tensor never by value (== compares elements): another tensor counts as changed.
             changed = was is None or any(
-                v is not w and (type(v) is not type(w) or torch.is_tensor(v) or v != w) for v, w in zip(values, was)
+                v is not w and (type(v) is not type(w) or torch.is_tensor(v) or v != w)
+                for v, w in zip(values, was, strict=True)
             )
             if not (changed or torch.is_tensor(lr)):
                 continue
-            missing = [name for name, v in zip(names, values) if v is _MISSING] if changed else []
+            missing = [name for name, v in zip(names, values, strict=True) if v is _MISSING] if changed else []
             if missing:
                 raise ValueError(
                     f"{type(self).__name__}.step: param_groups[{i}] has no {missing[0]!r} (deleted from the group?): "
@@ -380,7 +381,7 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
                     # Another option written as a tensor is refused, as the constructor refuses
                     # it (it trained on, and its checkpoint did not load). A tensor lr is checked
                     # by the value read above (not read again: a CUDA one would sync again).
-                    own = {k: as_tuple(as_python(v)) for k, v in zip(names, values)}
+                    own = {k: as_tuple(as_python(v)) for k, v in zip(names, values, strict=True)}
                     if torch.is_tensor(lr):
                         own["lr"] = lr_values[id(lr)]
                     self._check_hyperparameters({**self.defaults, **own})
@@ -391,7 +392,7 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
                 ) from None
             if not changed:
                 continue
-            for k, v in zip(names, values):
+            for k, v in zip(names, values, strict=True):
                 if own[k] is not v and not torch.is_tensor(v):  # a tensor lr is filled in place
                     group[k] = own[k]
             checked[i] = list(map(group.get, names))
@@ -430,10 +431,11 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
         params = group["params"]
         slot_of, prefixes = self._key_prefixes(group)
         slots = [slot_of.get(id(p), -1) for p in bucket]
-        if not all(s >= 0 and params[s] is p for s, p in zip(slots, bucket)):  # the list was edited in place
+        # A slot not found or taken by another parameter: the list was edited in place.
+        if not all(s >= 0 and params[s] is p for s, p in zip(slots, bucket, strict=True)):
             slot_of, prefixes = self._key_prefixes(group, fresh=True)
             slots = [slot_of[id(p)] for p in bucket]
-        return [(prefixes[s] + state["step"]) & 0xFFFFFFFF for s, state in zip(slots, states)]
+        return [(prefixes[s] + state["step"]) & 0xFFFFFFFF for s, state in zip(slots, states, strict=True)]
 
     def _rounding_keys_tensor(
         self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]
@@ -538,7 +540,7 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
         if len(set(ptrs)) == len(ptrs) and not _spans_overlap(params, ptrs):
             return
         seen: dict[tuple, torch.Tensor] = {}
-        for p, ptr in zip(params, ptrs):
+        for p, ptr in zip(params, ptrs, strict=True):
             if is_dtensor(p):
                 continue
             other = seen.setdefault((ptr, p.device, tuple(p.shape), p.dtype), p)
@@ -607,7 +609,7 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
         grads = list(map(_grad, params))
         # Every parameter with a non-empty gradient is the usual case: no Python loop for it.
         if not (all(map(operator.is_not, grads, repeat(None))) and all(map(torch.Tensor.numel, params))):
-            params = [p for p, g in zip(params, grads) if g is not None and p.numel() > 0]
+            params = [p for p, g in zip(params, grads, strict=True) if g is not None and p.numel() > 0]
             grads = list(map(_grad, params))
         # Both: a parameter's grad_dtype may let its gradient have another dtype. The shapes: the
         # .grad setter refuses another shape, but p.grad.data = … and p.grad.set_(…) do not, and
@@ -649,12 +651,12 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
         flags = [False] * len(params)
         position = None
         # Read as they are and tested on the host: no isfinite launches per check.
-        for c, ((ps, _), values) in enumerate(zip(checks, to_host([values for _, values in checks]))):
+        for c, ((ps, _), values) in enumerate(zip(checks, to_host([values for _, values in checks]), strict=True)):
             bad = self._bad_gradients(ps, values, c < len(known), limited)
             if bad is None:  # the usual case: nothing per parameter
                 continue
             position = position or {id(p): i for i, p in enumerate(params)}
-            for p, b in zip(ps, bad):
+            for p, b in zip(ps, bad, strict=True):
                 flags[position[id(p)]] = b
         return flags
 
@@ -687,7 +689,10 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
             return list(map(math.isnan, values)) if any(map(math.isnan, values)) else None
         if all(map(math.isfinite, values)) and not limited:
             return None
-        return [not (math.isfinite(v) and (not limited or v <= self._gradient_limit(p))) for p, v in zip(ps, values)]
+        return [
+            not (math.isfinite(v) and (not limited or v <= self._gradient_limit(p)))
+            for p, v in zip(ps, values, strict=True)
+        ]
 
     def _unscale(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> torch.Tensor | None:
         """Where ``torch.amp.GradScaler.step`` calls :meth:`step` (``_step_supports_amp_scaling``):
@@ -777,7 +782,7 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
             ok = params
             if any(flags):
                 ok = []
-                for p, bad in zip(params, flags):
+                for p, bad in zip(params, flags, strict=True):
                     if bad:
                         # .get: a state set directly (``opt.state[p] = …``, made or converted by hand)
                         # may have no count; a KeyError here came after the earlier groups' updates.
@@ -798,7 +803,8 @@ def _spans_overlap(params: list[torch.Tensor], ptrs: list[int]) -> bool:
     nbytes)`` overlap (``ptrs`` their ``data_ptr``s; 0, a DTensor's or an empty tensor's,
     skipped): exact for contiguous tensors, a first sieve for strided ones. If any two ranges
     overlap, two neighbours in start order do."""
-    spans = sorted(zip(ptrs, map(operator.add, ptrs, map(_NBYTES, params))))  # maps: no Python frame per parameter
+    # maps: no Python frame per parameter
+    spans = sorted(zip(ptrs, map(operator.add, ptrs, map(_NBYTES, params)), strict=True))
     if ptrs and min(ptrs) == 0:
         spans = [span for span in spans if span[0]]
     return any(map(operator.lt, [start for start, _ in spans[1:]], [end for _, end in spans[:-1]]))
@@ -809,7 +815,9 @@ def _overlapping_pair(params: list[torch.Tensor], ptrs: list[int]) -> tuple[torc
     buffer at overlapping offsets), or None. Strided views are not compared: theirs may
     interleave without sharing an element (column blocks of one fused weight)."""
     spans = sorted(
-        (ptr, ptr + p.nbytes, i) for i, (p, ptr) in enumerate(zip(params, ptrs)) if ptr and p.is_contiguous()
+        (ptr, ptr + p.nbytes, i)
+        for i, (p, ptr) in enumerate(zip(params, ptrs, strict=True))
+        if ptr and p.is_contiguous()
     )
     for k, (_, end, i) in enumerate(spans):
         for start, _, j in spans[k + 1 :]:

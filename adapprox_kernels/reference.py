@@ -197,7 +197,7 @@ def apply_updates(
         rows = new.add_(_stacked(avg), alpha=-lr).unbind(0)
         if rounding_keys is not None and any(p.dtype == torch.bfloat16 for p in params):
             rounded = stochastic_round_bf16(new, rounding_keys).unbind(0)
-            rows = [r if p.dtype == torch.bfloat16 else x for p, r, x in zip(params, rounded, rows)]
+            rows = [r if p.dtype == torch.bfloat16 else x for p, r, x in zip(params, rounded, rows, strict=True)]
         torch._foreach_copy_(params, rows)
 
 
@@ -228,7 +228,7 @@ def _apply_from_scalars(
     rows = new.unbind(0)
     if rounding_keys is not None and any(p.dtype == torch.bfloat16 for p in params):
         rounded = stochastic_round_bf16(new, rounding_keys).unbind(0)
-        rows = [r if p.dtype == torch.bfloat16 else x for p, r, x in zip(params, rounded, rows)]
+        rows = [r if p.dtype == torch.bfloat16 else x for p, r, x in zip(params, rounded, rows, strict=True)]
     torch._foreach_copy_(params, rows)
 
 

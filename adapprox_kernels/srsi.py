@@ -242,5 +242,5 @@ def as_rsi(
     xi = error_ratio(op, truncate_columns(q, used), truncate_columns(u, used))
     xi_host = xi.tolist()
     cap = min(k_max, m, n)
-    k_next = [next_rank_step(k, x, xi_thresh, min(k_min, cap), cap) for k, x in zip(used, xi_host)]
+    k_next = [next_rank_step(k, x, xi_thresh, min(k_min, cap), cap) for k, x in zip(used, xi_host, strict=True)]
     return q, u, xi, k_next

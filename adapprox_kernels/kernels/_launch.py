@@ -230,7 +230,7 @@ class MatrixTable:
         return len(self.tensors)
 
     def writeback(self) -> None:
-        for orig, staged in zip(self.originals, self.tensors):
+        for orig, staged in zip(self.originals, self.tensors, strict=True):
             if staged is not orig:
                 orig.copy_(staged)
 
