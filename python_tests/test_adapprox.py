@@ -2444,6 +2444,9 @@ def test_bf16_stochastic_round_resumes_bit_exactly_and_leaves_other_dtypes_alone
     assert keys(opt, 0, params[1:2], steps[1:]) == pair[:1] and keys(opt, 0, params[2:3], steps[:1]) == pair[1:]
     drawn = {k for p in params[:3] for s in steps for k in keys(opt, 0, [p], [s])}
     assert len(drawn) == 6 and keys(opt, 1, params[3:], steps[:1])[0] not in drawn
+    # All 32 bits: steps 2³¹ apart still draw other bits (a key is its prefix plus the step, mod 2³²).
+    (early,), (late,) = (keys(opt, 0, params[1:2], [{"step": s}]) for s in (1, 1 + 2**31))
+    assert (late - early) % 2**32 == 2**31 and 0 <= min(early, late) <= max(early, late) < 2**32
     other_seed = Adapprox(params, bf16_stochastic_round=True, seed=opt._seed + 1)
     assert not drawn & {k for p in params[:3] for s in steps for k in keys(other_seed, 0, [p], [s])}
     # Not the device: data-parallel ranks, each on its own GPU, must keep their replicas equal.
