@@ -171,9 +171,11 @@ GRADIENTS = {
     "mlp": (record_gradients, "3-layer MLP (48-160-160-32) learning a random teacher, AdamW lr 2e-3, batch 64"),
     "tiny-gpt": (
         record_gpt_gradients,
-        "the README main job's tiny GPT (adapprox_kernels.train, size 'tiny': 4 layers, d_model 128, 16 x 128 "
-        "bytes of the default corpus per step), AdamW lr 2e-3 with the job's warmup and cosine over the steps; "
-        "every 2-D parameter",
+        (
+            "the README main job's tiny GPT (adapprox_kernels.train, size 'tiny': 4 layers, d_model 128, 16 x 128 "
+            "bytes of the default corpus per step), AdamW lr 2e-3 with the job's warmup and cosine over the steps; "
+            "every 2-D parameter"
+        ),
     ),
 }
 
@@ -263,8 +265,10 @@ def run(steps: int = 60, skip: int = 5, rank: int = RANK, gradients: str = "mlp"
 
 def summary(result: dict) -> str:
     lines = [
-        f"{'S-RSI start':<20} {'mean ξ':>10} {'max ξ':>10} {'ξ/ξ_svd':>9} {'max':>6} "
-        f"{'passes/step':>12} {'(measured)':>11}"
+        (
+            f"{'S-RSI start':<20} {'mean ξ':>10} {'max ξ':>10} {'ξ/ξ_svd':>9} {'max':>6} "
+            f"{'passes/step':>12} {'(measured)':>11}"
+        )
     ]
     for name, r in result["configs"].items():
         measured = "n/a" if r["triton_passes_measured"] is None else str(r["triton_passes_measured"])
