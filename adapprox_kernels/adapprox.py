@@ -745,7 +745,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
                 elif self._dense_on_kernels(group, bucket, backend):
                     started = self._dense_start(group, bucket, states, backend)
                 else:
-                    self._dense_step(group, bucket, states, backend)
+                    self._dense_step(group, bucket, states)
                     continue
             if not started.done:
                 started.finish(None)
@@ -824,9 +824,7 @@ class Adapprox(BucketMixin, SketchOptimizer):
 
         return _Started(states, lambda: sums_call.outputs[0], finish, prepare)
 
-    def _dense_step(
-        self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]], backend
-    ) -> None:
+    def _dense_step(self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         """Unfactored V (vectors, small matrices): ``V = β2·V + (1−β2)·G²``, same update rule."""
         from .reference import apply_updates, clipped_update, in_place_ok, stack_as
 
