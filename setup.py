@@ -50,8 +50,10 @@ def _find_cuda_home() -> str | None:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates.append("/usr/local/cuda")
     for home in candidates:
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
-            os.path.join(home, "include", "cuda_runtime.h")
+        if (
+            home
+            and os.path.isfile(os.path.join(home, "bin", "nvcc"))
+            and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
         ):
             return os.path.realpath(home)
     return None

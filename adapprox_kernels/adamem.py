@@ -286,9 +286,7 @@ def adamem_directions(
     exp_avg.mul_(beta1).add_(r_proj, alpha=1 - beta1)
     m_hat = exp_avg / bias1
     stat = m_hat if second_moment == "momentum" else r_proj
-    n1 = adafactor_precondition(
-        m_hat, stat, row_sq, col_sq, beta2=beta2, bias2=bias2, eps=eps, clip_threshold=clip
-    )
+    n1 = adafactor_precondition(m_hat, stat, row_sq, col_sq, beta2=beta2, bias2=bias2, eps=eps, clip_threshold=clip)
     n2 = one_sided_precondition(resid, resid_col_sq, beta2=beta2, bias2=bias2, eps=eps, clip_threshold=clip)
     return proj @ n1, n2
 
@@ -676,4 +674,3 @@ def _refresh_due(step: int, gap: int, pending: bool) -> bool:
 def _signed(g: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     """The stacked gradients ``g`` (a fresh tensor), negated in place for ``maximize``."""
     return g.neg_() if group["maximize"] else g
-

@@ -34,7 +34,14 @@ from .cuda_graphs import CallGraphs
 from .distributed import RowShards, is_dtensor, local, local_list
 from .optim_base import SketchOptimizer, compute_dtype, to_host
 from .options import (
-    INT_OPTION_MAX, POWER_ITERS_MAX, as_tuple, check_kinds, check_shared, is_int_in, is_real, is_sequence,
+    INT_OPTION_MAX,
+    POWER_ITERS_MAX,
+    as_tuple,
+    check_kinds,
+    check_shared,
+    is_int_in,
+    is_real,
+    is_sequence,
 )
 from .options import check as _check
 from .rank_policy import RANK_POLICIES, next_rank_step, rank_moment, sigmoid_increment
@@ -380,7 +387,11 @@ class Adapprox(BucketMixin, SketchOptimizer):
     # _discard_run_ahead: restores the sketch RNG, setting attributes of the optimizer (see
     # SketchOptimizer._share_seed).
     _EAGER_UNDER_COMPILE = (
-        *SketchOptimizer._EAGER_UNDER_COMPILE, "_draw_sketch", "_used_ranks", "_warn_overflowed", "_compact_factors",
+        *SketchOptimizer._EAGER_UNDER_COMPILE,
+        "_draw_sketch",
+        "_used_ranks",
+        "_warn_overflowed",
+        "_compact_factors",
         "_discard_run_ahead",
     )
 
@@ -511,8 +522,10 @@ class Adapprox(BucketMixin, SketchOptimizer):
             if shape is not None and not self._is_dense_matrix(shape, group):
                 m, n = shape
                 cap = min(group["k_max"], m, n)
-                k0 = group["k_init"] if group["k_init"] is not None else (
-                    group["k_max"] if group["rank_policy"] == "step" else group["k_min"]
+                k0 = (
+                    group["k_init"]
+                    if group["k_init"] is not None
+                    else (group["k_max"] if group["rank_policy"] == "step" else group["k_min"])
                 )
                 state["rank"] = float(min(k0, cap))
                 state["xi"] = float("nan")  # not measured yet

@@ -111,5 +111,3 @@ def resolve_backend(name: str, device: torch.device):
 def availability(device: torch.device) -> dict[str, str | None]:
     """``{backend name: None if usable on device else the reason}``, for diagnostics."""
     return {name: b.available(device) for name, b in BACKENDS.items()}
-
-

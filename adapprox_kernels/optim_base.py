@@ -130,7 +130,11 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
     # the step that first fills the memo, whose new frame then recompiled a step later).
     # _share_seed: sets attributes of the optimizer (see its docstring).
     _EAGER_UNDER_COMPILE: tuple[str, ...] = (
-        "_init_state", "_check_groups", "_forget_removed_groups", "_share_seed", "_rounding_keys_tensor",
+        "_init_state",
+        "_check_groups",
+        "_forget_removed_groups",
+        "_share_seed",
+        "_rounding_keys_tensor",
         "_update_scalars",
     )
 
@@ -792,7 +796,6 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
                         ok.append(p)
             self._step_group(group, ok)
         self._end_step()
-
 
 
 _NBYTES = operator.attrgetter("nbytes")

@@ -75,8 +75,14 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("adapprox_kernels::v_matmul", mutates_args=())
 def v_matmul_op(
-    grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, x: torch.Tensor, beta2: float, eps: float,
-    with_sums: bool, precision: Optional[str] = None,
+    grads: list[torch.Tensor],
+    q: torch.Tensor,
+    u: torch.Tensor,
+    x: torch.Tensor,
+    beta2: float,
+    eps: float,
+    with_sums: bool,
+    precision: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``V @ x`` ``(B, m, r)`` and, with ``with_sums``, ``[‖V‖², Σ (G/(√V+ε))²]`` ``(B, 2)``;
     ``precision``: of the product's dots (see ``kernels.v_matmul``)."""
@@ -92,7 +98,11 @@ def _(grads, q, u, x, beta2, eps, with_sums, precision=None):
 
 @torch.library.custom_op("adapprox_kernels::v_rmatmul", mutates_args=())
 def v_rmatmul_op(
-    grads: list[torch.Tensor], q: torch.Tensor, u: torch.Tensor, y: torch.Tensor, beta2: float,
+    grads: list[torch.Tensor],
+    q: torch.Tensor,
+    u: torch.Tensor,
+    y: torch.Tensor,
+    beta2: float,
     precision: Optional[str] = None,
 ) -> torch.Tensor:
     """``Vᵀ @ y``: ``(B, n, r)``; ``precision`` as in :func:`v_matmul_op`."""

@@ -256,4 +256,3 @@ def save_figure(fig, name: str, device: torch.device | str, out: Path = RESULTS)
     fig.savefig(path, dpi=90)
     pyplot().close(fig)
     return path
-

@@ -217,8 +217,12 @@ def main() -> None:
         consts = launch.consts
         tile = dict(block=consts["BLOCK"]) if "BLOCK" in consts else dict(m=consts["BLOCK_M"], n=consts["BLOCK_N"])
         for dtype in launch.grads:
-            row = dict(launch=launch.label, grads=dtype[1:], blocks=dict(launch.blocks._asdict(), **tile),
-                       **resources(launch.fn, consts, dtype, launch.blocks, launch.unit))
+            row = dict(
+                launch=launch.label,
+                grads=dtype[1:],
+                blocks=dict(launch.blocks._asdict(), **tile),
+                **resources(launch.fn, consts, dtype, launch.blocks, launch.unit),
+            )
             rows.append(row)
             print(row, flush=True)
     record = dict(meta=metadata("cpu", target="sm_90 (compiled, not run)", precision=args.precision), rows=rows)

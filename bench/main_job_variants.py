@@ -30,8 +30,10 @@ from adapprox_kernels.train.__main__ import main  # noqa: E402
 
 def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):  # no OUT: the usage; nothing runs
-        print("usage: python bench/main_job_variants.py OUT [--optimizer NAME] [key=value ...] [main-job options]\n\n"
-              + __doc__.strip())
+        print(
+            "usage: python bench/main_job_variants.py OUT [--optimizer NAME] [key=value ...] [main-job options]\n\n"
+            + __doc__.strip()
+        )
         return 0 if argv else 2
     out, *rest = argv
     # Every main-job option takes a value, so a key=value right after one (--lr adamem=1e-3) is its value.

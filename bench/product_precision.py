@@ -42,6 +42,7 @@ from adapprox_kernels.train.model import GPT, SIZES  # noqa: E402
 from adapprox_kernels.train.runner import warmup_cosine  # noqa: E402
 from bench.common import metadata  # noqa: E402  (device, torch / triton / CUDA versions, commit)
 
+
 class EmulatedTF32Moment(ReferenceSecondMoment):
     """The reference operator with tf32 products (:class:`ExactProjection` also offers the exact
     ``project`` that S-RSI uses for its last product)."""

@@ -51,8 +51,10 @@ def main() -> None:
         opt.step()
     torch.cuda.synchronize()
     step_ms, wait_ms = host_split(opt, steps=50)
-    print(f"step {step_ms:.2f} ms without the profiler, of which the host waits {wait_ms:.2f} ms at syncs "
-          f"and works {step_ms - wait_ms:.2f} ms")
+    print(
+        f"step {step_ms:.2f} ms without the profiler, of which the host waits {wait_ms:.2f} ms at syncs "
+        f"and works {step_ms - wait_ms:.2f} ms"
+    )
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
@@ -62,8 +64,10 @@ def main() -> None:
         trace = args.trace or os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(trace)
         busy, span = device_busy(trace)
-    print(f"device busy {busy / args.steps / 1e3:.2f} ms of {span / args.steps / 1e3:.2f} ms per step "
-          f"({busy / span:.0%}); the rest the device waits for the host")
+    print(
+        f"device busy {busy / args.steps / 1e3:.2f} ms of {span / args.steps / 1e3:.2f} ms per step "
+        f"({busy / span:.0%}); the rest the device waits for the host"
+    )
     table = prof.key_averages()
     print(table.table(sort_by="cuda_time_total", row_limit=25))
     print(table.table(sort_by="self_cpu_time_total", row_limit=25))

@@ -147,8 +147,10 @@ def markdown(rows: list[dict]) -> str:
         head = [f"β1 = {beta1}: state MiB (% of AdamW β1=0.9)", *(f"{s} ({r['params'] / 1e6:.1f}M params)" for s, r in
                 ((s, next(x for x in rows if x["size"] == s)) for s in sizes))]  # fmt: skip
         parts.append(common.markdown_table(head, lines))
-    parts.append("† closed form (the instantiated rows match it exactly); every other cell is counted on real "
-                 "optimizer state. \"logical\": numel × element size where the state keeps a larger buffer alive.")
+    parts.append(
+        "† closed form (the instantiated rows match it exactly); every other cell is counted on real "
+        'optimizer state. "logical": numel × element size where the state keeps a larger buffer alive.'
+    )
     gpu = [r for r in rows if "gpu_peak_step_bytes" in r]
     if gpu:
         lines = [(f"{r['size']}", r["label"], r["beta1"], f"{r['gpu_peak_step_bytes'] / MIB:,.0f}") for r in gpu]

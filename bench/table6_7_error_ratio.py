@@ -91,7 +91,7 @@ def markdown(agg: list[dict]) -> str:
     kinds = list(dict.fromkeys(r["kind"] for r in agg))
     parts = []
     for swept, paper, other in (("l", PAPER_L, "p = 5"), ("p", PAPER_P, "l = 5")):
-        lines = [("paper (\"normal\" 1024², k = 256)", *(f"{x:.4f}" for x in paper), "—")]
+        lines = [('paper ("normal" 1024², k = 256)', *(f"{x:.4f}" for x in paper), "—")]
         for kind in kinds:
             rs = sorted((r for r in agg if r["kind"] == kind and r["swept"] == swept), key=lambda r: r["value"])
             lines.append((kind, *(f"{r['xi']:.4f}" for r in rs), f"{rs[0]['svd']:.4f}"))
@@ -110,7 +110,7 @@ def plot(agg: list[dict], device, out) -> None:
             xs, ys = [r["value"] for r in rs], [r["xi"] for r in rs]
             ax.plot(xs, ys, marker="o", ms=3, color=color, label=f"{kind}: S-RSI")
             ax.axhline(rs[0]["svd"], color=color, ls=":", label=f"{kind}: SVD optimum")
-        ax.plot(SWEEP, paper, "k--", marker="x", label="paper (\"normal\" 1024²)")
+        ax.plot(SWEEP, paper, "k--", marker="x", label='paper ("normal" 1024²)')
         ax.set(xlabel=swept, yscale="log", title=f"ξ against {swept} ({'p' if swept == 'l' else 'l'} = 5)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("‖A − QUᵀ‖_F / ‖A‖_F")

@@ -54,9 +54,11 @@ def product_configs(quick: bool, rebuilds=tuple(REBUILDS), k: int | None = None)
     loop is left and the main loop is pipelined, so stage counts are swept there too), and over
     stage counts with the loop unrolled up to rank 16 or replaced by a dot (either lets the main
     loop be pipelined)."""
-    tiles = [(32, 64), (64, 64), (64, 128), (128, 64), (128, 128)] if quick else [
-        (m, n) for m in (32, 64, 128) for n in (32, 64, 128)
-    ]
+    tiles = (
+        [(32, 64), (64, 64), (64, 128), (128, 64), (128, 128)]
+        if quick
+        else [(m, n) for m in (32, 64, 128) for n in (32, 64, 128)]
+    )
     configs = []
     for rebuild in rebuilds:
         stages = (2,) if rebuild == "loop" and k != 1 else (2, 3) if quick else (2, 3, 4)
@@ -66,9 +68,11 @@ def product_configs(quick: bool, rebuilds=tuple(REBUILDS), k: int | None = None)
 
 
 def update_configs(quick: bool) -> list[Blocks]:
-    tiles = [(32, 128), (64, 64), (64, 128), (16, 256)] if quick else [
-        (32, 64), (32, 128), (64, 64), (64, 128), (128, 64), (128, 128), (16, 256)
-    ]
+    tiles = (
+        [(32, 128), (64, 64), (64, 128), (16, 256)]
+        if quick
+        else [(32, 64), (32, 128), (64, 64), (64, 128), (128, 64), (128, 128), (16, 256)]
+    )
     return [Blocks(m, n, 64, w, 2) for (m, n), w in itertools.product(tiles, (4, 8))]
 
 
@@ -167,8 +171,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
     parser.add_argument("--default-precision-only", action="store_true", help="skip the tf32_rn sweep")
-    parser.add_argument("--rebuild", nargs="+", choices=list(REBUILDS), default=list(REBUILDS),
-                        help="how the products rebuild V's tiles (default: all three)")
+    parser.add_argument(
+        "--rebuild",
+        nargs="+",
+        choices=list(REBUILDS),
+        default=list(REBUILDS),
+        help="how the products rebuild V's tiles (default: all three)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():

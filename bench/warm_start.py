@@ -237,9 +237,9 @@ def run(steps: int = 60, skip: int = 5, rank: int = RANK, gradients: str = "mlp"
             "shapes": [list(g.shape) for g in stream[0]],
             "rank": rank, "oversample": OVERSAMPLE, "steps": len(stream), "summary_from_step": skip,
             "beta2": 0.999, "backend": "reference (V materialized to measure ξ and the SVD optimum)",
-        },  # fmt: skip
+        },
         "configs": {},
-    }
+    }  # fmt: skip
     for name, options in CONFIGS.items():
         trace = xi_trace(stream, options, rank)
         tail = slice(skip, None)
@@ -257,9 +257,9 @@ def run(steps: int = 60, skip: int = 5, rank: int = RANK, gradients: str = "mlp"
                 "count": len(ratios), "xi_over_svd_optimum_mean": statistics.fmean(ratios),
                 "xi_over_svd_optimum_max": max(ratios),
                 f"above_{ABOVE}x": above, f"fraction_above_{ABOVE}x": above / len(ratios),
-            },  # fmt: skip
+            },
             "xi_per_step": trace["xi"],
-        }
+        }  # fmt: skip
     return out
 
 

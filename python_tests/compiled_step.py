@@ -38,8 +38,15 @@ def eager_and_compiled(
 
 
 def graphs_per_step(
-    make_optimizer, shapes, backend: str, steps: int, dtype=torch.float32, grad=torch.randn, after_step=None,
-    device="cpu", place=lambda t: t,
+    make_optimizer,
+    shapes,
+    backend: str,
+    steps: int,
+    dtype=torch.float32,
+    grad=torch.randn,
+    after_step=None,
+    device="cpu",
+    place=lambda t: t,
 ) -> tuple[list[tuple[int, int]], list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """``torch.compile(opt.step, backend=backend)`` for ``steps`` steps, each with new gradient
     tensors (``grad(shape)``, as a backward pass after ``zero_grad()`` makes them), with

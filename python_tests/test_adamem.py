@@ -843,7 +843,7 @@ def test_a_refresh_waits_out_several_zero_gradients_and_nonfinite_skips():
 
 def test_srsi_subspace_matches_svd_on_low_rank():
     m, n, k = 30, 50, 5
-    g = (torch.randn(2, m, k, dtype=torch.float64) @ torch.randn(2, k, n, dtype=torch.float64))
+    g = torch.randn(2, m, k, dtype=torch.float64) @ torch.randn(2, k, n, dtype=torch.float64)
     p_svd = top_left_subspace(g, k, "svd")
     p_rsi = top_left_subspace(g, k, "srsi", oversample=2, iters=2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(p_rsi.mT @ p_rsi, torch.eye(k, dtype=torch.float64).expand(2, k, k))

@@ -1387,6 +1387,7 @@ def test_a_bad_value_written_into_param_groups_mid_run_is_refused_before_the_ste
 def test_an_option_deleted_from_a_group_is_refused_before_the_step(cls, kw, key):
     """``del group[key]`` between steps: the next step says which option the group lacks and
     changes nothing; set back, the run goes on as if it had never been deleted."""
+
     def run(delete):
         a = torch.nn.Parameter(torch.randn(6, 10, generator=torch.Generator().manual_seed(0)))
         b = torch.nn.Parameter(torch.ones(10))
@@ -1794,7 +1795,8 @@ def _two_shape_run(seed=0, steps=3):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(20, 24, generator=gen)) for _ in range(2)]
     params += [
-        torch.nn.Parameter(torch.randn(16, 30, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))
+        torch.nn.Parameter(torch.randn(16, 30, generator=gen)),
+        torch.nn.Parameter(torch.randn(7, generator=gen)),
     ]
     grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
     return params, grads
@@ -1986,6 +1988,7 @@ def test_a_state_dict_after_a_numpy_lambda_lr_loads_with_weights_only(cls, kw):
     """A LambdaLR whose lambda returns NumPy numbers writes them into param_groups; the saved
     groups hold Python numbers, so torch.load(weights_only=True) reads the checkpoint, and the
     resumed run is bit-exact."""
+
     def run(steps, load=None):
         torch.manual_seed(0)
         model = torch.nn.Linear(6, 5)
@@ -2541,10 +2544,14 @@ def test_unscale_in_step_is_off_by_default_and_gives_the_same_bits_on(cls, kw):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("make", [
-    lambda groups: Adapprox(groups, k_max=3, seed=0, bf16_stochastic_round=True),
-    lambda groups: AdaMeM(groups, rank=3, seed=0, bf16_stochastic_round=True),
-], ids=["adapprox", "adamem"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda groups: Adapprox(groups, k_max=3, seed=0, bf16_stochastic_round=True),
+        lambda groups: AdaMeM(groups, rank=3, seed=0, bf16_stochastic_round=True),
+    ],
+    ids=["adapprox", "adamem"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("how", ["group", "params"])
 def test_a_removed_group_is_freed_with_its_state(make, dtype, how):

@@ -609,10 +609,12 @@ def test_main_job_variants_hands_its_options_to_the_optimizer(name, given, passe
     assert {k: v for k, v in optimizers.OPTIMIZERS.items() if k != name} == others
 
 
+_NOT_SCRIPTS = ("__init__.py", "conftest.py", "common.py", "peers.py", "second_moments.py", "test_step_time.py")
+_SCRIPTS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py"))
+
+
 @pytest.mark.slow  # ≈ 70 s: each script starts its own Python
-@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py")
-                                           if p.name not in ("__init__.py", "conftest.py", "common.py", "peers.py",
-                                                             "second_moments.py", "test_step_time.py")))
+@pytest.mark.parametrize("script", [name for name in _SCRIPTS if name not in _NOT_SCRIPTS])
 def test_every_bench_script_has_help(script):
     """bench/README.md: every script has ``--help``, which prints its usage and runs nothing."""
     import os
@@ -630,7 +632,9 @@ def test_every_bench_script_has_help(script):
         [sys.executable, *args, "--help"], cwd=root, env=env, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0 and "usage" in run.stdout.lower(), (
-        run.returncode, run.stdout[-500:], run.stderr[-1000:]
+        run.returncode,
+        run.stdout[-500:],
+        run.stderr[-1000:],
     )
 
 

@@ -426,7 +426,9 @@ def _triton_shards_job(rank, world, out) -> None:
 
     fused, precisions, projected = [], set(), []
     real_apply, real_build, real_project = (
-        TritonBackend.apply_step, TritonBackend.second_moment, TritonSecondMoment.project
+        TritonBackend.apply_step,
+        TritonBackend.second_moment,
+        TritonSecondMoment.project,
     )
 
     def counting(op, *args, reduce=None, **kwargs):

@@ -249,4 +249,3 @@ def test_rayleigh_ritz_by_the_kernel():
     zero = torch.zeros_like(u)
     q3, u3 = rayleigh_ritz(q, zero, eigh)
     assert torch.equal(u3, zero) and torch.equal(q3, q)
-

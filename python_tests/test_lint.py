@@ -1,7 +1,9 @@
 """The code passes the linters under the project's settings: ruff's check of the Python
 (pyproject.toml: pycodestyle and pyflakes at 120 columns, strict zips in the package, strings
-joined across lines in parentheses) and clang-format on csrc/ (.clang-format). Each is skipped where its pip
-package is not installed (requirements.txt installs both)."""
+joined across lines in parentheses), ruff's formatter (the Python laid out as ``ruff format``
+would, but where a ``# fmt: skip`` keeps a hand layout) and clang-format on csrc/
+(.clang-format). Each is skipped where its pip package is not installed (requirements.txt
+installs both)."""
 
 import importlib.util
 import subprocess
@@ -20,6 +22,12 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed")
 def test_the_python_passes_ruff_check():
     run = _run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-1000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed")
+def test_the_python_is_ruff_formatted():
+    run = _run([sys.executable, "-m", "ruff", "format", "--no-cache", "--check", "--diff", "."])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-1000:]
 
 

@@ -19,7 +19,11 @@ def _adapprox_oracle(w, grads, *, lr=1e-3, b1=0.9, b2=0.999, b3=0.9, eps=1e-8, d
     cap = min(k_max, m, n)
     gen = torch.Generator().manual_seed(seed)
     k, q, u, mom, ranks = (
-        float(min(k0, cap)), torch.zeros(m, 0, dtype=DT), torch.zeros(n, 0, dtype=DT), torch.zeros_like(w), []
+        float(min(k0, cap)),
+        torch.zeros(m, 0, dtype=DT),
+        torch.zeros(n, 0, dtype=DT),
+        torch.zeros_like(w),
+        [],
     )
     for g in grads:
         v = b2 * (q @ u.T).clamp_min(0) + (1 - b2) * g * g  # line 341
@@ -84,7 +88,10 @@ def _adamem_oracle(w, grads, *, lr=1e-3, b1=0.9, b2=0.95, r, T, eps=1e-8):
     w = w.T if wt else w
     m, n = w.shape
     mom, rs, cs, os_ = (
-        torch.zeros(r, n, dtype=DT), torch.zeros(r, dtype=DT), torch.zeros(n, dtype=DT), torch.zeros(n, dtype=DT)
+        torch.zeros(r, n, dtype=DT),
+        torch.zeros(r, dtype=DT),
+        torch.zeros(n, dtype=DT),
+        torch.zeros(n, dtype=DT),
     )
     for t, g in enumerate(grads, 1):
         g = g.T if wt else g

@@ -304,7 +304,12 @@ def test_the_sketch_rng_warning_follows_the_loaded_projection(saved, loader, war
 _LEGACY_EVENTS = {k: v for k, v in EVENTS.items() if v != "zero"}
 _LATER_OPTIONS = {
     Adapprox: (
-        "warm_start", "warm_power_iters", "cuda_graphs", "product_precision", "maximize", "bf16_stochastic_round",
+        "warm_start",
+        "warm_power_iters",
+        "cuda_graphs",
+        "product_precision",
+        "maximize",
+        "bf16_stochastic_round",
     ),
     AdaMeM: ("maximize", "bf16_stochastic_round"),
 }

@@ -458,10 +458,12 @@ def test_batches_past_the_grid_limit_take_several_launches(monkeypatch):
             v_norms(grads, q, u, BETA2, EPS, q, u, blocks=blocks),
             update_cosine_sums(grads, q, u, moms, clip, beta2=BETA2, eps=EPS, beta1=0.8, blocks=blocks),
             apply_update(grads, q, u, params, moms, clip, blocks=blocks, **kw),
-            *params, *moms,
+            *params,
+            *moms,
             dense_sums(flat, sqs, BETA2, EPS, block=16),
             dense_apply(flat, sqs, dense_params, None, clip, block=16, **kw),
-            *dense_params, *sqs,
+            *dense_params,
+            *sqs,
         ]
 
     whole = every_pass()
@@ -698,7 +700,10 @@ def test_bad_rounding_keys(dense):
     params = [g.to(torch.bfloat16) for g in grads]
     kw = dict(beta2=BETA2, eps=EPS, lr=0.1, beta1=0.0, weight_decay=0.0)
     bads = (
-        torch.tensor([3, 4], dtype=torch.int32), torch.tensor([3.0, 4.0]), torch.tensor([1]), torch.tensor([1, 2, 3])
+        torch.tensor([3, 4], dtype=torch.int32),
+        torch.tensor([3.0, 4.0]),
+        torch.tensor([1]),
+        torch.tensor([1, 2, 3]),
     )
     for bad in (*bads, torch.tensor(3), 3, [3, 4]):
         bad = bad.to(DEVICE) if torch.is_tensor(bad) else bad
@@ -1018,7 +1023,7 @@ def test_opcheck_custom_ops():
 
 
 def test_backend_resolution():
-    """"auto" picks Triton for CUDA tensors only (never the interpreter on CPU); "triton" by
+    """Backend ``"auto"`` picks Triton for CUDA tensors only (never the interpreter on CPU); "triton" by
     name runs wherever the kernels can."""
     from adapprox_kernels.triton_backend import TritonBackend
 

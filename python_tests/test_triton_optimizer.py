@@ -61,8 +61,14 @@ CONFIGS = {
     "bf16-warm-cosine": (torch.bfloat16, dict(warm_start=True, cosine_guidance=True)),
     "fp16-no-momentum-sigmoid-unclipped": (
         torch.float16,
-        dict(betas=(0.0, 0.9, 0.0), rank_policy="sigmoid", rank_interval=2, k_init=2, weight_decay=0.0,
-             clip_threshold=None),
+        dict(
+            betas=(0.0, 0.9, 0.0),
+            rank_policy="sigmoid",
+            rank_interval=2,
+            k_init=2,
+            weight_decay=0.0,
+            clip_threshold=None,
+        ),
     ),
 }
 
@@ -1555,8 +1561,12 @@ def test_graph_keys_hold_while_beta1_cycles(monkeypatch, cosine):
     assert distinct == {"srsi": 2, "dense sums": dense, "dense": dense, "update": 2}
     # The dense buckets replay from step 1 on, the factored ones from step 2 (step 0 has no factors).
     replayed = {kind: calls.replayed.count(kind) for kind in kinds}
-    assert replayed == {"srsi": 2 * (steps - 2), "dense sums": dense * (steps - 1), "dense": dense * (steps - 1),
-                        "update": 2 * (steps - 2)}
+    assert replayed == {
+        "srsi": 2 * (steps - 2),
+        "dense sums": dense * (steps - 1),
+        "dense": dense * (steps - 1),
+        "update": 2 * (steps - 2),
+    }
 
 
 def test_graphed_stochastic_rounding_reads_each_steps_key(monkeypatch):
@@ -1596,8 +1606,14 @@ def _run_with_changes(graphs_stand_in, changes, reset=()):
 # has no factors yet; the gradients keep their addresses throughout): a key that leaves it out
 # matches step 1's and replays that call.
 _ONE_AT_A_TIME = [
-    {}, {}, {"betas": (0.8, 0.9, 0.0)}, {"betas": (0.9, 0.95, 0.0)}, {"eps": 1e-6}, {"clip_threshold": 0.5},
-    {"power_iters": 3}, {"maximize": True},
+    {},
+    {},
+    {"betas": (0.8, 0.9, 0.0)},
+    {"betas": (0.9, 0.95, 0.0)},
+    {"eps": 1e-6},
+    {"clip_threshold": 0.5},
+    {"power_iters": 3},
+    {"maximize": True},
 ]
 
 

@@ -32,6 +32,7 @@ def interpreter_refuses_numpy() -> str | None:
         triton_version, numpy_version = version("triton"), version("numpy")
     except PackageNotFoundError:
         return None
+
     def major_minor(v: str) -> tuple[int, int]:  # "2.4.0rc1" and "3.6.0+git…" too
         return tuple(map(int, re.match(r"(\d+)\.(\d+)", v).groups()))
 

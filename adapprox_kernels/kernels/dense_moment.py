@@ -25,7 +25,13 @@ import triton.language as tl
 
 from ..transfer import update_scalars
 from ._launch import (
-    ELEMENTWISE_BLOCKS, MatrixTable, batch_chunks, check_rounding_keys, check_vector, on_device, step_tables,
+    ELEMENTWISE_BLOCKS,
+    MatrixTable,
+    batch_chunks,
+    check_rounding_keys,
+    check_vector,
+    on_device,
+    step_tables,
 )
 from ._tiles import gated, matrix_seed, raw_update, store_step, update_and_average
 

@@ -15,7 +15,14 @@ import triton.language as tl
 
 from ..transfer import update_scalars
 from ._launch import (
-    ELEMENTWISE_BLOCKS, Blocks, MatrixTable, batch_chunks, check_factors, check_vector, on_device, pointer_arg,
+    ELEMENTWISE_BLOCKS,
+    Blocks,
+    MatrixTable,
+    batch_chunks,
+    check_factors,
+    check_vector,
+    on_device,
+    pointer_arg,
 )
 from ._tiles import inside, program_v_tile, tile_ptrs, tile_sum, update_and_average
 
