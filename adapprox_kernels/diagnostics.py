@@ -14,7 +14,7 @@ from .backends import availability
 def _version(module: str) -> str:
     try:
         return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception as exc:  # any import failure is worth reporting, not raising
+    except Exception as exc:  # noqa: BLE001 - any import failure is worth reporting, not raising
         return f"not usable ({type(exc).__name__}: {exc})"
 
 

@@ -40,7 +40,7 @@ def _triton_import_error() -> Optional[str]:
                     f"triton {triton.__version__} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest supported"
                 )
             _IMPORT_OUTCOME.append(None)
-        except Exception as exc:  # a broken install can raise more than ImportError
+        except Exception as exc:  # noqa: BLE001 - a broken install can raise more than ImportError
             _IMPORT_OUTCOME.append(f"{type(exc).__name__}: {exc}")
     return _IMPORT_OUTCOME[0]
 

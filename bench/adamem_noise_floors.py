@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adapprox_kernels import AdaMeM, adamem  # noqa: E402
-from bench.common import in_ms, measured, metadata, parser, setup, time_call, write_results  # noqa: E402
+from adapprox_kernels import AdaMeM, adamem
+from bench.common import in_ms, measured, metadata, parser, setup, time_call, write_results
 
 DTYPES = (torch.bfloat16, torch.float16)
 SPECTRA = ((192, 384, 48), (768, 3072, 256))  # (m, n, r) of the full-rank cases

@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import in_ms, metadata, time_call  # noqa: E402  (the one place for them)
-from adapprox_kernels import DenseOperator, srsi  # noqa: E402
-from adapprox_kernels import _extension as ext  # noqa: E402
-from adapprox_kernels.cholqr import cholqr_orthonormalize  # noqa: E402
-from adapprox_kernels.srsi import householder_orthonormalize  # noqa: E402
+from bench.common import in_ms, metadata, time_call
+from adapprox_kernels import DenseOperator, srsi
+from adapprox_kernels import _extension as ext
+from adapprox_kernels.cholqr import cholqr_orthonormalize
+from adapprox_kernels.srsi import householder_orthonormalize
 
 # (rows, cols) of the distinct 2-D weight shapes per transformer block (embeddings left out).
 MODELS = {

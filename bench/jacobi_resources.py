@@ -11,9 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_resources import compile_sm90, programs_per_sm, ptxas_usage  # noqa: E402  (sets up sys.path, unsets TRITON_INTERPRET)
+from kernel_resources import compile_sm90, programs_per_sm, ptxas_usage
 
-from adapprox_kernels.kernels.jacobi_eigh import DEFAULT_SWEEPS, DOT_MAX_TILE, _jacobi_eigh_kernel  # noqa: E402
+from adapprox_kernels.kernels.jacobi_eigh import DEFAULT_SWEEPS, DOT_MAX_TILE, _jacobi_eigh_kernel
 
 UNIT = frozenset({"stride_an", "stride_zn"})  # the launcher's outputs and a contiguous input
 

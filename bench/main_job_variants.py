@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapprox_kernels.train import optimizers  # noqa: E402
-from adapprox_kernels.train.__main__ import main  # noqa: E402
+from adapprox_kernels.train import optimizers
+from adapprox_kernels.train.__main__ import main
 
 
 def run(argv: list[str]) -> int:

@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adapprox_kernels import Adapprox  # noqa: E402
-from adapprox_kernels.backends import ReferenceBackend, register_backend  # noqa: E402
-from adapprox_kernels.reference import ReferenceSecondMoment, tf32_rounded  # noqa: E402
-from adapprox_kernels.train.data import ByteBatches, read_corpus  # noqa: E402
-from adapprox_kernels.train.model import GPT, SIZES  # noqa: E402
-from adapprox_kernels.train.runner import warmup_cosine  # noqa: E402
-from bench.common import metadata  # noqa: E402  (device, torch / triton / CUDA versions, commit)
+from adapprox_kernels import Adapprox
+from adapprox_kernels.backends import ReferenceBackend, register_backend
+from adapprox_kernels.reference import ReferenceSecondMoment, tf32_rounded
+from adapprox_kernels.train.data import ByteBatches, read_corpus
+from adapprox_kernels.train.model import GPT, SIZES
+from adapprox_kernels.train.runner import warmup_cosine
+from bench.common import metadata
 
 
 class EmulatedTF32Moment(ReferenceSecondMoment):

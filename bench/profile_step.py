@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adapprox_kernels import Adapprox  # noqa: E402
-from bench.bench_step import MODELS, gpt2_shapes, make_params  # noqa: E402
+from adapprox_kernels import Adapprox
+from bench.bench_step import MODELS, gpt2_shapes, make_params
 
 
 def main() -> None:

@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from adapprox_kernels import Adapprox  # noqa: E402
-from adapprox_kernels.backends import ReferenceBackend, register_backend  # noqa: E402
-from adapprox_kernels.train.data import ByteBatches, read_corpus  # noqa: E402
-from adapprox_kernels.train.model import GPT, SIZES, GPTConfig  # noqa: E402
-from adapprox_kernels.train.optimizers import build_optimizer, default_lrs  # noqa: E402
-from adapprox_kernels.train.runner import warmup_cosine  # noqa: E402
+from adapprox_kernels import Adapprox
+from adapprox_kernels.backends import ReferenceBackend, register_backend
+from adapprox_kernels.train.data import ByteBatches, read_corpus
+from adapprox_kernels.train.model import GPT, SIZES, GPTConfig
+from adapprox_kernels.train.optimizers import build_optimizer, default_lrs
+from adapprox_kernels.train.runner import warmup_cosine
 
 RANK = 8
 OVERSAMPLE = 5

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from adapprox_kernels import Adapprox, reference  # noqa: E402
-from bench.common import measured, metadata, parser, setup, write_results  # noqa: E402
+from adapprox_kernels import Adapprox, reference
+from bench.common import measured, metadata, parser, setup, write_results
 
 SCALES = (1e-6, 1e-9, 3e-10, 1e-10, 7e-11, 5e-11, 3e-11, 1e-11)
 BETA2 = 0.999  # Adapprox's default

@@ -3,8 +3,8 @@ import os
 # Before torch is imported: one thread (2 BLAS threads on 2 cores made small matmuls ~80x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 

@@ -512,7 +512,7 @@ def _attempt(fn, *args):
     worker, it would end the whole spawn)."""
     try:
         return fn(*args)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - reported to the test, whatever it is
         return f"{type(err).__name__}: {err}"
 
 

@@ -1,6 +1,7 @@
 """The code passes the linters under the project's settings: ruff's check of the Python
 (pyproject.toml: pycodestyle and pyflakes at 120 columns, strict zips in the package, strings
-joined across lines in parentheses), ruff's formatter (the Python laid out as ``ruff format``
+joined across lines in parentheses, an ``except Exception`` only with its reason in a noqa, no
+noqa or ``fmt: skip`` that does nothing), ruff's formatter (the Python laid out as ``ruff format``
 would, but where a ``# fmt: skip`` keeps a hand layout) and clang-format on csrc/
 (.clang-format). Each is skipped where its pip package is not installed (requirements.txt
 installs both)."""
