@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from types import EllipsisType
 from typing import Any, Iterable
 
 import torch
@@ -464,11 +465,11 @@ class AdaMeM(SketchOptimizer):
             state.clear()
             raise
 
-    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | EllipsisType | None]:
         if matrix_shape(p) is None:
             return {"step": None, "exp_avg_sq": (p.numel(),)}
         (m, n), _ = _oriented_shape(p)
-        if torch.is_tensor(state.get("P")):
+        if torch.is_tensor(state.get("P")) and state["P"].dim():  # a 0-d one has no width: the rank says it
             r = state["P"].shape[-1]
         elif isinstance(state.get("rank"), int):
             r = min(state["rank"], m)

@@ -23,6 +23,7 @@ import operator
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any, Callable, Iterable
 
 import torch
@@ -556,10 +557,12 @@ class Adapprox(BucketMixin, SketchOptimizer):
         or skipped. (Smaller ones can still overflow S-RSI's products: see docs/algorithm.md.)"""
         return _SQRT_MAX[compute_dtype(p)]
 
-    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | EllipsisType | None]:
         shape = matrix_shape(p)
         if "Q" in state and shape is not None:  # factored, at the saved rank k
-            k = state["Q"].shape[-1] if torch.is_tensor(state["Q"]) else None
+            # The width of a saved factor that is a matrix (a 0-d one has no last dimension):
+            # Q's, else U's, so that a bad Q does not also fail a fitting U.
+            k = next((t.shape[-1] for t in (state["Q"], state.get("U")) if torch.is_tensor(t) and t.dim()), None)
             need = {"step": None, "rank": None, "Q": (shape[0], k), "U": (shape[1], k)}
         else:
             need = {"step": None, "exp_avg_sq": tuple(p.shape)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections import defaultdict
+from types import EllipsisType
 from typing import Any
 
 import torch
@@ -308,7 +309,7 @@ class CheckpointMixin:
                 problems.append(f"{key!r} is {tuple(state[key].shape)}, not {shape}")
         return problems + self._saved_mismatches(p, state)
 
-    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    def _saved_shapes(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[int, ...] | EllipsisType | None]:
         """What a saved state of ``p`` must hold: entry -> its shape (None: not a tensor; ``...``:
         a tensor whose shape the state does not tell)."""
         raise NotImplementedError

@@ -417,14 +417,15 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
 
     def _rounding_keys(
         self, group: dict[str, Any], bucket: list[torch.Tensor], states: list[dict[str, Any]]
-    ) -> list[int] | None:
+    ) -> list[int] | torch.Tensor | None:
         """Each parameter's key of stochastic rounding this step (``bf16_stochastic_round``; see
         ``reference.rounding_noise``, which hashes it): a hash of the seed, the group's position
         and the parameter's position in the group, plus its own step count (mod 2³²). So no
         parameter draws the same bits on two steps, whichever others share its bucket or skipped
         a step, and two parameters share a stream only by chance; every backend, data-parallel
         rank (whatever its device) and resumed run draws the same ones (seed, order and step
-        counts are saved). None where the group rounds to nearest or the bucket is not bf16."""
+        counts are saved). None where the group rounds to nearest or the bucket is not bf16;
+        inside torch.compile, :meth:`_rounding_keys_tensor`'s tensor."""
         if not group["bf16_stochastic_round"] or bucket[0].dtype != torch.bfloat16:
             return None
         if torch.compiler.is_compiling():
@@ -589,7 +590,7 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
 
     def _run_ahead(
         self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
-    ) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    ) -> list[tuple[list[torch.Tensor], torch.Tensor | list[float]]]:
         """Work started before the non-finite check because it also answers it: ``(params,
         values)`` pairs, ``values`` ``(len(params),)`` on the device (or already read, as a
         list) and NaN exactly where a parameter's gradient holds inf or NaN (+inf is no bad
@@ -639,7 +640,7 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
         return params
 
     def _nonfinite(
-        self, params: list[torch.Tensor], known: list[tuple[list[torch.Tensor], torch.Tensor]] = ()
+        self, params: list[torch.Tensor], known: list[tuple[list[torch.Tensor], torch.Tensor | list[float]]] = ()
     ) -> list[bool]:
         """One flag per parameter: does its gradient hold inf or NaN, or an entry above
         :meth:`_gradient_limit`? ``known``: the ``(params, values)`` pairs of
@@ -665,7 +666,10 @@ class SketchOptimizer(CheckpointMixin, Optimizer):
         return flags
 
     def _max_norm_checks(
-        self, params: list[torch.Tensor], known: list[tuple[list[torch.Tensor], torch.Tensor]], limited: bool
+        self,
+        params: list[torch.Tensor],
+        known: list[tuple[list[torch.Tensor], torch.Tensor | list[float]]],
+        limited: bool,
     ) -> list[tuple[list[torch.Tensor], torch.Tensor | list[float]]]:
         """``(params, values)`` pairs for the gradients ``known`` does not cover, per device: their
         max-norms, or for DTensor gradients (FSDP2) NaN where a rank's rows hold a bad entry."""

@@ -146,7 +146,7 @@ def apply_updates(
     upd: torch.Tensor,
     exp_avgs: Sequence[torch.Tensor] | None,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     weight_decay: float,
     cosine_max_scale: float | None,
@@ -268,7 +268,7 @@ def shard_keys(keys: Sequence[int], first_row: int) -> list[int]:
     return [mix32((k, first_row)) for k in keys]
 
 
-def rounding_noise(key: int, start: int, count: int, device: torch.device) -> torch.Tensor:
+def rounding_noise(key: int | torch.Tensor, start: int, count: int, device: torch.device) -> torch.Tensor:
     """``(count,)`` int32 in ``[0, 2¹⁶)``, the random low bits of stochastic rounding for the
     elements ``start … start + count − 1`` of a matrix whose key this step is ``key`` (each
     matrix its own, see ``SketchOptimizer._rounding_keys``): for element ``i``, the top 16 bits
@@ -279,7 +279,7 @@ def rounding_noise(key: int, start: int, count: int, device: torch.device) -> to
     return (hash32((seed + idx) & _U32) >> 16).to(torch.int32)
 
 
-def stochastic_round_bf16(x: torch.Tensor, keys: Sequence[int], chunk: int = 1 << 20) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, keys: Sequence[int] | torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     """fp32 ``x: (B, …)`` rounded to bfloat16 values at random, still fp32 (the low 16 bits
     zero): ``|x|`` goes up to the next bf16 value with probability equal to the part of the gap
     it has covered, else down, so the expected result is ``x`` (round-to-nearest drops an update

@@ -132,7 +132,7 @@ def to_device_nowait(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return handed_out(t.to(device, non_blocking=True))
 
 
-def update_scalars(lr: float, weight_decay: float, beta1: float, device: torch.device) -> torch.Tensor:
+def update_scalars(lr: float | torch.Tensor, weight_decay: float, beta1: float, device: torch.device) -> torch.Tensor:
     """``[α, 1 − α·λ, β1, 1 − β1]`` as an fp32 ``(4,)`` tensor on ``device``, for the update
     passes, which read them at these offsets (``kernels._tiles.store_step`` and
     ``update_and_average``) from the device so that a captured CUDA graph replays with new

@@ -584,13 +584,18 @@ def test_a_state_loaded_into_a_now_empty_weight_is_refused(cls, kw):
         (Adapprox, dict(k_max=2), {"rank": float("nan")}, r"'rank' is nan, not a finite number >= 1"),
         (Adapprox, dict(k_max=2), {"rank": "2"}, r"'rank' is '2', not a finite number >= 1"),
         (Adapprox, dict(k_max=2), {"Q": torch.zeros(12, 2, dtype=torch.int64)}, r"'Q' holds torch.int64"),
+        (Adapprox, dict(k_max=2), {"Q": torch.tensor(1.0)}, r"'Q' is \(\), not \(12, 2\)\. Was"),
+        (Adapprox, dict(k_max=2), {"Q": 1.0}, r"'Q' is a float, not a tensor\. Was"),
+        (AdaMeM, dict(rank=2), {"P": torch.tensor(1.0)}, r"'P' is \(\), not \(10, 2\)\. Was"),
         (AdaMeM, dict(rank=2), {"step": "1"}, r"'step' is '1', not an int >= 0"),
         (AdaMeM, dict(rank=2), {"rank": 2.0}, r"'rank' is 2.0, not an int >= 1"),
     ],
 )
 def test_a_saved_number_or_dtype_the_step_cannot_read_is_refused_on_load(cls, kw, edit, match):
     """These loaded, and the next step raised a TypeError or ValueError (or, for a negative
-    step count, ran on): refused by load_state_dict, naming the entry, with nothing loaded."""
+    step count, ran on): refused by load_state_dict, naming the entry, with nothing loaded. A
+    0-d factor made the check itself raise an IndexError, and a Q that is no tensor also
+    failed a fitting U (the width it took from Q was None)."""
     w = torch.nn.Parameter(torch.randn(12, 10))
     opt = cls([w], seed=0, **kw)
     w.grad = torch.randn_like(w)
