@@ -596,10 +596,13 @@ def load_optimizer_state(
 ) -> None:
     """Load the optimizer part (``key``) of a ``torch.distributed.checkpoint`` written with
     ``{key: optimizer_state_dict(model, optimizer)}``, on any number of ranks (resharding), or in
-    a single process without a process group."""
+    a single process without a process group. ``checkpoint_id``: the folder, unless a
+    ``storage_reader`` is given."""
     import torch.distributed.checkpoint as dcp
 
     if storage_reader is None:
+        if checkpoint_id is None:  # else os.fspath(None) deep in the reader: a TypeError naming neither
+            raise TypeError("load_optimizer_state needs the checkpoint's folder (checkpoint_id) or a storage_reader")
         storage_reader = dcp.FileSystemReader(checkpoint_id)
     target = {key: _load_target(model, optimizer, storage_reader.read_metadata(), key)}
     dcp.load(target, checkpoint_id=checkpoint_id, storage_reader=storage_reader)

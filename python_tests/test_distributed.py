@@ -1082,7 +1082,8 @@ def test_checkpoint_param_groups_with_other_keys(tmp_path):
     """The checkpoint's param groups load as saved whatever keys the optimizer's have: saved
     without ``param_names``, loaded by named parameters (which keep their names); saved before
     an option existed (it takes its default, as torch.optim does); a group count that differs
-    is a ``ValueError`` before anything is read."""
+    is a ``ValueError`` before anything is read; no folder and no reader, a ``TypeError`` saying
+    so."""
     options = dict(k_init=2, exact_small_matrices=False, seed=SEED)
     model = _model()
     saved = Adapprox(model.parameters(), **options)
@@ -1106,6 +1107,8 @@ def test_checkpoint_param_groups_with_other_keys(tmp_path):
     two = Adapprox([{"params": params[:2]}, {"params": params[2:]}], **options)
     with pytest.raises(ValueError, match="checkpoint has 1 param groups, the optimizer 2"):
         load_optimizer_state(model, two, tmp_path / "plain")
+    with pytest.raises(TypeError, match=r"needs the checkpoint's folder \(checkpoint_id\) or a storage_reader"):
+        load_optimizer_state(model, two)
 
     # Saved by named parameters in one order, loaded in another: each name stays its parameter's.
     _save_optimizer(tmp_path / "named", model, named)
