@@ -1337,15 +1337,17 @@ def test_gradient_limit_holds_for_dtensor_parameters():
         dist.destroy_process_group()
 
 
-def test_compiled_step_on_dtensor_parameters_matches_the_eager_one():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-stochastic-round"])
+def test_compiled_step_on_dtensor_parameters_matches_the_eager_one(dtype):
     """``torch.compile(opt.step)`` with DTensor (FSDP2) parameters: the factored update passed the
     compiled step's tensor of α, λ and β1 to the row shards' update, which took none (a
     ``TypeError`` at the first step); it now takes it, as the dense buckets' does (they took the
     numbers, constants of the compiled update), and the step follows the eager one, a scheduler's
     lr included. The lr, a new number every step, is read from that tensor by the factored
     matrix's update and the dense vector's: after the second step nothing is compiled (as a
-    number, either update was compiled anew every step). A 1-rank process group in this process
-    suffices."""
+    number, either update was compiled anew every step). With bf16 weights rounded at random,
+    the row shards fold the compiled step's tensor of rounding keys, not a list of ints, and
+    round to the eager step's bits. A 1-rank process group in this process suffices."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -1355,17 +1357,20 @@ def test_compiled_step_on_dtensor_parameters_matches_the_eager_one():
         scheds = []
 
         def make(ws):
-            opt = Adapprox(ws, seed=SEED, k_max=2)
+            opt = Adapprox(ws, seed=SEED, k_max=2, bf16_stochastic_round=dtype == torch.bfloat16)
             scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (i + 1)))
             return opt
 
         shapes = [(40, 30), (30,)]  # a factored matrix and a dense vector
         per_step, eager, compiled = graphs_per_step(
-            make, shapes, "aot_eager", 4, after_step=lambda opt: scheds[-1].step(),
+            make, shapes, "aot_eager", 4, dtype=dtype, after_step=lambda opt: scheds[-1].step(),
             place=lambda t: distribute_tensor(t, mesh, [Shard(0)]),
         )  # fmt: skip
         assert [new for new, _ in per_step[2:]] == [0, 0], per_step
-        torch.testing.assert_close([w.full_tensor() for w in compiled], [w.full_tensor() for w in eager])
+        if dtype == torch.bfloat16:
+            assert all(torch.equal(c.full_tensor(), e.full_tensor()) for c, e in zip(compiled, eager))
+        else:
+            torch.testing.assert_close([w.full_tensor() for w in compiled], [w.full_tensor() for w in eager])
     finally:
         torch._dynamo.reset()
         dist.destroy_process_group()
