@@ -258,13 +258,13 @@ def mix32(values: Sequence[int], start: int = 0) -> int:
     return h
 
 
-def shard_keys(keys: Sequence[int], first_row: int) -> list[int]:
+def shard_keys(keys: Sequence[int] | torch.Tensor, first_row: int) -> list[int] | list[torch.Tensor]:
     """The rounding keys of a row shard of each matrix (see ``distributed.RowShards``), which
     numbers its elements from 0: each key and the first row folded together, so that each
     shard draws its own bits (other bits than one process draws for the whole matrix, as
     unbiased). The key goes in first: folded after it, the row would be added to the unhashed
     key (``prefix + step``), and the shard at row r would draw on step t the stream of the shard
-    at row 0 on step t + r."""
+    at row 0 on step t + r. Inside torch.compile ``keys`` is a tensor, and so is each key."""
     return [mix32((k, first_row)) for k in keys]
 
 
