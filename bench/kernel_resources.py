@@ -58,7 +58,14 @@ DIVISIBLE = {"M", "N", "NUMEL", "N_PER_SPLIT", "FIRST", "stride_gm", "stride_gn"
 
 
 def ptxas() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    """The ptxas Triton's JIT assembles sm_90 code with: from Triton 3.9 the CUDA 13 one it ships
+    as ``ptxas-blackwell``, as 3.9 writes PTX 9.4, which its CUDA 12.9 ``ptxas`` rejects."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        return get_ptxas(90).path
+    except TypeError:  # Triton 3.4: one ptxas for every architecture, get_ptxas() takes none
+        return get_ptxas().path
 
 
 def compile_sm90(

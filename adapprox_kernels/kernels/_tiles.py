@@ -79,7 +79,11 @@ def lowrank_tile(
     a_in, b_in = rows < n_rows, cols < n_cols
     if K_UNROLL > 0:
         for kk in tl.static_range(K_UNROLL):
-            acc = _add_outer(acc, a_ptrs, b_ptrs, kk, a_in & (kk < K), b_in & (kk < K), stride_ak, stride_bk)
+            # tl.where, not `a_in & (kk < K)`: Triton's interpreter broadcasts the scalar test as
+            # int32 data, a mask its 3.9 refuses to load with. sm_90: the same instructions,
+            # registers and spills (bench/kernel_resources.py, Triton 3.8 and 3.9).
+            a_mask, b_mask = tl.where(kk < K, a_in, False), tl.where(kk < K, b_in, False)
+            acc = _add_outer(acc, a_ptrs, b_ptrs, kk, a_mask, b_mask, stride_ak, stride_bk)
     else:
         for kk in range(0, K):
             acc = _add_outer(acc, a_ptrs, b_ptrs, kk, a_in, b_in, stride_ak, stride_bk)
