@@ -170,13 +170,13 @@ setup(
     python_requires=">=3.10",
     # torch 2.8: the extension tags its op at::Tag::cudagraph_unsafe (new in 2.8; 2.6 also rejects
     # the custom ops' list[Tensor] annotations at import). Tested: torch 2.8 (CPU), 2.11 (H100),
-    # 2.14 (CPU); adapprox_kernels/_requirements.py refuses an older torch at import (keep in step).
+    # 2.14, 2.15 (CPU); adapprox_kernels/_requirements.py refuses an older torch at import (keep in step).
     install_requires=["torch>=2.8", "numpy"],
     # "main": what python -m adapprox_kernels.train imports, its peers' packages included
     # (transformers: Hugging Face's Adafactor for adafactor-m; also a galore-torch import).
     extras_require={
         # 3.4: triton.knobs (the interpreter switch); tested 3.4 (interpreter, sm_90 compile),
-        # 3.6 (H100), 3.8. An older one leaves the "triton" backend unavailable, with the reason.
+        # 3.6 (H100), 3.8, 3.9. An older one leaves the "triton" backend unavailable, with the reason.
         "triton": ["triton>=3.4"],
         "main": ["matplotlib", "tqdm", "came-pytorch", "galore-torch", "transformers"],
     },

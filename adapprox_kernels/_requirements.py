@@ -1,7 +1,7 @@
 """The oldest torch and triton this package runs on, checked at import (torch) and when the
 Triton backend is first asked for (triton), so that an older release fails with a clear message
 rather than deep inside (torch 2.6: infer_schema rejects ``list[Tensor]``; triton 3.3: no
-``triton.knobs``). Tested: torch 2.8, 2.11, 2.14 and triton 3.4, 3.6, 3.8 (docs/install.md)."""
+``triton.knobs``). Tested: torch 2.8, 2.11, 2.14, 2.15 and triton 3.4, 3.6, 3.8, 3.9 (docs/install.md)."""
 
 from __future__ import annotations
 
