@@ -87,7 +87,8 @@ def compile_sm90(
         if sig[name].startswith("*") or name in DIVISIBLE:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    options = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=_launch.FP_FUSION)  # as the launchers set it
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def ptxas_usage(ptx: str) -> tuple[int, int]:

@@ -1344,13 +1344,15 @@ def test_on_device_switches_to_the_tables_gpu_only_where_it_is_not_current(monke
         assert isinstance(on_device(device), contextlib.nullcontext)
 
 
-def test_every_launch_is_on_the_matrices_device(monkeypatch):
-    """Each pass launches its kernels inside ``on_device(table.device)`` (see the test above)."""
+def test_every_launch_is_on_the_matrices_device_with_fp_fusion_set(monkeypatch):
+    """Each pass launches its kernels inside ``on_device(table.device)`` (see the test above), and
+    sets ``enable_fp_fusion`` rather than take Triton's default (which 3.10 turns off, and 3.9
+    warns about where a launch leaves it unset)."""
     import contextlib
 
-    from adapprox_kernels.kernels import apply_update, dense_moment, update_cosine, v_matmul, v_norms
+    from adapprox_kernels.kernels import apply_update, dense_moment, jacobi_eigh, update_cosine, v_matmul, v_norms
 
-    active, launched = [], []
+    active, launched, fusion = [], [], []
 
     @contextlib.contextmanager
     def recording_device(device):
@@ -1360,7 +1362,7 @@ def test_every_launch_is_on_the_matrices_device(monkeypatch):
         finally:
             active.pop()
 
-    for module in (apply_update, dense_moment, update_cosine, v_matmul, v_norms):
+    for module in (apply_update, dense_moment, jacobi_eigh, update_cosine, v_matmul, v_norms):
         monkeypatch.setattr(module, "on_device", recording_device)
     from triton.runtime import interpreter
 
@@ -1373,6 +1375,7 @@ def test_every_launch_is_on_the_matrices_device(monkeypatch):
 
     def recording_run(self, *args, **kwargs):
         launched.append(active[-1] if active else None)
+        fusion.append(kwargs.get("enable_fp_fusion"))
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(launcher, name, recording_run)
@@ -1388,7 +1391,9 @@ def test_every_launch_is_on_the_matrices_device(monkeypatch):
     sqs = [g.square() for g in flat]
     dense_moment.dense_sums(flat, sqs, BETA2, EPS)
     dense_moment.dense_apply(flat, sqs, [g.clone() for g in flat], None, clip, **kw)
-    assert launched == [grads[0].device] * 7, launched
+    jacobi_eigh.jacobi_eigh(x.mT @ x)
+    assert launched == [grads[0].device] * 8, launched
+    assert fusion == [True] * 8, fusion
 
 
 @pytest.mark.gpu

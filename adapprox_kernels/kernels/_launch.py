@@ -17,6 +17,10 @@ import triton
 from ..transfer import ConstantCache, handed_out, to_device_nowait
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Every launch sets FMA contraction rather than take Triton's default: the kernels were measured
+# and tested on GPUs with it, Triton 3.10 turns the default off, and 3.9 warns (once a process,
+# at a launch's first compile) where a launch leaves it unset.
+FP_FUSION = True
 
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on GPUs
 # The widest rank a product rebuilds V's tiles by one dot (``Blocks.dot_from``): the pipelined
@@ -55,6 +59,10 @@ class Blocks(NamedTuple):
     stages: int = 3
     unroll: int = 0
     dot_from: int = 0
+
+    def options(self) -> dict:
+        """The launch's compile options: warps, stages and :data:`FP_FUSION`."""
+        return dict(num_warps=self.warps, num_stages=self.stages, enable_fp_fusion=FP_FUSION)
 
     def tile(self, m: int, n: int) -> tuple[int, int]:
         return pow2_block(m, self.m), pow2_block(n, self.n)

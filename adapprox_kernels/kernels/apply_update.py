@@ -165,7 +165,7 @@ def apply_update(
                 BLOCK_M=block_m, BLOCK_N=block_n,
                 HAS_LOWRANK=k > 0, HAS_MOMENTUM=moms is not None, WITH_RESIDUAL=with_residual,
                 STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
-                num_warps=blocks.warps, num_stages=blocks.stages,
+                **blocks.options(),
             )  # fmt: skip
     weights.writeback()
     if moms is not None:

@@ -124,7 +124,7 @@ def dense_sums(
                 table.base, table.offsets, v.base, v.offsets, out, table.numel, first,
                 float(beta2), 1.0 - float(beta2), float(eps),
                 G_ALIGN=table.align, V_ALIGN=v.align, BLOCK=block,
-                num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
+                **ELEMENTWISE_BLOCKS.options(),
             )  # fmt: skip
     return out.sum(dim=-1)
 
@@ -172,7 +172,7 @@ def dense_apply(
                 G_ALIGN=table.align, V_ALIGN=v.align, W_ALIGN=weights.align, MOM_ALIGN=mom_table.align,
                 BLOCK=block, HAS_MOMENTUM=moms is not None,
                 STOCHASTIC=rounding_keys is not None and weights.dtype == torch.bfloat16,
-                num_warps=ELEMENTWISE_BLOCKS.warps, num_stages=ELEMENTWISE_BLOCKS.stages,
+                **ELEMENTWISE_BLOCKS.options(),
             )  # fmt: skip
     for written in (v, weights, moms):
         if written is not None:

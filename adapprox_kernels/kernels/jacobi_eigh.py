@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_device
+from ._launch import FP_FUSION, on_device
 
 # R = 64: A and Z (and J, by dots) take 32 fp32 registers each per thread at 4 warps, 16 at the
 # 8 warps the launcher gives R = 64.
@@ -175,7 +175,7 @@ def jacobi_eigh(
     with on_device(gram.device):
         _jacobi_eigh_kernel[(batch,)](
             gram, w, z, r, *gram.stride(), w.stride(0), *z.stride(),
-            SWEEPS=sweeps, R=tile, BY_DOT=by_dot, num_warps=4 if tile <= 32 else 8,
+            SWEEPS=sweeps, R=tile, BY_DOT=by_dot, num_warps=4 if tile <= 32 else 8, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     order = w.argsort(dim=-1, descending=descending)
     return w.gather(-1, order), z.gather(-1, order.unsqueeze(-2).expand_as(z))

@@ -93,6 +93,6 @@ def update_cosine_sums(
                 float(beta2), 1.0 - float(beta2), float(eps),
                 G_ALIGN=table.align, MOM_ALIGN=moms.align, BLOCK_M=block_m, BLOCK_N=block_n,
                 HAS_LOWRANK=k > 0,
-                num_warps=blocks.warps, num_stages=blocks.stages,
+                **blocks.options(),
             )  # fmt: skip
     return out.sum(dim=-1)

@@ -141,7 +141,7 @@ def _launch(table, q, u, x, beta2, eps, transpose, blocks, split, precision):
                 # Never plain tf32 for the rebuilt tiles (see lowrank_tile): tf32x3 where tensor cores have tf32
                 # (ieee where the products are).
                 REBUILD_TF32X3=precision != "ieee" and dot_precision(table.device) == "tf32x3",
-                num_warps=blocks.warps, num_stages=blocks.stages,
+                **blocks.options(),
             )  # fmt: skip
     product = out[0] if split == 1 else out.sum(dim=0)
     if not with_norms:

@@ -88,6 +88,6 @@ def v_norms(
                 m, n, k, k_new, first, *table.stride, *q.stride(), *u.stride(), *q_new.stride(), *u_new.stride(),
                 float(beta2), 1.0 - float(beta2), float(eps),
                 G_ALIGN=table.align, BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOWRANK=k > 0, WITH_RESIDUAL=with_residual,
-                num_warps=blocks.warps, num_stages=blocks.stages,
+                **blocks.options(),
             )  # fmt: skip
     return out.sum(dim=-1)
