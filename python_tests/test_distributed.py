@@ -1458,6 +1458,13 @@ def test_the_fsdp2_example_saves_on_2_ranks_and_resumes_on_4(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "examples/fsdp2_train.py",
                "--width", "32", "--depth", "1", "--steps", "2", *args]  # fmt: skip
         done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        # As _spawn: a rank killed by a signal is run again once. Here, 4 gloo ranks on 2 cores: after
+        # its last step a rank aborted ("terminate called without an active exception") in ~1 of 8
+        # runs, on torch 2.14 and 2.15, with a barrier before destroy_process_group or without the
+        # package's collective logging alike.
+        if done.returncode != 0 and "received by PID" in done.stderr:
+            warnings.warn(f"a rank of {ranks} ended by a signal; running them again", RuntimeWarning, stacklevel=2)
+            done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         return done.stdout
 
